@@ -1,1 +1,16 @@
-//! placeholder
+//! What both Routy relays share and must agree on: the wire frames and their codec, the
+//! handshake and control stream, the tunnel session (TLS + yamux), TLS/PKI loading,
+//! socket tuning and the splice.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod codec;
+pub mod control;
+pub mod frame;
+pub mod handshake;
+pub mod net;
+pub mod session;
+pub mod splice;
+pub mod tls;
+pub mod units;
+pub mod wbuf;

@@ -1,1 +1,185 @@
-//! placeholder
+//! Test harness for Routy's end-to-end suites: child-process guards, throwaway
+//! PostgreSQL clusters and network-namespace pairs with a one-way firewall.
+//!
+//! Everything here cleans up after itself in `Drop`, also when a test panics, and prints
+//! the tail of the relevant logs when it is dropped during a panic.
+
+// `unsafe` is denied everywhere except the tiny `sys` module that wraps libc calls
+// (`forbid` would not allow that local exception).
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+mod net;
+mod pg;
+mod proc;
+mod sys;
+
+pub use net::{netns_cmd, NetPair};
+pub use pg::{pg_bin, pg_bin_dir, psql_at, psql_in, Pg, PgOpts};
+pub use proc::Proc;
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Locates a workspace binary next to the running test executable (or in `$ROUTY_BIN_DIR`).
+pub fn bin(name: &str) -> PathBuf {
+    let dir = match std::env::var_os("ROUTY_BIN_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => {
+            let exe = std::env::current_exe().expect("current_exe");
+            let mut dir = exe
+                .parent()
+                .expect("test executable has a parent directory")
+                .to_path_buf();
+            if dir.ends_with("deps") {
+                dir.pop();
+            }
+            dir
+        }
+    };
+    let path = dir.join(name);
+    if !path.is_file() {
+        panic!(
+            "binary `{name}` not found at {}; build it first: cargo build --workspace --bins \
+             (same profile and CARGO_TARGET_DIR as the tests, or set ROUTY_BIN_DIR)",
+            path.display()
+        );
+    }
+    path
+}
+
+/// Returns a TCP port on 127.0.0.1 that was free just now and not handed out before by this process.
+pub fn free_port() -> u16 {
+    static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    let given = GIVEN.get_or_init(|| Mutex::new(HashSet::new()));
+    for _ in 0..1000 {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = listener.local_addr().expect("local_addr").port();
+        let mut given = given.lock().unwrap_or_else(|e| e.into_inner());
+        if given.insert(port) {
+            return port;
+        }
+    }
+    panic!("free_port: could not find a port not handed out before");
+}
+
+/// Polls `f` every 50 ms until it returns true; panics mentioning `what` after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, f: impl FnMut() -> bool) {
+    if let Err(e) = try_wait_until(timeout, what, f) {
+        panic!("{e}");
+    }
+}
+
+/// Polls `f` every 50 ms until it returns true; returns an error mentioning `what` after `timeout`.
+pub fn try_wait_until(
+    timeout: Duration,
+    what: &str,
+    mut f: impl FnMut() -> bool,
+) -> Result<(), String> {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return Ok(());
+        }
+        if start.elapsed() >= timeout {
+            return Err(format!("timed out after {timeout:?} waiting for: {what}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Creates a fresh temporary directory (removed when the guard is dropped).
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("routy-e2e-")
+        .tempdir()
+        .expect("create temp dir")
+}
+
+/// True when running with effective uid 0.
+pub fn is_root() -> bool {
+    sys::euid() == 0
+}
+
+/// Runs `cmd` with piped stdout/stderr (and `stdin` fed if given), killing it after `timeout`.
+pub fn run_timeout(
+    cmd: &mut Command,
+    stdin: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<Output, String> {
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("spawn {:?}: {e}", cmd.get_program()))?;
+    let writer = match (stdin, child.stdin.take()) {
+        (Some(data), Some(mut pipe)) => {
+            let data = data.to_vec();
+            Some(std::thread::spawn(move || {
+                let _ = pipe.write_all(&data);
+            }))
+        }
+        _ => None,
+    };
+    let mut out_pipe = child.stdout.take().expect("stdout piped");
+    let mut err_pipe = child.stderr.take().expect("stderr piped");
+    let out_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = out_pipe.read_to_end(&mut buf);
+        buf
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = err_pipe.read_to_end(&mut buf);
+        buf
+    });
+    let start = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if start.elapsed() >= timeout => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => return Err(format!("wait for {:?}: {e}", cmd.get_program())),
+        }
+    };
+    if let Some(w) = writer {
+        let _ = w.join();
+    }
+    let stdout = out_reader.join().unwrap_or_default();
+    let stderr = err_reader.join().unwrap_or_default();
+    match status {
+        Some(status) => Ok(Output {
+            status,
+            stdout,
+            stderr,
+        }),
+        None => Err(format!(
+            "{:?} {:?} timed out after {timeout:?}; stdout: {}; stderr: {}",
+            cmd.get_program(),
+            cmd.get_args().collect::<Vec<_>>(),
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr)
+        )),
+    }
+}
+
+/// The last `n` lines of `text`.
+pub(crate) fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(n);
+    lines[start..].join("\n")
+}

@@ -1,0 +1,208 @@
+//! The control stream after the handshake: keepalive Ping/Pong from both ends, RTT,
+//! dead-peer detection, and GoAway for a graceful drain.
+//!
+//! Both ends ping every `interval`; a session from which nothing at all has arrived for
+//! `timeout` is dead. Frames are read in a task of their own so a half-written frame
+//! never blocks the timer.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+
+use crate::codec::{read_frame_no_deadline, write_frame, CodecError};
+use crate::frame::{ErrorCode, Frame};
+
+/// Keepalive settings of one session.
+#[derive(Debug, Clone, Copy)]
+pub struct Keepalive {
+    /// Time between Pings.
+    pub interval: Duration,
+    /// Silence after which the session is dead.
+    pub timeout: Duration,
+}
+
+/// Why the control loop ended (the session should be torn down).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlEnd {
+    /// Nothing arrived from the peer within the keepalive timeout.
+    Timeout(Duration),
+    /// The peer closed the control stream.
+    PeerClosed,
+    /// The peer sent an Error frame.
+    PeerError(String),
+    /// The control stream failed or carried garbage.
+    Failed(String),
+    /// We asked to stop (shutdown finished).
+    Local,
+}
+
+impl std::fmt::Display for ControlEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ControlEnd::Timeout(d) => write!(f, "no keepalive answer within {d:?}"),
+            ControlEnd::PeerClosed => f.write_str("peer closed the control stream"),
+            ControlEnd::PeerError(m) => write!(f, "peer reported error: {m}"),
+            ControlEnd::Failed(m) => write!(f, "control stream failed: {m}"),
+            ControlEnd::Local => f.write_str("closed locally"),
+        }
+    }
+}
+
+/// What the control loop tells its owner while it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlEvent {
+    /// A Pong arrived; the round trip took this long.
+    Rtt(Duration),
+    /// The peer is draining: open no new streams on this session.
+    GoAway(String),
+}
+
+/// What the owner can ask of the control loop.
+#[derive(Debug)]
+pub enum ControlCommand {
+    /// Tell the peer we are draining.
+    GoAway(String),
+    /// End the loop.
+    Stop,
+}
+
+fn now_micros() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_micros() as u64
+}
+
+/// Runs the control stream until the session should end.
+pub async fn run<S>(
+    ctrl: S,
+    ka: Keepalive,
+    mut commands: mpsc::Receiver<ControlCommand>,
+    events: mpsc::UnboundedSender<ControlEvent>,
+) -> ControlEnd
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(ctrl);
+    let (frames_tx, mut frames) = mpsc::channel::<Result<Frame, CodecError>>(16);
+    let reader = tokio::spawn(async move {
+        loop {
+            let r = read_frame_no_deadline(&mut rd).await;
+            let stop = r.is_err();
+            if frames_tx.send(r).await.is_err() || stop {
+                break;
+            }
+        }
+    });
+    let mut ticker = tokio::time::interval(ka.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
+    let mut seq = 0u64;
+    let end = loop {
+        let deadline = tokio::time::Instant::from_std(last_heard + ka.timeout);
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => break ControlEnd::Timeout(ka.timeout),
+            _ = ticker.tick() => {
+                seq += 1;
+                let ping = Frame::Ping { seq, micros: now_micros() };
+                if let Err(e) = write_frame(&mut wr, &ping, ka.timeout).await {
+                    break ControlEnd::Failed(e.to_string());
+                }
+            }
+            cmd = commands.recv() => match cmd {
+                Some(ControlCommand::GoAway(reason)) => {
+                    if let Err(e) = write_frame(&mut wr, &Frame::GoAway { reason }, ka.timeout).await {
+                        break ControlEnd::Failed(e.to_string());
+                    }
+                }
+                Some(ControlCommand::Stop) | None => break ControlEnd::Local,
+            },
+            frame = frames.recv() => {
+                let frame = match frame {
+                    Some(Ok(f)) => f,
+                    Some(Err(CodecError::Closed)) | None => break ControlEnd::PeerClosed,
+                    Some(Err(e)) => break ControlEnd::Failed(e.to_string()),
+                };
+                last_heard = Instant::now();
+                match frame {
+                    Frame::Ping { seq, micros } => {
+                        let pong = Frame::Pong { seq, micros };
+                        if let Err(e) = write_frame(&mut wr, &pong, ka.timeout).await {
+                            break ControlEnd::Failed(e.to_string());
+                        }
+                    }
+                    Frame::Pong { micros, .. } => {
+                        let rtt = Duration::from_micros(now_micros().saturating_sub(micros));
+                        let _ = events.send(ControlEvent::Rtt(rtt));
+                    }
+                    Frame::GoAway { reason } => {
+                        let _ = events.send(ControlEvent::GoAway(reason));
+                    }
+                    Frame::Error { code, message } => {
+                        break ControlEnd::PeerError(format!("{code}: {message}"));
+                    }
+                    other => {
+                        let msg = format!("unexpected {} frame on the control stream", other.kind_name());
+                        let f = Frame::Error { code: ErrorCode::Protocol, message: msg.clone() };
+                        let _ = write_frame(&mut wr, &f, Duration::from_secs(1)).await;
+                        break ControlEnd::Failed(msg);
+                    }
+                }
+            }
+        }
+    };
+    reader.abort();
+    end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ka(ms: u64) -> Keepalive {
+        Keepalive {
+            interval: Duration::from_millis(ms),
+            timeout: Duration::from_millis(ms * 4),
+        }
+    }
+
+    #[tokio::test]
+    async fn two_ends_keep_each_other_alive_and_measure_rtt() {
+        let (a, b) = tokio::io::duplex(4096);
+        let (_ca, ra) = mpsc::channel(1);
+        let (cb_tx, rb) = mpsc::channel(1);
+        let (ea, mut eva) = mpsc::unbounded_channel();
+        let (eb, _evb) = mpsc::unbounded_channel();
+        let ta = tokio::spawn(run(a, ka(20), ra, ea));
+        let tb = tokio::spawn(run(b, ka(20), rb, eb));
+        // Several timeouts' worth: still alive, RTTs reported.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!ta.is_finished() && !tb.is_finished());
+        assert!(matches!(eva.try_recv(), Ok(ControlEvent::Rtt(_))));
+        cb_tx
+            .send(ControlCommand::GoAway("bye".into()))
+            .await
+            .unwrap();
+        let mut saw_goaway = false;
+        for _ in 0..50 {
+            if let Some(ControlEvent::GoAway(r)) = eva.recv().await {
+                assert_eq!(r, "bye");
+                saw_goaway = true;
+                break;
+            }
+        }
+        assert!(saw_goaway);
+        cb_tx.send(ControlCommand::Stop).await.unwrap();
+        assert_eq!(tb.await.unwrap(), ControlEnd::Local);
+        assert_eq!(ta.await.unwrap(), ControlEnd::PeerClosed);
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_is_declared_dead() {
+        let (a, _b) = tokio::io::duplex(4096);
+        let (_c, r) = mpsc::channel(1);
+        let (e, _ev) = mpsc::unbounded_channel();
+        let end = run(a, ka(10), r, e).await;
+        assert_eq!(end, ControlEnd::Timeout(Duration::from_millis(40)));
+    }
+}

@@ -1,0 +1,323 @@
+//! A multiplexed tunnel session: open a stream, accept a stream.
+//!
+//! This is the seam between the relays and the transport. Today the transport is yamux
+//! over TLS over TCP, driven by one task per connection; a QUIC session will sit behind
+//! the same [`SessionHandle`] and [`Stream`].
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::future::poll_fn;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
+
+use crate::wbuf::{BufferedIo, KillSwitch};
+
+/// yamux's per-stream receive window, fixed (auto-tuning needs the connection budget).
+pub const STREAM_WINDOW: usize = 256 * 1024;
+
+/// Streams a session can hold at once (yamux's own bound; our limits sit below it).
+pub const MAX_STREAMS: usize = 16 * 1024;
+
+/// Which end of the session this is (the dialer is the client).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// relay-inner: dialed the connection.
+    Client,
+    /// relay-outer: accepted the connection.
+    Server,
+}
+
+/// Why a stream could not be opened.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SessionError {
+    /// The session is gone.
+    #[error("session closed")]
+    Closed,
+    /// The transport refused to open a stream.
+    #[error("cannot open stream: {0}")]
+    Open(String),
+}
+
+/// One multiplexed stream, a bidirectional byte pipe with half-close.
+pub struct Stream {
+    inner: Compat<yamux::Stream>,
+    _guard: StreamGuard,
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream").finish_non_exhaustive()
+    }
+}
+
+/// Counts the session's open streams for as long as it lives.
+struct StreamGuard(Arc<AtomicUsize>);
+
+impl StreamGuard {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        StreamGuard(count.clone())
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+type OpenReply = oneshot::Sender<Result<Stream, SessionError>>;
+
+/// A cheap, clonable handle on a live session.
+#[derive(Clone)]
+pub struct SessionHandle {
+    open_tx: mpsc::Sender<OpenReply>,
+    kill: Arc<KillSwitch>,
+    closed: watch::Receiver<bool>,
+    streams: Arc<AtomicUsize>,
+}
+
+impl std::fmt::Debug for SessionHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionHandle")
+            .field("streams", &self.open_streams())
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+impl SessionHandle {
+    /// Opens a new outbound stream.
+    pub async fn open(&self) -> Result<Stream, SessionError> {
+        let (tx, rx) = oneshot::channel();
+        self.open_tx
+            .send(tx)
+            .await
+            .map_err(|_| SessionError::Closed)?;
+        rx.await.map_err(|_| SessionError::Closed)?
+    }
+
+    /// Tears the session down now: every stream on it ends.
+    pub fn kill(&self) {
+        self.kill.kill();
+    }
+
+    /// Whether the session has ended.
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    /// Resolves once the session has ended.
+    pub async fn closed(&self) {
+        let mut rx = self.closed.clone();
+        // An error means the driver is gone, which also means closed.
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    /// Streams open on this session now, both directions.
+    pub fn open_streams(&self) -> usize {
+        self.streams.load(Ordering::Relaxed)
+    }
+}
+
+/// A new session: the handle, and the streams the peer opens.
+pub struct Session {
+    /// Opens streams and controls the session.
+    pub handle: SessionHandle,
+    /// Streams opened by the peer, in order.
+    pub incoming: mpsc::UnboundedReceiver<Stream>,
+}
+
+/// Starts a yamux session over an established (TLS) connection.
+pub fn yamux<T>(io: T, role: Role) -> Session
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut cfg = yamux::Config::default();
+    cfg.set_max_connection_receive_window(Some(STREAM_WINDOW * MAX_STREAMS));
+    cfg.set_max_num_streams(MAX_STREAMS);
+    let kill = Arc::new(KillSwitch::default());
+    // At least everything the peer's windows let it have in flight, plus headroom for
+    // window updates and pings.
+    let cap = STREAM_WINDOW * MAX_STREAMS + (1 << 20);
+    let io = BufferedIo::new(io, cap, kill.clone());
+    let mode = match role {
+        Role::Client => yamux::Mode::Client,
+        Role::Server => yamux::Mode::Server,
+    };
+    let conn = yamux::Connection::new(io, cfg, mode);
+    let (open_tx, open_rx) = mpsc::channel(256);
+    let (in_tx, in_rx) = mpsc::unbounded_channel();
+    let (closed_tx, closed_rx) = watch::channel(false);
+    let streams = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(drive(conn, open_rx, in_tx, closed_tx, streams.clone()));
+    Session {
+        handle: SessionHandle {
+            open_tx,
+            kill,
+            closed: closed_rx,
+            streams,
+        },
+        incoming: in_rx,
+    }
+}
+
+/// The one task that owns the yamux connection: serves open requests, hands out
+/// inbound streams, and runs until the connection ends.
+async fn drive<T>(
+    mut conn: yamux::Connection<T>,
+    mut open_rx: mpsc::Receiver<OpenReply>,
+    in_tx: mpsc::UnboundedSender<Stream>,
+    closed_tx: watch::Sender<bool>,
+    streams: Arc<AtomicUsize>,
+) where
+    T: futures::io::AsyncRead + futures::io::AsyncWrite + Unpin,
+{
+    let mut pending_open: Option<OpenReply> = None;
+    let mut requests_open = true;
+    let result = poll_fn(|cx| {
+        loop {
+            if pending_open.is_none() && requests_open {
+                match open_rx.poll_recv(cx) {
+                    Poll::Ready(Some(reply)) => pending_open = Some(reply),
+                    Poll::Ready(None) => requests_open = false,
+                    Poll::Pending => {}
+                }
+            }
+            let Some(reply) = pending_open.take() else {
+                break;
+            };
+            if reply.is_closed() {
+                continue;
+            }
+            match conn.poll_new_outbound(cx) {
+                Poll::Ready(Ok(s)) => {
+                    let _ = reply.send(Ok(Stream {
+                        inner: s.compat(),
+                        _guard: StreamGuard::new(&streams),
+                    }));
+                }
+                Poll::Ready(Err(e)) => {
+                    let _ = reply.send(Err(SessionError::Open(e.to_string())));
+                }
+                Poll::Pending => {
+                    pending_open = Some(reply);
+                    break;
+                }
+            }
+        }
+        loop {
+            match conn.poll_next_inbound(cx) {
+                Poll::Ready(Some(Ok(s))) => {
+                    let s = Stream {
+                        inner: s.compat(),
+                        _guard: StreamGuard::new(&streams),
+                    };
+                    // Nobody listening any more: the stream is dropped, which resets it.
+                    let _ = in_tx.send(s);
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    })
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "tunnel connection ended");
+    }
+    let _ = closed_tx.send(true);
+    if let Some(reply) = pending_open {
+        let _ = reply.send(Err(SessionError::Closed));
+    }
+    open_rx.close();
+    while let Ok(reply) = open_rx.try_recv() {
+        let _ = reply.send(Err(SessionError::Closed));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn streams_both_ways_with_half_close_and_kill() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let client = yamux(a, Role::Client);
+        let mut server = yamux(b, Role::Server);
+
+        let echo = tokio::spawn(async move {
+            while let Some(mut s) = server.incoming.recv().await {
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    s.read_to_end(&mut buf).await.unwrap();
+                    s.write_all(&buf).await.unwrap();
+                    s.shutdown().await.unwrap();
+                });
+            }
+        });
+
+        let mut tasks = Vec::new();
+        for i in 0..20u8 {
+            let h = client.handle.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut s = h.open().await.unwrap();
+                let data = vec![i; 100_000 + i as usize];
+                s.write_all(&data).await.unwrap();
+                s.shutdown().await.unwrap();
+                let mut back = Vec::new();
+                s.read_to_end(&mut back).await.unwrap();
+                assert_eq!(back, data);
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+
+        let mut idle = client.handle.open().await.unwrap();
+        idle.write_all(b"x").await.unwrap();
+        client.handle.kill();
+        client.handle.closed().await;
+        assert!(client.handle.is_closed());
+        // The stream ends instead of hanging, and new opens fail.
+        let mut buf = [0u8; 8];
+        let r = tokio::time::timeout(std::time::Duration::from_secs(5), idle.read(&mut buf)).await;
+        assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "{r:?}");
+        assert!(client.handle.open().await.is_err());
+        echo.abort();
+    }
+}

@@ -1,0 +1,213 @@
+//! The socket adapter under the yamux connection: a write buffer and a kill switch.
+//!
+//! yamux stops reading its socket while a frame it wants to write cannot be written; if
+//! both ends block on writes at once they never read again (rust-yamux #227; see
+//! DESIGN.md §yamux under load). Here writes always land in a buffer that each
+//! `poll_flush` drains as far as the socket takes it, so the connection task keeps reading.
+//! The buffer's cap exceeds everything the peer's windows allow in flight, so in practice
+//! `poll_write` never waits.
+//!
+//! The kill switch turns every later read or write into an error, which makes yamux close
+//! every stream of the connection at once: this is how a dead session is torn down.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::task::AtomicWaker;
+use tokio::io::ReadBuf;
+
+/// Shared switch that aborts a [`BufferedIo`] from outside its task.
+#[derive(Debug, Default)]
+pub struct KillSwitch {
+    killed: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl KillSwitch {
+    /// Aborts the connection: its task wakes up and sees an error on its socket.
+    pub fn kill(&self) {
+        self.killed.store(true, Ordering::SeqCst);
+        self.waker.wake();
+    }
+
+    /// Whether [`KillSwitch::kill`] was called.
+    pub fn is_killed(&self) -> bool {
+        self.killed.load(Ordering::SeqCst)
+    }
+}
+
+/// A tokio socket seen as a futures-io socket with a non-blocking write buffer.
+pub struct BufferedIo<T> {
+    inner: T,
+    buf: Vec<u8>,
+    start: usize,
+    cap: usize,
+    kill: Arc<KillSwitch>,
+}
+
+impl<T> BufferedIo<T> {
+    /// Wraps `inner`; `cap` bounds the buffered bytes.
+    pub fn new(inner: T, cap: usize, kill: Arc<KillSwitch>) -> Self {
+        BufferedIo {
+            inner,
+            buf: Vec::new(),
+            start: 0,
+            cap,
+            kill,
+        }
+    }
+
+    fn pending(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    fn check_kill(&self, cx: &mut Context<'_>) -> io::Result<()> {
+        self.kill.waker.register(cx.waker());
+        if self.kill.is_killed() {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "session closed locally",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> BufferedIo<T> {
+    /// Writes buffered bytes until the buffer is empty or the socket would block.
+    fn drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.pending() > 0 {
+            let chunk = &self.buf[self.start..];
+            match Pin::new(&mut self.inner).poll_write(cx, chunk) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(n)) => self.start += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    self.compact();
+                    return Poll::Pending;
+                }
+            }
+        }
+        self.buf.clear();
+        self.start = 0;
+        // Give memory back after a burst.
+        if self.buf.capacity() > 1024 * 1024 {
+            self.buf.shrink_to(64 * 1024);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn compact(&mut self) {
+        if self.start > 0 && self.start >= self.buf.len() / 2 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> futures::io::AsyncRead for BufferedIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.check_kill(cx)?;
+        let mut rb = ReadBuf::new(out);
+        match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(rb.filled().len())),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> futures::io::AsyncWrite for BufferedIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.check_kill(cx)?;
+        if this.pending() >= this.cap {
+            // Over the cap: only now does a write wait for the socket.
+            match this.drain(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending if this.pending() >= this.cap => return Poll::Pending,
+                Poll::Pending => {}
+            }
+        }
+        let room = this.cap - this.pending();
+        let n = data.len().min(room);
+        this.buf.extend_from_slice(&data[..n]);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.check_kill(cx)?;
+        match this.drain(cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_flush(cx),
+            other => other,
+        }
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.check_kill(cx)?;
+        match this.drain(cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_shutdown(cx),
+            other => other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn writes_do_not_wait_for_a_full_socket() {
+        // A 64-byte pipe nobody reads: 10 KiB of writes still complete.
+        let (a, _b) = tokio::io::duplex(64);
+        let mut io = BufferedIo::new(a, 1 << 20, Arc::default());
+        for _ in 0..10 {
+            io.write_all(&[7u8; 1024]).await.unwrap();
+        }
+        assert_eq!(io.pending(), 10 * 1024);
+        // Flushing moves what the pipe takes and then waits for the reader.
+        let r = tokio::time::timeout(std::time::Duration::from_millis(50), io.flush()).await;
+        assert!(r.is_err());
+        assert_eq!(io.pending(), 10 * 1024 - 64);
+    }
+
+    #[tokio::test]
+    async fn everything_arrives_in_order_and_kill_aborts() {
+        let (a, mut b) = tokio::io::duplex(100);
+        let kill = Arc::new(KillSwitch::default());
+        let mut io = BufferedIo::new(a, 1 << 20, kill.clone());
+        let data: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+        let expect = data.clone();
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; expect.len()];
+            tokio::io::AsyncReadExt::read_exact(&mut b, &mut got)
+                .await
+                .unwrap();
+            assert_eq!(got, expect);
+        });
+        io.write_all(&data).await.unwrap();
+        io.flush().await.unwrap();
+        reader.await.unwrap();
+        kill.kill();
+        let err = io.read(&mut [0u8; 4]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
+    }
+}
