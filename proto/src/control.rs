@@ -23,6 +23,39 @@ pub struct Keepalive {
     pub timeout: Duration,
 }
 
+/// Default time between keepalive Pings.
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// Default silence after which a session is dead.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The `keepalive:` block of either relay's config file.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeepaliveSpec {
+    /// Time between Pings.
+    pub interval: Option<crate::units::Dur>,
+    /// Silence after which the session is dead.
+    pub timeout: Option<crate::units::Dur>,
+}
+
+impl KeepaliveSpec {
+    /// Applies defaults and checks the values; errors name `field`.
+    pub fn resolve(spec: Option<&KeepaliveSpec>, field: &str) -> Result<Keepalive, String> {
+        let spec = spec.cloned().unwrap_or_default();
+        let interval = spec.interval.map_or(DEFAULT_KEEPALIVE_INTERVAL, |d| d.0);
+        let timeout = spec.timeout.map_or(DEFAULT_KEEPALIVE_TIMEOUT, |d| d.0);
+        if interval < Duration::from_millis(10) {
+            return Err(format!("{field}.interval: must be at least 10ms"));
+        }
+        if timeout <= interval {
+            return Err(format!(
+                "{field}.timeout: must be longer than {field}.interval ({timeout:?} <= {interval:?})"
+            ));
+        }
+        Ok(Keepalive { interval, timeout })
+    }
+}
+
 /// Why the control loop ended (the session should be torn down).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ControlEnd {

@@ -4,10 +4,13 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod cidr;
 pub mod codec;
 pub mod control;
+pub mod drain;
 pub mod frame;
 pub mod handshake;
+pub mod logging;
 pub mod net;
 pub mod session;
 pub mod splice;

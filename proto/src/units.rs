@@ -74,6 +74,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size {s:?} is out of range"))
 }
 
+/// Resolves a path written in a config file against that file's directory.
+pub fn resolve_path(base: &std::path::Path, p: &std::path::Path) -> std::path::PathBuf {
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        base.join(p)
+    }
+}
+
 struct StrVisitor<F>(&'static str, F);
 
 impl<'de, T, F: Fn(&str) -> Result<T, String>> Visitor<'de> for StrVisitor<F> {

@@ -1,0 +1,282 @@
+//! relay-inner's configuration file: YAML, unknown keys rejected, every default a named
+//! constant, every semantic error naming its field.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use relay_proto::control::{Keepalive, KeepaliveSpec};
+use relay_proto::units::{resolve_path, Dur};
+use serde::Deserialize;
+
+/// Default first reconnect delay ceiling.
+pub const DEFAULT_RECONNECT_INITIAL: Duration = Duration::from_millis(100);
+/// Default largest reconnect delay.
+pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// Default time a session must stay up before the backoff starts over.
+pub const DEFAULT_RECONNECT_RESET_AFTER: Duration = Duration::from_secs(60);
+/// Default bound on dialing a service's target.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time open streams get to finish on SIGTERM.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Default bound on TCP connect, TLS handshake and Hello to relay-outer.
+pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node: Option<String>,
+    outer: Vec<RawOuter>,
+    tls: RawTls,
+    reconnect: Option<RawReconnect>,
+    keepalive: Option<KeepaliveSpec>,
+    #[serde(default)]
+    services: BTreeMap<String, RawService>,
+    shutdown_grace: Option<Dur>,
+    dial_timeout: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOuter {
+    addr: String,
+    server_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReconnect {
+    initial: Option<Dur>,
+    max: Option<Dur>,
+    reset_after: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    target: String,
+    connect_timeout: Option<Dur>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This relay's name in relay-outer's logs.
+    pub node: String,
+    /// relay-outer endpoints; a session is kept to each.
+    pub outer: Vec<OuterEndpoint>,
+    /// Client certificate chain.
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+    /// CA (bundle) that signs relay-outer's certificate.
+    pub ca: PathBuf,
+    /// Reconnect backoff.
+    pub reconnect: Reconnect,
+    /// Keepalive of every session.
+    pub keepalive: Keepalive,
+    /// The only targets relay-inner dials, by service name.
+    pub services: BTreeMap<String, Service>,
+    /// Time open streams get to finish on SIGTERM.
+    pub shutdown_grace: Duration,
+    /// Bound on connecting to relay-outer (TCP, TLS, Hello).
+    pub dial_timeout: Duration,
+}
+
+/// One relay-outer to keep a session with.
+#[derive(Debug, Clone)]
+pub struct OuterEndpoint {
+    /// `host:port` to dial.
+    pub addr: String,
+    /// Name relay-outer's certificate must carry.
+    pub server_name: rustls::pki_types::ServerName<'static>,
+}
+
+/// Reconnect backoff settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Reconnect {
+    /// First delay ceiling.
+    pub initial: Duration,
+    /// Largest delay.
+    pub max: Duration,
+    /// A session up this long resets the backoff.
+    pub reset_after: Duration,
+}
+
+/// A service relay-inner exposes.
+#[derive(Debug, Clone)]
+pub struct Service {
+    /// `host:port` to dial.
+    pub target: String,
+    /// Bound on the dial.
+    pub connect_timeout: Duration,
+}
+
+/// A configuration that could not be loaded, naming the file and the field.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    path: PathBuf,
+    message: String,
+}
+
+fn host_port(s: &str, field: &str) -> Result<(String, u16), String> {
+    let bad = || format!("{field}: {s:?} is not host:port (e.g. \"relay.example.com:7443\" or \"[::1]:7443\")");
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || port == 0 {
+        return Err(bad());
+    }
+    Ok((host.to_owned(), port))
+}
+
+/// Whether `name` is acceptable as a service name.
+pub fn valid_service_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let err = |message: String| ConfigError {
+            path: path.to_owned(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        let raw: RawConfig = serde_saphyr::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::validate(raw, base).map_err(err)
+    }
+
+    fn validate(raw: RawConfig, base: &Path) -> Result<Config, String> {
+        if raw.outer.is_empty() {
+            return Err("outer: list at least one relay-outer endpoint".into());
+        }
+        let mut outer = Vec::new();
+        for (i, o) in raw.outer.into_iter().enumerate() {
+            let f = format!("outer[{i}]");
+            let (host, _) = host_port(&o.addr, &format!("{f}.addr"))?;
+            let name = o.server_name.unwrap_or(host);
+            let server_name = rustls::pki_types::ServerName::try_from(name.clone())
+                .map_err(|_| format!("{f}.server_name: {name:?} is not a DNS name or IP address"))?;
+            outer.push(OuterEndpoint {
+                addr: o.addr,
+                server_name,
+            });
+        }
+        let r = raw.reconnect;
+        let reconnect = Reconnect {
+            initial: r.as_ref().and_then(|r| r.initial).map_or(DEFAULT_RECONNECT_INITIAL, |d| d.0),
+            max: r.as_ref().and_then(|r| r.max).map_or(DEFAULT_RECONNECT_MAX, |d| d.0),
+            reset_after: r.as_ref().and_then(|r| r.reset_after).map_or(DEFAULT_RECONNECT_RESET_AFTER, |d| d.0),
+        };
+        if reconnect.initial.is_zero() || reconnect.max < reconnect.initial {
+            return Err("reconnect: initial must be above zero and max at least initial".into());
+        }
+        let mut services = BTreeMap::new();
+        for (name, s) in raw.services {
+            let f = format!("services.{name}");
+            if !valid_service_name(&name) {
+                return Err(format!("{f}: service names are 1-255 characters of letters, digits, '-', '_', '.'"));
+            }
+            host_port(&s.target, &format!("{f}.target"))?;
+            services.insert(
+                name,
+                Service {
+                    target: s.target,
+                    connect_timeout: s.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
+                },
+            );
+        }
+        let node = match raw.node {
+            Some(n) if !n.is_empty() && n.len() <= 255 => n,
+            Some(_) => return Err("node: must be 1 to 255 characters".into()),
+            None => hostname(),
+        };
+        Ok(Config {
+            node,
+            outer,
+            cert: resolve_path(base, &raw.tls.cert),
+            key: resolve_path(base, &raw.tls.key),
+            ca: resolve_path(base, &raw.tls.ca),
+            reconnect,
+            keepalive: KeepaliveSpec::resolve(raw.keepalive.as_ref(), "keepalive")?,
+            services,
+            shutdown_grace: raw.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
+            dial_timeout: raw.dial_timeout.map_or(DEFAULT_DIAL_TIMEOUT, |d| d.0),
+        })
+    }
+
+    /// Loads the TLS material too, as `run` would; `check-config` uses this.
+    pub fn check_tls(&self) -> Result<rustls::ClientConfig, String> {
+        relay_proto::tls::client_config(&self.cert, &self.key, &self.ca).map_err(|e| format!("tls: {e}"))
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "relay-inner".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<Config, String> {
+        let raw: RawConfig = serde_saphyr::from_str(yaml).map_err(|e| e.to_string())?;
+        Config::validate(raw, Path::new("/etc/routy"))
+    }
+
+    const GOOD: &str = r#"
+outer:
+  - { addr: "relay.example.com:7443" }
+  - { addr: "[::1]:7443", server_name: localhost }
+tls: { cert: site-a.crt, key: site-a.key, ca: ca.crt }
+reconnect: { initial: 50ms, max: 2s }
+services:
+  orders-pg: { target: "10.0.0.5:5432", connect_timeout: 2s }
+  other: { target: "db.internal:5432" }
+"#;
+
+    #[test]
+    fn a_good_file_loads() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.outer.len(), 2);
+        assert_eq!(c.outer[0].server_name.to_str(), "relay.example.com");
+        assert_eq!(c.ca, PathBuf::from("/etc/routy/ca.crt"));
+        assert_eq!(c.reconnect.max, Duration::from_secs(2));
+        assert_eq!(c.reconnect.reset_after, DEFAULT_RECONNECT_RESET_AFTER);
+        assert_eq!(c.services["other"].connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(c.keepalive.interval, relay_proto::control::DEFAULT_KEEPALIVE_INTERVAL);
+    }
+
+    #[test]
+    fn mistakes_name_the_field() {
+        let typo = GOOD.replace("connect_timeout: 2s", "conect_timeout: 2s");
+        assert!(parse(&typo).unwrap_err().contains("conect_timeout"));
+        let port = GOOD.replace("10.0.0.5:5432", "10.0.0.5");
+        assert!(parse(&port).unwrap_err().contains("services.orders-pg.target"));
+        let name = GOOD.replace("orders-pg:", "\"orders pg\":");
+        assert!(parse(&name).unwrap_err().contains("services.orders pg"));
+        let outer = GOOD.replace("relay.example.com:7443", "relay.example.com");
+        assert!(parse(&outer).unwrap_err().contains("outer[0].addr"));
+        let backoff = GOOD.replace("max: 2s", "max: 1ms");
+        assert!(parse(&backoff).unwrap_err().contains("reconnect"));
+    }
+}

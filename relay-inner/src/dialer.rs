@@ -1,0 +1,172 @@
+//! Keeping a session to one relay-outer: dial out, TLS, handshake, serve its streams,
+//! watch the keepalive, and on any loss reconnect with backoff, forever.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use relay_proto::control::{self, ControlCommand, ControlEnd, ControlEvent};
+use relay_proto::drain::Drain;
+use relay_proto::frame::Hello;
+use relay_proto::handshake::{self, HandshakeError, PROTOCOL_VERSION};
+use relay_proto::session::{self, Role, Session, Stream};
+use relay_proto::{net, tls};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsConnector;
+use tracing::{debug, error, info, warn, Instrument};
+
+use crate::backoff::Backoff;
+use crate::config::{Config, OuterEndpoint};
+use crate::services::Services;
+
+/// Keeps one endpoint's session alive.
+pub struct Dialer {
+    /// The whole config.
+    pub cfg: Arc<Config>,
+    /// The endpoint this dialer serves.
+    pub endpoint: OuterEndpoint,
+    /// TLS with our client certificate.
+    pub connector: TlsConnector,
+    /// Streams are served here.
+    pub services: Arc<Services>,
+    /// Shutdown signal.
+    pub drain: Drain,
+}
+
+impl Dialer {
+    /// Runs until shutdown.
+    pub async fn run(self) {
+        let span = tracing::info_span!("outer", addr = %self.endpoint.addr);
+        self.run_inner().instrument(span).await
+    }
+
+    async fn run_inner(self) {
+        let r = self.cfg.reconnect;
+        let mut backoff = Backoff::new(r.initial, r.max);
+        loop {
+            if self.drain.is_stopping() {
+                return;
+            }
+            match tokio::time::timeout(self.cfg.dial_timeout, self.connect()).await {
+                Ok(Ok((session, ctrl, tunnel, id))) => {
+                    let started = Instant::now();
+                    info!(tunnel = %tunnel, session = id, "tunnel up");
+                    let end = self
+                        .serve(session, ctrl)
+                        .instrument(tracing::info_span!("session", tunnel = %tunnel, session = id))
+                        .await;
+                    let up = started.elapsed();
+                    if up >= r.reset_after {
+                        backoff.reset();
+                    }
+                    if self.drain.is_stopping() {
+                        info!(reason = %end, "tunnel closed for shutdown");
+                        return;
+                    }
+                    warn!(tunnel = %tunnel, session = id, reason = %end, uptime = ?up, "tunnel down");
+                }
+                Ok(Err(ConnectError::Refused(e))) => {
+                    error!(reason = %e, "relay-outer refused this relay; will keep retrying");
+                }
+                Ok(Err(ConnectError::Other(e))) => warn!(reason = %e, "cannot connect to relay-outer"),
+                Err(_) => warn!(timeout = ?self.cfg.dial_timeout, "cannot connect to relay-outer: timed out"),
+            }
+            let delay = backoff.next_delay();
+            info!(?delay, "reconnecting");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.drain.stopping() => return,
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<(Session, Stream, String, u64), ConnectError> {
+        let other = |m: String| ConnectError::Other(m);
+        let tcp = TcpStream::connect(&self.endpoint.addr)
+            .await
+            .map_err(|e| other(format!("TCP connect: {e}")))?;
+        let ka = self.cfg.keepalive;
+        net::tune_tunnel_socket(&tcp, ka.interval, ka.timeout);
+        let tls = self
+            .connector
+            .connect(self.endpoint.server_name.clone(), tcp)
+            .await
+            .map_err(|e| other(format!("TLS handshake: {e}")))?;
+        if tls.get_ref().1.alpn_protocol() != Some(tls::ALPN) {
+            return Err(other("relay-outer did not negotiate ALPN routy/1".into()));
+        }
+        let session = session::yamux(tls, Role::Client);
+        let mut ctrl = session
+            .handle
+            .open()
+            .await
+            .map_err(|e| other(format!("opening the control stream: {e}")))?;
+        let hello = Hello {
+            protocol: PROTOCOL_VERSION,
+            node: self.cfg.node.clone(),
+            services: self.cfg.services.keys().cloned().collect(),
+            features: vec![],
+        };
+        match handshake::client(&mut ctrl, hello).await {
+            Ok(ack) => Ok((session, ctrl, ack.tunnel, ack.session_id)),
+            Err(e) => {
+                session.handle.kill();
+                Err(match e {
+                    HandshakeError::Refused { .. } | HandshakeError::VersionMismatch { .. } => {
+                        ConnectError::Refused(e.to_string())
+                    }
+                    e => other(format!("handshake: {e}")),
+                })
+            }
+        }
+    }
+
+    /// Serves the session until its control loop ends; on shutdown tells relay-outer
+    /// to send no more streams and keeps the session up while streams finish.
+    async fn serve(&self, session: Session, ctrl: Stream) -> ControlEnd {
+        let Session {
+            handle,
+            mut incoming,
+        } = session;
+        let (cmd_tx, cmd_rx) = mpsc::channel(4);
+        let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+        let mut ctl = tokio::spawn(control::run(ctrl, self.cfg.keepalive, cmd_rx, ev_tx));
+        let mut goaway_sent = false;
+        let end = loop {
+            tokio::select! {
+                end = &mut ctl => break end.unwrap_or_else(|e| ControlEnd::Failed(e.to_string())),
+                s = incoming.recv() => match s {
+                    Some(s) => {
+                        let services = self.services.clone();
+                        tokio::spawn(services.serve(s).in_current_span());
+                    }
+                    None => {
+                        // The connection is gone; the control loop will say why.
+                        break match (&mut ctl).await {
+                            Ok(end) => end,
+                            Err(e) => ControlEnd::Failed(e.to_string()),
+                        };
+                    }
+                },
+                ev = ev_rx.recv(), if !ev_rx.is_closed() => match ev {
+                    Some(ControlEvent::Rtt(rtt)) => debug!(?rtt, "keepalive"),
+                    Some(ControlEvent::GoAway(reason)) => info!(%reason, "relay-outer is draining"),
+                    None => {}
+                },
+                _ = self.drain.stopping(), if !goaway_sent => {
+                    goaway_sent = true;
+                    let _ = cmd_tx.send(ControlCommand::GoAway("relay-inner shutting down".into())).await;
+                }
+            }
+        };
+        handle.kill();
+        end
+    }
+}
+
+enum ConnectError {
+    /// relay-outer answered and said no (identity, version): the operator must act.
+    Refused(String),
+    /// The network or TLS failed.
+    Other(String),
+}

@@ -1,0 +1,104 @@
+//! Serving the streams relay-outer opens: read the Open frame, look the service up in
+//! *our own* config, dial its target, answer, splice. relay-outer can never make us
+//! dial an address our operator did not list.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use relay_proto::codec::{read_frame, write_frame};
+use relay_proto::drain::Drain;
+use relay_proto::frame::{ErrorCode, Frame};
+use relay_proto::net;
+use relay_proto::session::Stream;
+use relay_proto::splice::{splice, ByteCounters};
+use tokio::net::TcpStream;
+use tracing::{info, warn, Instrument};
+
+use crate::config::Service;
+
+/// Bound on the Open frame arriving on a new stream.
+const OPEN_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on writing our answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What every stream needs.
+pub struct Services {
+    /// This relay's node name, for error messages.
+    pub node: String,
+    /// Exposed services by name.
+    pub map: BTreeMap<String, Service>,
+    /// Bytes per service.
+    pub bytes: BTreeMap<String, Arc<ByteCounters>>,
+    /// Shutdown signal and in-flight streams.
+    pub drain: Drain,
+}
+
+impl Services {
+    /// Serves one stream opened by relay-outer, to its end.
+    pub async fn serve(self: Arc<Self>, mut stream: Stream) {
+        let _guard = self.drain.guard();
+        let (service, client) = match read_frame(&mut stream, OPEN_READ_TIMEOUT).await {
+            Ok(Frame::Open { service, client }) => (service, client),
+            Ok(other) => {
+                let msg = format!("expected Open, got {}", other.kind_name());
+                warn!(reason = %msg, "stream refused");
+                refuse(&mut stream, ErrorCode::Protocol, msg).await;
+                return;
+            }
+            Err(e) => {
+                warn!(reason = %e, "stream refused: no valid Open frame");
+                return;
+            }
+        };
+        let span = tracing::info_span!("stream", %service, %client);
+        self.open(stream, service).instrument(span).await;
+    }
+
+    async fn open(&self, mut stream: Stream, service: String) {
+        if self.drain.is_stopping() {
+            warn!("stream refused: shutting down");
+            refuse(&mut stream, ErrorCode::ShuttingDown, "relay-inner is shutting down".into()).await;
+            return;
+        }
+        let (Some(svc), Some(bytes)) = (self.map.get(&service), self.bytes.get(&service)) else {
+            let msg = format!("relay-inner {:?} exposes no service named {service:?}", self.node);
+            warn!("stream refused: unknown service");
+            refuse(&mut stream, ErrorCode::UnknownService, msg).await;
+            return;
+        };
+        let tcp = match tokio::time::timeout(svc.connect_timeout, TcpStream::connect(&svc.target)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                let msg = format!("cannot connect to {} for service {service:?}: {e}", svc.target);
+                warn!(target = %svc.target, error = %e, "stream refused: target unreachable");
+                refuse(&mut stream, ErrorCode::ConnectFailed, msg).await;
+                return;
+            }
+            Err(_) => {
+                let msg = format!(
+                    "connecting to {} for service {service:?} timed out after {:?}",
+                    svc.target, svc.connect_timeout
+                );
+                warn!(target = %svc.target, "stream refused: connect timed out");
+                refuse(&mut stream, ErrorCode::ConnectTimeout, msg).await;
+                return;
+            }
+        };
+        net::tune_data_socket(&tcp);
+        if let Err(e) = write_frame(&mut stream, &Frame::OpenOk, ANSWER_TIMEOUT).await {
+            warn!(error = %e, "stream lost before OpenOk");
+            return;
+        }
+        info!(target = %svc.target, "stream open");
+        match splice(stream, tcp, bytes.clone()).await {
+            Ok(m) => info!(to_service = m.to_service, to_client = m.to_client, "stream closed"),
+            Err(e) => info!(error = %e, "stream ended with an error"),
+        }
+    }
+}
+
+async fn refuse(stream: &mut Stream, code: ErrorCode, message: String) {
+    let _ = write_frame(stream, &Frame::Error { code, message }, ANSWER_TIMEOUT).await;
+    let _ = tokio::io::AsyncWriteExt::shutdown(stream).await;
+}

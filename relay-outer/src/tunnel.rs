@@ -1,0 +1,193 @@
+//! The tunnel port: accepts inner relays over mutual TLS, checks their identity, runs
+//! the handshake and the control stream, and registers each live session.
+//!
+//! Anything that goes wrong with one connection (garbage, a wrong certificate, an
+//! unknown tunnel, a malformed frame) closes that connection with a logged reason and
+//! touches nothing else.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use relay_proto::control::{self, ControlEvent};
+use relay_proto::frame::ErrorCode;
+use relay_proto::handshake;
+use relay_proto::session::{self, Role};
+use relay_proto::{drain::Drain, net, tls};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::config::TunnelConfig;
+use crate::registry::{Registry, SessionEntry};
+
+/// What every tunnel connection needs to be served.
+pub struct TunnelServer {
+    /// Settings of the tunnel port.
+    pub cfg: TunnelConfig,
+    /// TLS with client authentication.
+    pub acceptor: TlsAcceptor,
+    /// Tunnel names that some listener uses; others are refused.
+    pub tunnels: HashSet<String>,
+    /// Where live sessions go.
+    pub registry: Arc<Registry>,
+    /// Shutdown signal.
+    pub drain: Drain,
+}
+
+impl TunnelServer {
+    /// Accepts tunnel connections until shutdown.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = self.drain.stopping() => return,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and the like: back off instead of spinning.
+                        warn!(error = %e, "tunnel accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let me = self.clone();
+            let span = tracing::info_span!("tunnel", %peer);
+            tokio::spawn(async move { me.connection(tcp, peer).await }.instrument(span));
+        }
+    }
+
+    async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+        let ka = self.cfg.keepalive;
+        net::tune_tunnel_socket(&tcp, ka.interval, ka.timeout);
+        let tls = match tokio::time::timeout(self.cfg.handshake_timeout, self.acceptor.accept(tcp)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                warn!(reason = %e, "tunnel connection refused: TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                warn!(timeout = ?self.cfg.handshake_timeout, "tunnel connection refused: TLS handshake timed out");
+                return;
+            }
+        };
+        let (_, conn) = tls.get_ref();
+        if conn.alpn_protocol() != Some(tls::ALPN) {
+            warn!("tunnel connection refused: peer did not negotiate ALPN routy/1");
+            return;
+        }
+        let identity = match conn.peer_certificates().and_then(|c| c.first()) {
+            Some(cert) => tls::identity(cert),
+            None => Err("no client certificate".to_string()),
+        };
+        let tunnel_name = match identity {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(reason = %e, "tunnel connection refused");
+                return;
+            }
+        };
+        let span = tracing::info_span!("session", tunnel = %tunnel_name);
+        self.session(tls, peer, tunnel_name).instrument(span).await;
+    }
+
+    async fn session<T>(&self, io: T, peer: SocketAddr, tunnel_name: String)
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let session = session::yamux(io, Role::Server);
+        let handle = session.handle.clone();
+        let mut incoming = session.incoming;
+        let first = tokio::time::timeout(self.cfg.handshake_timeout, incoming.recv()).await;
+        let mut ctrl = match first {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                warn!("tunnel connection closed before opening its control stream");
+                handle.kill();
+                return;
+            }
+            Err(_) => {
+                warn!("tunnel connection refused: no control stream within the handshake timeout");
+                handle.kill();
+                return;
+            }
+        };
+        let hello = match handshake::server_read_hello(&mut ctrl).await {
+            Ok(h) => h,
+            Err(e) => {
+                warn!(reason = %e, "tunnel handshake failed");
+                handle.kill();
+                return;
+            }
+        };
+        if !self.tunnels.contains(&tunnel_name) {
+            let msg = format!(
+                "tunnel {tunnel_name:?} is not configured on this relay-outer (no listener uses it)"
+            );
+            warn!(node = %hello.node, "tunnel connection refused: {msg}");
+            let _ = handshake::refuse(&mut ctrl, ErrorCode::UnknownTunnel, &msg).await;
+            // Let the refusal reach the peer before the connection goes.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            handle.kill();
+            return;
+        }
+        let id = self.registry.next_id();
+        if let Err(e) = handshake::accept(&mut ctrl, &tunnel_name, id).await {
+            warn!(reason = %e, "tunnel handshake failed");
+            handle.kill();
+            return;
+        }
+        let entry = Arc::new(SessionEntry {
+            id,
+            tunnel: tunnel_name.clone(),
+            peer,
+            node: hello.node.clone(),
+            services: hello.services.clone(),
+            handle: handle.clone(),
+            draining: Default::default(),
+            since: Instant::now(),
+        });
+        let count = self.registry.add(entry.clone());
+        info!(session = id, node = %hello.node, services = ?hello.services, sessions = count, "tunnel up");
+
+        // Streams opened by relay-inner are not used yet; refuse them by dropping.
+        tokio::spawn(async move {
+            while let Some(s) = incoming.recv().await {
+                debug!("dropping a stream opened by relay-inner");
+                drop(s);
+            }
+        });
+
+        let (cmd_tx, cmd_rx) = mpsc::channel(4);
+        let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+        let ctl = tokio::spawn(control::run(ctrl, self.cfg.keepalive, cmd_rx, ev_tx));
+        let events = {
+            let entry = entry.clone();
+            async move {
+                while let Some(ev) = ev_rx.recv().await {
+                    match ev {
+                        ControlEvent::Rtt(rtt) => debug!(session = entry.id, ?rtt, "keepalive"),
+                        ControlEvent::GoAway(reason) => {
+                            info!(session = entry.id, %reason, "relay-inner is draining; no new streams to this session");
+                            entry.draining.store(true, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        };
+        tokio::spawn(events);
+        let end = match ctl.await {
+            Ok(end) => end.to_string(),
+            Err(e) => format!("control task failed: {e}"),
+        };
+        drop(cmd_tx);
+        handle.kill();
+        let left = self.registry.remove(&tunnel_name, id);
+        warn!(session = id, node = %entry.node, peer = %entry.peer, services = ?entry.services,
+            uptime = ?entry.since.elapsed(), reason = %end, sessions_left = left, "tunnel down");
+    }
+
+}
