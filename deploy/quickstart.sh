@@ -291,13 +291,17 @@ say "starting relay-inner"
 setsid "$INNER_BIN" run --config "$WORK/relay-inner.yaml" </dev/null >"$WORK/relay-inner.log" 2>&1 &
 INNER_PID=$!
 
+# Whether both relays still run; if one has exited, says so with its status and log.
 relays_alive() {
-    local name pid
+    local name pid status
     for name in relay-outer relay-inner; do
         if [ "$name" = relay-outer ]; then pid=$OUTER_PID; else pid=$INNER_PID; fi
-        if ! kill -0 "$pid" 2>/dev/null; then
-            printf 'quickstart: %s exited unexpectedly\n' "$name" >&2
+        if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
+            status=0
+            wait "$pid" 2>/dev/null || status=$?
+            printf 'quickstart: %s exited unexpectedly (status %s)\n' "$name" "$status" >&2
             tail_log "$WORK/$name.log"
+            if [ "$name" = relay-outer ]; then OUTER_PID=""; else INNER_PID=""; fi
             return 1
         fi
     done

@@ -75,7 +75,10 @@ mod tests {
         let v6: Cidr = "2001:db8::/32".parse().unwrap();
         assert!(v6.contains("2001:db8:1::5".parse().unwrap()));
         assert!(!v6.contains("10.0.0.1".parse().unwrap()));
-        assert!("10.0.0.0/33".parse::<Cidr>().unwrap_err().contains("prefix"));
+        assert!("10.0.0.0/33"
+            .parse::<Cidr>()
+            .unwrap_err()
+            .contains("prefix"));
         assert!("example.com".parse::<Cidr>().is_err());
     }
 }

@@ -129,7 +129,11 @@ pub struct ConfigError {
 }
 
 fn host_port(s: &str, field: &str) -> Result<(String, u16), String> {
-    let bad = || format!("{field}: {s:?} is not host:port (e.g. \"relay.example.com:7443\" or \"[::1]:7443\")");
+    let bad = || {
+        format!(
+            "{field}: {s:?} is not host:port (e.g. \"relay.example.com:7443\" or \"[::1]:7443\")"
+        )
+    };
     let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
     let port: u16 = port.parse().map_err(|_| bad())?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -170,8 +174,10 @@ impl Config {
             let f = format!("outer[{i}]");
             let (host, _) = host_port(&o.addr, &format!("{f}.addr"))?;
             let name = o.server_name.unwrap_or(host);
-            let server_name = rustls::pki_types::ServerName::try_from(name.clone())
-                .map_err(|_| format!("{f}.server_name: {name:?} is not a DNS name or IP address"))?;
+            let server_name =
+                rustls::pki_types::ServerName::try_from(name.clone()).map_err(|_| {
+                    format!("{f}.server_name: {name:?} is not a DNS name or IP address")
+                })?;
             outer.push(OuterEndpoint {
                 addr: o.addr,
                 server_name,
@@ -179,9 +185,18 @@ impl Config {
         }
         let r = raw.reconnect;
         let reconnect = Reconnect {
-            initial: r.as_ref().and_then(|r| r.initial).map_or(DEFAULT_RECONNECT_INITIAL, |d| d.0),
-            max: r.as_ref().and_then(|r| r.max).map_or(DEFAULT_RECONNECT_MAX, |d| d.0),
-            reset_after: r.as_ref().and_then(|r| r.reset_after).map_or(DEFAULT_RECONNECT_RESET_AFTER, |d| d.0),
+            initial: r
+                .as_ref()
+                .and_then(|r| r.initial)
+                .map_or(DEFAULT_RECONNECT_INITIAL, |d| d.0),
+            max: r
+                .as_ref()
+                .and_then(|r| r.max)
+                .map_or(DEFAULT_RECONNECT_MAX, |d| d.0),
+            reset_after: r
+                .as_ref()
+                .and_then(|r| r.reset_after)
+                .map_or(DEFAULT_RECONNECT_RESET_AFTER, |d| d.0),
         };
         if reconnect.initial.is_zero() || reconnect.max < reconnect.initial {
             return Err("reconnect: initial must be above zero and max at least initial".into());
@@ -190,7 +205,9 @@ impl Config {
         for (name, s) in raw.services {
             let f = format!("services.{name}");
             if !valid_service_name(&name) {
-                return Err(format!("{f}: service names are 1-255 characters of letters, digits, '-', '_', '.'"));
+                return Err(format!(
+                    "{f}: service names are 1-255 characters of letters, digits, '-', '_', '.'"
+                ));
             }
             host_port(&s.target, &format!("{f}.target"))?;
             services.insert(
@@ -222,7 +239,8 @@ impl Config {
 
     /// Loads the TLS material too, as `run` would; `check-config` uses this.
     pub fn check_tls(&self) -> Result<rustls::ClientConfig, String> {
-        relay_proto::tls::client_config(&self.cert, &self.key, &self.ca).map_err(|e| format!("tls: {e}"))
+        relay_proto::tls::client_config(&self.cert, &self.key, &self.ca)
+            .map_err(|e| format!("tls: {e}"))
     }
 }
 
@@ -263,7 +281,10 @@ services:
         assert_eq!(c.reconnect.max, Duration::from_secs(2));
         assert_eq!(c.reconnect.reset_after, DEFAULT_RECONNECT_RESET_AFTER);
         assert_eq!(c.services["other"].connect_timeout, DEFAULT_CONNECT_TIMEOUT);
-        assert_eq!(c.keepalive.interval, relay_proto::control::DEFAULT_KEEPALIVE_INTERVAL);
+        assert_eq!(
+            c.keepalive.interval,
+            relay_proto::control::DEFAULT_KEEPALIVE_INTERVAL
+        );
     }
 
     #[test]
@@ -271,7 +292,9 @@ services:
         let typo = GOOD.replace("connect_timeout: 2s", "conect_timeout: 2s");
         assert!(parse(&typo).unwrap_err().contains("conect_timeout"));
         let port = GOOD.replace("10.0.0.5:5432", "10.0.0.5");
-        assert!(parse(&port).unwrap_err().contains("services.orders-pg.target"));
+        assert!(parse(&port)
+            .unwrap_err()
+            .contains("services.orders-pg.target"));
         let name = GOOD.replace("orders-pg:", "\"orders pg\":");
         assert!(parse(&name).unwrap_err().contains("services.orders pg"));
         let outer = GOOD.replace("relay.example.com:7443", "relay.example.com");

@@ -68,8 +68,12 @@ impl Dialer {
                 Ok(Err(ConnectError::Refused(e))) => {
                     error!(reason = %e, "relay-outer refused this relay; will keep retrying");
                 }
-                Ok(Err(ConnectError::Other(e))) => warn!(reason = %e, "cannot connect to relay-outer"),
-                Err(_) => warn!(timeout = ?self.cfg.dial_timeout, "cannot connect to relay-outer: timed out"),
+                Ok(Err(ConnectError::Other(e))) => {
+                    warn!(reason = %e, "cannot connect to relay-outer")
+                }
+                Err(_) => {
+                    warn!(timeout = ?self.cfg.dial_timeout, "cannot connect to relay-outer: timed out")
+                }
             }
             let delay = backoff.next_delay();
             info!(?delay, "reconnecting");

@@ -20,7 +20,11 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 
 #[derive(Parser)]
-#[command(name = "relay-inner", version, about = "Routy relay-inner: dials out to relay-outer and serves the services it lists")]
+#[command(
+    name = "relay-inner",
+    version,
+    about = "Routy relay-inner: dials out to relay-outer and serves the services it lists"
+)]
 struct Cli {
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -93,7 +97,11 @@ async fn serve(cfg: Config, tls: rustls::ClientConfig) -> anyhow::Result<()> {
     let services = Arc::new(services::Services {
         node: cfg.node.clone(),
         map: cfg.services.clone(),
-        bytes: cfg.services.keys().map(|k| (k.clone(), Default::default())).collect(),
+        bytes: cfg
+            .services
+            .keys()
+            .map(|k| (k.clone(), Default::default()))
+            .collect(),
         drain: drain.clone(),
     });
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
@@ -115,7 +123,10 @@ async fn serve(cfg: Config, tls: rustls::ClientConfig) -> anyhow::Result<()> {
     drain.stop();
     let left = drain.wait_idle(cfg.shutdown_grace).await;
     if left > 0 {
-        warn!(streams = left, "grace period over; closing the remaining streams");
+        warn!(
+            streams = left,
+            "grace period over; closing the remaining streams"
+        );
     }
     info!("stopped");
     Ok(())

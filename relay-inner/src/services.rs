@@ -58,19 +58,32 @@ impl Services {
     async fn open(&self, mut stream: Stream, service: String) {
         if self.drain.is_stopping() {
             warn!("stream refused: shutting down");
-            refuse(&mut stream, ErrorCode::ShuttingDown, "relay-inner is shutting down".into()).await;
+            refuse(
+                &mut stream,
+                ErrorCode::ShuttingDown,
+                "relay-inner is shutting down".into(),
+            )
+            .await;
             return;
         }
         let (Some(svc), Some(bytes)) = (self.map.get(&service), self.bytes.get(&service)) else {
-            let msg = format!("relay-inner {:?} exposes no service named {service:?}", self.node);
+            let msg = format!(
+                "relay-inner {:?} exposes no service named {service:?}",
+                self.node
+            );
             warn!("stream refused: unknown service");
             refuse(&mut stream, ErrorCode::UnknownService, msg).await;
             return;
         };
-        let tcp = match tokio::time::timeout(svc.connect_timeout, TcpStream::connect(&svc.target)).await {
+        let tcp = match tokio::time::timeout(svc.connect_timeout, TcpStream::connect(&svc.target))
+            .await
+        {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
-                let msg = format!("cannot connect to {} for service {service:?}: {e}", svc.target);
+                let msg = format!(
+                    "cannot connect to {} for service {service:?}: {e}",
+                    svc.target
+                );
                 warn!(target = %svc.target, error = %e, "stream refused: target unreachable");
                 refuse(&mut stream, ErrorCode::ConnectFailed, msg).await;
                 return;
@@ -92,7 +105,11 @@ impl Services {
         }
         info!(target = %svc.target, "stream open");
         match splice(stream, tcp, bytes.clone()).await {
-            Ok(m) => info!(to_service = m.to_service, to_client = m.to_client, "stream closed"),
+            Ok(m) => info!(
+                to_service = m.to_service,
+                to_client = m.to_client,
+                "stream closed"
+            ),
             Err(e) => info!(error = %e, "stream ended with an error"),
         }
     }

@@ -115,7 +115,9 @@ pub struct ConfigError {
 
 pub(crate) fn socket_addr(s: &str, field: &str) -> Result<SocketAddr, String> {
     s.parse().map_err(|_| {
-        format!("{field}: {s:?} is not an address with a port, like \"0.0.0.0:7443\" or \"[::]:7443\"")
+        format!(
+            "{field}: {s:?} is not an address with a port, like \"0.0.0.0:7443\" or \"[::]:7443\""
+        )
     })
 }
 
@@ -140,7 +142,9 @@ impl Config {
             key: resolve(base, &t.tls.key),
             client_ca: resolve(base, &t.tls.client_ca),
             keepalive: KeepaliveSpec::resolve(t.keepalive.as_ref(), "tunnel.keepalive")?,
-            handshake_timeout: t.handshake_timeout.map_or(DEFAULT_HANDSHAKE_TIMEOUT, |d| d.0),
+            handshake_timeout: t
+                .handshake_timeout
+                .map_or(DEFAULT_HANDSHAKE_TIMEOUT, |d| d.0),
         };
         let mut names = HashSet::new();
         let mut binds = HashSet::new();
@@ -152,7 +156,9 @@ impl Config {
             }
             let bind = socket_addr(&l.bind, &format!("{f}.bind"))?;
             if !binds.insert(bind) || bind == tunnel.listen {
-                return Err(format!("{f}.bind: {bind} is already used by another listener or the tunnel"));
+                return Err(format!(
+                    "{f}.bind: {bind} is already used by another listener or the tunnel"
+                ));
             }
             crate::certs::validate_tunnel_name(&l.tunnel)
                 .map_err(|e| format!("{f}.tunnel: {e}"))?;
@@ -161,7 +167,10 @@ impl Config {
             }
             let mut allow = Vec::new();
             for (j, a) in l.allow.unwrap_or_default().iter().enumerate() {
-                allow.push(a.parse::<Cidr>().map_err(|e| format!("{f}.allow[{j}]: {e}"))?);
+                allow.push(
+                    a.parse::<Cidr>()
+                        .map_err(|e| format!("{f}.allow[{j}]: {e}"))?,
+                );
             }
             let max_connections = l.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
             if max_connections == 0 {
@@ -237,13 +246,19 @@ listeners:
         let bad_addr = GOOD.replace("127.0.0.1:15432", "localhost");
         assert!(parse(&bad_addr).unwrap_err().contains("listeners[0].bind"));
         let bad_cidr = GOOD.replace("10.20.0.0/16", "10.20.0.0/40");
-        assert!(parse(&bad_cidr).unwrap_err().contains("listeners[0].allow[0]"));
+        assert!(parse(&bad_cidr)
+            .unwrap_err()
+            .contains("listeners[0].allow[0]"));
         let bad_ka = GOOD.replace("timeout: 3s", "timeout: 1s");
-        assert!(parse(&bad_ka).unwrap_err().contains("tunnel.keepalive.timeout"));
+        assert!(parse(&bad_ka)
+            .unwrap_err()
+            .contains("tunnel.keepalive.timeout"));
         let bad_dur = GOOD.replace("interval: 1s", "interval: 1 fortnight");
         assert!(parse(&bad_dur).unwrap_err().contains("unknown unit"));
         let bad_tunnel = GOOD.replace("tunnel: site-a", "tunnel: Site_A");
-        assert!(parse(&bad_tunnel).unwrap_err().contains("listeners[0].tunnel"));
+        assert!(parse(&bad_tunnel)
+            .unwrap_err()
+            .contains("listeners[0].tunnel"));
         let top = format!("{GOOD}\nextra: 1\n");
         assert!(parse(&top).unwrap_err().contains("extra"));
     }

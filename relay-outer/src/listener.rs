@@ -94,7 +94,8 @@ impl Listener {
         session: Arc<crate::registry::SessionEntry>,
     ) {
         let cfg = &self.cfg;
-        let mut stream = match tokio::time::timeout(OPEN_WRITE_TIMEOUT, session.handle.open()).await {
+        let mut stream = match tokio::time::timeout(OPEN_WRITE_TIMEOUT, session.handle.open()).await
+        {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 warn!(error = %e, "client closed: cannot open a stream on the tunnel");
@@ -120,7 +121,10 @@ impl Listener {
                 return;
             }
             Ok(other) => {
-                warn!(frame = other.kind_name(), "client closed: unexpected answer to Open");
+                warn!(
+                    frame = other.kind_name(),
+                    "client closed: unexpected answer to Open"
+                );
                 return;
             }
             Err(e) => {
@@ -130,7 +134,11 @@ impl Listener {
         }
         info!("stream open");
         match splice(client, stream, self.bytes.clone()).await {
-            Ok(m) => info!(to_service = m.to_service, to_client = m.to_client, "stream closed"),
+            Ok(m) => info!(
+                to_service = m.to_service,
+                to_client = m.to_client,
+                "stream closed"
+            ),
             Err(e) => info!(error = %e, "stream ended with an error"),
         }
     }

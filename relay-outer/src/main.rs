@@ -26,7 +26,11 @@ use crate::config::Config;
 use crate::registry::Registry;
 
 #[derive(Parser)]
-#[command(name = "relay-outer", version, about = "Routy relay-outer: accepts tunnels from inner relays and exposes their services")]
+#[command(
+    name = "relay-outer",
+    version,
+    about = "Routy relay-outer: accepts tunnels from inner relays and exposes their services"
+)]
 struct Cli {
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -122,10 +126,14 @@ fn print_written(paths: Vec<PathBuf>) {
 
 fn certs_cmd(cmd: CertsCmd) -> anyhow::Result<()> {
     match cmd {
-        CertsCmd::Init { dir, server_names, force } => {
-            print_written(certs::init(&dir, &server_names, force)?)
+        CertsCmd::Init {
+            dir,
+            server_names,
+            force,
+        } => print_written(certs::init(&dir, &server_names, force)?),
+        CertsCmd::Issue { dir, tunnel, force } => {
+            print_written(certs::issue(&dir, &tunnel, force)?)
         }
-        CertsCmd::Issue { dir, tunnel, force } => print_written(certs::issue(&dir, &tunnel, force)?),
         CertsCmd::RenewOuter { dir, server_names } => {
             print_written(certs::renew_outer(&dir, &server_names)?)
         }
@@ -202,7 +210,10 @@ async fn serve(cfg: Config, tls: rustls::ServerConfig) -> anyhow::Result<()> {
     drain.stop();
     let left = drain.wait_idle(cfg.shutdown_grace).await;
     if left > 0 {
-        warn!(streams = left, "grace period over; closing the remaining streams");
+        warn!(
+            streams = left,
+            "grace period over; closing the remaining streams"
+        );
     }
     for s in registry.all() {
         s.handle.kill();

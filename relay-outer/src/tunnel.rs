@@ -63,7 +63,9 @@ impl TunnelServer {
     async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
         let ka = self.cfg.keepalive;
         net::tune_tunnel_socket(&tcp, ka.interval, ka.timeout);
-        let tls = match tokio::time::timeout(self.cfg.handshake_timeout, self.acceptor.accept(tcp)).await {
+        let tls = match tokio::time::timeout(self.cfg.handshake_timeout, self.acceptor.accept(tcp))
+            .await
+        {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 warn!(reason = %e, "tunnel connection refused: TLS handshake failed");
@@ -189,5 +191,4 @@ impl TunnelServer {
         warn!(session = id, node = %entry.node, peer = %entry.peer, services = ?entry.services,
             uptime = ?entry.since.elapsed(), reason = %end, sessions_left = left, "tunnel down");
     }
-
 }

@@ -12,6 +12,7 @@
 mod net;
 mod pg;
 mod proc;
+pub mod relays;
 mod sys;
 
 pub use net::{netns_cmd, NetPair};

@@ -1,0 +1,244 @@
+//! Starting the real relays: certificates made by `relay-outer certs`, configs written
+//! as YAML files, processes started (optionally inside a network namespace).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::{bin, netns_cmd, run_timeout, Proc};
+
+/// How long a relay may take to come up in a test.
+pub const READY: Duration = Duration::from_secs(30);
+
+/// A directory with a CA, relay-outer's certificate and client certificates.
+pub struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    /// Runs `relay-outer certs init` for these server names.
+    pub fn new(server_names: &[&str]) -> Pki {
+        let dir = crate::tempdir();
+        let mut cmd = Command::new(bin("relay-outer"));
+        cmd.args(["certs", "init", "--dir"]).arg(dir.path());
+        for n in server_names {
+            cmd.args(["--server-name", n]);
+        }
+        let out = run_timeout(&mut cmd, None, Duration::from_secs(30)).expect("certs init");
+        assert!(
+            out.status.success(),
+            "certs init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Pki { dir }
+    }
+
+    /// Runs `relay-outer certs issue --tunnel NAME`.
+    pub fn issue(&self, tunnel: &str) {
+        let mut cmd = Command::new(bin("relay-outer"));
+        cmd.args(["certs", "issue", "--dir"])
+            .arg(self.dir.path())
+            .args(["--tunnel", tunnel]);
+        let out = run_timeout(&mut cmd, None, Duration::from_secs(30)).expect("certs issue");
+        assert!(
+            out.status.success(),
+            "certs issue failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A file in the PKI directory.
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    /// The PKI directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// One listener in relay-outer's config.
+#[derive(Clone, Debug)]
+pub struct ListenerSpec {
+    /// Listener name.
+    pub name: String,
+    /// `addr:port` to bind.
+    pub bind: String,
+    /// Tunnel name.
+    pub tunnel: String,
+    /// Service name.
+    pub service: String,
+    /// Extra YAML lines for this listener (indented by the caller, e.g. `    max_connections: 2`).
+    pub extra: String,
+}
+
+impl ListenerSpec {
+    /// A listener with no extras.
+    pub fn new(name: &str, bind: &str, tunnel: &str, service: &str) -> Self {
+        ListenerSpec {
+            name: name.into(),
+            bind: bind.into(),
+            tunnel: tunnel.into(),
+            service: service.into(),
+            extra: String::new(),
+        }
+    }
+}
+
+/// relay-outer's config as YAML; `extra` is appended at the top level.
+pub fn outer_yaml(
+    pki: &Pki,
+    listen: &str,
+    keepalive: (&str, &str),
+    listeners: &[ListenerSpec],
+    extra: &str,
+) -> String {
+    let mut y = format!(
+        "tunnel:\n  listen: \"{listen}\"\n  tls: {{ cert: {}, key: {}, client_ca: {} }}\n  keepalive: {{ interval: {}, timeout: {} }}\nlisteners:\n",
+        pki.path("outer.crt").display(),
+        pki.path("outer.key").display(),
+        pki.path("ca.crt").display(),
+        keepalive.0,
+        keepalive.1,
+    );
+    for l in listeners {
+        y.push_str(&format!(
+            "  - name: {}\n    bind: \"{}\"\n    tunnel: {}\n    service: {}\n",
+            l.name, l.bind, l.tunnel, l.service
+        ));
+        if !l.extra.is_empty() {
+            y.push_str(&l.extra);
+            if !l.extra.ends_with('\n') {
+                y.push('\n');
+            }
+        }
+    }
+    y.push_str(extra);
+    y
+}
+
+/// relay-inner's config as YAML for tunnel `tunnel` (its certificate must be issued),
+/// dialing `outers` (`addr`, `server_name`) and exposing `services` (`name`, `target`).
+pub fn inner_yaml(
+    pki: &Pki,
+    tunnel: &str,
+    outers: &[(String, &str)],
+    services: &[(&str, String)],
+    keepalive: (&str, &str),
+    extra: &str,
+) -> String {
+    let mut y = String::from("outer:\n");
+    for (addr, name) in outers {
+        y.push_str(&format!(
+            "  - {{ addr: \"{addr}\", server_name: \"{name}\" }}\n"
+        ));
+    }
+    y.push_str(&format!(
+        "tls: {{ cert: {}, key: {}, ca: {} }}\nreconnect: {{ initial: 50ms, max: 1s }}\nkeepalive: {{ interval: {}, timeout: {} }}\nservices:\n",
+        pki.path(&format!("{tunnel}.crt")).display(),
+        pki.path(&format!("{tunnel}.key")).display(),
+        pki.path("ca.crt").display(),
+        keepalive.0,
+        keepalive.1,
+    ));
+    for (name, target) in services {
+        y.push_str(&format!(
+            "  {name}: {{ target: \"{target}\", connect_timeout: 3s }}\n"
+        ));
+    }
+    y.push_str(extra);
+    y
+}
+
+/// A running relay with its config file.
+pub struct Relay {
+    /// The process.
+    pub proc: Proc,
+    /// Its config file.
+    pub config: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Relay {
+    /// Writes `yaml` to a file and starts `relay-outer run` or `relay-inner run` with it
+    /// (inside `netns` if given), at debug log level for our crates.
+    pub fn start(which: &str, name: &str, yaml: &str, netns: Option<&str>) -> Relay {
+        let dir = crate::tempdir();
+        let config = dir.path().join(format!("{which}.yaml"));
+        std::fs::write(&config, yaml).expect("write config");
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = netns_cmd(ns, bin(which));
+                c.arg("run");
+                c
+            }
+            None => {
+                let mut c = Command::new(bin(which));
+                c.arg("run");
+                c
+            }
+        };
+        cmd.arg("--config")
+            .arg(&config)
+            .args(["--log-level", "info,relay_outer=debug,relay_inner=debug"]);
+        Relay {
+            proc: Proc::spawn(name, cmd),
+            config,
+            _dir: dir,
+        }
+    }
+
+    /// Starts relay-outer and waits until its ports are bound.
+    pub fn outer(yaml: &str, netns: Option<&str>) -> Relay {
+        let r = Relay::start("relay-outer", "relay-outer", yaml, netns);
+        r.proc.wait_for_log("tunnel port ready", READY);
+        r
+    }
+
+    /// Starts relay-inner and waits until a tunnel is up.
+    pub fn inner(name: &str, yaml: &str, netns: Option<&str>) -> Relay {
+        let r = Relay::start("relay-inner", name, yaml, netns);
+        r.proc.wait_for_log("tunnel up", READY);
+        r
+    }
+
+    /// Number of times `needle` occurs in the log so far.
+    pub fn count(&self, needle: &str) -> usize {
+        self.proc.log().matches(needle).count()
+    }
+
+    /// Waits until `needle` occurs at least `n` times in the log.
+    pub fn wait_count(&self, needle: &str, n: usize, timeout: Duration) {
+        let ok = crate::try_wait_until(timeout, needle, || self.count(needle) >= n);
+        if let Err(e) = ok {
+            panic!(
+                "{e}\n--- {} log ---\n{}",
+                self.proc.name(),
+                crate::tail(&self.proc.log(), 80)
+            );
+        }
+    }
+}
+
+/// Runs `relay-outer|relay-inner check-config --config FILE` on `yaml` and returns
+/// (success, stdout + stderr).
+pub fn check_config(which: &str, yaml: &str) -> (bool, String) {
+    let dir = crate::tempdir();
+    let config = dir.path().join("c.yaml");
+    std::fs::write(&config, yaml).expect("write config");
+    check_config_file(which, &config)
+}
+
+/// Runs `check-config` on an existing (or missing) file.
+pub fn check_config_file(which: &str, config: &Path) -> (bool, String) {
+    let mut cmd = Command::new(bin(which));
+    cmd.args(["check-config", "--config"]).arg(config);
+    let out = run_timeout(&mut cmd, None, Duration::from_secs(30)).expect("check-config");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
