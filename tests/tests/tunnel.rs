@@ -88,3 +88,290 @@ fn sql_through_the_tunnel() {
         .proc
         .wait_for_log("stream closed", Duration::from_secs(5));
 }
+
+fn sh(script: &str) -> String {
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-ec", script]);
+    let out = routy_e2e::run_timeout(&mut cmd, None, Duration::from_secs(600)).expect("sh");
+    assert!(
+        out.status.success(),
+        "{script}\nfailed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn copy_of_100_mb_arrives_byte_identical_both_ways() {
+    let s = Setup::new();
+    s.pg.psql(
+        "CREATE TABLE big (id int primary key, payload text);
+         INSERT INTO big SELECT i, repeat(md5(i::text), 10) || chr(10 + i % 50) || 'ü'
+           FROM generate_series(1, 310000) i;
+         CREATE TABLE big2 (LIKE big);",
+    );
+    let dir = routy_e2e::tempdir();
+    let d = dir.path().display();
+    let psql = routy_e2e::pg_bin("psql");
+    let psql = psql.display();
+    let direct = format!("{psql} -X -q -h 127.0.0.1 -p {} -U postgres", s.pg.port());
+    let tunnel = format!("{psql} -X -q -h 127.0.0.1 -p {} -U postgres", s.listen_port);
+    let export = "COPY (SELECT * FROM big ORDER BY id) TO STDOUT";
+    sh(&format!("{direct} -c '{export}' > {d}/direct.txt"));
+    sh(&format!("{tunnel} -c '{export}' > {d}/tunnel.txt"));
+    let size = std::fs::metadata(dir.path().join("tunnel.txt"))
+        .unwrap()
+        .len();
+    assert!(size >= 100_000_000, "export is only {size} bytes");
+    let sums = sh(&format!(
+        "cd {d} && sha256sum direct.txt tunnel.txt | cut -d' ' -f1 | uniq | wc -l"
+    ));
+    assert_eq!(
+        sums, "1",
+        "the export through the tunnel differs from the direct one"
+    );
+
+    // And upstream: COPY FROM STDIN through the tunnel, then compare in the database.
+    sh(&format!(
+        "{tunnel} -c 'COPY big2 FROM STDIN' < {d}/tunnel.txt"
+    ));
+    let diff = s.pg.psql(
+        "SELECT count(*) FROM big FULL JOIN big2 USING (id)
+         WHERE big.payload IS DISTINCT FROM big2.payload",
+    );
+    assert_eq!(diff, "0");
+    assert_eq!(s.pg.psql("SELECT count(*) FROM big2"), "310000");
+}
+
+#[test]
+fn pgbench_select_only_with_16_clients() {
+    let s = Setup::new();
+    let pgbench = routy_e2e::pg_bin("pgbench");
+    let port = s.listen_port.to_string();
+    let mut init = std::process::Command::new(&pgbench);
+    init.args([
+        "-i",
+        "-s",
+        "2",
+        "-q",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-U",
+        "postgres",
+        "postgres",
+    ]);
+    let out = routy_e2e::run_timeout(&mut init, None, Duration::from_secs(300)).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut run = std::process::Command::new(&pgbench);
+    run.args([
+        "-S",
+        "-c",
+        "16",
+        "-j",
+        "2",
+        "-T",
+        "5",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-U",
+        "postgres",
+        "postgres",
+    ]);
+    let out = routy_e2e::run_timeout(&mut run, None, Duration::from_secs(120)).unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("number of failed transactions: 0"), "{text}");
+    assert!(text.contains("number of clients: 16"), "{text}");
+    let processed = text
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|v| v.split('/').next())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(processed > 100, "{text}");
+}
+
+#[test]
+fn streaming_standby_through_the_tunnel_replays_changes() {
+    let s = Setup::new();
+    s.pg.psql(
+        "CREATE TABLE rep (id int primary key, v text); INSERT INTO rep VALUES (1, 'before');",
+    );
+    // pg_basebackup and then WAL streaming both go through relay-outer's listener.
+    let standby = Pg::standby("127.0.0.1", s.listen_port);
+    assert_eq!(standby.psql("SELECT v FROM rep WHERE id = 1"), "before");
+    s.pg.psql("INSERT INTO rep VALUES (2, 'after the backup')");
+    wait_until(
+        Duration::from_secs(60),
+        "standby replays the insert",
+        || {
+            standby
+                .try_psql("SELECT v FROM rep WHERE id = 2")
+                .map(|v| v == "after the backup")
+                .unwrap_or(false)
+        },
+    );
+    // The walsender on the primary serves a client that came in through relay-inner.
+    let sender =
+        s.pg.psql("SELECT client_addr, state FROM pg_stat_replication");
+    assert_eq!(sender, "127.0.0.1|streaming");
+}
+
+/// Runs `sql` through `port` in a thread; the handle yields psql's result.
+fn psql_thread(port: u16, sql: &str) -> std::thread::JoinHandle<Result<String, String>> {
+    let sql = sql.to_string();
+    std::thread::spawn(move || psql_at("127.0.0.1", port, &sql))
+}
+
+#[test]
+fn unknown_service_is_refused_and_nothing_else_is_touched() {
+    let pg = Pg::start(PgOpts::default());
+    let pki = Pki::new(&["localhost"]);
+    pki.issue("site-a");
+    let (tport, good, bad) = (free_port(), free_port(), free_port());
+    let listeners = [
+        ListenerSpec::new("good", &format!("127.0.0.1:{good}"), "site-a", "pg"),
+        ListenerSpec::new("bad", &format!("127.0.0.1:{bad}"), "site-a", "not-exposed"),
+    ];
+    let outer = Relay::outer(
+        &outer_yaml(&pki, &format!("127.0.0.1:{tport}"), KA, &listeners, ""),
+        None,
+    );
+    let inner = Relay::inner("relay-inner", &Setup::inner_cfg(&pki, tport, &pg), None);
+    // A long query on the good listener while the bad one is tried.
+    let long = psql_thread(good, "SELECT pg_sleep(2); SELECT 'still here'");
+    wait_until(Duration::from_secs(10), "long query started", || {
+        inner.count("stream open") >= 1
+    });
+    let err = psql_at("127.0.0.1", bad, "SELECT 1").unwrap_err();
+    assert!(
+        err.contains("server closed the connection") || err.contains("connection"),
+        "{err}"
+    );
+    inner
+        .proc
+        .wait_for_log("stream refused: unknown service", Duration::from_secs(5));
+    outer
+        .proc
+        .wait_for_log("relay-inner refused the stream", Duration::from_secs(5));
+    assert!(
+        outer.proc.log().contains("no service named"),
+        "{}",
+        outer.proc.log()
+    );
+    assert_eq!(long.join().unwrap().unwrap().trim(), "still here");
+    assert_eq!(psql_at("127.0.0.1", good, "SELECT 42").unwrap(), "42");
+    assert_eq!(outer.count("tunnel down"), 0);
+}
+
+#[test]
+fn listener_fails_fast_while_relay_inner_is_down_and_recovers_after_restart() {
+    let mut s = Setup::new();
+    assert_eq!(s.sql("SELECT 1").unwrap(), "1");
+    s.inner.proc.kill9();
+    s.outer
+        .wait_count("tunnel down", 1, Duration::from_secs(15));
+    // Fail fast: closed at once, not left hanging until a timeout.
+    let started = std::time::Instant::now();
+    let err = s.sql("SELECT 1").unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "client hung for {:?}",
+        started.elapsed()
+    );
+    assert!(!err.contains("timeout"), "{err}");
+    s.outer
+        .proc
+        .wait_for_log("client refused: tunnel is down", Duration::from_secs(5));
+    // The listener stayed bound; a new relay-inner brings it back.
+    s.inner = Relay::inner(
+        "relay-inner-2",
+        &Setup::inner_cfg(&s.pki, s.tunnel_port, &s.pg),
+        None,
+    );
+    wait_until(Duration::from_secs(20), "queries work again", || {
+        s.sql("SELECT 2").as_deref() == Ok("2")
+    });
+}
+
+#[test]
+fn two_relay_inners_share_the_tunnel_and_survive_losing_one() {
+    let mut s = Setup::new();
+    let second = Relay::inner(
+        "relay-inner-b",
+        &Setup::inner_cfg(&s.pki, s.tunnel_port, &s.pg),
+        None,
+    );
+    s.outer
+        .proc
+        .wait_for_log("sessions=2", Duration::from_secs(10));
+    // Four long queries spread over both sessions (least loaded first).
+    let long: Vec<_> = (0..4)
+        .map(|i| psql_thread(s.listen_port, &format!("SELECT pg_sleep(3); SELECT {i}")))
+        .collect();
+    wait_until(Duration::from_secs(15), "all four streams open", || {
+        s.inner.count("stream open") + second.count("stream open") >= 4
+    });
+    let on_a = s.inner.count("stream open");
+    let on_b = second.count("stream open");
+    assert!(
+        on_a >= 1 && on_b >= 1,
+        "streams not spread: a={on_a} b={on_b}"
+    );
+    s.inner.proc.kill9();
+    let results: Vec<_> = long.into_iter().map(|h| h.join().unwrap()).collect();
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(
+        ok, on_b,
+        "the surviving relay's streams must finish intact: {results:?}"
+    );
+    // New connections keep working through the survivor.
+    for i in 0..5 {
+        assert_eq!(s.sql(&format!("SELECT {i}")).unwrap(), i.to_string());
+    }
+    assert!(s.outer.count("tunnel down") >= 1);
+}
+
+#[test]
+fn sigterm_lets_open_streams_finish_and_exits_zero() {
+    let mut s = Setup::new();
+    let long = psql_thread(s.listen_port, "SELECT pg_sleep(2); SELECT 'finished'");
+    wait_until(Duration::from_secs(10), "stream open", || {
+        s.inner.count("stream open") >= 1
+    });
+    s.inner.proc.term();
+    s.inner
+        .proc
+        .wait_for_log("shutting down", Duration::from_secs(5));
+    // relay-outer stops sending new streams to the draining session: fail fast.
+    s.outer
+        .proc
+        .wait_for_log("relay-inner is draining", Duration::from_secs(5));
+    assert!(s.sql("SELECT 1").is_err());
+    assert_eq!(long.join().unwrap().unwrap().trim(), "finished");
+    let status = s
+        .inner
+        .proc
+        .wait_exit(Duration::from_secs(10))
+        .expect("relay-inner exits");
+    assert!(status.success(), "{status:?}");
+    s.outer.proc.term();
+    let status = s
+        .outer
+        .proc
+        .wait_exit(Duration::from_secs(10))
+        .expect("relay-outer exits");
+    assert!(status.success(), "{status:?}");
+}
