@@ -15,7 +15,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use relay_proto::drain::{termination_signal, Drain};
 use relay_proto::logging::{self, LogFormat};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::config::Config;
 
@@ -62,7 +62,7 @@ fn main() -> ExitCode {
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!("{e:#}");
+            // One line on stderr: the journal or the terminal shows it, logs or not.
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }

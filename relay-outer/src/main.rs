@@ -20,7 +20,7 @@ use relay_proto::logging::{self, LogFormat};
 use relay_proto::splice::ByteCounters;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::registry::Registry;
@@ -111,7 +111,7 @@ fn main() -> ExitCode {
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!("{e:#}");
+            // One line on stderr: the journal or the terminal shows it, logs or not.
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
