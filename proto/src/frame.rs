@@ -7,7 +7,7 @@
 //! are not framed.
 //!
 //! Decoding is total: any byte sequence gives a frame or a [`FrameError`], never a panic
-//! (checked by property tests here and a fuzz target in `proto/fuzz`).
+//! (checked by the property tests below, which feed random and corrupted frames).
 
 use std::fmt;
 
