@@ -1,0 +1,370 @@
+//! End to end across a one-way firewall: PostgreSQL and relay-inner in an "inside"
+//! network namespace that drops every inbound connection, relay-outer and the clients in
+//! an "outside" namespace, joined by a veth pair (see TESTING.md).
+//!
+//! 1. The outside cannot reach the database directly, yet reaches it through relay-outer's
+//!    listener, because relay-inner dialed the tunnel out.
+//! 2. Cutting the link: both relays declare the session dead within a bounded time
+//!    (keepalive timeout), a client arriving meanwhile is refused at once, a query that
+//!    was running through the tunnel ends with an error instead of hanging, and after the
+//!    link heals relay-inner reconnects and SQL works again.
+
+use std::process::Command;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use routy_e2e::relays::{inner_yaml, outer_yaml, ListenerSpec, Pki, Relay};
+use routy_e2e::{free_port, is_root, netns_cmd, pg_bin, run_timeout, try_wait_until, NetPair};
+use routy_e2e::{Pg, PgOpts};
+
+/// Keepalive of both relays: Ping every 500 ms, dead after 3 s of silence.
+const KA: (&str, &str) = ("500ms", "3s");
+/// Generous bound on dead-peer detection after the link is cut (timeout is 3 s).
+const DETECT: Duration = Duration::from_secs(15);
+/// Generous bound on relay-inner being back once the link heals (backoff max is 1 s).
+const RECONNECT: Duration = Duration::from_secs(30);
+/// Generous bound, from the cut, on a query in flight through the tunnel ending.
+const INFLIGHT_END: Duration = Duration::from_secs(40);
+/// Generous bound on a refused client's psql failing ("closed at once").
+const FAIL_FAST: Duration = Duration::from_secs(10);
+
+/// PostgreSQL and relay-inner inside, relay-outer with listener `pg` (tunnel `site-a`,
+/// service `pg`) outside.
+///
+/// Fields drop in declaration order: the relays and PostgreSQL go before the namespaces
+/// (NetPair's Drop would also kill whatever is left in them).
+struct Setup {
+    inner: Relay,
+    outer: Relay,
+    pg: Pg,
+    _pki: Pki,
+    listen_port: u16,
+    pair: NetPair,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let pair = NetPair::new(true);
+        let (inside_ns, outside_ns) = (pair.inside_ns(), pair.outside_ns());
+        let (inside_ip, outside_ip) = (pair.inside_ip(), pair.outside_ip());
+        let pg = Pg::start(PgOpts {
+            listen: inside_ip.to_string(),
+            netns: Some(inside_ns.to_string()),
+            ..PgOpts::default()
+        });
+        let pki = Pki::new(&[outside_ip]);
+        pki.issue("site-a");
+        let tunnel_port = free_port();
+        let listen_port = free_port();
+        let listener =
+            ListenerSpec::new("pg", &format!("{outside_ip}:{listen_port}"), "site-a", "pg");
+        let outer = Relay::outer(
+            &outer_yaml(
+                &pki,
+                &format!("{outside_ip}:{tunnel_port}"),
+                KA,
+                &[listener],
+                "shutdown_grace: 2s\n",
+            ),
+            Some(outside_ns),
+        );
+        let inner = Relay::inner(
+            "relay-inner",
+            &inner_yaml(
+                &pki,
+                "site-a",
+                &[(format!("{outside_ip}:{tunnel_port}"), outside_ip)],
+                &[("pg", format!("{inside_ip}:{}", pg.port()))],
+                KA,
+                "shutdown_grace: 2s\n",
+            ),
+            Some(inside_ns),
+        );
+        // relay-outer has registered the session too (it logs after registering).
+        outer
+            .proc
+            .wait_for_log("tunnel up", routy_e2e::relays::READY);
+        Setup {
+            inner,
+            outer,
+            pg,
+            _pki: pki,
+            listen_port,
+            pair,
+        }
+    }
+
+    /// SQL from the outside namespace through relay-outer's listener.
+    fn sql_via_relay(&self, sql: &str) -> Result<String, String> {
+        psql_from(
+            self.pair.outside_ns(),
+            self.pair.outside_ip(),
+            self.listen_port,
+            sql,
+            10,
+        )
+        .0
+    }
+}
+
+/// Runs `sql` with psql inside namespace `ns` against `host:port` with a connect timeout
+/// of `connect_timeout_s` seconds; returns the result (stdout, or the error with stderr)
+/// and how long psql ran.
+fn psql_from(
+    ns: &str,
+    host: &str,
+    port: u16,
+    sql: &str,
+    connect_timeout_s: u32,
+) -> (Result<String, String>, Duration) {
+    let mut cmd: Command = netns_cmd(ns, pg_bin("psql"));
+    cmd.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h", host])
+        .arg("-p")
+        .arg(port.to_string())
+        .args(["-U", "postgres", "-d", "postgres", "-f", "-"])
+        .env("PGCONNECT_TIMEOUT", connect_timeout_s.to_string())
+        .env_remove("PGSERVICE")
+        .env_remove("PGOPTIONS");
+    let start = Instant::now();
+    let res = match run_timeout(&mut cmd, Some(sql.as_bytes()), Duration::from_secs(120)) {
+        Ok(out) if out.status.success() => Ok(String::from_utf8_lossy(&out.stdout)
+            .trim_end_matches('\n')
+            .to_string()),
+        Ok(out) => Err(format!(
+            "psql -h {host} -p {port} in {ns} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        )),
+        Err(e) => Err(e),
+    };
+    (res, start.elapsed())
+}
+
+/// The lines of `log` that contain `needle`.
+fn lines_with(log: &str, needle: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Waits until `relay`'s log contains `needle` at least `n` times; returns the time
+/// waited, or panics with the log.
+fn wait_count(relay: &Relay, needle: &str, n: usize, timeout: Duration) -> Duration {
+    let start = Instant::now();
+    relay.wait_count(needle, n, timeout);
+    start.elapsed()
+}
+
+#[test]
+fn firewall_inside_dials_out_and_outside_gets_in_only_through_the_relay() {
+    if !is_root() {
+        eprintln!("skipped: needs root (network namespaces, nftables)");
+        return;
+    }
+    let s = Setup::new();
+    let (inside_ip, outside_ip) = (s.pair.inside_ip(), s.pair.outside_ip());
+    s.pg.psql(
+        "CREATE TABLE fw (id int PRIMARY KEY, v text); \
+         INSERT INTO fw VALUES (1, 'behind'), (2, 'the firewall');",
+    );
+
+    // Directly, the outside cannot reach the database: the firewall drops the SYN, so
+    // the connect times out.
+    let (direct, took) = psql_from(
+        s.pair.outside_ns(),
+        inside_ip,
+        s.pg.port(),
+        "SELECT count(*) FROM fw",
+        3,
+    );
+    let err = direct.expect_err("the outside reached PostgreSQL inside directly");
+    // Dropped, not refused: the server is up (the inside reaches it), the firewall ate the SYN.
+    assert!(
+        err.contains("timeout expired"),
+        "the direct connect should time out (packets dropped): {err}"
+    );
+    assert_eq!(s.pg.psql("SELECT count(*) FROM fw"), "2");
+    eprintln!("direct connect from outside failed after {took:?}: {err}");
+
+    // Through relay-outer's listener it can: the tunnel was dialed from the inside.
+    let out = s
+        .sql_via_relay("SELECT string_agg(v, ',' ORDER BY id) FROM fw")
+        .unwrap();
+    assert_eq!(out, "behind,the firewall");
+    // Writes go through too, and the database saw relay-inner (inside) as the client.
+    s.sql_via_relay("INSERT INTO fw VALUES (3, 'from outside')")
+        .unwrap();
+    assert_eq!(
+        s.pg.psql("SELECT v FROM fw WHERE id = 3"),
+        "from outside",
+        "the row written through the tunnel is in the database"
+    );
+    assert_eq!(
+        s.sql_via_relay("SELECT host(inet_client_addr())").unwrap(),
+        inside_ip
+    );
+
+    // relay-outer saw the tunnel connection come from the inside address.
+    let ups = lines_with(&s.outer.proc.log(), "tunnel up");
+    assert!(
+        ups.iter().any(|l| l.contains(&format!("{inside_ip}:"))),
+        "relay-outer's `tunnel up` should name the inside peer {inside_ip}: {ups:#?}"
+    );
+    // And relay-inner dialed the outside address.
+    assert!(
+        s.inner.proc.log().contains(outside_ip),
+        "relay-inner's log should name {outside_ip}"
+    );
+}
+
+#[test]
+fn cut_link_dead_peer_detection_and_reconnect() {
+    if !is_root() {
+        eprintln!("skipped: needs root (network namespaces, nftables)");
+        return;
+    }
+    let s = Setup::new();
+    s.pg.psql(
+        "CREATE TABLE cut (id int PRIMARY KEY, v text); INSERT INTO cut VALUES (1, 'before');",
+    );
+    assert_eq!(
+        s.sql_via_relay("SELECT v FROM cut WHERE id = 1").unwrap(),
+        "before"
+    );
+    assert_eq!(s.outer.count("tunnel down"), 0);
+    assert_eq!(s.inner.count("tunnel down"), 0);
+    assert_eq!(s.inner.count("tunnel up"), 1);
+
+    // A long query through the tunnel, still running when the link goes.
+    let (tx, rx) = mpsc::channel();
+    {
+        let (ns, host, port) = (
+            s.pair.outside_ns().to_string(),
+            s.pair.outside_ip().to_string(),
+            s.listen_port,
+        );
+        std::thread::spawn(move || {
+            let _ = tx.send(psql_from(&ns, &host, port, "SELECT pg_sleep(60);", 10));
+        });
+    }
+    let running = try_wait_until(Duration::from_secs(30), "pg_sleep(60) running", || {
+        s.pg.try_psql(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE query LIKE '%pg_sleep(60)%' AND state = 'active' AND pid <> pg_backend_pid()",
+        )
+        .as_deref()
+            == Ok("1")
+    });
+    if let Err(e) = running {
+        panic!("{e}; psql: {:?}", rx.try_recv());
+    }
+
+    // Cut the link.
+    let cut = Instant::now();
+    s.pair.link_down();
+
+    // Both ends declare the session dead within a bounded time.
+    let outer_took = wait_count(&s.outer, "tunnel down", 1, DETECT);
+    let outer_down = lines_with(&s.outer.proc.log(), "tunnel down");
+    assert!(
+        outer_down[0].contains("no keepalive answer"),
+        "relay-outer should blame the keepalive: {}",
+        outer_down[0]
+    );
+    wait_count(
+        &s.inner,
+        "tunnel down",
+        1,
+        DETECT.saturating_sub(cut.elapsed()),
+    );
+    let inner_took = cut.elapsed();
+    let inner_down = lines_with(&s.inner.proc.log(), "tunnel down");
+    eprintln!(
+        "link cut: relay-outer down after {:?}: {}\nrelay-inner down after {inner_took:?}: {}",
+        outer_took, outer_down[0], inner_down[0]
+    );
+    assert!(
+        inner_down[0].contains("reason="),
+        "relay-inner's `tunnel down` should give a reason: {}",
+        inner_down[0]
+    );
+
+    // The listener stays bound; a client arriving now is closed at once.
+    let refused_before = s.outer.count("client refused: tunnel is down");
+    let (res, took) = psql_from(
+        s.pair.outside_ns(),
+        s.pair.outside_ip(),
+        s.listen_port,
+        "SELECT 1",
+        30,
+    );
+    assert!(
+        res.is_err(),
+        "a client got through while the link is down: {res:?}"
+    );
+    // The listener stays bound: the client is accepted and closed, not refused by the kernel.
+    assert!(
+        !res.as_ref().unwrap_err().contains("Connection refused"),
+        "the listener must stay bound while the tunnel is down: {res:?}"
+    );
+    assert!(
+        took < FAIL_FAST,
+        "a client arriving while the tunnel is down must be closed at once, psql took {took:?}: {res:?}"
+    );
+    wait_count(
+        &s.outer,
+        "client refused: tunnel is down",
+        refused_before + 1,
+        Duration::from_secs(5),
+    );
+    eprintln!("client while down refused after {took:?}: {res:?}");
+
+    // The query that was in flight ends with an error, it does not hang.
+    let left = INFLIGHT_END.saturating_sub(cut.elapsed());
+    let (res, _) = match rx.recv_timeout(left) {
+        Ok(r) => r,
+        Err(_) => panic!(
+            "the psql session running pg_sleep(60) through the tunnel still hangs {:?} after \
+             the link was cut (sessions were declared dead after {outer_took:?} / {inner_took:?})",
+            cut.elapsed()
+        ),
+    };
+    let ended = cut.elapsed();
+    assert!(
+        res.is_err(),
+        "the query in flight through the cut link cannot have succeeded: {res:?}"
+    );
+    eprintln!("in-flight query ended {ended:?} after the cut: {res:?}");
+
+    // Heal the link: relay-inner reconnects, and SQL works through the listener again.
+    let healed = Instant::now();
+    s.pair.link_up();
+    let inner_up = wait_count(&s.inner, "tunnel up", 2, RECONNECT);
+    wait_count(
+        &s.outer,
+        "tunnel up",
+        2,
+        RECONNECT.saturating_sub(healed.elapsed()),
+    );
+    let mut last = Err(String::from("not tried"));
+    let back = try_wait_until(
+        Duration::from_secs(30),
+        "SQL through the relay after the heal",
+        || {
+            last = s.sql_via_relay("SELECT v FROM cut WHERE id = 1");
+            last.as_deref() == Ok("before")
+        },
+    );
+    if let Err(e) = back {
+        panic!("{e}; last attempt: {last:?}");
+    }
+    s.sql_via_relay("INSERT INTO cut VALUES (2, 'after')")
+        .unwrap();
+    assert_eq!(s.pg.psql("SELECT v FROM cut WHERE id = 2"), "after");
+    eprintln!(
+        "link healed: relay-inner up again after {inner_up:?}, SQL back after {:?}",
+        healed.elapsed()
+    );
+}
