@@ -354,10 +354,15 @@ Routy is running.
                  $WORK/relay-inner.log
                  $PGROOT/postgres.log
 
+  To see what a client gets while the tunnel is down, stop relay-inner (kill $INNER_PID)
+  and connect again: relay-outer's listener closes the connection at once.
+
 Press Ctrl-C to stop the relays and PostgreSQL; then $AT_END.
 EOF
 
-while relays_alive; do
+# Keep going until Ctrl-C even if a relay exits (e.g. you stopped relay-inner to see what
+# a client gets while the tunnel is down): say so once, leave the rest running.
+while true; do
+    relays_alive || printf 'quickstart: still running the rest; Ctrl-C stops everything\n' >&2
     sleep 1
 done
-exit 1
