@@ -108,6 +108,7 @@ pub struct SessionHandle {
     kill: Arc<KillSwitch>,
     closed: watch::Receiver<bool>,
     streams: Arc<AtomicUsize>,
+    reason: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for SessionHandle {
@@ -147,6 +148,21 @@ impl SessionHandle {
         let _ = rx.wait_for(|c| *c).await;
     }
 
+    /// Why the connection ended, if it ended with an error (a TLS alert from the peer,
+    /// a reset, a local kill).
+    pub fn close_reason(&self) -> Option<String> {
+        self.reason.lock().ok().and_then(|r| r.clone())
+    }
+
+    /// Closes `stream` after what was written to it, waits up to `linger` for the peer
+    /// to end the session (it does once it has read a refusal), then kills it. This is
+    /// how a refusal frame reaches the peer instead of dying in a buffer.
+    pub async fn close_after(&self, stream: &mut Stream, linger: std::time::Duration) {
+        let _ = tokio::time::timeout(linger, tokio::io::AsyncWriteExt::shutdown(stream)).await;
+        let _ = tokio::time::timeout(linger, self.closed()).await;
+        self.kill();
+    }
+
     /// Streams open on this session now, both directions.
     pub fn open_streams(&self) -> usize {
         self.streams.load(Ordering::Relaxed)
@@ -183,13 +199,22 @@ where
     let (in_tx, in_rx) = mpsc::unbounded_channel();
     let (closed_tx, closed_rx) = watch::channel(false);
     let streams = Arc::new(AtomicUsize::new(0));
-    tokio::spawn(drive(conn, open_rx, in_tx, closed_tx, streams.clone()));
+    let reason = Arc::new(std::sync::Mutex::new(None));
+    tokio::spawn(drive(
+        conn,
+        open_rx,
+        in_tx,
+        closed_tx,
+        streams.clone(),
+        reason.clone(),
+    ));
     Session {
         handle: SessionHandle {
             open_tx,
             kill,
             closed: closed_rx,
             streams,
+            reason,
         },
         incoming: in_rx,
     }
@@ -203,6 +228,7 @@ async fn drive<T>(
     in_tx: mpsc::UnboundedSender<Stream>,
     closed_tx: watch::Sender<bool>,
     streams: Arc<AtomicUsize>,
+    reason: Arc<std::sync::Mutex<Option<String>>>,
 ) where
     T: futures::io::AsyncRead + futures::io::AsyncWrite + Unpin,
 {
@@ -258,6 +284,9 @@ async fn drive<T>(
     .await;
     if let Err(e) = result {
         tracing::debug!(error = %e, "tunnel connection ended");
+        if let Ok(mut r) = reason.lock() {
+            *r = Some(e.to_string());
+        }
     }
     let _ = closed_tx.send(true);
     if let Some(reply) = pending_open {

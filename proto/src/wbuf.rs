@@ -7,6 +7,12 @@
 //! The buffer's cap exceeds everything the peer's windows allow in flight, so in practice
 //! `poll_write` never waits.
 //!
+//! A failed socket write is not reported at once: the peer may have sent a reason before
+//! it closed (a TLS alert saying our certificate was refused), and yamux, which writes
+//! before it reads, would otherwise only ever see "broken pipe". So the write error is
+//! held, later writes are dropped, and the read side reports the peer's reason or, once
+//! there is nothing left to read, the write error.
+//!
 //! The kill switch turns every later read or write into an error, which makes yamux close
 //! every stream of the connection at once: this is how a dead session is torn down.
 
@@ -46,6 +52,7 @@ pub struct BufferedIo<T> {
     start: usize,
     cap: usize,
     kill: Arc<KillSwitch>,
+    write_err: Option<io::Error>,
 }
 
 impl<T> BufferedIo<T> {
@@ -57,11 +64,22 @@ impl<T> BufferedIo<T> {
             start: 0,
             cap,
             kill,
+            write_err: None,
         }
     }
 
     fn pending(&self) -> usize {
         self.buf.len() - self.start
+    }
+
+    fn take_write_err(&mut self) -> io::Error {
+        let e = self
+            .write_err
+            .take()
+            .unwrap_or_else(|| io::ErrorKind::BrokenPipe.into());
+        // Keep failing after the first report.
+        self.write_err = Some(io::Error::new(e.kind(), e.to_string()));
+        e
     }
 
     fn check_kill(&self, cx: &mut Context<'_>) -> io::Result<()> {
@@ -79,14 +97,12 @@ impl<T> BufferedIo<T> {
 impl<T: tokio::io::AsyncWrite + Unpin> BufferedIo<T> {
     /// Writes buffered bytes until the buffer is empty or the socket would block.
     fn drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.pending() > 0 {
+        while self.pending() > 0 && self.write_err.is_none() {
             let chunk = &self.buf[self.start..];
             match Pin::new(&mut self.inner).poll_write(cx, chunk) {
-                Poll::Ready(Ok(0)) => {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
+                Poll::Ready(Ok(0)) => self.write_err = Some(io::ErrorKind::WriteZero.into()),
                 Poll::Ready(Ok(n)) => self.start += n,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Err(e)) => self.write_err = Some(e),
                 Poll::Pending => {
                     self.compact();
                     return Poll::Pending;
@@ -120,8 +136,12 @@ impl<T: tokio::io::AsyncRead + Unpin> futures::io::AsyncRead for BufferedIo<T> {
         this.check_kill(cx)?;
         let mut rb = ReadBuf::new(out);
         match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) if rb.filled().is_empty() && this.write_err.is_some() => {
+                Poll::Ready(Err(this.take_write_err()))
+            }
             Poll::Ready(Ok(())) => Poll::Ready(Ok(rb.filled().len())),
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending if this.write_err.is_some() => Poll::Ready(Err(this.take_write_err())),
             Poll::Pending => Poll::Pending,
         }
     }
@@ -135,6 +155,10 @@ impl<T: tokio::io::AsyncWrite + Unpin> futures::io::AsyncWrite for BufferedIo<T>
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.check_kill(cx)?;
+        if this.write_err.is_some() {
+            // The socket is broken; the read side reports why. Drop what is written.
+            return Poll::Ready(Ok(data.len()));
+        }
         if this.pending() >= this.cap {
             // Over the cap: only now does a write wait for the socket.
             match this.drain(cx) {
@@ -154,7 +178,14 @@ impl<T: tokio::io::AsyncWrite + Unpin> futures::io::AsyncWrite for BufferedIo<T>
         let this = self.get_mut();
         this.check_kill(cx)?;
         match this.drain(cx) {
-            Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_flush(cx),
+            Poll::Ready(Ok(())) if this.write_err.is_some() => Poll::Ready(Ok(())),
+            Poll::Ready(Ok(())) => match Pin::new(&mut this.inner).poll_flush(cx) {
+                Poll::Ready(Err(e)) => {
+                    this.write_err = Some(e);
+                    Poll::Ready(Ok(()))
+                }
+                other => other,
+            },
             other => other,
         }
     }
@@ -163,6 +194,7 @@ impl<T: tokio::io::AsyncWrite + Unpin> futures::io::AsyncWrite for BufferedIo<T>
         let this = self.get_mut();
         this.check_kill(cx)?;
         match this.drain(cx) {
+            Poll::Ready(Ok(())) if this.write_err.is_some() => Poll::Ready(Ok(())),
             Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_shutdown(cx),
             other => other,
         }
@@ -209,5 +241,26 @@ mod tests {
         kill.kill();
         let err = io.read(&mut [0u8; 4]).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_is_reported_by_the_read_side_after_the_peers_last_words() {
+        let (a, mut b) = tokio::io::duplex(1024);
+        let mut io = BufferedIo::new(a, 1 << 20, Arc::default());
+        tokio::io::AsyncWriteExt::write_all(&mut b, b"last words")
+            .await
+            .unwrap();
+        drop(b);
+        // The write "succeeds" (the error is held) ...
+        io.write_all(b"hello").await.unwrap();
+        io.flush().await.unwrap();
+        // ... the peer's last bytes are still delivered, then the write error.
+        let mut buf = [0u8; 32];
+        let n = io.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"last words");
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
     }
 }

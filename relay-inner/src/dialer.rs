@@ -2,7 +2,7 @@
 //! watch the keepalive, and on any loss reconnect with backoff, forever.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use relay_proto::control::{self, ControlCommand, ControlEnd, ControlEvent};
 use relay_proto::drain::Drain;
@@ -114,13 +114,27 @@ impl Dialer {
         match handshake::client(&mut ctrl, hello).await {
             Ok(ack) => Ok((session, ctrl, ack.tunnel, ack.session_id)),
             Err(e) => {
+                let refused = matches!(
+                    e,
+                    HandshakeError::Refused { .. } | HandshakeError::VersionMismatch { .. }
+                );
+                if refused {
+                    session.handle.kill();
+                    return Err(ConnectError::Refused(e.to_string()));
+                }
+                // Under TLS 1.3 relay-outer judges our certificate after our handshake has
+                // finished; its verdict arrives as an alert that ends the connection. Say
+                // that, not just "closed".
+                let _ = tokio::time::timeout(Duration::from_secs(1), session.handle.closed()).await;
                 session.handle.kill();
-                Err(match e {
-                    HandshakeError::Refused { .. } | HandshakeError::VersionMismatch { .. } => {
-                        ConnectError::Refused(e.to_string())
-                    }
-                    e => other(format!("handshake: {e}")),
-                })
+                match session.handle.close_reason() {
+                    Some(r) if r.contains("alert") => Err(ConnectError::Refused(format!(
+                        "relay-outer rejected the TLS session ({r}); check that this relay's certificate \
+                         is signed by the CA relay-outer trusts (tunnel.tls.client_ca) and not expired"
+                    ))),
+                    Some(r) => Err(other(format!("handshake: {e} ({r})"))),
+                    None => Err(other(format!("handshake: {e}"))),
+                }
             }
         }
     }

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use relay_proto::control::{self, ControlEvent};
+use relay_proto::control::{self, ControlEnd, ControlEvent};
 use relay_proto::frame::ErrorCode;
 use relay_proto::handshake;
 use relay_proto::session::{self, Role};
@@ -23,6 +23,9 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::config::TunnelConfig;
 use crate::registry::{Registry, SessionEntry};
+
+/// How long a refused peer gets to read our refusal before the connection is cut.
+const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 
 /// What every tunnel connection needs to be served.
 pub struct TunnelServer {
@@ -63,12 +66,12 @@ impl TunnelServer {
     async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
         let ka = self.cfg.keepalive;
         net::tune_tunnel_socket(&tcp, ka.interval, ka.timeout);
-        let tls = match tokio::time::timeout(self.cfg.handshake_timeout, self.acceptor.accept(tcp))
-            .await
-        {
+        let accept = self.acceptor.accept(tcp).into_fallible();
+        let tls = match tokio::time::timeout(self.cfg.handshake_timeout, accept).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
+            Ok(Err((e, tcp))) => {
                 warn!(reason = %e, "tunnel connection refused: TLS handshake failed");
+                linger_close(tcp).await;
                 return;
             }
             Err(_) => {
@@ -121,7 +124,8 @@ impl TunnelServer {
             Ok(h) => h,
             Err(e) => {
                 warn!(reason = %e, "tunnel handshake failed");
-                handle.kill();
+                // A version mismatch or protocol error was answered: let it reach the peer.
+                handle.close_after(&mut ctrl, REFUSAL_LINGER).await;
                 return;
             }
         };
@@ -131,9 +135,7 @@ impl TunnelServer {
             );
             warn!(node = %hello.node, "tunnel connection refused: {msg}");
             let _ = handshake::refuse(&mut ctrl, ErrorCode::UnknownTunnel, &msg).await;
-            // Let the refusal reach the peer before the connection goes.
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            handle.kill();
+            handle.close_after(&mut ctrl, REFUSAL_LINGER).await;
             return;
         }
         let id = self.registry.next_id();
@@ -181,14 +183,36 @@ impl TunnelServer {
             }
         };
         tokio::spawn(events);
-        let end = match ctl.await {
-            Ok(end) => end.to_string(),
-            Err(e) => format!("control task failed: {e}"),
-        };
+        let end = ctl
+            .await
+            .unwrap_or_else(|e| ControlEnd::Failed(format!("control task failed: {e}")));
         drop(cmd_tx);
-        handle.kill();
         let left = self.registry.remove(&tunnel_name, id);
+        if matches!(end, ControlEnd::Failed(_)) {
+            // The control loop may have answered with an Error frame; give it time to
+            // reach the peer (the peer ends the session once it has read it).
+            let _ = tokio::time::timeout(REFUSAL_LINGER, handle.closed()).await;
+        }
+        handle.kill();
         warn!(session = id, node = %entry.node, peer = %entry.peer, services = ?entry.services,
             uptime = ?entry.since.elapsed(), reason = %end, sessions_left = left, "tunnel down");
+    }
+}
+
+/// Closes a refused connection so that the TLS alert already sent reaches the peer:
+/// a plain close with unread bytes (relay-inner's first frames, sent before our verdict
+/// under TLS 1.3) would make the kernel send a reset that destroys the alert. So: FIN
+/// first, then read and discard until the peer closes, for at most a short while.
+async fn linger_close(mut tcp: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tcp.shutdown().await;
+    let mut buf = [0u8; 4096];
+    let mut budget = 1usize << 20;
+    let deadline = tokio::time::Instant::now() + REFUSAL_LINGER;
+    while budget > 0 {
+        match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => budget = budget.saturating_sub(n),
+            _ => break,
+        }
     }
 }

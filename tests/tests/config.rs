@@ -150,7 +150,8 @@ fn the_example_configs_in_deploy_pass_check_config() {
     let p = pki();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     for which in ["relay-outer", "relay-inner"] {
-        let text = std::fs::read_to_string(root.join("deploy").join(format!("{which}.yaml"))).unwrap();
+        let text =
+            std::fs::read_to_string(root.join("deploy").join(format!("{which}.yaml"))).unwrap();
         let text = text.replace("/etc/routy/pki", &p.dir().display().to_string());
         let (ok, out) = check_config(which, &text);
         assert!(ok, "deploy/{which}.yaml: {out}");
