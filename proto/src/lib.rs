@@ -5,7 +5,9 @@
 #![warn(missing_docs)]
 
 pub mod cidr;
+pub mod cli;
 pub mod codec;
+pub mod config_file;
 pub mod control;
 pub mod drain;
 pub mod frame;

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use relay_proto::config_file::{self, ConfigError};
 use relay_proto::control::{Keepalive, KeepaliveSpec};
 use relay_proto::units::{resolve_path, Dur};
 use serde::Deserialize;
@@ -120,14 +121,6 @@ pub struct Service {
     pub connect_timeout: Duration,
 }
 
-/// A configuration that could not be loaded, naming the file and the field.
-#[derive(Debug, thiserror::Error)]
-#[error("{path}: {message}")]
-pub struct ConfigError {
-    path: PathBuf,
-    message: String,
-}
-
 fn host_port(s: &str, field: &str) -> Result<(String, u16), String> {
     let bad = || {
         format!(
@@ -155,14 +148,7 @@ pub fn valid_service_name(name: &str) -> bool {
 impl Config {
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let err = |message: String| ConfigError {
-            path: path.to_owned(),
-            message,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
-        let raw: RawConfig = serde_saphyr::from_str(&text).map_err(|e| err(e.to_string()))?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        Self::validate(raw, base).map_err(err)
+        config_file::load(path, Self::validate)
     }
 
     fn validate(raw: RawConfig, base: &Path) -> Result<Config, String> {

@@ -11,10 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
+use relay_proto::cli::{self, LogArgs};
 use relay_proto::drain::{termination_signal, Drain};
-use relay_proto::logging::{self, LogFormat};
 use tracing::{info, warn};
 
 use crate::config::Config;
@@ -26,12 +25,8 @@ use crate::config::Config;
     about = "Routy relay-inner: dials out to relay-outer and serves the services it lists"
 )]
 struct Cli {
-    /// Log line format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
-    log_format: LogFormat,
-    /// Log filter (e.g. "info", "relay_inner=debug"); overrides RUST_LOG.
-    #[arg(long, global = true)]
-    log_level: Option<String>,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -54,19 +49,11 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format, cli.log_level.as_deref());
-    let res = match cli.cmd {
+    cli.log.init();
+    cli::exit(match cli.cmd {
         Cmd::Run { config } => run(&config),
         Cmd::CheckConfig { config } => check(&config),
-    };
-    match res {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // One line on stderr: the journal or the terminal shows it, logs or not.
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }
 
 fn check(path: &Path) -> anyhow::Result<()> {
@@ -84,11 +71,7 @@ fn check(path: &Path) -> anyhow::Result<()> {
 fn run(path: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     let tls = cfg.check_tls().map_err(anyhow::Error::msg)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    rt.block_on(serve(cfg, tls))
+    cli::block_on(serve(cfg, tls))
 }
 
 async fn serve(cfg: Config, tls: rustls::ClientConfig) -> anyhow::Result<()> {

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use relay_proto::cidr::Cidr;
+use relay_proto::config_file::{self, ConfigError};
 use relay_proto::control::KeepaliveSpec;
 use relay_proto::units::{resolve_path as resolve, Dur};
 use serde::Deserialize;
@@ -105,14 +106,6 @@ pub struct ListenerConfig {
     pub open_timeout: Duration,
 }
 
-/// A configuration that could not be loaded, naming the file and the field.
-#[derive(Debug, thiserror::Error)]
-#[error("{path}: {message}")]
-pub struct ConfigError {
-    path: PathBuf,
-    message: String,
-}
-
 pub(crate) fn socket_addr(s: &str, field: &str) -> Result<SocketAddr, String> {
     s.parse().map_err(|_| {
         format!(
@@ -124,14 +117,7 @@ pub(crate) fn socket_addr(s: &str, field: &str) -> Result<SocketAddr, String> {
 impl Config {
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let err = |message: String| ConfigError {
-            path: path.to_owned(),
-            message,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
-        let raw: RawConfig = serde_saphyr::from_str(&text).map_err(|e| err(e.to_string()))?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        Self::validate(raw, base).map_err(err)
+        config_file::load(path, Self::validate)
     }
 
     fn validate(raw: RawConfig, base: &Path) -> Result<Config, String> {

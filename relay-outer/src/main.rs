@@ -15,8 +15,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use relay_proto::cli::{self, LogArgs};
 use relay_proto::drain::{termination_signal, Drain};
-use relay_proto::logging::{self, LogFormat};
 use relay_proto::splice::ByteCounters;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -32,12 +32,8 @@ use crate::registry::Registry;
     about = "Routy relay-outer: accepts tunnels from inner relays and exposes their services"
 )]
 struct Cli {
-    /// Log line format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
-    log_format: LogFormat,
-    /// Log filter (e.g. "info", "relay_outer=debug"); overrides RUST_LOG.
-    #[arg(long, global = true)]
-    log_level: Option<String>,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -102,20 +98,12 @@ enum CertsCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format, cli.log_level.as_deref());
-    let res = match cli.cmd {
+    cli.log.init();
+    cli::exit(match cli.cmd {
         Cmd::Run { config } => run(&config),
         Cmd::CheckConfig { config } => check(&config),
         Cmd::Certs { cmd } => certs_cmd(cmd),
-    };
-    match res {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // One line on stderr: the journal or the terminal shows it, logs or not.
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }
 
 fn print_written(paths: Vec<PathBuf>) {
@@ -156,11 +144,7 @@ fn check(path: &Path) -> anyhow::Result<()> {
 fn run(path: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     let tls = cfg.check_tls().map_err(anyhow::Error::msg)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    rt.block_on(serve(cfg, tls))
+    cli::block_on(serve(cfg, tls))
 }
 
 async fn serve(cfg: Config, tls: rustls::ServerConfig) -> anyhow::Result<()> {

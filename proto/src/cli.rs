@@ -1,0 +1,50 @@
+//! What both binaries' command lines share: logging flags, the exit path, and the
+//! runtime that `run` starts.
+
+use std::fmt::Display;
+use std::future::Future;
+use std::process::ExitCode;
+
+use crate::logging::{self, LogFormat};
+
+/// `--log-format` and `--log-level`, flattened into each binary's command line.
+#[derive(Debug, clap::Args)]
+pub struct LogArgs {
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// Log filter (e.g. "info", "relay_outer=debug"); overrides RUST_LOG.
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
+}
+
+impl LogArgs {
+    /// Installs the logger these flags describe.
+    pub fn init(&self) {
+        logging::init(self.log_format, self.log_level.as_deref());
+    }
+}
+
+/// Turns a command's result into the process exit code; an error is printed once, on
+/// stderr, where the terminal or the journal shows it whatever the log settings.
+pub fn exit<E: Display>(res: Result<(), E>) -> ExitCode {
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs `f` to completion on a multi-threaded tokio runtime.
+pub fn block_on<F, E>(f: F) -> Result<(), E>
+where
+    F: Future<Output = Result<(), E>>,
+    E: From<std::io::Error>,
+{
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
+}

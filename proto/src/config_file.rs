@@ -1,0 +1,41 @@
+//! Reading either relay's YAML configuration file: unknown keys are rejected by the
+//! types, and every error names the file.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+
+/// A configuration that could not be loaded, naming the file and the field.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    path: PathBuf,
+    message: String,
+}
+
+impl ConfigError {
+    /// An error about the file at `path`.
+    pub fn new(path: &Path, message: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Reads and parses `path`, then validates it with `validate`, which gets the file's
+/// directory (relative paths in the file are resolved against it).
+pub fn load<R, T>(
+    path: &Path,
+    validate: impl FnOnce(R, &Path) -> Result<T, String>,
+) -> Result<T, ConfigError>
+where
+    R: DeserializeOwned,
+{
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(path, format!("cannot read: {e}")))?;
+    let raw: R =
+        serde_saphyr::from_str(&text).map_err(|e| ConfigError::new(path, e.to_string()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    validate(raw, base).map_err(|m| ConfigError::new(path, m))
+}
