@@ -68,7 +68,7 @@ impl Listener {
                 "client refused: listener is at max_connections");
             return;
         };
-        let Some(session) = self.registry.pick(&cfg.tunnel) else {
+        let Some(assigned) = self.registry.pick(&cfg.tunnel) else {
             warn!(listener = %cfg.name, tunnel = %cfg.tunnel, client = %addr,
                 "client refused: tunnel is down (no live session)");
             return;
@@ -76,12 +76,12 @@ impl Listener {
         net::tune_data_socket(&client);
         let guard = self.drain.guard();
         let span = tracing::info_span!("stream", listener = %cfg.name, tunnel = %cfg.tunnel,
-            service = %cfg.service, client = %addr, session = session.id);
+            service = %cfg.service, client = %addr, session = assigned.session().id);
         tokio::spawn(
             async move {
                 let _permit = permit;
                 let _guard = guard;
-                self.stream(client, addr, session).await;
+                self.stream(client, addr, assigned.session()).await;
             }
             .instrument(span),
         );
@@ -91,7 +91,7 @@ impl Listener {
         &self,
         client: TcpStream,
         addr: SocketAddr,
-        session: Arc<crate::registry::SessionEntry>,
+        session: &crate::registry::SessionEntry,
     ) {
         let cfg = &self.cfg;
         let mut stream = match tokio::time::timeout(OPEN_WRITE_TIMEOUT, session.handle.open()).await

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -29,6 +29,25 @@ pub struct SessionEntry {
     pub draining: AtomicBool,
     /// When the session was registered.
     pub since: Instant,
+    /// Client streams assigned to this session and not yet finished.
+    pub load: AtomicUsize,
+}
+
+/// Counts one client stream against its session's load until dropped.
+#[derive(Debug)]
+pub struct LoadGuard(Arc<SessionEntry>);
+
+impl LoadGuard {
+    /// The session the stream was assigned to.
+    pub fn session(&self) -> &Arc<SessionEntry> {
+        &self.0
+    }
+}
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        self.0.load.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl SessionEntry {
@@ -79,18 +98,67 @@ impl Registry {
         n
     }
 
-    /// The live session of `tunnel` with the fewest open streams, if any.
-    pub fn pick(&self, tunnel: &str) -> Option<Arc<SessionEntry>> {
+    /// Assigns a new client stream to the live session of `tunnel` with the fewest
+    /// streams, if any. The count rises here, under the lock, so clients arriving at the
+    /// same moment spread over the sessions instead of all seeing the same counts.
+    pub fn pick(&self, tunnel: &str) -> Option<LoadGuard> {
         let map = self.lock();
-        map.get(tunnel)?
+        let entry = map
+            .get(tunnel)?
             .iter()
             .filter(|e| e.usable())
-            .min_by_key(|e| e.handle.open_streams())
-            .cloned()
+            .min_by_key(|e| e.load.load(Ordering::Relaxed))?
+            .clone();
+        entry.load.fetch_add(1, Ordering::Relaxed);
+        Some(LoadGuard(entry))
     }
 
     /// Every session, for status and shutdown.
     pub fn all(&self) -> Vec<Arc<SessionEntry>> {
         self.lock().values().flatten().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use relay_proto::session::{yamux, Role};
+
+    /// A session entry; the returned peer end keeps its session alive.
+    fn entry(reg: &Registry, tunnel: &str) -> (Arc<SessionEntry>, tokio::io::DuplexStream) {
+        let (a, b) = tokio::io::duplex(1024);
+        let e = Arc::new(SessionEntry {
+            id: reg.next_id(),
+            tunnel: tunnel.into(),
+            peer: "127.0.0.1:1".parse().unwrap(),
+            node: "n".into(),
+            services: vec![],
+            handle: yamux(a, Role::Server).handle,
+            draining: AtomicBool::new(false),
+            since: Instant::now(),
+            load: AtomicUsize::new(0),
+        });
+        (e, b)
+    }
+
+    #[tokio::test]
+    async fn simultaneous_picks_spread_and_draining_sessions_get_none() {
+        let reg = Registry::default();
+        let (a, _pa) = entry(&reg, "t");
+        let (b, _pb) = entry(&reg, "t");
+        reg.add(a.clone());
+        reg.add(b.clone());
+        let picks: Vec<_> = (0..4).map(|_| reg.pick("t").unwrap()).collect();
+        let on_a = picks.iter().filter(|g| g.session().id == a.id).count();
+        assert_eq!(on_a, 2);
+        drop(picks);
+        assert_eq!(a.load.load(Ordering::Relaxed), 0);
+        b.draining.store(true, Ordering::Relaxed);
+        for _ in 0..3 {
+            assert_eq!(reg.pick("t").unwrap().session().id, a.id);
+        }
+        assert!(reg.pick("other").is_none());
+        assert_eq!(reg.remove("t", a.id), 1);
+        assert!(reg.pick("t").is_none(), "only a draining session is left");
     }
 }

@@ -153,6 +153,7 @@ impl TunnelServer {
             handle: handle.clone(),
             draining: Default::default(),
             since: Instant::now(),
+            load: Default::default(),
         });
         let count = self.registry.add(entry.clone());
         info!(session = id, node = %hello.node, services = ?hello.services, sessions = count, "tunnel up");
