@@ -375,3 +375,51 @@ fn sigterm_lets_open_streams_finish_and_exits_zero() {
         .expect("relay-outer exits");
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn allowlist_and_connection_limit_refuse_at_accept_and_touch_nothing_else() {
+    let pg = Pg::start(PgOpts::default());
+    let pki = Pki::new(&["localhost"]);
+    pki.issue("site-a");
+    let (tport, open, fenced, small) = (free_port(), free_port(), free_port(), free_port());
+    let mut fenced_l = ListenerSpec::new("fenced", &format!("127.0.0.1:{fenced}"), "site-a", "pg");
+    fenced_l.extra = "    allow: [\"10.0.0.0/8\", \"2001:db8::/32\"]\n".into();
+    let mut small_l = ListenerSpec::new("small", &format!("127.0.0.1:{small}"), "site-a", "pg");
+    small_l.extra = "    max_connections: 1\n    allow: [\"127.0.0.0/8\"]\n".into();
+    let listeners = [
+        ListenerSpec::new("open", &format!("127.0.0.1:{open}"), "site-a", "pg"),
+        fenced_l,
+        small_l,
+    ];
+    let outer = Relay::outer(
+        &outer_yaml(&pki, &format!("127.0.0.1:{tport}"), KA, &listeners, ""),
+        None,
+    );
+    let _inner = Relay::inner("relay-inner", &Setup::inner_cfg(&pki, tport, &pg), None);
+
+    // 127.0.0.1 is not in the allowlist: closed at accept, never reaches relay-inner.
+    assert!(psql_at("127.0.0.1", fenced, "SELECT 1").is_err());
+    outer.proc.wait_for_log(
+        "client refused: source address not allowed",
+        Duration::from_secs(5),
+    );
+
+    // One slot: a long query holds it, a second client is refused, the open listener works.
+    let long = psql_thread(small, "SELECT pg_sleep(2); SELECT 'held'");
+    wait_until(Duration::from_secs(10), "the slot is taken", || {
+        pg.try_psql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(2)%'")
+            .map(|n| n == "1")
+            .unwrap_or(false)
+    });
+    assert!(psql_at("127.0.0.1", small, "SELECT 1").is_err());
+    outer.proc.wait_for_log(
+        "client refused: listener is at max_connections",
+        Duration::from_secs(5),
+    );
+    assert_eq!(psql_at("127.0.0.1", open, "SELECT 7").unwrap(), "7");
+    assert_eq!(long.join().unwrap().unwrap().trim(), "held");
+    // The slot is free again.
+    wait_until(Duration::from_secs(10), "the slot is free again", || {
+        psql_at("127.0.0.1", small, "SELECT 8").as_deref() == Ok("8")
+    });
+}
