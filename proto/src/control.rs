@@ -71,6 +71,19 @@ pub enum ControlEnd {
     Local,
 }
 
+impl ControlEnd {
+    /// Short label for the `reason` of a disconnect metric.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ControlEnd::Timeout(_) => "keepalive_timeout",
+            ControlEnd::PeerClosed => "peer_closed",
+            ControlEnd::PeerError(_) => "peer_error",
+            ControlEnd::Failed(_) => "failed",
+            ControlEnd::Local => "local",
+        }
+    }
+}
+
 impl std::fmt::Display for ControlEnd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

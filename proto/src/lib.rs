@@ -13,6 +13,7 @@ pub mod drain;
 pub mod frame;
 pub mod handshake;
 pub mod logging;
+pub mod metrics;
 pub mod net;
 pub mod session;
 pub mod splice;

@@ -3,7 +3,6 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -12,13 +11,32 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Size of each direction's copy buffer, allocated once per stream.
 pub const COPY_BUF: usize = 16 * 1024;
 
-/// Bytes moved by one or many splices; shared by everything that reports them.
-#[derive(Debug, Default)]
+/// Where the bytes of a splice are counted as they pass: usually the
+/// `routy_stream_bytes_total` counters of one listener or service.
+#[derive(Debug, Clone)]
 pub struct ByteCounters {
     /// Bytes from the client side (relay-outer's listener) toward the service.
-    pub to_service: AtomicU64,
+    pub to_service: metrics::Counter,
     /// Bytes from the service back toward the client.
-    pub to_client: AtomicU64,
+    pub to_client: metrics::Counter,
+}
+
+impl ByteCounters {
+    /// The registered byte counters with these labels (plus `direction`).
+    pub fn registered(labels: &[(&'static str, String)]) -> Self {
+        let with = |dir: &'static str| {
+            let mut l: Vec<metrics::Label> = labels
+                .iter()
+                .map(|(k, v)| metrics::Label::new(*k, v.clone()))
+                .collect();
+            l.push(metrics::Label::new("direction", dir));
+            metrics::counter!(crate::metrics::STREAM_BYTES, l)
+        };
+        ByteCounters {
+            to_service: with("to_service"),
+            to_client: with("to_client"),
+        }
+    }
 }
 
 /// What a finished splice moved.
@@ -79,7 +97,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
             } else {
                 &self.counter.to_client
             };
-            c.fetch_add(n, Ordering::Relaxed);
+            c.increment(n);
         }
         r
     }
@@ -112,7 +130,11 @@ mod tests {
     async fn half_close_keeps_the_other_direction_and_counts() {
         let (client_app, client_end) = tokio::io::duplex(4096);
         let (service_end, service_app) = tokio::io::duplex(4096);
-        let counters = Arc::new(ByteCounters::default());
+        let to_client = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counters = Arc::new(ByteCounters {
+            to_service: metrics::Counter::noop(),
+            to_client: metrics::Counter::from_arc(to_client.clone()),
+        });
         let c2 = counters.clone();
         let task = tokio::spawn(async move { splice(client_end, service_end, c2).await });
 
@@ -141,6 +163,9 @@ mod tests {
                 to_client: 100_000
             }
         );
-        assert_eq!(counters.to_client.load(Ordering::Relaxed), 100_000);
+        assert_eq!(
+            to_client.load(std::sync::atomic::Ordering::Relaxed),
+            100_000
+        );
     }
 }

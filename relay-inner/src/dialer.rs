@@ -18,6 +18,8 @@ use tracing::{debug, error, info, warn, Instrument};
 use crate::backoff::Backoff;
 use crate::config::{Config, OuterEndpoint};
 use crate::services::Services;
+use crate::status::EndpointStatus;
+use relay_proto::metrics as m;
 
 /// Keeps one endpoint's session alive.
 pub struct Dialer {
@@ -31,6 +33,8 @@ pub struct Dialer {
     pub services: Arc<Services>,
     /// Shutdown signal.
     pub drain: Drain,
+    /// What `/status` and `/readyz` report about this endpoint.
+    pub status: Arc<EndpointStatus>,
 }
 
 impl Dialer {
@@ -50,12 +54,20 @@ impl Dialer {
             match tokio::time::timeout(self.cfg.dial_timeout, self.connect()).await {
                 Ok(Ok((session, ctrl, tunnel, id))) => {
                     let started = Instant::now();
+                    self.status.up(id, &tunnel);
+                    metrics::counter!(m::SESSION_CONNECTS, &self.labels()).increment(1);
+                    metrics::gauge!(m::SESSIONS_UP, &self.labels()).set(1.0);
                     info!(tunnel = %tunnel, session = id, "tunnel up");
                     let end = self
                         .serve(session, ctrl)
                         .instrument(tracing::info_span!("session", tunnel = %tunnel, session = id))
                         .await;
                     let up = started.elapsed();
+                    self.status.down(&end.to_string());
+                    metrics::gauge!(m::SESSIONS_UP, &self.labels()).set(0.0);
+                    let [outer] = self.labels();
+                    let labels = [outer, ("reason", end.label().to_string())];
+                    metrics::counter!(m::SESSION_DISCONNECTS, &labels).increment(1);
                     if up >= r.reset_after {
                         backoff.reset();
                     }
@@ -66,12 +78,15 @@ impl Dialer {
                     warn!(tunnel = %tunnel, session = id, reason = %end, uptime = ?up, "tunnel down");
                 }
                 Ok(Err(ConnectError::Refused(e))) => {
+                    self.connect_failed("refused", &e);
                     error!(reason = %e, "relay-outer refused this relay; will keep retrying");
                 }
                 Ok(Err(ConnectError::Other(e))) => {
+                    self.connect_failed("connect", &e);
                     warn!(reason = %e, "cannot connect to relay-outer")
                 }
                 Err(_) => {
+                    self.connect_failed("timeout", "timed out");
                     warn!(timeout = ?self.cfg.dial_timeout, "cannot connect to relay-outer: timed out")
                 }
             }
@@ -82,6 +97,17 @@ impl Dialer {
                 _ = self.drain.stopping() => return,
             }
         }
+    }
+
+    fn labels(&self) -> [(&'static str, String); 1] {
+        [("outer", self.endpoint.addr.clone())]
+    }
+
+    fn connect_failed(&self, reason: &'static str, detail: &str) {
+        self.status.down(detail);
+        let [outer] = self.labels();
+        let labels = [outer, ("reason", reason.to_string())];
+        metrics::counter!(m::HANDSHAKE_FAILURES, &labels).increment(1);
     }
 
     async fn connect(&self) -> Result<(Session, Stream, String, u64), ConnectError> {
@@ -150,6 +176,7 @@ impl Dialer {
         let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
         let mut ctl = tokio::spawn(control::run(ctrl, self.cfg.keepalive, cmd_rx, ev_tx));
         let mut goaway_sent = false;
+        let rtt_hist = metrics::histogram!(m::KEEPALIVE_RTT, &self.labels());
         let end = loop {
             tokio::select! {
                 end = &mut ctl => break end.unwrap_or_else(|e| ControlEnd::Failed(e.to_string())),
@@ -167,7 +194,11 @@ impl Dialer {
                     }
                 },
                 ev = ev_rx.recv(), if !ev_rx.is_closed() => match ev {
-                    Some(ControlEvent::Rtt(rtt)) => debug!(?rtt, "keepalive"),
+                    Some(ControlEvent::Rtt(rtt)) => {
+                        self.status.rtt(rtt);
+                        rtt_hist.record(rtt.as_secs_f64());
+                        debug!(?rtt, "keepalive");
+                    }
                     Some(ControlEvent::GoAway(reason)) => info!(%reason, "relay-outer is draining"),
                     None => {}
                 },

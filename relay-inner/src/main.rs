@@ -6,6 +6,7 @@ mod backoff;
 mod config;
 mod dialer;
 mod services;
+mod status;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use relay_proto::cli::{self, LogArgs};
 use relay_proto::drain::{termination_signal, Drain};
+use relay_proto::splice::ByteCounters;
 use tracing::{info, warn};
 
 use crate::config::Config;
@@ -83,7 +85,12 @@ async fn serve(cfg: Config, tls: rustls::ClientConfig) -> anyhow::Result<()> {
         bytes: cfg
             .services
             .keys()
-            .map(|k| (k.clone(), Default::default()))
+            .map(|k| {
+                (
+                    k.clone(),
+                    Arc::new(ByteCounters::registered(&[("service", k.clone())])),
+                )
+            })
             .collect(),
         drain: drain.clone(),
     });
@@ -97,6 +104,7 @@ async fn serve(cfg: Config, tls: rustls::ClientConfig) -> anyhow::Result<()> {
             connector: connector.clone(),
             services: services.clone(),
             drain: drain.clone(),
+            status: Arc::new(status::EndpointStatus::new(&endpoint.addr)),
         };
         dialers.push(tokio::spawn(d.run()));
     }

@@ -4,11 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use relay_proto::codec::{read_frame, write_frame};
 use relay_proto::drain::Drain;
 use relay_proto::frame::{ErrorCode, Frame};
+use relay_proto::metrics as m;
 use relay_proto::net;
 use relay_proto::session::Stream;
 use relay_proto::splice::{splice, ByteCounters};
@@ -41,12 +42,14 @@ impl Services {
         let (service, client) = match read_frame(&mut stream, OPEN_READ_TIMEOUT).await {
             Ok(Frame::Open { service, client }) => (service, client),
             Ok(other) => {
+                failed("?", "bad_open");
                 let msg = format!("expected Open, got {}", other.kind_name());
                 warn!(reason = %msg, "stream refused");
                 refuse(&mut stream, ErrorCode::Protocol, msg).await;
                 return;
             }
             Err(e) => {
+                failed("?", "bad_open");
                 warn!(reason = %e, "stream refused: no valid Open frame");
                 return;
             }
@@ -56,7 +59,9 @@ impl Services {
     }
 
     async fn open(&self, mut stream: Stream, service: String) {
+        let started = Instant::now();
         if self.drain.is_stopping() {
+            failed(&service, "shutting_down");
             warn!("stream refused: shutting down");
             refuse(
                 &mut stream,
@@ -67,6 +72,8 @@ impl Services {
             return;
         }
         let (Some(svc), Some(bytes)) = (self.map.get(&service), self.bytes.get(&service)) else {
+            // Not the requested name as a label: relay-outer must not grow our metrics.
+            failed("?", "unknown_service");
             let msg = format!(
                 "relay-inner {:?} exposes no service named {service:?}",
                 self.node
@@ -80,6 +87,7 @@ impl Services {
         {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
+                failed(&service, m::io_reason(&e));
                 let msg = format!(
                     "cannot connect to {} for service {service:?}: {e}",
                     svc.target
@@ -89,6 +97,7 @@ impl Services {
                 return;
             }
             Err(_) => {
+                failed(&service, "connect_timeout");
                 let msg = format!(
                     "connecting to {} for service {service:?} timed out after {:?}",
                     svc.target, svc.connect_timeout
@@ -100,9 +109,16 @@ impl Services {
         };
         net::tune_data_socket(&tcp);
         if let Err(e) = write_frame(&mut stream, &Frame::OpenOk, ANSWER_TIMEOUT).await {
+            failed(&service, "stream_lost");
             warn!(error = %e, "stream lost before OpenOk");
             return;
         }
+        let labels = [("service", service.clone())];
+        metrics::histogram!(m::STREAM_OPEN_LATENCY, &labels)
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!(m::STREAMS_OPENED, &labels).increment(1);
+        let active = metrics::gauge!(m::STREAMS_ACTIVE, &labels);
+        active.increment(1.0);
         info!(target = %svc.target, "stream open");
         match splice(stream, tcp, bytes.clone()).await {
             Ok(m) => info!(
@@ -112,7 +128,16 @@ impl Services {
             ),
             Err(e) => info!(error = %e, "stream ended with an error"),
         }
+        active.decrement(1.0);
     }
+}
+
+fn failed(service: &str, reason: &'static str) {
+    let labels = [
+        ("service", service.to_string()),
+        ("reason", reason.to_string()),
+    ];
+    metrics::counter!(m::STREAMS_FAILED, &labels).increment(1);
 }
 
 async fn refuse(stream: &mut Stream, code: ErrorCode, message: String) {

@@ -6,12 +6,13 @@
 //! once (fail fast) so replication clients retry instead of hanging.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use relay_proto::codec::{read_frame, write_frame};
 use relay_proto::drain::Drain;
 use relay_proto::frame::Frame;
+use relay_proto::metrics as m;
 use relay_proto::net;
 use relay_proto::splice::{splice, ByteCounters};
 use tokio::net::{TcpListener, TcpStream};
@@ -24,7 +25,7 @@ use crate::registry::Registry;
 /// Bound on writing the Open frame into a fresh stream.
 const OPEN_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// One running listener.
+/// A listener's settings and the state that goes with them; replaced whole on reload.
 pub struct Listener {
     /// Its settings.
     pub cfg: ListenerConfig,
@@ -32,43 +33,139 @@ pub struct Listener {
     pub registry: Arc<Registry>,
     /// Bytes through this listener.
     pub bytes: Arc<ByteCounters>,
-    /// Shutdown signal and in-flight streams.
+    /// Shutdown signal and in-flight streams (process-wide).
     pub drain: Drain,
     /// Bounds concurrent clients.
     pub slots: Arc<Semaphore>,
 }
 
 impl Listener {
-    /// Accepts clients until shutdown.
-    pub async fn serve(self: Arc<Self>, socket: TcpListener) {
+    /// A listener for `cfg`; keeps `previous`'s connection slots when the limit is the
+    /// same, so a reload does not reset the count of connected clients.
+    pub fn new(
+        cfg: ListenerConfig,
+        registry: Arc<Registry>,
+        drain: Drain,
+        previous: Option<&Listener>,
+    ) -> Self {
+        let slots = match previous {
+            Some(p) if p.cfg.max_connections == cfg.max_connections => p.slots.clone(),
+            _ => Arc::new(Semaphore::new(cfg.max_connections)),
+        };
+        let bytes = Arc::new(ByteCounters::registered(&[
+            ("listener", cfg.name.clone()),
+            ("tunnel", cfg.tunnel.clone()),
+            ("service", cfg.service.clone()),
+        ]));
+        Listener {
+            cfg,
+            registry,
+            bytes,
+            drain,
+            slots,
+        }
+    }
+}
+
+/// A bound listener socket and its accept loop; the settings it admits clients with can
+/// be swapped while it runs (allowlist, limit, tunnel, service).
+pub struct Running {
+    current: RwLock<Arc<Listener>>,
+    stop: Drain,
+    /// The bound address.
+    pub bind: SocketAddr,
+}
+
+impl Running {
+    /// Starts accepting on `socket` with `listener`'s settings.
+    pub fn start(listener: Listener, socket: TcpListener) -> Arc<Running> {
+        let bind = socket.local_addr().unwrap_or(listener.cfg.bind);
+        let global = listener.drain.clone();
+        let running = Arc::new(Running {
+            current: RwLock::new(Arc::new(listener)),
+            stop: Drain::new(),
+            bind,
+        });
+        tokio::spawn(running.clone().serve(socket, global));
+        running
+    }
+
+    /// The settings in force.
+    pub fn current(&self) -> Arc<Listener> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts new settings in force for the clients that arrive from now on.
+    pub fn update(&self, listener: Listener) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(listener);
+    }
+
+    /// Stops accepting and closes the socket; streams already spliced go on.
+    pub fn stop(&self) {
+        self.stop.stop();
+    }
+
+    async fn serve(self: Arc<Self>, socket: TcpListener, global: Drain) {
         loop {
             let (client, addr) = tokio::select! {
-                _ = self.drain.stopping() => return,
+                _ = global.stopping() => return,
+                _ = self.stop.stopping() => return,
                 r = socket.accept() => match r {
                     Ok(x) => x,
                     Err(e) => {
-                        warn!(listener = %self.cfg.name, error = %e, "accept failed");
+                        warn!(listener = %self.current().cfg.name, error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                 },
             };
-            self.clone().admit(client, addr);
+            self.current().admit(client, addr);
         }
+    }
+}
+
+impl Listener {
+    fn refused(&self, reason: &'static str) {
+        let labels = [
+            ("listener", self.cfg.name.clone()),
+            ("reason", reason.to_string()),
+        ];
+        metrics::counter!(m::LISTENER_REFUSED, &labels).increment(1);
+    }
+
+    fn labels(&self) -> [(&'static str, String); 3] {
+        [
+            ("listener", self.cfg.name.clone()),
+            ("tunnel", self.cfg.tunnel.clone()),
+            ("service", self.cfg.service.clone()),
+        ]
+    }
+
+    fn failed(&self, reason: &'static str) {
+        let [a, b, c] = self.labels();
+        let labels = [a, b, c, ("reason", reason.to_string())];
+        metrics::counter!(m::STREAMS_FAILED, &labels).increment(1);
     }
 
     fn admit(self: Arc<Self>, client: TcpStream, addr: SocketAddr) {
+        let arrived = Instant::now();
         let cfg = &self.cfg;
         if !cfg.allow.is_empty() && !cfg.allow.iter().any(|c| c.contains(addr.ip())) {
+            self.refused("not_allowed");
             warn!(listener = %cfg.name, client = %addr, "client refused: source address not allowed");
             return;
         }
         let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+            self.refused("over_limit");
             warn!(listener = %cfg.name, client = %addr, limit = cfg.max_connections,
                 "client refused: listener is at max_connections");
             return;
         };
         let Some(assigned) = self.registry.pick(&cfg.tunnel) else {
+            self.refused("no_session");
             warn!(listener = %cfg.name, tunnel = %cfg.tunnel, client = %addr,
                 "client refused: tunnel is down (no live session)");
             return;
@@ -81,7 +178,7 @@ impl Listener {
             async move {
                 let _permit = permit;
                 let _guard = guard;
-                self.stream(client, addr, assigned.session()).await;
+                self.stream(client, addr, assigned.session(), arrived).await;
             }
             .instrument(span),
         );
@@ -92,16 +189,19 @@ impl Listener {
         client: TcpStream,
         addr: SocketAddr,
         session: &crate::registry::SessionEntry,
+        arrived: Instant,
     ) {
         let cfg = &self.cfg;
         let mut stream = match tokio::time::timeout(OPEN_WRITE_TIMEOUT, session.handle.open()).await
         {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
+                self.failed("open_failed");
                 warn!(error = %e, "client closed: cannot open a stream on the tunnel");
                 return;
             }
             Err(_) => {
+                self.failed("open_timeout");
                 warn!("client closed: opening a stream on the tunnel timed out");
                 return;
             }
@@ -111,16 +211,19 @@ impl Listener {
             client: addr.to_string(),
         };
         if let Err(e) = write_frame(&mut stream, &open, OPEN_WRITE_TIMEOUT).await {
+            self.failed("open_failed");
             warn!(error = %e, "client closed: cannot send Open");
             return;
         }
         match read_frame(&mut stream, cfg.open_timeout).await {
             Ok(Frame::OpenOk) => {}
             Ok(Frame::Error { code, message }) => {
+                self.failed(code.as_str());
                 warn!(%code, reason = %message, "client closed: relay-inner refused the stream");
                 return;
             }
             Ok(other) => {
+                self.failed("protocol");
                 warn!(
                     frame = other.kind_name(),
                     "client closed: unexpected answer to Open"
@@ -128,18 +231,26 @@ impl Listener {
                 return;
             }
             Err(e) => {
+                self.failed("no_answer");
                 warn!(error = %e, "client closed: no answer to Open");
                 return;
             }
         }
+        let labels = self.labels();
+        metrics::histogram!(m::STREAM_OPEN_LATENCY, &labels)
+            .record(arrived.elapsed().as_secs_f64());
+        metrics::counter!(m::STREAMS_OPENED, &labels).increment(1);
+        let active = metrics::gauge!(m::STREAMS_ACTIVE, &labels);
+        active.increment(1.0);
         info!("stream open");
         match splice(client, stream, self.bytes.clone()).await {
-            Ok(m) => info!(
-                to_service = m.to_service,
-                to_client = m.to_client,
+            Ok(moved) => info!(
+                to_service = moved.to_service,
+                to_client = moved.to_client,
                 "stream closed"
             ),
             Err(e) => info!(error = %e, "stream ended with an error"),
         }
+        active.decrement(1.0);
     }
 }

@@ -6,24 +6,20 @@ mod certs;
 mod config;
 mod listener;
 mod registry;
+mod server;
 mod tunnel;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use relay_proto::cli::{self, LogArgs};
-use relay_proto::drain::{termination_signal, Drain};
-use relay_proto::splice::ByteCounters;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
-use tracing::{info, warn};
+use relay_proto::drain::termination_signal;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::registry::Registry;
 
 #[derive(Parser)]
 #[command(
@@ -144,62 +140,38 @@ fn check(path: &Path) -> anyhow::Result<()> {
 fn run(path: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     let tls = cfg.check_tls().map_err(anyhow::Error::msg)?;
-    cli::block_on(serve(cfg, tls))
+    cli::block_on(serve(path.to_owned(), cfg, tls))
 }
 
-async fn serve(cfg: Config, tls: rustls::ServerConfig) -> anyhow::Result<()> {
-    let drain = Drain::new();
-    let registry = Arc::new(Registry::default());
-
-    // Bind everything first: a port that cannot be bound is a startup error.
-    let tunnel_sock = TcpListener::bind(cfg.tunnel.listen)
-        .await
-        .with_context(|| format!("tunnel.listen: cannot bind {}", cfg.tunnel.listen))?;
-    let mut bound = Vec::new();
-    for l in &cfg.listeners {
-        let sock = TcpListener::bind(l.bind)
-            .await
-            .with_context(|| format!("listener {}: cannot bind {}", l.name, l.bind))?;
-        bound.push((l.clone(), sock));
-    }
-
-    let server = Arc::new(tunnel::TunnelServer {
-        cfg: cfg.tunnel.clone(),
-        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
-        tunnels: cfg.tunnels(),
-        registry: registry.clone(),
-        drain: drain.clone(),
-    });
-    let addr = tunnel_sock.local_addr().unwrap_or(cfg.tunnel.listen);
-    info!(listen = %addr, "tunnel port ready");
-    tokio::spawn(server.serve(tunnel_sock));
-
-    let mut counters: HashMap<String, Arc<ByteCounters>> = HashMap::new();
-    for (l, sock) in bound {
-        let bytes = counters.entry(l.name.clone()).or_default().clone();
-        info!(listener = %l.name, bind = %l.bind, tunnel = %l.tunnel, service = %l.service, "listener ready");
-        let listener = Arc::new(listener::Listener {
-            slots: Arc::new(Semaphore::new(l.max_connections)),
-            cfg: l,
-            registry: registry.clone(),
-            bytes,
-            drain: drain.clone(),
-        });
-        tokio::spawn(listener.serve(sock));
-    }
-
-    let sig = termination_signal().await;
-    let open = drain.active();
-    info!(signal = sig, open_streams = open, grace = ?cfg.shutdown_grace, "shutting down: no new connections; open streams may finish");
+async fn serve(path: PathBuf, cfg: Config, tls: rustls::ServerConfig) -> anyhow::Result<()> {
+    let grace = cfg.shutdown_grace;
+    let relay = server::OuterRelay::start(path, cfg, tls).await?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+    let sig = loop {
+        tokio::select! {
+            sig = termination_signal() => break sig,
+            _ = hup.recv() => match relay.reload().await {
+                Ok(summary) => info!(%summary, "configuration reloaded"),
+                Err(e) => error!(reason = %e, "configuration reload rejected; the previous configuration stays in force"),
+            },
+        }
+    };
+    let drain = &relay.drain;
+    info!(
+        signal = sig,
+        open_streams = drain.active(),
+        ?grace,
+        "shutting down: no new connections; open streams may finish"
+    );
     drain.stop();
-    let left = drain.wait_idle(cfg.shutdown_grace).await;
+    let left = drain.wait_idle(grace).await;
     if left > 0 {
         warn!(
             streams = left,
             "grace period over; closing the remaining streams"
         );
     }
-    for s in registry.all() {
+    for s in relay.registry.all() {
         s.handle.kill();
     }
     info!("stopped");

@@ -8,12 +8,13 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use relay_proto::control::{self, ControlEnd, ControlEvent};
 use relay_proto::frame::ErrorCode;
 use relay_proto::handshake;
+use relay_proto::metrics as m;
 use relay_proto::session::{self, Role};
 use relay_proto::{drain::Drain, net, tls};
 use tokio::net::{TcpListener, TcpStream};
@@ -27,14 +28,20 @@ use crate::registry::{Registry, SessionEntry};
 /// How long a refused peer gets to read our refusal before the connection is cut.
 const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 
-/// What every tunnel connection needs to be served.
-pub struct TunnelServer {
+/// What a new tunnel connection is checked against; replaced whole on reload, while
+/// established sessions keep running.
+pub struct Settings {
     /// Settings of the tunnel port.
     pub cfg: TunnelConfig,
-    /// TLS with client authentication.
+    /// TLS with client authentication (certificates re-read on reload).
     pub acceptor: TlsAcceptor,
     /// Tunnel names that some listener uses; others are refused.
     pub tunnels: HashSet<String>,
+}
+
+/// What every tunnel connection needs to be served.
+pub struct TunnelServer {
+    settings: RwLock<Arc<Settings>>,
     /// Where live sessions go.
     pub registry: Arc<Registry>,
     /// Shutdown signal.
@@ -42,6 +49,28 @@ pub struct TunnelServer {
 }
 
 impl TunnelServer {
+    /// A server with these settings.
+    pub fn new(settings: Settings, registry: Arc<Registry>, drain: Drain) -> Self {
+        TunnelServer {
+            settings: RwLock::new(Arc::new(settings)),
+            registry,
+            drain,
+        }
+    }
+
+    /// The settings new connections get.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts new settings in force for connections from now on.
+    pub fn update(&self, settings: Settings) {
+        *self.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(settings);
+    }
+
     /// Accepts tunnel connections until shutdown.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         loop {
@@ -64,23 +93,27 @@ impl TunnelServer {
     }
 
     async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
-        let ka = self.cfg.keepalive;
+        let settings = self.settings();
+        let ka = settings.cfg.keepalive;
         net::tune_tunnel_socket(&tcp, ka.interval, ka.timeout);
-        let accept = self.acceptor.accept(tcp).into_fallible();
-        let tls = match tokio::time::timeout(self.cfg.handshake_timeout, accept).await {
+        let accept = settings.acceptor.accept(tcp).into_fallible();
+        let tls = match tokio::time::timeout(settings.cfg.handshake_timeout, accept).await {
             Ok(Ok(s)) => s,
             Ok(Err((e, tcp))) => {
+                handshake_failed("tls");
                 warn!(reason = %e, "tunnel connection refused: TLS handshake failed");
                 linger_close(tcp).await;
                 return;
             }
             Err(_) => {
-                warn!(timeout = ?self.cfg.handshake_timeout, "tunnel connection refused: TLS handshake timed out");
+                handshake_failed("tls_timeout");
+                warn!(timeout = ?settings.cfg.handshake_timeout, "tunnel connection refused: TLS handshake timed out");
                 return;
             }
         };
         let (_, conn) = tls.get_ref();
         if conn.alpn_protocol() != Some(tls::ALPN) {
+            handshake_failed("alpn");
             warn!("tunnel connection refused: peer did not negotiate ALPN routy/1");
             return;
         }
@@ -91,30 +124,35 @@ impl TunnelServer {
         let tunnel_name = match identity {
             Ok(t) => t,
             Err(e) => {
+                handshake_failed("identity");
                 warn!(reason = %e, "tunnel connection refused");
                 return;
             }
         };
         let span = tracing::info_span!("session", tunnel = %tunnel_name);
-        self.session(tls, peer, tunnel_name).instrument(span).await;
+        self.session(tls, peer, tunnel_name, &settings)
+            .instrument(span)
+            .await;
     }
 
-    async fn session<T>(&self, io: T, peer: SocketAddr, tunnel_name: String)
+    async fn session<T>(&self, io: T, peer: SocketAddr, tunnel_name: String, settings: &Settings)
     where
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let session = session::yamux(io, Role::Server);
         let handle = session.handle.clone();
         let mut incoming = session.incoming;
-        let first = tokio::time::timeout(self.cfg.handshake_timeout, incoming.recv()).await;
+        let first = tokio::time::timeout(settings.cfg.handshake_timeout, incoming.recv()).await;
         let mut ctrl = match first {
             Ok(Some(s)) => s,
             Ok(None) => {
+                handshake_failed("no_control_stream");
                 warn!("tunnel connection closed before opening its control stream");
                 handle.kill();
                 return;
             }
             Err(_) => {
+                handshake_failed("no_control_stream");
                 warn!("tunnel connection refused: no control stream within the handshake timeout");
                 handle.kill();
                 return;
@@ -123,16 +161,23 @@ impl TunnelServer {
         let hello = match handshake::server_read_hello(&mut ctrl).await {
             Ok(h) => h,
             Err(e) => {
+                handshake_failed(match e {
+                    handshake::HandshakeError::VersionMismatch { .. } => "version_mismatch",
+                    _ => "hello",
+                });
                 warn!(reason = %e, "tunnel handshake failed");
                 // A version mismatch or protocol error was answered: let it reach the peer.
                 handle.close_after(&mut ctrl, REFUSAL_LINGER).await;
                 return;
             }
         };
-        if !self.tunnels.contains(&tunnel_name) {
+        // Checked against the settings in force now: a reload may have happened since
+        // the TLS handshake.
+        if !self.settings().tunnels.contains(&tunnel_name) {
             let msg = format!(
                 "tunnel {tunnel_name:?} is not configured on this relay-outer (no listener uses it)"
             );
+            handshake_failed("unknown_tunnel");
             warn!(node = %hello.node, "tunnel connection refused: {msg}");
             let _ = handshake::refuse(&mut ctrl, ErrorCode::UnknownTunnel, &msg).await;
             handle.close_after(&mut ctrl, REFUSAL_LINGER).await;
@@ -140,6 +185,7 @@ impl TunnelServer {
         }
         let id = self.registry.next_id();
         if let Err(e) = handshake::accept(&mut ctrl, &tunnel_name, id).await {
+            handshake_failed("hello");
             warn!(reason = %e, "tunnel handshake failed");
             handle.kill();
             return;
@@ -156,6 +202,10 @@ impl TunnelServer {
             load: Default::default(),
         });
         let count = self.registry.add(entry.clone());
+        let tunnel_label = [("tunnel", tunnel_name.clone())];
+        metrics::counter!(m::SESSION_CONNECTS, &tunnel_label).increment(1);
+        metrics::gauge!(m::SESSIONS_UP, &tunnel_label).increment(1.0);
+        let rtt_hist = metrics::histogram!(m::KEEPALIVE_RTT, &tunnel_label);
         info!(session = id, node = %hello.node, services = ?hello.services, sessions = count, "tunnel up");
 
         // Streams opened by relay-inner are not used yet; refuse them by dropping.
@@ -168,13 +218,16 @@ impl TunnelServer {
 
         let (cmd_tx, cmd_rx) = mpsc::channel(4);
         let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
-        let ctl = tokio::spawn(control::run(ctrl, self.cfg.keepalive, cmd_rx, ev_tx));
+        let ctl = tokio::spawn(control::run(ctrl, settings.cfg.keepalive, cmd_rx, ev_tx));
         let events = {
             let entry = entry.clone();
             async move {
                 while let Some(ev) = ev_rx.recv().await {
                     match ev {
-                        ControlEvent::Rtt(rtt) => debug!(session = entry.id, ?rtt, "keepalive"),
+                        ControlEvent::Rtt(rtt) => {
+                            rtt_hist.record(rtt.as_secs_f64());
+                            debug!(session = entry.id, ?rtt, "keepalive");
+                        }
                         ControlEvent::GoAway(reason) => {
                             info!(session = entry.id, %reason, "relay-inner is draining; no new streams to this session");
                             entry.draining.store(true, Ordering::Relaxed);
@@ -189,6 +242,12 @@ impl TunnelServer {
             .unwrap_or_else(|e| ControlEnd::Failed(format!("control task failed: {e}")));
         drop(cmd_tx);
         let left = self.registry.remove(&tunnel_name, id);
+        metrics::gauge!(m::SESSIONS_UP, &tunnel_label).decrement(1.0);
+        let reason = [
+            ("tunnel", tunnel_name.clone()),
+            ("reason", end.label().to_string()),
+        ];
+        metrics::counter!(m::SESSION_DISCONNECTS, &reason).increment(1);
         if matches!(end, ControlEnd::Failed(_)) {
             // The control loop may have answered with an Error frame; give it time to
             // reach the peer (the peer ends the session once it has read it).
@@ -216,4 +275,8 @@ async fn linger_close(mut tcp: TcpStream) {
             _ => break,
         }
     }
+}
+
+fn handshake_failed(reason: &'static str) {
+    metrics::counter!(m::HANDSHAKE_FAILURES, "reason" => reason).increment(1);
 }

@@ -1,0 +1,89 @@
+//! Every metric both relays export, named in one place, and the Prometheus recorder.
+//!
+//! Labels: `tunnel` (client certificate name), `listener` (relay-outer listener name),
+//! `service` (service name), `outer` (relay-outer endpoint, on relay-inner), `reason`,
+//! `direction` (`to_service` or `to_client`), `result` (`ok` or `error`).
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Gauge: live tunnel sessions (`tunnel` on relay-outer, `outer` on relay-inner).
+pub const SESSIONS_UP: &str = "routy_sessions_up";
+/// Counter: sessions established.
+pub const SESSION_CONNECTS: &str = "routy_session_connects_total";
+/// Counter: sessions ended, by `reason`.
+pub const SESSION_DISCONNECTS: &str = "routy_session_disconnects_total";
+/// Counter: tunnel connections that failed before becoming a session, by `reason`.
+pub const HANDSHAKE_FAILURES: &str = "routy_handshake_failures_total";
+/// Counter: streams spliced (an `OpenOk` was received or sent).
+pub const STREAMS_OPENED: &str = "routy_streams_opened_total";
+/// Gauge: streams being spliced now.
+pub const STREAMS_ACTIVE: &str = "routy_streams_active";
+/// Counter: streams that failed to open, by `reason`.
+pub const STREAMS_FAILED: &str = "routy_streams_failed_total";
+/// Counter: bytes spliced, by `direction`; moves while a stream runs.
+pub const STREAM_BYTES: &str = "routy_stream_bytes_total";
+/// Histogram: keepalive round-trip time, seconds.
+pub const KEEPALIVE_RTT: &str = "routy_keepalive_rtt_seconds";
+/// Histogram: time from a client's arrival (relay-outer) or an Open (relay-inner) until
+/// the stream is spliced, seconds.
+pub const STREAM_OPEN_LATENCY: &str = "routy_stream_open_seconds";
+/// Counter: clients refused by a listener, by `reason` (`no_session`, `not_allowed`,
+/// `over_limit`).
+pub const LISTENER_REFUSED: &str = "routy_listener_refused_total";
+/// Counter: configuration reloads, by `result`.
+pub const CONFIG_RELOADS: &str = "routy_config_reloads_total";
+
+/// Every metric with its help text, for `# HELP` lines and the README.
+pub const ALL: &[(&str, &str)] = &[
+    (SESSIONS_UP, "Live tunnel sessions."),
+    (SESSION_CONNECTS, "Tunnel sessions established."),
+    (SESSION_DISCONNECTS, "Tunnel sessions ended, by reason."),
+    (
+        HANDSHAKE_FAILURES,
+        "Tunnel connections that failed before becoming a session, by reason.",
+    ),
+    (STREAMS_OPENED, "Streams spliced."),
+    (STREAMS_ACTIVE, "Streams being spliced now."),
+    (STREAMS_FAILED, "Streams that failed to open, by reason."),
+    (
+        STREAM_BYTES,
+        "Bytes spliced, by direction; counted while streams run.",
+    ),
+    (KEEPALIVE_RTT, "Keepalive round-trip time in seconds."),
+    (STREAM_OPEN_LATENCY, "Time to open a stream in seconds."),
+    (
+        LISTENER_REFUSED,
+        "Clients refused by a listener, by reason.",
+    ),
+    (CONFIG_RELOADS, "Configuration reloads, by result."),
+];
+
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Installs the global Prometheus recorder and returns the handle that renders it.
+/// Fails only if a recorder is already installed.
+pub fn install() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+        .map_err(|e| e.to_string())?
+        .install_recorder()
+        .map_err(|e| e.to_string())?;
+    for (name, help) in ALL {
+        metrics::describe_counter!(*name, *help);
+    }
+    Ok(handle)
+}
+
+/// Short reason label for an io error kind, for `reason` labels.
+pub fn io_reason(e: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        ConnectionRefused => "connection_refused",
+        ConnectionReset => "connection_reset",
+        TimedOut => "timeout",
+        NotFound => "not_found",
+        _ => "io_error",
+    }
+}

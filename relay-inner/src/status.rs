@@ -1,0 +1,103 @@
+//! What relay-inner knows about each relay-outer endpoint, for `/readyz` and `/status`.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+/// State of one endpoint's session.
+#[derive(Debug, Default)]
+pub struct EndpointStatus {
+    /// `host:port` dialed.
+    pub addr: String,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    session: Option<Live>,
+    last_error: Option<(SystemTime, String)>,
+    connects: u64,
+}
+
+#[derive(Debug)]
+struct Live {
+    id: u64,
+    tunnel: String,
+    since: Instant,
+    rtt: Option<Duration>,
+}
+
+impl EndpointStatus {
+    /// A new, not yet connected endpoint.
+    pub fn new(addr: &str) -> Self {
+        EndpointStatus {
+            addr: addr.to_owned(),
+            state: Mutex::default(),
+        }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        // Every update is a plain assignment, so a poisoned lock holds usable data.
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut g)
+    }
+
+    /// A session is up.
+    pub fn up(&self, id: u64, tunnel: &str) {
+        self.with(|s| {
+            s.connects += 1;
+            s.session = Some(Live {
+                id,
+                tunnel: tunnel.to_owned(),
+                since: Instant::now(),
+                rtt: None,
+            })
+        });
+    }
+
+    /// The session ended or a connection attempt failed.
+    pub fn down(&self, reason: &str) {
+        self.with(|s| {
+            s.session = None;
+            s.last_error = Some((SystemTime::now(), reason.to_owned()));
+        });
+    }
+
+    /// A keepalive round trip was measured.
+    pub fn rtt(&self, rtt: Duration) {
+        self.with(|s| {
+            if let Some(l) = s.session.as_mut() {
+                l.rtt = Some(rtt);
+            }
+        });
+    }
+
+    /// Whether a session is up now.
+    pub fn is_up(&self) -> bool {
+        self.with(|s| s.session.is_some())
+    }
+
+    /// This endpoint as a JSON object.
+    pub fn to_json(&self) -> serde_json::Value {
+        self.with(|s| {
+            let session = s.session.as_ref().map(|l| {
+                serde_json::json!({
+                    "id": l.id,
+                    "tunnel": l.tunnel,
+                    "uptime_seconds": l.since.elapsed().as_secs_f64(),
+                    "rtt_seconds": l.rtt.map(|r| r.as_secs_f64()),
+                })
+            });
+            let last_error = s.last_error.as_ref().map(|(t, e)| {
+                let ago = t.elapsed().unwrap_or_default().as_secs_f64();
+                serde_json::json!({ "seconds_ago": ago, "reason": e })
+            });
+            serde_json::json!({
+                "addr": self.addr,
+                "up": s.session.is_some(),
+                "session": session,
+                "connects": s.connects,
+                "last_error": last_error,
+            })
+        })
+    }
+}

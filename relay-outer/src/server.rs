@@ -1,0 +1,220 @@
+//! relay-outer at run time: the tunnel port, the listeners, and the reload that changes
+//! them without dropping what the change does not touch.
+//!
+//! A reload reads and validates the whole file (TLS material included) and binds every
+//! new listener address before anything changes; if any of that fails the old
+//! configuration stays in force. Then: new connections on the tunnel port get the new TLS
+//! material, keepalive and tunnel list; listeners are added, removed, rebound or given
+//! their new allowlist, limit, tunnel or service; sessions of tunnels that no listener
+//! uses any more are closed. Established streams keep running.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::Context;
+use relay_proto::drain::Drain;
+use relay_proto::metrics as m;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::listener::{Listener, Running};
+use crate::registry::Registry;
+use crate::tunnel::{Settings, TunnelServer};
+
+/// The running relay.
+pub struct OuterRelay {
+    path: PathBuf,
+    tunnel: Arc<TunnelServer>,
+    tunnel_addr: SocketAddr,
+    listeners: Mutex<HashMap<String, Arc<Running>>>,
+    config: Mutex<Config>,
+    reload_lock: tokio::sync::Mutex<()>,
+    /// Live sessions.
+    pub registry: Arc<Registry>,
+    /// Shutdown signal and in-flight streams.
+    pub drain: Drain,
+    /// When the relay started.
+    pub started: Instant,
+}
+
+fn settings(cfg: &Config, tls: rustls::ServerConfig) -> Settings {
+    Settings {
+        cfg: cfg.tunnel.clone(),
+        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+        tunnels: cfg.tunnels(),
+    }
+}
+
+impl OuterRelay {
+    /// Binds the tunnel port and every listener, then starts serving.
+    pub async fn start(
+        path: PathBuf,
+        cfg: Config,
+        tls: rustls::ServerConfig,
+    ) -> anyhow::Result<Arc<Self>> {
+        let drain = Drain::new();
+        let registry = Arc::new(Registry::default());
+        let tunnel_sock = TcpListener::bind(cfg.tunnel.listen)
+            .await
+            .with_context(|| format!("tunnel.listen: cannot bind {}", cfg.tunnel.listen))?;
+        let tunnel_addr = tunnel_sock.local_addr().unwrap_or(cfg.tunnel.listen);
+        let mut sockets = Vec::new();
+        for l in &cfg.listeners {
+            let sock = TcpListener::bind(l.bind)
+                .await
+                .with_context(|| format!("listener {}: cannot bind {}", l.name, l.bind))?;
+            sockets.push((l.clone(), sock));
+        }
+        let tunnel = Arc::new(TunnelServer::new(
+            settings(&cfg, tls),
+            registry.clone(),
+            drain.clone(),
+        ));
+        info!(listen = %tunnel_addr, "tunnel port ready");
+        tokio::spawn(tunnel.clone().serve(tunnel_sock));
+        let mut listeners = HashMap::new();
+        for (l, sock) in sockets {
+            info!(listener = %l.name, bind = %l.bind, tunnel = %l.tunnel, service = %l.service, "listener ready");
+            let listener = Listener::new(l.clone(), registry.clone(), drain.clone(), None);
+            listeners.insert(l.name.clone(), Running::start(listener, sock));
+        }
+        Ok(Arc::new(OuterRelay {
+            path,
+            tunnel,
+            tunnel_addr,
+            listeners: Mutex::new(listeners),
+            config: Mutex::new(cfg),
+            reload_lock: tokio::sync::Mutex::new(()),
+            registry,
+            drain,
+            started: Instant::now(),
+        }))
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Config {
+        self.config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The running listeners by name.
+    pub fn listeners(&self) -> HashMap<String, Arc<Running>> {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The bound tunnel port.
+    pub fn tunnel_addr(&self) -> SocketAddr {
+        self.tunnel_addr
+    }
+
+    /// Re-reads the config file and applies it; on any error the old one stays.
+    pub async fn reload(&self) -> Result<String, String> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let res = self.try_reload().await;
+        let result = if res.is_ok() { "ok" } else { "error" };
+        metrics::counter!(m::CONFIG_RELOADS, "result" => result).increment(1);
+        res
+    }
+
+    async fn try_reload(&self) -> Result<String, String> {
+        let new = Config::load(&self.path).map_err(|e| e.to_string())?;
+        let tls = new.check_tls()?;
+        let old = self.config();
+        if new.tunnel.listen != old.tunnel.listen {
+            return Err(format!(
+                "tunnel.listen changed from {} to {}: that needs a restart",
+                old.tunnel.listen, new.tunnel.listen
+            ));
+        }
+        let running = self.listeners();
+        // Bind what is new or moved before changing anything.
+        let mut fresh = HashMap::new();
+        for l in &new.listeners {
+            let same_socket = running.contains_key(&l.name)
+                && old
+                    .listeners
+                    .iter()
+                    .any(|o| o.name == l.name && o.bind == l.bind);
+            if same_socket {
+                continue;
+            }
+            // (A listener moved to an address another one frees in the same reload fails
+            // here, before anything changed: do such a swap in two reloads.)
+            let sock = TcpListener::bind(l.bind)
+                .await
+                .map_err(|e| format!("listener {}: cannot bind {}: {e}", l.name, l.bind))?;
+            fresh.insert(l.name.clone(), sock);
+        }
+
+        self.tunnel.update(settings(&new, tls));
+        let mut added = Vec::new();
+        let mut changed = Vec::new();
+        let mut removed = Vec::new();
+        {
+            let mut map = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+            let keep: std::collections::HashSet<&str> =
+                new.listeners.iter().map(|l| l.name.as_str()).collect();
+            map.retain(|name, r| {
+                let stays = keep.contains(name.as_str()) && !fresh.contains_key(name);
+                if !stays {
+                    r.stop();
+                    if !keep.contains(name.as_str()) {
+                        removed.push(name.clone());
+                    }
+                }
+                stays
+            });
+            for l in &new.listeners {
+                if let Some(sock) = fresh.remove(&l.name) {
+                    let prev = old.listeners.iter().any(|o| o.name == l.name);
+                    let listener =
+                        Listener::new(l.clone(), self.registry.clone(), self.drain.clone(), None);
+                    map.insert(l.name.clone(), Running::start(listener, sock));
+                    if prev { &mut changed } else { &mut added }.push(l.name.clone());
+                } else if let Some(r) = map.get(&l.name) {
+                    let cur = r.current();
+                    if !same_listener(&cur.cfg, l) {
+                        r.update(Listener::new(
+                            l.clone(),
+                            self.registry.clone(),
+                            self.drain.clone(),
+                            Some(&cur),
+                        ));
+                        changed.push(l.name.clone());
+                    }
+                }
+            }
+        }
+        // Sessions of tunnels no listener uses any more serve nothing: close them, and
+        // their relay-inner is refused with a reason when it reconnects.
+        let tunnels = new.tunnels();
+        for s in self.registry.all() {
+            if !tunnels.contains(&s.tunnel) {
+                warn!(tunnel = %s.tunnel, session = s.id, "closing session: its tunnel is no longer configured");
+                s.handle.kill();
+            }
+        }
+        *self.config.lock().unwrap_or_else(|p| p.into_inner()) = new;
+        Ok(format!(
+            "added {added:?}, changed {changed:?}, removed {removed:?}"
+        ))
+    }
+}
+
+fn same_listener(a: &crate::config::ListenerConfig, b: &crate::config::ListenerConfig) -> bool {
+    a.bind == b.bind
+        && a.tunnel == b.tunnel
+        && a.service == b.service
+        && a.allow == b.allow
+        && a.max_connections == b.max_connections
+        && a.open_timeout == b.open_timeout
+}
