@@ -36,6 +36,12 @@ impl Backoff {
         Duration::from_nanos(rand::thread_rng().gen_range(0..=nanos))
     }
 
+    /// New bounds (after a reload); the step count is kept.
+    pub fn set_bounds(&mut self, initial: Duration, max: Duration) {
+        self.initial = initial;
+        self.max = max.max(initial);
+    }
+
     /// Back to the first step (after a session was healthy long enough).
     pub fn reset(&mut self) {
         self.attempt = 0;

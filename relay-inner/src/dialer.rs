@@ -1,10 +1,10 @@
 //! Keeping a session to one relay-outer: dial out, TLS, handshake, serve its streams,
 //! watch the keepalive, and on any loss reconnect with backoff, forever.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use relay_proto::control::{self, ControlCommand, ControlEnd, ControlEvent};
+use relay_proto::control::{self, ControlCommand, ControlEnd, ControlEvent, Keepalive};
 use relay_proto::drain::Drain;
 use relay_proto::frame::Hello;
 use relay_proto::handshake::{self, HandshakeError, PROTOCOL_VERSION};
@@ -21,18 +21,26 @@ use crate::services::Services;
 use crate::status::EndpointStatus;
 use relay_proto::metrics as m;
 
-/// Keeps one endpoint's session alive.
-pub struct Dialer {
+/// The configuration and TLS material new connections use; replaced whole on reload.
+pub struct Current {
     /// The whole config.
     pub cfg: Arc<Config>,
-    /// The endpoint this dialer serves.
-    pub endpoint: OuterEndpoint,
     /// TLS with our client certificate.
     pub connector: TlsConnector,
+}
+
+/// Keeps one endpoint's session alive.
+pub struct Dialer {
+    /// What new connections use.
+    pub current: Arc<RwLock<Arc<Current>>>,
+    /// The endpoint this dialer serves.
+    pub endpoint: OuterEndpoint,
     /// Streams are served here.
     pub services: Arc<Services>,
-    /// Shutdown signal.
+    /// Process-wide shutdown signal.
     pub drain: Drain,
+    /// This dialer's own stop (its endpoint was removed by a reload).
+    pub stop: Drain,
     /// What `/status` and `/readyz` report about this endpoint.
     pub status: Arc<EndpointStatus>,
 }
@@ -44,14 +52,24 @@ impl Dialer {
         self.run_inner().instrument(span).await
     }
 
+    fn current(&self) -> Arc<Current> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     async fn run_inner(self) {
-        let r = self.cfg.reconnect;
+        let r = self.current().cfg.reconnect;
         let mut backoff = Backoff::new(r.initial, r.max);
         loop {
-            if self.drain.is_stopping() {
+            if self.drain.is_stopping() || self.stop.is_stopping() {
                 return;
             }
-            match tokio::time::timeout(self.cfg.dial_timeout, self.connect()).await {
+            let cur = self.current();
+            let r = cur.cfg.reconnect;
+            backoff.set_bounds(r.initial, r.max);
+            match tokio::time::timeout(cur.cfg.dial_timeout, self.connect(&cur)).await {
                 Ok(Ok((session, ctrl, tunnel, id))) => {
                     let started = Instant::now();
                     self.status.up(id, &tunnel);
@@ -59,7 +77,7 @@ impl Dialer {
                     metrics::gauge!(m::SESSIONS_UP, &self.labels()).set(1.0);
                     info!(tunnel = %tunnel, session = id, "tunnel up");
                     let end = self
-                        .serve(session, ctrl)
+                        .serve(session, ctrl, cur.cfg.keepalive)
                         .instrument(tracing::info_span!("session", tunnel = %tunnel, session = id))
                         .await;
                     let up = started.elapsed();
@@ -75,6 +93,10 @@ impl Dialer {
                         info!(reason = %end, "tunnel closed for shutdown");
                         return;
                     }
+                    if self.stop.is_stopping() {
+                        info!(reason = %end, "tunnel closed: this relay-outer was removed from the configuration");
+                        return;
+                    }
                     warn!(tunnel = %tunnel, session = id, reason = %end, uptime = ?up, "tunnel down");
                 }
                 Ok(Err(ConnectError::Refused(e))) => {
@@ -87,7 +109,7 @@ impl Dialer {
                 }
                 Err(_) => {
                     self.connect_failed("timeout", "timed out");
-                    warn!(timeout = ?self.cfg.dial_timeout, "cannot connect to relay-outer: timed out")
+                    warn!(timeout = ?cur.cfg.dial_timeout, "cannot connect to relay-outer: timed out")
                 }
             }
             let delay = backoff.next_delay();
@@ -95,6 +117,7 @@ impl Dialer {
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = self.drain.stopping() => return,
+                _ = self.stop.stopping() => return,
             }
         }
     }
@@ -110,14 +133,14 @@ impl Dialer {
         metrics::counter!(m::HANDSHAKE_FAILURES, &labels).increment(1);
     }
 
-    async fn connect(&self) -> Result<(Session, Stream, String, u64), ConnectError> {
+    async fn connect(&self, cur: &Current) -> Result<(Session, Stream, String, u64), ConnectError> {
         let other = |m: String| ConnectError::Other(m);
         let tcp = TcpStream::connect(&self.endpoint.addr)
             .await
             .map_err(|e| other(format!("TCP connect: {e}")))?;
-        let ka = self.cfg.keepalive;
+        let ka = cur.cfg.keepalive;
         net::tune_tunnel_socket(&tcp, ka.interval, ka.timeout);
-        let tls = self
+        let tls = cur
             .connector
             .connect(self.endpoint.server_name.clone(), tcp)
             .await
@@ -133,8 +156,8 @@ impl Dialer {
             .map_err(|e| other(format!("opening the control stream: {e}")))?;
         let hello = Hello {
             protocol: PROTOCOL_VERSION,
-            node: self.cfg.node.clone(),
-            services: self.cfg.services.keys().cloned().collect(),
+            node: cur.cfg.node.clone(),
+            services: cur.cfg.services.keys().cloned().collect(),
             features: vec![],
         };
         match handshake::client(&mut ctrl, hello).await {
@@ -167,14 +190,14 @@ impl Dialer {
 
     /// Serves the session until its control loop ends; on shutdown tells relay-outer
     /// to send no more streams and keeps the session up while streams finish.
-    async fn serve(&self, session: Session, ctrl: Stream) -> ControlEnd {
+    async fn serve(&self, session: Session, ctrl: Stream, keepalive: Keepalive) -> ControlEnd {
         let Session {
             handle,
             mut incoming,
         } = session;
         let (cmd_tx, cmd_rx) = mpsc::channel(4);
         let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
-        let mut ctl = tokio::spawn(control::run(ctrl, self.cfg.keepalive, cmd_rx, ev_tx));
+        let mut ctl = tokio::spawn(control::run(ctrl, keepalive, cmd_rx, ev_tx));
         let mut goaway_sent = false;
         let rtt_hist = metrics::histogram!(m::KEEPALIVE_RTT, &self.labels());
         let end = loop {
@@ -202,6 +225,7 @@ impl Dialer {
                     Some(ControlEvent::GoAway(reason)) => info!(%reason, "relay-outer is draining"),
                     None => {}
                 },
+                _ = self.stop.stopping() => break ControlEnd::Local,
                 _ = self.drain.stopping(), if !goaway_sent => {
                     goaway_sent = true;
                     let _ = cmd_tx.send(ControlCommand::GoAway("relay-inner shutting down".into())).await;

@@ -5,18 +5,19 @@
 mod backoff;
 mod config;
 mod dialer;
+mod relay;
 mod services;
 mod status;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use relay_proto::cli::{self, LogArgs};
-use relay_proto::drain::{termination_signal, Drain};
-use relay_proto::splice::ByteCounters;
-use tracing::{info, warn};
+use relay_proto::drain::termination_signal;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info, warn};
 
 use crate::config::Config;
 
@@ -73,46 +74,32 @@ fn check(path: &Path) -> anyhow::Result<()> {
 fn run(path: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     let tls = cfg.check_tls().map_err(anyhow::Error::msg)?;
-    cli::block_on(serve(cfg, tls))
+    cli::block_on(serve(path.to_owned(), cfg, tls))
 }
 
-async fn serve(cfg: Config, tls: rustls::ClientConfig) -> anyhow::Result<()> {
-    let cfg = Arc::new(cfg);
-    let drain = Drain::new();
-    let services = Arc::new(services::Services {
-        node: cfg.node.clone(),
-        map: cfg.services.clone(),
-        bytes: cfg
-            .services
-            .keys()
-            .map(|k| {
-                (
-                    k.clone(),
-                    Arc::new(ByteCounters::registered(&[("service", k.clone())])),
-                )
-            })
-            .collect(),
-        drain: drain.clone(),
-    });
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+async fn serve(path: PathBuf, cfg: Config, tls: rustls::ClientConfig) -> anyhow::Result<()> {
     info!(node = %cfg.node, services = ?cfg.services.keys().collect::<Vec<_>>(), "relay-inner starting");
-    let mut dialers = Vec::new();
-    for endpoint in &cfg.outer {
-        let d = dialer::Dialer {
-            cfg: cfg.clone(),
-            endpoint: endpoint.clone(),
-            connector: connector.clone(),
-            services: services.clone(),
-            drain: drain.clone(),
-            status: Arc::new(status::EndpointStatus::new(&endpoint.addr)),
-        };
-        dialers.push(tokio::spawn(d.run()));
-    }
-    let sig = termination_signal().await;
-    info!(signal = sig, open_streams = drain.active(), grace = ?cfg.shutdown_grace,
-        "shutting down: telling relay-outer to send no new streams; open streams may finish");
+    let relay = relay::InnerRelay::start(path, cfg, tls);
+    let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+    let sig = loop {
+        tokio::select! {
+            sig = termination_signal() => break sig,
+            _ = hup.recv() => match relay.reload().await {
+                Ok(summary) => info!(%summary, "configuration reloaded"),
+                Err(e) => error!(reason = %e, "configuration reload rejected; the previous configuration stays in force"),
+            },
+        }
+    };
+    let drain = &relay.drain;
+    let grace = relay.config().shutdown_grace;
+    info!(
+        signal = sig,
+        open_streams = drain.active(),
+        ?grace,
+        "shutting down: telling relay-outer to send no new streams; open streams may finish"
+    );
     drain.stop();
-    let left = drain.wait_idle(cfg.shutdown_grace).await;
+    let left = drain.wait_idle(grace).await;
     if left > 0 {
         warn!(
             streams = left,

@@ -3,7 +3,7 @@
 //! dial an address our operator did not list.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use relay_proto::codec::{read_frame, write_frame};
@@ -23,19 +23,62 @@ const OPEN_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on writing our answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What every stream needs.
-pub struct Services {
+/// The exposed services as configured now; replaced whole on reload.
+pub struct ServiceTable {
     /// This relay's node name, for error messages.
     pub node: String,
     /// Exposed services by name.
     pub map: BTreeMap<String, Service>,
     /// Bytes per service.
     pub bytes: BTreeMap<String, Arc<ByteCounters>>,
+}
+
+impl ServiceTable {
+    /// The table for these services.
+    pub fn new(node: &str, map: &BTreeMap<String, Service>) -> Self {
+        let bytes = map
+            .keys()
+            .map(|k| {
+                (
+                    k.clone(),
+                    Arc::new(ByteCounters::registered(&[("service", k.clone())])),
+                )
+            })
+            .collect();
+        ServiceTable {
+            node: node.to_owned(),
+            map: map.clone(),
+            bytes,
+        }
+    }
+}
+
+/// What every stream needs.
+pub struct Services {
+    table: RwLock<Arc<ServiceTable>>,
     /// Shutdown signal and in-flight streams.
     pub drain: Drain,
 }
 
 impl Services {
+    /// Serves `table` until it is replaced.
+    pub fn new(table: ServiceTable, drain: Drain) -> Self {
+        Services {
+            table: RwLock::new(Arc::new(table)),
+            drain,
+        }
+    }
+
+    /// The services in force.
+    pub fn table(&self) -> Arc<ServiceTable> {
+        self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Puts a new table in force for streams opened from now on; spliced streams go on.
+    pub fn replace(&self, table: ServiceTable) {
+        *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+    }
+
     /// Serves one stream opened by relay-outer, to its end.
     pub async fn serve(self: Arc<Self>, mut stream: Stream) {
         let _guard = self.drain.guard();
@@ -71,12 +114,13 @@ impl Services {
             .await;
             return;
         }
-        let (Some(svc), Some(bytes)) = (self.map.get(&service), self.bytes.get(&service)) else {
+        let table = self.table();
+        let (Some(svc), Some(bytes)) = (table.map.get(&service), table.bytes.get(&service)) else {
             // Not the requested name as a label: relay-outer must not grow our metrics.
             failed("?", "unknown_service");
             let msg = format!(
                 "relay-inner {:?} exposes no service named {service:?}",
-                self.node
+                table.node
             );
             warn!("stream refused: unknown service");
             refuse(&mut stream, ErrorCode::UnknownService, msg).await;

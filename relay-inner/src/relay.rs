@@ -1,0 +1,157 @@
+//! relay-inner at run time: one dialer per relay-outer endpoint, the service table, and
+//! the reload that changes them without dropping what the change does not touch.
+//!
+//! A reload reads and validates the whole file (TLS material included); if that fails
+//! the old configuration stays in force. Then: the service table is replaced (streams
+//! already spliced go on; new Opens see the new table), new connections use the new
+//! certificates, keepalive and backoff, dialers of removed endpoints stop and close their
+//! session, and added endpoints get a dialer.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use relay_proto::drain::Drain;
+use relay_proto::metrics as m;
+use tracing::info;
+
+use crate::config::{Config, OuterEndpoint};
+use crate::dialer::{Current, Dialer};
+use crate::services::{ServiceTable, Services};
+use crate::status::EndpointStatus;
+
+/// A running dialer.
+struct Running {
+    stop: Drain,
+    status: Arc<EndpointStatus>,
+}
+
+/// The running relay.
+pub struct InnerRelay {
+    path: PathBuf,
+    current: Arc<RwLock<Arc<Current>>>,
+    services: Arc<Services>,
+    dialers: Mutex<Vec<(String, Running)>>,
+    reload_lock: tokio::sync::Mutex<()>,
+    /// Shutdown signal and in-flight streams.
+    pub drain: Drain,
+    /// When the relay started.
+    pub started: Instant,
+}
+
+fn key(e: &OuterEndpoint) -> String {
+    format!("{} ({})", e.addr, e.server_name.to_str())
+}
+
+fn current(cfg: Config, tls: rustls::ClientConfig) -> Arc<Current> {
+    Arc::new(Current {
+        cfg: Arc::new(cfg),
+        connector: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+    })
+}
+
+impl InnerRelay {
+    /// Starts a dialer for every endpoint.
+    pub fn start(path: PathBuf, cfg: Config, tls: rustls::ClientConfig) -> Arc<Self> {
+        let drain = Drain::new();
+        let services = Arc::new(Services::new(
+            ServiceTable::new(&cfg.node, &cfg.services),
+            drain.clone(),
+        ));
+        let endpoints = cfg.outer.clone();
+        let relay = Arc::new(InnerRelay {
+            path,
+            current: Arc::new(RwLock::new(current(cfg, tls))),
+            services,
+            dialers: Mutex::new(Vec::new()),
+            reload_lock: tokio::sync::Mutex::new(()),
+            drain,
+            started: Instant::now(),
+        });
+        for e in endpoints {
+            relay.spawn_dialer(e);
+        }
+        relay
+    }
+
+    fn spawn_dialer(&self, endpoint: OuterEndpoint) {
+        let status = Arc::new(EndpointStatus::new(&endpoint.addr));
+        let stop = Drain::new();
+        let k = key(&endpoint);
+        let d = Dialer {
+            current: self.current.clone(),
+            endpoint,
+            services: self.services.clone(),
+            drain: self.drain.clone(),
+            stop: stop.clone(),
+            status: status.clone(),
+        };
+        tokio::spawn(d.run());
+        self.lock_dialers().push((k, Running { stop, status }));
+    }
+
+    fn lock_dialers(&self) -> std::sync::MutexGuard<'_, Vec<(String, Running)>> {
+        self.dialers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .cfg
+            .clone()
+    }
+
+    /// Every endpoint's status.
+    pub fn endpoints(&self) -> Vec<Arc<EndpointStatus>> {
+        self.lock_dialers()
+            .iter()
+            .map(|(_, r)| r.status.clone())
+            .collect()
+    }
+
+    /// Re-reads the config file and applies it; on any error the old one stays.
+    pub async fn reload(&self) -> Result<String, String> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let res = self.try_reload();
+        let result = if res.is_ok() { "ok" } else { "error" };
+        metrics::counter!(m::CONFIG_RELOADS, "result" => result).increment(1);
+        res
+    }
+
+    fn try_reload(&self) -> Result<String, String> {
+        let new = Config::load(&self.path).map_err(|e| e.to_string())?;
+        let tls = new.check_tls()?;
+        let old = self.config();
+        self.services
+            .replace(ServiceTable::new(&new.node, &new.services));
+        let wanted: HashMap<String, OuterEndpoint> =
+            new.outer.iter().map(|e| (key(e), e.clone())).collect();
+        let services: Vec<String> = new.services.keys().cloned().collect();
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = current(new, tls);
+        let mut removed = Vec::new();
+        self.lock_dialers().retain(|(k, r)| {
+            let keep = wanted.contains_key(k);
+            if !keep {
+                r.stop.stop();
+                removed.push(k.clone());
+            }
+            keep
+        });
+        let have: Vec<String> = self.lock_dialers().iter().map(|(k, _)| k.clone()).collect();
+        let mut added = Vec::new();
+        for (k, e) in wanted {
+            if !have.contains(&k) {
+                added.push(k);
+                self.spawn_dialer(e);
+            }
+        }
+        let old_services: Vec<&String> = old.services.keys().collect();
+        info!(?old_services, new_services = ?services, "service table replaced");
+        Ok(format!(
+            "services {services:?}; endpoints added {added:?}, removed {removed:?}"
+        ))
+    }
+}
