@@ -48,3 +48,39 @@ where
         .build()?
         .block_on(f)
 }
+
+/// Binds the admin endpoint, serves `handler` on it until `drain` stops, keeps the
+/// Prometheus histograms fresh, and tells systemd the relay is ready (and keeps its
+/// watchdog fed while the runtime is responsive).
+pub async fn start_admin<F>(
+    listen: std::net::SocketAddr,
+    handler: F,
+    prom: metrics_exporter_prometheus::PrometheusHandle,
+    drain: crate::drain::Drain,
+) -> Result<(), std::io::Error>
+where
+    F: Fn(&str) -> crate::admin::Response + Send + Sync + 'static,
+{
+    let sock = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+        std::io::Error::new(e.kind(), format!("admin.listen: cannot bind {listen}: {e}"))
+    })?;
+    let addr = sock.local_addr().unwrap_or(listen);
+    tracing::info!(listen = %addr, "admin endpoint ready (/metrics /healthz /readyz /status)");
+    tokio::spawn(crate::admin::serve(
+        sock,
+        std::sync::Arc::new(handler),
+        drain,
+    ));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            prom.run_upkeep();
+        }
+    });
+    crate::sdnotify::ready();
+    // The watchdog is fed from a task on the same runtime as everything else: if the
+    // runtime wedges, the pings stop and systemd restarts the relay.
+    tokio::spawn(crate::sdnotify::watchdog_loop(|| true));
+    Ok(())
+}

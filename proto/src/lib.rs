@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod cidr;
 pub mod cli;
 pub mod codec;
@@ -15,6 +16,7 @@ pub mod handshake;
 pub mod logging;
 pub mod metrics;
 pub mod net;
+pub mod sdnotify;
 pub mod session;
 pub mod splice;
 pub mod tls;

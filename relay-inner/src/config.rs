@@ -18,6 +18,8 @@ pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(30);
 pub const DEFAULT_RECONNECT_RESET_AFTER: Duration = Duration::from_secs(60);
 /// Default bound on dialing a service's target.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default address of the admin HTTP endpoint: loopback only.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9465";
 /// Default time open streams get to finish on SIGTERM.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Default bound on TCP connect, TLS handshake and Hello to relay-outer.
@@ -34,6 +36,7 @@ struct RawConfig {
     #[serde(default)]
     services: BTreeMap<String, RawService>,
     shutdown_grace: Option<Dur>,
+    admin: Option<RawAdmin>,
     dial_timeout: Option<Dur>,
 }
 
@@ -42,6 +45,12 @@ struct RawConfig {
 struct RawOuter {
     addr: String,
     server_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -88,6 +97,8 @@ pub struct Config {
     pub services: BTreeMap<String, Service>,
     /// Time open streams get to finish on SIGTERM.
     pub shutdown_grace: Duration,
+    /// Address of the admin HTTP endpoint (/metrics, /healthz, /readyz, /status).
+    pub admin_listen: std::net::SocketAddr,
     /// Bound on connecting to relay-outer (TCP, TLS, Hello).
     pub dial_timeout: Duration,
 }
@@ -152,6 +163,13 @@ impl Config {
     }
 
     fn validate(raw: RawConfig, base: &Path) -> Result<Config, String> {
+        let admin = raw
+            .admin
+            .as_ref()
+            .map_or(DEFAULT_ADMIN_LISTEN, |a| a.listen.as_str());
+        let admin_listen: std::net::SocketAddr = admin
+            .parse()
+            .map_err(|_| format!("admin.listen: {admin:?} is not an address with a port, like {DEFAULT_ADMIN_LISTEN:?}"))?;
         if raw.outer.is_empty() {
             return Err("outer: list at least one relay-outer endpoint".into());
         }
@@ -219,6 +237,7 @@ impl Config {
             keepalive: KeepaliveSpec::resolve(raw.keepalive.as_ref(), "keepalive")?,
             services,
             shutdown_grace: raw.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
+            admin_listen,
             dial_timeout: raw.dial_timeout.map_or(DEFAULT_DIAL_TIMEOUT, |d| d.0),
         })
     }

@@ -14,8 +14,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use relay_proto::cli::start_admin;
 use relay_proto::cli::{self, LogArgs};
 use relay_proto::drain::termination_signal;
+use relay_proto::sdnotify;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
@@ -79,15 +81,26 @@ fn run(path: &Path) -> anyhow::Result<()> {
 
 async fn serve(path: PathBuf, cfg: Config, tls: rustls::ClientConfig) -> anyhow::Result<()> {
     info!(node = %cfg.node, services = ?cfg.services.keys().collect::<Vec<_>>(), "relay-inner starting");
+    let admin_listen = cfg.admin_listen;
+    let prom = relay_proto::metrics::install().map_err(anyhow::Error::msg)?;
     let relay = relay::InnerRelay::start(path, cfg, tls);
+    let handler = {
+        let (relay, prom) = (relay.clone(), prom.clone());
+        move |path: &str| status::handle(&relay, &prom, path)
+    };
+    start_admin(admin_listen, handler, prom, relay.drain.clone()).await?;
     let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     let sig = loop {
         tokio::select! {
             sig = termination_signal() => break sig,
-            _ = hup.recv() => match relay.reload().await {
-                Ok(summary) => info!(%summary, "configuration reloaded"),
-                Err(e) => error!(reason = %e, "configuration reload rejected; the previous configuration stays in force"),
-            },
+            _ = hup.recv() => {
+                sdnotify::reloading();
+                match relay.reload().await {
+                    Ok(summary) => info!(%summary, "configuration reloaded"),
+                    Err(e) => error!(reason = %e, "configuration reload rejected; the previous configuration stays in force"),
+                }
+                sdnotify::ready();
+            }
         }
     };
     let drain = &relay.drain;
@@ -98,6 +111,7 @@ async fn serve(path: PathBuf, cfg: Config, tls: rustls::ClientConfig) -> anyhow:
         ?grace,
         "shutting down: telling relay-outer to send no new streams; open streams may finish"
     );
+    sdnotify::stopping();
     drain.stop();
     let left = drain.wait_idle(grace).await;
     if left > 0 {

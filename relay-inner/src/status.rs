@@ -101,3 +101,50 @@ impl EndpointStatus {
         })
     }
 }
+
+/// Answers one admin request: `/metrics`, `/healthz`, `/readyz`, `/status`.
+pub fn handle(
+    relay: &std::sync::Arc<crate::relay::InnerRelay>,
+    prom: &metrics_exporter_prometheus::PrometheusHandle,
+    path: &str,
+) -> relay_proto::admin::Response {
+    use relay_proto::admin::Response;
+    match path {
+        "/metrics" => Response::prometheus(prom.render()),
+        "/healthz" => Response::text(200, "ok\n".into()),
+        "/readyz" => {
+            // Ready when every configured relay-outer has a live session.
+            let down: Vec<String> = relay
+                .endpoints()
+                .iter()
+                .filter(|e| !e.is_up())
+                .map(|e| e.addr.clone())
+                .collect();
+            if relay.drain.is_stopping() {
+                Response::text(503, "shutting down\n".into())
+            } else if down.is_empty() {
+                Response::text(200, "ready\n".into())
+            } else {
+                Response::text(503, format!("no session to: {}\n", down.join(", ")))
+            }
+        }
+        "/status" => {
+            let cfg = relay.config();
+            let endpoints: Vec<_> = relay.endpoints().iter().map(|e| e.to_json()).collect();
+            let body = serde_json::json!({
+                "role": "relay-inner",
+                "version": env!("CARGO_PKG_VERSION"),
+                "node": cfg.node,
+                "uptime_seconds": relay.started.elapsed().as_secs_f64(),
+                "outer": endpoints,
+                "services": cfg.services.keys().collect::<Vec<_>>(),
+                "open_streams": relay.drain.active(),
+            });
+            Response::json(200, body.to_string())
+        }
+        _ => Response::text(
+            404,
+            "not found: try /metrics, /healthz, /readyz, /status\n".into(),
+        ),
+    }
+}

@@ -18,6 +18,8 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_OPEN_TIMEOUT: Duration = Duration::from_secs(15);
 /// Default client connections per listener.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default address of the admin HTTP endpoint: loopback only.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
 /// Default time open streams get to finish on SIGTERM.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
@@ -28,6 +30,7 @@ struct RawConfig {
     #[serde(default)]
     listeners: Vec<RawListener>,
     shutdown_grace: Option<Dur>,
+    admin: Option<RawAdmin>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -37,6 +40,12 @@ struct RawTunnel {
     tls: RawTls,
     keepalive: Option<KeepaliveSpec>,
     handshake_timeout: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -68,6 +77,8 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// Time open streams get to finish on SIGTERM.
     pub shutdown_grace: Duration,
+    /// Address of the admin HTTP endpoint (/metrics, /healthz, /readyz, /status).
+    pub admin_listen: std::net::SocketAddr,
 }
 
 /// Where and how inner relays connect.
@@ -121,6 +132,13 @@ impl Config {
     }
 
     fn validate(raw: RawConfig, base: &Path) -> Result<Config, String> {
+        let admin = raw
+            .admin
+            .as_ref()
+            .map_or(DEFAULT_ADMIN_LISTEN, |a| a.listen.as_str());
+        let admin_listen: std::net::SocketAddr = admin
+            .parse()
+            .map_err(|_| format!("admin.listen: {admin:?} is not an address with a port, like {DEFAULT_ADMIN_LISTEN:?}"))?;
         let t = raw.tunnel;
         let tunnel = TunnelConfig {
             listen: socket_addr(&t.listen, "tunnel.listen")?,
@@ -176,6 +194,7 @@ impl Config {
             tunnel,
             listeners,
             shutdown_grace: raw.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
+            admin_listen,
         })
     }
 

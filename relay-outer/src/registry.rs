@@ -31,6 +31,8 @@ pub struct SessionEntry {
     pub since: Instant,
     /// Client streams assigned to this session and not yet finished.
     pub load: AtomicUsize,
+    /// Last keepalive round trip, microseconds (0: none yet).
+    pub rtt_micros: AtomicU64,
 }
 
 /// Counts one client stream against its session's load until dropped.
@@ -51,6 +53,14 @@ impl Drop for LoadGuard {
 }
 
 impl SessionEntry {
+    /// The last keepalive round trip, if one was measured.
+    pub fn rtt(&self) -> Option<std::time::Duration> {
+        match self.rtt_micros.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(std::time::Duration::from_micros(us)),
+        }
+    }
+
     /// Whether new streams may go to this session.
     pub fn usable(&self) -> bool {
         !self.handle.is_closed() && !self.draining.load(Ordering::Relaxed)
@@ -137,6 +147,7 @@ mod tests {
             draining: AtomicBool::new(false),
             since: Instant::now(),
             load: AtomicUsize::new(0),
+            rtt_micros: AtomicU64::new(0),
         });
         (e, b)
     }

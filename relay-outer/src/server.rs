@@ -135,6 +135,12 @@ impl OuterRelay {
                 old.tunnel.listen, new.tunnel.listen
             ));
         }
+        if new.admin_listen != old.admin_listen {
+            return Err(format!(
+                "admin.listen changed from {} to {}: that needs a restart",
+                old.admin_listen, new.admin_listen
+            ));
+        }
         let running = self.listeners();
         // Bind what is new or moved before changing anything.
         let mut fresh = HashMap::new();

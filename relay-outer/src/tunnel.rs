@@ -200,6 +200,7 @@ impl TunnelServer {
             draining: Default::default(),
             since: Instant::now(),
             load: Default::default(),
+            rtt_micros: Default::default(),
         });
         let count = self.registry.add(entry.clone());
         let tunnel_label = [("tunnel", tunnel_name.clone())];
@@ -226,6 +227,8 @@ impl TunnelServer {
                     match ev {
                         ControlEvent::Rtt(rtt) => {
                             rtt_hist.record(rtt.as_secs_f64());
+                            let us = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX).max(1);
+                            entry.rtt_micros.store(us, Ordering::Relaxed);
                             debug!(session = entry.id, ?rtt, "keepalive");
                         }
                         ControlEvent::GoAway(reason) => {

@@ -115,6 +115,17 @@ pub fn outer_yaml(
         }
     }
     y.push_str(extra);
+    with_admin(y, extra)
+}
+
+/// Adds an admin endpoint on a free loopback port unless `extra` configures one.
+fn with_admin(mut y: String, extra: &str) -> String {
+    if !extra.contains("admin:") {
+        y.push_str(&format!(
+            "\nadmin: {{ listen: \"127.0.0.1:{}\" }}\n",
+            crate::free_port()
+        ));
+    }
     y
 }
 
@@ -148,7 +159,7 @@ pub fn inner_yaml(
         ));
     }
     y.push_str(extra);
-    y
+    with_admin(y, extra)
 }
 
 /// A running relay with its config file.
@@ -157,6 +168,8 @@ pub struct Relay {
     pub proc: Proc,
     /// Its config file.
     pub config: PathBuf,
+    /// Port of its admin endpoint on 127.0.0.1, if the config names one.
+    pub admin_port: Option<u16>,
     _dir: tempfile::TempDir,
 }
 
@@ -182,9 +195,15 @@ impl Relay {
         cmd.arg("--config")
             .arg(&config)
             .args(["--log-level", "info,relay_outer=debug,relay_inner=debug"]);
+        let admin_port = yaml
+            .split("admin: { listen: \"127.0.0.1:")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .and_then(|p| p.parse().ok());
         Relay {
             proc: Proc::spawn(name, cmd),
             config,
+            admin_port,
             _dir: dir,
         }
     }
