@@ -20,6 +20,8 @@ pub const DEFAULT_RECONNECT_RESET_AFTER: Duration = Duration::from_secs(60);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default address of the admin HTTP endpoint: loopback only.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9465";
+/// Default bound on streams relay-outer may open on one session.
+pub const DEFAULT_MAX_STREAMS_PER_SESSION: usize = 4096;
 /// Default time open streams get to finish on SIGTERM.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Default bound on TCP connect, TLS handshake and Hello to relay-outer.
@@ -38,6 +40,7 @@ struct RawConfig {
     shutdown_grace: Option<Dur>,
     admin: Option<RawAdmin>,
     dial_timeout: Option<Dur>,
+    max_streams_per_session: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -101,6 +104,8 @@ pub struct Config {
     pub admin_listen: std::net::SocketAddr,
     /// Bound on connecting to relay-outer (TCP, TLS, Hello).
     pub dial_timeout: Duration,
+    /// Streams relay-outer may open on one session at once.
+    pub max_streams_per_session: usize,
 }
 
 /// One relay-outer to keep a session with.
@@ -239,6 +244,16 @@ impl Config {
             shutdown_grace: raw.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
             admin_listen,
             dial_timeout: raw.dial_timeout.map_or(DEFAULT_DIAL_TIMEOUT, |d| d.0),
+            max_streams_per_session: match raw.max_streams_per_session {
+                None => DEFAULT_MAX_STREAMS_PER_SESSION,
+                Some(n) if (1..=relay_proto::session::MAX_STREAMS).contains(&n) => n,
+                Some(n) => {
+                    return Err(format!(
+                        "max_streams_per_session: {n} is outside 1..={}",
+                        relay_proto::session::MAX_STREAMS
+                    ))
+                }
+            },
         })
     }
 

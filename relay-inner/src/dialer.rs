@@ -77,7 +77,12 @@ impl Dialer {
                     metrics::gauge!(m::SESSIONS_UP, &self.labels()).set(1.0);
                     info!(tunnel = %tunnel, session = id, "tunnel up");
                     let end = self
-                        .serve(session, ctrl, cur.cfg.keepalive)
+                        .serve(
+                            session,
+                            ctrl,
+                            cur.cfg.keepalive,
+                            cur.cfg.max_streams_per_session,
+                        )
                         .instrument(tracing::info_span!("session", tunnel = %tunnel, session = id))
                         .await;
                     let up = started.elapsed();
@@ -190,7 +195,13 @@ impl Dialer {
 
     /// Serves the session until its control loop ends; on shutdown tells relay-outer
     /// to send no more streams and keeps the session up while streams finish.
-    async fn serve(&self, session: Session, ctrl: Stream, keepalive: Keepalive) -> ControlEnd {
+    async fn serve(
+        &self,
+        session: Session,
+        ctrl: Stream,
+        keepalive: Keepalive,
+        max_streams: usize,
+    ) -> ControlEnd {
         let Session {
             handle,
             mut incoming,
@@ -205,8 +216,14 @@ impl Dialer {
                 end = &mut ctl => break end.unwrap_or_else(|e| ControlEnd::Failed(e.to_string())),
                 s = incoming.recv() => match s {
                     Some(s) => {
-                        let services = self.services.clone();
-                        tokio::spawn(services.serve(s).in_current_span());
+                        // The control stream counts too.
+                        if handle.open_streams() > max_streams + 1 {
+                            warn!(limit = max_streams, "stream refused: session is at max_streams_per_session");
+                            tokio::spawn(Services::refuse_over_limit(s, max_streams));
+                        } else {
+                            let services = self.services.clone();
+                            tokio::spawn(services.serve(s).in_current_span());
+                        }
                     }
                     None => {
                         // The connection is gone; the control loop will say why.

@@ -79,6 +79,13 @@ impl Services {
         *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
     }
 
+    /// Answers a stream over the session's limit with an error, without reading it.
+    pub async fn refuse_over_limit(mut stream: Stream, limit: usize) {
+        failed("?", "over_limit");
+        let msg = format!("relay-inner allows {limit} streams per session");
+        refuse(&mut stream, ErrorCode::OverLimit, msg).await;
+    }
+
     /// Serves one stream opened by relay-outer, to its end.
     pub async fn serve(self: Arc<Self>, mut stream: Stream) {
         let _guard = self.drain.guard();

@@ -9,6 +9,7 @@ use std::time::Duration;
 use relay_proto::cidr::Cidr;
 use relay_proto::config_file::{self, ConfigError};
 use relay_proto::control::KeepaliveSpec;
+use relay_proto::session::MAX_STREAMS;
 use relay_proto::units::{resolve_path as resolve, Dur};
 use serde::Deserialize;
 
@@ -20,6 +21,8 @@ pub const DEFAULT_OPEN_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Default address of the admin HTTP endpoint: loopback only.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
+/// Default bound on streams one session carries at once.
+pub const DEFAULT_MAX_STREAMS_PER_SESSION: usize = 4096;
 /// Default time open streams get to finish on SIGTERM.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
@@ -40,6 +43,7 @@ struct RawTunnel {
     tls: RawTls,
     keepalive: Option<KeepaliveSpec>,
     handshake_timeout: Option<Dur>,
+    max_streams_per_session: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -96,6 +100,8 @@ pub struct TunnelConfig {
     pub keepalive: relay_proto::control::Keepalive,
     /// Bound on TLS handshake plus Hello.
     pub handshake_timeout: Duration,
+    /// Streams one session may carry at once.
+    pub max_streams_per_session: usize,
 }
 
 /// One client-facing port spliced to a service inside.
@@ -149,6 +155,15 @@ impl Config {
             handshake_timeout: t
                 .handshake_timeout
                 .map_or(DEFAULT_HANDSHAKE_TIMEOUT, |d| d.0),
+            max_streams_per_session: match t.max_streams_per_session {
+                None => DEFAULT_MAX_STREAMS_PER_SESSION,
+                Some(n) if (1..=MAX_STREAMS).contains(&n) => n,
+                Some(n) => {
+                    return Err(format!(
+                        "tunnel.max_streams_per_session: {n} is outside 1..={MAX_STREAMS}"
+                    ))
+                }
+            },
         };
         let mut names = HashSet::new();
         let mut binds = HashSet::new();

@@ -20,7 +20,7 @@ use tokio::sync::Semaphore;
 use tracing::{info, warn, Instrument};
 
 use crate::config::ListenerConfig;
-use crate::registry::Registry;
+use crate::registry::{PickError, Registry};
 
 /// Bound on writing the Open frame into a fresh stream.
 const OPEN_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -164,11 +164,20 @@ impl Listener {
                 "client refused: listener is at max_connections");
             return;
         };
-        let Some(assigned) = self.registry.pick(&cfg.tunnel) else {
-            self.refused("no_session");
-            warn!(listener = %cfg.name, tunnel = %cfg.tunnel, client = %addr,
+        let assigned = match self.registry.pick(&cfg.tunnel) {
+            Ok(a) => a,
+            Err(PickError::Full) => {
+                self.refused("over_limit");
+                warn!(listener = %cfg.name, tunnel = %cfg.tunnel, client = %addr,
+                    "client refused: every session of the tunnel is at max_streams_per_session");
+                return;
+            }
+            Err(PickError::NoSession) => {
+                self.refused("no_session");
+                warn!(listener = %cfg.name, tunnel = %cfg.tunnel, client = %addr,
                 "client refused: tunnel is down (no live session)");
-            return;
+                return;
+            }
         };
         net::tune_data_socket(&client);
         let guard = self.drain.guard();

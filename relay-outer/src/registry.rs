@@ -72,6 +72,16 @@ impl SessionEntry {
 pub struct Registry {
     map: Mutex<HashMap<String, Vec<Arc<SessionEntry>>>>,
     next_id: AtomicU64,
+    max_streams: AtomicUsize,
+}
+
+/// Why no session could take a new stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PickError {
+    /// The tunnel has no live session.
+    NoSession,
+    /// Every live session carries its maximum of streams.
+    Full,
 }
 
 impl Registry {
@@ -79,6 +89,11 @@ impl Registry {
         // A panic while holding this lock cannot leave the map inconsistent (every
         // operation is a single push or retain), so a poisoned lock is still usable.
         self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets the most streams a session may carry (0: no limit).
+    pub fn set_max_streams(&self, n: usize) {
+        self.max_streams.store(n, Ordering::Relaxed);
     }
 
     /// A fresh session id.
@@ -111,16 +126,23 @@ impl Registry {
     /// Assigns a new client stream to the live session of `tunnel` with the fewest
     /// streams, if any. The count rises here, under the lock, so clients arriving at the
     /// same moment spread over the sessions instead of all seeing the same counts.
-    pub fn pick(&self, tunnel: &str) -> Option<LoadGuard> {
+    pub fn pick(&self, tunnel: &str) -> Result<LoadGuard, PickError> {
         let map = self.lock();
         let entry = map
-            .get(tunnel)?
-            .iter()
-            .filter(|e| e.usable())
-            .min_by_key(|e| e.load.load(Ordering::Relaxed))?
+            .get(tunnel)
+            .and_then(|v| {
+                v.iter()
+                    .filter(|e| e.usable())
+                    .min_by_key(|e| e.load.load(Ordering::Relaxed))
+            })
+            .ok_or(PickError::NoSession)?
             .clone();
+        let max = self.max_streams.load(Ordering::Relaxed);
+        if max > 0 && entry.load.load(Ordering::Relaxed) >= max {
+            return Err(PickError::Full);
+        }
         entry.load.fetch_add(1, Ordering::Relaxed);
-        Some(LoadGuard(entry))
+        Ok(LoadGuard(entry))
     }
 
     /// Every session, for status and shutdown.
@@ -160,6 +182,9 @@ mod tests {
         reg.add(a.clone());
         reg.add(b.clone());
         let picks: Vec<_> = (0..4).map(|_| reg.pick("t").unwrap()).collect();
+        reg.set_max_streams(2);
+        assert_eq!(reg.pick("t").err(), Some(PickError::Full));
+        reg.set_max_streams(0);
         let on_a = picks.iter().filter(|g| g.session().id == a.id).count();
         assert_eq!(on_a, 2);
         drop(picks);
@@ -168,8 +193,12 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(reg.pick("t").unwrap().session().id, a.id);
         }
-        assert!(reg.pick("other").is_none());
+        assert_eq!(reg.pick("other").err(), Some(PickError::NoSession));
         assert_eq!(reg.remove("t", a.id), 1);
-        assert!(reg.pick("t").is_none(), "only a draining session is left");
+        assert_eq!(
+            reg.pick("t").err(),
+            Some(PickError::NoSession),
+            "only a draining session is left"
+        );
     }
 }

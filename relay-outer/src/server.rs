@@ -69,6 +69,7 @@ impl OuterRelay {
                 .with_context(|| format!("listener {}: cannot bind {}", l.name, l.bind))?;
             sockets.push((l.clone(), sock));
         }
+        registry.set_max_streams(cfg.tunnel.max_streams_per_session);
         let tunnel = Arc::new(TunnelServer::new(
             settings(&cfg, tls),
             registry.clone(),
@@ -162,6 +163,8 @@ impl OuterRelay {
         }
 
         self.tunnel.update(settings(&new, tls));
+        self.registry
+            .set_max_streams(new.tunnel.max_streams_per_session);
         let mut added = Vec::new();
         let mut changed = Vec::new();
         let mut removed = Vec::new();

@@ -1,0 +1,84 @@
+//! Streams-per-session limits on both relays: the stream over the limit is refused with
+//! a logged reason, the ones under it and the session itself are untouched.
+
+use std::time::Duration;
+
+use routy_e2e::relays::{inner_yaml, outer_yaml, ListenerSpec, Pki, Relay};
+use routy_e2e::{free_port, psql_at, wait_until, Pg, PgOpts};
+
+const KA: (&str, &str) = ("500ms", "3s");
+
+/// PostgreSQL, both relays, the PKI (kept alive: it holds the certificates) and the listener port.
+fn setup(outer_extra: &str, inner_extra: &str) -> (Pg, Pki, Relay, Relay, u16) {
+    let pg = Pg::start(PgOpts::default());
+    let pki = Pki::new(&["localhost"]);
+    pki.issue("site-a");
+    let (tport, lport) = (free_port(), free_port());
+    let l = ListenerSpec::new("pg", &format!("127.0.0.1:{lport}"), "site-a", "pg");
+    let mut oy = outer_yaml(&pki, &format!("127.0.0.1:{tport}"), KA, &[l], "");
+    oy = oy.replace("  keepalive:", &format!("{outer_extra}  keepalive:"));
+    let outer = Relay::outer(&oy, None);
+    let iy = inner_yaml(
+        &pki,
+        "site-a",
+        &[(format!("127.0.0.1:{tport}"), "localhost")],
+        &[("pg", format!("127.0.0.1:{}", pg.port()))],
+        KA,
+        inner_extra,
+    );
+    let inner = Relay::inner("relay-inner", &iy, None);
+    (pg, pki, outer, inner, lport)
+}
+
+fn hold(port: u16) -> std::thread::JoinHandle<Result<String, String>> {
+    std::thread::spawn(move || psql_at("127.0.0.1", port, "SELECT pg_sleep(3); SELECT 'held'"))
+}
+
+fn sleepers(pg: &Pg) -> usize {
+    pg.try_psql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(3)%'")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn relay_outer_caps_streams_per_session() {
+    let (pg, _pki, outer, _inner, lport) = setup("  max_streams_per_session: 2\n", "");
+    let held: Vec<_> = (0..2).map(|_| hold(lport)).collect();
+    wait_until(Duration::from_secs(15), "two streams held", || {
+        sleepers(&pg) == 2
+    });
+    assert!(psql_at("127.0.0.1", lport, "SELECT 1").is_err());
+    outer
+        .proc
+        .wait_for_log("at max_streams_per_session", Duration::from_secs(5));
+    for h in held {
+        assert_eq!(h.join().unwrap().unwrap().trim(), "held");
+    }
+    wait_until(Duration::from_secs(10), "a slot is free again", || {
+        psql_at("127.0.0.1", lport, "SELECT 2").as_deref() == Ok("2")
+    });
+    assert_eq!(outer.count("tunnel down"), 0);
+}
+
+#[test]
+fn relay_inner_caps_streams_per_session() {
+    let (pg, _pki, outer, inner, lport) = setup("", "max_streams_per_session: 1\n");
+    let held = hold(lport);
+    wait_until(Duration::from_secs(15), "one stream held", || {
+        sleepers(&pg) == 1
+    });
+    assert!(psql_at("127.0.0.1", lport, "SELECT 1").is_err());
+    inner.proc.wait_for_log(
+        "stream refused: session is at max_streams_per_session",
+        Duration::from_secs(5),
+    );
+    outer
+        .proc
+        .wait_for_log("over_limit", Duration::from_secs(5));
+    assert_eq!(held.join().unwrap().unwrap().trim(), "held");
+    wait_until(Duration::from_secs(10), "works again", || {
+        psql_at("127.0.0.1", lport, "SELECT 3").as_deref() == Ok("3")
+    });
+    assert_eq!(outer.count("tunnel down"), 0);
+}
