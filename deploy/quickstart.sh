@@ -3,15 +3,16 @@
 #
 # Builds the relays, makes a private CA and certificates, starts a throwaway PostgreSQL
 # on a free loopback port, puts relay-inner next to it and relay-outer in front of it,
-# and queries the database through the tunnel. Then it waits for Ctrl-C and removes
-# everything it made.
+# queries the database through the tunnel and checks both relays' admin endpoints
+# (/readyz). Then it waits for Ctrl-C and removes everything it made.
 #
 # Environment:
 #   ROUTY_QUICKSTART_DIR   work directory to use (must be empty or not exist);
 #                          default: a new temporary directory
 #   ROUTY_KEEP=1           keep the work directory (configs, certificates, logs) at the end
-#   ROUTY_QUICKSTART_ONCE=1  run the query through the tunnel, clean up and exit 0
-#                          (no waiting for Ctrl-C; used by tests and CI)
+#   ROUTY_QUICKSTART_ONCE=1  run the query through the tunnel, check /readyz on both
+#                          relays, clean up and exit 0 (no waiting for Ctrl-C; used by
+#                          tests and CI)
 #   ROUTY_PG_BIN_DIR       PostgreSQL bin directory; default: the highest
 #                          /usr/lib/postgresql/*/bin
 #   RUST_LOG               log filter for both relays (default: info)
@@ -166,23 +167,25 @@ fi
 say "work directory: $WORK"
 
 # --- free ports ----------------------------------------------------------------------------
-# Three distinct loopback ports that were free just now: PostgreSQL, the tunnel, the listener.
+# Five distinct loopback ports that were free just now: PostgreSQL, the tunnel, the
+# listener, relay-outer's admin endpoint, relay-inner's admin endpoint.
 free_ports() {
+    local n=5
     if command -v python3 >/dev/null; then
         python3 -c '
-import socket
+import socket, sys
 socks = []
-for _ in range(3):
+for _ in range(int(sys.argv[1])):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     socks.append(s)
 print(" ".join(str(s.getsockname()[1]) for s in socks))
-'
+' "$n"
         return
     fi
-    # No python3: try random high ports until nothing answers on three of them.
+    # No python3: try random high ports until nothing answers on enough of them.
     local ports=() p
-    while [ "${#ports[@]}" -lt 3 ]; do
+    while [ "${#ports[@]}" -lt "$n" ]; do
         p=$((20000 + RANDOM % 30000))
         case " ${ports[*]} " in *" $p "*) continue ;; esac
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
@@ -191,7 +194,7 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
     done
     echo "${ports[*]}"
 }
-read -r PG_PORT TUNNEL_PORT LISTEN_PORT < <(free_ports)
+read -r PG_PORT TUNNEL_PORT LISTEN_PORT OUTER_ADMIN_PORT INNER_ADMIN_PORT < <(free_ports)
 
 # --- certificates --------------------------------------------------------------------------
 say "making a CA, relay-outer's certificate and the client certificate of tunnel site-a"
@@ -264,6 +267,8 @@ listeners:
     bind: "127.0.0.1:$LISTEN_PORT"
     tunnel: site-a          # the CN of relay-inner's client certificate (pki/site-a.crt)
     service: demo-pg        # a service listed in relay-inner.yaml
+admin:
+  listen: "127.0.0.1:$OUTER_ADMIN_PORT"   # /metrics /healthz /readyz /status
 shutdown_grace: 5s
 EOF
 cat >"$WORK/relay-inner.yaml" <<EOF
@@ -275,6 +280,8 @@ tls: { cert: pki/site-a.crt, key: pki/site-a.key, ca: pki/ca.crt }
 reconnect: { initial: 100ms, max: 2s }
 services:
   demo-pg: { target: "127.0.0.1:$PG_PORT" }
+admin:
+  listen: "127.0.0.1:$INNER_ADMIN_PORT"   # /metrics /healthz /readyz /status
 shutdown_grace: 5s
 EOF
 
@@ -284,10 +291,10 @@ say "checking the configs"
 
 # --- relays --------------------------------------------------------------------------------
 export RUST_LOG=${RUST_LOG:-info}
-say "starting relay-outer (tunnel 127.0.0.1:$TUNNEL_PORT, listener 127.0.0.1:$LISTEN_PORT)"
+say "starting relay-outer (tunnel 127.0.0.1:$TUNNEL_PORT, listener 127.0.0.1:$LISTEN_PORT, admin 127.0.0.1:$OUTER_ADMIN_PORT)"
 setsid "$OUTER_BIN" run --config "$WORK/relay-outer.yaml" </dev/null >"$WORK/relay-outer.log" 2>&1 &
 OUTER_PID=$!
-say "starting relay-inner"
+say "starting relay-inner (admin 127.0.0.1:$INNER_ADMIN_PORT)"
 setsid "$INNER_BIN" run --config "$WORK/relay-inner.yaml" </dev/null >"$WORK/relay-inner.log" 2>&1 &
 INNER_PID=$!
 
@@ -326,6 +333,39 @@ rm -f "$WORK/psql.err"
 say "a query through the tunnel (client -> relay-outer :$LISTEN_PORT => relay-inner -> PostgreSQL :$PG_PORT):"
 psql_at "$LISTEN_PORT" "SELECT inet_server_addr(), current_database(), count(*) FROM demo"
 
+# The HTTP status of GET http://127.0.0.1:PORT/PATH, or 000 if there is no answer; with
+# curl, or bash's /dev/tcp when curl is not installed.
+http_status() { # port path
+    local port=$1 path=$2
+    if command -v curl >/dev/null; then
+        curl -s -o /dev/null -m 5 -w '%{http_code}' "http://127.0.0.1:$port$path" || true
+        return
+    fi
+    (
+        exec 3<>"/dev/tcp/127.0.0.1/$port" || exit 0
+        printf 'GET %s HTTP/1.0\r\nHost: 127.0.0.1:%s\r\n\r\n' "$path" "$port" >&3
+        IFS=' ' read -r -t 5 _ code _ <&3 || exit 0
+        printf '%s' "$code"
+    ) 2>/dev/null | grep -E '^[0-9]{3}$' || echo 000
+}
+
+say "checking the admin endpoints (/readyz on both relays, up to 10 s)"
+for admin in "relay-outer $OUTER_ADMIN_PORT" "relay-inner $INNER_ADMIN_PORT"; do
+    read -r name port <<<"$admin"
+    deadline=$((SECONDS + 10))
+    until [ "$(http_status "$port" /readyz)" = 200 ]; do
+        relays_alive || exit 1
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            printf 'quickstart: %s: http://127.0.0.1:%s/readyz did not answer 200 within 10 s (last: %s)\n' \
+                "$name" "$port" "$(http_status "$port" /readyz)" >&2
+            tail_log "$WORK/$name.log"
+            exit 1
+        fi
+        sleep 0.2
+    done
+    say "$name ready: http://127.0.0.1:$port/readyz answers 200"
+done
+
 # CDC: Routy's change data capture is not implemented yet. Once it is, this script will
 # show it here (changes to the demo table arriving at relay-outer); nothing is shown now.
 
@@ -347,12 +387,20 @@ Routy is running.
     psql "host=127.0.0.1 port=$LISTEN_PORT user=postgres dbname=postgres"
   PostgreSQL itself listens on 127.0.0.1:$PG_PORT, relay-outer's tunnel port is 127.0.0.1:$TUNNEL_PORT.
 
+  Admin endpoints (/metrics /healthz /readyz /status):
+    curl http://127.0.0.1:$OUTER_ADMIN_PORT/status     # relay-outer: sessions, listeners
+    curl http://127.0.0.1:$INNER_ADMIN_PORT/status     # relay-inner: its relay-outer endpoints
+    curl http://127.0.0.1:$OUTER_ADMIN_PORT/metrics    # Prometheus metrics
+
   Configs:       $WORK/relay-outer.yaml
                  $WORK/relay-inner.yaml
   Certificates:  $WORK/pki
   Logs:          $WORK/relay-outer.log
                  $WORK/relay-inner.log
                  $PGROOT/postgres.log
+
+  To apply an edited config without a restart: kill -HUP $OUTER_PID (relay-outer)
+  or kill -HUP $INNER_PID (relay-inner); the log says whether it was applied.
 
   To see what a client gets while the tunnel is down, stop relay-inner (kill $INNER_PID)
   and connect again: relay-outer's listener closes the connection at once.

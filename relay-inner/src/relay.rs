@@ -125,6 +125,12 @@ impl InnerRelay {
         let new = Config::load(&self.path).map_err(|e| e.to_string())?;
         let tls = new.check_tls()?;
         let old = self.config();
+        if new.admin_listen != old.admin_listen {
+            return Err(format!(
+                "admin.listen changed from {} to {}: that needs a restart",
+                old.admin_listen, new.admin_listen
+            ));
+        }
         self.services
             .replace(ServiceTable::new(&new.node, &new.services));
         let wanted: HashMap<String, OuterEndpoint> =

@@ -147,7 +147,6 @@ fn run(path: &Path) -> anyhow::Result<()> {
 }
 
 async fn serve(path: PathBuf, cfg: Config, tls: rustls::ServerConfig) -> anyhow::Result<()> {
-    let grace = cfg.shutdown_grace;
     let admin_listen = cfg.admin_listen;
     let prom = relay_proto::metrics::install().map_err(anyhow::Error::msg)?;
     let relay = server::OuterRelay::start(path, cfg, tls).await?;
@@ -171,6 +170,7 @@ async fn serve(path: PathBuf, cfg: Config, tls: rustls::ServerConfig) -> anyhow:
         }
     };
     let drain = &relay.drain;
+    let grace = relay.config().shutdown_grace;
     info!(
         signal = sig,
         open_streams = drain.active(),
