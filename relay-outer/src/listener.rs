@@ -6,6 +6,7 @@
 //! once (fail fast) so replication clients retry instead of hanging.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,6 @@ use relay_proto::metrics as m;
 use relay_proto::net;
 use relay_proto::splice::{splice, ByteCounters};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tracing::{info, warn, Instrument};
 
 use crate::config::ListenerConfig;
@@ -24,6 +24,39 @@ use crate::registry::{PickError, Registry};
 
 /// Bound on writing the Open frame into a fresh stream.
 const OPEN_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Clients connected through one listener, counted against a limit that may change.
+#[derive(Debug, Default)]
+pub struct Slots {
+    in_use: AtomicUsize,
+}
+
+/// One client's place in [`Slots`], given back on drop.
+#[derive(Debug)]
+pub struct Slot(Arc<Slots>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.in_use.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Slots {
+    /// Takes a place if fewer than `limit` are taken.
+    pub fn take(this: &Arc<Slots>, limit: usize) -> Option<Slot> {
+        this.in_use
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(this.clone()))
+    }
+
+    /// Places taken now.
+    pub fn in_use(&self) -> usize {
+        self.in_use.load(Ordering::Acquire)
+    }
+}
 
 /// A listener's settings and the state that goes with them; replaced whole on reload.
 pub struct Listener {
@@ -36,22 +69,19 @@ pub struct Listener {
     /// Shutdown signal and in-flight streams (process-wide).
     pub drain: Drain,
     /// Bounds concurrent clients.
-    pub slots: Arc<Semaphore>,
+    pub slots: Arc<Slots>,
 }
 
 impl Listener {
-    /// A listener for `cfg`; keeps `previous`'s connection slots when the limit is the
-    /// same, so a reload does not reset the count of connected clients.
+    /// A listener for `cfg`; shares `previous`'s count of connected clients, so clients
+    /// admitted before a reload still count against a changed limit.
     pub fn new(
         cfg: ListenerConfig,
         registry: Arc<Registry>,
         drain: Drain,
         previous: Option<&Listener>,
     ) -> Self {
-        let slots = match previous {
-            Some(p) if p.cfg.max_connections == cfg.max_connections => p.slots.clone(),
-            _ => Arc::new(Semaphore::new(cfg.max_connections)),
-        };
+        let slots = previous.map_or_else(Default::default, |p| p.slots.clone());
         let bytes = Arc::new(ByteCounters::registered(&[
             ("listener", cfg.name.clone()),
             ("tunnel", cfg.tunnel.clone()),
@@ -158,7 +188,7 @@ impl Listener {
             warn!(listener = %cfg.name, client = %addr, "client refused: source address not allowed");
             return;
         }
-        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+        let Some(permit) = Slots::take(&self.slots, cfg.max_connections) else {
             self.refused("over_limit");
             warn!(listener = %cfg.name, client = %addr, limit = cfg.max_connections,
                 "client refused: listener is at max_connections");
@@ -261,5 +291,25 @@ impl Listener {
             Err(e) => info!(error = %e, "stream ended with an error"),
         }
         active.decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_a_changed_limit() {
+        let slots = Arc::new(Slots::default());
+        let held: Vec<_> = (0..3).map(|_| Slots::take(&slots, 3).unwrap()).collect();
+        assert!(Slots::take(&slots, 3).is_none());
+        // Limit lowered below what is connected: nobody new until enough have left.
+        assert!(Slots::take(&slots, 2).is_none());
+        drop(held);
+        assert_eq!(slots.in_use(), 0);
+        let _a = Slots::take(&slots, 2).unwrap();
+        let _b = Slots::take(&slots, 2).unwrap();
+        assert!(Slots::take(&slots, 2).is_none());
+        assert!(Slots::take(&slots, 5).is_some());
     }
 }

@@ -54,7 +54,7 @@ fn status(relay: &OuterRelay) -> serde_json::Value {
         .values()
         .map(|r| {
             let l = r.current();
-            let in_use = l.cfg.max_connections - l.slots.available_permits().min(l.cfg.max_connections);
+            let in_use = l.slots.in_use();
             json!({
                 "name": l.cfg.name,
                 "bind": r.bind.to_string(),

@@ -82,3 +82,39 @@ fn relay_inner_caps_streams_per_session() {
     });
     assert_eq!(outer.count("tunnel down"), 0);
 }
+
+#[test]
+fn lowering_max_connections_by_reload_counts_the_clients_already_in() {
+    let (pg, _pki, outer, _inner, lport) = setup("", "");
+    let yaml = std::fs::read_to_string(&outer.config).unwrap();
+    let with_limit = |n: usize| {
+        yaml.replace(
+            "    service: pg\n",
+            &format!("    service: pg\n    max_connections: {n}\n"),
+        )
+    };
+    std::fs::write(&outer.config, with_limit(3)).unwrap();
+    let mut outer = outer;
+    outer.proc.signal(libc::SIGHUP);
+    outer.wait_count("configuration reloaded", 1, Duration::from_secs(10));
+    let held: Vec<_> = (0..2).map(|_| hold(lport)).collect();
+    wait_until(Duration::from_secs(15), "two clients in", || {
+        sleepers(&pg) == 2
+    });
+    // Two are in; the limit drops to two: a third client must be refused, not admitted
+    // by a counter that forgot the two.
+    std::fs::write(&outer.config, with_limit(2)).unwrap();
+    outer.proc.signal(libc::SIGHUP);
+    outer.wait_count("configuration reloaded", 2, Duration::from_secs(10));
+    assert!(psql_at("127.0.0.1", lport, "SELECT 1").is_err());
+    outer.proc.wait_for_log(
+        "client refused: listener is at max_connections",
+        Duration::from_secs(5),
+    );
+    for h in held {
+        assert_eq!(h.join().unwrap().unwrap().trim(), "held");
+    }
+    wait_until(Duration::from_secs(10), "room again", || {
+        psql_at("127.0.0.1", lport, "SELECT 4").as_deref() == Ok("4")
+    });
+}
