@@ -157,3 +157,52 @@ fn the_example_configs_in_deploy_pass_check_config() {
         assert!(ok, "deploy/{which}.yaml: {out}");
     }
 }
+
+#[test]
+fn log_format_json_and_log_level_flags() {
+    let p = pki();
+    let dir = routy_e2e::tempdir();
+    let f = dir.path().join("outer.yaml");
+    let tport = routy_e2e::free_port();
+    let l = ListenerSpec::new(
+        "x",
+        &format!("127.0.0.1:{}", routy_e2e::free_port()),
+        "site-a",
+        "pg",
+    );
+    std::fs::write(
+        &f,
+        outer_yaml(&p, &format!("127.0.0.1:{tport}"), KA, &[l], ""),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(bin("relay-outer"));
+    cmd.args([
+        "--log-format",
+        "json",
+        "--log-level",
+        "debug",
+        "run",
+        "--config",
+    ])
+    .arg(&f);
+    let relay = routy_e2e::Proc::spawn("relay-outer-json", cmd);
+    relay.wait_for_log("tunnel port ready", Duration::from_secs(20));
+    let log = relay.log();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty());
+    for line in &lines {
+        assert!(
+            line.starts_with('{') && line.ends_with('}'),
+            "not a JSON line: {line}"
+        );
+        assert!(line.contains("\"level\":"), "no level: {line}");
+    }
+    let mut cmd = std::process::Command::new(bin("relay-outer"));
+    cmd.args(["--log-format", "yaml", "check-config", "--config"])
+        .arg(&f);
+    let out = run_timeout(&mut cmd, None, Duration::from_secs(30)).unwrap();
+    assert!(
+        !out.status.success(),
+        "an unknown log format must be refused"
+    );
+}
