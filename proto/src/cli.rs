@@ -84,3 +84,53 @@ where
     tokio::spawn(crate::sdnotify::watchdog_loop(|| true));
     Ok(())
 }
+
+/// The life of a running relay after start-up: SIGHUP runs `reload` (systemd is told
+/// RELOADING, then READY), SIGTERM or SIGINT starts the shutdown: no new connections,
+/// open streams get up to `grace()` to finish. `draining` says in the log what
+/// shutting down means for this relay. Returns the streams still open at the end.
+pub async fn run_until_stopped<R, F>(
+    mut reload: R,
+    drain: &crate::drain::Drain,
+    grace: impl Fn() -> std::time::Duration,
+    draining: &str,
+) -> std::io::Result<usize>
+where
+    R: FnMut() -> F,
+    F: Future<Output = Result<String, String>>,
+{
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot install the SIGHUP handler: {e}"))
+    })?;
+    let sig = loop {
+        tokio::select! {
+            sig = crate::drain::termination_signal() => break sig,
+            _ = hup.recv() => {
+                crate::sdnotify::reloading();
+                match reload().await {
+                    Ok(summary) => tracing::info!(%summary, "configuration reloaded"),
+                    Err(e) => tracing::error!(reason = %e, "configuration reload rejected; the previous configuration stays in force"),
+                }
+                crate::sdnotify::ready();
+            }
+        }
+    };
+    let grace = grace();
+    tracing::info!(
+        signal = sig,
+        open_streams = drain.active(),
+        ?grace,
+        "shutting down: {draining}"
+    );
+    crate::sdnotify::stopping();
+    drain.stop();
+    let left = drain.wait_idle(grace).await;
+    if left > 0 {
+        tracing::warn!(
+            streams = left,
+            "grace period over; closing the remaining streams"
+        );
+    }
+    Ok(left)
+}

@@ -12,14 +12,10 @@ mod status;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use relay_proto::cli::start_admin;
 use relay_proto::cli::{self, LogArgs};
-use relay_proto::drain::termination_signal;
-use relay_proto::sdnotify;
-use tokio::signal::unix::{signal, SignalKind};
-use tracing::{error, info, warn};
+use tracing::info;
 
 use crate::config::Config;
 
@@ -89,37 +85,17 @@ async fn serve(path: PathBuf, cfg: Config, tls: rustls::ClientConfig) -> anyhow:
         move |path: &str| status::handle(&relay, &prom, path)
     };
     start_admin(admin_listen, handler, prom, relay.drain.clone()).await?;
-    let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
-    let sig = loop {
-        tokio::select! {
-            sig = termination_signal() => break sig,
-            _ = hup.recv() => {
-                sdnotify::reloading();
-                match relay.reload().await {
-                    Ok(summary) => info!(%summary, "configuration reloaded"),
-                    Err(e) => error!(reason = %e, "configuration reload rejected; the previous configuration stays in force"),
-                }
-                sdnotify::ready();
-            }
-        }
-    };
-    let drain = &relay.drain;
-    let grace = relay.config().shutdown_grace;
-    info!(
-        signal = sig,
-        open_streams = drain.active(),
-        ?grace,
-        "shutting down: telling relay-outer to send no new streams; open streams may finish"
-    );
-    sdnotify::stopping();
-    drain.stop();
-    let left = drain.wait_idle(grace).await;
-    if left > 0 {
-        warn!(
-            streams = left,
-            "grace period over; closing the remaining streams"
-        );
-    }
+    let r = relay.clone();
+    relay_proto::cli::run_until_stopped(
+        || {
+            let r = r.clone();
+            async move { r.reload().await }
+        },
+        &relay.drain,
+        || relay.config().shutdown_grace,
+        "telling relay-outer to send no new streams; open streams may finish",
+    )
+    .await?;
     info!("stopped");
     Ok(())
 }
