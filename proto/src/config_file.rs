@@ -39,3 +39,37 @@ where
     let base = path.parent().unwrap_or(Path::new("."));
     validate(raw, base).map_err(|m| ConfigError::new(path, m))
 }
+
+/// Default bound on streams one session carries at once (both relays).
+pub const DEFAULT_MAX_STREAMS_PER_SESSION: usize = 4096;
+
+/// The `admin:` block of either relay's config file.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSpec {
+    /// Address of the admin HTTP endpoint.
+    pub listen: String,
+}
+
+impl AdminSpec {
+    /// The admin address: the block's, or `default`; errors name `admin.listen`.
+    pub fn resolve(
+        spec: Option<&AdminSpec>,
+        default: &str,
+    ) -> Result<std::net::SocketAddr, String> {
+        let addr = spec.map_or(default, |a| a.listen.as_str());
+        addr.parse().map_err(|_| {
+            format!("admin.listen: {addr:?} is not an address with a port, like {default:?}")
+        })
+    }
+}
+
+/// A streams-per-session limit from the file, or the default; errors name `field`.
+pub fn streams_limit(value: Option<usize>, field: &str) -> Result<usize, String> {
+    let max = crate::session::MAX_STREAMS;
+    match value {
+        None => Ok(DEFAULT_MAX_STREAMS_PER_SESSION),
+        Some(n) if (1..=max).contains(&n) => Ok(n),
+        Some(n) => Err(format!("{field}: {n} is outside 1..={max}")),
+    }
+}

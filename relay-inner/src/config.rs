@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use relay_proto::config_file::{self, ConfigError};
+use relay_proto::config_file::{self, AdminSpec, ConfigError};
 use relay_proto::control::{Keepalive, KeepaliveSpec};
 use relay_proto::units::{resolve_path, Dur};
 use serde::Deserialize;
@@ -20,8 +20,6 @@ pub const DEFAULT_RECONNECT_RESET_AFTER: Duration = Duration::from_secs(60);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default address of the admin HTTP endpoint: loopback only.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9465";
-/// Default bound on streams relay-outer may open on one session.
-pub const DEFAULT_MAX_STREAMS_PER_SESSION: usize = 4096;
 /// Default time open streams get to finish on SIGTERM.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Default bound on TCP connect, TLS handshake and Hello to relay-outer.
@@ -38,7 +36,7 @@ struct RawConfig {
     #[serde(default)]
     services: BTreeMap<String, RawService>,
     shutdown_grace: Option<Dur>,
-    admin: Option<RawAdmin>,
+    admin: Option<AdminSpec>,
     dial_timeout: Option<Dur>,
     max_streams_per_session: Option<usize>,
 }
@@ -48,12 +46,6 @@ struct RawConfig {
 struct RawOuter {
     addr: String,
     server_name: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAdmin {
-    listen: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -168,13 +160,7 @@ impl Config {
     }
 
     fn validate(raw: RawConfig, base: &Path) -> Result<Config, String> {
-        let admin = raw
-            .admin
-            .as_ref()
-            .map_or(DEFAULT_ADMIN_LISTEN, |a| a.listen.as_str());
-        let admin_listen: std::net::SocketAddr = admin
-            .parse()
-            .map_err(|_| format!("admin.listen: {admin:?} is not an address with a port, like {DEFAULT_ADMIN_LISTEN:?}"))?;
+        let admin_listen = AdminSpec::resolve(raw.admin.as_ref(), DEFAULT_ADMIN_LISTEN)?;
         if raw.outer.is_empty() {
             return Err("outer: list at least one relay-outer endpoint".into());
         }
@@ -244,16 +230,10 @@ impl Config {
             shutdown_grace: raw.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
             admin_listen,
             dial_timeout: raw.dial_timeout.map_or(DEFAULT_DIAL_TIMEOUT, |d| d.0),
-            max_streams_per_session: match raw.max_streams_per_session {
-                None => DEFAULT_MAX_STREAMS_PER_SESSION,
-                Some(n) if (1..=relay_proto::session::MAX_STREAMS).contains(&n) => n,
-                Some(n) => {
-                    return Err(format!(
-                        "max_streams_per_session: {n} is outside 1..={}",
-                        relay_proto::session::MAX_STREAMS
-                    ))
-                }
-            },
+            max_streams_per_session: config_file::streams_limit(
+                raw.max_streams_per_session,
+                "max_streams_per_session",
+            )?,
         })
     }
 

@@ -7,9 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use relay_proto::cidr::Cidr;
-use relay_proto::config_file::{self, ConfigError};
+use relay_proto::config_file::{self, AdminSpec, ConfigError};
 use relay_proto::control::KeepaliveSpec;
-use relay_proto::session::MAX_STREAMS;
 use relay_proto::units::{resolve_path as resolve, Dur};
 use serde::Deserialize;
 
@@ -21,8 +20,6 @@ pub const DEFAULT_OPEN_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Default address of the admin HTTP endpoint: loopback only.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
-/// Default bound on streams one session carries at once.
-pub const DEFAULT_MAX_STREAMS_PER_SESSION: usize = 4096;
 /// Default time open streams get to finish on SIGTERM.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
@@ -33,7 +30,7 @@ struct RawConfig {
     #[serde(default)]
     listeners: Vec<RawListener>,
     shutdown_grace: Option<Dur>,
-    admin: Option<RawAdmin>,
+    admin: Option<AdminSpec>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -44,12 +41,6 @@ struct RawTunnel {
     keepalive: Option<KeepaliveSpec>,
     handshake_timeout: Option<Dur>,
     max_streams_per_session: Option<usize>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAdmin {
-    listen: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -138,13 +129,7 @@ impl Config {
     }
 
     fn validate(raw: RawConfig, base: &Path) -> Result<Config, String> {
-        let admin = raw
-            .admin
-            .as_ref()
-            .map_or(DEFAULT_ADMIN_LISTEN, |a| a.listen.as_str());
-        let admin_listen: std::net::SocketAddr = admin
-            .parse()
-            .map_err(|_| format!("admin.listen: {admin:?} is not an address with a port, like {DEFAULT_ADMIN_LISTEN:?}"))?;
+        let admin_listen = AdminSpec::resolve(raw.admin.as_ref(), DEFAULT_ADMIN_LISTEN)?;
         let t = raw.tunnel;
         let tunnel = TunnelConfig {
             listen: socket_addr(&t.listen, "tunnel.listen")?,
@@ -155,15 +140,10 @@ impl Config {
             handshake_timeout: t
                 .handshake_timeout
                 .map_or(DEFAULT_HANDSHAKE_TIMEOUT, |d| d.0),
-            max_streams_per_session: match t.max_streams_per_session {
-                None => DEFAULT_MAX_STREAMS_PER_SESSION,
-                Some(n) if (1..=MAX_STREAMS).contains(&n) => n,
-                Some(n) => {
-                    return Err(format!(
-                        "tunnel.max_streams_per_session: {n} is outside 1..={MAX_STREAMS}"
-                    ))
-                }
-            },
+            max_streams_per_session: config_file::streams_limit(
+                t.max_streams_per_session,
+                "tunnel.max_streams_per_session",
+            )?,
         };
         let mut names = HashSet::new();
         let mut binds = HashSet::new();
