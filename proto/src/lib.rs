@@ -17,6 +17,7 @@ pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod sdnotify;
+pub mod segment_log;
 pub mod session;
 pub mod splice;
 pub mod tls;

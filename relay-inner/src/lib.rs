@@ -3,3 +3,6 @@
 //! replication client and the pgoutput decoder.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+pub mod pgoutput;
+pub mod replication;

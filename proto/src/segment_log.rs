@@ -1,0 +1,1154 @@
+//! A durable, append-only log of numbered records kept in segment files: the storage under
+//! relay-inner's spool and relay-outer's store.
+//!
+//! The API is synchronous `std::fs`; callers run it on a blocking thread. One directory
+//! holds one log; a `LOCK` file keeps a second process out.
+//!
+//! Segments are named by the sequence number of their first record, zero-padded to 20
+//! digits (`00000000000000000001.seg`), so a reader finds the segment for any seq from the
+//! file names alone. Records get consecutive sequence numbers starting at 1.
+//!
+//! Record format (all integers little-endian, 16-byte header):
+//!
+//! ```text
+//! len: u32 | crc: u32 | seq: u64 | payload: [u8; len]
+//! crc = crc32c(len bytes ++ seq bytes ++ payload)
+//! ```
+//!
+//! The checksum covers the length and the sequence number as well as the payload, so a
+//! torn, shifted or zero-filled record fails it. On open, the last (active) segment is
+//! scanned and a damaged tail (short record, bad length, bad checksum, unexpected seq) is
+//! cut back to the last good record and fsynced: those are writes that never completed.
+//! Sealed segments are not scanned on open (they can be gigabytes); they were fdatasynced
+//! before the next segment was created, so damage in one is real corruption, reported by
+//! the reader (or [`SegmentLog::verify`]) with the file and offset, never skipped.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+/// Bytes in a record header: len (4) + crc (4) + seq (8).
+pub const HEADER_BYTES: u64 = 16;
+/// Default size at which the log rolls to a new segment: 64 MiB.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// Default largest accepted payload: 16 MiB.
+pub const DEFAULT_MAX_RECORD: usize = 16 * 1024 * 1024;
+/// File name suffix of a segment.
+const SEGMENT_SUFFIX: &str = ".seg";
+/// Digits in a segment's file name.
+const NAME_DIGITS: usize = 20;
+/// Name of the file locked while a log is open.
+const LOCK_FILE: &str = "LOCK";
+
+/// Result of segment log operations.
+pub type Result<T> = std::result::Result<T, LogError>;
+
+/// What can go wrong with a segment log.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// An I/O call on a file or directory failed.
+    #[error("segment log I/O on {path}: {source}")]
+    Io {
+        /// File or directory the call was on.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// A record in a sealed segment (or in the middle of the log) is damaged.
+    #[error("corrupt record in {path} at offset {offset}: {damage}")]
+    Corrupt {
+        /// Segment file holding the record.
+        path: PathBuf,
+        /// Byte offset of the record in that file.
+        offset: u64,
+        /// What is wrong with it.
+        damage: Damage,
+    },
+    /// A payload is larger than `max_record`.
+    #[error("record of {len} bytes exceeds max_record {max}")]
+    TooLarge {
+        /// Payload size.
+        len: usize,
+        /// The configured limit.
+        max: usize,
+    },
+    /// The requested seq was already removed by `truncate_front`.
+    #[error("seq {requested} was already removed; the log starts at {first}")]
+    Truncated {
+        /// The seq asked for.
+        requested: u64,
+        /// The first seq still in the log.
+        first: u64,
+    },
+    /// The requested seq is past the end of the log.
+    #[error("seq {requested} is beyond the end of the log (last seq {last})")]
+    BeyondEnd {
+        /// The seq asked for.
+        requested: u64,
+        /// The last seq in the log.
+        last: u64,
+    },
+    /// A `.seg` file whose name is not a 20-digit sequence number.
+    #[error("unexpected segment file name {path}")]
+    BadName {
+        /// The offending file.
+        path: PathBuf,
+    },
+    /// Another process holds the log directory.
+    #[error("segment log {path} is locked by another process")]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+    },
+    /// Options that cannot work.
+    #[error("invalid segment log options: {0}")]
+    InvalidOptions(&'static str),
+    /// An earlier write failed and could not be rolled back; the log must be reopened.
+    #[error("segment log {path} is unusable after a failed write; reopen it")]
+    Poisoned {
+        /// The active segment.
+        path: PathBuf,
+    },
+}
+
+/// What is wrong with a damaged record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Damage {
+    /// The file ends inside the record.
+    Short,
+    /// The length field is larger than any record can be.
+    BadLength(u32),
+    /// The checksum does not match.
+    BadChecksum,
+    /// The record (or the next segment) does not carry the expected seq.
+    SeqMismatch {
+        /// The seq that should come next.
+        expected: u64,
+        /// The seq found.
+        found: u64,
+    },
+}
+
+impl fmt::Display for Damage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Damage::Short => write!(f, "file ends inside the record"),
+            Damage::BadLength(len) => write!(f, "implausible length {len}"),
+            Damage::BadChecksum => write!(f, "checksum mismatch"),
+            Damage::SeqMismatch { expected, found } => {
+                write!(f, "expected seq {expected}, found {found}")
+            }
+        }
+    }
+}
+
+/// Tuning for a segment log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogOptions {
+    /// Size at which the log rolls to a new segment.
+    pub segment_bytes: u64,
+    /// Largest accepted payload.
+    pub max_record: usize,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        LogOptions {
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            max_record: DEFAULT_MAX_RECORD,
+        }
+    }
+}
+
+/// One segment file, for retention decisions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentInfo {
+    /// Seq of the segment's first record (also its file name).
+    pub first_seq: u64,
+    /// The segment file.
+    pub path: PathBuf,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// Its last modification time.
+    pub modified: SystemTime,
+}
+
+/// A segment the log knows about.
+#[derive(Debug, Clone)]
+struct Segment {
+    first_seq: u64,
+    path: PathBuf,
+    bytes: u64,
+}
+
+/// An open, writable segment log.
+#[derive(Debug)]
+pub struct SegmentLog {
+    dir: PathBuf,
+    opts: LogOptions,
+    sealed: VecDeque<Segment>,
+    active: Segment,
+    file: File,
+    last_seq: u64,
+    synced_seq: u64,
+    poisoned: bool,
+    _lock: File,
+}
+
+impl SegmentLog {
+    /// Opens (creating if needed) the log in `dir`, cutting a torn tail off the last segment.
+    pub fn open(dir: impl AsRef<Path>, opts: LogOptions) -> Result<SegmentLog> {
+        let dir = dir.as_ref().to_path_buf();
+        if opts.segment_bytes == 0 {
+            return Err(LogError::InvalidOptions("segment_bytes must be positive"));
+        }
+        if opts.max_record > u32::MAX as usize {
+            return Err(LogError::InvalidOptions("max_record must fit in 32 bits"));
+        }
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let lock = lock_dir(&dir)?;
+        let mut segments: VecDeque<Segment> = list_segments(&dir)?
+            .into_iter()
+            .map(|(first_seq, path)| {
+                let bytes = fs::metadata(&path).map_err(io_err(&path))?.len();
+                Ok(Segment {
+                    first_seq,
+                    path,
+                    bytes,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let (active, last_seq) = match segments.pop_back() {
+            None => {
+                let path = segment_path(&dir, 1);
+                create_segment(&path)?;
+                sync_dir(&dir)?;
+                let seg = Segment {
+                    first_seq: 1,
+                    path,
+                    bytes: 0,
+                };
+                (seg, 0)
+            }
+            Some(mut seg) => {
+                let (bytes, count) = recover(&seg)?;
+                seg.bytes = bytes;
+                let last = seg.first_seq + count - 1;
+                (seg, last)
+            }
+        };
+        let mut file = OpenOptions::new()
+            .write(true)
+            .open(&active.path)
+            .map_err(io_err(&active.path))?;
+        file.seek(SeekFrom::Start(active.bytes))
+            .map_err(io_err(&active.path))?;
+        tracing::debug!(dir = %dir.display(), segments = segments.len() + 1, last_seq, "segment log opened");
+        Ok(SegmentLog {
+            dir,
+            opts,
+            sealed: segments,
+            active,
+            file,
+            last_seq,
+            // `recover` fsynced the active segment and sealed ones were synced when sealed.
+            synced_seq: last_seq,
+            poisoned: false,
+            _lock: lock,
+        })
+    }
+
+    /// Appends a record and returns its seq; durable only after [`SegmentLog::sync`].
+    pub fn append(&mut self, payload: &[u8]) -> Result<u64> {
+        if self.poisoned {
+            return Err(LogError::Poisoned {
+                path: self.active.path.clone(),
+            });
+        }
+        if payload.len() > self.opts.max_record {
+            return Err(LogError::TooLarge {
+                len: payload.len(),
+                max: self.opts.max_record,
+            });
+        }
+        let record_bytes = HEADER_BYTES + payload.len() as u64;
+        if self.active.bytes > 0 && self.active.bytes + record_bytes > self.opts.segment_bytes {
+            self.roll()?;
+        }
+        let seq = self.last_seq + 1;
+        let record = encode(seq, payload);
+        if let Err(e) = self.file.write_all(&record) {
+            // Undo a partial write so the next record does not follow garbage.
+            let undone = self.file.set_len(self.active.bytes).is_ok()
+                && self.file.seek(SeekFrom::Start(self.active.bytes)).is_ok();
+            self.poisoned = !undone;
+            return Err(LogError::Io {
+                path: self.active.path.clone(),
+                source: e,
+            });
+        }
+        self.active.bytes += record_bytes;
+        self.last_seq = seq;
+        Ok(seq)
+    }
+
+    /// Makes every appended record durable (fdatasync of the active segment).
+    pub fn sync(&mut self) -> Result<()> {
+        if self.synced_seq == self.last_seq {
+            return Ok(());
+        }
+        self.file.sync_data().map_err(io_err(&self.active.path))?;
+        self.synced_seq = self.last_seq;
+        Ok(())
+    }
+
+    /// Seq of the first record still in the log (`last_seq() + 1` when it holds none).
+    pub fn first_seq(&self) -> u64 {
+        self.sealed
+            .front()
+            .map_or(self.active.first_seq, |s| s.first_seq)
+    }
+
+    /// Seq of the last appended record, 0 when nothing was ever appended.
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// Seq of the last record known to be on stable storage.
+    pub fn synced_seq(&self) -> u64 {
+        self.synced_seq
+    }
+
+    /// Sum of the segment files' sizes in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.sealed.iter().map(|s| s.bytes).sum::<u64>() + self.active.bytes
+    }
+
+    /// The log's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads records from `seq` onward (seq 0 means the first record); see [`Reader`].
+    pub fn read_from(&self, seq: u64) -> Result<Reader> {
+        let first = self.first_seq();
+        let seq = if seq == 0 { first.max(1) } else { seq };
+        if seq < first {
+            return Err(LogError::Truncated {
+                requested: seq,
+                first,
+            });
+        }
+        if seq > self.last_seq + 1 {
+            return Err(LogError::BeyondEnd {
+                requested: seq,
+                last: self.last_seq,
+            });
+        }
+        let seg = self
+            .sealed
+            .iter()
+            .rev()
+            .find(|s| s.first_seq <= seq)
+            .filter(|_| seq < self.active.first_seq)
+            .unwrap_or(&self.active);
+        Reader::new(&self.dir, seg, seq, self.opts.max_record)
+    }
+
+    /// Reads the whole log, failing on the first damaged record.
+    pub fn verify(&self) -> Result<()> {
+        for record in self.read_from(self.first_seq())? {
+            record?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the sealed segments whose every record is `<= upto_seq`.
+    pub fn truncate_front(&mut self, upto_seq: u64) -> Result<()> {
+        let mut removed = 0;
+        while let Some(oldest) = self.sealed.front() {
+            let next_first = self
+                .sealed
+                .get(1)
+                .map_or(self.active.first_seq, |s| s.first_seq);
+            if next_first - 1 > upto_seq {
+                break;
+            }
+            match fs::remove_file(&oldest.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(LogError::Io {
+                        path: oldest.path.clone(),
+                        source: e,
+                    })
+                }
+            }
+            self.sealed.pop_front();
+            removed += 1;
+        }
+        if removed > 0 {
+            sync_dir(&self.dir)?;
+            tracing::debug!(dir = %self.dir.display(), removed, first_seq = self.first_seq(), "segments removed");
+        }
+        Ok(())
+    }
+
+    /// Every segment, oldest first, with size and modification time.
+    pub fn segments(&self) -> Result<Vec<SegmentInfo>> {
+        self.sealed
+            .iter()
+            .chain(std::iter::once(&self.active))
+            .map(|s| {
+                let meta = fs::metadata(&s.path).map_err(io_err(&s.path))?;
+                Ok(SegmentInfo {
+                    first_seq: s.first_seq,
+                    path: s.path.clone(),
+                    bytes: s.bytes,
+                    modified: meta.modified().map_err(io_err(&s.path))?,
+                })
+            })
+            .collect()
+    }
+
+    /// Seals the active segment (fdatasync) and starts the next one (fsync of the directory).
+    fn roll(&mut self) -> Result<()> {
+        self.file.sync_data().map_err(io_err(&self.active.path))?;
+        self.synced_seq = self.last_seq;
+        let first_seq = self.last_seq + 1;
+        let path = segment_path(&self.dir, first_seq);
+        let file = create_segment(&path)?;
+        sync_dir(&self.dir)?;
+        let sealed = std::mem::replace(
+            &mut self.active,
+            Segment {
+                first_seq,
+                path,
+                bytes: 0,
+            },
+        );
+        self.sealed.push_back(sealed);
+        self.file = file;
+        Ok(())
+    }
+}
+
+/// Iterator over `(seq, payload)` from a starting seq; independent of the [`SegmentLog`].
+///
+/// It sees records appended after it was created. At the current end of the log it
+/// returns `None`; calling `next` again later continues with whatever was appended since.
+/// After an error it stays finished.
+#[derive(Debug)]
+pub struct Reader {
+    dir: PathBuf,
+    max_record: usize,
+    /// Bound on a record's length in the current segment: `max_record`, or the segment's
+    /// size when opened if larger (records written under a higher `max_record`).
+    max_len: usize,
+    /// Records below this seq are read (and checked) but not yielded.
+    from_seq: u64,
+    /// Seq the next record in the file must carry.
+    next_seq: u64,
+    seg_first: u64,
+    path: PathBuf,
+    file: BufReader<File>,
+    /// Offset of the next record in the current segment.
+    offset: u64,
+    /// Set when a later segment exists, so the current one is sealed and its end final.
+    next_segment: Option<u64>,
+    failed: bool,
+}
+
+impl Reader {
+    fn new(dir: &Path, seg: &Segment, from_seq: u64, max_record: usize) -> Result<Reader> {
+        let (file, max_len) = open_for_read(&seg.path, max_record)?;
+        Ok(Reader {
+            dir: dir.to_path_buf(),
+            max_record,
+            max_len,
+            from_seq,
+            next_seq: seg.first_seq,
+            seg_first: seg.first_seq,
+            path: seg.path.clone(),
+            file: BufReader::new(file),
+            offset: 0,
+            next_segment: None,
+            failed: false,
+        })
+    }
+
+    fn corrupt(&self, damage: Damage) -> LogError {
+        LogError::Corrupt {
+            path: self.path.clone(),
+            offset: self.offset,
+            damage,
+        }
+    }
+
+    /// Reads the next record, `None` at the current end of the log.
+    fn step(&mut self) -> Result<Option<(u64, Vec<u8>)>> {
+        loop {
+            match read_record(&mut self.file, self.max_len, self.next_seq)
+                .map_err(io_err(&self.path))?
+            {
+                Read1::Record(seq, payload) => {
+                    self.offset += HEADER_BYTES + payload.len() as u64;
+                    self.next_seq += 1;
+                    self.next_segment = None;
+                    if seq >= self.from_seq {
+                        return Ok(Some((seq, payload)));
+                    }
+                }
+                Read1::Damaged(damage) if damage != Damage::Short => {
+                    return Err(self.corrupt(damage));
+                }
+                outcome @ (Read1::Damaged(_) | Read1::End) => {
+                    let short = !matches!(outcome, Read1::End);
+                    self.rewind()?;
+                    if let Some(next) = self.next_segment {
+                        // Sealed and re-read after seeing the next segment: this end is final.
+                        if short {
+                            return Err(self.corrupt(Damage::Short));
+                        }
+                        self.switch_to(next)?;
+                        continue;
+                    }
+                    match next_segment_after(&self.dir, self.seg_first)? {
+                        // The writer is still on this segment (possibly mid-write).
+                        None => return Ok(None),
+                        // Read again: records may have landed before the roll.
+                        Some(next) => self.next_segment = Some(next),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Seeks back to the start of the next unread record, dropping buffered partial bytes.
+    fn rewind(&mut self) -> Result<()> {
+        self.file
+            .seek(SeekFrom::Start(self.offset))
+            .map_err(io_err(&self.path))?;
+        Ok(())
+    }
+
+    fn switch_to(&mut self, first_seq: u64) -> Result<()> {
+        let path = segment_path(&self.dir, first_seq);
+        if first_seq != self.next_seq {
+            return Err(LogError::Corrupt {
+                path,
+                offset: 0,
+                damage: Damage::SeqMismatch {
+                    expected: self.next_seq,
+                    found: first_seq,
+                },
+            });
+        }
+        let (file, max_len) = open_for_read(&path, self.max_record)?;
+        self.file = BufReader::new(file);
+        self.max_len = max_len;
+        self.path = path;
+        self.seg_first = first_seq;
+        self.offset = 0;
+        self.next_segment = None;
+        Ok(())
+    }
+}
+
+impl Iterator for Reader {
+    type Item = Result<(u64, Vec<u8>)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        match self.step() {
+            Ok(record) => record.map(Ok),
+            Err(e) => {
+                self.failed = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// Opens a segment for reading; returns it with the bound on its record lengths.
+fn open_for_read(path: &Path, max_record: usize) -> Result<(File, usize)> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let size = file.metadata().map_err(io_err(path))?.len();
+    let max_len = usize::try_from(size).unwrap_or(usize::MAX).max(max_record);
+    Ok((file, max_len))
+}
+
+/// Outcome of reading one record.
+enum Read1 {
+    Record(u64, Vec<u8>),
+    /// Clean end of file at a record boundary.
+    End,
+    Damaged(Damage),
+}
+
+/// Reads one record that must carry seq `expected` and at most `max_len` payload bytes.
+fn read_record(r: &mut impl Read, max_len: usize, expected: u64) -> io::Result<Read1> {
+    let mut header = [0u8; HEADER_BYTES as usize];
+    match read_full(r, &mut header)? {
+        0 => return Ok(Read1::End),
+        n if n < header.len() => return Ok(Read1::Damaged(Damage::Short)),
+        _ => {}
+    }
+    let len_bytes: [u8; 4] = [header[0], header[1], header[2], header[3]];
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    let mut seq_bytes = [0u8; 8];
+    seq_bytes.copy_from_slice(&header[8..16]);
+    let len = u32::from_le_bytes(len_bytes);
+    if len as usize > max_len {
+        return Ok(Read1::Damaged(Damage::BadLength(len)));
+    }
+    let mut payload = vec![0u8; len as usize];
+    if read_full(r, &mut payload)? < payload.len() {
+        return Ok(Read1::Damaged(Damage::Short));
+    }
+    if checksum(len_bytes, seq_bytes, &payload) != crc {
+        return Ok(Read1::Damaged(Damage::BadChecksum));
+    }
+    let seq = u64::from_le_bytes(seq_bytes);
+    if seq != expected {
+        return Ok(Read1::Damaged(Damage::SeqMismatch {
+            expected,
+            found: seq,
+        }));
+    }
+    Ok(Read1::Record(seq, payload))
+}
+
+/// Fills `buf` as far as the file goes; returns the bytes read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+fn checksum(len_bytes: [u8; 4], seq_bytes: [u8; 8], payload: &[u8]) -> u32 {
+    let crc = crc32c::crc32c(&len_bytes);
+    let crc = crc32c::crc32c_append(crc, &seq_bytes);
+    crc32c::crc32c_append(crc, payload)
+}
+
+fn encode(seq: u64, payload: &[u8]) -> Vec<u8> {
+    let len_bytes = (payload.len() as u32).to_le_bytes();
+    let seq_bytes = seq.to_le_bytes();
+    let mut record = Vec::with_capacity(HEADER_BYTES as usize + payload.len());
+    record.extend_from_slice(&len_bytes);
+    record.extend_from_slice(&checksum(len_bytes, seq_bytes, payload).to_le_bytes());
+    record.extend_from_slice(&seq_bytes);
+    record.extend_from_slice(payload);
+    record
+}
+
+/// Scans the last segment, cuts a damaged tail and fsyncs; returns (good bytes, records).
+///
+/// Lengths are bounded by the file size, not `max_record`, so lowering `max_record` never
+/// cuts records written under a higher one.
+fn recover(seg: &Segment) -> Result<(u64, u64)> {
+    let path = &seg.path;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    let mut reader = BufReader::new(&file);
+    let max_len = usize::try_from(seg.bytes).unwrap_or(usize::MAX);
+    let (mut offset, mut count) = (0u64, 0u64);
+    let damage = loop {
+        match read_record(&mut reader, max_len, seg.first_seq + count).map_err(io_err(path))? {
+            Read1::Record(_, payload) => {
+                offset += HEADER_BYTES + payload.len() as u64;
+                count += 1;
+            }
+            Read1::End => break None,
+            Read1::Damaged(damage) => break Some(damage),
+        }
+    };
+    if let Some(damage) = damage {
+        tracing::warn!(
+            path = %path.display(),
+            offset,
+            dropped_bytes = seg.bytes.saturating_sub(offset),
+            %damage,
+            "cutting torn tail of segment log"
+        );
+        file.set_len(offset).map_err(io_err(path))?;
+    }
+    file.sync_all().map_err(io_err(path))?;
+    Ok((offset, count))
+}
+
+fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
+    dir.join(format!(
+        "{first_seq:0width$}{SEGMENT_SUFFIX}",
+        width = NAME_DIGITS
+    ))
+}
+
+/// Parses a segment file name; `None` for files that are not segments.
+fn parse_name(name: &str) -> Option<std::result::Result<u64, ()>> {
+    let digits = name.strip_suffix(SEGMENT_SUFFIX)?;
+    if digits.len() != NAME_DIGITS || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(Err(()));
+    }
+    Some(digits.parse().ok().filter(|&seq| seq > 0).ok_or(()))
+}
+
+/// The segments in `dir`, oldest first.
+fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        match parse_name(name) {
+            None => {}
+            Some(Ok(seq)) => found.push((seq, entry.path())),
+            Some(Err(())) => return Err(LogError::BadName { path: entry.path() }),
+        }
+    }
+    found.sort_unstable_by_key(|(seq, _)| *seq);
+    Ok(found)
+}
+
+fn next_segment_after(dir: &Path, first_seq: u64) -> Result<Option<u64>> {
+    Ok(list_segments(dir)?
+        .into_iter()
+        .map(|(seq, _)| seq)
+        .find(|&seq| seq > first_seq))
+}
+
+fn create_segment(path: &Path) -> Result<File> {
+    // A leftover from a roll that failed before the directory sync holds no records.
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(io_err(path))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+fn lock_dir(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(LogError::Locked { path }),
+        Err(fs::TryLockError::Error(e)) => Err(LogError::Io { path, source: e }),
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LogError + '_ {
+    move |source| LogError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn opts(segment_bytes: u64) -> LogOptions {
+        LogOptions {
+            segment_bytes,
+            max_record: 4096,
+        }
+    }
+
+    fn payload(seq: u64, len: usize) -> Vec<u8> {
+        (0..len).map(|i| (seq as usize * 31 + i) as u8).collect()
+    }
+
+    fn read_all(log: &SegmentLog, from: u64) -> Vec<(u64, Vec<u8>)> {
+        log.read_from(from)
+            .unwrap()
+            .collect::<Result<Vec<_>>>()
+            .unwrap()
+    }
+
+    /// 100-byte payloads: 116-byte records, three per 348-byte segment.
+    fn three_per_segment(dir: &Path, n: u64) -> SegmentLog {
+        let mut log = SegmentLog::open(dir, opts(3 * 116)).unwrap();
+        for seq in 1..=n {
+            assert_eq!(log.append(&payload(seq, 100)).unwrap(), seq);
+        }
+        log.sync().unwrap();
+        log
+    }
+
+    fn last_segment(log: &SegmentLog) -> PathBuf {
+        log.segments().unwrap().last().unwrap().path.clone()
+    }
+
+    #[test]
+    fn empty_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SegmentLog::open(dir.path(), LogOptions::default()).unwrap();
+        assert_eq!(
+            (log.first_seq(), log.last_seq(), log.size_bytes()),
+            (1, 0, 0)
+        );
+        assert!(read_all(&log, 1).is_empty());
+        assert!(matches!(log.read_from(2), Err(LogError::BeyondEnd { .. })));
+        drop(log);
+        let log = SegmentLog::open(dir.path(), LogOptions::default()).unwrap();
+        assert_eq!((log.first_seq(), log.last_seq()), (1, 0));
+        log.verify().unwrap();
+    }
+
+    #[test]
+    fn second_open_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _log = SegmentLog::open(dir.path(), LogOptions::default()).unwrap();
+        assert!(matches!(
+            SegmentLog::open(dir.path(), LogOptions::default()),
+            Err(LogError::Locked { .. })
+        ));
+    }
+
+    #[test]
+    fn append_and_read_across_rolls_then_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = SegmentLog::open(dir.path(), opts(1000)).unwrap();
+        for seq in 1..=50 {
+            assert_eq!(log.append(&payload(seq, seq as usize * 7)).unwrap(), seq);
+        }
+        log.sync().unwrap();
+        assert!(log.segments().unwrap().len() > 5);
+        assert_eq!(
+            log.size_bytes(),
+            log.segments().unwrap().iter().map(|s| s.bytes).sum::<u64>()
+        );
+        assert!(log.segments().unwrap().iter().all(|s| s.bytes <= 1000));
+        let check = |log: &SegmentLog| {
+            let all = read_all(log, 1);
+            assert_eq!(all.len(), 50);
+            for (seq, data) in all {
+                assert_eq!(data, payload(seq, seq as usize * 7));
+            }
+            assert_eq!(read_all(log, 37)[0].0, 37);
+            assert_eq!(read_all(log, 37).len(), 14);
+        };
+        check(&log);
+        let size = log.size_bytes();
+        drop(log);
+        let mut log = SegmentLog::open(dir.path(), opts(1000)).unwrap();
+        assert_eq!(
+            (log.first_seq(), log.last_seq(), log.size_bytes()),
+            (1, 50, size)
+        );
+        check(&log);
+        assert_eq!(log.append(b"next").unwrap(), 51);
+    }
+
+    #[test]
+    fn reader_sees_records_appended_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = SegmentLog::open(dir.path(), opts(300)).unwrap();
+        log.append(b"one").unwrap();
+        let mut reader = log.read_from(1).unwrap();
+        assert_eq!(reader.next().unwrap().unwrap(), (1, b"one".to_vec()));
+        assert!(reader.next().is_none());
+        for seq in 2..=30 {
+            log.append(&payload(seq, 50)).unwrap();
+        }
+        let rest: Vec<_> = reader.by_ref().collect::<Result<_>>().unwrap();
+        assert_eq!(rest.len(), 29);
+        assert_eq!(rest.last().unwrap(), &(30, payload(30, 50)));
+        log.append(b"later").unwrap();
+        assert_eq!(reader.next().unwrap().unwrap(), (31, b"later".to_vec()));
+    }
+
+    fn torn_tail(damage: impl FnOnce(&Path, u64), expect_last: u64) {
+        let dir = tempfile::tempdir().unwrap();
+        let log = three_per_segment(dir.path(), 8); // segments 1, 4, 7 (7 and 8)
+        let path = last_segment(&log);
+        let good = log.segments().unwrap().last().unwrap().bytes;
+        drop(log);
+        damage(&path, good);
+        let mut log = SegmentLog::open(dir.path(), opts(3 * 116)).unwrap();
+        assert_eq!(log.last_seq(), expect_last);
+        assert_eq!(
+            fs::metadata(&path).unwrap().len(),
+            (expect_last - 6) * 116,
+            "file cut back to the last good record"
+        );
+        assert_eq!(log.append(&payload(99, 100)).unwrap(), expect_last + 1);
+        let all = read_all(&log, 1);
+        assert_eq!(all.len() as u64, expect_last + 1);
+        assert_eq!(all.last().unwrap().1, payload(99, 100));
+        drop(log);
+        let log = SegmentLog::open(dir.path(), opts(3 * 116)).unwrap();
+        assert_eq!(log.last_seq(), expect_last + 1);
+    }
+
+    #[test]
+    fn torn_tail_cut_mid_record() {
+        torn_tail(
+            |path, good| {
+                let f = OpenOptions::new().write(true).open(path).unwrap();
+                f.set_len(good - 40).unwrap();
+            },
+            7,
+        );
+    }
+
+    #[test]
+    fn torn_tail_cut_mid_header() {
+        torn_tail(
+            |path, good| {
+                let f = OpenOptions::new().write(true).open(path).unwrap();
+                f.set_len(good - 116 + 5).unwrap();
+            },
+            7,
+        );
+    }
+
+    #[test]
+    fn torn_tail_garbage_appended() {
+        torn_tail(
+            |path, _| {
+                let mut f = OpenOptions::new().append(true).open(path).unwrap();
+                f.write_all(&[0xAB; 37]).unwrap();
+            },
+            8,
+        );
+    }
+
+    #[test]
+    fn torn_tail_zeros_appended() {
+        torn_tail(
+            |path, _| {
+                let mut f = OpenOptions::new().append(true).open(path).unwrap();
+                f.write_all(&[0; 4096]).unwrap();
+            },
+            8,
+        );
+    }
+
+    #[test]
+    fn torn_tail_flipped_byte_in_last_record() {
+        torn_tail(
+            |path, good| {
+                let mut data = fs::read(path).unwrap();
+                data[good as usize - 10] ^= 0x01;
+                fs::write(path, data).unwrap();
+            },
+            7,
+        );
+    }
+
+    #[test]
+    fn torn_tail_flipped_seq_in_last_record() {
+        torn_tail(
+            |path, good| {
+                let mut data = fs::read(path).unwrap();
+                data[good as usize - 116 + 8] ^= 0x01;
+                fs::write(path, data).unwrap();
+            },
+            7,
+        );
+    }
+
+    #[test]
+    fn corruption_in_sealed_segment_names_file_and_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = three_per_segment(dir.path(), 8);
+        let sealed = log.segments().unwrap()[1].path.clone(); // seqs 4..=6
+        drop(log);
+        let mut data = fs::read(&sealed).unwrap();
+        data[116 + 50] ^= 0xFF; // payload of seq 5, at offset 116
+        fs::write(&sealed, data).unwrap();
+        let log = SegmentLog::open(dir.path(), opts(3 * 116)).unwrap();
+        assert_eq!(log.last_seq(), 8, "sealed segments are not truncated");
+        let mut reader = log.read_from(1).unwrap();
+        for seq in 1..=4 {
+            assert_eq!(reader.next().unwrap().unwrap().0, seq);
+        }
+        let err = reader.next().unwrap().unwrap_err();
+        match &err {
+            LogError::Corrupt {
+                path,
+                offset,
+                damage,
+            } => {
+                assert_eq!(path, &sealed);
+                assert_eq!(*offset, 116);
+                assert_eq!(*damage, Damage::BadChecksum);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(err.to_string().contains("00000000000000000004.seg"));
+        assert!(err.to_string().contains("offset 116"));
+        assert!(reader.next().is_none());
+        assert!(matches!(log.verify(), Err(LogError::Corrupt { .. })));
+        assert!(matches!(
+            log.read_from(7).unwrap().next().unwrap(),
+            Ok((7, _))
+        ));
+    }
+
+    #[test]
+    fn truncated_sealed_segment_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = three_per_segment(dir.path(), 8);
+        let sealed = log.segments().unwrap()[0].path.clone();
+        drop(log);
+        let f = OpenOptions::new().write(true).open(&sealed).unwrap();
+        f.set_len(116 * 2 + 20).unwrap();
+        let log = SegmentLog::open(dir.path(), opts(3 * 116)).unwrap();
+        let err = log.verify().unwrap_err();
+        assert!(
+            matches!(&err, LogError::Corrupt { path, offset: 232, damage: Damage::Short } if path == &sealed),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn missing_segment_is_a_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = three_per_segment(dir.path(), 8);
+        let middle = log.segments().unwrap()[1].path.clone();
+        drop(log);
+        fs::remove_file(&middle).unwrap();
+        let log = SegmentLog::open(dir.path(), opts(3 * 116)).unwrap();
+        let err = log.verify().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                LogError::Corrupt {
+                    damage: Damage::SeqMismatch {
+                        expected: 4,
+                        found: 7
+                    },
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn truncate_front_deletes_only_covered_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = three_per_segment(dir.path(), 10); // segments 1, 4, 7, 10
+        let firsts = |log: &SegmentLog| -> Vec<u64> {
+            log.segments()
+                .unwrap()
+                .iter()
+                .map(|s| s.first_seq)
+                .collect()
+        };
+        assert_eq!(firsts(&log), [1, 4, 7, 10]);
+        log.truncate_front(5).unwrap();
+        assert_eq!(firsts(&log), [4, 7, 10]);
+        assert_eq!(log.first_seq(), 4);
+        assert!(!segment_path(dir.path(), 1).exists());
+        assert!(matches!(
+            log.read_from(3),
+            Err(LogError::Truncated {
+                requested: 3,
+                first: 4
+            })
+        ));
+        assert_eq!(read_all(&log, 5).len(), 6);
+        log.truncate_front(6).unwrap();
+        assert_eq!(firsts(&log), [7, 10]);
+        log.truncate_front(1000).unwrap();
+        assert_eq!(firsts(&log), [10], "the active segment stays");
+        assert_eq!(read_all(&log, 10), [(10, payload(10, 100))]);
+        assert_eq!(log.size_bytes(), 116);
+        log.append(b"x").unwrap();
+        drop(log);
+        let log = SegmentLog::open(dir.path(), opts(3 * 116)).unwrap();
+        assert_eq!((log.first_seq(), log.last_seq()), (10, 11));
+        assert_eq!(read_all(&log, 0).len(), 2);
+    }
+
+    #[test]
+    fn max_record_enforced() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = SegmentLog::open(
+            dir.path(),
+            LogOptions {
+                segment_bytes: 64,
+                max_record: 100,
+            },
+        )
+        .unwrap();
+        assert!(matches!(
+            log.append(&[0; 101]),
+            Err(LogError::TooLarge { len: 101, max: 100 })
+        ));
+        assert_eq!(log.last_seq(), 0);
+        // A record larger than segment_bytes still fits, alone in its segment.
+        assert_eq!(log.append(&[1; 100]).unwrap(), 1);
+        assert_eq!(log.append(&[2; 100]).unwrap(), 2);
+        assert_eq!(log.segments().unwrap().len(), 2);
+        assert_eq!(read_all(&log, 2), [(2, vec![2; 100])]);
+    }
+
+    #[test]
+    fn foreign_segment_name_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("7.seg"), b"").unwrap();
+        assert!(matches!(
+            SegmentLog::open(dir.path(), LogOptions::default()),
+            Err(LogError::BadName { .. })
+        ));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn everything_appended_reads_back(sizes in proptest::collection::vec(0usize..1500, 0..60)) {
+            let dir = tempfile::tempdir().unwrap();
+            let o = LogOptions { segment_bytes: 2048, max_record: 1500 };
+            let mut log = SegmentLog::open(dir.path(), o).unwrap();
+            let expected: Vec<(u64, Vec<u8>)> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &len)| (i as u64 + 1, payload(i as u64 + 1, len)))
+                .collect();
+            for (seq, data) in &expected {
+                prop_assert_eq!(log.append(data).unwrap(), *seq);
+            }
+            log.sync().unwrap();
+            prop_assert_eq!(&read_all(&log, 1), &expected);
+            drop(log);
+            let log = SegmentLog::open(dir.path(), o).unwrap();
+            prop_assert_eq!(log.last_seq(), sizes.len() as u64);
+            prop_assert_eq!(&read_all(&log, 1), &expected);
+            let mid = sizes.len() as u64 / 2 + 1;
+            prop_assert_eq!(&read_all(&log, mid)[..], &expected[mid as usize - 1..]);
+        }
+    }
+}
