@@ -1254,3 +1254,71 @@ fn two_outer_endpoints_one_killed() {
         "the killed relay-outer answered"
     );
 }
+
+/// relay-inner's reload adds and removes relay-outer endpoints and replaces its service
+/// table; the session that stays is not touched.
+#[test]
+fn relay_inner_reload_changes_endpoints_and_services() {
+    let pg = Pg::start(PgOpts::default());
+    let pki = Pki::new(&["localhost"]);
+    pki.issue("site-a");
+    let (t1, t2) = (free_port(), free_port());
+    let (l1, p1) = listener("pg", "site-a", "pg", "");
+    let (l2, p2) = listener("pg", "site-a", "pg", "");
+    let outer1 = Relay::outer(&outer_cfg(&pki, t1, &[l1], free_port()), None);
+    let outer2 = Relay::outer(&outer_cfg(&pki, t2, &[l2], free_port()), None);
+    let admin = free_port();
+    let mut inner = Relay::inner(
+        "relay-inner",
+        &inner_cfg(&pki, "site-a", &[t1], &pg_service(&pg), admin),
+        None,
+    );
+    assert_eq!(sql(p1, "SELECT 1").unwrap(), "1");
+    // Not yet an endpoint of relay-inner: relay-outer 2 has no session.
+    assert!(sql(p2, "SELECT 1").is_err());
+
+    // Add endpoint 2 while a query runs through endpoint 1.
+    let held = sql_thread(p1, "SELECT pg_sleep(2); SELECT 'held'");
+    wait_until(SOON, "the held query runs", || {
+        running(&pg, "SELECT pg_sleep(2)") == 1
+    });
+    reload(
+        &mut inner,
+        Some(&inner_cfg(
+            &pki,
+            "site-a",
+            &[t1, t2],
+            &pg_service(&pg),
+            admin,
+        )),
+        "configuration reloaded",
+    );
+    outer2.wait_count("tunnel up", 1, SOON);
+    wait_until(SOON, "SQL through relay-outer 2", || {
+        sql(p2, "SELECT 2").as_deref() == Ok("2")
+    });
+    assert_eq!(held.join().unwrap().unwrap().trim(), "held");
+    assert_no_tunnel_down(&[&outer1]);
+
+    // Remove endpoint 1 and rename the service: endpoint 1's session is closed, and the
+    // old name is refused on endpoint 2 while the new one is served.
+    let renamed = vec![("pg2", format!("127.0.0.1:{}", pg.port()))];
+    reload(
+        &mut inner,
+        Some(&inner_cfg(&pki, "site-a", &[t2], &renamed, admin)),
+        "configuration reloaded",
+    );
+    outer1.wait_count("tunnel down", 1, SOON);
+    assert!(sql(p1, "SELECT 1").is_err());
+    assert!(
+        sql(p2, "SELECT 1").is_err(),
+        "service pg is gone from relay-inner"
+    );
+    inner.wait_count("stream refused: unknown service", 1, SOON);
+    let (_, status) = get(&inner, "/status");
+    assert!(
+        status.contains("pg2") && !status.contains(&format!("127.0.0.1:{t1}")),
+        "{status}"
+    );
+    assert_no_tunnel_down(&[&outer2]);
+}
