@@ -261,3 +261,77 @@ pub fn check_config_file(which: &str, config: &Path) -> (bool, String) {
     );
     (out.status.success(), text)
 }
+
+/// The common end-to-end setup on loopback: a PostgreSQL, certificates for `localhost`
+/// and `127.0.0.1` with tunnel `site-a`, relay-outer with one listener `pg` (tunnel
+/// `site-a`, service `pg`) and a relay-inner exposing `pg` with a session up.
+pub struct Tunnel {
+    /// The database behind relay-inner.
+    pub pg: crate::Pg,
+    /// The certificates.
+    pub pki: Pki,
+    /// relay-outer.
+    pub outer: Relay,
+    /// relay-inner.
+    pub inner: Relay,
+    /// relay-outer's tunnel port.
+    pub tunnel_port: u16,
+    /// The listener's port.
+    pub listen_port: u16,
+}
+
+impl Tunnel {
+    /// Starts everything with this keepalive; `extra` is appended to both configs.
+    pub fn start(keepalive: (&str, &str), extra: &str) -> Tunnel {
+        let pg = crate::Pg::start(crate::PgOpts::default());
+        let pki = Pki::new(&["localhost", "127.0.0.1"]);
+        pki.issue("site-a");
+        let tunnel_port = crate::free_port();
+        let listen_port = crate::free_port();
+        let l = ListenerSpec::new("pg", &format!("127.0.0.1:{listen_port}"), "site-a", "pg");
+        let oy = outer_yaml(
+            &pki,
+            &format!("127.0.0.1:{tunnel_port}"),
+            keepalive,
+            &[l],
+            extra,
+        );
+        let outer = Relay::outer(&oy, None);
+        let iy = Tunnel::inner_cfg(&pki, "site-a", tunnel_port, &pg, keepalive, extra);
+        let inner = Relay::inner("relay-inner", &iy, None);
+        outer.wait_count("tunnel up", 1, READY);
+        Tunnel {
+            pg,
+            pki,
+            outer,
+            inner,
+            tunnel_port,
+            listen_port,
+        }
+    }
+
+    /// relay-inner's config for `tunnel`, dialing 127.0.0.1:`tunnel_port` and exposing
+    /// `pg` as service `pg`.
+    pub fn inner_cfg(
+        pki: &Pki,
+        tunnel: &str,
+        tunnel_port: u16,
+        pg: &crate::Pg,
+        keepalive: (&str, &str),
+        extra: &str,
+    ) -> String {
+        inner_yaml(
+            pki,
+            tunnel,
+            &[(format!("127.0.0.1:{tunnel_port}"), "localhost")],
+            &[("pg", format!("127.0.0.1:{}", pg.port()))],
+            keepalive,
+            extra,
+        )
+    }
+
+    /// SQL through the listener, that is through the tunnel.
+    pub fn sql(&self, sql: &str) -> Result<String, String> {
+        crate::psql_at("127.0.0.1", self.listen_port, sql)
+    }
+}

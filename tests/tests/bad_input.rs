@@ -11,51 +11,28 @@ use relay_proto::control::Keepalive;
 use relay_proto::frame::{ErrorCode, Frame, Hello};
 use relay_proto::handshake::PROTOCOL_VERSION;
 use routy_e2e::fake::{self, Ending, FakeInner, FakeOuter, STEP};
-use routy_e2e::relays::{inner_yaml, outer_yaml, ListenerSpec, Pki, Relay};
-use routy_e2e::{free_port, psql_at, Pg, PgOpts};
+use routy_e2e::relays::{inner_yaml, Pki, Relay, Tunnel};
+use routy_e2e::{psql_at, Pg, PgOpts};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const KA: (&str, &str) = ("500ms", "3s");
 /// How long a relay gets to log what a test waits for.
 const LOG: Duration = Duration::from_secs(30);
 
-/// PostgreSQL, both relays and one listener `pg` for tunnel `site-a`: the legitimate
-/// tunnel that must keep working whatever else arrives.
-struct Setup {
-    pg: Pg,
-    pki: Pki,
-    outer: Relay,
-    inner: Relay,
-    tunnel_port: u16,
-    listen_port: u16,
+/// The legitimate tunnel (PostgreSQL, both relays, listener `pg` for `site-a`) that must
+/// keep working whatever else arrives.
+struct Setup(Tunnel);
+
+impl std::ops::Deref for Setup {
+    type Target = Tunnel;
+    fn deref(&self) -> &Tunnel {
+        &self.0
+    }
 }
 
 impl Setup {
     fn new() -> Setup {
-        let pg = Pg::start(PgOpts::default());
-        let pki = Pki::new(&["localhost", "127.0.0.1"]);
-        pki.issue("site-a");
-        let tunnel_port = free_port();
-        let listen_port = free_port();
-        let l = ListenerSpec::new("pg", &format!("127.0.0.1:{listen_port}"), "site-a", "pg");
-        let outer = Relay::outer(
-            &outer_yaml(&pki, &format!("127.0.0.1:{tunnel_port}"), KA, &[l], ""),
-            None,
-        );
-        let inner = Relay::inner(
-            "relay-inner",
-            &inner_cfg(&pki, "site-a", tunnel_port, &pg),
-            None,
-        );
-        let s = Setup {
-            pg,
-            pki,
-            outer,
-            inner,
-            tunnel_port,
-            listen_port,
-        };
-        s.outer.wait_count("tunnel up", 1, LOG);
+        let s = Setup(Tunnel::start(KA, ""));
         s.assert_sql_works("before any bad input");
         s
     }
@@ -104,14 +81,7 @@ impl Setup {
 }
 
 fn inner_cfg(pki: &Pki, tunnel: &str, tunnel_port: u16, pg: &Pg) -> String {
-    inner_yaml(
-        pki,
-        tunnel,
-        &[(format!("127.0.0.1:{tunnel_port}"), "localhost")],
-        &[("pg", format!("127.0.0.1:{}", pg.port()))],
-        KA,
-        "",
-    )
+    Tunnel::inner_cfg(pki, tunnel, tunnel_port, pg, KA, "")
 }
 
 fn tail(r: &Relay) -> String {

@@ -3,74 +3,28 @@
 
 use std::time::Duration;
 
-use routy_e2e::relays::{inner_yaml, outer_yaml, ListenerSpec, Pki, Relay};
+use routy_e2e::relays::{outer_yaml, ListenerSpec, Pki, Relay, Tunnel};
 use routy_e2e::{free_port, psql_at, wait_until, Pg, PgOpts};
 
 const KA: (&str, &str) = ("500ms", "3s");
 
+const EXTRA: &str = "shutdown_grace: 5s\n";
+
 /// PostgreSQL, both relays and one listener `pg` for tunnel `site-a`.
-struct Setup {
-    pg: Pg,
-    pki: Pki,
-    outer: Relay,
-    inner: Relay,
-    tunnel_port: u16,
-    listen_port: u16,
+type Setup = Tunnel;
+
+fn setup() -> Setup {
+    Tunnel::start(KA, EXTRA)
 }
 
-impl Setup {
-    fn new() -> Setup {
-        let pg = Pg::start(PgOpts::default());
-        let pki = Pki::new(&["localhost", "127.0.0.1"]);
-        pki.issue("site-a");
-        let tunnel_port = free_port();
-        let listen_port = free_port();
-        let outer = Relay::outer(&Self::outer_cfg(&pki, tunnel_port, listen_port), None);
-        let inner = Relay::inner(
-            "relay-inner",
-            &Self::inner_cfg(&pki, tunnel_port, &pg),
-            None,
-        );
-        Setup {
-            pg,
-            pki,
-            outer,
-            inner,
-            tunnel_port,
-            listen_port,
-        }
-    }
-
-    fn outer_cfg(pki: &Pki, tunnel_port: u16, listen_port: u16) -> String {
-        let l = ListenerSpec::new("pg", &format!("127.0.0.1:{listen_port}"), "site-a", "pg");
-        outer_yaml(
-            pki,
-            &format!("127.0.0.1:{tunnel_port}"),
-            KA,
-            &[l],
-            "shutdown_grace: 5s\n",
-        )
-    }
-
-    fn inner_cfg(pki: &Pki, tunnel_port: u16, pg: &Pg) -> String {
-        inner_yaml(
-            pki,
-            "site-a",
-            &[(format!("127.0.0.1:{tunnel_port}"), "localhost")],
-            &[("pg", format!("127.0.0.1:{}", pg.port()))],
-            KA,
-            "shutdown_grace: 5s\n",
-        )
-    }
-
-    fn sql(&self, sql: &str) -> Result<String, String> {
-        psql_at("127.0.0.1", self.listen_port, sql)
-    }
+/// relay-inner's config for tunnel `site-a` exposing `pg`.
+fn inner_cfg(pki: &Pki, tunnel_port: u16, pg: &Pg) -> String {
+    Tunnel::inner_cfg(pki, "site-a", tunnel_port, pg, KA, EXTRA)
 }
 
 #[test]
 fn sql_through_the_tunnel() {
-    let s = Setup::new();
+    let s = setup();
     s.pg.psql(
         "CREATE TABLE t (id int primary key, v text); INSERT INTO t VALUES (1, 'één'), (2, 'two');",
     );
@@ -103,7 +57,7 @@ fn sh(script: &str) -> String {
 
 #[test]
 fn copy_of_100_mb_arrives_byte_identical_both_ways() {
-    let s = Setup::new();
+    let s = setup();
     s.pg.psql(
         "CREATE TABLE big (id int primary key, payload text);
          INSERT INTO big SELECT i, repeat(md5(i::text), 10) || chr(10 + i % 50) || 'ü'
@@ -145,7 +99,7 @@ fn copy_of_100_mb_arrives_byte_identical_both_ways() {
 
 #[test]
 fn pgbench_select_only_with_16_clients() {
-    let s = Setup::new();
+    let s = setup();
     let pgbench = routy_e2e::pg_bin("pgbench");
     let port = s.listen_port.to_string();
     let mut init = std::process::Command::new(&pgbench);
@@ -205,7 +159,7 @@ fn pgbench_select_only_with_16_clients() {
 
 #[test]
 fn streaming_standby_through_the_tunnel_replays_changes() {
-    let s = Setup::new();
+    let s = setup();
     s.pg.psql(
         "CREATE TABLE rep (id int primary key, v text); INSERT INTO rep VALUES (1, 'before');",
     );
@@ -249,7 +203,7 @@ fn unknown_service_is_refused_and_nothing_else_is_touched() {
         &outer_yaml(&pki, &format!("127.0.0.1:{tport}"), KA, &listeners, ""),
         None,
     );
-    let inner = Relay::inner("relay-inner", &Setup::inner_cfg(&pki, tport, &pg), None);
+    let inner = Relay::inner("relay-inner", &inner_cfg(&pki, tport, &pg), None);
     // A long query on the good listener while the bad one is tried.
     let long = psql_thread(good, "SELECT pg_sleep(2); SELECT 'still here'");
     wait_until(Duration::from_secs(10), "long query started", || {
@@ -278,7 +232,7 @@ fn unknown_service_is_refused_and_nothing_else_is_touched() {
 
 #[test]
 fn listener_fails_fast_while_relay_inner_is_down_and_recovers_after_restart() {
-    let mut s = Setup::new();
+    let mut s = setup();
     assert_eq!(s.sql("SELECT 1").unwrap(), "1");
     s.inner.proc.kill9();
     s.outer
@@ -298,7 +252,7 @@ fn listener_fails_fast_while_relay_inner_is_down_and_recovers_after_restart() {
     // The listener stayed bound; a new relay-inner brings it back.
     s.inner = Relay::inner(
         "relay-inner-2",
-        &Setup::inner_cfg(&s.pki, s.tunnel_port, &s.pg),
+        &inner_cfg(&s.pki, s.tunnel_port, &s.pg),
         None,
     );
     wait_until(Duration::from_secs(20), "queries work again", || {
@@ -308,10 +262,10 @@ fn listener_fails_fast_while_relay_inner_is_down_and_recovers_after_restart() {
 
 #[test]
 fn two_relay_inners_share_the_tunnel_and_survive_losing_one() {
-    let mut s = Setup::new();
+    let mut s = setup();
     let second = Relay::inner(
         "relay-inner-b",
-        &Setup::inner_cfg(&s.pki, s.tunnel_port, &s.pg),
+        &inner_cfg(&s.pki, s.tunnel_port, &s.pg),
         None,
     );
     s.outer
@@ -346,7 +300,7 @@ fn two_relay_inners_share_the_tunnel_and_survive_losing_one() {
 
 #[test]
 fn sigterm_lets_open_streams_finish_and_exits_zero() {
-    let mut s = Setup::new();
+    let mut s = setup();
     let long = psql_thread(s.listen_port, "SELECT pg_sleep(2); SELECT 'finished'");
     wait_until(Duration::from_secs(10), "stream open", || {
         s.inner.count("stream open") >= 1
@@ -395,7 +349,7 @@ fn allowlist_and_connection_limit_refuse_at_accept_and_touch_nothing_else() {
         &outer_yaml(&pki, &format!("127.0.0.1:{tport}"), KA, &listeners, ""),
         None,
     );
-    let _inner = Relay::inner("relay-inner", &Setup::inner_cfg(&pki, tport, &pg), None);
+    let _inner = Relay::inner("relay-inner", &inner_cfg(&pki, tport, &pg), None);
 
     // 127.0.0.1 is not in the allowlist: closed at accept, never reaches relay-inner.
     assert!(psql_at("127.0.0.1", fenced, "SELECT 1").is_err());
