@@ -12,7 +12,7 @@ use crate::frame::{ErrorCode, Frame, Hello, HelloAck};
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u16 = 1;
 
-/// How long each handshake step may take.
+/// How long a handshake step may take unless the caller's config says otherwise.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the handshake failed.
@@ -46,9 +46,10 @@ pub enum HandshakeError {
 pub async fn client<S: AsyncRead + AsyncWrite + Unpin>(
     ctrl: &mut S,
     hello: Hello,
+    deadline: Duration,
 ) -> Result<HelloAck, HandshakeError> {
-    write_frame(ctrl, &Frame::Hello(hello), HANDSHAKE_TIMEOUT).await?;
-    match read_frame(ctrl, HANDSHAKE_TIMEOUT).await? {
+    write_frame(ctrl, &Frame::Hello(hello), deadline).await?;
+    match read_frame(ctrl, deadline).await? {
         Frame::HelloAck(ack) if ack.protocol == PROTOCOL_VERSION => Ok(ack),
         Frame::HelloAck(ack) => Err(HandshakeError::VersionMismatch {
             ours: PROTOCOL_VERSION,
@@ -59,13 +60,14 @@ pub async fn client<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// relay-outer's side, first half: reads the Hello and checks the version; on a
-/// mismatch the peer is told before the error is returned. The caller decides whether
-/// to [`accept`] or [`refuse`].
+/// relay-outer's side, first half: reads the Hello (within `deadline`) and checks the
+/// version; on a mismatch the peer is told before the error is returned. The caller
+/// decides whether to [`accept`] or [`refuse`].
 pub async fn server_read_hello<S: AsyncRead + AsyncWrite + Unpin>(
     ctrl: &mut S,
+    deadline: Duration,
 ) -> Result<Hello, HandshakeError> {
-    let hello = match read_frame(ctrl, HANDSHAKE_TIMEOUT).await? {
+    let hello = match read_frame(ctrl, deadline).await? {
         Frame::Hello(h) => h,
         other => {
             let msg = format!("expected Hello, got {}", other.kind_name());
@@ -131,11 +133,13 @@ mod tests {
     async fn matching_versions_agree() {
         let (mut a, mut b) = tokio::io::duplex(4096);
         let server = tokio::spawn(async move {
-            let h = server_read_hello(&mut b).await.unwrap();
+            let h = server_read_hello(&mut b, HANDSHAKE_TIMEOUT).await.unwrap();
             accept(&mut b, "site-a", 9).await.unwrap();
             h
         });
-        let ack = client(&mut a, hello(PROTOCOL_VERSION)).await.unwrap();
+        let ack = client(&mut a, hello(PROTOCOL_VERSION), HANDSHAKE_TIMEOUT)
+            .await
+            .unwrap();
         assert_eq!(ack.tunnel, "site-a");
         assert_eq!(server.await.unwrap().services, vec!["pg".to_string()]);
     }
@@ -143,8 +147,9 @@ mod tests {
     #[tokio::test]
     async fn version_mismatch_is_a_clear_error_on_both_sides() {
         let (mut a, mut b) = tokio::io::duplex(4096);
-        let server = tokio::spawn(async move { server_read_hello(&mut b).await });
-        let err = client(&mut a, hello(PROTOCOL_VERSION + 1))
+        let server =
+            tokio::spawn(async move { server_read_hello(&mut b, HANDSHAKE_TIMEOUT).await });
+        let err = client(&mut a, hello(PROTOCOL_VERSION + 1), HANDSHAKE_TIMEOUT)
             .await
             .unwrap_err();
         match &err {
@@ -174,7 +179,9 @@ mod tests {
             });
             write_frame(&mut b, &ack, HANDSHAKE_TIMEOUT).await.unwrap();
         });
-        let err = client(&mut a, hello(PROTOCOL_VERSION)).await.unwrap_err();
+        let err = client(&mut a, hello(PROTOCOL_VERSION), HANDSHAKE_TIMEOUT)
+            .await
+            .unwrap_err();
         assert!(matches!(
             err,
             HandshakeError::VersionMismatch { ours: 1, theirs: 7 }

@@ -70,8 +70,15 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .map_err(|e| e.to_string())?
         .install_recorder()
         .map_err(|e| e.to_string())?;
+    // The kind follows from the Prometheus naming convention every name here keeps.
     for (name, help) in ALL {
-        metrics::describe_counter!(*name, *help);
+        if name.ends_with("_total") {
+            metrics::describe_counter!(*name, *help);
+        } else if name.ends_with("_seconds") {
+            metrics::describe_histogram!(*name, metrics::Unit::Seconds, *help);
+        } else {
+            metrics::describe_gauge!(*name, *help);
+        }
     }
     Ok(handle)
 }

@@ -165,7 +165,7 @@ impl Dialer {
             services: cur.cfg.services.keys().cloned().collect(),
             features: vec![],
         };
-        match handshake::client(&mut ctrl, hello).await {
+        match handshake::client(&mut ctrl, hello, cur.cfg.dial_timeout).await {
             Ok(ack) => Ok((session, ctrl, ack.tunnel, ack.session_id)),
             Err(e) => {
                 let refused = matches!(

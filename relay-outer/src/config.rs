@@ -13,7 +13,7 @@ use relay_proto::units::{resolve_path as resolve, Dur};
 use serde::Deserialize;
 
 /// Default bound on a tunnel's TLS handshake plus Hello.
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = relay_proto::handshake::HANDSHAKE_TIMEOUT;
 /// Default bound on relay-inner reaching the service for a new client.
 pub const DEFAULT_OPEN_TIMEOUT: Duration = Duration::from_secs(15);
 /// Default client connections per listener.

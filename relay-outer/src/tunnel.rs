@@ -158,19 +158,20 @@ impl TunnelServer {
                 return;
             }
         };
-        let hello = match handshake::server_read_hello(&mut ctrl).await {
-            Ok(h) => h,
-            Err(e) => {
-                handshake_failed(match e {
-                    handshake::HandshakeError::VersionMismatch { .. } => "version_mismatch",
-                    _ => "hello",
-                });
-                warn!(reason = %e, "tunnel handshake failed");
-                // A version mismatch or protocol error was answered: let it reach the peer.
-                handle.close_after(&mut ctrl, REFUSAL_LINGER).await;
-                return;
-            }
-        };
+        let hello =
+            match handshake::server_read_hello(&mut ctrl, settings.cfg.handshake_timeout).await {
+                Ok(h) => h,
+                Err(e) => {
+                    handshake_failed(match e {
+                        handshake::HandshakeError::VersionMismatch { .. } => "version_mismatch",
+                        _ => "hello",
+                    });
+                    warn!(reason = %e, "tunnel handshake failed");
+                    // A version mismatch or protocol error was answered: let it reach the peer.
+                    handle.close_after(&mut ctrl, REFUSAL_LINGER).await;
+                    return;
+                }
+            };
         // Checked against the settings in force now: a reload may have happened since
         // the TLS handshake.
         if !self.settings().tunnels.contains(&tunnel_name) {

@@ -262,7 +262,7 @@ impl FakeOuter {
             .await
             .expect("fake outer: no control stream")
             .expect("fake outer: session ended before the control stream");
-        let hello = handshake::server_read_hello(&mut ctrl)
+        let hello = handshake::server_read_hello(&mut ctrl, handshake::HANDSHAKE_TIMEOUT)
             .await
             .expect("fake outer: reading relay-inner's Hello");
         handshake::accept(&mut ctrl, tunnel, 1)

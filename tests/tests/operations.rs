@@ -1322,3 +1322,38 @@ fn relay_inner_reload_changes_endpoints_and_services() {
     );
     assert_no_tunnel_down(&[&outer2]);
 }
+
+/// A reload that leaves a tunnel without listeners closes its sessions, and the relay-inner
+/// that reconnects is refused with the reason.
+#[test]
+fn reload_closes_sessions_of_a_tunnel_no_listener_uses() {
+    let pg = Pg::start(PgOpts::default());
+    let pki = Pki::new(&["localhost"]);
+    pki.issue("site-a");
+    let tport = free_port();
+    let admin = free_port();
+    let (la, pa) = listener("a", "site-a", "pg", "");
+    let mut outer = Relay::outer(&outer_cfg(&pki, tport, &[la], admin), None);
+    let inner = Relay::inner(
+        "relay-inner",
+        &inner_cfg(&pki, "site-a", &[tport], &pg_service(&pg), free_port()),
+        None,
+    );
+    assert_eq!(sql(pa, "SELECT 1").unwrap(), "1");
+    let (lb, _) = listener("b", "site-b", "pg", "");
+    reload(
+        &mut outer,
+        Some(&outer_cfg(&pki, tport, &[lb], admin)),
+        "configuration reloaded",
+    );
+    outer.wait_count(
+        "closing session: its tunnel is no longer configured",
+        1,
+        SOON,
+    );
+    inner.wait_count("tunnel down", 1, SOON);
+    inner.wait_count("relay-outer refused this relay", 1, SOON);
+    let line = nth_entry(&inner, "relay-outer refused this relay", 1);
+    assert!(line.contains("not configured"), "{line}");
+    assert!(connection_refused(pa), "listener a was removed");
+}
