@@ -62,6 +62,20 @@ pub enum Frame {
         /// Why, for the log.
         reason: String,
     },
+    /// Head of a CDC shipping stream opened by relay-inner.
+    CdcOpen {
+        /// The source's name in relay-inner's config.
+        source: String,
+        /// Seq of the oldest record relay-inner's spool still holds.
+        first_seq: u64,
+        /// Seq of the newest durable record in the spool (0 when none yet).
+        last_seq: u64,
+    },
+    /// relay-outer's answer to CdcOpen: send records from `next_seq` on.
+    CdcReady {
+        /// The next seq the store expects.
+        next_seq: u64,
+    },
 }
 
 /// The handshake's opening frame, sent by relay-inner.
@@ -205,6 +219,8 @@ const KIND_PONG: u8 = 5;
 const KIND_OPEN: u8 = 6;
 const KIND_OPEN_OK: u8 = 7;
 const KIND_GO_AWAY: u8 = 8;
+const KIND_CDC_OPEN: u8 = 9;
+const KIND_CDC_READY: u8 = 10;
 
 /// Size of the length prefix.
 pub const LEN_PREFIX: usize = 4;
@@ -221,6 +237,8 @@ impl Frame {
             Frame::Open { .. } => "Open",
             Frame::OpenOk => "OpenOk",
             Frame::GoAway { .. } => "GoAway",
+            Frame::CdcOpen { .. } => "CdcOpen",
+            Frame::CdcReady { .. } => "CdcReady",
         }
     }
 
@@ -266,6 +284,20 @@ impl Frame {
             Frame::GoAway { reason } => {
                 out.push(KIND_GO_AWAY);
                 put_str(out, reason, "reason")?;
+            }
+            Frame::CdcOpen {
+                source,
+                first_seq,
+                last_seq,
+            } => {
+                out.push(KIND_CDC_OPEN);
+                put_str(out, source, "source")?;
+                out.extend_from_slice(&first_seq.to_be_bytes());
+                out.extend_from_slice(&last_seq.to_be_bytes());
+            }
+            Frame::CdcReady { next_seq } => {
+                out.push(KIND_CDC_READY);
+                out.extend_from_slice(&next_seq.to_be_bytes());
             }
         }
         let len = out.len() - start - LEN_PREFIX;
@@ -328,6 +360,14 @@ impl Frame {
             KIND_OPEN_OK => Frame::OpenOk,
             KIND_GO_AWAY => Frame::GoAway {
                 reason: r.string("reason")?,
+            },
+            KIND_CDC_OPEN => Frame::CdcOpen {
+                source: r.string("source")?,
+                first_seq: r.u64("first_seq")?,
+                last_seq: r.u64("last_seq")?,
+            },
+            KIND_CDC_READY => Frame::CdcReady {
+                next_seq: r.u64("next_seq")?,
             },
             k => return Err(FrameError::UnknownKind(k)),
         };
@@ -461,6 +501,12 @@ mod tests {
             Frame::GoAway {
                 reason: "shutdown".into(),
             },
+            Frame::CdcOpen {
+                source: "orders".into(),
+                first_seq: 1,
+                last_seq: u64::MAX,
+            },
+            Frame::CdcReady { next_seq: 42 },
         ]
     }
 

@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod cdc;
 pub mod cidr;
 pub mod cli;
 pub mod codec;

@@ -397,6 +397,40 @@ impl SegmentLog {
         Ok(())
     }
 
+    /// Makes an empty log number its next record `seq` (a store that receives a source's
+    /// log from the middle, because the older part was acknowledged and removed before
+    /// this store existed). Only allowed while the log holds no record.
+    pub fn start_at(&mut self, seq: u64) -> Result<()> {
+        if seq == 0 {
+            return Err(LogError::InvalidOptions("a log cannot start at seq 0"));
+        }
+        if seq == self.last_seq + 1 {
+            return Ok(());
+        }
+        if !self.sealed.is_empty() || self.active.bytes > 0 {
+            return Err(LogError::InvalidOptions(
+                "start_at needs an empty log; this one holds records",
+            ));
+        }
+        let path = segment_path(&self.dir, seq);
+        let file = create_segment(&path)?;
+        sync_dir(&self.dir)?;
+        let old = std::mem::replace(
+            &mut self.active,
+            Segment {
+                first_seq: seq,
+                path,
+                bytes: 0,
+            },
+        );
+        self.file = file;
+        fs::remove_file(&old.path).map_err(io_err(&old.path))?;
+        sync_dir(&self.dir)?;
+        self.last_seq = seq - 1;
+        self.synced_seq = seq - 1;
+        Ok(())
+    }
+
     /// Every segment, oldest first, with size and modification time.
     pub fn segments(&self) -> Result<Vec<SegmentInfo>> {
         self.sealed
@@ -774,6 +808,21 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LogError + '_ {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn empty_log_can_start_at_a_later_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = SegmentLog::open(dir.path(), LogOptions::default()).unwrap();
+        log.start_at(41).unwrap();
+        assert_eq!(log.append(b"a").unwrap(), 41);
+        log.sync().unwrap();
+        assert!(log.start_at(100).is_err());
+        drop(log);
+        let log = SegmentLog::open(dir.path(), LogOptions::default()).unwrap();
+        assert_eq!((log.first_seq(), log.last_seq()), (41, 41));
+        let got: Vec<_> = log.read_from(0).unwrap().map(|r| r.unwrap().0).collect();
+        assert_eq!(got, vec![41]);
+    }
     use proptest::prelude::*;
 
     fn opts(segment_bytes: u64) -> LogOptions {
