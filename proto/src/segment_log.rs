@@ -470,6 +470,39 @@ impl SegmentLog {
     }
 }
 
+/// Reads the log in `dir` from `seq` (0: the first record) without opening it for
+/// writing: no lock is taken, so this works while another process appends (`cdc tail`).
+/// A torn tail is simply the current end.
+pub fn read_dir(dir: impl AsRef<Path>, seq: u64, max_record: usize) -> Result<Reader> {
+    let dir = dir.as_ref();
+    let segments = list_segments(dir)?;
+    let Some((first, _)) = segments.first() else {
+        return Err(LogError::Truncated {
+            requested: seq,
+            first: 1,
+        });
+    };
+    let seq = if seq == 0 { *first } else { seq };
+    if seq < *first {
+        return Err(LogError::Truncated {
+            requested: seq,
+            first: *first,
+        });
+    }
+    let (first_seq, path) = segments
+        .iter()
+        .rev()
+        .find(|(f, _)| *f <= seq)
+        .cloned()
+        .unwrap_or_else(|| segments[0].clone());
+    let seg = Segment {
+        first_seq,
+        path,
+        bytes: 0,
+    };
+    Reader::new(dir, &seg, seq, max_record)
+}
+
 /// Iterator over `(seq, payload)` from a starting seq; independent of the [`SegmentLog`].
 ///
 /// It sees records appended after it was created. At the current end of the log it
