@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use relay_proto::config_file::{self, AdminSpec, ConfigError};
 use relay_proto::control::{Keepalive, KeepaliveSpec};
-use relay_proto::units::{resolve_path, Dur};
+use relay_proto::units::{resolve_path, Dur, Size};
 use serde::Deserialize;
 
 /// Default first reconnect delay ceiling.
@@ -39,6 +39,49 @@ struct RawConfig {
     admin: Option<AdminSpec>,
     dial_timeout: Option<Dur>,
     max_streams_per_session: Option<usize>,
+    cdc: Option<RawCdc>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCdc {
+    spool: RawSpool,
+    batch: Option<RawBatch>,
+    #[serde(default)]
+    sources: Vec<RawSource>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpool {
+    dir: PathBuf,
+    max_bytes: Option<Size>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBatch {
+    max_bytes: Option<Size>,
+    max_delay: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    name: String,
+    postgres: RawPgSource,
+    snapshot: Option<String>,
+    heartbeat: Option<Dur>,
+    status_interval: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPgSource {
+    dsn: String,
+    slot: Option<String>,
+    publication: Option<String>,
+    tables: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -98,6 +141,64 @@ pub struct Config {
     pub dial_timeout: Duration,
     /// Streams relay-outer may open on one session at once.
     pub max_streams_per_session: usize,
+    /// Change data capture, when configured.
+    pub cdc: Option<CdcConfig>,
+}
+
+/// Default bound on the spool's size on disk.
+pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 10 << 30;
+/// Default largest shipping batch.
+pub const DEFAULT_BATCH_MAX_BYTES: usize = 1 << 20;
+/// Default longest wait to fill a batch.
+pub const DEFAULT_BATCH_MAX_DELAY: Duration = Duration::from_millis(20);
+/// Default heartbeat interval for idle published tables.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
+/// Default interval of standby status updates to the source.
+pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The CDC forwarder's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CdcConfig {
+    /// Spool directory; each source has a subdirectory named after it.
+    pub spool_dir: PathBuf,
+    /// Bound on each source's spool on disk: reading pauses there.
+    pub spool_max_bytes: u64,
+    /// Largest shipping batch in bytes.
+    pub batch_max_bytes: usize,
+    /// Longest wait to fill a batch.
+    pub batch_max_delay: Duration,
+    /// Sources to read.
+    pub sources: Vec<SourceConfig>,
+}
+
+/// Whether a source copies its tables before streaming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotMode {
+    /// Copy every table inside the slot's exported snapshot, then stream.
+    Initial,
+    /// Stream only.
+    Never,
+}
+
+/// One PostgreSQL source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceConfig {
+    /// Name; relay-outer knows the source as `<tunnel>/<name>`.
+    pub name: String,
+    /// libpq-style connection string.
+    pub dsn: String,
+    /// Logical replication slot (created when missing).
+    pub slot: String,
+    /// Publication (created when missing, for `tables`).
+    pub publication: String,
+    /// Published tables, `schema.table`.
+    pub tables: Vec<String>,
+    /// Initial copy or not.
+    pub snapshot: SnapshotMode,
+    /// Emit a heartbeat message when nothing was decoded for this long (0: never).
+    pub heartbeat: Duration,
+    /// Standby status update interval.
+    pub status_interval: Duration,
 }
 
 /// One relay-outer to keep a session with.
@@ -218,7 +319,12 @@ impl Config {
             Some(_) => return Err("node: must be 1 to 255 characters".into()),
             None => hostname(),
         };
+        let cdc = match raw.cdc {
+            None => None,
+            Some(c) => Some(validate_cdc(c, base)?),
+        };
         Ok(Config {
+            cdc,
             node,
             outer,
             cert: resolve_path(base, &raw.tls.cert),
@@ -242,6 +348,125 @@ impl Config {
         relay_proto::tls::client_config(&self.cert, &self.key, &self.ca)
             .map_err(|e| format!("tls: {e}"))
     }
+}
+
+/// Whether `name` is a usable PostgreSQL identifier for slots and publications
+/// (lowercase letters, digits, underscore; at most 63 bytes).
+fn valid_slot_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+fn validate_cdc(c: RawCdc, base: &Path) -> Result<CdcConfig, String> {
+    let mut sources: Vec<SourceConfig> = Vec::new();
+    for (i, s) in c.sources.into_iter().enumerate() {
+        let f = format!("cdc.sources[{i}]");
+        if !valid_service_name(&s.name) || s.name.contains('.') && s.name.starts_with('.') {
+            return Err(format!(
+                "{f}.name: {:?}: source names are 1-255 characters of letters, digits, '-', '_', '.'",
+                s.name
+            ));
+        }
+        if sources.iter().any(|o| o.name == s.name) {
+            return Err(format!("{f}.name: {:?} is used twice", s.name));
+        }
+        let default_name = format!(
+            "routy_{}",
+            s.name.to_ascii_lowercase().replace(['-', '.'], "_")
+        );
+        let slot = s.postgres.slot.unwrap_or_else(|| default_name.clone());
+        if !valid_slot_name(&slot) {
+            return Err(format!(
+                "{f}.postgres.slot: {slot:?}: use 1-63 lowercase letters, digits and '_'"
+            ));
+        }
+        if let Some(o) = sources
+            .iter()
+            .find(|o| o.slot == slot && o.dsn == s.postgres.dsn)
+        {
+            return Err(format!(
+                "{f}.postgres.slot: {slot:?} is also used by source {:?}",
+                o.name
+            ));
+        }
+        let publication = s.postgres.publication.unwrap_or(default_name);
+        if !valid_slot_name(&publication) {
+            return Err(format!(
+                "{f}.postgres.publication: {publication:?}: use 1-63 lowercase letters, digits and '_'"
+            ));
+        }
+        if s.postgres.dsn.trim().is_empty() {
+            return Err(format!("{f}.postgres.dsn: must not be empty"));
+        }
+        if s.postgres.tables.is_empty() {
+            return Err(format!(
+                "{f}.postgres.tables: list at least one table (schema.table)"
+            ));
+        }
+        let mut tables = Vec::new();
+        for (j, t) in s.postgres.tables.iter().enumerate() {
+            let ok = t.split_once('.').is_some_and(|(a, b)| {
+                let part = |p: &str| {
+                    !p.is_empty()
+                        && p.len() <= 63
+                        && p.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
+                };
+                part(a) && part(b)
+            });
+            if !ok {
+                return Err(format!(
+                    "{f}.postgres.tables[{j}]: {t:?} is not schema.table (plain identifiers)"
+                ));
+            }
+            if tables.contains(t) {
+                return Err(format!("{f}.postgres.tables[{j}]: {t:?} is listed twice"));
+            }
+            tables.push(t.clone());
+        }
+        let snapshot = match s.snapshot.as_deref() {
+            None | Some("initial") => SnapshotMode::Initial,
+            Some("never") => SnapshotMode::Never,
+            Some(o) => return Err(format!("{f}.snapshot: {o:?} is not one of: initial, never")),
+        };
+        let status_interval = s.status_interval.map_or(DEFAULT_STATUS_INTERVAL, |d| d.0);
+        if status_interval.is_zero() {
+            return Err(format!("{f}.status_interval: must be above zero"));
+        }
+        sources.push(SourceConfig {
+            name: s.name,
+            dsn: s.postgres.dsn,
+            slot,
+            publication,
+            tables,
+            snapshot,
+            heartbeat: s.heartbeat.map_or(DEFAULT_HEARTBEAT, |d| d.0),
+            status_interval,
+        });
+    }
+    let b = c.batch.as_ref();
+    let batch_max_bytes = b
+        .and_then(|b| b.max_bytes)
+        .map_or(DEFAULT_BATCH_MAX_BYTES as u64, |s| s.0);
+    if !(1024..=(32 << 20)).contains(&batch_max_bytes) {
+        return Err("cdc.batch.max_bytes: must be between 1KiB and 32MiB".into());
+    }
+    let spool_max_bytes = c.spool.max_bytes.map_or(DEFAULT_SPOOL_MAX_BYTES, |s| s.0);
+    if spool_max_bytes < (1 << 20) {
+        return Err("cdc.spool.max_bytes: must be at least 1MiB".into());
+    }
+    Ok(CdcConfig {
+        spool_dir: resolve_path(base, &c.spool.dir),
+        spool_max_bytes,
+        batch_max_bytes: batch_max_bytes as usize,
+        batch_max_delay: b
+            .and_then(|b| b.max_delay)
+            .map_or(DEFAULT_BATCH_MAX_DELAY, |d| d.0),
+        sources,
+    })
 }
 
 fn hostname() -> String {
@@ -285,6 +510,40 @@ services:
             c.keepalive.interval,
             relay_proto::control::DEFAULT_KEEPALIVE_INTERVAL
         );
+    }
+
+    #[test]
+    fn cdc_sources_load_with_defaults() {
+        let y = format!(
+            "{GOOD}cdc:\n  spool: {{ dir: spool, max_bytes: 2GiB }}\n  sources:\n    - name: orders\n      postgres: {{ dsn: \"host=db user=routy\", tables: [public.orders] }}\n"
+        );
+        let c = parse(&y).unwrap().cdc.unwrap();
+        assert_eq!(c.spool_dir, PathBuf::from("/etc/routy/spool"));
+        assert_eq!(c.spool_max_bytes, 2 << 30);
+        let s = &c.sources[0];
+        assert_eq!(
+            (s.slot.as_str(), s.publication.as_str()),
+            ("routy_orders", "routy_orders")
+        );
+        assert_eq!(s.snapshot, SnapshotMode::Initial);
+        assert_eq!(s.heartbeat, DEFAULT_HEARTBEAT);
+        for (bad, field) in [
+            ("tables: [public.orders]", "tables: [orders]"),
+            ("tables: [public.orders]", "tables: []"),
+            ("name: orders", "name: \"a b\""),
+            (
+                "dsn: \"host=db user=routy\"",
+                "dsn: \"host=db\", slot: Bad-Slot",
+            ),
+            (
+                "tables: [public.orders] }",
+                "tables: [public.orders], tabels: [] }",
+            ),
+        ] {
+            let y = y.replace(bad, field);
+            let e = parse(&y).unwrap_err();
+            assert!(e.contains("cdc") || e.contains("tabels"), "{field}: {e}");
+        }
     }
 
     #[test]

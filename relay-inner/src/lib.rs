@@ -1,8 +1,11 @@
-//! relay-inner's change-data-capture parts, as a library so they can be tested on their
-//! own before the forwarder wires them up (issue 4): the PostgreSQL streaming
-//! replication client and the pgoutput decoder.
+//! relay-inner's library: its configuration and the change-data-capture forwarder (the
+//! PostgreSQL streaming replication client, the pgoutput decoder, the source, the spool
+//! and the shipper), as a library so they can be tested on their own.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod backoff;
+pub mod config;
 pub mod pgoutput;
 pub mod replication;
+pub mod spool;

@@ -2,12 +2,12 @@
 //! relay-outer opens to the services its own config lists.
 #![forbid(unsafe_code)]
 
-mod backoff;
-mod config;
 mod dialer;
 mod relay;
 mod services;
 mod status;
+
+use relay_inner::{backoff, config};
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

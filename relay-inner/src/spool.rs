@@ -1,0 +1,325 @@
+//! The spool: one source's change log on relay-inner's disk, between the source (which
+//! appends records and confirms LSNs to PostgreSQL only once they are durable here) and
+//! the shippers (which send durable records to every relay-outer and remove segments once
+//! all of them acknowledged).
+//!
+//! Layout: `<spool dir>/<source>/log/` holds the segment log; the source keeps its own
+//! state file next to it. The log's segments are at most an eighth of `max_bytes` (and at
+//! most 64 MiB) so acknowledged data can be removed well before the bound is reached.
+//!
+//! When the spool holds `max_bytes`, [`Spool::append`] waits until acknowledgements free
+//! space: reading from the source pauses, nothing is dropped, and the source's WAL
+//! retention grows instead.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use relay_proto::cdc::Record;
+use relay_proto::segment_log::{self, LogOptions, Reader, SegmentLog};
+use tokio::sync::{watch, Notify};
+
+/// Largest record the spool accepts.
+pub const MAX_RECORD: usize = segment_log::DEFAULT_MAX_RECORD;
+
+/// What can go wrong with the spool.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// The segment log failed.
+    #[error(transparent)]
+    Log(#[from] segment_log::LogError),
+    /// A record in the spool does not decode (written by a different version?).
+    #[error("spool record {seq} is unreadable: {reason}")]
+    BadRecord {
+        /// Its seq.
+        seq: u64,
+        /// Why.
+        reason: String,
+    },
+    /// A blocking task failed.
+    #[error("spool task failed: {0}")]
+    Task(String),
+}
+
+struct State {
+    log: SegmentLog,
+    /// Highest `Record.lsn` appended (durable once synced).
+    appended_lsn: u64,
+    /// Highest seq acknowledged by each relay-outer endpoint.
+    acked: BTreeMap<String, u64>,
+}
+
+/// One source's spool.
+pub struct Spool {
+    dir: PathBuf,
+    max_bytes: u64,
+    state: Mutex<State>,
+    /// Newest durable seq, for shippers.
+    synced: watch::Sender<u64>,
+    /// Highest `Record.lsn` that is durable.
+    durable_lsn: std::sync::atomic::AtomicU64,
+    /// Woken when segments are removed.
+    space: Notify,
+}
+
+impl std::fmt::Debug for Spool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spool").field("dir", &self.dir).finish()
+    }
+}
+
+impl Spool {
+    /// Opens (creating) the spool in `dir` (this source's directory).
+    pub fn open(dir: &Path, max_bytes: u64) -> Result<Arc<Spool>, SpoolError> {
+        let segment_bytes = (max_bytes / 8).clamp(1 << 20, segment_log::DEFAULT_SEGMENT_BYTES);
+        let log = SegmentLog::open(
+            dir.join("log"),
+            LogOptions {
+                segment_bytes,
+                max_record: MAX_RECORD,
+            },
+        )?;
+        let lsn = last_lsn(&log)?;
+        let synced = log.synced_seq();
+        let (tx, _) = watch::channel(synced);
+        Ok(Arc::new(Spool {
+            dir: dir.to_path_buf(),
+            max_bytes,
+            state: Mutex::new(State {
+                log,
+                appended_lsn: lsn,
+                acked: BTreeMap::new(),
+            }),
+            synced: tx,
+            durable_lsn: lsn.into(),
+            space: Notify::new(),
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// This source's spool directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Appends a record (durable after [`Spool::sync`]); waits while the spool is full.
+    pub async fn append(&self, rec: &Record) -> Result<u64, SpoolError> {
+        let payload = rec.encode();
+        loop {
+            let notified = self.space.notified();
+            {
+                let mut st = self.lock();
+                if st.log.size_bytes() < self.max_bytes {
+                    let seq = st.log.append(&payload)?;
+                    st.appended_lsn = st.appended_lsn.max(rec.lsn);
+                    return Ok(seq);
+                }
+            }
+            // Full: make what we have durable so it can be shipped and acknowledged.
+            self.sync().await?;
+            metrics::counter!(SPOOL_FULL_WAITS).increment(1);
+            tracing::warn!(dir = %self.dir.display(), max_bytes = self.max_bytes,
+                "spool is full; reading from the source pauses until relay-outer acknowledges records");
+            notified.await;
+        }
+    }
+
+    /// Makes every appended record durable.
+    pub async fn sync(&self) -> Result<(), SpoolError> {
+        // fdatasync is fast enough on a spool to hold the lock (appends wait for it anyway).
+        let (seq, lsn) = blocking(|| {
+            let mut st = self.lock();
+            st.log.sync()?;
+            Ok::<_, SpoolError>((st.log.synced_seq(), st.appended_lsn))
+        })?;
+        self.durable_lsn
+            .fetch_max(lsn, std::sync::atomic::Ordering::AcqRel);
+        self.synced.send_if_modified(|s| {
+            let changed = *s != seq;
+            *s = seq;
+            changed
+        });
+        Ok(())
+    }
+
+    /// Highest `Record.lsn` that is durable: the position to confirm to PostgreSQL.
+    pub fn durable_lsn(&self) -> u64 {
+        self.durable_lsn.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Seq of the oldest record held.
+    pub fn first_seq(&self) -> u64 {
+        self.lock().log.first_seq()
+    }
+
+    /// Seq of the newest durable record (0 when none).
+    pub fn synced_seq(&self) -> u64 {
+        *self.synced.borrow()
+    }
+
+    /// Watches the newest durable seq.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.synced.subscribe()
+    }
+
+    /// Reads records from `seq` on; the reader may run ahead of the durable seq.
+    pub fn reader(&self, seq: u64) -> Result<Reader, SpoolError> {
+        Ok(self.lock().log.read_from(seq)?)
+    }
+
+    /// Bytes on disk.
+    pub fn size_bytes(&self) -> u64 {
+        self.lock().log.size_bytes()
+    }
+
+    /// Sets the relay-outer endpoints that must acknowledge a record before it is
+    /// removed. Endpoints that are new start at "nothing acknowledged".
+    pub fn set_endpoints<I: IntoIterator<Item = String>>(&self, endpoints: I) {
+        let mut st = self.lock();
+        let new: BTreeMap<String, u64> = endpoints
+            .into_iter()
+            .map(|e| {
+                let v = st.acked.get(&e).copied().unwrap_or(0);
+                (e, v)
+            })
+            .collect();
+        st.acked = new;
+    }
+
+    /// Records that `endpoint` holds everything up to `seq`, and removes the segments
+    /// every endpoint holds.
+    pub fn ack(&self, endpoint: &str, seq: u64) -> Result<(), SpoolError> {
+        let removed = {
+            let mut st = self.lock();
+            match st.acked.get_mut(endpoint) {
+                Some(v) => *v = (*v).max(seq),
+                None => return Ok(()),
+            }
+            let min = st.acked.values().copied().min().unwrap_or(0);
+            let before = st.log.first_seq();
+            st.log.truncate_front(min)?;
+            st.log.first_seq() != before
+        };
+        if removed {
+            self.space.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// The lowest seq every endpoint acknowledged.
+    pub fn acked_seq(&self) -> u64 {
+        self.lock().acked.values().copied().min().unwrap_or(0)
+    }
+}
+
+/// Counter: times an append waited because the spool was full.
+pub const SPOOL_FULL_WAITS: &str = "routy_cdc_spool_full_waits_total";
+
+/// The highest `Record.lsn` in the log, found by reading back from the newest segment.
+fn last_lsn(log: &SegmentLog) -> Result<u64, SpoolError> {
+    let segments = log.segments()?;
+    for seg in segments.iter().rev() {
+        if seg.first_seq > log.last_seq() {
+            continue;
+        }
+        let mut best = 0;
+        for r in log.read_from(seg.first_seq)? {
+            let (seq, payload) = r?;
+            let rec = Record::decode(&payload).map_err(|e| SpoolError::BadRecord {
+                seq,
+                reason: e.to_string(),
+            })?;
+            best = best.max(rec.lsn);
+        }
+        if best > 0 {
+            return Ok(best);
+        }
+    }
+    Ok(0)
+}
+
+/// Runs blocking file I/O without stalling other tasks on a multi-threaded runtime, and
+/// inline on a current-thread runtime (tests).
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use relay_proto::cdc::Event;
+
+    fn rec(lsn: u64, bytes: usize) -> Record {
+        Record {
+            lsn,
+            events: vec![Event::Message {
+                transactional: true,
+                lsn,
+                prefix: "x".into(),
+                content: vec![7; bytes],
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn lsn_is_durable_only_after_sync_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(s.append(&rec(100, 10)).await.unwrap(), 1);
+        assert_eq!(s.append(&rec(0, 10)).await.unwrap(), 2);
+        assert_eq!(s.durable_lsn(), 0);
+        s.sync().await.unwrap();
+        assert_eq!((s.durable_lsn(), s.synced_seq()), (100, 2));
+        drop(s);
+        let s = Spool::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(s.durable_lsn(), 100);
+        assert_eq!(s.synced_seq(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_spool_waits_for_acks_and_drops_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        s.set_endpoints(["a".to_string(), "b".to_string()]);
+        // 1 MiB bound, 1 MiB segments: fill past it.
+        let mut last = 0;
+        while s.size_bytes() < 1 << 20 {
+            last = s.append(&rec(last + 1, 60_000)).await.unwrap();
+        }
+        let s2 = s.clone();
+        let writer = tokio::spawn(async move { s2.append(&rec(999, 10)).await.unwrap() });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(
+            !writer.is_finished(),
+            "append must wait while the spool is full"
+        );
+        // It synced before waiting, so shippers can send everything.
+        assert_eq!(s.synced_seq(), last);
+        s.ack("a", last).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(
+            !writer.is_finished(),
+            "one endpoint acknowledging is not enough"
+        );
+        s.ack("b", last).unwrap();
+        let seq = tokio::time::timeout(std::time::Duration::from_secs(5), writer)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(seq, last + 1);
+        // Nothing unacknowledged was removed.
+        assert!(s.first_seq() <= last + 1);
+        let seqs: Vec<u64> = s
+            .reader(s.first_seq())
+            .unwrap()
+            .map(|r| r.unwrap().0)
+            .collect();
+        assert_eq!(*seqs.last().unwrap(), last + 1);
+    }
+}
