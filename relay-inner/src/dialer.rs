@@ -76,6 +76,7 @@ impl Dialer {
                     metrics::counter!(m::SESSION_CONNECTS, &self.labels()).increment(1);
                     metrics::gauge!(m::SESSIONS_UP, &self.labels()).set(1.0);
                     info!(tunnel = %tunnel, session = id, "tunnel up");
+                    self.status.set_session(Some(session.handle.clone()));
                     let end = self
                         .serve(
                             session,
@@ -86,6 +87,7 @@ impl Dialer {
                         .instrument(tracing::info_span!("session", tunnel = %tunnel, session = id))
                         .await;
                     let up = started.elapsed();
+                    self.status.set_session(None);
                     self.status.down(&end.to_string());
                     metrics::gauge!(m::SESSIONS_UP, &self.labels()).set(0.0);
                     let [outer] = self.labels();

@@ -2,6 +2,7 @@
 //! relay-outer opens to the services its own config lists.
 #![forbid(unsafe_code)]
 
+mod cdc;
 mod dialer;
 mod relay;
 mod services;
@@ -46,6 +47,26 @@ enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Change data capture maintenance.
+    Cdc {
+        #[command(subcommand)]
+        cmd: CdcCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CdcCmd {
+    /// Drop a source's replication slot on its PostgreSQL and forget its snapshot
+    /// progress, so the next start creates a new slot and copies the tables again.
+    /// Stop relay-inner first.
+    DropSlot {
+        /// Configuration file (YAML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Source name (cdc.sources[].name).
+        #[arg(long)]
+        source: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -54,6 +75,29 @@ fn main() -> ExitCode {
     cli::exit(match cli.cmd {
         Cmd::Run { config } => run(&config),
         Cmd::CheckConfig { config } => check(&config),
+        Cmd::Cdc {
+            cmd: CdcCmd::DropSlot { config, source },
+        } => drop_slot(&config, &source),
+    })
+}
+
+fn drop_slot(path: &Path, name: &str) -> anyhow::Result<()> {
+    let cfg = Config::load(path)?;
+    let Some(cdc) = cfg.cdc.as_ref() else {
+        anyhow::bail!("{}: has no cdc section", path.display());
+    };
+    let Some(src) = cdc.sources.iter().find(|s| s.name == name) else {
+        let known: Vec<&str> = cdc.sources.iter().map(|s| s.name.as_str()).collect();
+        anyhow::bail!(
+            "no cdc source named {name:?} in {} (sources: {known:?})",
+            path.display()
+        );
+    };
+    let dir = cdc.spool_dir.join(&src.name);
+    cli::block_on(async {
+        let msg = cdc::source_drop_slot(src, &dir).await?;
+        println!("{msg}");
+        Ok::<_, anyhow::Error>(())
     })
 }
 
@@ -61,10 +105,11 @@ fn check(path: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     cfg.check_tls().map_err(anyhow::Error::msg)?;
     println!(
-        "{}: ok ({} relay-outer endpoint(s), {} service(s))",
+        "{}: ok ({} relay-outer endpoint(s), {} service(s), {} cdc source(s))",
         path.display(),
         cfg.outer.len(),
-        cfg.services.len()
+        cfg.services.len(),
+        cfg.cdc.as_ref().map_or(0, |c| c.sources.len())
     );
     Ok(())
 }
@@ -79,7 +124,7 @@ async fn serve(path: PathBuf, cfg: Config, tls: rustls::ClientConfig) -> anyhow:
     info!(node = %cfg.node, services = ?cfg.services.keys().collect::<Vec<_>>(), "relay-inner starting");
     let admin_listen = cfg.admin_listen;
     let prom = relay_proto::metrics::install().map_err(anyhow::Error::msg)?;
-    let relay = relay::InnerRelay::start(path, cfg, tls);
+    let relay = relay::InnerRelay::start(path, cfg, tls)?;
     let handler = {
         let (relay, prom) = (relay.clone(), prom.clone());
         move |path: &str| status::handle(&relay, &prom, path)

@@ -16,6 +16,7 @@ use relay_proto::drain::Drain;
 use relay_proto::metrics as m;
 use tracing::info;
 
+use crate::cdc::Cdc;
 use crate::config::{Config, OuterEndpoint};
 use crate::dialer::{Current, Dialer};
 use crate::services::{ServiceTable, Services};
@@ -34,6 +35,8 @@ pub struct InnerRelay {
     services: Arc<Services>,
     dialers: Mutex<Vec<(String, Running)>>,
     reload_lock: tokio::sync::Mutex<()>,
+    /// The CDC forwarder, when configured.
+    pub cdc: Option<Arc<Cdc>>,
     /// Shutdown signal and in-flight streams.
     pub drain: Drain,
     /// When the relay started.
@@ -52,9 +55,22 @@ fn current(cfg: Config, tls: rustls::ClientConfig) -> Arc<Current> {
 }
 
 impl InnerRelay {
-    /// Starts a dialer for every endpoint.
-    pub fn start(path: PathBuf, cfg: Config, tls: rustls::ClientConfig) -> Arc<Self> {
+    /// Starts a dialer for every endpoint, and the CDC forwarder.
+    pub fn start(
+        path: PathBuf,
+        cfg: Config,
+        tls: rustls::ClientConfig,
+    ) -> anyhow::Result<Arc<Self>> {
         let drain = Drain::new();
+        let cdc = match &cfg.cdc {
+            Some(c) => {
+                let cdc = Cdc::start(c, &drain)?;
+                let keys: Vec<String> = cfg.outer.iter().map(key).collect();
+                cdc.set_endpoints(&keys);
+                Some(cdc)
+            }
+            None => None,
+        };
         let services = Arc::new(Services::new(
             ServiceTable::new(&cfg.node, &cfg.services),
             drain.clone(),
@@ -66,13 +82,14 @@ impl InnerRelay {
             services,
             dialers: Mutex::new(Vec::new()),
             reload_lock: tokio::sync::Mutex::new(()),
+            cdc,
             drain,
             started: Instant::now(),
         });
         for e in endpoints {
             relay.spawn_dialer(e);
         }
-        relay
+        Ok(relay)
     }
 
     fn spawn_dialer(&self, endpoint: OuterEndpoint) {
@@ -88,6 +105,9 @@ impl InnerRelay {
             status: status.clone(),
         };
         tokio::spawn(d.run());
+        if let Some(cdc) = &self.cdc {
+            cdc.attach(&k, &status, &self.drain, &stop);
+        }
         self.lock_dialers().push((k, Running { stop, status }));
     }
 
@@ -131,6 +151,12 @@ impl InnerRelay {
                 old.admin_listen, new.admin_listen
             ));
         }
+        if new.cdc != old.cdc {
+            return Err(
+                "the cdc section changed: that needs a restart (sources, spool and shipping are set up at start)"
+                    .into(),
+            );
+        }
         self.services
             .replace(ServiceTable::new(&new.node, &new.services));
         let wanted: HashMap<String, OuterEndpoint> =
@@ -146,6 +172,13 @@ impl InnerRelay {
             }
             keep
         });
+        if let Some(cdc) = &self.cdc {
+            for k in &removed {
+                cdc.detach(k);
+            }
+            let keys: Vec<String> = wanted.keys().cloned().collect();
+            cdc.set_endpoints(&keys);
+        }
         let have: Vec<String> = self.lock_dialers().iter().map(|(k, _)| k.clone()).collect();
         let mut added = Vec::new();
         for (k, e) in wanted {

@@ -4,11 +4,13 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 /// State of one endpoint's session.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct EndpointStatus {
     /// `host:port` dialed.
     pub addr: String,
     state: Mutex<State>,
+    /// The live session, for the CDC shippers.
+    session: tokio::sync::watch::Sender<Option<relay_proto::session::SessionHandle>>,
 }
 
 #[derive(Debug, Default)]
@@ -32,7 +34,20 @@ impl EndpointStatus {
         EndpointStatus {
             addr: addr.to_owned(),
             state: Mutex::default(),
+            session: tokio::sync::watch::channel(None).0,
         }
+    }
+
+    /// Publishes the live session (or its end) to the CDC shippers.
+    pub fn set_session(&self, s: Option<relay_proto::session::SessionHandle>) {
+        self.session.send_replace(s);
+    }
+
+    /// Watches the live session.
+    pub fn session(
+        &self,
+    ) -> tokio::sync::watch::Receiver<Option<relay_proto::session::SessionHandle>> {
+        self.session.subscribe()
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
@@ -139,6 +154,7 @@ pub fn handle(
                 "outer": endpoints,
                 "services": cfg.services.keys().collect::<Vec<_>>(),
                 "open_streams": relay.drain.active(),
+                "cdc": relay.cdc.as_ref().map(|c| c.to_json()),
             });
             Response::json(200, body.to_string())
         }

@@ -9,6 +9,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod cdc;
 pub mod fake;
 mod net;
 mod pg;

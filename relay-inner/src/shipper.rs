@@ -1,0 +1,377 @@
+//! The shipper: sends one source's durable spool records to one relay-outer over a
+//! stream of the tunnel session, and turns relay-outer's acknowledgements into spool
+//! removals.
+//!
+//! Protocol (see `relay_proto::cdc`): relay-inner opens a stream and sends
+//! `Frame::CdcOpen {source, first_seq, last_seq}`; relay-outer answers
+//! `Frame::CdcReady {next_seq}` (it already holds everything below) or `Frame::Error`.
+//! Then numbered batches go up and `Ack {seq}` comes back once a batch is fsynced in the
+//! store. After any loss of the stream or session the shipper starts over with a new
+//! CdcOpen, so what was not acknowledged is sent again and relay-outer drops what it
+//! already has.
+//!
+//! Batching: when nothing is in flight a batch leaves at once (low latency); while a batch
+//! is unacknowledged the next one fills up to `batch_max_bytes` or `batch_max_delay`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use relay_proto::cdc::ShipMessage;
+use relay_proto::codec;
+use relay_proto::drain::Drain;
+use relay_proto::frame::Frame;
+use relay_proto::session::SessionHandle;
+use tokio::io::{AsyncWriteExt, ReadHalf};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::backoff::Backoff;
+use crate::spool::Spool;
+
+/// Bound on unacknowledged bytes in flight per stream.
+pub const MAX_IN_FLIGHT: usize = 16 << 20;
+/// Bound on relay-outer's answer to CdcOpen.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Counter: batches sent, by `source`.
+pub const BATCHES_SENT: &str = "routy_cdc_batches_sent_total";
+/// Counter: records sent (resends included), by `source`.
+pub const RECORDS_SENT: &str = "routy_cdc_records_sent_total";
+/// Gauge: highest seq relay-outer acknowledged, by `source` and `outer`.
+pub const ACKED_SEQ: &str = "routy_cdc_acked_seq";
+/// Gauge: records durable in the spool but not yet acknowledged, by `source` and `outer`.
+pub const UNACKED_RECORDS: &str = "routy_cdc_unacked_records";
+/// Counter: shipping streams that ended with an error, by `source` and `reason`.
+pub const SHIP_ERRORS: &str = "routy_cdc_ship_errors_total";
+
+/// What a shipper is doing, for `/status`.
+#[derive(Debug, Default)]
+pub struct ShipStatus {
+    /// relay-outer endpoint.
+    pub endpoint: String,
+    connected: AtomicBool,
+    acked: AtomicU64,
+    sent: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl ShipStatus {
+    /// A shipper's status for `endpoint`.
+    pub fn new(endpoint: &str) -> Self {
+        ShipStatus {
+            endpoint: endpoint.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    /// As JSON.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "outer": self.endpoint,
+            "connected": self.connected.load(Ordering::Relaxed),
+            "acked_seq": self.acked.load(Ordering::Relaxed),
+            "sent_seq": self.sent.load(Ordering::Relaxed),
+            "last_error": *self.last_error.lock().unwrap_or_else(|p| p.into_inner()),
+        })
+    }
+
+    fn error(&self, e: &str) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_owned());
+    }
+}
+
+/// One source's shipper to one relay-outer.
+pub struct Shipper {
+    /// Source name.
+    pub source: String,
+    /// Endpoint key (the spool's acknowledgement slot).
+    pub endpoint: String,
+    /// The source's spool.
+    pub spool: Arc<Spool>,
+    /// The endpoint's live session, when there is one.
+    pub session: watch::Receiver<Option<SessionHandle>>,
+    /// Largest batch.
+    pub batch_max_bytes: usize,
+    /// Longest fill wait while a batch is in flight.
+    pub batch_max_delay: Duration,
+    /// Process shutdown.
+    pub drain: Drain,
+    /// This endpoint's removal.
+    pub stop: Drain,
+    /// Status.
+    pub status: Arc<ShipStatus>,
+}
+
+enum End {
+    /// Stop for good.
+    Stop,
+    /// The stream or session failed; try again after a pause.
+    Retry(String),
+}
+
+impl Shipper {
+    /// Runs until shutdown or the endpoint's removal.
+    pub async fn run(mut self) {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(15));
+        loop {
+            let Some(session) = self.wait_session().await else {
+                return;
+            };
+            let started = std::time::Instant::now();
+            match self.ship(&session).await {
+                End::Stop => return,
+                End::Retry(e) => {
+                    self.status.connected.store(false, Ordering::Relaxed);
+                    if !session.is_closed() {
+                        warn!(source = %self.source, outer = %self.endpoint, error = %e, "CDC shipping stream failed; retrying");
+                        metrics::counter!(SHIP_ERRORS, "source" => self.source.clone(), "reason" => reason(&e)).increment(1);
+                        self.status.error(&e);
+                    } else {
+                        debug!(source = %self.source, error = %e, "CDC shipping ended with the session");
+                    }
+                    if started.elapsed() > Duration::from_secs(30) {
+                        backoff.reset();
+                    }
+                    let pause = backoff.next_delay();
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = self.drain.stopping() => return,
+                        _ = self.stop.stopping() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn wait_session(&mut self) -> Option<SessionHandle> {
+        loop {
+            if let Some(s) = self.session.borrow_and_update().clone() {
+                if !s.is_closed() {
+                    return Some(s);
+                }
+            }
+            tokio::select! {
+                r = self.session.changed() => if r.is_err() { return None },
+                _ = self.drain.stopping() => return None,
+                _ = self.stop.stopping() => return None,
+            }
+        }
+    }
+
+    async fn ship(&self, session: &SessionHandle) -> End {
+        let mut stream = match session.open().await {
+            Ok(s) => s,
+            Err(e) => return End::Retry(format!("open stream: {e}")),
+        };
+        let open = Frame::CdcOpen {
+            source: self.source.clone(),
+            first_seq: self.spool.first_seq(),
+            last_seq: self.spool.synced_seq(),
+        };
+        if let Err(e) = codec::write_frame(&mut stream, &open, OPEN_TIMEOUT).await {
+            return End::Retry(format!("send CdcOpen: {e}"));
+        }
+        let next = match codec::read_frame(&mut stream, OPEN_TIMEOUT).await {
+            Ok(Frame::CdcReady { next_seq }) => next_seq,
+            Ok(Frame::Error { code, message }) => {
+                return End::Retry(format!(
+                    "relay-outer refused the CDC stream ({code}): {message}"
+                ))
+            }
+            Ok(f) => {
+                return End::Retry(format!("unexpected {} instead of CdcReady", f.kind_name()))
+            }
+            Err(e) => return End::Retry(format!("waiting for CdcReady: {e}")),
+        };
+        if next > 1 {
+            // relay-outer holds everything below `next`.
+            if let Err(e) = self.spool.ack(&self.endpoint, next - 1) {
+                return End::Retry(format!("spool: {e}"));
+            }
+        }
+        self.status.connected.store(true, Ordering::Relaxed);
+        self.status.error_clear();
+        info!(source = %self.source, outer = %self.endpoint, next_seq = next, "CDC shipping stream up");
+        let (rd, mut wr) = tokio::io::split(stream);
+        let (acked_tx, mut acked_rx) = watch::channel(next.saturating_sub(1));
+        let acks = tokio::spawn(read_acks(
+            rd,
+            self.spool.clone(),
+            self.endpoint.clone(),
+            self.source.clone(),
+            acked_tx,
+            self.status.clone(),
+        ));
+        let r = self.send_loop(&mut wr, next, &mut acked_rx).await;
+        acks.abort();
+        let _ = wr.shutdown().await;
+        r
+    }
+
+    async fn send_loop<W: tokio::io::AsyncWrite + Unpin>(
+        &self,
+        wr: &mut W,
+        next: u64,
+        acked: &mut watch::Receiver<u64>,
+    ) -> End {
+        let mut synced = self.spool.subscribe();
+        let mut reader = match self.spool.reader(next) {
+            Ok(r) => r,
+            Err(e) => return End::Retry(format!("spool read from {next}: {e}")),
+        };
+        let mut next_seq = next;
+        // A record read ahead of the durable seq, held until it is durable.
+        let mut held: Option<(u64, Vec<u8>)> = None;
+        // Sizes of batches in flight: (last seq, bytes).
+        let mut in_flight: std::collections::VecDeque<(u64, usize)> = Default::default();
+        let labels = [("source", self.source.clone())];
+        loop {
+            // Forget acknowledged batches.
+            let a = *acked.borrow();
+            if a == u64::MAX {
+                return End::Retry("relay-outer closed the stream".into());
+            }
+            while in_flight.front().is_some_and(|(last, _)| *last <= a) {
+                in_flight.pop_front();
+            }
+            let flying: usize = in_flight.iter().map(|(_, b)| b).sum();
+            let durable = *synced.borrow_and_update();
+            let mut batch: Vec<Vec<u8>> = Vec::new();
+            let mut bytes = 0usize;
+            let first = next_seq;
+            if flying < MAX_IN_FLIGHT && durable >= next_seq {
+                let deadline = tokio::time::Instant::now()
+                    + if in_flight.is_empty() {
+                        Duration::ZERO
+                    } else {
+                        self.batch_max_delay
+                    };
+                loop {
+                    let durable = *synced.borrow_and_update();
+                    while bytes < self.batch_max_bytes && next_seq <= durable {
+                        let rec = match held.take() {
+                            Some(r) => Some(r),
+                            None => match blocking(|| reader.next()) {
+                                Some(Ok(r)) => Some(r),
+                                Some(Err(e)) => return End::Retry(format!("spool read: {e}")),
+                                None => None,
+                            },
+                        };
+                        let Some((seq, payload)) = rec else { break };
+                        if seq > durable {
+                            held = Some((seq, payload));
+                            break;
+                        }
+                        if seq != next_seq {
+                            return End::Retry(format!(
+                                "spool returned seq {seq}, expected {next_seq}"
+                            ));
+                        }
+                        bytes += payload.len() + 4;
+                        batch.push(payload);
+                        next_seq += 1;
+                    }
+                    if bytes >= self.batch_max_bytes || tokio::time::Instant::now() >= deadline {
+                        break;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(deadline) => {}
+                        r = synced.changed() => if r.is_err() { return End::Stop },
+                        r = acked.changed() => if r.is_err() { break },
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                let n = batch.len() as u64;
+                let msg = ShipMessage::Batch {
+                    first_seq: first,
+                    records: batch,
+                };
+                let write = msg.write(wr);
+                tokio::select! {
+                    r = write => if let Err(e) = r {
+                        return End::Retry(format!("send batch: {e}"));
+                    },
+                    _ = self.drain.stopping() => return End::Stop,
+                    _ = self.stop.stopping() => return End::Stop,
+                }
+                in_flight.push_back((next_seq - 1, bytes));
+                self.status.sent.store(next_seq - 1, Ordering::Relaxed);
+                metrics::counter!(BATCHES_SENT, &labels).increment(1);
+                metrics::counter!(RECORDS_SENT, &labels).increment(n);
+                continue;
+            }
+            tokio::select! {
+                r = synced.changed() => if r.is_err() { return End::Stop },
+                r = acked.changed() => if r.is_err() {
+                    return End::Retry("relay-outer closed the stream".into());
+                },
+                _ = self.drain.stopping() => return End::Stop,
+                _ = self.stop.stopping() => return End::Stop,
+            }
+        }
+    }
+}
+
+impl ShipStatus {
+    fn error_clear(&self) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+async fn read_acks(
+    mut rd: ReadHalf<relay_proto::session::Stream>,
+    spool: Arc<Spool>,
+    endpoint: String,
+    source: String,
+    acked: watch::Sender<u64>,
+    status: Arc<ShipStatus>,
+) {
+    let labels = [("source", source.clone()), ("outer", endpoint.clone())];
+    loop {
+        match ShipMessage::read(&mut rd).await {
+            Ok(Some(ShipMessage::Ack { seq })) => {
+                if let Err(e) = spool.ack(&endpoint, seq) {
+                    warn!(source = %source, error = %e, "spool: removing acknowledged segments failed");
+                }
+                status.acked.store(seq, Ordering::Relaxed);
+                metrics::gauge!(ACKED_SEQ, &labels).set(seq as f64);
+                metrics::gauge!(UNACKED_RECORDS, &labels)
+                    .set(spool.synced_seq().saturating_sub(seq) as f64);
+                acked.send_replace(seq);
+            }
+            Ok(Some(other)) => {
+                warn!(source = %source, "relay-outer sent {other:?} on the shipping stream; closing it");
+                break;
+            }
+            Ok(None) => {
+                debug!(source = %source, "relay-outer ended the shipping stream");
+                break;
+            }
+            Err(e) => {
+                debug!(source = %source, error = %e, "shipping stream read failed");
+                break;
+            }
+        }
+    }
+    // Tells the sender the stream is gone.
+    acked.send_replace(u64::MAX);
+}
+
+fn reason(e: &str) -> &'static str {
+    if e.contains("refused") {
+        "refused"
+    } else if e.contains("spool") {
+        "spool"
+    } else {
+        "stream"
+    }
+}
+
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}

@@ -1,0 +1,345 @@
+//! The CDC end-to-end rig: a source PostgreSQL (wal_level=logical) with relay-inner next to
+//! it, a target PostgreSQL with relay-outer next to it, both relays running the real
+//! binaries with a `cdc` section, optionally split over a network-namespace pair so the
+//! tunnel can be cut.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::relays::{inner_yaml, outer_yaml, ListenerSpec, Pki, Relay, READY};
+use crate::{free_port, netns_cmd, pg_bin, try_wait_until, NetPair, Pg, PgOpts};
+
+/// Options of a [`CdcRig`].
+#[derive(Debug, Clone)]
+pub struct RigOpts {
+    /// Put source + relay-inner and target + relay-outer in two namespaces.
+    pub netns: bool,
+    /// SQL run on the source before relay-inner starts (tables, rows).
+    pub setup_sql: String,
+    /// Published tables (`schema.table`).
+    pub tables: Vec<String>,
+    /// Extra lines for the source's `cdc.sources[0]` (indented 6 spaces), e.g. `heartbeat: 1s`.
+    pub source_extra: String,
+    /// Extra postgresql.conf lines for the source.
+    pub source_conf: Vec<String>,
+    /// Extra top-level YAML for both relays.
+    pub relay_extra: String,
+    /// `cdc.spool.max_bytes` on relay-inner.
+    pub spool_max: String,
+}
+
+impl Default for RigOpts {
+    fn default() -> Self {
+        RigOpts {
+            netns: false,
+            setup_sql: String::new(),
+            tables: Vec::new(),
+            source_extra: String::new(),
+            source_conf: Vec::new(),
+            relay_extra: "shutdown_grace: 2s\n".into(),
+            spool_max: "1GiB".into(),
+        }
+    }
+}
+
+/// Source, target, both relays. Fields drop in order: relays, databases, then namespaces.
+pub struct CdcRig {
+    /// relay-inner (None while stopped by a test).
+    pub inner: Option<Relay>,
+    /// relay-outer (None while stopped by a test).
+    pub outer: Option<Relay>,
+    /// The source database.
+    pub source: Pg,
+    /// The target database.
+    pub target: Pg,
+    /// relay-inner's config.
+    pub inner_yaml: String,
+    /// relay-outer's config.
+    pub outer_yaml: String,
+    /// relay-outer's CDC store directory.
+    pub store_dir: PathBuf,
+    /// relay-inner's spool directory.
+    pub spool_dir: PathBuf,
+    /// Listener port on relay-outer that reaches the source through the tunnel.
+    pub listen_port: u16,
+    _pki: Pki,
+    _dirs: tempfile::TempDir,
+    /// The namespaces, when used.
+    pub pair: Option<NetPair>,
+}
+
+/// `tunnel/source` of the rig's source.
+pub const SOURCE: &str = "site-a/main";
+/// Sink name in relay-outer's config.
+pub const SINK: &str = "replica";
+
+impl CdcRig {
+    /// Starts everything and waits until relay-inner's tunnel is up.
+    pub fn start(opts: RigOpts) -> CdcRig {
+        let pair = opts.netns.then(|| NetPair::new(false));
+        let (in_ns, out_ns, in_ip, out_ip) = match &pair {
+            Some(p) => (
+                Some(p.inside_ns().to_string()),
+                Some(p.outside_ns().to_string()),
+                p.inside_ip().to_string(),
+                p.outside_ip().to_string(),
+            ),
+            None => (None, None, "127.0.0.1".into(), "127.0.0.1".into()),
+        };
+        let mut conf = vec![
+            "wal_level = logical".to_string(),
+            "max_replication_slots = 10".to_string(),
+            "max_wal_senders = 10".to_string(),
+        ];
+        conf.extend(opts.source_conf.iter().cloned());
+        let source = Pg::start(PgOpts {
+            listen: in_ip.clone(),
+            netns: in_ns.clone(),
+            extra_conf: conf,
+            ..PgOpts::default()
+        });
+        let target = Pg::start(PgOpts {
+            listen: out_ip.clone(),
+            netns: out_ns.clone(),
+            ..PgOpts::default()
+        });
+        if !opts.setup_sql.is_empty() {
+            source.psql(&opts.setup_sql);
+        }
+        let pki = Pki::new(&["localhost", &out_ip]);
+        pki.issue("site-a");
+        let dirs = crate::tempdir();
+        let store_dir = dirs.path().join("store");
+        let spool_dir = dirs.path().join("spool");
+        let tunnel_port = free_port();
+        let listen_port = free_port();
+        let ka = ("1s", "4s");
+        let l = ListenerSpec::new("pg", &format!("{out_ip}:{listen_port}"), "site-a", "pg");
+        let outer_extra = format!(
+            "{}cdc:\n  dir: {}\n  retention: 1h\n  sinks:\n    - name: {SINK}\n      source: {SOURCE}\n      postgres: {{ dsn: \"host={out_ip} port={} user=postgres dbname=postgres\", create_tables: true }}\n      retry: {{ initial: 100ms, max: 1s }}\n",
+            opts.relay_extra,
+            store_dir.display(),
+            target.port()
+        );
+        let outer_yaml = outer_yaml(
+            &pki,
+            &format!("{out_ip}:{tunnel_port}"),
+            ka,
+            &[l],
+            &outer_extra,
+        );
+        let tables = opts.tables.join(", ");
+        let inner_extra = format!(
+            "{}cdc:\n  spool: {{ dir: {}, max_bytes: {} }}\n  sources:\n    - name: main\n      postgres:\n        dsn: \"host={in_ip} port={} user=postgres dbname=postgres\"\n        tables: [{tables}]\n{}",
+            opts.relay_extra,
+            spool_dir.display(),
+            opts.spool_max,
+            source.port(),
+            opts.source_extra,
+        );
+        let server_name = if opts.netns {
+            out_ip.as_str()
+        } else {
+            "localhost"
+        };
+        let inner_yaml = inner_yaml(
+            &pki,
+            "site-a",
+            &[(format!("{out_ip}:{tunnel_port}"), server_name)],
+            &[("pg", format!("{in_ip}:{}", source.port()))],
+            ka,
+            &inner_extra,
+        );
+        let outer = Relay::outer(&outer_yaml, out_ns.as_deref());
+        let inner = Relay::inner("relay-inner", &inner_yaml, in_ns.as_deref());
+        CdcRig {
+            inner: Some(inner),
+            outer: Some(outer),
+            source,
+            target,
+            inner_yaml,
+            outer_yaml,
+            store_dir,
+            spool_dir,
+            listen_port,
+            _pki: pki,
+            _dirs: dirs,
+            pair,
+        }
+    }
+
+    fn in_ns(&self) -> Option<&str> {
+        self.pair.as_ref().map(|p| p.inside_ns())
+    }
+
+    fn out_ns(&self) -> Option<&str> {
+        self.pair.as_ref().map(|p| p.outside_ns())
+    }
+
+    /// relay-inner, which must be running.
+    pub fn inner(&self) -> &Relay {
+        self.inner.as_ref().expect("relay-inner is running")
+    }
+
+    /// relay-outer, which must be running.
+    pub fn outer(&self) -> &Relay {
+        self.outer.as_ref().expect("relay-outer is running")
+    }
+
+    /// Starts relay-inner again (after a kill), same config and spool.
+    pub fn start_inner(&mut self) {
+        let r = Relay::start(
+            "relay-inner",
+            "relay-inner",
+            &self.inner_yaml,
+            self.in_ns().map(str::to_owned).as_deref(),
+        );
+        self.inner = Some(r);
+    }
+
+    /// Starts relay-outer again (after a kill), same config and store.
+    pub fn start_outer(&mut self) {
+        let r = Relay::outer(
+            &self.outer_yaml,
+            self.out_ns().map(str::to_owned).as_deref(),
+        );
+        self.outer = Some(r);
+    }
+
+    /// `kill -9` relay-inner.
+    pub fn kill_inner(&mut self) {
+        if let Some(mut r) = self.inner.take() {
+            r.proc.kill9();
+        }
+    }
+
+    /// `kill -9` relay-outer.
+    pub fn kill_outer(&mut self) {
+        if let Some(mut r) = self.outer.take() {
+            r.proc.kill9();
+        }
+    }
+
+    /// A table's contents in a comparable form: row count and md5 of the sorted rows.
+    pub fn digest(pg: &Pg, table: &str) -> Result<String, String> {
+        pg.try_psql(&format!(
+            "SELECT count(*) || ':' || coalesce(md5(string_agg(t::text, E'\\n' ORDER BY t::text)), '') FROM {table} t"
+        ))
+    }
+
+    /// Whether every table has the same contents on source and target now.
+    pub fn in_sync(&self, tables: &[&str]) -> bool {
+        tables.iter().all(|t| {
+            let (a, b) = (
+                CdcRig::digest(&self.source, t),
+                CdcRig::digest(&self.target, t),
+            );
+            a.is_ok() && a == b
+        })
+    }
+
+    /// Waits until every table is identical on source and target; panics with both
+    /// digests and the relays' logs otherwise.
+    pub fn wait_in_sync(&self, tables: &[&str], timeout: Duration) {
+        let r = try_wait_until(timeout, "source and target identical", || {
+            self.in_sync(tables)
+        });
+        if let Err(e) = r {
+            let mut msg = format!("{e}\n");
+            for t in tables {
+                msg.push_str(&format!(
+                    "{t}: source {:?} target {:?}\n",
+                    CdcRig::digest(&self.source, t),
+                    CdcRig::digest(&self.target, t)
+                ));
+            }
+            for r in [&self.inner, &self.outer].into_iter().flatten() {
+                msg.push_str(&format!(
+                    "--- {} log ---\n{}\n",
+                    r.proc.name(),
+                    crate::tail(&r.proc.log(), 60)
+                ));
+            }
+            panic!("{msg}");
+        }
+    }
+
+    /// The slot's `confirmed_flush_lsn` on the source, as a number.
+    pub fn confirmed_flush(&self) -> u64 {
+        let s = self.source.psql(
+            "SELECT coalesce(confirmed_flush_lsn::text, '0/0') FROM pg_replication_slots WHERE slot_name = 'routy_main'",
+        );
+        let (hi, lo) = s.trim().split_once('/').unwrap_or(("0", "0"));
+        (u64::from_str_radix(hi, 16).unwrap_or(0) << 32) | u64::from_str_radix(lo, 16).unwrap_or(0)
+    }
+
+    /// Starts pgbench against the source with `script`, `clients` clients, for `secs`.
+    pub fn pgbench(&self, script: &str, clients: u32, secs: u32) -> Load {
+        let dir = crate::tempdir();
+        let file = dir.path().join("load.sql");
+        std::fs::write(&file, script).expect("write pgbench script");
+        let mut cmd = match self.in_ns() {
+            Some(ns) => netns_cmd(ns, pg_bin("pgbench")),
+            None => Command::new(pg_bin("pgbench")),
+        };
+        cmd.args(["-n", "-h"])
+            .arg(match &self.pair {
+                Some(p) => p.inside_ip().to_string(),
+                None => "127.0.0.1".into(),
+            })
+            .args(["-p", &self.source.port().to_string(), "-U", "postgres"])
+            .args(["-c", &clients.to_string(), "-T", &secs.to_string(), "-f"])
+            .arg(&file)
+            .arg("postgres")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().expect("spawn pgbench");
+        Load {
+            child: Some(child),
+            started: Instant::now(),
+            _dir: dir,
+        }
+    }
+}
+
+/// A running pgbench.
+pub struct Load {
+    child: Option<Child>,
+    started: Instant,
+    _dir: tempfile::TempDir,
+}
+
+impl Load {
+    /// Waits for pgbench to end and returns its output (errors included: a source restart
+    /// aborts its clients, which is expected in some tests).
+    pub fn finish(mut self) -> String {
+        let child = self.child.take().expect("pgbench child");
+        let out = child.wait_with_output().expect("pgbench wait");
+        format!(
+            "pgbench ran {:?} ({}):\n{}{}",
+            self.started.elapsed(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// How long a rig may take to catch up in a test.
+pub const CATCH_UP: Duration = Duration::from_secs(120);
+
+/// Waits until relay-outer logged that the shipping stream is up `n` times.
+pub fn wait_for(relay: &Relay, needle: &str, n: usize) {
+    relay.wait_count(needle, n, READY);
+}
