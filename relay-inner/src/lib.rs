@@ -8,4 +8,5 @@ pub mod backoff;
 pub mod config;
 pub mod pgoutput;
 pub mod replication;
+pub mod shipper;
 pub mod spool;
