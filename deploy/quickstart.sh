@@ -3,8 +3,10 @@
 #
 # Builds the relays, makes a private CA and certificates, starts a throwaway PostgreSQL
 # on a free loopback port, puts relay-inner next to it and relay-outer in front of it,
-# queries the database through the tunnel and checks both relays' admin endpoints
-# (/readyz). Then it waits for Ctrl-C and removes everything it made.
+# queries the database through the tunnel, shows the change stream (CDC) of table `demo`
+# arriving through the tunnel in a target database (`cloud`, standing in for a cloud
+# PostgreSQL) and as JSON lines (`relay-outer cdc tail`), and checks both relays' admin
+# endpoints (/readyz). Then it waits for Ctrl-C and removes everything it made.
 #
 # Environment:
 #   ROUTY_QUICKSTART_DIR   work directory to use (must be empty or not exist);
@@ -222,7 +224,7 @@ cat >>"$PGDATA_DIR/postgresql.conf" <<EOF
 listen_addresses = '127.0.0.1'
 port = $PG_PORT
 unix_socket_directories = '$PGROOT/sock'
-wal_level = logical            # for change data capture, once Routy has it
+wal_level = logical            # for change data capture
 max_wal_senders = 10
 max_replication_slots = 10
 fsync = off                    # a throwaway cluster
@@ -253,6 +255,7 @@ psql_at() { # port sql [psql options...]
 psql_at "$PG_PORT" "
 CREATE TABLE demo (id int PRIMARY KEY, name text NOT NULL, created timestamptz NOT NULL DEFAULT now());
 INSERT INTO demo (id, name) VALUES (1, 'alpha'), (2, 'bravo'), (3, 'charlie'), (4, 'delta'), (5, 'echo');
+CREATE DATABASE cloud;
 " >/dev/null
 
 # --- relay configs -------------------------------------------------------------------------
@@ -270,6 +273,13 @@ listeners:
 admin:
   listen: "127.0.0.1:$OUTER_ADMIN_PORT"   # /metrics /healthz /readyz /status
 shutdown_grace: 5s
+cdc:
+  dir: cdc-store            # the change log received from relay-inner, per source
+  retention: 24h
+  sinks:
+    - name: cloud
+      source: site-a/demo   # tunnel/source
+      postgres: { dsn: "host=127.0.0.1 port=$PG_PORT user=postgres dbname=cloud", create_tables: true }
 EOF
 cat >"$WORK/relay-inner.yaml" <<EOF
 # relay-inner for the quick start: dials relay-outer, exposes the throwaway PostgreSQL.
@@ -283,6 +293,14 @@ services:
 admin:
   listen: "127.0.0.1:$INNER_ADMIN_PORT"   # /metrics /healthz /readyz /status
 shutdown_grace: 5s
+cdc:
+  spool: { dir: spool, max_bytes: 1GiB }
+  sources:
+    - name: demo
+      postgres:
+        dsn: "host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres"
+        tables: [public.demo]     # slot and publication routy_demo are created
+      heartbeat: 10s
 EOF
 
 say "checking the configs"
@@ -366,8 +384,28 @@ for admin in "relay-outer $OUTER_ADMIN_PORT" "relay-inner $INNER_ADMIN_PORT"; do
     say "$name ready: http://127.0.0.1:$port/readyz answers 200"
 done
 
-# CDC: Routy's change data capture is not implemented yet. Once it is, this script will
-# show it here (changes to the demo table arriving at relay-outer); nothing is shown now.
+say "change data capture: the initial copy of demo, then live changes, through the tunnel"
+psql_at "$PG_PORT" "
+INSERT INTO demo (id, name) VALUES (6, 'foxtrot'), (7, 'golf ✓');
+UPDATE demo SET name = 'BRAVO' WHERE id = 2;
+DELETE FROM demo WHERE id = 5;
+" >/dev/null
+deadline=$((SECONDS + 60))
+want=$(psql_at "$PG_PORT" "SELECT md5(string_agg(d::text, ',' ORDER BY id)) FROM demo d" -A -t)
+until [ "$(psql_at "$PG_PORT" "SELECT md5(string_agg(d::text, ',' ORDER BY id)) FROM demo d" -A -t -d cloud 2>/dev/null)" = "$want" ]; do
+    relays_alive || exit 1
+    if [ "$SECONDS" -ge "$deadline" ]; then
+        printf 'quickstart: the target database did not catch up with the source within 60 s\n' >&2
+        tail_log "$WORK/relay-inner.log"
+        tail_log "$WORK/relay-outer.log"
+        exit 1
+    fi
+    sleep 0.2
+done
+say "the target database 'cloud' now holds the same rows (applied by relay-outer's sink):"
+psql_at "$PG_PORT" "SELECT * FROM demo ORDER BY id" -d cloud
+say "the change stream as relay-outer stored it (relay-outer cdc tail --source site-a/demo):"
+"$OUTER_BIN" cdc tail --config "$WORK/relay-outer.yaml" --source site-a/demo | tail -n 8
 
 if [ "$ONCE" = 1 ]; then
     say "ROUTY_QUICKSTART_ONCE=1: cleaning up"
@@ -386,6 +424,10 @@ Routy is running.
   Connect through the tunnel:
     psql "host=127.0.0.1 port=$LISTEN_PORT user=postgres dbname=postgres"
   PostgreSQL itself listens on 127.0.0.1:$PG_PORT, relay-outer's tunnel port is 127.0.0.1:$TUNNEL_PORT.
+
+  Change data capture: write to table demo (port $PG_PORT, database postgres) and watch
+  it arrive in database cloud, or follow the stream:
+    $OUTER_BIN cdc tail --config $WORK/relay-outer.yaml --source site-a/demo --follow
 
   Admin endpoints (/metrics /healthz /readyz /status):
     curl http://127.0.0.1:$OUTER_ADMIN_PORT/status     # relay-outer: sessions, listeners
