@@ -1,0 +1,296 @@
+//! CDC benchmark: end-to-end rows per second and commit-to-apply latency through Routy,
+//! each next to what `pg_recvlogical` reads from the same source in the same run (the
+//! decoding ceiling). Starts everything itself on loopback (needs root, like the tests).
+//!
+//! ```sh
+//! cargo build --release --workspace --bins
+//! target/release/bench-cdc [--rows 200000] [--txn-rows 100] [--rate 500] [--secs 20]
+//! ```
+//!
+//! Prints a Markdown table; with `--out FILE` also writes it there.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use routy_e2e::cdc::{CdcRig, RigOpts};
+use routy_e2e::{pg_bin, try_wait_until};
+
+struct Args {
+    rows: u64,
+    txn_rows: u64,
+    rate: u32,
+    secs: u32,
+    out: Option<String>,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        rows: 200_000,
+        txn_rows: 100,
+        rate: 500,
+        secs: 20,
+        out: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let v = it.next().unwrap_or_else(|| panic!("{k} needs a value"));
+        match k.as_str() {
+            "--rows" => a.rows = v.parse().expect("--rows N"),
+            "--txn-rows" => a.txn_rows = v.parse().expect("--txn-rows N"),
+            "--rate" => a.rate = v.parse().expect("--rate TPS"),
+            "--secs" => a.secs = v.parse().expect("--secs N"),
+            "--out" => a.out = Some(v),
+            _ => panic!("unknown argument {k}; see the doc comment of tests/src/bin/bench-cdc.rs"),
+        }
+    }
+    a
+}
+
+const SETUP: &str = "
+CREATE TABLE public.bench (id bigint PRIMARY KEY, v text NOT NULL);
+CREATE TABLE public.lat (id bigserial PRIMARY KEY, v text NOT NULL,
+    created_us bigint NOT NULL DEFAULT (extract(epoch from clock_timestamp()) * 1000000)::bigint);
+";
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+fn recvlogical(rig: &CdcRig, slot: &str) -> Command {
+    let mut c = Command::new(pg_bin("pg_recvlogical"));
+    c.args(["-h", "127.0.0.1", "-p", &rig.source.port().to_string()])
+        .args(["-U", "postgres", "-d", "postgres", "--slot", slot]);
+    c
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn main() {
+    let a = args();
+    if !routy_e2e::is_root() {
+        eprintln!("bench-cdc runs PostgreSQL as the postgres user: run it as root");
+        std::process::exit(2);
+    }
+    let mut rig = CdcRig::start(RigOpts {
+        setup_sql: SETUP.into(),
+        tables: vec!["public.bench".into(), "public.lat".into()],
+        source_conf: vec!["fsync = on".into(), "synchronous_commit = on".into()],
+        ..RigOpts::default()
+    });
+    // The latency table on the target records when each row was applied.
+    rig.target.psql(
+        "CREATE TABLE public.lat (id bigint PRIMARY KEY, v text NOT NULL, created_us bigint NOT NULL,
+             applied_us bigint NOT NULL DEFAULT (extract(epoch from clock_timestamp()) * 1000000)::bigint);",
+    );
+    try_wait_until(Duration::from_secs(60), "shipping up", || {
+        rig.inner().count("CDC shipping stream up") > 0
+    })
+    .expect("CDC shipping stream up");
+    rig.wait_in_sync(&["public.bench"], Duration::from_secs(60));
+
+    // --- throughput: a backlog of small rows, read by Routy end to end and by pg_recvlogical.
+    eprintln!(
+        "throughput: writing {} rows in transactions of {} while relay-inner is stopped",
+        a.rows, a.txn_rows
+    );
+    rig.kill_inner();
+    rig.source
+        .psql("SELECT pg_create_logical_replication_slot('bench_recv', 'pgoutput')");
+    let mut sql = String::new();
+    let mut id = 1;
+    while id <= a.rows {
+        let last = (id + a.txn_rows - 1).min(a.rows);
+        sql.push_str(&format!(
+            "INSERT INTO public.bench SELECT g, 'row ' || g FROM generate_series({id}, {last}) g;\n"
+        ));
+        id = last + 1;
+    }
+    let dir = routy_e2e::tempdir();
+    let file = dir.path().join("load.sql");
+    std::fs::write(&file, sql).expect("write load");
+    let st = Command::new(pg_bin("psql"))
+        .args([
+            "-X",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &rig.source.port().to_string(),
+        ])
+        .args([
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-f",
+        ])
+        .arg(&file)
+        .status()
+        .expect("psql");
+    assert!(st.success(), "load failed");
+    let end = rig.source.psql("SELECT pg_current_wal_lsn()::text");
+
+    let t = Instant::now();
+    let st = recvlogical(&rig, "bench_recv")
+        .args([
+            "--start",
+            "--no-loop",
+            "-f",
+            "/dev/null",
+            "--endpos",
+            end.trim(),
+        ])
+        .args([
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=routy_main",
+        ])
+        .status()
+        .expect("pg_recvlogical");
+    let recv_secs = t.elapsed().as_secs_f64();
+    assert!(st.success(), "pg_recvlogical failed");
+    rig.source
+        .psql("SELECT pg_drop_replication_slot('bench_recv')");
+
+    let t = Instant::now();
+    rig.start_inner();
+    let want = a.rows.to_string();
+    try_wait_until(Duration::from_secs(900), "target has every row", || {
+        rig.target
+            .try_psql("SELECT count(*) FROM public.bench")
+            .is_ok_and(|c| c == want)
+    })
+    .expect("catch up");
+    let routy_secs = t.elapsed().as_secs_f64();
+    rig.wait_in_sync(&["public.bench"], Duration::from_secs(60));
+
+    // --- latency at a steady rate: pgbench inserts, the target stamps the apply time;
+    // pg_recvlogical (test_decoding) on its own slot timestamps each row as it arrives.
+    eprintln!("latency: {} tx/s for {} s", a.rate, a.secs);
+    rig.source
+        .psql("SELECT pg_create_logical_replication_slot('bench_lat', 'test_decoding')");
+    let arrivals: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let mut recv = recvlogical(&rig, "bench_lat")
+        .args(["--start", "-f", "-", "-F", "1", "-o", "include-xids=0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("pg_recvlogical");
+    let out = recv.stdout.take().expect("stdout");
+    let reader = {
+        let arrivals = arrivals.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if !line.starts_with("table public.lat: INSERT") {
+                    continue;
+                }
+                let at = now_us();
+                if let Some(v) = line
+                    .split("created_us[bigint]:")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next())
+                    .and_then(|v| v.parse::<i64>().ok())
+                {
+                    arrivals.lock().unwrap().push((at - v) as f64 / 1000.0);
+                }
+            }
+        })
+    };
+    let st = Command::new(pg_bin("pgbench"))
+        .args([
+            "-n",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &rig.source.port().to_string(),
+            "-U",
+            "postgres",
+        ])
+        .args([
+            "-c",
+            "2",
+            "-R",
+            &a.rate.to_string(),
+            "-T",
+            &a.secs.to_string(),
+            "-f",
+        ])
+        .arg({
+            let f = dir.path().join("lat.sql");
+            std::fs::write(&f, "INSERT INTO public.lat (v) VALUES ('x');\n").unwrap();
+            f
+        })
+        .arg("postgres")
+        .stdout(Stdio::null())
+        .status()
+        .expect("pgbench");
+    assert!(st.success(), "pgbench failed");
+    let n = rig.source.psql("SELECT count(*) FROM public.lat");
+    try_wait_until(Duration::from_secs(120), "latency rows applied", || {
+        rig.target
+            .try_psql("SELECT count(*) FROM public.lat")
+            .is_ok_and(|c| c == n)
+    })
+    .expect("latency rows applied");
+    std::thread::sleep(Duration::from_secs(1));
+    let _ = recv.kill();
+    let _ = recv.wait();
+    let _ = reader.join();
+    rig.source
+        .psql("SELECT pg_drop_replication_slot('bench_lat')");
+    let lat: Vec<f64> = rig
+        .target
+        .psql(
+            "SELECT ((applied_us - created_us) / 1000.0)::text FROM public.lat ORDER BY 1::float8",
+        )
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    let mut lat = lat;
+    lat.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    let mut rl = arrivals.lock().unwrap().clone();
+    rl.sort_by(|x, y| x.partial_cmp(y).unwrap());
+
+    let rows = a.rows as f64;
+    let table = format!(
+        "| measure | Routy end to end (source commit -> target commit) | pg_recvlogical (decoding ceiling) | ratio |\n\
+         | --- | --- | --- | --- |\n\
+         | backlog of {} rows in {}-row transactions: rows/s | {:.0} ({:.1} s) | {:.0} ({:.1} s) | {:.2}x |\n\
+         | latency at {} tx/s, median | {:.1} ms | {:.1} ms | |\n\
+         | latency at {} tx/s, p99 | {:.1} ms | {:.1} ms | |\n\
+         | rows measured for latency | {} | {} | |\n",
+        a.rows,
+        a.txn_rows,
+        rows / routy_secs,
+        routy_secs,
+        rows / recv_secs,
+        recv_secs,
+        recv_secs / routy_secs,
+        a.rate,
+        percentile(&lat, 0.5),
+        percentile(&rl, 0.5),
+        a.rate,
+        percentile(&lat, 0.99),
+        percentile(&rl, 0.99),
+        lat.len(),
+        rl.len(),
+    );
+    println!("{table}");
+    if let Some(f) = a.out {
+        std::fs::write(&f, &table).expect("write --out");
+    }
+}
