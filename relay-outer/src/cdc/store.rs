@@ -2,6 +2,7 @@
 //! appended in the seq order relay-inner's spool assigned, deduplicated on resend, and
 //! read by every sink and by `cdc tail` at their own positions.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -41,6 +42,9 @@ pub struct Store {
     dir: PathBuf,
     log: Mutex<SegmentLog>,
     synced: watch::Sender<u64>,
+    /// Position of each reader (sink) that holds records back from retention: the newest
+    /// seq it has applied.
+    readers: Mutex<HashMap<String, u64>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -66,6 +70,7 @@ impl Store {
             dir,
             log: Mutex::new(log),
             synced,
+            readers: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -157,7 +162,11 @@ impl Store {
     }
 
     /// Async wrapper of [`Store::append_batch`].
-    pub async fn append(self: &Arc<Self>, first_seq: u64, records: Vec<Vec<u8>>) -> Result<u64, StoreError> {
+    pub async fn append(
+        self: &Arc<Self>,
+        first_seq: u64,
+        records: Vec<Vec<u8>>,
+    ) -> Result<u64, StoreError> {
         let me = self.clone();
         tokio::task::spawn_blocking(move || me.append_batch(first_seq, &records))
             .await
@@ -171,7 +180,11 @@ impl Store {
     }
 
     /// Removes whole segments whose records are all `<= upto` and older than `cutoff`.
-    pub fn remove_before(&self, upto: u64, cutoff: std::time::SystemTime) -> Result<u64, StoreError> {
+    pub fn remove_before(
+        &self,
+        upto: u64,
+        cutoff: std::time::SystemTime,
+    ) -> Result<u64, StoreError> {
         let mut log = self.lock();
         let segs = log.segments()?;
         // The newest segment whose successor starts at or below upto+1 and that is old enough.
@@ -193,6 +206,31 @@ impl Store {
     /// Bytes on disk.
     pub fn size_bytes(&self) -> u64 {
         self.lock().size_bytes()
+    }
+
+    /// Records that `reader` (a sink's name) has applied every record up to `seq`;
+    /// retention keeps the records after the lowest such position.
+    pub fn set_reader_position(&self, reader: &str, seq: u64) {
+        let mut r = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        match r.get_mut(reader) {
+            Some(v) => *v = seq,
+            None => {
+                r.insert(reader.to_string(), seq);
+            }
+        }
+    }
+
+    /// Registers `reader` at position 0 unless it already reported one, so retention
+    /// keeps everything until the reader has said how far it got.
+    pub fn register_reader(&self, reader: &str) {
+        let mut r = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        r.entry(reader.to_string()).or_insert(0);
+    }
+
+    /// The lowest position over all readers; `None` when no reader registered.
+    pub fn min_reader_position(&self) -> Option<u64> {
+        let r = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        r.values().copied().min()
     }
 }
 
@@ -222,7 +260,10 @@ mod tests {
         assert_eq!(s.append_batch(1, &[rec(1), rec(2), rec(3)]).unwrap(), 3);
         // Resend of 2..4: 2 and 3 dropped, 4 kept.
         assert_eq!(s.append_batch(2, &[rec(2), rec(3), rec(4)]).unwrap(), 4);
-        assert!(matches!(s.append_batch(6, &[rec(6)]), Err(StoreError::Gap(_))));
+        assert!(matches!(
+            s.append_batch(6, &[rec(6)]),
+            Err(StoreError::Gap(_))
+        ));
         assert!(matches!(
             s.append_batch(5, &[b"garbage".to_vec()]),
             Err(StoreError::BadRecord { seq: 5, .. })
