@@ -17,6 +17,7 @@ pub mod handshake;
 pub mod logging;
 pub mod metrics;
 pub mod net;
+pub mod pg_tls;
 pub mod sdnotify;
 pub mod segment_log;
 pub mod session;
