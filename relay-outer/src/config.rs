@@ -12,6 +12,8 @@ use relay_proto::control::KeepaliveSpec;
 use relay_proto::units::{resolve_path as resolve, Dur};
 use serde::Deserialize;
 
+use crate::cdc::sink_pg::PgSinkConfig;
+
 /// Default bound on a tunnel's TLS handshake plus Hello.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = relay_proto::handshake::HANDSHAKE_TIMEOUT;
 /// Default bound on relay-inner reaching the service for a new client.
@@ -22,6 +24,12 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
 /// Default time open streams get to finish on SIGTERM.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Default time the CDC store keeps records (once every sink has applied them).
+pub const DEFAULT_CDC_RETENTION: Duration = Duration::from_secs(168 * 3600);
+/// Default first retry delay of a sink.
+pub const DEFAULT_SINK_RETRY_INITIAL: Duration = Duration::from_millis(100);
+/// Default largest retry delay of a sink.
+pub const DEFAULT_SINK_RETRY_MAX: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -31,6 +39,40 @@ struct RawConfig {
     listeners: Vec<RawListener>,
     shutdown_grace: Option<Dur>,
     admin: Option<AdminSpec>,
+    cdc: Option<RawCdc>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCdc {
+    dir: Option<PathBuf>,
+    retention: Option<Dur>,
+    #[serde(default)]
+    sinks: Vec<RawSink>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSink {
+    name: String,
+    source: String,
+    postgres: Option<RawPgSink>,
+    retry: Option<RawRetry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPgSink {
+    dsn: String,
+    create_tables: Option<bool>,
+    schema: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    initial: Option<Dur>,
+    max: Option<Dur>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,6 +116,29 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Address of the admin HTTP endpoint (/metrics, /healthz, /readyz, /status).
     pub admin_listen: std::net::SocketAddr,
+    /// Change data capture: the store and its sinks; `None` when not configured.
+    pub cdc: Option<CdcConfig>,
+}
+
+/// The `cdc` section: where received change logs are stored and where they go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CdcConfig {
+    /// Root of the store: each source's log is in `<dir>/<tunnel>/<source>/`.
+    pub dir: PathBuf,
+    /// Records are removed once every sink applied them and they are older than this.
+    pub retention: Duration,
+    /// PostgreSQL sinks.
+    pub sinks: Vec<PgSinkConfig>,
+}
+
+impl CdcConfig {
+    /// The sources (`tunnel/source`) some sink reads, sorted, each once.
+    pub fn sources(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.sinks.iter().map(|s| s.source.clone()).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
 }
 
 /// Where and how inner relays connect.
@@ -185,11 +250,13 @@ impl Config {
                 open_timeout: l.open_timeout.map_or(DEFAULT_OPEN_TIMEOUT, |d| d.0),
             });
         }
+        let cdc = raw.cdc.map(|c| validate_cdc(c, base)).transpose()?;
         Ok(Config {
             tunnel,
             listeners,
             shutdown_grace: raw.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
             admin_listen,
+            cdc,
         })
     }
 
@@ -199,10 +266,127 @@ impl Config {
             .map_err(|e| format!("tunnel.tls: {e}"))
     }
 
-    /// The tunnel names some listener refers to.
+    /// The tunnel names some listener or CDC sink refers to: their relay-inner sessions
+    /// are accepted.
     pub fn tunnels(&self) -> HashSet<String> {
-        self.listeners.iter().map(|l| l.tunnel.clone()).collect()
+        let mut t: HashSet<String> = self.listeners.iter().map(|l| l.tunnel.clone()).collect();
+        if let Some(cdc) = &self.cdc {
+            for s in &cdc.sinks {
+                if let Some((tunnel, _)) = s.source.split_once('/') {
+                    t.insert(tunnel.to_string());
+                }
+            }
+        }
+        t
     }
+}
+
+/// Whether `name` is acceptable as a sink name: 1-255 of `[A-Za-z0-9_.-]`.
+pub fn valid_sink_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Checks a source name as relay-inner configures it (the part after `tunnel/`): 1-255
+/// of `[A-Za-z0-9_.-]`, not starting with '.', so it is always one plain directory name.
+pub fn validate_source_name(name: &str) -> Result<(), String> {
+    if valid_sink_name(name) && !name.starts_with('.') {
+        Ok(())
+    } else {
+        Err(format!(
+            "source name {name:?} must be 1-255 characters of letters, digits, '-', '_', '.', \
+             not starting with '.'"
+        ))
+    }
+}
+
+/// Checks a full source name `tunnel/source`.
+pub fn validate_full_source(full: &str) -> Result<(), String> {
+    let Some((tunnel, source)) = full.split_once('/') else {
+        return Err(format!(
+            "{full:?} is not of the form tunnel/source (like \"site-a/orders\")"
+        ));
+    };
+    crate::certs::validate_tunnel_name(tunnel)?;
+    validate_source_name(source)
+}
+
+fn validate_cdc(c: RawCdc, base: &Path) -> Result<CdcConfig, String> {
+    let dir = match c.dir {
+        Some(d) if !d.as_os_str().is_empty() => resolve(base, &d),
+        _ => {
+            return Err(
+                "cdc.dir: required: the directory that holds the received change logs".into(),
+            )
+        }
+    };
+    let retention = c.retention.map_or(DEFAULT_CDC_RETENTION, |d| d.0);
+    if retention.is_zero() {
+        return Err("cdc.retention: must be longer than 0".into());
+    }
+    let mut sinks: Vec<PgSinkConfig> = Vec::new();
+    for (i, s) in c.sinks.into_iter().enumerate() {
+        let f = format!("cdc.sinks[{i}]");
+        if !valid_sink_name(&s.name) {
+            return Err(format!(
+                "{f}.name: {:?}: sink names are 1-255 characters of letters, digits, '-', '_', '.'",
+                s.name
+            ));
+        }
+        if sinks.iter().any(|o| o.name == s.name) {
+            return Err(format!("{f}.name: {:?} is used twice", s.name));
+        }
+        validate_full_source(&s.source).map_err(|e| format!("{f}.source: {e}"))?;
+        let Some(pg) = s.postgres else {
+            return Err(format!(
+                "{f}.postgres: required (the target database: {{ dsn: \"host=... dbname=... user=...\" }})"
+            ));
+        };
+        if pg.dsn.trim().is_empty() || pg.dsn.contains('\0') {
+            return Err(format!(
+                "{f}.postgres.dsn: must be a non-empty connection string"
+            ));
+        }
+        if let Some(schema) = &pg.schema {
+            if schema.is_empty() || schema.len() > 63 || schema.contains('\0') {
+                return Err(format!(
+                    "{f}.postgres.schema: {schema:?} must be 1-63 characters"
+                ));
+            }
+        }
+        let retry = s.retry.as_ref();
+        let retry_initial = retry
+            .and_then(|r| r.initial)
+            .map_or(DEFAULT_SINK_RETRY_INITIAL, |d| d.0);
+        let retry_max = retry
+            .and_then(|r| r.max)
+            .map_or(DEFAULT_SINK_RETRY_MAX.max(retry_initial), |d| d.0);
+        if retry_initial.is_zero() {
+            return Err(format!("{f}.retry.initial: must be longer than 0"));
+        }
+        if retry_max < retry_initial {
+            return Err(format!(
+                "{f}.retry.max: {retry_max:?} is shorter than retry.initial {retry_initial:?}"
+            ));
+        }
+        sinks.push(PgSinkConfig {
+            name: s.name,
+            source: s.source,
+            dsn: pg.dsn,
+            create_tables: pg.create_tables.unwrap_or(false),
+            schema: pg.schema,
+            retry_initial,
+            retry_max,
+        });
+    }
+    Ok(CdcConfig {
+        dir,
+        retention,
+        sinks,
+    })
 }
 
 #[cfg(test)]
@@ -261,5 +445,121 @@ listeners:
             .contains("listeners[0].tunnel"));
         let top = format!("{GOOD}\nextra: 1\n");
         assert!(parse(&top).unwrap_err().contains("extra"));
+    }
+
+    const CDC: &str = r#"
+cdc:
+  dir: store
+  sinks:
+    - name: replica
+      source: site-b/orders
+      postgres: { dsn: "host=db dbname=orders user=routy", create_tables: true, schema: mirror }
+      retry: { initial: 50ms, max: 5s }
+    - name: second
+      source: site-a/orders
+      postgres: { dsn: "host=db2" }
+"#;
+
+    #[test]
+    fn cdc_section_loads_with_defaults() {
+        let c = parse(&format!("{GOOD}{CDC}")).unwrap();
+        let cdc = c.cdc.clone().unwrap();
+        assert_eq!(cdc.dir, PathBuf::from("/etc/routy/store"));
+        assert_eq!(cdc.retention, DEFAULT_CDC_RETENTION);
+        assert_eq!(cdc.sinks.len(), 2);
+        let s = &cdc.sinks[0];
+        assert_eq!(s.name, "replica");
+        assert_eq!(s.source, "site-b/orders");
+        assert!(s.create_tables);
+        assert_eq!(s.schema.as_deref(), Some("mirror"));
+        assert_eq!(s.retry_initial, Duration::from_millis(50));
+        assert_eq!(s.retry_max, Duration::from_secs(5));
+        let d = &cdc.sinks[1];
+        assert!(!d.create_tables);
+        assert_eq!(d.schema, None);
+        assert_eq!(d.retry_initial, DEFAULT_SINK_RETRY_INITIAL);
+        assert_eq!(d.retry_max, DEFAULT_SINK_RETRY_MAX);
+        assert_eq!(cdc.sources(), vec!["site-a/orders", "site-b/orders"]);
+        // A tunnel only a sink reads from counts as configured.
+        assert!(c.tunnels().contains("site-b"));
+        assert!(c.tunnels().contains("site-a"));
+        assert!(parse(GOOD).unwrap().cdc.is_none());
+        let minimal = parse(&format!(
+            "{GOOD}cdc:\n  dir: /var/lib/routy\n  retention: 1h\n"
+        ))
+        .unwrap();
+        let m = minimal.cdc.unwrap();
+        assert_eq!(m.retention, Duration::from_secs(3600));
+        assert!(m.sinks.is_empty());
+    }
+
+    #[test]
+    fn cdc_mistakes_name_the_field() {
+        let full = format!("{GOOD}{CDC}");
+        let cases = [
+            (full.replace("  dir: store\n", ""), "cdc.dir"),
+            (
+                full.replace("name: second", "name: replica"),
+                "cdc.sinks[1].name",
+            ),
+            (
+                full.replace("name: second", "name: \"a b\""),
+                "cdc.sinks[1].name",
+            ),
+            (
+                full.replace("site-b/orders", "site-b"),
+                "cdc.sinks[0].source",
+            ),
+            (
+                full.replace("site-b/orders", "Site_B/orders"),
+                "cdc.sinks[0].source",
+            ),
+            (
+                full.replace("site-b/orders", "site-b/../x"),
+                "cdc.sinks[0].source",
+            ),
+            (
+                full.replace("site-b/orders", "site-b/.hidden"),
+                "cdc.sinks[0].source",
+            ),
+            (
+                full.replace("site-a/orders", "site-a/"),
+                "cdc.sinks[1].source",
+            ),
+            (
+                full.replace("dsn: \"host=db2\"", "dsn: \"\""),
+                "cdc.sinks[1].postgres.dsn",
+            ),
+            (
+                full.replace("initial: 50ms", "initial: 10s"),
+                "cdc.sinks[0].retry.max",
+            ),
+            (
+                full.replace("initial: 50ms", "initial: 0ms"),
+                "cdc.sinks[0].retry.initial",
+            ),
+            (
+                full.replace("schema: mirror", "schema: \"\""),
+                "cdc.sinks[0].postgres.schema",
+            ),
+            (
+                full.replace("      postgres: { dsn: \"host=db2\" }\n", ""),
+                "cdc.sinks[1].postgres",
+            ),
+            (
+                full.replace("create_tables", "create_table"),
+                "create_table",
+            ),
+            (
+                full.replace("  sinks:", "  retention: 0s\n  sinks:"),
+                "cdc.retention",
+            ),
+            (full.replace("  sinks:", "  extra: 1\n  sinks:"), "extra"),
+            (full.replace("retry: {", "retry: { jitter: 1s,"), "jitter"),
+        ];
+        for (yaml, field) in cases {
+            let err = parse(&yaml).unwrap_err();
+            assert!(err.contains(field), "{field}: {err}");
+        }
     }
 }

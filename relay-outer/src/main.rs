@@ -53,6 +53,41 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CertsCmd,
     },
+    /// Change data capture: look into the stored change logs.
+    Cdc {
+        #[command(subcommand)]
+        cmd: CdcCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CdcCmd {
+    /// Print a source's stored changes as JSON lines, one per event. Reads the store
+    /// without locking it: works while relay-outer runs or not.
+    Tail {
+        /// Configuration file (YAML); the store is its cdc.dir.
+        #[arg(long, short, required_unless_present = "dir", conflicts_with = "dir")]
+        config: Option<PathBuf>,
+        /// The store directory (cdc.dir) instead of a configuration file.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Source as tunnel/source, e.g. site-a/orders.
+        #[arg(long)]
+        source: String,
+        /// Start at this seq (default: the oldest record held).
+        #[arg(long, conflicts_with = "since")]
+        from: Option<u64>,
+        /// Start at the first transaction committed at or after this time (RFC 3339,
+        /// e.g. 2026-11-22T07:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+        /// Keep printing new changes as they arrive.
+        #[arg(long)]
+        follow: bool,
+        /// Stop after this many events.
+        #[arg(long)]
+        limit: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -99,6 +134,7 @@ fn main() -> ExitCode {
         Cmd::Run { config } => run(&config),
         Cmd::CheckConfig { config } => check(&config),
         Cmd::Certs { cmd } => certs_cmd(cmd),
+        Cmd::Cdc { cmd } => cdc_cmd(cmd),
     })
 }
 
@@ -128,13 +164,82 @@ fn certs_cmd(cmd: CertsCmd) -> anyhow::Result<()> {
 fn check(path: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     cfg.check_tls().map_err(anyhow::Error::msg)?;
+    let cdc = match &cfg.cdc {
+        None => String::new(),
+        Some(c) => {
+            let sinks: Vec<String> = c
+                .sinks
+                .iter()
+                .map(|s| format!("{} <- {}", s.name, s.source))
+                .collect();
+            format!(
+                ", cdc store {} with {} sink(s){}",
+                c.dir.display(),
+                c.sinks.len(),
+                if sinks.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", sinks.join(", "))
+                }
+            )
+        }
+    };
     println!(
-        "{}: ok (tunnel port {}, {} listener(s))",
+        "{}: ok (tunnel port {}, {} listener(s){cdc})",
         path.display(),
         cfg.tunnel.listen,
         cfg.listeners.len()
     );
     Ok(())
+}
+
+fn cdc_cmd(cmd: CdcCmd) -> anyhow::Result<()> {
+    match cmd {
+        CdcCmd::Tail {
+            config,
+            dir,
+            source,
+            from,
+            since,
+            follow,
+            limit,
+        } => {
+            let root = match (dir, config) {
+                (Some(d), _) => d,
+                (None, Some(c)) => {
+                    let cfg = Config::load(&c)?;
+                    cfg.cdc
+                        .ok_or_else(|| {
+                            anyhow::anyhow!("{}: has no cdc section (no store)", c.display())
+                        })?
+                        .dir
+                }
+                (None, None) => anyhow::bail!("give --config or --dir"),
+            };
+            let since = since
+                .map(|s| {
+                    relay_proto::cdc::parse_time(&s).ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "--since: {s:?} is not a time like 2026-11-22T07:00:00Z or 2026-11-22 08:00:00+01:00"
+                        )
+                    })
+                })
+                .transpose()?;
+            let opts = cdc::tail::TailOptions {
+                root,
+                source,
+                from,
+                since,
+                follow,
+                limit,
+                poll: cdc::tail::FOLLOW_POLL,
+            };
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            cdc::tail::tail(&opts, &mut out, &|| false)?;
+            Ok(())
+        }
+    }
 }
 
 fn run(path: &Path) -> anyhow::Result<()> {
@@ -146,6 +251,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
 async fn serve(path: PathBuf, cfg: Config, tls: rustls::ServerConfig) -> anyhow::Result<()> {
     let admin_listen = cfg.admin_listen;
     let prom = relay_proto::metrics::install().map_err(anyhow::Error::msg)?;
+    cdc::describe_metrics();
     let relay = server::OuterRelay::start(path, cfg, tls).await?;
     let handler = {
         let (relay, prom) = (relay.clone(), prom.clone());
@@ -165,6 +271,9 @@ async fn serve(path: PathBuf, cfg: Config, tls: rustls::ServerConfig) -> anyhow:
     .await?;
     for s in relay.registry.all() {
         s.handle.kill();
+    }
+    if let Some(cdc) = &relay.cdc {
+        cdc.wait_stopped(relay.config().shutdown_grace).await;
     }
     info!("stopped");
     Ok(())

@@ -6,7 +6,8 @@
 //! configuration stays in force. Then: new connections on the tunnel port get the new TLS
 //! material, keepalive and tunnel list; listeners are added, removed, rebound or given
 //! their new allowlist, limit, tunnel or service; sessions of tunnels that no listener
-//! uses any more are closed. Established streams keep running.
+//! (or CDC sink) uses any more are closed. Established streams keep running. The `cdc`
+//! section is set up at start only: a reload that changes it is rejected.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use relay_proto::metrics as m;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
+use crate::cdc::Cdc;
 use crate::config::Config;
 use crate::listener::{Listener, Running};
 use crate::registry::Registry;
@@ -39,6 +41,8 @@ pub struct OuterRelay {
     pub drain: Drain,
     /// When the relay started.
     pub started: Instant,
+    /// CDC stores and sinks; `None` without a `cdc` section.
+    pub cdc: Option<Arc<Cdc>>,
 }
 
 fn settings(cfg: &Config, tls: rustls::ServerConfig) -> Settings {
@@ -70,10 +74,15 @@ impl OuterRelay {
             sockets.push((l.clone(), sock));
         }
         registry.set_max_streams(cfg.tunnel.max_streams_per_session);
+        let cdc = match &cfg.cdc {
+            Some(c) => Some(Cdc::start(c.clone(), drain.clone()).await?),
+            None => None,
+        };
         let tunnel = Arc::new(TunnelServer::new(
             settings(&cfg, tls),
             registry.clone(),
             drain.clone(),
+            cdc.clone(),
         ));
         info!(listen = %tunnel_addr, "tunnel port ready");
         tokio::spawn(tunnel.clone().serve(tunnel_sock));
@@ -93,6 +102,7 @@ impl OuterRelay {
             registry,
             drain,
             started: Instant::now(),
+            cdc,
         }))
     }
 
@@ -141,6 +151,12 @@ impl OuterRelay {
                 "admin.listen changed from {} to {}: that needs a restart",
                 old.admin_listen, new.admin_listen
             ));
+        }
+        if new.cdc != old.cdc {
+            return Err(
+                "the cdc section changed: that needs a restart (stores and sinks are set up at start)"
+                    .to_string(),
+            );
         }
         let running = self.listeners();
         // Bind what is new or moved before changing anything.

@@ -75,5 +75,6 @@ fn status(relay: &OuterRelay) -> serde_json::Value {
         "sessions": sessions,
         "listeners": listeners,
         "open_streams": relay.drain.active(),
+        "cdc": relay.cdc.as_ref().map(|c| c.status()),
     })
 }

@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::cdc::{receiver, Cdc};
 use crate::config::TunnelConfig;
 use crate::registry::{Registry, SessionEntry};
 
@@ -39,6 +40,10 @@ pub struct Settings {
     pub tunnels: HashSet<String>,
 }
 
+/// Streams relay-inner may have open at once on one session (CDC shipping streams, one
+/// per source); more are refused.
+pub const MAX_INNER_STREAMS: usize = 256;
+
 /// What every tunnel connection needs to be served.
 pub struct TunnelServer {
     settings: RwLock<Arc<Settings>>,
@@ -46,15 +51,23 @@ pub struct TunnelServer {
     pub registry: Arc<Registry>,
     /// Shutdown signal.
     pub drain: Drain,
+    /// Receives the CDC shipping streams relay-inner opens; `None` without a `cdc` section.
+    pub cdc: Option<Arc<Cdc>>,
 }
 
 impl TunnelServer {
     /// A server with these settings.
-    pub fn new(settings: Settings, registry: Arc<Registry>, drain: Drain) -> Self {
+    pub fn new(
+        settings: Settings,
+        registry: Arc<Registry>,
+        drain: Drain,
+        cdc: Option<Arc<Cdc>>,
+    ) -> Self {
         TunnelServer {
             settings: RwLock::new(Arc::new(settings)),
             registry,
             drain,
+            cdc,
         }
     }
 
@@ -176,7 +189,7 @@ impl TunnelServer {
         // the TLS handshake.
         if !self.settings().tunnels.contains(&tunnel_name) {
             let msg = format!(
-                "tunnel {tunnel_name:?} is not configured on this relay-outer (no listener uses it)"
+                "tunnel {tunnel_name:?} is not configured on this relay-outer (no listener or CDC sink uses it)"
             );
             handshake_failed("unknown_tunnel");
             warn!(node = %hello.node, "tunnel connection refused: {msg}");
@@ -210,13 +223,35 @@ impl TunnelServer {
         let rtt_hist = metrics::histogram!(m::KEEPALIVE_RTT, &tunnel_label);
         info!(session = id, node = %hello.node, services = ?hello.services, sessions = count, "tunnel up");
 
-        // Streams opened by relay-inner are not used yet; refuse them by dropping.
-        tokio::spawn(async move {
-            while let Some(s) = incoming.recv().await {
-                debug!("dropping a stream opened by relay-inner");
-                drop(s);
-            }
-        });
+        // Streams opened by relay-inner carry CDC shipping.
+        {
+            let cdc = self.cdc.clone();
+            let tunnel = tunnel_name.clone();
+            let first_frame = settings.cfg.handshake_timeout;
+            let limit = Arc::new(tokio::sync::Semaphore::new(MAX_INNER_STREAMS));
+            tokio::spawn(
+                async move {
+                    while let Some(s) = incoming.recv().await {
+                        let Ok(permit) = limit.clone().try_acquire_owned() else {
+                            warn!(
+                                limit = MAX_INNER_STREAMS,
+                                "dropping a stream opened by relay-inner: too many open"
+                            );
+                            continue;
+                        };
+                        let (cdc, tunnel) = (cdc.clone(), tunnel.clone());
+                        tokio::spawn(
+                            async move {
+                                receiver::serve(cdc, &tunnel, s, first_frame).await;
+                                drop(permit);
+                            }
+                            .in_current_span(),
+                        );
+                    }
+                }
+                .in_current_span(),
+            );
+        }
 
         let (cmd_tx, cmd_rx) = mpsc::channel(4);
         let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();

@@ -35,6 +35,15 @@ pub enum StoreError {
     Task(String),
 }
 
+/// What an append did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Newest durable seq after it.
+    pub synced: u64,
+    /// Records of the batch that were new (the others were already held).
+    pub new: usize,
+}
+
 /// One source's log.
 pub struct Store {
     /// `tunnel/source`.
@@ -94,6 +103,7 @@ impl Store {
     }
 
     /// Watches the newest durable seq; sinks and tail read up to it.
+    #[allow(dead_code)] // the sinks and tests use it
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.synced.subscribe()
     }
@@ -131,9 +141,27 @@ impl Store {
     /// Appends the records of a batch starting at `first_seq`, skipping the ones already
     /// held, and makes them durable. Returns the newest durable seq. Blocking: call from
     /// a blocking thread.
+    #[allow(dead_code)] // the sinks and tests use it
     pub fn append_batch(&self, first_seq: u64, records: &[Vec<u8>]) -> Result<u64, StoreError> {
+        self.append_batch_counted(first_seq, records)
+            .map(|a| a.synced)
+    }
+
+    /// [`Store::append_batch`], also saying how many records were new. Every new record
+    /// is checked before the first is written, so a batch with a bad record stores
+    /// nothing.
+    pub fn append_batch_counted(
+        &self,
+        first_seq: u64,
+        records: &[Vec<u8>],
+    ) -> Result<Appended, StoreError> {
+        if first_seq == 0 {
+            return Err(StoreError::Gap(format!(
+                "batch for {} starts at seq 0; seqs start at 1",
+                self.name
+            )));
+        }
         let mut log = self.lock();
-        let mut seq = first_seq;
         let expected = log.last_seq() + 1;
         if first_seq > expected {
             return Err(StoreError::Gap(format!(
@@ -141,40 +169,66 @@ impl Store {
                 self.name
             )));
         }
-        for payload in records {
-            if seq >= expected {
-                if let Err(e) = Record::decode(payload) {
-                    return Err(StoreError::BadRecord {
-                        seq,
-                        reason: e.to_string(),
-                    });
-                }
-                let got = log.append(payload)?;
-                debug_assert_eq!(got, seq);
+        let skip = usize::try_from(expected - first_seq).unwrap_or(usize::MAX);
+        let fresh = records.get(skip..).unwrap_or(&[]);
+        for (i, payload) in fresh.iter().enumerate() {
+            let seq = expected + i as u64;
+            if payload.len() > MAX_RECORD {
+                return Err(StoreError::BadRecord {
+                    seq,
+                    reason: format!(
+                        "{} bytes exceed the largest record of {MAX_RECORD}",
+                        payload.len()
+                    ),
+                });
             }
-            seq += 1;
+            if let Err(e) = Record::decode(payload) {
+                return Err(StoreError::BadRecord {
+                    seq,
+                    reason: e.to_string(),
+                });
+            }
+        }
+        for payload in fresh {
+            log.append(payload)?;
         }
         log.sync()?;
         let synced = log.synced_seq();
         drop(log);
         self.synced.send_replace(synced);
-        Ok(synced)
+        Ok(Appended {
+            synced,
+            new: fresh.len(),
+        })
     }
 
     /// Async wrapper of [`Store::append_batch`].
+    #[allow(dead_code)] // the sinks and tests use it
     pub async fn append(
         self: &Arc<Self>,
         first_seq: u64,
         records: Vec<Vec<u8>>,
     ) -> Result<u64, StoreError> {
+        self.append_counted(first_seq, records)
+            .await
+            .map(|a| a.synced)
+    }
+
+    /// Async wrapper of [`Store::append_batch_counted`].
+    pub async fn append_counted(
+        self: &Arc<Self>,
+        first_seq: u64,
+        records: Vec<Vec<u8>>,
+    ) -> Result<Appended, StoreError> {
         let me = self.clone();
-        tokio::task::spawn_blocking(move || me.append_batch(first_seq, &records))
+        tokio::task::spawn_blocking(move || me.append_batch_counted(first_seq, &records))
             .await
             .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
     /// Reads records from `seq` on (0: the oldest). The reader may run ahead of
     /// [`Store::synced_seq`]; stop there.
+    #[allow(dead_code)] // the sinks and tests use it
     pub fn reader(&self, seq: u64) -> Result<Reader, StoreError> {
         Ok(self.lock().read_from(seq)?)
     }
@@ -210,6 +264,7 @@ impl Store {
 
     /// Records that `reader` (a sink's name) has applied every record up to `seq`;
     /// retention keeps the records after the lowest such position.
+    #[allow(dead_code)] // the sinks and tests use it
     pub fn set_reader_position(&self, reader: &str, seq: u64) {
         let mut r = self.readers.lock().unwrap_or_else(|p| p.into_inner());
         match r.get_mut(reader) {
@@ -225,6 +280,12 @@ impl Store {
     pub fn register_reader(&self, reader: &str) {
         let mut r = self.readers.lock().unwrap_or_else(|p| p.into_inner());
         r.entry(reader.to_string()).or_insert(0);
+    }
+
+    /// The position `reader` reported (or was registered at).
+    pub fn reader_position(&self, reader: &str) -> Option<u64> {
+        let r = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        r.get(reader).copied()
     }
 
     /// The lowest position over all readers; `None` when no reader registered.
@@ -268,6 +329,20 @@ mod tests {
             s.append_batch(5, &[b"garbage".to_vec()]),
             Err(StoreError::BadRecord { seq: 5, .. })
         ));
+        // A bad record anywhere in a batch stores nothing of it.
+        assert!(matches!(
+            s.append_batch(4, &[rec(4), rec(5), b"x".to_vec()]),
+            Err(StoreError::BadRecord { seq: 6, .. })
+        ));
+        assert_eq!(s.lock().last_seq(), 4);
+        assert!(matches!(
+            s.append_batch(0, &[rec(1)]),
+            Err(StoreError::Gap(_))
+        ));
+        assert_eq!(
+            s.append_batch_counted(3, &[rec(3), rec(4)]).unwrap(),
+            Appended { synced: 4, new: 0 }
+        );
         assert_eq!(s.next_seq_for(1, 10).unwrap(), 5);
         // The spool was reset (it ends below what the store holds).
         assert!(matches!(s.next_seq_for(1, 2), Err(StoreError::Gap(_))));
