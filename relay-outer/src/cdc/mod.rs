@@ -398,4 +398,47 @@ mod tests {
         assert_eq!(st["sources"]["t/a"]["last_seq"], 2);
         assert_eq!(st["sources"]["t/a"]["connected"], false);
     }
+
+    #[test]
+    fn retention_keeps_what_a_sink_has_not_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        // Small segments: one record each (a record is 16 + ~90 bytes).
+        let store = store::Store::open_with(dir.path(), "t/a", 100).unwrap();
+        let recs: Vec<_> = (1..=6).map(rec).collect();
+        store.append_batch(1, &recs).unwrap();
+        assert_eq!(store.first_seq(), 1);
+        // Nothing is older than an hour.
+        assert_eq!(
+            apply_retention(&store, Duration::from_secs(3600)).unwrap(),
+            1
+        );
+        // A sink that has applied nothing holds everything back.
+        store.register_reader("replica");
+        store.register_reader("replica");
+        assert_eq!(store.min_reader_position(), Some(0));
+        assert_eq!(apply_retention(&store, Duration::ZERO).unwrap(), 1);
+        store.set_reader_position("replica", 3);
+        store.register_reader("lagging");
+        store.set_reader_position("lagging", 2);
+        assert_eq!(store.reader_position("replica"), Some(3));
+        assert_eq!(apply_retention(&store, Duration::ZERO).unwrap(), 3);
+        store.set_reader_position("lagging", 6);
+        // The newest segment (the one being written) always stays.
+        let first = apply_retention(&store, Duration::ZERO).unwrap();
+        assert!(first == 4 || first == 6, "{first}");
+        let seqs: Vec<u64> = store.reader(0).unwrap().map(|r| r.unwrap().0).collect();
+        assert_eq!(*seqs.last().unwrap(), 6);
+        assert_eq!(seqs[0], first);
+    }
+
+    #[test]
+    fn retention_without_sinks_follows_the_durable_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store::Store::open_with(dir.path(), "t/a", 100).unwrap();
+        let recs: Vec<_> = (1..=4).map(rec).collect();
+        store.append_batch(1, &recs).unwrap();
+        assert_eq!(store.min_reader_position(), None);
+        assert!(apply_retention(&store, Duration::ZERO).unwrap() > 1);
+        assert_eq!(store.synced_seq(), 4);
+    }
 }

@@ -65,12 +65,21 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Opens (creating) the store of `name` (`tunnel/source`) under `root`.
     pub fn open(root: &Path, name: &str) -> Result<Arc<Store>, StoreError> {
+        Self::open_with(root, name, segment_log::DEFAULT_SEGMENT_BYTES)
+    }
+
+    /// [`Store::open`] with another segment size (tests use small ones).
+    pub(crate) fn open_with(
+        root: &Path,
+        name: &str,
+        segment_bytes: u64,
+    ) -> Result<Arc<Store>, StoreError> {
         let dir = root.join(name);
         let log = SegmentLog::open(
             &dir,
             LogOptions {
                 max_record: MAX_RECORD,
-                ..LogOptions::default()
+                segment_bytes,
             },
         )?;
         let (synced, _) = watch::channel(log.synced_seq());
