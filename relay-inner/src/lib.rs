@@ -9,4 +9,5 @@ pub mod config;
 pub mod pgoutput;
 pub mod replication;
 pub mod shipper;
+pub mod source;
 pub mod spool;

@@ -12,10 +12,13 @@
 //! confirmed everything legitimately sends nothing, so the caller's select loop (with its
 //! status-update timer) owns that wait; `next` is cancel-safe for that reason.
 //!
-//! Not supported yet: TLS to the database (`sslmode=require` and stronger are refused by
-//! [`parse_dsn`]), unix sockets, multiple hosts.
+//! TLS follows libpq's `sslmode` and `sslrootcert` (see [`relay_proto::pg_tls`]); the same
+//! parsed DSN also configures the ordinary tokio-postgres connection
+//! ([`ReplicationConfig::tokio_postgres`]). Not supported: unix sockets, multiple hosts,
+//! client certificates.
 
 use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -23,6 +26,7 @@ use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
 use postgres_protocol::message::backend::{self, ErrorResponseBody, Message};
 use postgres_protocol::message::frontend;
+use relay_proto::pg_tls::{MakeRustlsConnect, PgStream, PgTls, SslMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -77,6 +81,9 @@ pub enum ReplicationError {
     /// An argument (slot name, option) cannot be sent safely.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// TLS could not be set up or the handshake failed (certificate check, server without TLS).
+    #[error("{0}")]
+    Tls(String),
     /// An earlier error left the connection in an unknown state.
     #[error("connection unusable after an earlier error")]
     Broken,
@@ -103,6 +110,35 @@ pub struct ReplicationConfig {
     pub dbname: String,
     /// Deadline for TCP connect, startup and authentication together.
     pub connect_timeout: Duration,
+    /// libpq `sslmode` (default `prefer`).
+    pub sslmode: SslMode,
+    /// libpq `sslrootcert`: CA certificate(s) the server's certificate must chain to.
+    pub sslrootcert: Option<PathBuf>,
+}
+
+impl ReplicationConfig {
+    /// The TLS side of the connection, per `sslmode` / `sslrootcert`.
+    pub fn tls(&self) -> Result<PgTls, String> {
+        PgTls::new(self.sslmode, self.sslrootcert.as_deref())
+    }
+
+    /// The same target as an ordinary (non-replication) tokio-postgres configuration and
+    /// its TLS connector.
+    pub fn tokio_postgres(&self) -> Result<(tokio_postgres::Config, MakeRustlsConnect), String> {
+        let tls = self.tls()?;
+        let mut c = tokio_postgres::Config::new();
+        c.host(&self.host)
+            .port(self.port)
+            .user(&self.user)
+            .dbname(&self.dbname)
+            .application_name("routy")
+            .connect_timeout(self.connect_timeout)
+            .ssl_mode(self.sslmode.tokio_postgres());
+        if let Some(pw) = &self.password {
+            c.password(pw.as_bytes());
+        }
+        Ok((c, tls.make_tls_connect()))
+    }
 }
 
 /// Parses a libpq key=value connection string (`host=… port=… user=… password=… dbname=…
@@ -114,6 +150,8 @@ pub fn parse_dsn(dsn: &str) -> Result<ReplicationConfig, String> {
     let mut password = None;
     let mut dbname = None;
     let mut connect_timeout = DEFAULT_CONNECT_TIMEOUT;
+    let mut sslmode = SslMode::default();
+    let mut sslrootcert = None;
     let mut chars = dsn.chars().peekable();
     loop {
         while chars.peek().is_some_and(|c| c.is_whitespace()) {
@@ -191,10 +229,13 @@ pub fn parse_dsn(dsn: &str) -> Result<ReplicationConfig, String> {
                     Duration::from_secs(secs)
                 };
             }
-            "sslmode" => match value.as_str() {
-                "disable" | "allow" | "prefer" => {}
-                _ => return Err(format!("sslmode={value} is not supported yet (no TLS)")),
-            },
+            "sslmode" => sslmode = SslMode::parse(&value)?,
+            "sslrootcert" => sslrootcert = Some(PathBuf::from(value)),
+            "sslcert" | "sslkey" | "sslcrl" => {
+                return Err(format!(
+                    "{key}: client certificates and CRLs are not supported; use password authentication over TLS"
+                ))
+            }
             "application_name" => {}
             _ => return Err(format!("unknown connection option \"{key}\"")),
         }
@@ -210,6 +251,8 @@ pub fn parse_dsn(dsn: &str) -> Result<ReplicationConfig, String> {
         user,
         password,
         connect_timeout,
+        sslmode,
+        sslrootcert,
     })
 }
 
@@ -294,7 +337,7 @@ enum Backend {
 
 /// A replication connection in normal (command) mode.
 pub struct ReplicationClient {
-    sock: TcpStream,
+    sock: PgStream,
     rbuf: BytesMut,
     wbuf: BytesMut,
     broken: bool,
@@ -303,7 +346,8 @@ pub struct ReplicationClient {
 impl std::fmt::Debug for ReplicationClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReplicationClient")
-            .field("peer", &self.sock.peer_addr().ok())
+            .field("peer", &self.sock.tcp().peer_addr().ok())
+            .field("tls", &self.sock.is_tls())
             .field("broken", &self.broken)
             .finish()
     }
@@ -397,8 +441,13 @@ impl ReplicationClient {
     }
 
     async fn connect_inner(cfg: &ReplicationConfig) -> Result<Self> {
-        let sock = TcpStream::connect((cfg.host.as_str(), cfg.port)).await?;
-        sock.set_nodelay(true)?;
+        let tls = cfg.tls().map_err(ReplicationError::Tls)?;
+        let tcp = TcpStream::connect((cfg.host.as_str(), cfg.port)).await?;
+        tcp.set_nodelay(true)?;
+        let sock = tls
+            .negotiate(tcp, &cfg.host)
+            .await
+            .map_err(ReplicationError::Tls)?;
         let mut c = ReplicationClient {
             sock,
             rbuf: BytesMut::with_capacity(8192),
@@ -502,7 +551,13 @@ impl ReplicationClient {
 
     /// Writes out the pending output buffer (with [`WRITE_TIMEOUT`]).
     async fn flush(&mut self) -> Result<()> {
-        let res = timeout(WRITE_TIMEOUT, self.sock.write_all(&self.wbuf)).await;
+        let (sock, wbuf) = (&mut self.sock, &self.wbuf);
+        let res = timeout(WRITE_TIMEOUT, async {
+            sock.write_all(wbuf).await?;
+            // TLS buffers inside the session: push it to the socket.
+            sock.flush().await
+        })
+        .await;
         self.wbuf.clear();
         match res {
             Ok(Ok(())) => Ok(()),
@@ -686,9 +741,29 @@ impl ReplicationClient {
     /// Creates a logical slot with an exported snapshot (PG 15 syntax). The snapshot stays
     /// importable (`SET TRANSACTION SNAPSHOT`) only until the next command on this connection.
     pub async fn create_logical_slot(&mut self, name: &str, plugin: &str) -> Result<SlotCreated> {
+        self.create_slot(name, plugin, false).await
+    }
+
+    /// Like [`ReplicationClient::create_logical_slot`] but `TEMPORARY`: the slot disappears
+    /// when this connection ends (used only for its exported snapshot).
+    pub async fn create_temporary_logical_slot(
+        &mut self,
+        name: &str,
+        plugin: &str,
+    ) -> Result<SlotCreated> {
+        self.create_slot(name, plugin, true).await
+    }
+
+    async fn create_slot(
+        &mut self,
+        name: &str,
+        plugin: &str,
+        temporary: bool,
+    ) -> Result<SlotCreated> {
         let sql = format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL {} (SNAPSHOT 'export')",
+            "CREATE_REPLICATION_SLOT {}{} LOGICAL {} (SNAPSHOT 'export')",
             quote_name(name)?,
+            if temporary { " TEMPORARY" } else { "" },
             quote_name(plugin)?
         );
         let rows = self.query_with(&sql, CREATE_SLOT_TIMEOUT).await?;
@@ -922,6 +997,8 @@ mod tests {
             password: password.map(Into::into),
             dbname: "postgres".into(),
             connect_timeout: Duration::from_secs(10),
+            sslmode: SslMode::Prefer,
+            sslrootcert: None,
         }
     }
 
@@ -944,7 +1021,14 @@ mod tests {
         );
         assert!(parse_dsn("user=u password='open").is_err());
         assert!(parse_dsn("user=u bogus=1").is_err());
-        assert!(parse_dsn("user=u sslmode=require").is_err());
+        let t = parse_dsn("user=u sslmode=verify-full sslrootcert=/etc/ca.crt").unwrap();
+        assert_eq!(t.sslmode, SslMode::VerifyFull);
+        assert_eq!(
+            t.sslrootcert.as_deref(),
+            Some(std::path::Path::new("/etc/ca.crt"))
+        );
+        assert!(parse_dsn("user=u sslmode=bogus").is_err());
+        assert!(parse_dsn("user=u sslcert=c.crt").is_err());
         assert!(parse_dsn("host=h").is_err());
     }
 

@@ -1,0 +1,419 @@
+//! The ordinary (non-replication) connection: server checks, tables, publication, slot
+//! state, relation schemas from the catalog, type names, heartbeats.
+
+use relay_proto::cdc::{Column, Relation};
+use tokio::task::JoinHandle;
+use tokio_postgres::Client;
+
+use super::SourceError;
+use crate::config::SourceConfig;
+use crate::replication::{self, ReplicationConfig};
+
+/// A configured table, resolved on the source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Table {
+    /// `schema.table` as configured.
+    pub(crate) name: String,
+    pub(crate) schema: String,
+    pub(crate) table: String,
+    /// Relation OID (what pgoutput's relation ids are).
+    pub(crate) oid: u32,
+}
+
+/// Quotes an SQL identifier.
+pub(crate) fn ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// An ordinary connection; its driver task ends with it.
+pub(crate) struct Db {
+    pub(crate) client: Client,
+    task: JoinHandle<()>,
+    server_version: i32,
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A row of `pg_replication_slots`.
+#[derive(Debug, Clone)]
+pub(crate) struct SlotInfo {
+    pub(crate) plugin: Option<String>,
+    pub(crate) slot_type: String,
+    pub(crate) database: Option<String>,
+    pub(crate) active_pid: Option<i32>,
+    pub(crate) wal_status: String,
+    pub(crate) confirmed_flush_lsn: u64,
+    pub(crate) retained_wal_bytes: Option<u64>,
+}
+
+impl SlotInfo {
+    /// Whether the slot can be used by this source; a lost slot is fatal.
+    pub(crate) fn check(
+        &self,
+        cfg: &SourceConfig,
+        rcfg: &ReplicationConfig,
+    ) -> Result<(), SourceError> {
+        if self.wal_status == "lost" {
+            return Err(lost_slot(cfg));
+        }
+        if self.slot_type != "logical" || self.plugin.as_deref() != Some("pgoutput") {
+            return Err(SourceError::Fatal(format!(
+                "replication slot {} exists but is not a logical pgoutput slot (type {}, plugin {}): choose another postgres.slot or drop it",
+                cfg.slot,
+                self.slot_type,
+                self.plugin.as_deref().unwrap_or("none")
+            )));
+        }
+        if self.database.as_deref() != Some(rcfg.dbname.as_str()) {
+            return Err(SourceError::Fatal(format!(
+                "replication slot {} belongs to database {} but the DSN names {}: choose another postgres.slot",
+                cfg.slot,
+                self.database.as_deref().unwrap_or("?"),
+                rcfg.dbname
+            )));
+        }
+        if let Some(pid) = self.active_pid {
+            // Often our own previous walsender that has not noticed the broken connection yet.
+            return Err(SourceError::Transient(format!(
+                "replication slot {} is in use by server process {pid} (another relay-inner, or a previous connection not yet closed)",
+                cfg.slot
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The error for an invalidated slot.
+pub(crate) fn lost_slot(cfg: &SourceConfig) -> SourceError {
+    SourceError::Fatal(format!(
+        "replication slot {slot} of source {name} was invalidated by PostgreSQL (wal_status = 'lost'): \
+         the WAL it needed was removed because the slot held more than max_slot_wal_keep_size, \
+         so changes since it last advanced are gone and streaming cannot continue. \
+         To recover: run `relay-inner cdc drop-slot --source {name}`, then restart relay-inner: \
+         it creates a new slot and copies the tables again (snapshot: initial). \
+         To prevent it: raise max_slot_wal_keep_size on the source, or keep relay-inner and its spool from falling behind.",
+        slot = cfg.slot,
+        name = cfg.name
+    ))
+}
+
+impl Db {
+    pub(crate) async fn connect(rcfg: &ReplicationConfig) -> Result<Db, SourceError> {
+        let (config, tls) = rcfg.tokio_postgres().map_err(SourceError::Fatal)?;
+        let (client, conn) = config.connect(tls).await.map_err(|e| {
+            let e = SourceError::from(e);
+            let text = format!("connecting to {}:{}: {e}", rcfg.host, rcfg.port);
+            if e.is_fatal() {
+                SourceError::Fatal(text)
+            } else {
+                SourceError::Transient(text)
+            }
+        })?;
+        let task = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "source query connection ended");
+            }
+        });
+        let mut db = Db {
+            client,
+            task,
+            server_version: 0,
+        };
+        let v: String = db
+            .client
+            .query_one("SHOW server_version_num", &[])
+            .await?
+            .get(0);
+        db.server_version = v.parse().unwrap_or(0);
+        Ok(db)
+    }
+
+    /// `wal_level = logical` and a UTF8 database.
+    pub(crate) async fn check_server(&self) -> Result<(), SourceError> {
+        let wal_level: String = self.client.query_one("SHOW wal_level", &[]).await?.get(0);
+        if wal_level != "logical" {
+            return Err(SourceError::Fatal(format!(
+                "the source has wal_level = {wal_level}; logical decoding needs wal_level = logical \
+                 (ALTER SYSTEM SET wal_level = logical, then restart PostgreSQL)"
+            )));
+        }
+        let enc: String = self
+            .client
+            .query_one("SHOW server_encoding", &[])
+            .await?
+            .get(0);
+        if enc != "UTF8" {
+            return Err(SourceError::Fatal(format!(
+                "the source database's encoding is {enc}; CDC values are carried as UTF-8 text, so only UTF8 databases are supported"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Looks up every configured table; a missing one is fatal.
+    pub(crate) async fn resolve_tables(&self, names: &[String]) -> Result<Vec<Table>, SourceError> {
+        let mut out = Vec::new();
+        let mut missing = Vec::new();
+        for name in names {
+            let (schema, table) = name.split_once('.').unwrap_or(("public", name));
+            let row = self
+                .client
+                .query_opt(
+                    "SELECT c.oid, c.relkind::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE n.nspname = $1 AND c.relname = $2",
+                    &[&schema, &table],
+                )
+                .await?;
+            match row {
+                None => missing.push(name.clone()),
+                Some(r) => {
+                    let kind: String = r.get(1);
+                    if kind != "r" && kind != "p" {
+                        return Err(SourceError::Fatal(format!(
+                            "{name} is not a table (relkind {kind}); only tables can be published"
+                        )));
+                    }
+                    out.push(Table {
+                        name: name.clone(),
+                        schema: schema.to_string(),
+                        table: table.to_string(),
+                        oid: r.get(0),
+                    });
+                }
+            }
+        }
+        if !missing.is_empty() {
+            return Err(SourceError::Fatal(format!(
+                "configured table(s) {} do not exist on the source: create them or remove them from postgres.tables",
+                missing.join(", ")
+            )));
+        }
+        Ok(out)
+    }
+
+    /// Creates the publication for the tables, or adds the ones it lacks.
+    pub(crate) async fn ensure_publication(
+        &self,
+        publication: &str,
+        tables: &[Table],
+    ) -> Result<(), SourceError> {
+        let list = |ts: &[&Table]| {
+            ts.iter()
+                .map(|t| format!("{}.{}", ident(&t.schema), ident(&t.table)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let pub_row = self
+            .client
+            .query_opt(
+                "SELECT puballtables, pubinsert AND pubupdate AND pubdelete AND pubtruncate FROM pg_publication WHERE pubname = $1",
+                &[&publication],
+            )
+            .await?;
+        let perm = |e: tokio_postgres::Error| {
+            let e = SourceError::from(e);
+            SourceError::Fatal(format!(
+                "cannot create or change publication {publication}: {e} \
+                 (the role needs to own the tables, or create the publication yourself: CREATE PUBLICATION {publication} FOR TABLE ...)"
+            ))
+        };
+        match pub_row {
+            None => {
+                let all: Vec<&Table> = tables.iter().collect();
+                let sql = format!(
+                    "CREATE PUBLICATION {} FOR TABLE {}",
+                    ident(publication),
+                    list(&all)
+                );
+                self.client.batch_execute(&sql).await.map_err(perm)?;
+                tracing::info!(publication, tables = %list(&all), "created the publication");
+            }
+            Some(r) => {
+                let all_tables: bool = r.get(0);
+                let all_ops: bool = r.get(1);
+                if !all_ops {
+                    tracing::warn!(publication, "publication does not publish every operation (insert, update, delete, truncate): some changes will not be captured");
+                }
+                if all_tables {
+                    return Ok(());
+                }
+                let rows = self
+                    .client
+                    .query(
+                        "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+                        &[&publication],
+                    )
+                    .await?;
+                let have: Vec<(String, String)> =
+                    rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+                let missing: Vec<&Table> = tables
+                    .iter()
+                    .filter(|t| !have.contains(&(t.schema.clone(), t.table.clone())))
+                    .collect();
+                if !missing.is_empty() {
+                    let sql = format!(
+                        "ALTER PUBLICATION {} ADD TABLE {}",
+                        ident(publication),
+                        list(&missing)
+                    );
+                    self.client.batch_execute(&sql).await.map_err(perm)?;
+                    tracing::info!(publication, tables = %list(&missing), "added tables to the publication");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Logs a warning for each table whose updates/deletes fail while published.
+    pub(crate) async fn warn_replica_identity(&self, tables: &[Table]) {
+        for t in tables {
+            let row = self
+                .client
+                .query_one(
+                    "SELECT c.relreplident::text, \
+                       EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND \
+                         CASE c.relreplident WHEN 'd' THEN i.indisprimary WHEN 'i' THEN i.indisreplident ELSE false END) \
+                     FROM pg_class c WHERE c.oid = $1",
+                    &[&t.oid],
+                )
+                .await;
+            if let Ok(r) = row {
+                let ident: String = r.get(0);
+                let has_key: bool = r.get(1);
+                if ident != "f" && !has_key {
+                    tracing::warn!(table = %t.name,
+                        "table has no primary key (or replica identity index) and REPLICA IDENTITY is not FULL: \
+                         while it is published, UPDATE and DELETE on it fail on the source. \
+                         Add a primary key or run ALTER TABLE {} REPLICA IDENTITY FULL", t.name);
+                }
+            }
+        }
+    }
+
+    /// The slot's row in `pg_replication_slots`.
+    pub(crate) async fn slot_info(&self, slot: &str) -> Result<Option<SlotInfo>, SourceError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT plugin::text, slot_type, database::text, active_pid, COALESCE(wal_status, ''), \
+                   COALESCE(confirmed_flush_lsn::text, '0/0'), \
+                   CASE WHEN restart_lsn IS NULL THEN NULL ELSE pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8 END \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await?;
+        let Some(r) = row else { return Ok(None) };
+        let confirmed: String = r.get(5);
+        let retained: Option<i64> = r.get(6);
+        Ok(Some(SlotInfo {
+            plugin: r.get(0),
+            slot_type: r.get(1),
+            database: r.get(2),
+            active_pid: r.get(3),
+            wal_status: r.get(4),
+            confirmed_flush_lsn: replication::parse_lsn(&confirmed).unwrap_or(0),
+            retained_wal_bytes: retained.map(|v| v.max(0) as u64),
+        }))
+    }
+
+    pub(crate) async fn drop_slot(&self, slot: &str) -> Result<(), SourceError> {
+        self.client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await?;
+        Ok(())
+    }
+
+    /// The relation as pgoutput would describe it, from the catalog (inside the current
+    /// snapshot): published columns in attnum order without dropped or generated ones, key
+    /// flags from the replica identity.
+    pub(crate) async fn relation(
+        &self,
+        t: &Table,
+        publication: &str,
+    ) -> Result<Relation, SourceError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT n.nspname::text, c.relname::text, c.relreplident::text, a.attname::text, a.atttypid, a.atttypmod, \
+                   format_type(a.atttypid, a.atttypmod), \
+                   c.relreplident = 'f' OR COALESCE(a.attnum = ANY(i.indkey), false) \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
+                 LEFT JOIN pg_index i ON i.indrelid = c.oid AND \
+                   CASE c.relreplident WHEN 'd' THEN i.indisprimary WHEN 'i' THEN i.indisreplident ELSE false END \
+                 WHERE c.oid = $1 ORDER BY a.attnum",
+                &[&t.oid],
+            )
+            .await?;
+        let Some(first) = rows.first() else {
+            return Err(SourceError::Fatal(format!(
+                "table {} (oid {}) has no columns or vanished during the copy",
+                t.name, t.oid
+            )));
+        };
+        // PostgreSQL 15 publications may list columns: only those are published.
+        let published: Option<Vec<String>> = if self.server_version >= 150000 {
+            self.client
+                .query_opt(
+                    "SELECT attnames::text[] FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+                    &[&publication, &t.schema, &t.table],
+                )
+                .await?
+                .and_then(|r| r.get::<_, Option<Vec<String>>>(0))
+        } else {
+            None
+        };
+        let ri: String = first.get(2);
+        let mut rel = Relation {
+            id: t.oid,
+            schema: first.get(0),
+            name: first.get(1),
+            replica_identity: ri.bytes().next().unwrap_or(b'd'),
+            columns: Vec::new(),
+        };
+        for r in &rows {
+            let name: String = r.get(3);
+            if published.as_ref().is_some_and(|p| !p.contains(&name)) {
+                continue;
+            }
+            rel.columns.push(Column {
+                name,
+                type_oid: r.get(4),
+                type_modifier: r.get(5),
+                type_name: r.get(6),
+                key: r.get(7),
+            });
+        }
+        Ok(rel)
+    }
+
+    /// `format_type(oid, typmod)`.
+    pub(crate) async fn format_type(&self, oid: u32, typmod: i32) -> Result<String, SourceError> {
+        let row = self
+            .client
+            .query_one("SELECT format_type($1, $2)", &[&oid, &typmod])
+            .await?;
+        Ok(row.get::<_, Option<String>>(0).unwrap_or_default())
+    }
+
+    /// Emits the heartbeat message (non-transactional).
+    pub(crate) async fn heartbeat(&self) -> Result<(), SourceError> {
+        let now = relay_proto::cdc::format_unix_micros(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros() as i64)
+                .unwrap_or(0),
+        );
+        self.client
+            .execute(
+                "SELECT pg_logical_emit_message(false, $1::text, $2::text)",
+                &[&relay_proto::cdc::HEARTBEAT_PREFIX, &now],
+            )
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,480 @@
+//! A CDC source: one PostgreSQL database read through a logical replication slot (pgoutput)
+//! into this source's [`Spool`].
+//!
+//! Lifecycle of one session (reconnected with backoff after transient failures):
+//!
+//! 1. An ordinary connection (tokio-postgres) checks `wal_level = logical`, a UTF8 server
+//!    encoding and that every configured table exists; it creates the publication when
+//!    missing and adds configured tables it lacks.
+//! 2. A replication connection finds the slot, or creates it with an exported snapshot
+//!    (its consistent point is P1). A slot whose `wal_status` is `lost` stops the source with
+//!    an error that says what to do.
+//! 3. `snapshot: initial`: every table not yet copied (per the state file, see
+//!    [`snapshot`]) is copied inside a snapshot: the slot's own exported snapshot when the
+//!    slot was just created, else the snapshot of a TEMPORARY slot made only for it (P2).
+//!    Each table is recorded with the LSN of the snapshot it was copied in; streamed
+//!    changes to it from transactions that committed before that LSN are dropped (the rule
+//!    PostgreSQL's tablesync uses), so a copy resumed after a restart meets the stream
+//!    exactly.
+//! 4. `START_REPLICATION` from the spool's durable position; changes become
+//!    [`relay_proto::cdc`] records (see [`stream`]); the LSN is confirmed to PostgreSQL
+//!    only once it is durable in the spool.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use relay_proto::drain::Drain;
+
+use crate::backoff::Backoff;
+use crate::config::{SnapshotMode, SourceConfig};
+use crate::replication::{self, ReplicationClient, ReplicationConfig, ReplicationError};
+use crate::spool::{Spool, SpoolError};
+
+mod catalog;
+pub mod snapshot;
+pub mod stream;
+
+use catalog::Db;
+use snapshot::SnapshotState;
+
+/// Gauge: WAL the slot holds on the source (`pg_current_wal_lsn() - restart_lsn`), bytes.
+pub const RETAINED_WAL_BYTES: &str = "routy_cdc_source_retained_wal_bytes";
+/// Gauge: LSN last confirmed to the source (as a number).
+pub const CONFIRMED_LSN: &str = "routy_cdc_source_confirmed_lsn";
+/// Counter: events spooled, by `kind` (begin, commit, insert, …).
+pub const EVENTS_TOTAL: &str = "routy_cdc_source_events_total";
+/// Counter: transactions spooled.
+pub const TRANSACTIONS_TOTAL: &str = "routy_cdc_source_transactions_total";
+/// Counter: rows copied by the initial snapshot, by `table`.
+pub const SNAPSHOT_ROWS_TOTAL: &str = "routy_cdc_source_snapshot_rows_total";
+/// Counter: heartbeat messages emitted on the source.
+pub const HEARTBEATS_TOTAL: &str = "routy_cdc_source_heartbeats_total";
+/// Counter: session errors, by `reason` (connect, replication, query, spool, fatal).
+pub const ERRORS_TOTAL: &str = "routy_cdc_source_errors_total";
+
+/// Records are cut near this size inside a large transaction or a table copy.
+pub const RECORD_TARGET_BYTES: usize = 256 * 1024;
+/// A record is never made larger than this, except for one single huge row.
+pub const RECORD_MAX_BYTES: usize = 8 * 1024 * 1024;
+
+/// First reconnect delay ceiling.
+const RECONNECT_INITIAL: Duration = Duration::from_millis(500);
+/// Largest reconnect delay.
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// How long a session may take to finish after the stop signal.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// A session that ran this long resets the backoff.
+const HEALTHY_AFTER: Duration = Duration::from_secs(60);
+
+/// Why a source stopped or a session failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// Retrying cannot help: the operator must act (the message says how).
+    #[error("{0}")]
+    Fatal(String),
+    /// Network trouble, source restart, admin shutdown …: the source reconnects.
+    #[error("{0}")]
+    Transient(String),
+}
+
+impl SourceError {
+    /// Whether the source gives up.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, SourceError::Fatal(_))
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            SourceError::Fatal(_) => "fatal",
+            SourceError::Transient(_) => "transient",
+        }
+    }
+}
+
+/// SQLSTATEs that retrying does not fix.
+fn fatal_sqlstate(code: &str) -> bool {
+    matches!(
+        code,
+        "42501" // insufficient_privilege
+            | "42P01" // undefined_table
+            | "42704" // undefined_object (publication / slot options)
+            | "3D000" // invalid_catalog_name: no such database
+            | "0A000" // feature_not_supported
+    )
+}
+
+impl From<ReplicationError> for SourceError {
+    fn from(e: ReplicationError) -> Self {
+        match &e {
+            ReplicationError::Server { code, message, .. }
+                if fatal_sqlstate(code) || message.contains("invalidated") =>
+            {
+                SourceError::Fatal(format!("replication connection: {e}"))
+            }
+            ReplicationError::InvalidArgument(_) => {
+                SourceError::Fatal(format!("replication connection: {e}"))
+            }
+            _ => SourceError::Transient(format!("replication connection: {e}")),
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for SourceError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        let text = match e.as_db_error() {
+            Some(db) => format!(
+                "PostgreSQL {} {}: {}{}",
+                db.severity(),
+                db.code().code(),
+                db.message(),
+                db.detail().map(|d| format!(" ({d})")).unwrap_or_default()
+            ),
+            None => {
+                // The interesting part (TLS handshake, I/O) is in the source chain.
+                let mut s = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(inner) = src {
+                    s.push_str(": ");
+                    s.push_str(&inner.to_string());
+                    src = inner.source();
+                }
+                s
+            }
+        };
+        match e.code() {
+            Some(c) if fatal_sqlstate(c.code()) => SourceError::Fatal(text),
+            _ => SourceError::Transient(text),
+        }
+    }
+}
+
+impl From<SpoolError> for SourceError {
+    fn from(e: SpoolError) -> Self {
+        SourceError::Fatal(format!("spool: {e}"))
+    }
+}
+
+#[derive(Debug, Default)]
+struct StatusInner {
+    phase: &'static str,
+    last_error: Option<String>,
+    snapshot_table: Option<String>,
+    snapshot_rows: u64,
+    confirmed_lsn: u64,
+    retained_wal_bytes: Option<u64>,
+    wal_status: Option<String>,
+    slot: String,
+}
+
+/// What a source is doing, for `/status` (shared with the admin endpoint).
+#[derive(Debug, Default)]
+pub struct SourceStatus {
+    inner: Mutex<StatusInner>,
+}
+
+impl SourceStatus {
+    fn lock(&self) -> std::sync::MutexGuard<'_, StatusInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_phase(&self, phase: &'static str) {
+        self.lock().phase = phase;
+    }
+
+    fn set_error(&self, e: Option<String>) {
+        self.lock().last_error = e;
+    }
+
+    fn set_snapshot(&self, table: Option<String>, rows: u64) {
+        let mut s = self.lock();
+        s.snapshot_table = table;
+        s.snapshot_rows = rows;
+    }
+
+    fn set_confirmed(&self, lsn: u64) {
+        self.lock().confirmed_lsn = lsn;
+    }
+
+    fn set_slot(&self, wal_status: Option<String>, retained: Option<u64>) {
+        let mut s = self.lock();
+        s.wal_status = wal_status;
+        s.retained_wal_bytes = retained;
+    }
+
+    /// `connecting`, `snapshot`, `streaming` or `failed`.
+    pub fn phase(&self) -> &'static str {
+        match self.lock().phase {
+            "" => "connecting",
+            p => p,
+        }
+    }
+
+    /// The last error, if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.lock().last_error.clone()
+    }
+
+    /// The LSN last confirmed to the source.
+    pub fn confirmed_lsn(&self) -> u64 {
+        self.lock().confirmed_lsn
+    }
+
+    /// WAL retained by the slot, bytes (when known).
+    pub fn retained_wal_bytes(&self) -> Option<u64> {
+        self.lock().retained_wal_bytes
+    }
+
+    /// The slot's `wal_status` (reserved, extended, unreserved, lost).
+    pub fn wal_status(&self) -> Option<String> {
+        self.lock().wal_status.clone()
+    }
+
+    /// Everything as JSON.
+    pub fn to_json(&self) -> serde_json::Value {
+        let s = self.lock();
+        serde_json::json!({
+            "phase": match s.phase { "" => "connecting", p => p },
+            "slot": s.slot,
+            "last_error": s.last_error,
+            "snapshot": s.snapshot_table.as_ref().map(|t| serde_json::json!({"table": t, "rows": s.snapshot_rows})),
+            "confirmed_lsn": replication::format_lsn(s.confirmed_lsn),
+            "retained_wal_bytes": s.retained_wal_bytes,
+            "wal_status": s.wal_status,
+        })
+    }
+}
+
+/// Test hooks (not for production use).
+#[doc(hidden)]
+#[derive(Debug, Clone, Default)]
+pub struct TestHooks {
+    /// Stop (as if told to) once this many tables were copied in one session.
+    pub stop_after_tables: Option<usize>,
+}
+
+/// Everything one source's sessions share.
+pub(crate) struct Ctx {
+    pub(crate) cfg: SourceConfig,
+    pub(crate) rcfg: ReplicationConfig,
+    pub(crate) spool: Arc<Spool>,
+    pub(crate) stop: Drain,
+    pub(crate) status: Arc<SourceStatus>,
+    pub(crate) hooks: TestHooks,
+}
+
+impl Ctx {
+    pub(crate) fn label(&self) -> String {
+        self.cfg.name.clone()
+    }
+}
+
+/// Runs the source until `stop`; reconnects with backoff after transient errors and
+/// returns `Err` only for fatal conditions, with a message that says what to do.
+pub async fn run(
+    cfg: SourceConfig,
+    spool: Arc<Spool>,
+    stop: Drain,
+    status: Arc<SourceStatus>,
+) -> Result<(), SourceError> {
+    run_with_hooks(cfg, spool, stop, status, TestHooks::default()).await
+}
+
+/// [`run`] with test hooks.
+#[doc(hidden)]
+pub async fn run_with_hooks(
+    cfg: SourceConfig,
+    spool: Arc<Spool>,
+    stop: Drain,
+    status: Arc<SourceStatus>,
+    hooks: TestHooks,
+) -> Result<(), SourceError> {
+    let rcfg = match parse_config(&cfg) {
+        Ok(r) => r,
+        Err(e) => {
+            status.set_phase("failed");
+            status.set_error(Some(e.to_string()));
+            return Err(e);
+        }
+    };
+    status.lock().slot = cfg.slot.clone();
+    let ctx = Ctx {
+        cfg,
+        rcfg,
+        spool,
+        stop,
+        status,
+        hooks,
+    };
+    let mut backoff = Backoff::new(RECONNECT_INITIAL, RECONNECT_MAX);
+    loop {
+        if ctx.stop.is_stopping() {
+            return Ok(());
+        }
+        ctx.status.set_phase("connecting");
+        let started = Instant::now();
+        let sess = session(&ctx);
+        futures::pin_mut!(sess);
+        let res = tokio::select! {
+            r = &mut sess => r,
+            _ = ctx.stop.stopping() => {
+                // The session sees the stop too: let it sync and confirm, briefly.
+                tokio::time::timeout(STOP_GRACE, &mut sess).await.unwrap_or(Ok(()))
+            }
+        };
+        match res {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                metrics::counter!(ERRORS_TOTAL, "source" => ctx.label(), "reason" => e.reason())
+                    .increment(1);
+                ctx.status.set_error(Some(e.to_string()));
+                if e.is_fatal() {
+                    ctx.status.set_phase("failed");
+                    tracing::error!(source = %ctx.cfg.name, error = %e, "CDC source stopped");
+                    return Err(e);
+                }
+                if started.elapsed() >= HEALTHY_AFTER {
+                    backoff.reset();
+                }
+                let delay = backoff.next_delay();
+                tracing::warn!(source = %ctx.cfg.name, error = %e, retry_in = ?delay,
+                    "CDC source session failed; reconnecting");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = ctx.stop.stopping() => return Ok(()),
+                }
+            }
+        }
+    }
+}
+
+fn parse_config(cfg: &SourceConfig) -> Result<ReplicationConfig, SourceError> {
+    let rcfg = replication::parse_dsn(&cfg.dsn)
+        .map_err(|e| SourceError::Fatal(format!("source {}: postgres.dsn: {e}", cfg.name)))?;
+    rcfg.tls()
+        .map_err(|e| SourceError::Fatal(format!("source {}: postgres.dsn: {e}", cfg.name)))?;
+    Ok(rcfg)
+}
+
+/// One connected session: checks, publication, slot, snapshot, streaming. `Ok` = stopped.
+async fn session(ctx: &Ctx) -> Result<(), SourceError> {
+    let cfg = &ctx.cfg;
+    let db = Db::connect(&ctx.rcfg).await?;
+    db.check_server().await?;
+    let tables = db.resolve_tables(&cfg.tables).await?;
+    db.ensure_publication(&cfg.publication, &tables).await?;
+    db.warn_replica_identity(&tables).await;
+
+    let mut repl = ReplicationClient::connect(&ctx.rcfg).await?;
+    let mut state = SnapshotState::load(ctx.spool.dir(), &cfg.slot)?;
+    let slot = db.slot_info(&cfg.slot).await?;
+    let mut exported = None;
+    let confirmed_floor;
+    match slot {
+        Some(s) => {
+            s.check(cfg, &ctx.rcfg)?;
+            ctx.status
+                .set_slot(Some(s.wal_status.clone()), s.retained_wal_bytes);
+            confirmed_floor = s.confirmed_flush_lsn;
+            tracing::info!(source = %cfg.name, slot = %cfg.slot,
+                confirmed_flush = %replication::format_lsn(s.confirmed_flush_lsn), "using the replication slot");
+        }
+        None => {
+            // Every table must be copied (again) for a new slot: persist that first, so a
+            // crash right after creating the slot cannot leave an old "done" behind.
+            state.reset(&cfg.slot);
+            state.save()?;
+            let created = repl.create_logical_slot(&cfg.slot, "pgoutput").await?;
+            tracing::info!(source = %cfg.name, slot = %cfg.slot,
+                consistent_point = %replication::format_lsn(created.consistent_point),
+                "created the replication slot");
+            confirmed_floor = created.consistent_point;
+            exported = created
+                .snapshot_name
+                .map(|name| (name, created.consistent_point));
+        }
+    }
+    if cfg.snapshot == SnapshotMode::Initial {
+        let pending: Vec<_> = tables
+            .iter()
+            .filter(|t| !state.is_done(&t.name))
+            .cloned()
+            .collect();
+        if !pending.is_empty() {
+            ctx.status.set_phase("snapshot");
+            // Keep the temporary slot's connection open until the copy is done: its
+            // snapshot lives only as long as it.
+            let mut _tmp_conn = None;
+            let (name, lsn) = match exported.take() {
+                Some(e) => e,
+                None => {
+                    let mut r2 = ReplicationClient::connect(&ctx.rcfg).await?;
+                    let tmp_name = format!("routy_tmp_{:08x}", rand::random::<u32>());
+                    let tmp = r2
+                        .create_temporary_logical_slot(&tmp_name, "pgoutput")
+                        .await?;
+                    let name = tmp.snapshot_name.ok_or_else(|| {
+                        SourceError::Transient("temporary slot exported no snapshot".into())
+                    })?;
+                    tracing::info!(source = %cfg.name, tables = pending.len(),
+                        snapshot_lsn = %replication::format_lsn(tmp.consistent_point),
+                        "copying tables not copied yet, in a new snapshot");
+                    _tmp_conn = Some(r2);
+                    (name, tmp.consistent_point)
+                }
+            };
+            let finished =
+                snapshot::copy_tables(ctx, &db, &mut state, &pending, &name, lsn).await?;
+            drop(_tmp_conn);
+            ctx.status.set_snapshot(None, 0);
+            if !finished {
+                return Ok(());
+            }
+        }
+    }
+    drop(exported);
+    let filters = state.filters(&tables);
+    ctx.status.set_phase("streaming");
+    ctx.status.set_error(None);
+    stream::stream(ctx, &db, repl, filters, confirmed_floor).await
+}
+
+/// Drops the source's slot and resets its snapshot state (the next start copies every
+/// table again with `snapshot: initial`); returns what was done, for the operator.
+pub async fn drop_slot(
+    cfg: &SourceConfig,
+    spool_dir_of_source: &Path,
+) -> Result<String, SourceError> {
+    let rcfg = parse_config(cfg)?;
+    let db = Db::connect(&rcfg).await?;
+    let mut state = SnapshotState::load(spool_dir_of_source, &cfg.slot)?;
+    let msg = match db.slot_info(&cfg.slot).await? {
+        None => format!(
+            "replication slot {} does not exist on {}:{}/{}; nothing to drop",
+            cfg.slot, rcfg.host, rcfg.port, rcfg.dbname
+        ),
+        Some(s) => {
+            if let Some(pid) = s.active_pid {
+                return Err(SourceError::Transient(format!(
+                    "replication slot {} is in use by server process {pid}: stop relay-inner (or the other client using it) first",
+                    cfg.slot
+                )));
+            }
+            db.drop_slot(&cfg.slot).await?;
+            format!(
+                "dropped replication slot {} on {}:{}/{}",
+                cfg.slot, rcfg.host, rcfg.port, rcfg.dbname
+            )
+        }
+    };
+    state.reset(&cfg.slot);
+    state.save()?;
+    Ok(format!(
+        "{msg}; the next start creates a new slot{}",
+        if cfg.snapshot == SnapshotMode::Initial {
+            " and copies every table again"
+        } else {
+            ""
+        }
+    ))
+}

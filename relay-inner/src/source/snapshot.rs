@@ -1,0 +1,468 @@
+//! The initial copy: each table read with `COPY … TO STDOUT` inside an exported snapshot,
+//! and the state file that makes the copy resumable per table.
+//!
+//! State file `<spool dir of the source>/source-state.json`, written atomically (temporary
+//! file, fsync, rename, fsync of the directory):
+//!
+//! ```json
+//! {
+//!   "version": 1,
+//!   "slot": "routy_orders",
+//!   "tables": {
+//!     "public.orders": { "state": "done", "oid": 16384, "snapshot_lsn": "0/1A2B3C8", "rows": 1200 }
+//!   }
+//! }
+//! ```
+//!
+//! A configured table absent from `tables` (or with `"state": "pending"`) is copied at the
+//! next start. `snapshot_lsn` is the consistent point of the snapshot the table was copied
+//! in; streamed changes to it from transactions that committed before it are dropped. The
+//! state belongs to one slot: a different slot name, a new slot, or `cdc drop-slot` resets
+//! it. Records of one table's copy: `[Relation, Snapshot{Start, lsn}]`, then rows as
+//! `Insert`s in records of about [`RECORD_TARGET_BYTES`], each starting with the
+//! `Relation`, then `[Relation, Snapshot{Done, rows}]`; all with `Record.lsn = 0`. The table
+//! is marked done once its Done record is synced.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use futures::StreamExt;
+use relay_proto::cdc::{Event, Record, SnapshotPhase, Value};
+use serde::{Deserialize, Serialize};
+
+use super::catalog::{ident, Db, Table};
+use super::stream::{relation_size, values_size};
+use super::{Ctx, SourceError, RECORD_TARGET_BYTES, SNAPSHOT_ROWS_TOTAL};
+use crate::replication::{format_lsn, parse_lsn};
+use crate::spool::MAX_RECORD;
+
+/// File name of the state file inside the source's spool directory.
+pub const STATE_FILE: &str = "source-state.json";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct TableState {
+    state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    oid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    snapshot_lsn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rows: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+struct StateFile {
+    version: u32,
+    slot: String,
+    #[serde(default)]
+    tables: BTreeMap<String, TableState>,
+}
+
+/// The snapshot progress of one source, kept in [`STATE_FILE`].
+#[derive(Debug)]
+pub struct SnapshotState {
+    path: PathBuf,
+    file: StateFile,
+}
+
+impl SnapshotState {
+    /// Loads the state (empty when the file is missing, or when it belongs to another slot).
+    pub fn load(dir: &Path, slot: &str) -> Result<SnapshotState, SourceError> {
+        let path = dir.join(STATE_FILE);
+        let file = match std::fs::read(&path) {
+            Ok(bytes) => {
+                let f: StateFile = serde_json::from_slice(&bytes).map_err(|e| {
+                    SourceError::Fatal(format!(
+                        "{}: unreadable ({e}); delete it to copy every table again",
+                        path.display()
+                    ))
+                })?;
+                if f.slot != slot {
+                    tracing::info!(path = %path.display(), old = %f.slot, new = slot,
+                        "snapshot state belongs to another slot; starting over");
+                    StateFile::default()
+                } else {
+                    f
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => StateFile::default(),
+            Err(e) => {
+                return Err(SourceError::Fatal(format!(
+                    "{}: cannot read: {e}",
+                    path.display()
+                )))
+            }
+        };
+        Ok(SnapshotState {
+            path,
+            file: StateFile {
+                version: 1,
+                slot: slot.to_string(),
+                ..file
+            },
+        })
+    }
+
+    /// Forgets every table's progress (a new slot: everything is copied again).
+    pub fn reset(&mut self, slot: &str) {
+        self.file = StateFile {
+            version: 1,
+            slot: slot.to_string(),
+            tables: BTreeMap::new(),
+        };
+    }
+
+    /// Whether the table's copy is complete.
+    pub fn is_done(&self, table: &str) -> bool {
+        self.file
+            .tables
+            .get(table)
+            .is_some_and(|t| t.state == "done")
+    }
+
+    /// The snapshot LSN a done table was copied at.
+    pub fn snapshot_lsn(&self, table: &str) -> Option<u64> {
+        let t = self.file.tables.get(table)?;
+        (t.state == "done")
+            .then(|| t.snapshot_lsn.as_deref().and_then(|s| parse_lsn(s).ok()))
+            .flatten()
+    }
+
+    fn mark(&mut self, table: &Table, done: bool, lsn: u64, rows: u64) {
+        self.file.tables.insert(
+            table.name.clone(),
+            TableState {
+                state: if done { "done" } else { "pending" }.into(),
+                oid: Some(table.oid),
+                snapshot_lsn: Some(format_lsn(lsn)),
+                rows: done.then_some(rows),
+            },
+        );
+    }
+
+    /// relation id → snapshot LSN, for the done tables among `tables`.
+    pub(crate) fn filters(&self, tables: &[Table]) -> HashMap<u32, u64> {
+        tables
+            .iter()
+            .filter_map(|t| self.snapshot_lsn(&t.name).map(|lsn| (t.oid, lsn)))
+            .collect()
+    }
+
+    /// Writes the file atomically and durably.
+    pub fn save(&self) -> Result<(), SourceError> {
+        let err = |what: &str, e: std::io::Error| {
+            SourceError::Fatal(format!("{}: {what}: {e}", self.path.display()))
+        };
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| err("create directory", e))?;
+        let tmp = self.path.with_extension("json.tmp");
+        let body = serde_json::to_vec_pretty(&self.file).unwrap_or_default();
+        {
+            let mut f = std::fs::File::create(&tmp).map_err(|e| err("create", e))?;
+            f.write_all(&body).map_err(|e| err("write", e))?;
+            f.sync_all().map_err(|e| err("fsync", e))?;
+        }
+        std::fs::rename(&tmp, &self.path).map_err(|e| err("rename", e))?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| err("fsync directory", e))?;
+        Ok(())
+    }
+}
+
+/// Parses one line of `COPY … TO STDOUT` text format (without its newline).
+pub fn parse_copy_line(line: &[u8]) -> Result<Vec<Value>, String> {
+    let mut out = Vec::new();
+    for field in line.split(|&b| b == b'\t') {
+        if field == b"\\N" {
+            out.push(Value::Null);
+            continue;
+        }
+        let mut v = Vec::with_capacity(field.len());
+        let mut i = 0;
+        while i < field.len() {
+            let b = field[i];
+            i += 1;
+            if b != b'\\' {
+                v.push(b);
+                continue;
+            }
+            let Some(&e) = field.get(i) else {
+                return Err("COPY line ends in a backslash".into());
+            };
+            i += 1;
+            match e {
+                b'b' => v.push(8),
+                b'f' => v.push(12),
+                b'n' => v.push(b'\n'),
+                b'r' => v.push(b'\r'),
+                b't' => v.push(b'\t'),
+                b'v' => v.push(11),
+                b'0'..=b'7' => {
+                    let mut n = u32::from(e - b'0');
+                    for _ in 0..2 {
+                        match field.get(i) {
+                            Some(&d @ b'0'..=b'7') => {
+                                n = n * 8 + u32::from(d - b'0');
+                                i += 1;
+                            }
+                            _ => break,
+                        }
+                    }
+                    v.push(n as u8);
+                }
+                b'x' if field.get(i).is_some_and(u8::is_ascii_hexdigit) => {
+                    let mut n = 0u32;
+                    for _ in 0..2 {
+                        match field.get(i) {
+                            Some(&d) if d.is_ascii_hexdigit() => {
+                                n = n * 16 + (d as char).to_digit(16).unwrap_or(0);
+                                i += 1;
+                            }
+                            _ => break,
+                        }
+                    }
+                    v.push(n as u8);
+                }
+                other => v.push(other),
+            }
+        }
+        out.push(Value::Text(
+            String::from_utf8(v).map_err(|_| "COPY value is not UTF-8".to_string())?,
+        ));
+    }
+    Ok(out)
+}
+
+/// Copies `tables` inside the exported snapshot `snapshot` (consistent point `lsn`), marking
+/// each done in `state` once durable. `Ok(false)` when told to stop before the end.
+pub(crate) async fn copy_tables(
+    ctx: &Ctx,
+    db: &Db,
+    state: &mut SnapshotState,
+    tables: &[Table],
+    snapshot: &str,
+    lsn: u64,
+) -> Result<bool, SourceError> {
+    if snapshot.contains('\'') {
+        return Err(SourceError::Transient(format!(
+            "odd snapshot name {snapshot:?}"
+        )));
+    }
+    db.client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{snapshot}'"
+        ))
+        .await?;
+    for (i, t) in tables.iter().enumerate() {
+        if ctx.stop.is_stopping() {
+            return Ok(false);
+        }
+        let rows = copy_table(ctx, db, t, lsn).await?;
+        state.mark(t, true, lsn, rows);
+        state.save()?;
+        if ctx.hooks.stop_after_tables.is_some_and(|n| i + 1 >= n) {
+            return Ok(false);
+        }
+    }
+    db.client.batch_execute("COMMIT").await?;
+    Ok(true)
+}
+
+/// Copies one table; returns its row count once its Done record is durable.
+async fn copy_table(ctx: &Ctx, db: &Db, t: &Table, lsn: u64) -> Result<u64, SourceError> {
+    let rel = db.relation(t, &ctx.cfg.publication).await?;
+    let rel_bytes = relation_size(&rel);
+    let name = ctx.label();
+    ctx.status.set_snapshot(Some(t.name.clone()), 0);
+    tracing::info!(source = %name, table = %t.name, snapshot_lsn = %format_lsn(lsn), "copying table");
+    ctx.spool
+        .append(&Record {
+            lsn: 0,
+            events: vec![
+                Event::Relation(rel.clone()),
+                Event::Snapshot {
+                    rel: rel.id,
+                    phase: SnapshotPhase::Start,
+                    value: lsn,
+                },
+            ],
+        })
+        .await?;
+    let cols: Vec<String> = rel.columns.iter().map(|c| ident(&c.name)).collect();
+    let sql = format!(
+        "COPY (SELECT {} FROM {}.{}) TO STDOUT",
+        if cols.is_empty() {
+            String::new()
+        } else {
+            cols.join(", ")
+        },
+        ident(&t.schema),
+        ident(&t.table)
+    );
+    let copy = db.client.copy_out(sql.as_str()).await?;
+    futures::pin_mut!(copy);
+    let mut buf: Vec<u8> = Vec::new();
+    let mut rows = 0u64;
+    let mut events: Vec<Event> = vec![Event::Relation(rel.clone())];
+    let mut bytes = rel_bytes;
+    let counter =
+        metrics::counter!(SNAPSHOT_ROWS_TOTAL, "source" => name.clone(), "table" => t.name.clone());
+    let mut pending_rows = 0u64;
+    loop {
+        let chunk = copy.next().await.transpose()?;
+        let end = chunk.is_none();
+        if let Some(c) = chunk {
+            buf.extend_from_slice(&c);
+        }
+        let mut start = 0;
+        while let Some(nl) = buf[start..].iter().position(|&b| b == b'\n') {
+            let line = &buf[start..start + nl];
+            start += nl + 1;
+            let values = parse_copy_line(line)
+                .map_err(|e| SourceError::Fatal(format!("copying {}: {e}", t.name)))?;
+            if values.len() != rel.columns.len() && !(rel.columns.is_empty() && line.is_empty()) {
+                return Err(SourceError::Fatal(format!(
+                    "copying {}: a row has {} values for {} columns",
+                    t.name,
+                    values.len(),
+                    rel.columns.len()
+                )));
+            }
+            let size = values_size(&values) + 8;
+            if size + rel_bytes + 64 > MAX_RECORD {
+                return Err(SourceError::Fatal(format!(
+                    "copying {}: a row of {size} bytes exceeds the spool's record limit of {MAX_RECORD} bytes",
+                    t.name
+                )));
+            }
+            if events.len() > 1 && bytes + size > super::RECORD_MAX_BYTES {
+                flush_rows(ctx, &rel, &mut events, &mut bytes, rel_bytes).await?;
+            }
+            events.push(Event::Insert {
+                rel: rel.id,
+                new: if rel.columns.is_empty() {
+                    Vec::new()
+                } else {
+                    values
+                },
+            });
+            bytes += size;
+            rows += 1;
+            pending_rows += 1;
+            if bytes >= RECORD_TARGET_BYTES {
+                flush_rows(ctx, &rel, &mut events, &mut bytes, rel_bytes).await?;
+                counter.increment(pending_rows);
+                pending_rows = 0;
+                ctx.status.set_snapshot(Some(t.name.clone()), rows);
+            }
+        }
+        buf.drain(..start);
+        if end {
+            break;
+        }
+    }
+    if !buf.is_empty() {
+        return Err(SourceError::Fatal(format!(
+            "copying {}: COPY output ended inside a row",
+            t.name
+        )));
+    }
+    if events.len() > 1 {
+        flush_rows(ctx, &rel, &mut events, &mut bytes, rel_bytes).await?;
+    }
+    counter.increment(pending_rows);
+    ctx.spool
+        .append(&Record {
+            lsn: 0,
+            events: vec![
+                Event::Relation(rel.clone()),
+                Event::Snapshot {
+                    rel: rel.id,
+                    phase: SnapshotPhase::Done,
+                    value: rows,
+                },
+            ],
+        })
+        .await?;
+    ctx.spool.sync().await?;
+    ctx.status.set_snapshot(Some(t.name.clone()), rows);
+    tracing::info!(source = %name, table = %t.name, rows, "table copied");
+    Ok(rows)
+}
+
+async fn flush_rows(
+    ctx: &Ctx,
+    rel: &relay_proto::cdc::Relation,
+    events: &mut Vec<Event>,
+    bytes: &mut usize,
+    rel_bytes: usize,
+) -> Result<(), SourceError> {
+    let evs = std::mem::replace(events, vec![Event::Relation(rel.clone())]);
+    let n = (evs.len() - 1) as u64;
+    ctx.spool
+        .append(&Record {
+            lsn: 0,
+            events: evs,
+        })
+        .await?;
+    metrics::counter!(super::EVENTS_TOTAL, "source" => ctx.label(), "kind" => "insert")
+        .increment(n);
+    *bytes = rel_bytes;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_lines_parse() {
+        let t = |s: &str| Value::Text(s.into());
+        assert_eq!(
+            parse_copy_line(b"1\t\\N\ta\\tb\\nc\\\\d\t\\101\\x41z\tgr\xc3\xbc\xc3\x9f").unwrap(),
+            vec![t("1"), Value::Null, t("a\tb\nc\\d"), t("AAz"), t("grüß")]
+        );
+        assert_eq!(parse_copy_line(b"").unwrap(), vec![t("")]);
+        assert!(parse_copy_line(b"a\\").is_err());
+        assert!(parse_copy_line(b"\xff").is_err());
+    }
+
+    #[test]
+    fn state_round_trips_and_resets() {
+        let dir = std::env::temp_dir().join(format!(
+            "routy-state-test-{}-{:x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        struct Rm(PathBuf);
+        impl Drop for Rm {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let dir = Rm(dir);
+        let t = Table {
+            name: "public.a".into(),
+            schema: "public".into(),
+            table: "a".into(),
+            oid: 42,
+        };
+        let mut s = SnapshotState::load(&dir.0, "slot_a").unwrap();
+        assert!(!s.is_done("public.a"));
+        s.mark(&t, true, 0x1_0000_0010, 5);
+        s.save().unwrap();
+        let s2 = SnapshotState::load(&dir.0, "slot_a").unwrap();
+        assert!(s2.is_done("public.a"));
+        assert_eq!(s2.snapshot_lsn("public.a"), Some(0x1_0000_0010));
+        assert_eq!(
+            s2.filters(std::slice::from_ref(&t)).get(&42),
+            Some(&0x1_0000_0010)
+        );
+        let other = SnapshotState::load(&dir.0, "slot_b").unwrap();
+        assert!(!other.is_done("public.a"));
+        let text = std::fs::read_to_string(dir.0.join(STATE_FILE)).unwrap();
+        assert!(text.contains("\"snapshot_lsn\": \"1/10\""), "{text}");
+    }
+}

@@ -1,0 +1,607 @@
+//! Streaming: pgoutput messages from the slot become [`relay_proto::cdc`] records in the
+//! spool; positions are confirmed to PostgreSQL only once durable there.
+//!
+//! * Transactions stay whole: a record holding a `Commit` ends with it and has
+//!   `Record.lsn` = the commit's `end_lsn`; a large transaction is cut into records of about
+//!   [`RECORD_TARGET_BYTES`] (never above [`RECORD_MAX_BYTES`], except one single row that
+//!   is larger, up to the spool's record limit; beyond that the source fails naming the
+//!   table and size). Every record carries the `Relation` of each table its row events use,
+//!   before the first use.
+//! * Transactions whose commit is before the spool's durable position are skipped (already
+//!   spooled before a restart). Row and truncate events of a table copied in a snapshot at
+//!   LSN P are dropped from transactions that committed before P.
+//! * A non-transactional logical message is a record of its own with `Record.lsn` = the
+//!   message's LSN + 1 (the position just past its start: durable means "not again"); the
+//!   heartbeat's messages (prefix [`relay_proto::cdc::HEARTBEAT_PREFIX`]) are not spooled.
+//! * Group commit: the spool is synced when the stream has nothing more ready at once, or
+//!   after [`SYNC_MAX_DELAY`] / [`SYNC_MAX_BYTES`]; then the durable LSN is confirmed. With
+//!   no transaction open and everything synced, the WAL position of keepalives and of
+//!   heartbeat messages is confirmed too, so an idle slot advances.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use relay_proto::cdc::{self, Event, OldRow, Record, Relation, Value};
+
+use super::catalog::{lost_slot, Db};
+use super::{
+    Ctx, SourceError, CONFIRMED_LSN, EVENTS_TOTAL, HEARTBEATS_TOTAL, RECORD_MAX_BYTES,
+    RECORD_TARGET_BYTES, RETAINED_WAL_BYTES, TRANSACTIONS_TOTAL,
+};
+use crate::pgoutput::{self, Message, OldKind};
+use crate::replication::{format_lsn, ReplicationClient, ReplicationEvent, ReplicationStream};
+use crate::spool::MAX_RECORD;
+
+/// Longest time appended records wait for a sync while the stream keeps delivering.
+pub const SYNC_MAX_DELAY: Duration = Duration::from_millis(200);
+/// Most bytes appended before a sync while the stream keeps delivering.
+pub const SYNC_MAX_BYTES: usize = 32 << 20;
+/// Status update interval while the spool is full and appending waits.
+const STATUS_WHILE_WAITING: Duration = Duration::from_secs(5);
+
+/// Rough encoded size of values.
+pub(crate) fn values_size(v: &[Value]) -> usize {
+    4 + v
+        .iter()
+        .map(|x| match x {
+            Value::Text(s) => 5 + s.len(),
+            _ => 1,
+        })
+        .sum::<usize>()
+}
+
+/// Rough encoded size of a relation event.
+pub(crate) fn relation_size(r: &Relation) -> usize {
+    24 + r.schema.len()
+        + r.name.len()
+        + r.columns
+            .iter()
+            .map(|c| 22 + c.name.len() + c.type_name.len())
+            .sum::<usize>()
+}
+
+fn event_size(ev: &Event) -> usize {
+    match ev {
+        Event::Insert { new, .. } => 5 + values_size(new),
+        Event::Update { old, new, .. } => {
+            6 + values_size(new) + old.as_ref().map_or(0, |o| 1 + values_size(&o.values))
+        }
+        Event::Delete { old, .. } => 6 + values_size(&old.values),
+        Event::Truncate { rels, .. } => 6 + 4 * rels.len(),
+        Event::Message {
+            prefix, content, ..
+        } => 18 + prefix.len() + content.len(),
+        Event::Relation(r) => relation_size(r),
+        _ => 32,
+    }
+}
+
+struct Txn {
+    final_lsn: u64,
+    skip: bool,
+}
+
+struct Streamer<'a> {
+    ctx: &'a Ctx,
+    db: &'a Db,
+    rels: HashMap<u32, Relation>,
+    types: HashMap<(u32, i32), String>,
+    /// Relation id → LSN of the snapshot it was copied in.
+    filters: HashMap<u32, u64>,
+    /// Transactions committed before this are in the spool already.
+    skip_before: u64,
+    txn: Option<Txn>,
+    events: Vec<Event>,
+    included: HashSet<u32>,
+    bytes: usize,
+    dirty: bool,
+    dirty_since: Instant,
+    dirty_bytes: usize,
+    /// A position everything before which is durable or irrelevant (keepalive/heartbeat).
+    idle_lsn: u64,
+    /// Like `idle_lsn`, valid once the records appended so far are synced.
+    idle_after_sync: u64,
+    /// Never confirm below the slot's confirmed position.
+    floor: u64,
+    last_decoded: Instant,
+    next_status: Instant,
+    next_slot_check: Instant,
+}
+
+/// Streams from the slot until stopped (`Ok`) or failed.
+pub(crate) async fn stream(
+    ctx: &Ctx,
+    db: &Db,
+    repl: ReplicationClient,
+    filters: HashMap<u32, u64>,
+    floor: u64,
+) -> Result<(), SourceError> {
+    let cfg = &ctx.cfg;
+    let durable = ctx.spool.durable_lsn();
+    let mut s = repl
+        .start_logical(
+            &cfg.slot,
+            durable,
+            &[
+                ("proto_version", "1"),
+                ("publication_names", cfg.publication.as_str()),
+                ("messages", "true"),
+            ],
+        )
+        .await?;
+    tracing::info!(source = %cfg.name, slot = %cfg.slot, from = %format_lsn(durable.max(floor)), "streaming changes");
+    let now = Instant::now();
+    let mut st = Streamer {
+        ctx,
+        db,
+        rels: HashMap::new(),
+        types: HashMap::new(),
+        filters,
+        skip_before: durable,
+        txn: None,
+        events: Vec::new(),
+        included: HashSet::new(),
+        bytes: 0,
+        dirty: false,
+        dirty_since: now,
+        dirty_bytes: 0,
+        idle_lsn: 0,
+        idle_after_sync: 0,
+        floor,
+        last_decoded: now,
+        next_status: now,
+        next_slot_check: now + cfg.status_interval,
+    };
+    st.send_status(&mut s, false).await?;
+    loop {
+        if ctx.stop.is_stopping() {
+            st.sync(&mut s).await?;
+            return Ok(());
+        }
+        let now = Instant::now();
+        if now >= st.next_slot_check {
+            st.check_slot().await?;
+        }
+        if now >= st.next_status {
+            st.send_status(&mut s, false).await?;
+        }
+        let mut ready = None;
+        if st.dirty {
+            match s.next().now_or_never() {
+                Some(r) => ready = Some(r),
+                None => st.sync(&mut s).await?,
+            }
+        }
+        let ev = match ready {
+            Some(r) => r,
+            None => {
+                let hb = cfg.heartbeat;
+                let hb_at = st.last_decoded + hb;
+                let wake = st.next_status.min(st.next_slot_check);
+                tokio::select! {
+                    r = s.next() => r,
+                    _ = ctx.stop.stopping() => continue,
+                    _ = tokio::time::sleep_until(wake.into()) => continue,
+                    _ = tokio::time::sleep_until(hb_at.into()), if !hb.is_zero() => {
+                        st.db.heartbeat().await?;
+                        metrics::counter!(HEARTBEATS_TOTAL, "source" => ctx.label()).increment(1);
+                        st.last_decoded = Instant::now();
+                        continue;
+                    }
+                }
+            }
+        };
+        match ev? {
+            None => {
+                return Err(SourceError::Transient(
+                    "PostgreSQL ended the replication stream".into(),
+                ))
+            }
+            Some(ReplicationEvent::XLogData { data, .. }) => st.handle(&mut s, &data).await?,
+            Some(ReplicationEvent::Keepalive {
+                wal_end,
+                reply_requested,
+                ..
+            }) => {
+                st.on_idle_position(wal_end);
+                if reply_requested {
+                    st.send_status(&mut s, false).await?;
+                }
+            }
+        }
+        if st.dirty
+            && (st.dirty_since.elapsed() >= SYNC_MAX_DELAY || st.dirty_bytes >= SYNC_MAX_BYTES)
+        {
+            st.sync(&mut s).await?;
+        }
+    }
+}
+
+fn convert_values(tuple: Vec<pgoutput::Value>, rel: &Relation) -> Result<Vec<Value>, SourceError> {
+    tuple
+        .into_iter()
+        .map(|v| match v {
+            pgoutput::Value::Null => Ok(Value::Null),
+            pgoutput::Value::UnchangedToast => Ok(Value::Unchanged),
+            pgoutput::Value::Text(b) => String::from_utf8(b).map(Value::Text).map_err(|_| {
+                SourceError::Fatal(format!("a value of {} is not valid UTF-8", rel.qualified()))
+            }),
+            pgoutput::Value::Binary(_) => Err(SourceError::Fatal(
+                "pgoutput sent a binary value although binary mode was not requested".into(),
+            )),
+        })
+        .collect()
+}
+
+impl Streamer<'_> {
+    /// The position to confirm: everything before it is durable in the spool.
+    fn confirmable(&self) -> u64 {
+        self.floor
+            .max(self.ctx.spool.durable_lsn())
+            .max(self.idle_lsn)
+    }
+
+    async fn send_status(
+        &mut self,
+        s: &mut ReplicationStream,
+        reply: bool,
+    ) -> Result<(), SourceError> {
+        let lsn = self.confirmable();
+        s.send_status(lsn, lsn, lsn, reply).await?;
+        self.ctx.status.set_confirmed(lsn);
+        metrics::gauge!(CONFIRMED_LSN, "source" => self.ctx.label()).set(lsn as f64);
+        self.next_status = Instant::now() + self.ctx.cfg.status_interval;
+        Ok(())
+    }
+
+    async fn sync(&mut self, s: &mut ReplicationStream) -> Result<(), SourceError> {
+        if self.dirty {
+            self.ctx.spool.sync().await?;
+            self.dirty = false;
+            self.dirty_bytes = 0;
+        }
+        self.idle_lsn = self.idle_lsn.max(self.idle_after_sync);
+        self.send_status(s, false).await
+    }
+
+    /// A WAL position before which the server has sent everything (keepalive, heartbeat).
+    fn on_idle_position(&mut self, lsn: u64) {
+        if self.txn.is_some() {
+            return;
+        }
+        if self.dirty {
+            self.idle_after_sync = self.idle_after_sync.max(lsn);
+        } else {
+            self.idle_lsn = self.idle_lsn.max(lsn);
+        }
+    }
+
+    async fn check_slot(&mut self) -> Result<(), SourceError> {
+        self.next_slot_check = Instant::now() + self.ctx.cfg.status_interval;
+        let cfg = &self.ctx.cfg;
+        match self.db.slot_info(&cfg.slot).await? {
+            None => Err(SourceError::Transient(format!(
+                "replication slot {} disappeared while streaming",
+                cfg.slot
+            ))),
+            Some(info) => {
+                self.ctx
+                    .status
+                    .set_slot(Some(info.wal_status.clone()), info.retained_wal_bytes);
+                if let Some(b) = info.retained_wal_bytes {
+                    metrics::gauge!(RETAINED_WAL_BYTES, "source" => self.ctx.label()).set(b as f64);
+                }
+                if info.wal_status == "lost" {
+                    return Err(lost_slot(cfg));
+                }
+                if info.wal_status == "unreserved" {
+                    tracing::warn!(source = %cfg.name, slot = %cfg.slot,
+                        "the slot's WAL is about to be removed (wal_status = unreserved): it is close to max_slot_wal_keep_size");
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn type_name(&mut self, oid: u32, typmod: i32) -> Result<String, SourceError> {
+        if let Some(n) = self.types.get(&(oid, typmod)) {
+            return Ok(n.clone());
+        }
+        let n = self.db.format_type(oid, typmod).await?;
+        self.types.insert((oid, typmod), n.clone());
+        Ok(n)
+    }
+
+    async fn handle(&mut self, s: &mut ReplicationStream, data: &[u8]) -> Result<(), SourceError> {
+        let msg = pgoutput::decode(data).map_err(|e| {
+            SourceError::Fatal(format!("undecodable pgoutput message from the source: {e}"))
+        })?;
+        self.last_decoded = Instant::now();
+        match msg {
+            Message::Begin(b) => {
+                if self.txn.is_some() {
+                    tracing::warn!(
+                        "transaction began while another was open; the open one is dropped"
+                    );
+                }
+                self.events.clear();
+                self.included.clear();
+                self.bytes = 0;
+                let skip = b.final_lsn.0 < self.skip_before;
+                self.txn = Some(Txn {
+                    final_lsn: b.final_lsn.0,
+                    skip,
+                });
+                if !skip {
+                    self.push(Event::Begin {
+                        xid: b.xid,
+                        commit_lsn: b.final_lsn.0,
+                        commit_time: b.commit_time,
+                    });
+                }
+            }
+            Message::Commit(c) => {
+                let Some(txn) = self.txn.take() else {
+                    return Err(SourceError::Transient(
+                        "commit without a transaction in the replication stream".into(),
+                    ));
+                };
+                if txn.skip {
+                    return Ok(());
+                }
+                self.push(Event::Commit {
+                    commit_lsn: c.commit_lsn.0,
+                    end_lsn: c.end_lsn.0,
+                    commit_time: c.commit_time,
+                });
+                self.cut(s, c.end_lsn.0).await?;
+                metrics::counter!(TRANSACTIONS_TOTAL, "source" => self.ctx.label()).increment(1);
+            }
+            Message::Relation(r) => {
+                let mut columns = Vec::with_capacity(r.columns.len());
+                for c in &r.columns {
+                    columns.push(cdc::Column {
+                        name: c.name.clone(),
+                        type_oid: c.type_oid,
+                        type_modifier: c.type_modifier,
+                        type_name: self.type_name(c.type_oid, c.type_modifier).await?,
+                        key: c.is_key(),
+                    });
+                }
+                let rel = Relation {
+                    id: r.rel_id,
+                    schema: if r.namespace.is_empty() {
+                        "pg_catalog".into()
+                    } else {
+                        r.namespace
+                    },
+                    name: r.name,
+                    replica_identity: match r.replica_identity {
+                        pgoutput::ReplicaIdentity::Default => b'd',
+                        pgoutput::ReplicaIdentity::Nothing => b'n',
+                        pgoutput::ReplicaIdentity::Full => b'f',
+                        pgoutput::ReplicaIdentity::Index => b'i',
+                    },
+                    columns,
+                };
+                // A changed schema: send it again before the next use in this record.
+                self.included.remove(&rel.id);
+                self.rels.insert(rel.id, rel);
+            }
+            Message::Type(_) | Message::Origin(_) => {}
+            Message::Insert(i) => {
+                let Some(rel) = self.row_rel(i.rel_id)? else {
+                    return Ok(());
+                };
+                let new = convert_values(i.new, &rel)?;
+                self.row(s, &rel, Event::Insert { rel: rel.id, new })
+                    .await?;
+            }
+            Message::Update(u) => {
+                let Some(rel) = self.row_rel(u.rel_id)? else {
+                    return Ok(());
+                };
+                let old = match (u.key, u.old) {
+                    (_, Some(o)) => Some(OldRow {
+                        key_only: false,
+                        values: convert_values(o, &rel)?,
+                    }),
+                    (Some(k), None) => Some(OldRow {
+                        key_only: true,
+                        values: convert_values(k, &rel)?,
+                    }),
+                    (None, None) => None,
+                };
+                let new = convert_values(u.new, &rel)?;
+                self.row(
+                    s,
+                    &rel,
+                    Event::Update {
+                        rel: rel.id,
+                        old,
+                        new,
+                    },
+                )
+                .await?;
+            }
+            Message::Delete(d) => {
+                let Some(rel) = self.row_rel(d.rel_id)? else {
+                    return Ok(());
+                };
+                let old = OldRow {
+                    key_only: d.which == OldKind::Key,
+                    values: convert_values(d.key_or_old, &rel)?,
+                };
+                self.row(s, &rel, Event::Delete { rel: rel.id, old })
+                    .await?;
+            }
+            Message::Truncate(t) => {
+                let Some(txn) = &self.txn else {
+                    return Err(SourceError::Transient(
+                        "truncate outside a transaction in the replication stream".into(),
+                    ));
+                };
+                if txn.skip {
+                    return Ok(());
+                }
+                let final_lsn = txn.final_lsn;
+                let rels: Vec<u32> = t
+                    .rel_ids
+                    .into_iter()
+                    .filter(|id| self.filters.get(id).is_none_or(|&p| final_lsn >= p))
+                    .collect();
+                if rels.is_empty() {
+                    return Ok(());
+                }
+                for id in &rels {
+                    if !self.included.contains(id) {
+                        if let Some(r) = self.rels.get(id).cloned() {
+                            self.push(Event::Relation(r));
+                            self.included.insert(*id);
+                        }
+                    }
+                }
+                self.push(Event::Truncate {
+                    rels,
+                    cascade: t.options.cascade(),
+                    restart_identity: t.options.restart_identity(),
+                });
+            }
+            Message::Message(m) => {
+                if m.transactional {
+                    if self.txn.as_ref().is_some_and(|t| !t.skip) {
+                        let ev = Event::Message {
+                            transactional: true,
+                            lsn: m.lsn.0,
+                            prefix: m.prefix,
+                            content: m.content,
+                        };
+                        self.maybe_cut_before(s, event_size(&ev)).await?;
+                        self.push(ev);
+                    }
+                } else if m.prefix == cdc::HEARTBEAT_PREFIX {
+                    self.on_idle_position(m.lsn.0 + 1);
+                } else if m.lsn.0 >= self.skip_before {
+                    if !self.events.is_empty() {
+                        // Not expected (pgoutput sends transactions whole), but keep order.
+                        self.cut(s, 0).await?;
+                    }
+                    self.push(Event::Message {
+                        transactional: false,
+                        lsn: m.lsn.0,
+                        prefix: m.prefix,
+                        content: m.content,
+                    });
+                    self.cut(s, m.lsn.0 + 1).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The relation of a row event, or `None` when the event is to be dropped (skipped
+    /// transaction, or a table whose snapshot is newer than this transaction).
+    fn row_rel(&self, id: u32) -> Result<Option<Relation>, SourceError> {
+        let Some(txn) = &self.txn else {
+            return Err(SourceError::Transient(
+                "row change outside a transaction in the replication stream".into(),
+            ));
+        };
+        if txn.skip || self.filters.get(&id).is_some_and(|&p| txn.final_lsn < p) {
+            return Ok(None);
+        }
+        match self.rels.get(&id) {
+            Some(r) => Ok(Some(r.clone())),
+            None => Err(SourceError::Transient(format!(
+                "row change for relation {id} before its schema in the replication stream"
+            ))),
+        }
+    }
+
+    fn push(&mut self, ev: Event) {
+        self.bytes += event_size(&ev);
+        self.events.push(ev);
+    }
+
+    async fn maybe_cut_before(
+        &mut self,
+        s: &mut ReplicationStream,
+        need: usize,
+    ) -> Result<(), SourceError> {
+        if !self.events.is_empty() && self.bytes + need > RECORD_MAX_BYTES {
+            self.cut(s, 0).await?;
+        }
+        Ok(())
+    }
+
+    async fn row(
+        &mut self,
+        s: &mut ReplicationStream,
+        rel: &Relation,
+        ev: Event,
+    ) -> Result<(), SourceError> {
+        let size = event_size(&ev);
+        let rel_size = relation_size(rel);
+        if size + rel_size + 64 > MAX_RECORD {
+            return Err(SourceError::Fatal(format!(
+                "a change to {} is {size} bytes, above the spool's record limit of {MAX_RECORD} bytes; \
+                 the source cannot forward it (remove the table from postgres.tables or shrink the row)",
+                rel.qualified()
+            )));
+        }
+        let need = size
+            + if self.included.contains(&rel.id) {
+                0
+            } else {
+                rel_size
+            };
+        self.maybe_cut_before(s, need).await?;
+        if !self.included.contains(&rel.id) {
+            self.push(Event::Relation(rel.clone()));
+            self.included.insert(rel.id);
+        }
+        self.push(ev);
+        if self.bytes >= RECORD_TARGET_BYTES {
+            self.cut(s, 0).await?;
+        }
+        Ok(())
+    }
+
+    /// Appends the events gathered so far as one record.
+    async fn cut(&mut self, s: &mut ReplicationStream, lsn: u64) -> Result<(), SourceError> {
+        let events = std::mem::take(&mut self.events);
+        self.included.clear();
+        let bytes = std::mem::take(&mut self.bytes);
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut counts: HashMap<&'static str, u64> = HashMap::new();
+        for e in &events {
+            *counts.entry(e.kind()).or_default() += 1;
+        }
+        let rec = Record { lsn, events };
+        let spool = self.ctx.spool.clone();
+        let append = spool.append(&rec);
+        futures::pin_mut!(append);
+        loop {
+            tokio::select! {
+                r = &mut append => { r?; break; }
+                _ = tokio::time::sleep(STATUS_WHILE_WAITING) => {
+                    // The spool is full: keep the walsender from timing us out.
+                    self.send_status(s, false).await?;
+                }
+            }
+        }
+        for (kind, n) in counts {
+            metrics::counter!(EVENTS_TOTAL, "source" => self.ctx.label(), "kind" => kind)
+                .increment(n);
+        }
+        if !self.dirty {
+            self.dirty = true;
+            self.dirty_since = Instant::now();
+        }
+        self.dirty_bytes += bytes;
+        Ok(())
+    }
+}
