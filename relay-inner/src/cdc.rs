@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use relay_inner::config::{CdcConfig, SourceConfig};
 use relay_inner::shipper::{ShipStatus, Shipper};
+use relay_inner::source::{self, SourceStatus};
 use relay_inner::spool::Spool;
 use relay_proto::drain::Drain;
 use tracing::{error, info};
@@ -137,31 +138,6 @@ impl Cdc {
         serde_json::json!({ "sources": sources })
     }
 }
-
-// Until relay_inner::source lands: the same API, doing nothing.
-mod source {
-    use super::*;
-    #[derive(Default)]
-    pub struct SourceStatus;
-    impl SourceStatus {
-        pub fn to_json(&self) -> serde_json::Value {
-            serde_json::Value::Null
-        }
-    }
-    pub async fn run(
-        _cfg: SourceConfig,
-        _spool: Arc<Spool>,
-        stop: Drain,
-        _status: Arc<SourceStatus>,
-    ) -> Result<(), String> {
-        stop.stopping().await;
-        Ok(())
-    }
-    pub async fn drop_slot(_cfg: &SourceConfig, _dir: &std::path::Path) -> Result<String, String> {
-        Err("not yet".into())
-    }
-}
-use source::SourceStatus;
 
 /// `relay-inner cdc drop-slot`.
 pub async fn source_drop_slot(cfg: &SourceConfig, dir: &std::path::Path) -> anyhow::Result<String> {
