@@ -1,0 +1,1091 @@
+//! One connection's worth of applying: target transactions, pipelined statements, events.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use relay_proto::cdc::{format_lsn, Event, OldRow, Record, Relation, SnapshotPhase, Value};
+use tokio::task::JoinHandle;
+use tokio_postgres::types::Type;
+use tokio_postgres::{Client, Statement};
+
+use super::source::Source;
+use super::table::{
+    quote_ident, Op, StmtKey, Table, TargetCol, COLUMNS_SQL, W_NULL, W_SKIP, W_VALUE,
+};
+use super::{
+    target_config, Flow, Memo, PgSinkConfig, SinkError, SinkStatus, APPLIED_SEQ, COMMIT_LATENCY,
+    LAG_RECORDS, MISSING_ROWS, ROWS, UP,
+};
+use crate::cdc::store::Store;
+
+/// Records grouped into one target transaction at most (complete source transactions only).
+const GROUP_RECORDS: usize = 1000;
+/// Rows grouped into one target transaction before committing at the next boundary.
+const GROUP_ROWS: usize = 200_000;
+/// Rows per batched insert statement.
+const CHUNK_ROWS: usize = 2000;
+/// Text bytes per batched insert statement.
+const CHUNK_BYTES: usize = 4 << 20;
+/// Statements sent and not yet answered at most.
+const MAX_INFLIGHT: usize = 256;
+/// A target transaction left open inside an incomplete source transaction is rolled
+/// back after this long without new records.
+const IDLE_TXN: Duration = Duration::from_secs(60);
+/// How often an idle sink checks its connection.
+const IDLE_CHECK: Duration = Duration::from_secs(10);
+
+const OP_INSERT: usize = 0;
+const OP_UPDATE: usize = 1;
+const OP_DELETE: usize = 2;
+const OP_TRUNCATE: usize = 3;
+const OP_NAMES: [&str; 4] = ["insert", "update", "delete", "truncate"];
+
+const SETUP_SQL: &str = "\
+SELECT pg_advisory_xact_lock(7235123591);
+CREATE SCHEMA IF NOT EXISTS _routy;
+CREATE TABLE IF NOT EXISTS _routy.sink_offsets (
+    sink text PRIMARY KEY,
+    seq bigint NOT NULL,
+    lsn text,
+    source text,
+    updated_at timestamptz DEFAULT now()
+);";
+
+/// Connects, resumes from the target's offset and applies until an error or a restart.
+pub(crate) async fn session(
+    cfg: &PgSinkConfig,
+    store: &Arc<Store>,
+    status: &SinkStatus,
+    memo: &mut Memo,
+) -> Flow {
+    let mut s = match Session::connect(cfg, store, status, memo).await {
+        Ok(s) => s,
+        Err(e) => return Flow::Fail(e),
+    };
+    match s.run().await {
+        Err(Flow::Fail(e)) => {
+            // Prefer the first error of a pipelined statement over its consequences.
+            let e = s.first_error().await.unwrap_or(e);
+            if e.is_cardinality() {
+                if let Some(t) = s.batch_table.take() {
+                    tracing::warn!(sink = %cfg.name, table = %t,
+                        "a batched insert hit the same key twice; inserting this table's rows one by one");
+                    s.memo.per_row.insert(t);
+                }
+            }
+            Flow::Fail(e)
+        }
+        Err(f) => {
+            s.rollback().await;
+            f
+        }
+        Ok(never) => match never {},
+    }
+}
+
+enum Never {}
+
+/// Why a pipelined statement's result matters.
+enum Kind {
+    Plain,
+    /// An update or delete: 0 rows is a missing row.
+    ExpectRow {
+        table: String,
+        op: &'static str,
+    },
+    /// A batched insert into this table (for the duplicate-key fallback).
+    Batch {
+        table: String,
+    },
+}
+
+struct InFlight {
+    result: Pending,
+    kind: Kind,
+    seq: u64,
+    what: &'static str,
+}
+
+enum Pending {
+    Done(Option<Result<u64, tokio_postgres::Error>>),
+    Task(JoinHandle<Result<u64, tokio_postgres::Error>>),
+}
+
+/// Inserts waiting to be sent as one statement.
+struct Batch {
+    rel: u32,
+    mask: Vec<u8>,
+    cols: Vec<Vec<Option<String>>>,
+    rows: usize,
+    bytes: usize,
+    keys: HashSet<Vec<Option<String>>>,
+}
+
+struct Session<'a> {
+    cfg: &'a PgSinkConfig,
+    store: &'a Arc<Store>,
+    status: &'a SinkStatus,
+    memo: &'a mut Memo,
+    client: Arc<Client>,
+    conn_task: JoinHandle<()>,
+    lock_stmt: Option<Statement>,
+    offset_stmt: Option<Statement>,
+    tables: HashMap<u32, Table>,
+    inflight: VecDeque<InFlight>,
+    batch: Option<Batch>,
+    /// Table of the batched insert that failed last (for the duplicate-key fallback).
+    batch_table: Option<String>,
+    committed: u64,
+    tx_open: bool,
+    src_open: bool,
+    src_begin: (u64, usize),
+    group_records: usize,
+    group_rows: usize,
+    group_last_seq: u64,
+    group_lsn: Option<u64>,
+    group_commit_time: Option<i64>,
+    group_counts: [u64; 4],
+    seq: u64,
+}
+
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        for f in &self.inflight {
+            if let Pending::Task(h) = &f.result {
+                h.abort();
+            }
+        }
+        self.conn_task.abort();
+    }
+}
+
+impl<'a> Session<'a> {
+    async fn connect(
+        cfg: &'a PgSinkConfig,
+        store: &'a Arc<Store>,
+        status: &'a SinkStatus,
+        memo: &'a mut Memo,
+    ) -> Result<Session<'a>, SinkError> {
+        let (pc, tls) = target_config(cfg).map_err(|e| SinkError::new("config", 0, e))?;
+        let (client, conn) = pc
+            .connect(tls.make_tls_connect())
+            .await
+            .map_err(|e| SinkError::pg(0, "connecting to the target", &e))?;
+        let sink = cfg.name.clone();
+        let conn_task = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(sink = %sink, "target connection ended: {e}");
+            }
+        });
+        Ok(Session {
+            cfg,
+            store,
+            status,
+            memo,
+            client: Arc::new(client),
+            conn_task,
+            lock_stmt: None,
+            offset_stmt: None,
+            tables: HashMap::new(),
+            inflight: VecDeque::new(),
+            batch: None,
+            batch_table: None,
+            committed: 0,
+            tx_open: false,
+            src_open: false,
+            src_begin: (0, 0),
+            group_records: 0,
+            group_rows: 0,
+            group_last_seq: 0,
+            group_lsn: None,
+            group_commit_time: None,
+            group_counts: [0; 4],
+            seq: 0,
+        })
+    }
+
+    fn sink(&self) -> String {
+        self.cfg.name.clone()
+    }
+
+    fn pg_err(&self, what: &str, e: &tokio_postgres::Error) -> SinkError {
+        SinkError::pg(self.seq, what, e)
+    }
+
+    /// Creates the offset table and this sink's row; reads the committed seq.
+    async fn setup(&mut self) -> Result<u64, Flow> {
+        let c = self.client.clone();
+        let name = self.cfg.name.clone();
+        let r: Result<u64, tokio_postgres::Error> = async {
+            c.batch_execute(&format!("BEGIN; {SETUP_SQL}")).await?;
+            c.execute(
+                "INSERT INTO _routy.sink_offsets (sink, seq, source) VALUES ($1, 0, $2) \
+                 ON CONFLICT (sink) DO NOTHING",
+                &[&name, &self.cfg.source],
+            )
+            .await?;
+            let seq: i64 = c
+                .query_one(
+                    "SELECT seq FROM _routy.sink_offsets WHERE sink = $1",
+                    &[&name],
+                )
+                .await?
+                .get(0);
+            c.batch_execute("COMMIT").await?;
+            Ok(seq.max(0) as u64)
+        }
+        .await;
+        let seq = r.map_err(|e| self.pg_err("setting up _routy.sink_offsets", &e))?;
+        self.lock_stmt = Some(
+            c.prepare_typed(
+                "SELECT seq FROM _routy.sink_offsets WHERE sink = $1 FOR UPDATE",
+                &[Type::TEXT],
+            )
+            .await
+            .map_err(|e| self.pg_err("preparing", &e))?,
+        );
+        self.offset_stmt = Some(
+            c.prepare_typed(
+                "UPDATE _routy.sink_offsets SET seq = $2::bigint, lsn = COALESCE($3, lsn), \
+                 source = $4, updated_at = now() WHERE sink = $1",
+                &[Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT],
+            )
+            .await
+            .map_err(|e| self.pg_err("preparing", &e))?,
+        );
+        Ok(seq)
+    }
+
+    async fn run(&mut self) -> Result<Never, Flow> {
+        let committed = self.setup().await?;
+        let sink = self.sink();
+        self.committed = committed;
+        self.status.set_applied(committed);
+        self.status.set_up(true);
+        metrics::gauge!(UP, "sink" => sink.clone()).set(1.0);
+        metrics::gauge!(APPLIED_SEQ, "sink" => sink.clone()).set(committed as f64);
+        self.store
+            .set_reader_position(&super::reader_name(self.cfg), committed);
+        tracing::info!(sink = %sink, seq = committed, "sink connected; resuming after seq {committed}");
+        let mut src = Source::new(
+            self.store.clone(),
+            if committed == 0 { 0 } else { committed + 1 },
+        );
+        let mut idle_since: Option<Instant> = None;
+        loop {
+            match src.try_next().await? {
+                Some((seq, rec)) => {
+                    idle_since = None;
+                    if seq <= self.committed {
+                        continue;
+                    }
+                    self.apply_record(seq, rec).await?;
+                    if !self.src_open
+                        && (self.group_records >= GROUP_RECORDS || self.group_rows >= GROUP_ROWS)
+                    {
+                        self.commit().await?;
+                    }
+                }
+                None => {
+                    if self.tx_open && !self.src_open {
+                        self.commit().await?;
+                        continue;
+                    }
+                    let durable = src.durable();
+                    metrics::gauge!(LAG_RECORDS, "sink" => sink.clone())
+                        .set(durable.saturating_sub(self.committed) as f64);
+                    if self.client.is_closed() {
+                        return Err(SinkError::new(
+                            "connection",
+                            self.committed + 1,
+                            "the connection to the target was closed",
+                        )
+                        .into());
+                    }
+                    let mut wait = IDLE_CHECK;
+                    if self.tx_open {
+                        // Inside a source transaction whose rest has not arrived.
+                        self.drain().await?;
+                        let since = *idle_since.get_or_insert_with(Instant::now);
+                        let left = IDLE_TXN.saturating_sub(since.elapsed());
+                        if left.is_zero() {
+                            return Err(Flow::Restart {
+                                after_durable: Some(durable),
+                                why: format!(
+                                    "no new records for {}s inside the source transaction begun at seq {}; \
+                                     rolled back the target transaction until more arrive",
+                                    IDLE_TXN.as_secs(),
+                                    self.src_begin.0
+                                ),
+                            });
+                        }
+                        wait = wait.min(left);
+                    }
+                    tokio::select! {
+                        _ = src.changed() => {}
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// BEGIN, and lock this sink's offset row (a second process running the same sink
+    /// waits here, and finds the offset moved).
+    async fn begin(&mut self) -> Result<(), Flow> {
+        self.send_simple("BEGIN", "BEGIN");
+        let stmt = self.lock_stmt.clone().expect("prepared in setup");
+        let r = self.client.query_opt(&stmt, &[&self.cfg.name]).await;
+        let row = r.map_err(|e| self.pg_err("locking the sink offset", &e))?;
+        let stored: i64 = match row {
+            Some(r) => r.get(0),
+            None => {
+                return Err(SinkError::new(
+                    "conflict",
+                    self.seq,
+                    format!(
+                        "the offset row of sink {} in _routy.sink_offsets is gone",
+                        self.cfg.name
+                    ),
+                )
+                .into())
+            }
+        };
+        if stored as u64 != self.committed {
+            return Err(Flow::Restart {
+                after_durable: None,
+                why: format!(
+                    "the offset of sink {} in the target moved from {} to {stored}: is another relay-outer running it?",
+                    self.cfg.name, self.committed
+                ),
+            });
+        }
+        self.tx_open = true;
+        self.group_records = 0;
+        self.group_rows = 0;
+        self.group_lsn = None;
+        self.group_commit_time = None;
+        self.group_counts = [0; 4];
+        Ok(())
+    }
+
+    async fn commit(&mut self) -> Result<(), Flow> {
+        if !self.tx_open {
+            return Ok(());
+        }
+        self.flush().await?;
+        let stmt = self.offset_stmt.clone().expect("prepared in setup");
+        let params = vec![
+            Some(self.cfg.name.clone()),
+            Some(self.group_last_seq.to_string()),
+            self.group_lsn.map(format_lsn),
+            Some(self.cfg.source.clone()),
+        ];
+        self.send(&stmt, params, Kind::Plain, "writing the sink offset");
+        self.send_simple("COMMIT", "COMMIT");
+        self.drain().await?;
+        self.tx_open = false;
+        self.committed = self.group_last_seq;
+        let sink = self.sink();
+        self.status.set_applied(self.committed);
+        self.status.set_up(true);
+        self.memo.progressed = true;
+        self.memo.discards.retain(|(_, end)| end.0 > self.committed);
+        metrics::gauge!(UP, "sink" => sink.clone()).set(1.0);
+        metrics::gauge!(APPLIED_SEQ, "sink" => sink.clone()).set(self.committed as f64);
+        let durable = self.store.synced_seq();
+        metrics::gauge!(LAG_RECORDS, "sink" => sink.clone())
+            .set(durable.saturating_sub(self.committed) as f64);
+        for (i, n) in self.group_counts.iter().enumerate() {
+            if *n > 0 {
+                metrics::counter!(ROWS, "sink" => sink.clone(), "op" => OP_NAMES[i]).increment(*n);
+            }
+        }
+        if let Some(t) = self.group_commit_time {
+            let now_us = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros() as i64)
+                .unwrap_or(0);
+            let src_us = t + relay_proto::cdc::PG_EPOCH_UNIX_SECS * 1_000_000;
+            let secs = (now_us - src_us).max(0) as f64 / 1e6;
+            metrics::histogram!(COMMIT_LATENCY, "sink" => sink.clone()).record(secs);
+        }
+        self.store
+            .set_reader_position(&super::reader_name(self.cfg), self.committed);
+        tracing::debug!(sink = %sink, seq = self.committed, "committed");
+        Ok(())
+    }
+
+    /// Best-effort rollback before a restart on the same connection's way out.
+    async fn rollback(&mut self) {
+        while let Some(f) = self.inflight.pop_front() {
+            let _ = wait(f.result).await;
+        }
+        if self.tx_open {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+            self.tx_open = false;
+        }
+    }
+
+    /// Sends a prepared statement with text parameters without waiting for its result.
+    fn send<P>(&mut self, stmt: &Statement, params: Vec<P>, kind: Kind, what: &'static str)
+    where
+        P: tokio_postgres::types::ToSql + Sync + Send + 'static,
+    {
+        let client = self.client.clone();
+        let stmt = stmt.clone();
+        let fut = async move { client.execute_raw(&stmt, params).await };
+        self.push(Box::pin(fut), kind, what);
+    }
+
+    /// Sends a simple-protocol statement without waiting for its result.
+    fn send_simple(&mut self, sql: &str, what: &'static str) {
+        let client = self.client.clone();
+        let sql = sql.to_string();
+        let fut = async move { client.batch_execute(&sql).await.map(|_| 0) };
+        self.push(Box::pin(fut), Kind::Plain, what);
+    }
+
+    fn push(
+        &mut self,
+        mut fut: std::pin::Pin<
+            Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'static>,
+        >,
+        kind: Kind,
+        what: &'static str,
+    ) {
+        // The first poll writes the request, so requests go out in this order; the task
+        // then collects the answer while we go on.
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        let result = match fut.as_mut().poll(&mut cx) {
+            Poll::Ready(r) => Pending::Done(Some(r)),
+            Poll::Pending => Pending::Task(tokio::spawn(fut)),
+        };
+        self.inflight.push_back(InFlight {
+            result,
+            kind,
+            seq: self.seq,
+            what,
+        });
+    }
+
+    /// Waits for the oldest statements while too many are outstanding.
+    async fn throttle(&mut self) -> Result<(), Flow> {
+        while self.inflight.len() > MAX_INFLIGHT {
+            let f = self.inflight.pop_front().expect("non-empty");
+            self.finish(f).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every outstanding statement.
+    async fn drain(&mut self) -> Result<(), Flow> {
+        while let Some(f) = self.inflight.pop_front() {
+            self.finish(f).await?;
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self, f: InFlight) -> Result<(), Flow> {
+        match wait(f.result).await {
+            Ok(rows) => {
+                if let Kind::ExpectRow { table, op } = &f.kind {
+                    if rows == 0 {
+                        tracing::warn!(sink = %self.cfg.name, seq = f.seq, table = %table,
+                            "{op} found no row in the target; skipped");
+                        metrics::counter!(MISSING_ROWS, "sink" => self.sink()).increment(1);
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if let Kind::Batch { table } = &f.kind {
+                    self.batch_table = Some(table.clone());
+                }
+                Err(SinkError::pg(f.seq, f.what, &e).into())
+            }
+        }
+    }
+
+    /// After a failure: the first error among the outstanding statements, if any.
+    async fn first_error(&mut self) -> Option<SinkError> {
+        while let Some(f) = self.inflight.pop_front() {
+            if let Err(Flow::Fail(e)) = self.finish(f).await {
+                return Some(e);
+            }
+        }
+        None
+    }
+
+    async fn apply_record(&mut self, seq: u64, rec: Record) -> Result<(), Flow> {
+        self.seq = seq;
+        if !self.tx_open {
+            self.begin().await?;
+        }
+        for (i, ev) in rec.events.into_iter().enumerate() {
+            if self.memo.discarded(seq, i) {
+                continue;
+            }
+            match ev {
+                Event::Begin { xid, .. } => {
+                    if self.src_open {
+                        let start = self.src_begin;
+                        tracing::warn!(sink = %self.cfg.name, seq, xid,
+                            "a transaction begun at seq {} was cut off before its commit (source crash); \
+                             discarding it", start.0);
+                        self.memo.discards.push((start, (seq, i)));
+                        return Err(Flow::Restart {
+                            after_durable: None,
+                            why: "discarded a partial source transaction".into(),
+                        });
+                    }
+                    self.src_open = true;
+                    self.src_begin = (seq, i);
+                }
+                Event::Commit {
+                    end_lsn,
+                    commit_time,
+                    ..
+                } => {
+                    self.src_open = false;
+                    self.group_lsn = Some(end_lsn);
+                    self.group_commit_time = Some(commit_time);
+                }
+                Event::Relation(r) => self.observe(r).await?,
+                Event::Insert { rel, new } => self.insert(rel, new).await?,
+                Event::Update { rel, old, new } => {
+                    self.flush().await?;
+                    self.update(rel, old, new).await?;
+                }
+                Event::Delete { rel, old } => {
+                    self.flush().await?;
+                    self.delete(rel, old).await?;
+                }
+                Event::Truncate {
+                    rels,
+                    cascade,
+                    restart_identity,
+                } => {
+                    self.flush().await?;
+                    self.truncate(&rels, cascade, restart_identity).await?;
+                }
+                Event::Message {
+                    transactional,
+                    prefix,
+                    content,
+                    ..
+                } => {
+                    tracing::debug!(sink = %self.cfg.name, seq, transactional, prefix = %prefix,
+                        bytes = content.len(), "logical message ignored");
+                }
+                Event::Snapshot { rel, phase, value } => {
+                    self.flush().await?;
+                    self.ensure_table(rel).await?;
+                    let t = &self.tables[&rel];
+                    match phase {
+                        SnapshotPhase::Start => {
+                            tracing::info!(sink = %self.cfg.name, seq, table = %t.display,
+                                "initial copy starts; emptying the target table");
+                            let sql = format!("TRUNCATE {}", t.ident);
+                            self.send_simple(&sql, "emptying the table for its initial copy");
+                        }
+                        SnapshotPhase::Done => {
+                            tracing::info!(sink = %self.cfg.name, seq, table = %t.display,
+                                rows = value, "initial copy applied");
+                        }
+                    }
+                }
+            }
+            self.throttle().await?;
+        }
+        if rec.lsn != 0 {
+            self.group_lsn = Some(rec.lsn);
+        }
+        self.group_records += 1;
+        self.group_last_seq = seq;
+        Ok(())
+    }
+
+    async fn observe(&mut self, r: Relation) -> Result<(), Flow> {
+        if self.tables.get(&r.id).is_some_and(|t| t.rel == r) {
+            return Ok(());
+        }
+        if self.batch.as_ref().is_some_and(|b| b.rel == r.id) {
+            self.flush().await?;
+        }
+        if self.tables.contains_key(&r.id) {
+            tracing::info!(sink = %self.cfg.name, seq = self.seq, table = %r.qualified(),
+                "table definition changed");
+        }
+        let t = Table::new(r, self.cfg.schema.as_deref());
+        self.tables.insert(t.rel.id, t);
+        Ok(())
+    }
+
+    fn table(&self, rel: u32) -> Result<&Table, SinkError> {
+        self.tables.get(&rel).ok_or_else(|| {
+            SinkError::store(
+                self.seq,
+                format!(
+                    "record {} uses relation {rel} before describing it",
+                    self.seq
+                ),
+            )
+        })
+    }
+
+    /// Reads the target columns of a table: name → (type, has equality).
+    async fn target_columns(
+        &mut self,
+        schema: &str,
+        name: &str,
+    ) -> Result<HashMap<String, (String, bool)>, Flow> {
+        self.drain().await?;
+        let rows = self
+            .client
+            .query(COLUMNS_SQL, &[&schema, &name])
+            .await
+            .map_err(|e| self.pg_err("reading the target table's columns", &e))?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get::<_, String>(0),
+                    (r.get::<_, String>(1), r.get::<_, bool>(2)),
+                )
+            })
+            .collect())
+    }
+
+    /// Checks (and with `create_tables`, creates) the target table of `rel`.
+    async fn ensure_table(&mut self, rel: u32) -> Result<(), Flow> {
+        let t = self.table(rel)?;
+        if t.ready {
+            return Ok(());
+        }
+        let (schema, name, tdisp) = (t.schema.clone(), t.rel.name.clone(), t.display.clone());
+        let mut cols = self.target_columns(&schema, &name).await?;
+        let create = self.cfg.create_tables;
+        if cols.is_empty() {
+            if !create {
+                return Err(SinkError::new(
+                    "schema",
+                    self.seq,
+                    format!(
+                        "target table {tdisp} does not exist (create it, or set create_tables)"
+                    ),
+                )
+                .into());
+            }
+            let exists = self
+                .client
+                .query_opt(
+                    "SELECT 1 FROM pg_namespace WHERE nspname::text = $1",
+                    &[&schema],
+                )
+                .await
+                .map_err(|e| self.pg_err("looking up the target schema", &e))?
+                .is_some();
+            if !exists {
+                self.send_simple(
+                    &format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(&schema)),
+                    "creating the target schema",
+                );
+            }
+            let sql = self.tables[&rel].create_sql();
+            self.send_simple(&sql, "creating the target table");
+            tracing::info!(sink = %self.cfg.name, table = %tdisp, "creating the target table: {sql}");
+            cols = self.target_columns(&schema, &name).await?;
+        }
+        let t = &self.tables[&rel];
+        let missing: Vec<usize> = t
+            .rel
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| !cols.contains_key(&c.name))
+            .map(|(i, _)| i)
+            .collect();
+        if !missing.is_empty() {
+            let names: Vec<&str> = missing
+                .iter()
+                .map(|&i| t.rel.columns[i].name.as_str())
+                .collect();
+            if !create {
+                return Err(SinkError::new(
+                    "schema",
+                    self.seq,
+                    format!(
+                        "target table {tdisp} lacks column(s) {} (add them, or set create_tables)",
+                        names.join(", ")
+                    ),
+                )
+                .into());
+            }
+            tracing::info!(sink = %self.cfg.name, table = %tdisp, "adding column(s) {}", names.join(", "));
+            let sqls: Vec<String> = missing.iter().map(|&i| t.add_column_sql(i)).collect();
+            for sql in sqls {
+                self.send_simple(&sql, "adding a target column");
+            }
+            cols = self.target_columns(&schema, &name).await?;
+        }
+        let t = self.tables.get_mut(&rel).expect("checked");
+        let mut out = Vec::with_capacity(t.rel.columns.len());
+        for c in &t.rel.columns {
+            let Some((ty, has_eq)) = cols.get(&c.name) else {
+                return Err(SinkError::new(
+                    "schema",
+                    self.seq,
+                    format!("target table {tdisp} lacks column {}", c.name),
+                )
+                .into());
+            };
+            out.push(TargetCol {
+                name: quote_ident(&c.name),
+                ty: ty.clone(),
+                has_eq: *has_eq,
+            });
+        }
+        t.cols = out;
+        t.stmts.clear();
+        t.ready = true;
+        Ok(())
+    }
+
+    /// The cached statement for a shape, prepared on first use.
+    async fn stmt(
+        &mut self,
+        rel: u32,
+        key: StmtKey,
+        nparams: usize,
+        ty: Type,
+    ) -> Result<Statement, Flow> {
+        let t = self.tables.get(&rel).expect("ensured");
+        if let Some(s) = t.stmts.get(&key) {
+            return Ok(s.clone());
+        }
+        let n = t.rel.columns.len();
+        let sql = match key.op {
+            Op::InsertBatch => t.insert_batch_sql(&key.shape),
+            Op::InsertRow => t.insert_row_sql(&key.shape),
+            Op::Update => t.update_sql(&key.shape[..n], &key.shape[n..]),
+            Op::Delete => t.delete_sql(&key.shape),
+        };
+        self.drain().await?;
+        let types = vec![ty; nparams];
+        let stmt = self
+            .client
+            .prepare_typed(&sql, &types)
+            .await
+            .map_err(|e| self.pg_err(&format!("preparing {sql}"), &e))?;
+        self.tables
+            .get_mut(&rel)
+            .expect("ensured")
+            .stmts
+            .insert(key, stmt.clone());
+        Ok(stmt)
+    }
+
+    fn check_len(&self, rel: u32, got: usize) -> Result<(), SinkError> {
+        let t = &self.tables[&rel];
+        if got != t.rel.columns.len() {
+            return Err(SinkError::store(
+                self.seq,
+                format!(
+                    "a row of {} has {got} values but the relation has {} columns",
+                    t.display,
+                    t.rel.columns.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn insert(&mut self, rel: u32, new: Vec<Value>) -> Result<(), Flow> {
+        self.ensure_table(rel).await?;
+        self.check_len(rel, new.len())?;
+        self.group_rows += 1;
+        self.group_counts[OP_INSERT] += 1;
+        let mask: Vec<u8> = new
+            .iter()
+            .map(|v| u8::from(!matches!(v, Value::Unchanged)))
+            .collect();
+        let t = &self.tables[&rel];
+        if self.memo.per_row.contains(&t.display) {
+            self.flush().await?;
+            let params: Vec<Option<String>> = new.into_iter().filter_map(text_param).collect();
+            let n = params.len();
+            let stmt = self
+                .stmt(
+                    rel,
+                    StmtKey {
+                        op: Op::InsertRow,
+                        shape: mask,
+                    },
+                    n,
+                    Type::TEXT,
+                )
+                .await?;
+            self.send(&stmt, params, Kind::Plain, "inserting a row");
+            return Ok(());
+        }
+        let key: Option<Vec<Option<String>>> = t.keyed.then(|| {
+            t.key_idx
+                .iter()
+                .map(|&i| match &new[i] {
+                    Value::Text(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .collect()
+        });
+        let fits = self.batch.as_ref().is_some_and(|b| {
+            b.rel == rel && b.mask == mask && key.as_ref().is_none_or(|k| !b.keys.contains(k))
+        });
+        if !fits {
+            self.flush().await?;
+            let ncols = mask.iter().filter(|m| **m != 0).count();
+            self.batch = Some(Batch {
+                rel,
+                mask,
+                cols: vec![Vec::with_capacity(CHUNK_ROWS); ncols],
+                rows: 0,
+                bytes: 0,
+                keys: HashSet::new(),
+            });
+        }
+        let b = self.batch.as_mut().expect("set above");
+        let mut c = 0;
+        for v in new {
+            match v {
+                Value::Unchanged => continue,
+                Value::Null => b.cols[c].push(None),
+                Value::Text(s) => {
+                    b.bytes += s.len();
+                    b.cols[c].push(Some(s));
+                }
+            }
+            c += 1;
+        }
+        b.rows += 1;
+        if let Some(k) = key {
+            b.keys.insert(k);
+        }
+        if b.rows >= CHUNK_ROWS || b.bytes >= CHUNK_BYTES {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the pending batched insert.
+    async fn flush(&mut self) -> Result<(), Flow> {
+        let Some(b) = self.batch.take() else {
+            return Ok(());
+        };
+        let n = b.cols.len();
+        let stmt = self
+            .stmt(
+                b.rel,
+                StmtKey {
+                    op: Op::InsertBatch,
+                    shape: b.mask,
+                },
+                n,
+                Type::TEXT_ARRAY,
+            )
+            .await?;
+        let table = self.tables[&b.rel].display.clone();
+        self.send(&stmt, b.cols, Kind::Batch { table }, "inserting rows");
+        self.throttle().await
+    }
+
+    async fn update(&mut self, rel: u32, old: Option<OldRow>, new: Vec<Value>) -> Result<(), Flow> {
+        self.ensure_table(rel).await?;
+        self.check_len(rel, new.len())?;
+        if let Some(o) = &old {
+            self.check_len(rel, o.values.len())?;
+        }
+        self.group_rows += 1;
+        self.group_counts[OP_UPDATE] += 1;
+        let t = &self.tables[&rel];
+        let n = new.len();
+        let Some((filter, fvals)) = self.filter(t, old.as_ref().map(|o| &o.values[..]), &new)
+        else {
+            self.missing(
+                rel,
+                "update",
+                "no old row to match (needs REPLICA IDENTITY FULL on the source)",
+            );
+            return Ok(());
+        };
+        let key_changed = t.keyed
+            && old
+                .as_ref()
+                .is_some_and(|o| t.key_idx.iter().any(|&i| o.values[i] != new[i]));
+        let mut set = vec![0u8; n];
+        let mut params = Vec::with_capacity(n + fvals.len());
+        for (i, v) in new.into_iter().enumerate() {
+            if t.keyed && !key_changed && t.key_idx.contains(&i) {
+                continue;
+            }
+            match v {
+                Value::Unchanged => continue,
+                Value::Null => params.push(None),
+                Value::Text(s) => params.push(Some(s)),
+            }
+            set[i] = 1;
+        }
+        if params.is_empty() {
+            return Ok(());
+        }
+        params.extend(fvals);
+        let display = t.display.clone();
+        let mut shape = set;
+        shape.extend_from_slice(&filter);
+        let np = params.len();
+        let stmt = self
+            .stmt(
+                rel,
+                StmtKey {
+                    op: Op::Update,
+                    shape,
+                },
+                np,
+                Type::TEXT,
+            )
+            .await?;
+        self.send(
+            &stmt,
+            params,
+            Kind::ExpectRow {
+                table: display,
+                op: "update",
+            },
+            "updating a row",
+        );
+        Ok(())
+    }
+
+    async fn delete(&mut self, rel: u32, old: OldRow) -> Result<(), Flow> {
+        self.ensure_table(rel).await?;
+        self.check_len(rel, old.values.len())?;
+        self.group_rows += 1;
+        self.group_counts[OP_DELETE] += 1;
+        let t = &self.tables[&rel];
+        let Some((filter, fvals)) = self.filter(t, Some(&old.values), &old.values) else {
+            self.missing(rel, "delete", "no old values to match");
+            return Ok(());
+        };
+        let display = t.display.clone();
+        let np = fvals.len();
+        let stmt = self
+            .stmt(
+                rel,
+                StmtKey {
+                    op: Op::Delete,
+                    shape: filter,
+                },
+                np,
+                Type::TEXT,
+            )
+            .await?;
+        self.send(
+            &stmt,
+            fvals,
+            Kind::ExpectRow {
+                table: display,
+                op: "delete",
+            },
+            "deleting a row",
+        );
+        Ok(())
+    }
+
+    /// The row filter: key values (old key if given, else the new row's), or every old
+    /// value for a table without a key. `None` when there is nothing to match on.
+    #[allow(clippy::type_complexity)]
+    fn filter(
+        &self,
+        t: &Table,
+        old: Option<&[Value]>,
+        new: &[Value],
+    ) -> Option<(Vec<u8>, Vec<Option<String>>)> {
+        let n = new.len();
+        let mut shape = vec![W_SKIP; n];
+        let mut vals = Vec::new();
+        let mut put = |i: usize, v: &Value| match v {
+            Value::Text(s) => {
+                shape[i] = W_VALUE;
+                vals.push(Some(s.clone()));
+            }
+            Value::Null => shape[i] = W_NULL,
+            Value::Unchanged => {}
+        };
+        if t.keyed {
+            for &i in &t.key_idx {
+                let v = match old.map(|o| &o[i]) {
+                    Some(v @ Value::Text(_)) => v,
+                    _ => &new[i],
+                };
+                put(i, v);
+            }
+        } else {
+            let old = old?;
+            for (i, v) in old.iter().enumerate() {
+                put(i, v);
+            }
+        }
+        shape.iter().any(|w| *w != W_SKIP).then_some((shape, vals))
+    }
+
+    fn missing(&self, rel: u32, op: &str, why: &str) {
+        let t = &self.tables[&rel];
+        tracing::warn!(sink = %self.cfg.name, seq = self.seq, table = %t.display, "{op} skipped: {why}");
+        metrics::counter!(MISSING_ROWS, "sink" => self.sink()).increment(1);
+    }
+
+    async fn truncate(&mut self, rels: &[u32], cascade: bool, restart: bool) -> Result<(), Flow> {
+        let mut idents = Vec::new();
+        for &r in rels {
+            if self.tables.contains_key(&r) {
+                self.ensure_table(r).await?;
+                idents.push(self.tables[&r].ident.clone());
+            } else {
+                tracing::warn!(sink = %self.cfg.name, seq = self.seq, rel = r,
+                    "truncate of a table this sink does not know; skipped");
+            }
+        }
+        if idents.is_empty() {
+            return Ok(());
+        }
+        self.group_counts[OP_TRUNCATE] += idents.len() as u64;
+        let sql = format!(
+            "TRUNCATE {}{}{}",
+            idents.join(", "),
+            if restart { " RESTART IDENTITY" } else { "" },
+            if cascade { " CASCADE" } else { "" }
+        );
+        self.send_simple(&sql, "truncating");
+        Ok(())
+    }
+}
+
+fn text_param(v: Value) -> Option<Option<String>> {
+    match v {
+        Value::Unchanged => None,
+        Value::Null => Some(None),
+        Value::Text(s) => Some(Some(s)),
+    }
+}
+
+async fn wait(p: Pending) -> Result<u64, tokio_postgres::Error> {
+    match p {
+        Pending::Done(r) => r.expect("taken once"),
+        Pending::Task(h) => match h.await {
+            Ok(r) => r,
+            Err(_) => Ok(0),
+        },
+    }
+}
