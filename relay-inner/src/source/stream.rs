@@ -118,6 +118,9 @@ pub(crate) async fn stream(
     floor: u64,
 ) -> Result<(), SourceError> {
     let cfg = &ctx.cfg;
+    // What an earlier session appended is in the log: make it durable so its transactions
+    // count as spooled and are not appended a second time.
+    ctx.spool.sync().await?;
     let durable = ctx.spool.durable_lsn();
     let mut s = repl
         .start_logical(
