@@ -255,8 +255,8 @@ psql_at() { # port sql [psql options...]
 psql_at "$PG_PORT" "
 CREATE TABLE demo (id int PRIMARY KEY, name text NOT NULL, created timestamptz NOT NULL DEFAULT now());
 INSERT INTO demo (id, name) VALUES (1, 'alpha'), (2, 'bravo'), (3, 'charlie'), (4, 'delta'), (5, 'echo');
-CREATE DATABASE cloud;
 " >/dev/null
+psql_at "$PG_PORT" "CREATE DATABASE cloud" >/dev/null
 
 # --- relay configs -------------------------------------------------------------------------
 # Relative paths in a config file are resolved against the directory of that file.

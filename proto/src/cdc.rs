@@ -868,6 +868,7 @@ pub const MAX_SHIP_MESSAGE: usize = 64 * 1024 * 1024;
 
 const SHIP_BATCH: u8 = 1;
 const SHIP_ACK: u8 = 2;
+const SHIP_ERROR: u8 = 3;
 
 /// A message on the shipping stream after the handshake.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -883,6 +884,12 @@ pub enum ShipMessage {
     Ack {
         /// Highest durable seq.
         seq: u64,
+    },
+    /// relay-outer → relay-inner: the stream ends because of this (a refused batch, a
+    /// newer stream for the same source, shutdown).
+    Error {
+        /// Why, for relay-inner's log.
+        message: String,
     },
 }
 
@@ -902,6 +909,10 @@ impl ShipMessage {
             ShipMessage::Ack { seq } => {
                 out.push(SHIP_ACK);
                 out.extend_from_slice(&seq.to_le_bytes());
+            }
+            ShipMessage::Error { message } => {
+                out.push(SHIP_ERROR);
+                put_bytes(&mut out, message.as_bytes());
             }
         }
         let len = out.len() - 4;
@@ -926,6 +937,9 @@ impl ShipMessage {
                 ShipMessage::Batch { first_seq, records }
             }
             SHIP_ACK => ShipMessage::Ack { seq: r.u64("seq")? },
+            SHIP_ERROR => ShipMessage::Error {
+                message: r.string("error.message")?,
+            },
             _ => return Err(CdcError::Malformed("unknown kind")),
         };
         if !r.buf.is_empty() {
@@ -1108,6 +1122,9 @@ mod tests {
                 records: vec![sample().encode(), vec![]],
             },
             ShipMessage::Ack { seq: 99 },
+            ShipMessage::Error {
+                message: "gap".into(),
+            },
         ] {
             let enc = m.encode().unwrap();
             assert_eq!(ShipMessage::decode_body(&enc[4..]).unwrap(), m);

@@ -341,6 +341,11 @@ async fn read_acks(
                     .set(spool.synced_seq().saturating_sub(seq) as f64);
                 acked.send_replace(seq);
             }
+            Ok(Some(ShipMessage::Error { message })) => {
+                warn!(source = %source, outer = %endpoint, "relay-outer ended the shipping stream: {message}");
+                status.error(&message);
+                break;
+            }
             Ok(Some(other)) => {
                 warn!(source = %source, "relay-outer sent {other:?} on the shipping stream; closing it");
                 break;

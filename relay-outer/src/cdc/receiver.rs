@@ -40,6 +40,21 @@ where
     }
 }
 
+/// Ends a stream after `CdcReady`: the reason travels as a shipping message, which is
+/// what relay-inner reads at that point.
+async fn refuse_ship<S>(stream: &mut S, message: String)
+where
+    S: AsyncWrite + Unpin,
+{
+    let msg = ShipMessage::Error { message };
+    if tokio::time::timeout(REFUSAL_TIMEOUT, msg.write(stream))
+        .await
+        .is_ok_and(|r| r.is_ok())
+    {
+        let _ = tokio::time::timeout(REFUSAL_TIMEOUT, stream.shutdown()).await;
+    }
+}
+
 /// Serves one stream opened by relay-inner on a session of `tunnel`. `cdc` is `None`
 /// when this relay-outer has no `cdc` section. Returns when the stream ends.
 pub async fn serve<S>(cdc: Option<Arc<Cdc>>, tunnel: &str, mut stream: S, first_frame: Duration)
@@ -157,11 +172,11 @@ where
     let end: String = loop {
         let msg = tokio::select! {
             _ = async { let _ = replaced.wait_for(|c| *c != Some(id)).await; } => {
-                refuse(&mut wr, ErrorCode::Protocol, "replaced by a newer shipping stream for the same source".into()).await;
+                refuse_ship(&mut wr, "replaced by a newer shipping stream for the same source".into()).await;
                 break "replaced by a newer shipping stream".into();
             }
             _ = stop.stopping() => {
-                refuse(&mut wr, ErrorCode::ShuttingDown, "relay-outer is shutting down".into()).await;
+                refuse_ship(&mut wr, "relay-outer is shutting down".into()).await;
                 break "relay-outer is shutting down".into();
             }
             m = rx.recv() => m,
@@ -177,20 +192,15 @@ where
                 ship_error(&name, reason);
                 warn!(source = %name, error = %e, "shipping stream failed");
                 if reason == "malformed" {
-                    refuse(
-                        &mut wr,
-                        ErrorCode::Protocol,
-                        format!("malformed shipping message: {e}"),
-                    )
-                    .await;
+                    refuse_ship(&mut wr, format!("malformed shipping message: {e}")).await;
                 }
                 break format!("error: {e}");
             }
-            Some(Ok(Some(ShipMessage::Ack { .. }))) => {
+            Some(Ok(Some(ShipMessage::Ack { .. } | ShipMessage::Error { .. }))) => {
                 ship_error(&name, "malformed");
-                let msg = "relay-inner sent an Ack; only batches travel this way";
+                let msg = "relay-inner sent an Ack or Error; only batches travel this way";
                 warn!(source = %name, "shipping stream failed: {msg}");
-                refuse(&mut wr, ErrorCode::Protocol, msg.into()).await;
+                refuse_ship(&mut wr, msg.into()).await;
                 break msg.into();
             }
             Some(Ok(Some(ShipMessage::Batch { first_seq, records }))) => (first_seq, records),
@@ -219,7 +229,7 @@ where
             Err(e) => {
                 ship_error(&name, reason_of(&e));
                 warn!(source = %name, first_seq = first, records = n, error = %e, "batch refused; nothing of it was stored");
-                refuse(&mut wr, ErrorCode::Protocol, e.to_string()).await;
+                refuse_ship(&mut wr, e.to_string()).await;
                 break format!("batch refused: {e}");
             }
         }
@@ -317,6 +327,16 @@ mod tests {
                 assert!(message.contains(needle), "{message:?} lacks {needle:?}")
             }
             other => panic!("expected an Error frame, got {other:?}"),
+        }
+    }
+
+    /// After CdcReady the refusal is a shipping message.
+    async fn expect_ship_error<S: tokio::io::AsyncRead + Unpin>(s: &mut S, needle: &str) {
+        match ShipMessage::read(s).await.unwrap() {
+            Some(ShipMessage::Error { message }) => {
+                assert!(message.contains(needle), "{message:?} lacks {needle:?}")
+            }
+            other => panic!("expected a shipping Error, got {other:?}"),
         }
     }
 
@@ -433,7 +453,7 @@ mod tests {
         .write(&mut s)
         .await
         .unwrap();
-        expect_error(read_frame(&mut s, T).await.unwrap(), "expects 3");
+        expect_ship_error(&mut s, "expects 3").await;
         task.await.unwrap();
 
         // A bad record in the middle of a batch: nothing of the batch is stored.
@@ -449,7 +469,7 @@ mod tests {
         .write(&mut s)
         .await
         .unwrap();
-        expect_error(read_frame(&mut s, T).await.unwrap(), "record 4");
+        expect_ship_error(&mut s, "record 4").await;
         task.await.unwrap();
         let store = cdc.get("site-a/orders").unwrap().store.clone();
         assert_eq!(store.synced_seq(), 2);
@@ -459,13 +479,13 @@ mod tests {
         let (mut s, task) = connect(Some(cdc.clone()), "site-a");
         open(&mut s, "orders", 1, 5).await;
         s.write_all(&[0, 0, 0, 2, 77, 1]).await.unwrap();
-        expect_error(read_frame(&mut s, T).await.unwrap(), "malformed");
+        expect_ship_error(&mut s, "malformed").await;
         task.await.unwrap();
         // An Ack from relay-inner.
         let (mut s, task) = connect(Some(cdc.clone()), "site-a");
         open(&mut s, "orders", 1, 5).await;
         ShipMessage::Ack { seq: 1 }.write(&mut s).await.unwrap();
-        expect_error(read_frame(&mut s, T).await.unwrap(), "Ack");
+        expect_ship_error(&mut s, "Ack").await;
         task.await.unwrap();
         // A spool that was reset below what the store holds.
         let (mut s, task) = connect(Some(cdc.clone()), "site-a");
@@ -490,7 +510,7 @@ mod tests {
             open(&mut new, "orders", 1, 2).await,
             Frame::CdcReady { next_seq: 2 }
         );
-        expect_error(read_frame(&mut old, T).await.unwrap(), "replaced");
+        expect_ship_error(&mut old, "replaced").await;
         old_task.await.unwrap();
         let mut rest = Vec::new();
         let _ = old.read_to_end(&mut rest).await;
