@@ -192,6 +192,8 @@ pub(crate) struct SinkError {
     msg: String,
     /// SQLSTATE when PostgreSQL reported it.
     code: Option<String>,
+    /// From a pipelined statement: statements still outstanding were sent after it.
+    pipelined: bool,
 }
 
 impl SinkError {
@@ -201,6 +203,7 @@ impl SinkError {
             seq,
             msg: msg.into(),
             code: None,
+            pipelined: false,
         }
     }
 
@@ -285,6 +288,9 @@ pub(crate) struct Memo {
     per_row: HashSet<String>,
     /// Something was committed since the last failure (resets the backoff).
     progressed: bool,
+    /// Up to this seq (where the last failure was), every source transaction gets a
+    /// target transaction of its own, so the good ones before a bad one get through.
+    careful_until: u64,
 }
 
 impl Memo {

@@ -67,8 +67,13 @@ pub(crate) async fn session(
     };
     match s.run().await {
         Err(Flow::Fail(e)) => {
-            // Prefer the first error of a pipelined statement over its consequences.
-            let e = s.first_error().await.unwrap_or(e);
+            // An awaited query fails when an earlier pipelined statement did: report that.
+            let e = if e.pipelined {
+                e
+            } else {
+                s.first_error().await.unwrap_or(e)
+            };
+            s.memo.careful_until = s.memo.careful_until.max(e.seq);
             if e.is_cardinality() {
                 if let Some(t) = s.batch_table.take() {
                     tracing::warn!(sink = %cfg.name, table = %t,
@@ -283,8 +288,11 @@ impl<'a> Session<'a> {
                         continue;
                     }
                     self.apply_record(seq, rec).await?;
+                    let careful = seq <= self.memo.careful_until;
                     if !self.src_open
-                        && (self.group_records >= GROUP_RECORDS || self.group_rows >= GROUP_ROWS)
+                        && (careful
+                            || self.group_records >= GROUP_RECORDS
+                            || self.group_rows >= GROUP_ROWS)
                     {
                         self.commit().await?;
                     }
@@ -505,7 +513,9 @@ impl<'a> Session<'a> {
                 if let Kind::Batch { table } = &f.kind {
                     self.batch_table = Some(table.clone());
                 }
-                Err(SinkError::pg(f.seq, f.what, &e).into())
+                let mut e = SinkError::pg(f.seq, f.what, &e);
+                e.pipelined = true;
+                Err(e.into())
             }
         }
     }

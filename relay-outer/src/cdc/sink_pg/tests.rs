@@ -1,0 +1,798 @@
+//! The sink against real PostgreSQL targets, fed with hand-made records.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use relay_proto::cdc::{Column, Event, OldRow, Record, Relation, SnapshotPhase, Value};
+use relay_proto::drain::Drain;
+use routy_e2e::{Pg, PgOpts};
+
+use super::{run_with_status, PgSinkConfig, SinkStatus};
+use crate::cdc::store::Store;
+
+fn t(s: &str) -> Value {
+    Value::Text(s.to_string())
+}
+
+fn rel(id: u32, name: &str, identity: u8, cols: &[(&str, &str, bool)]) -> Relation {
+    Relation {
+        id,
+        schema: "public".into(),
+        name: name.into(),
+        replica_identity: identity,
+        columns: cols
+            .iter()
+            .map(|(n, ty, key)| Column {
+                name: n.to_string(),
+                type_oid: 0,
+                type_modifier: -1,
+                type_name: ty.to_string(),
+                key: *key,
+            })
+            .collect(),
+    }
+}
+
+fn begin(xid: u32) -> Event {
+    Event::Begin {
+        xid,
+        commit_lsn: xid as u64 * 100,
+        commit_time: 0,
+    }
+}
+
+fn commit(xid: u32) -> Event {
+    Event::Commit {
+        commit_lsn: xid as u64 * 100,
+        end_lsn: xid as u64 * 100 + 8,
+        commit_time: 800_000_000_000_000,
+    }
+}
+
+/// One transaction in one record: relations, then the events.
+fn txn(xid: u32, rels: &[&Relation], events: Vec<Event>) -> Record {
+    let mut ev = vec![begin(xid)];
+    ev.extend(rels.iter().map(|r| Event::Relation((*r).clone())));
+    ev.extend(events);
+    ev.push(commit(xid));
+    Record {
+        lsn: xid as u64 * 100 + 8,
+        events: ev,
+    }
+}
+
+fn ins(rel: u32, vals: &[Option<&str>]) -> Event {
+    Event::Insert {
+        rel,
+        new: vals.iter().map(|v| v.map_or(Value::Null, t)).collect(),
+    }
+}
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    store: Arc<Store>,
+    next: u64,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "t/s").unwrap();
+        Harness {
+            _dir: dir,
+            store,
+            next: 1,
+        }
+    }
+
+    async fn push(&mut self, recs: Vec<Record>) -> u64 {
+        let n = recs.len() as u64;
+        let enc = recs.iter().map(Record::encode).collect();
+        self.store.append(self.next, enc).await.unwrap();
+        self.next += n;
+        self.next - 1
+    }
+}
+
+fn cfg(name: &str, pg: &Pg) -> PgSinkConfig {
+    PgSinkConfig {
+        name: name.into(),
+        source: "t/s".into(),
+        dsn: pg.conninfo(),
+        create_tables: true,
+        schema: None,
+        retry_initial: Duration::from_millis(50),
+        retry_max: Duration::from_millis(400),
+    }
+}
+
+struct Running {
+    stop: Drain,
+    status: Arc<SinkStatus>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.stop.stop();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("sink stops")
+            .unwrap();
+    }
+}
+
+fn start(cfg: PgSinkConfig, store: &Arc<Store>) -> Running {
+    let stop = Drain::new();
+    let status = Arc::new(SinkStatus::new());
+    let task = tokio::spawn(run_with_status(
+        cfg,
+        store.clone(),
+        stop.clone(),
+        status.clone(),
+    ));
+    Running { stop, status, task }
+}
+
+async fn wait_applied(status: &SinkStatus, seq: u64) {
+    let t0 = Instant::now();
+    while status.applied_seq() < seq {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "sink stuck at {} (want {seq}); last error: {:?}",
+            status.applied_seq(),
+            status.last_error()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applies_rows_by_key_and_creates_tables() {
+    let pg = Pg::start(PgOpts::default());
+    let mut h = Harness::new();
+    let acc = rel(
+        1,
+        "acc",
+        b'd',
+        &[
+            ("id", "integer", true),
+            ("name", "text", false),
+            ("n", "bigint", false),
+        ],
+    );
+    let two = rel(
+        2,
+        "Two \"keys\"",
+        b'd',
+        &[
+            ("a", "integer", true),
+            ("b", "text", true),
+            ("v", "text", false),
+        ],
+    );
+    let last = h
+        .push(vec![
+            txn(
+                1,
+                &[&acc, &two],
+                vec![
+                    ins(1, &[Some("1"), Some("one"), Some("10")]),
+                    ins(1, &[Some("2"), Some("two"), Some("20")]),
+                    ins(1, &[Some("3"), Some("three"), None]),
+                    ins(2, &[Some("1"), Some("x"), Some("v1")]),
+                    ins(2, &[Some("1"), Some("y"), Some("v2")]),
+                ],
+            ),
+            txn(
+                2,
+                &[&acc, &two],
+                vec![
+                    Event::Update {
+                        rel: 1,
+                        old: None,
+                        new: vec![t("1"), t("uno"), t("11")],
+                    },
+                    // Key change: old key given.
+                    Event::Update {
+                        rel: 1,
+                        old: Some(OldRow {
+                            key_only: true,
+                            values: vec![t("2"), Value::Null, Value::Null],
+                        }),
+                        new: vec![t("22"), t("two"), t("20")],
+                    },
+                    Event::Delete {
+                        rel: 1,
+                        old: OldRow {
+                            key_only: true,
+                            values: vec![t("3"), Value::Null, Value::Null],
+                        },
+                    },
+                    Event::Update {
+                        rel: 2,
+                        old: None,
+                        new: vec![t("1"), t("y"), t("v2b")],
+                    },
+                    Event::Delete {
+                        rel: 2,
+                        old: OldRow {
+                            key_only: true,
+                            values: vec![t("1"), t("x"), Value::Null],
+                        },
+                    },
+                    // The same key inserted twice in one transaction (upsert, batch split).
+                    ins(1, &[Some("5"), Some("five"), None]),
+                    ins(1, &[Some("5"), Some("FIVE"), Some("55")]),
+                ],
+            ),
+        ])
+        .await;
+    let s = start(cfg("main", &pg), &h.store);
+    wait_applied(&s.status, last).await;
+    assert_eq!(
+        pg.psql("SELECT id, name, n FROM public.acc ORDER BY id"),
+        "1|uno|11\n5|FIVE|55\n22|two|20"
+    );
+    assert_eq!(
+        pg.psql("SELECT a, b, v FROM public.\"Two \"\"keys\"\"\" ORDER BY b"),
+        "1|y|v2b"
+    );
+    // The primary keys came from the relation.
+    assert_eq!(
+        pg.psql(
+            "SELECT string_agg(a.attname, ',' ORDER BY a.attname) FROM pg_index i \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+             WHERE i.indisprimary AND i.indrelid = '\"Two \"\"keys\"\"\"'::regclass"
+        ),
+        "a,b"
+    );
+    assert_eq!(
+        pg.psql("SELECT seq, lsn, source FROM _routy.sink_offsets WHERE sink = 'main'"),
+        format!("{last}|0/{:X}|t/s", 2 * 100 + 8)
+    );
+    // Truncate of a known table.
+    let last = h
+        .push(vec![txn(
+            3,
+            &[&acc],
+            vec![Event::Truncate {
+                rels: vec![1],
+                cascade: false,
+                restart_identity: true,
+            }],
+        )])
+        .await;
+    wait_applied(&s.status, last).await;
+    assert_eq!(pg.psql("SELECT count(*) FROM public.acc"), "0");
+    assert!(s.status.up());
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_override_and_existing_tables() {
+    let pg = Pg::start(PgOpts::default());
+    let mut h = Harness::new();
+    let r = rel(
+        1,
+        "items",
+        b'i',
+        &[("id", "bigint", true), ("v", "", false)],
+    );
+    let last = h
+        .push(vec![txn(
+            1,
+            &[&r],
+            vec![ins(1, &[Some("7"), Some("seven")])],
+        )])
+        .await;
+    let mut c = cfg("ovr", &pg);
+    c.schema = Some("Copy".into());
+    let s = start(c, &h.store);
+    wait_applied(&s.status, last).await;
+    assert_eq!(pg.psql("SELECT id, v FROM \"Copy\".items"), "7|seven");
+    // Unknown type became text.
+    assert_eq!(
+        pg.psql("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = '\"Copy\".items'::regclass AND attname = 'v'"),
+        "text"
+    );
+    s.stop().await;
+    // Without create_tables a missing table is an error that is retried, not skipped.
+    let mut c = cfg("strict", &pg);
+    c.create_tables = false;
+    let s = start(c, &h.store);
+    let t0 = Instant::now();
+    while s.status.last_error().is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let err = s.status.last_error().unwrap();
+    assert!(err.contains("public.items does not exist"), "{err}");
+    assert_eq!(s.status.applied_seq(), 0);
+    // Create it (with an extra column) and the sink catches up.
+    pg.psql("CREATE TABLE public.items (id bigint PRIMARY KEY, v text, extra int DEFAULT 3)");
+    wait_applied(&s.status, last).await;
+    assert_eq!(
+        pg.psql("SELECT id, v, extra FROM public.items"),
+        "7|seven|3"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn types_round_trip_as_text() {
+    let pg = Pg::start(PgOpts::default());
+    let mut h = Harness::new();
+    let cols: &[(&str, &str, Option<&str>)] = &[
+        ("i2", "smallint", Some("-32768")),
+        ("i4", "integer", Some("2147483647")),
+        ("i8", "bigint", Some("-9223372036854775808")),
+        ("num", "numeric(12,2)", Some("1234567890.12")),
+        ("txt", "text", Some("héllo wörld ✓ 'quoted' \"dq\" \\ back")),
+        ("bin", "bytea", Some("\\x00ff10")),
+        ("js", "json", Some("{\"b\": 1,  \"a\": [1, 2]}")),
+        ("jsb", "jsonb", Some("{\"a\": [1, 2], \"b\": 1}")),
+        ("ia", "integer[]", Some("{1,2,NULL,4}")),
+        ("ta", "text[]", Some("{a,\"b c\",\"d,e\"}")),
+        ("u", "uuid", Some("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")),
+        (
+            "ts",
+            "timestamp with time zone",
+            Some("2024-02-29 12:34:56.789+00"),
+        ),
+        ("d", "date", Some("2024-02-29")),
+        ("b", "boolean", Some("true")),
+        ("nul", "text", None),
+        ("f8", "double precision", Some("0.1")),
+        ("iv", "interval", Some("1 day 02:03:04")),
+    ];
+    let mut spec: Vec<(&str, &str, bool)> = vec![("id", "integer", true)];
+    spec.extend(cols.iter().map(|(n, ty, _)| (*n, *ty, false)));
+    let r = rel(1, "types", b'd', &spec);
+    let mut vals = vec![Some("1")];
+    vals.extend(cols.iter().map(|c| c.2));
+    let last = h.push(vec![txn(1, &[&r], vec![ins(1, &vals)])]).await;
+    let s = start(cfg("types", &pg), &h.store);
+    wait_applied(&s.status, last).await;
+    pg.psql("SET TimeZone = 'UTC'");
+    for (name, _, want) in cols {
+        let got = pg.psql(&format!(
+            "SET TimeZone = 'UTC'; SELECT coalesce({name}::text, '<null>') FROM public.types"
+        ));
+        assert_eq!(got, want.unwrap_or("<null>"), "column {name}");
+    }
+    // Updates and deletes through the same types (the row matched by key).
+    let last = h
+        .push(vec![txn(
+            2,
+            &[&r],
+            vec![Event::Delete {
+                rel: 1,
+                old: OldRow {
+                    key_only: true,
+                    values: {
+                        let mut v = vec![t("1")];
+                        v.extend(cols.iter().map(|_| Value::Null));
+                        v
+                    },
+                },
+            }],
+        )])
+        .await;
+    wait_applied(&s.status, last).await;
+    assert_eq!(pg.psql("SELECT count(*) FROM public.types"), "0");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_toast_keeps_the_old_value() {
+    let pg = Pg::start(PgOpts::default());
+    let mut h = Harness::new();
+    let r = rel(
+        1,
+        "docs",
+        b'd',
+        &[
+            ("id", "integer", true),
+            ("body", "text", false),
+            ("n", "integer", false),
+        ],
+    );
+    let big = "x".repeat(100_000);
+    h.push(vec![txn(
+        1,
+        &[&r],
+        vec![ins(1, &[Some("1"), Some(&big), Some("1")])],
+    )])
+    .await;
+    let last = h
+        .push(vec![txn(
+            2,
+            &[&r],
+            vec![Event::Update {
+                rel: 1,
+                old: None,
+                new: vec![t("1"), Value::Unchanged, t("2")],
+            }],
+        )])
+        .await;
+    let s = start(cfg("toast", &pg), &h.store);
+    wait_applied(&s.status, last).await;
+    assert_eq!(
+        pg.psql("SELECT length(body), n FROM public.docs"),
+        "100000|2"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_identity_without_key_changes_one_row() {
+    let pg = Pg::start(PgOpts::default());
+    let mut h = Harness::new();
+    // REPLICA IDENTITY FULL marks every column as key; still applied by old values.
+    let r = rel(
+        1,
+        "dups",
+        b'f',
+        &[
+            ("a", "integer", true),
+            ("b", "text", true),
+            ("j", "json", true),
+        ],
+    );
+    let row = [Some("1"), None, Some("{\"k\": 1}")];
+    let old = OldRow {
+        key_only: false,
+        values: vec![t("1"), Value::Null, t("{\"k\": 1}")],
+    };
+    let last = h
+        .push(vec![
+            txn(1, &[&r], vec![ins(1, &row), ins(1, &row), ins(1, &row)]),
+            txn(
+                2,
+                &[&r],
+                vec![
+                    Event::Update {
+                        rel: 1,
+                        old: Some(old.clone()),
+                        new: vec![t("2"), t("b"), t("{\"k\": 2}")],
+                    },
+                    Event::Delete {
+                        rel: 1,
+                        old: old.clone(),
+                    },
+                    // Nothing matches: counted, skipped.
+                    Event::Delete {
+                        rel: 1,
+                        old: OldRow {
+                            key_only: false,
+                            values: vec![t("9"), Value::Null, Value::Null],
+                        },
+                    },
+                ],
+            ),
+        ])
+        .await;
+    let s = start(cfg("full", &pg), &h.store);
+    wait_applied(&s.status, last).await;
+    assert_eq!(
+        pg.psql("SELECT a, coalesce(b, '-'), j::text FROM public.dups ORDER BY a"),
+        "1|-|{\"k\": 1}\n2|b|{\"k\": 2}"
+    );
+    // No primary key was made from the "key" flags of a FULL identity.
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM pg_index WHERE indrelid = 'public.dups'::regclass"),
+        "0"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_transaction_is_discarded() {
+    let pg = Pg::start(PgOpts::default());
+    let mut h = Harness::new();
+    let r = rel(
+        1,
+        "log",
+        b'n',
+        &[("xid", "integer", false), ("what", "text", false)],
+    );
+    let last = h
+        .push(vec![
+            txn(1, &[&r], vec![ins(1, &[Some("1"), Some("ok")])]),
+            // Transaction 2 starts, spans a record, and is cut off.
+            Record {
+                lsn: 0,
+                events: vec![
+                    begin(2),
+                    Event::Relation(r.clone()),
+                    ins(1, &[Some("2"), Some("partial")]),
+                ],
+            },
+            Record {
+                lsn: 0,
+                events: vec![
+                    Event::Relation(r.clone()),
+                    ins(1, &[Some("2"), Some("partial")]),
+                ],
+            },
+            // It comes again whole.
+            txn(
+                2,
+                &[&r],
+                vec![
+                    ins(1, &[Some("2"), Some("whole")]),
+                    ins(1, &[Some("2"), Some("whole")]),
+                ],
+            ),
+            txn(3, &[&r], vec![ins(1, &[Some("3"), Some("ok")])]),
+        ])
+        .await;
+    let s = start(cfg("cut", &pg), &h.store);
+    wait_applied(&s.status, last).await;
+    assert_eq!(
+        pg.psql("SELECT xid, what, count(*) FROM public.log GROUP BY 1, 2 ORDER BY 1"),
+        "1|ok|1\n2|whole|2\n3|ok|1"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_across_crashes() {
+    let pg = Pg::start(PgOpts::default());
+    let mut h = Harness::new();
+    let r = rel(
+        1,
+        "log",
+        b'n',
+        &[("xid", "integer", false), ("i", "integer", false)],
+    );
+    // 300 transactions of 3 rows each, some spanning two records.
+    let mut recs = Vec::new();
+    for x in 1..=300u32 {
+        let rows: Vec<Event> = (0..3)
+            .map(|i| ins(1, &[Some(&x.to_string()), Some(&i.to_string())]))
+            .collect();
+        if x % 3 == 0 {
+            recs.push(Record {
+                lsn: 0,
+                events: vec![begin(x), Event::Relation(r.clone()), rows[0].clone()],
+            });
+            let mut ev = vec![Event::Relation(r.clone())];
+            ev.extend(rows[1..].iter().cloned());
+            ev.push(commit(x));
+            recs.push(Record {
+                lsn: x as u64,
+                events: ev,
+            });
+        } else {
+            recs.push(txn(x, &[&r], rows));
+        }
+    }
+    let mut last = 0;
+    for chunk in recs.chunks(20) {
+        last = h.push(chunk.to_vec()).await;
+    }
+    // Start and kill the sink repeatedly (dropping its task mid-stream), then stop it.
+    for round in 0..6 {
+        let s = start(cfg("once", &pg), &h.store);
+        tokio::time::sleep(Duration::from_millis(150 + round * 40)).await;
+        s.task.abort();
+        let _ = s.task.await;
+    }
+    let s = start(cfg("once", &pg), &h.store);
+    wait_applied(&s.status, last).await;
+    s.stop().await;
+    assert_eq!(
+        pg.psql("SELECT count(*), count(DISTINCT (xid, i)), min(xid), max(xid) FROM public.log"),
+        "900|900|1|300"
+    );
+    assert_eq!(
+        pg.psql("SELECT seq FROM _routy.sink_offsets WHERE sink = 'once'"),
+        last.to_string()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_down_then_back() {
+    let mut pg = Pg::start(PgOpts::default());
+    let mut h = Harness::new();
+    let r = rel(
+        1,
+        "kv",
+        b'd',
+        &[("k", "integer", true), ("v", "text", false)],
+    );
+    let first = h
+        .push(vec![txn(1, &[&r], vec![ins(1, &[Some("1"), Some("a")])])])
+        .await;
+    let s = start(cfg("down", &pg), &h.store);
+    wait_applied(&s.status, first).await;
+    pg.stop();
+    let last = h
+        .push(vec![txn(2, &[&r], vec![ins(1, &[Some("2"), Some("b")])])])
+        .await;
+    let t0 = Instant::now();
+    while s.status.last_error().is_none() || s.status.up() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no error while the target is down"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("while down: {:?}", s.status.view());
+    pg.restart();
+    wait_applied(&s.status, last).await;
+    assert!(s.status.up());
+    assert_eq!(
+        pg.psql("SELECT string_agg(v, ',' ORDER BY k) FROM public.kv"),
+        "a,b"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_sink_holds_back_no_other() {
+    let pg_a = Pg::start(PgOpts::default());
+    let pg_b = Pg::start(PgOpts::default());
+    let mut h = Harness::new();
+    pg_a.psql("CREATE TABLE public.kv (k integer PRIMARY KEY, v integer CHECK (v < 100))");
+    let r = rel(
+        1,
+        "kv",
+        b'd',
+        &[("k", "integer", true), ("v", "integer", false)],
+    );
+    let mut recs = Vec::new();
+    for x in 1..=50u32 {
+        recs.push(txn(
+            x,
+            &[&r],
+            vec![ins(1, &[Some(&x.to_string()), Some(&(x * 3).to_string())])],
+        ));
+    }
+    let last = h.push(recs).await;
+    let a = start(cfg("a", &pg_a), &h.store);
+    let b = start(cfg("b", &pg_b), &h.store);
+    wait_applied(&b.status, last).await;
+    let t0 = Instant::now();
+    while a.status.last_error().is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let err = a.status.last_error().unwrap();
+    assert!(err.contains("23514"), "{err}");
+    assert!(a.status.applied_seq() < last);
+    // On retry, sink a applies everything before the bad row and stops there.
+    wait_applied(&a.status, 33).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(a.status.applied_seq(), 33);
+    assert!(!a.status.up());
+    assert_eq!(pg_a.psql("SELECT max(k) FROM public.kv"), "33");
+    pg_a.psql("ALTER TABLE public.kv DROP CONSTRAINT kv_v_check");
+    wait_applied(&a.status, last).await;
+    assert_eq!(
+        pg_a.psql("SELECT count(*), sum(v) FROM public.kv"),
+        "50|3825"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_copy_and_a_big_transaction() {
+    let pg = Pg::start(PgOpts::default());
+    let mut h = Harness::new();
+    let r = rel(
+        1,
+        "big",
+        b'd',
+        &[
+            ("id", "bigint", true),
+            ("name", "text", false),
+            ("amount", "numeric(12,2)", false),
+            ("at", "timestamp with time zone", false),
+        ],
+    );
+    const ROWS: u32 = 100_000;
+    const PER_RECORD: u32 = 500;
+    let row = |i: u32| {
+        ins(
+            1,
+            &[
+                Some(&i.to_string()),
+                Some(&format!("name {i}")),
+                Some(&format!("{}.{:02}", i, i % 100)),
+                Some("2024-01-01 00:00:00+00"),
+            ],
+        )
+    };
+    // An initial copy of 10 000 rows (outside transactions), with a stale row to clear.
+    pg.psql("CREATE TABLE public.big (id bigint PRIMARY KEY, name text, amount numeric(12,2), at timestamptz)");
+    pg.psql("INSERT INTO public.big VALUES (-1, 'stale', 0, now())");
+    let mut recs = vec![Record {
+        lsn: 0,
+        events: vec![
+            Event::Relation(r.clone()),
+            Event::Snapshot {
+                rel: 1,
+                phase: SnapshotPhase::Start,
+                value: 0,
+            },
+        ],
+    }];
+    for c in 0..20 {
+        let mut ev = vec![Event::Relation(r.clone())];
+        ev.extend((0..PER_RECORD).map(|i| row(c * PER_RECORD + i)));
+        recs.push(Record { lsn: 0, events: ev });
+    }
+    recs.push(Record {
+        lsn: 0,
+        events: vec![
+            Event::Relation(r.clone()),
+            Event::Snapshot {
+                rel: 1,
+                phase: SnapshotPhase::Done,
+                value: 10_000,
+            },
+        ],
+    });
+    let snap_last = h.push(recs).await;
+    let t0 = Instant::now();
+    let s = start(cfg("big", &pg), &h.store);
+    wait_applied(&s.status, snap_last).await;
+    let el = t0.elapsed();
+    eprintln!(
+        "initial copy: 10000 rows in {el:?} ({:.0} rows/s)",
+        10_000.0 / el.as_secs_f64()
+    );
+    assert_eq!(
+        pg.psql("SELECT count(*), min(id) FROM public.big"),
+        "10000|0"
+    );
+    // One transaction of 100 000 rows over 200 records (ids overlap the copy: upserts).
+    let mut recs = Vec::new();
+    for c in 0..ROWS / PER_RECORD {
+        let mut ev = vec![];
+        if c == 0 {
+            ev.push(begin(7));
+        }
+        ev.push(Event::Relation(r.clone()));
+        ev.extend((0..PER_RECORD).map(|i| row(c * PER_RECORD + i)));
+        if c == ROWS / PER_RECORD - 1 {
+            ev.push(commit(7));
+        }
+        recs.push(Record { lsn: 0, events: ev });
+    }
+    let t0 = Instant::now();
+    let last = h.push(recs).await;
+    wait_applied(&s.status, last).await;
+    let el = t0.elapsed();
+    eprintln!(
+        "one transaction of {ROWS} rows: applied in {el:?} ({:.0} rows/s)",
+        ROWS as f64 / el.as_secs_f64()
+    );
+    let cents: u64 = (0..ROWS as u64).map(|i| i * 100 + i % 100).sum();
+    assert_eq!(
+        pg.psql("SELECT count(*), sum(amount) FROM public.big"),
+        format!("{ROWS}|{}.{:02}", cents / 100, cents % 100)
+    );
+    s.stop().await;
+}
+
+#[test]
+fn tls_options_are_split_out_of_the_dsn() {
+    use relay_proto::pg_tls::SslMode;
+    let (rest, mode, root) = super::split_tls_options(
+        "host=h port=5 sslmode=verify-full sslrootcert='/a b/c' password='x y\\'z'",
+    )
+    .unwrap();
+    assert_eq!(rest, "host=h port=5 password='x y\\'z'");
+    assert_eq!(mode, SslMode::VerifyFull);
+    assert_eq!(root.unwrap().to_str(), Some("/a b/c"));
+    let (rest, mode, _) =
+        super::split_tls_options("postgres://u@h/db?sslmode=require&application_name=x").unwrap();
+    assert_eq!(rest, "postgres://u@h/db?application_name=x");
+    assert_eq!(mode, SslMode::Require);
+    assert!(super::split_tls_options("host=h sslmode=bogus").is_err());
+}
