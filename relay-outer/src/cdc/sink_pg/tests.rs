@@ -796,3 +796,32 @@ fn tls_options_are_split_out_of_the_dsn() {
     assert_eq!(mode, SslMode::Require);
     assert!(super::split_tls_options("host=h sslmode=bogus").is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_running_one_sink_apply_each_transaction_once() {
+    let pg = Pg::start(PgOpts::default());
+    let mut h = Harness::new();
+    let r = rel(1, "log", b'n', &[("xid", "integer", false)]);
+    let a = start(cfg("twin", &pg), &h.store);
+    let b = start(cfg("twin", &pg), &h.store);
+    let mut last = 0;
+    for x in 1..=200u32 {
+        last = h
+            .push(vec![txn(x, &[&r], vec![ins(1, &[Some(&x.to_string())])])])
+            .await;
+        if x % 20 == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let t0 = Instant::now();
+    while pg.psql("SELECT seq FROM _routy.sink_offsets WHERE sink = 'twin'") != last.to_string() {
+        assert!(t0.elapsed() < Duration::from_secs(60));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.stop().await;
+    b.stop().await;
+    assert_eq!(
+        pg.psql("SELECT count(*), count(DISTINCT xid) FROM public.log"),
+        "200|200"
+    );
+}
