@@ -12,6 +12,37 @@ use tracing::{error, info};
 
 use crate::status::EndpointStatus;
 
+/// relay-inner's CDC metrics with their help texts.
+pub const METRICS: &[(&str, &str)] = &[
+    (source::RETAINED_WAL_BYTES, "WAL the source keeps for the slot (current WAL position minus the slot's restart_lsn), bytes."),
+    (source::CONFIRMED_LSN, "Position confirmed to the source (durable in the spool), as a number."),
+    (source::EVENTS_TOTAL, "Change events read from the source, by kind."),
+    (source::TRANSACTIONS_TOTAL, "Source transactions spooled."),
+    (source::SNAPSHOT_ROWS_TOTAL, "Rows copied by the initial snapshot, by table."),
+    (source::HEARTBEATS_TOTAL, "Heartbeat messages emitted on the source while its published tables were idle."),
+    (source::ERRORS_TOTAL, "Source failures, by reason (fatal, transient)."),
+    (relay_inner::spool::SPOOL_FULL_WAITS, "Times reading from the source paused because the spool was full."),
+    (SPOOL_BYTES, "Bytes in the spool on disk."),
+    (relay_inner::shipper::BATCHES_SENT, "Batches sent to relay-outer."),
+    (relay_inner::shipper::RECORDS_SENT, "Records sent to relay-outer (resends included)."),
+    (relay_inner::shipper::ACKED_SEQ, "Highest seq relay-outer acknowledged as durable in its store."),
+    (relay_inner::shipper::UNACKED_RECORDS, "Records durable in the spool that relay-outer has not acknowledged yet."),
+    (relay_inner::shipper::SHIP_ERRORS, "Shipping streams that failed, by reason."),
+];
+
+/// Gauge: bytes in each source's spool.
+pub const SPOOL_BYTES: &str = "routy_cdc_spool_bytes";
+
+fn describe_metrics() {
+    for (name, help) in METRICS {
+        if name.ends_with("_total") {
+            metrics::describe_counter!(*name, *help);
+        } else {
+            metrics::describe_gauge!(*name, *help);
+        }
+    }
+}
+
 /// One source at run time.
 struct SourceRt {
     cfg: SourceConfig,
@@ -30,6 +61,7 @@ impl Cdc {
     /// Opens every source's spool (failing if one cannot be opened) and starts the
     /// sources.
     pub fn start(cfg: &CdcConfig, drain: &Drain) -> anyhow::Result<Arc<Cdc>> {
+        describe_metrics();
         let mut sources = Vec::new();
         for s in &cfg.sources {
             let dir = cfg.spool_dir.join(&s.name);
@@ -58,10 +90,26 @@ impl Cdc {
                 }
             });
         }
-        Ok(Arc::new(Cdc {
+        let cdc = Arc::new(Cdc {
             cfg: cfg.clone(),
             sources,
-        }))
+        });
+        let (weak, stop) = (Arc::downgrade(&cdc), drain.clone());
+        tokio::spawn(async move {
+            loop {
+                let Some(cdc) = weak.upgrade() else { return };
+                for s in &cdc.sources {
+                    metrics::gauge!(SPOOL_BYTES, "source" => s.cfg.name.clone())
+                        .set(s.spool.size_bytes() as f64);
+                }
+                drop(cdc);
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                    _ = stop.stopping() => return,
+                }
+            }
+        });
+        Ok(cdc)
     }
 
     /// Sets the endpoints whose acknowledgement lets the spools remove records.
