@@ -11,7 +11,8 @@
 //! already has.
 //!
 //! Batching: when nothing is in flight a batch leaves at once (low latency); while a batch
-//! is unacknowledged the next one fills up to `batch_max_bytes` or `batch_max_delay`.
+//! is unacknowledged the next one fills until that acknowledgement arrives, the batch
+//! reaches `batch_max_bytes`, or `batch_max_delay` passes.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -278,7 +279,8 @@ impl Shipper {
                     tokio::select! {
                         _ = tokio::time::sleep_until(deadline) => {}
                         r = synced.changed() => if r.is_err() { return End::Stop },
-                        r = acked.changed() => if r.is_err() { break },
+                        // An acknowledgement: the stream has room again, send what we have.
+                        _ = acked.changed() => break,
                     }
                 }
             }
