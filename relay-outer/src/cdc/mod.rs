@@ -75,9 +75,11 @@ pub const METRICS: &[(&str, &str)] = &[
 /// Describes the metrics above to the installed recorder (the kind follows from the
 /// name, as in `relay_proto::metrics::install`).
 pub fn describe_metrics() {
-    for (name, help) in METRICS {
+    for (name, help) in METRICS.iter().chain(sink_pg::METRICS) {
         if name.ends_with("_total") {
             metrics::describe_counter!(*name, *help);
+        } else if name.ends_with("_seconds") {
+            metrics::describe_histogram!(*name, metrics::Unit::Seconds, *help);
         } else {
             metrics::describe_gauge!(*name, *help);
         }
@@ -161,6 +163,7 @@ pub struct Cdc {
     drain: Drain,
     next_stream: AtomicU64,
     sinks: Mutex<Vec<(String, JoinHandle<()>)>>,
+    sink_status: Mutex<HashMap<String, Arc<sink_pg::SinkStatus>>>,
 }
 
 impl std::fmt::Debug for Cdc {
@@ -182,6 +185,7 @@ impl Cdc {
             drain: drain.clone(),
             next_stream: AtomicU64::new(0),
             sinks: Mutex::new(Vec::new()),
+            sink_status: Mutex::new(HashMap::new()),
         });
         for name in cfg.sources() {
             cdc.source(&name).await.with_context(|| {
@@ -197,9 +201,19 @@ impl Cdc {
                 .get(&sink.source)
                 .context("store of a sink's source was not opened")?;
             // Until the sink says how far it got, retention keeps everything.
-            src.store.register_reader(&sink.name);
+            src.store.register_reader(&sink_pg::reader_name(sink));
             info!(sink = %sink.name, source = %sink.source, "sink starting");
-            let h = tokio::spawn(sink_pg::run(sink.clone(), src.store.clone(), drain.clone()));
+            let status = Arc::new(sink_pg::SinkStatus::new());
+            cdc.sink_status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(sink.name.clone(), status.clone());
+            let h = tokio::spawn(sink_pg::run_with_status(
+                sink.clone(),
+                src.store.clone(),
+                drain.clone(),
+                status,
+            ));
             handles.push((sink.name.clone(), h));
         }
         *cdc.sinks.lock().unwrap_or_else(|p| p.into_inner()) = handles;
@@ -290,7 +304,22 @@ impl Cdc {
                 .sinks
                 .iter()
                 .filter(|k| k.source == s.name)
-                .map(|k| (k.name.clone(), json!(s.store.reader_position(&k.name))))
+                .map(|k| {
+                    let st = self
+                        .sink_status
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(&k.name)
+                        .map(|st| st.view());
+                    let v = json!({
+                        "applied_seq": s.store.reader_position(&sink_pg::reader_name(k)),
+                        "lag_records": s.store.synced_seq().saturating_sub(
+                            s.store.reader_position(&sink_pg::reader_name(k)).unwrap_or(0)),
+                        "up": st.as_ref().map(|v| v.up),
+                        "last_error": st.and_then(|v| v.last_error),
+                    });
+                    (k.name.clone(), v)
+                })
                 .collect();
             sources.insert(
                 s.name.clone(),

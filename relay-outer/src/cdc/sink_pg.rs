@@ -75,7 +75,6 @@ pub const MISSING_ROWS: &str = "routy_cdc_sink_missing_rows_total";
 pub const COMMIT_LATENCY: &str = "routy_cdc_sink_commit_seconds";
 
 /// Every sink metric with its help text (for `# HELP` lines and the README).
-#[allow(dead_code)] // until relay-outer describes these with the others
 pub const METRICS: &[(&str, &str)] = &[
     (APPLIED_SEQ, "Store seq committed in the sink's target."),
     (
@@ -126,7 +125,6 @@ pub struct SinkStatus {
 }
 
 /// A copy of a [`SinkStatus`] at one moment.
-#[allow(dead_code)] // until the status page reads it
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct SinkStatusView {
     /// Store seq committed in the target.
@@ -137,7 +135,6 @@ pub struct SinkStatusView {
     pub last_error: Option<String>,
 }
 
-#[allow(dead_code)] // the getters are for the status page
 impl SinkStatus {
     /// A fresh status: nothing applied, down, no error.
     pub fn new() -> SinkStatus {
@@ -301,11 +298,6 @@ impl Memo {
     }
 }
 
-/// Runs the sink until `stop`.
-pub async fn run(cfg: PgSinkConfig, store: Arc<Store>, stop: Drain) {
-    run_with_status(cfg, store, stop, Arc::new(SinkStatus::new())).await
-}
-
 /// Runs the sink until `stop`, reporting into `status`.
 pub async fn run_with_status(
     cfg: PgSinkConfig,
@@ -366,8 +358,9 @@ pub async fn run_with_status(
 }
 
 /// The name the sink reports its store position under.
-fn reader_name(cfg: &PgSinkConfig) -> String {
-    format!("sink:{}", cfg.name)
+/// The sink's reader name in its store (retention keeps what it has not applied).
+pub fn reader_name(cfg: &PgSinkConfig) -> String {
+    cfg.name.clone()
 }
 
 /// A delay between half of `d` and `d`.
