@@ -1,0 +1,502 @@
+//! End-to-end CDC operations: a full spool, heartbeats and the metrics and status an
+//! operator watches, `cdc drop-slot` followed by a fresh copy, a source that cannot start
+//! (missing table) beside a working tunnel, and config mistakes `check-config` names.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+
+use routy_e2e::cdc::{CdcRig, RigOpts, CATCH_UP, SINK, SOURCE};
+use routy_e2e::relays::{check_config, inner_yaml, outer_yaml, ListenerSpec, Pki, Relay};
+use routy_e2e::{bin, is_root, psql_at, run_timeout, try_wait_until};
+
+/// How long a condition that needs no catching up may take.
+const SHORT: Duration = Duration::from_secs(30);
+
+/// `GET path` on a relay's admin endpoint (HTTP/1.0); the body on a 200.
+fn http_get(port: u16, path: &str) -> Result<String, String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).map_err(|e| format!("read: {e}"))?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no header end in {text:?}"))?;
+    let code = head.split_whitespace().nth(1);
+    if !head.starts_with("HTTP/1.") || code != Some("200") {
+        return Err(format!("GET {path}: {head}"));
+    }
+    Ok(body.to_string())
+}
+
+fn admin(r: &Relay) -> u16 {
+    r.admin_port
+        .expect("the rig's relays have an admin endpoint")
+}
+
+fn metrics_of(r: &Relay) -> String {
+    http_get(admin(r), "/metrics").unwrap_or_default()
+}
+
+fn status_of(r: &Relay) -> serde_json::Value {
+    http_get(admin(r), "/status")
+        .ok()
+        .and_then(|b| serde_json::from_str(&b).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Sum of every series of metric `name` in Prometheus text, None if there is none.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    let mut sum = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        let value = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+        if let Some(v) = value {
+            sum = Some(sum.unwrap_or(0.0) + v);
+        }
+    }
+    sum
+}
+
+fn lsn(s: &str) -> u64 {
+    let (hi, lo) = s.trim().split_once('/').expect("an LSN like 0/16B3748");
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
+fn wal_end(rig: &CdcRig) -> u64 {
+    lsn(&rig.source.psql("SELECT pg_current_wal_lsn()::text"))
+}
+
+fn wait_shipping(rig: &CdcRig) {
+    try_wait_until(CATCH_UP, "CDC shipping stream up", || {
+        rig.inner().count("CDC shipping stream up") > 0
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", rig.inner().proc.log()));
+}
+
+/// Panics with the relay's log tail unless `f` becomes true within `timeout`.
+fn wait_or_log(r: &Relay, timeout: Duration, what: &str, f: impl FnMut() -> bool) {
+    if let Err(e) = try_wait_until(timeout, what, f) {
+        let log = r.proc.log();
+        let lines: Vec<&str> = log.lines().collect();
+        panic!(
+            "{e}\n--- {} log ---\n{}",
+            r.proc.name(),
+            lines[lines.len().saturating_sub(60)..].join("\n")
+        );
+    }
+}
+
+/// Heartbeat and slot checks every second so positions move quickly in the tests.
+const FAST_SOURCE: &str = "      heartbeat: 1s\n      status_interval: 1s\n";
+
+/// With relay-outer away and a 1 MiB spool, several MB of changes fill the spool:
+/// reading pauses (the slot stays behind), nothing is dropped, and once relay-outer is
+/// back everything arrives and the slot catches up with the source's WAL.
+#[test]
+fn spool_full_pauses_reading_and_loses_nothing() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let mut rig = CdcRig::start(RigOpts {
+        setup_sql: "CREATE TABLE public.big (id int PRIMARY KEY, v text NOT NULL);".into(),
+        tables: vec!["public.big".into()],
+        source_extra: FAST_SOURCE.into(),
+        spool_max: "1MiB".into(),
+        ..RigOpts::default()
+    });
+    wait_shipping(&rig);
+    rig.wait_in_sync(&["public.big"], CATCH_UP);
+    rig.kill_outer();
+    // 20 000 rows of ~300 bytes in four transactions: about 6 MB of changes.
+    for k in 0..4 {
+        rig.source.psql(&format!(
+            "INSERT INTO public.big SELECT g, repeat(md5(g::text), 9) || g \
+             FROM generate_series({} , {}) g;",
+            k * 5000 + 1,
+            (k + 1) * 5000
+        ));
+    }
+    let end = wal_end(&rig);
+    let inner = rig.inner();
+    wait_or_log(
+        inner,
+        CATCH_UP,
+        "relay-inner logs that the spool is full",
+        || inner.count("spool is full") > 0,
+    );
+    wait_or_log(inner, SHORT, "routy_cdc_spool_full_waits_total > 0", || {
+        metric(&metrics_of(inner), "routy_cdc_spool_full_waits_total").unwrap_or(0.0) > 0.0
+    });
+    // Reading paused: the slot cannot have confirmed what does not fit in the spool.
+    let paused_at = rig.confirmed_flush();
+    assert!(
+        paused_at < end,
+        "the slot confirmed {paused_at:X} although the spool is full and the WAL ends at {end:X}"
+    );
+    // The spool stays near its bound (one record of at most ~256 KiB may go past it).
+    let st = status_of(inner);
+    let bytes = st["cdc"]["sources"][0]["spool"]["bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no spool bytes in /status: {st}"));
+    assert!(
+        bytes <= 2 << 20,
+        "spool holds {bytes} bytes with max_bytes 1MiB"
+    );
+
+    rig.start_outer();
+    rig.wait_in_sync(&["public.big"], CATCH_UP);
+    assert_eq!(rig.target.psql("SELECT count(*) FROM public.big"), "20000");
+    try_wait_until(SHORT, "the slot confirms the whole WAL", || {
+        rig.confirmed_flush() >= end
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: slot at {:X}, WAL end {end:X}\n{}",
+            rig.confirmed_flush(),
+            rig.inner().proc.log()
+        )
+    });
+}
+
+/// An idle published table: heartbeats are emitted and counted, retained WAL is a
+/// metric, and both relays' /status and /metrics show the source, store and sink.
+#[test]
+fn heartbeat_and_retained_wal_are_reported() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let rig = CdcRig::start(RigOpts {
+        setup_sql: "CREATE TABLE public.t (id int PRIMARY KEY); INSERT INTO public.t VALUES (1);"
+            .into(),
+        tables: vec!["public.t".into()],
+        source_extra: FAST_SOURCE.into(),
+        ..RigOpts::default()
+    });
+    wait_shipping(&rig);
+    rig.wait_in_sync(&["public.t"], CATCH_UP);
+    let (inner, outer) = (rig.inner(), rig.outer());
+
+    wait_or_log(
+        inner,
+        SHORT,
+        "heartbeats counted and retained WAL reported",
+        || {
+            let m = metrics_of(inner);
+            metric(&m, "routy_cdc_source_heartbeats_total").unwrap_or(0.0) > 0.0
+                && metric(&m, "routy_cdc_source_retained_wal_bytes").is_some()
+        },
+    );
+    let m = metrics_of(inner);
+    assert!(
+        m.contains("routy_cdc_source_heartbeats_total{source=\"main\"}"),
+        "heartbeats carry the source label:\n{m}"
+    );
+
+    wait_or_log(
+        inner,
+        SHORT,
+        "relay-inner /status: source streaming",
+        || status_of(inner)["cdc"]["sources"][0]["source"]["phase"] == "streaming",
+    );
+    let st = status_of(inner);
+    let src = &st["cdc"]["sources"][0];
+    assert_eq!(src["name"], "main", "{st}");
+    assert_eq!(src["slot"], "routy_main", "{st}");
+    assert_eq!(src["publication"], "routy_main", "{st}");
+    assert!(src["source"]["last_error"].is_null(), "{st}");
+    assert!(src["source"]["retained_wal_bytes"].is_u64(), "{st}");
+    assert!(src["spool"]["durable_seq"].is_u64(), "{st}");
+
+    wait_or_log(
+        outer,
+        SHORT,
+        "relay-outer /status: store connected, sink up",
+        || {
+            let st = status_of(outer);
+            let s = &st["cdc"]["sources"][SOURCE];
+            s["connected"] == true && s["sinks"][SINK]["up"] == true
+        },
+    );
+    let st = status_of(outer);
+    let s = &st["cdc"]["sources"][SOURCE];
+    assert!(s["last_seq"].as_u64().unwrap_or(0) > 0, "{st}");
+    assert!(s["sinks"][SINK]["applied_seq"].is_u64(), "{st}");
+    assert!(s["sinks"][SINK]["last_error"].is_null(), "{st}");
+
+    wait_or_log(
+        outer,
+        SHORT,
+        "relay-outer /metrics: routy_cdc_sink_applied_seq",
+        || metric(&metrics_of(outer), "routy_cdc_sink_applied_seq").unwrap_or(0.0) > 0.0,
+    );
+}
+
+/// `relay-inner cdc drop-slot` with relay-inner stopped drops the slot and says so; an
+/// unknown source is refused with the known names; the next start creates a new slot,
+/// copies every table again and the target ends identical, also for changes made while
+/// no slot existed.
+#[test]
+fn drop_slot_command_and_a_fresh_copy() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let mut rig = CdcRig::start(RigOpts {
+        setup_sql: "CREATE TABLE public.t (id int PRIMARY KEY, v text);
+                    INSERT INTO public.t SELECT g, 'v' || g FROM generate_series(1, 1000) g;"
+            .into(),
+        tables: vec!["public.t".into()],
+        ..RigOpts::default()
+    });
+    rig.wait_in_sync(&["public.t"], CATCH_UP);
+
+    let drop_slot = |config: &std::path::Path, source: &str| {
+        let mut cmd = Command::new(bin("relay-inner"));
+        cmd.args(["cdc", "drop-slot", "--config"])
+            .arg(config)
+            .args(["--source", source]);
+        let out = run_timeout(&mut cmd, None, SHORT).expect("cdc drop-slot");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    // Refused while relay-inner streams from the slot.
+    let (ok, text) = drop_slot(&rig.inner().config, "main");
+    assert!(!ok, "drop-slot must refuse a slot in use: {text}");
+    assert!(
+        text.contains("in use") && text.contains("stop relay-inner"),
+        "{text}"
+    );
+    assert_eq!(
+        rig.source
+            .psql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'routy_main'"),
+        "1"
+    );
+
+    let mut stopped = rig.inner.take().expect("relay-inner running");
+    stopped.proc.term();
+    let st = stopped.proc.wait_exit(SHORT);
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "relay-inner did not exit cleanly on SIGTERM: {st:?}\n{}",
+        stopped.proc.log()
+    );
+    // The walsender serving it goes away right after.
+    try_wait_until(SHORT, "slot inactive", || {
+        rig.source
+            .psql("SELECT active FROM pg_replication_slots WHERE slot_name = 'routy_main'")
+            == "f"
+    })
+    .unwrap();
+
+    let config = stopped.config.clone();
+    let drop_slot = |source: &str| drop_slot(&config, source);
+    let (ok, text) = drop_slot("nope");
+    assert!(!ok, "an unknown source must fail: {text}");
+    assert!(
+        text.contains("no cdc source named \"nope\"") && text.contains("main"),
+        "the message names the source and the known ones: {text}"
+    );
+    let (ok, text) = drop_slot("main");
+    assert!(ok, "drop-slot failed: {text}");
+    assert!(
+        text.contains("dropped replication slot routy_main")
+            && text.contains("copies every table again"),
+        "{text}"
+    );
+    assert_eq!(
+        rig.source
+            .psql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'routy_main'"),
+        "0",
+        "the slot is gone"
+    );
+    let (ok, again) = drop_slot("main");
+    assert!(ok, "a second drop-slot is harmless: {again}");
+    assert!(again.contains("does not exist"), "{again}");
+    drop(stopped);
+
+    // Changes while no slot exists: only a new copy can bring them over.
+    rig.source.psql(
+        "DELETE FROM public.t WHERE id <= 100;
+         UPDATE public.t SET v = 'changed' WHERE id % 7 = 0;
+         INSERT INTO public.t SELECT g, 'new' FROM generate_series(2001, 2500) g;",
+    );
+    rig.start_inner();
+    let inner = rig.inner();
+    wait_or_log(
+        inner,
+        CATCH_UP,
+        "relay-inner creates the slot again",
+        || inner.count("created the replication slot") > 0,
+    );
+    rig.wait_in_sync(&["public.t"], CATCH_UP);
+    // And it streams from the new slot.
+    rig.source
+        .psql("INSERT INTO public.t VALUES (5000, 'after'); DELETE FROM public.t WHERE id = 2001;");
+    rig.wait_in_sync(&["public.t"], CATCH_UP);
+    assert!(
+        rig.outer().count("initial copy starts") >= 2,
+        "the sink emptied the table for each copy:\n{}",
+        rig.outer().proc.log()
+    );
+}
+
+/// A source naming a table that does not exist stops with an error naming it; the
+/// tunnel and its services keep working.
+#[test]
+fn a_missing_table_is_a_clear_error() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let mut rig = CdcRig::start(RigOpts {
+        setup_sql: "CREATE TABLE public.t (id int PRIMARY KEY);".into(),
+        tables: vec!["public.t".into(), "public.nope".into()],
+        ..RigOpts::default()
+    });
+    let inner = rig.inner();
+    wait_or_log(inner, SHORT, "the source stops", || {
+        inner.count("CDC source stopped") > 0
+    });
+    let log = inner.proc.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("CDC source stopped"))
+        .unwrap();
+    assert!(
+        line.contains("public.nope") && line.contains("do not exist"),
+        "the error names the missing table: {line}"
+    );
+    assert!(!line.contains("public.t,"), "{line}");
+    let st = status_of(inner);
+    let src = &st["cdc"]["sources"][0]["source"];
+    assert_eq!(src["phase"], "failed", "{st}");
+    assert!(
+        src["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("public.nope")),
+        "{st}"
+    );
+    let m = metrics_of(inner);
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("routy_cdc_source_errors_total")
+                && l.contains("reason=\"fatal\"")),
+        "a fatal error is counted:\n{m}"
+    );
+    // Nothing was created on the source for the failed source.
+    assert_eq!(
+        rig.source
+            .psql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'routy_main'"),
+        "0"
+    );
+    // The tunnel is unaffected.
+    assert_eq!(
+        psql_at("127.0.0.1", rig.listen_port, "SELECT 1").expect("psql through the tunnel"),
+        "1"
+    );
+    let st = rig.inner.as_mut().unwrap().proc.try_status();
+    assert!(st.is_none(), "relay-inner exited: {st:?}");
+}
+
+const KA: (&str, &str) = ("5s", "15s");
+
+fn assert_fails(which: &str, yaml: &str, needles: &[&str]) {
+    let (ok, text) = check_config(which, yaml);
+    assert!(!ok, "{which} check-config accepted:\n{yaml}\n{text}");
+    eprintln!("{which} check-config: {}", text.trim_end());
+    for n in needles {
+        assert!(
+            text.contains(n),
+            "{which} check-config message lacks {n:?}:\n{text}"
+        );
+    }
+}
+
+/// `check-config` refuses CDC mistakes with a message naming the field.
+#[test]
+fn bad_cdc_config_is_rejected_with_the_field() {
+    let pki = Pki::new(&["localhost"]);
+    pki.issue("site-a");
+    let spool = pki.dir().join("spool");
+    let source = "    - name: main\n      postgres:\n        dsn: \"host=127.0.0.1 user=postgres\"\n        tables: [public.orders]\n";
+    let inner = |sources: &str| {
+        inner_yaml(
+            &pki,
+            "site-a",
+            &[("127.0.0.1:7443".to_string(), "localhost")],
+            &[("pg", "127.0.0.1:5432".to_string())],
+            KA,
+            &format!(
+                "cdc:\n  spool: {{ dir: {}, max_bytes: 1MiB }}\n  sources:\n{sources}",
+                spool.display()
+            ),
+        )
+    };
+    let good = inner(source);
+    let (ok, text) = check_config("relay-inner", &good);
+    assert!(ok, "{good}\n{text}");
+    assert!(text.contains("1 cdc source(s)"), "{text}");
+
+    assert_fails(
+        "relay-inner",
+        &inner(&source.replace("tables:", "tabels:")),
+        &[
+            "tabels",
+            "line 14",
+            "expected one of dsn, slot, publication, tables",
+        ],
+    );
+    assert_fails(
+        "relay-inner",
+        &inner(&source.replace("public.orders", "orders")),
+        &["cdc.sources[0].postgres.tables[0]", "orders"],
+    );
+    assert_fails(
+        "relay-inner",
+        &inner(&source.replace("public.orders", "public.orders; drop table x")),
+        &["cdc.sources[0].postgres.tables[0]"],
+    );
+    assert_fails(
+        "relay-inner",
+        &inner(&format!("{source}{source}")),
+        &["cdc.sources[1].name", "main"],
+    );
+
+    let store = pki.dir().join("store");
+    let outer = |sink_source: &str| {
+        outer_yaml(
+            &pki,
+            "127.0.0.1:7443",
+            KA,
+            &[ListenerSpec::new("pg", "127.0.0.1:15432", "site-a", "pg")],
+            &format!(
+                "cdc:\n  dir: {}\n  sinks:\n    - name: replica\n      source: {sink_source}\n      postgres: {{ dsn: \"host=127.0.0.1 user=postgres\" }}\n",
+                store.display()
+            ),
+        )
+    };
+    let good = outer("site-a/main");
+    let (ok, text) = check_config("relay-outer", &good);
+    assert!(ok, "{good}\n{text}");
+    assert_fails(
+        "relay-outer",
+        &outer("main"),
+        &["cdc.sinks[0].source", "tunnel/source"],
+    );
+}
