@@ -34,8 +34,12 @@ where
 {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::new(path, format!("cannot read: {e}")))?;
-    let raw: R =
-        serde_saphyr::from_str(&text).map_err(|e| ConfigError::new(path, e.to_string()))?;
+    let raw: R = serde_saphyr::from_str(&text).map_err(|e| {
+        // The parser's message starts with its own "error: "; ours already says it.
+        let m = e.to_string();
+        let m = m.strip_prefix("error: ").map(str::to_owned).unwrap_or(m);
+        ConfigError::new(path, m)
+    })?;
     let base = path.parent().unwrap_or(Path::new("."));
     validate(raw, base).map_err(|m| ConfigError::new(path, m))
 }

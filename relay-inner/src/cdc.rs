@@ -8,7 +8,7 @@ use relay_inner::shipper::{ShipStatus, Shipper};
 use relay_inner::source::{self, SourceStatus};
 use relay_inner::spool::Spool;
 use relay_proto::drain::Drain;
-use tracing::{error, info};
+use tracing::{debug, info};
 
 use crate::status::EndpointStatus;
 
@@ -85,8 +85,9 @@ impl Cdc {
             info!(source = %cfg.name, slot = %cfg.slot, tables = ?cfg.tables, "CDC source starting");
             tokio::spawn(async move {
                 let name = cfg.name.clone();
+                // The source logs its own fatal error with what to do.
                 if let Err(e) = source::run(cfg, spool, stop, status).await {
-                    error!(source = %name, "CDC source stopped: {e}");
+                    debug!(source = %name, "CDC source task ended: {e}");
                 }
             });
         }

@@ -60,6 +60,8 @@ pub struct Spool {
     durable_lsn: std::sync::atomic::AtomicU64,
     /// Woken when segments are removed.
     space: Notify,
+    /// Set while the spool is full and that was logged (logged once per episode).
+    full: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Spool {
@@ -93,11 +95,20 @@ impl Spool {
             synced: tx,
             durable_lsn: lsn.into(),
             space: Notify::new(),
+            full: false.into(),
         }))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The source's name (the spool directory's name).
+    pub fn name(&self) -> String {
+        self.dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
     }
 
     /// This source's spool directory.
@@ -115,14 +126,20 @@ impl Spool {
                 if st.log.size_bytes() < self.max_bytes {
                     let seq = st.log.append(&payload)?;
                     st.appended_lsn = st.appended_lsn.max(rec.lsn);
+                    drop(st);
+                    if self.full.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::info!(source = %self.name(), "spool has room again; reading from the source resumes");
+                    }
                     return Ok(seq);
                 }
             }
             // Full: make what we have durable so it can be shipped and acknowledged.
             self.sync().await?;
-            metrics::counter!(SPOOL_FULL_WAITS).increment(1);
-            tracing::warn!(dir = %self.dir.display(), max_bytes = self.max_bytes,
-                "spool is full; reading from the source pauses until relay-outer acknowledges records");
+            metrics::counter!(SPOOL_FULL_WAITS, "source" => self.name()).increment(1);
+            if !self.full.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(source = %self.name(), dir = %self.dir.display(), max_bytes = self.max_bytes,
+                    "spool is full; reading from the source pauses until relay-outer acknowledges records");
+            }
             notified.await;
         }
     }
