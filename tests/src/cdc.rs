@@ -63,7 +63,10 @@ pub struct CdcRig {
     pub spool_dir: PathBuf,
     /// Listener port on relay-outer that reaches the source through the tunnel.
     pub listen_port: u16,
-    _pki: Pki,
+    /// relay-outer's tunnel address.
+    pub tunnel_addr: std::net::SocketAddr,
+    /// The certificates (tunnel `site-a` issued).
+    pub pki: Pki,
     _dirs: tempfile::TempDir,
     /// The namespaces, when used.
     pub pair: Option<NetPair>,
@@ -163,7 +166,10 @@ impl CdcRig {
             store_dir,
             spool_dir,
             listen_port,
-            _pki: pki,
+            tunnel_addr: format!("{out_ip}:{tunnel_port}")
+                .parse()
+                .expect("tunnel address"),
+            pki,
             _dirs: dirs,
             pair,
         }

@@ -500,3 +500,129 @@ fn bad_cdc_config_is_rejected_with_the_field() {
         &["cdc.sinks[0].source", "tunnel/source"],
     );
 }
+
+/// A peer with a valid certificate opens CDC streams and sends garbage: a stream of
+/// noise, a bad source name, a huge length prefix, a batch with a malformed record.
+/// relay-outer refuses each with a reason, stores nothing of it, and the real pipeline
+/// goes on.
+#[test]
+fn garbage_on_cdc_streams_is_refused_and_harms_nothing() {
+    use relay_proto::cdc::ShipMessage;
+    use relay_proto::codec::{read_frame, write_frame};
+    use relay_proto::frame::{Frame, Hello};
+    use routy_e2e::fake::{self, FakeInner, STEP};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let rig = CdcRig::start(RigOpts {
+        setup_sql: "CREATE TABLE public.t (id int PRIMARY KEY, v text);".into(),
+        tables: vec!["public.t".into()],
+        ..RigOpts::default()
+    });
+    try_wait_until(CATCH_UP, "shipping up", || {
+        rig.inner().count("CDC shipping stream up") > 0
+    })
+    .unwrap();
+    let rt = fake::runtime();
+    rt.block_on(async {
+        let mut f = FakeInner::connect(rig.tunnel_addr, &rig.pki, "site-a", "localhost").await;
+        let hello = Hello {
+            protocol: relay_proto::handshake::PROTOCOL_VERSION,
+            node: "impostor".into(),
+            services: vec![],
+            features: vec![],
+        };
+        relay_proto::handshake::client(&mut f.ctrl, hello, STEP)
+            .await
+            .expect("handshake");
+
+        // 1. Noise instead of a first frame: the stream is refused and closed.
+        let mut s = f.session.open().await.unwrap();
+        let _ = s.write_all(&fake::noise(fake::seed(), 8 * 1024)).await;
+        let _ = s.flush().await;
+        let mut sink = Vec::new();
+        let r = tokio::time::timeout(STEP, s.read_to_end(&mut sink)).await;
+        assert!(r.is_ok(), "a noise stream must be closed");
+
+        // 2. A source name that tries to leave its tunnel's directory.
+        let mut s = f.session.open().await.unwrap();
+        let open = Frame::CdcOpen {
+            source: "../site-b".into(),
+            first_seq: 1,
+            last_seq: 0,
+        };
+        write_frame(&mut s, &open, STEP).await.unwrap();
+        match read_frame(&mut s, STEP).await {
+            Ok(Frame::Error { message, .. }) => assert!(message.contains("site-b"), "{message}"),
+            other => panic!("expected an Error frame, got {other:?}"),
+        }
+
+        // 3. A valid open, then a batch whose record is garbage: refused, nothing stored.
+        let mut s = f.session.open().await.unwrap();
+        let open = Frame::CdcOpen {
+            source: "impostor".into(),
+            first_seq: 1,
+            last_seq: 1,
+        };
+        write_frame(&mut s, &open, STEP).await.unwrap();
+        assert!(matches!(
+            read_frame(&mut s, STEP).await,
+            Ok(Frame::CdcReady { next_seq: 1 })
+        ));
+        let bad = ShipMessage::Batch {
+            first_seq: 1,
+            records: vec![b"not a record".to_vec()],
+        };
+        bad.write(&mut s).await.unwrap();
+        match tokio::time::timeout(STEP, ShipMessage::read(&mut s)).await {
+            Ok(Ok(Some(ShipMessage::Error { message }))) => {
+                assert!(message.contains("malformed"), "{message}")
+            }
+            other => panic!("expected a shipping Error, got {other:?}"),
+        }
+
+        // 4. A length prefix of 4 GiB: refused without allocating it.
+        let mut s = f.session.open().await.unwrap();
+        let open = Frame::CdcOpen {
+            source: "impostor".into(),
+            first_seq: 1,
+            last_seq: 1,
+        };
+        write_frame(&mut s, &open, STEP).await.unwrap();
+        assert!(matches!(
+            read_frame(&mut s, STEP).await,
+            Ok(Frame::CdcReady { .. })
+        ));
+        s.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3])
+            .await
+            .unwrap();
+        s.flush().await.unwrap();
+        match tokio::time::timeout(STEP, ShipMessage::read(&mut s)).await {
+            Ok(Ok(Some(ShipMessage::Error { message }))) => {
+                assert!(message.contains("exceeds"), "{message}")
+            }
+            other => panic!("expected a shipping Error, got {other:?}"),
+        }
+        f.session.kill();
+    });
+
+    // relay-outer logged the reasons, stored nothing for the impostor, and still runs the
+    // real pipeline.
+    let log = rig.outer().proc.log();
+    assert!(log.contains("malformed"), "relay-outer should log why");
+    rig.source
+        .psql("INSERT INTO public.t SELECT g, 'after' FROM generate_series(1, 100) g");
+    rig.wait_in_sync(&["public.t"], CATCH_UP);
+    let mut cmd = Command::new(bin("relay-outer"));
+    cmd.args(["cdc", "tail", "--config"])
+        .arg(&rig.outer().config)
+        .args(["--source", "site-a/impostor"]);
+    let out = run_timeout(&mut cmd, None, SHORT).expect("cdc tail");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).trim().is_empty(),
+        "nothing may be stored for the impostor"
+    );
+}
