@@ -488,6 +488,9 @@ impl<'a> Rd<'a> {
     }
     fn values(&mut self) -> Result<Vec<Value>, CdcError> {
         let n = self.count("values", 1)?;
+        if n > MAX_COLUMNS {
+            return Err(CdcError::BadLength("values"));
+        }
         let mut vals = Vec::with_capacity(n);
         for _ in 0..n {
             vals.push(match self.u8("value")? {
@@ -525,6 +528,9 @@ fn decode_event(r: &mut Rd<'_>) -> Result<Event, CdcError> {
             let name = r.string("name")?;
             let replica_identity = r.u8("replica_identity")?;
             let n = r.count("columns", 17)?;
+            if n > MAX_COLUMNS {
+                return Err(CdcError::BadLength("columns"));
+            }
             let mut columns = Vec::with_capacity(n);
             for _ in 0..n {
                 columns.push(Column {
@@ -863,8 +869,13 @@ impl fmt::Display for Value {
 // sides speak [`ShipMessage`]s: `len u32 BE | kind u8 | body`.
 // ---------------------------------------------------------------------------------------
 
-/// Largest shipping message: a batch of records.
-pub const MAX_SHIP_MESSAGE: usize = 64 * 1024 * 1024;
+/// Largest shipping message: a batch of records, which holds at least one record of up
+/// to the segment log's 256 MiB bound.
+pub const MAX_SHIP_MESSAGE: usize = 320 * 1024 * 1024;
+
+/// Most columns a row may have (PostgreSQL's own limit is 1664 in a result, 1600 in a
+/// table): bounds what a forged count can make a reader allocate.
+pub const MAX_COLUMNS: usize = 1664;
 
 const SHIP_BATCH: u8 = 1;
 const SHIP_ACK: u8 = 2;

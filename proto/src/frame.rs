@@ -70,6 +70,10 @@ pub enum Frame {
         first_seq: u64,
         /// Seq of the newest durable record in the spool (0 when none yet).
         last_seq: u64,
+        /// Random id of the spool, made when it was created: a store accepts records
+        /// from one spool only (a reset spool or two relay-inners shipping a source of
+        /// the same name would otherwise mix their records).
+        spool_id: u64,
     },
     /// relay-outer's answer to CdcOpen: send records from `next_seq` on.
     CdcReady {
@@ -289,11 +293,13 @@ impl Frame {
                 source,
                 first_seq,
                 last_seq,
+                spool_id,
             } => {
                 out.push(KIND_CDC_OPEN);
                 put_str(out, source, "source")?;
                 out.extend_from_slice(&first_seq.to_be_bytes());
                 out.extend_from_slice(&last_seq.to_be_bytes());
+                out.extend_from_slice(&spool_id.to_be_bytes());
             }
             Frame::CdcReady { next_seq } => {
                 out.push(KIND_CDC_READY);
@@ -365,6 +371,7 @@ impl Frame {
                 source: r.string("source")?,
                 first_seq: r.u64("first_seq")?,
                 last_seq: r.u64("last_seq")?,
+                spool_id: r.u64("spool_id")?,
             },
             KIND_CDC_READY => Frame::CdcReady {
                 next_seq: r.u64("next_seq")?,
@@ -505,6 +512,7 @@ mod tests {
                 source: "orders".into(),
                 first_seq: 1,
                 last_seq: u64::MAX,
+                spool_id: 0x1234_5678_9abc_def0,
             },
             Frame::CdcReady { next_seq: 42 },
         ]

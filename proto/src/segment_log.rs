@@ -34,8 +34,8 @@ use std::time::SystemTime;
 pub const HEADER_BYTES: u64 = 16;
 /// Default size at which the log rolls to a new segment: 64 MiB.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
-/// Default largest accepted payload: 16 MiB.
-pub const DEFAULT_MAX_RECORD: usize = 16 * 1024 * 1024;
+/// Default largest accepted payload: 256 MiB (one row of a change log can be that big).
+pub const DEFAULT_MAX_RECORD: usize = 256 * 1024 * 1024;
 /// File name suffix of a segment.
 const SEGMENT_SUFFIX: &str = ".seg";
 /// Digits in a segment's file name.
@@ -297,10 +297,23 @@ impl SegmentLog {
 
     /// Makes every appended record durable (fdatasync of the active segment).
     pub fn sync(&mut self) -> Result<()> {
+        if self.poisoned {
+            return Err(LogError::Poisoned {
+                path: self.active.path.clone(),
+            });
+        }
         if self.synced_seq == self.last_seq {
             return Ok(());
         }
-        self.file.sync_data().map_err(io_err(&self.active.path))?;
+        if let Err(e) = self.file.sync_data() {
+            // After a failed fsync the kernel may have dropped the dirty pages and a retry
+            // can report success for data that is gone: stop here, a reopen rescans.
+            self.poisoned = true;
+            return Err(LogError::Io {
+                path: self.active.path.clone(),
+                source: e,
+            });
+        }
         self.synced_seq = self.last_seq;
         Ok(())
     }
@@ -320,6 +333,16 @@ impl SegmentLog {
     /// Seq of the last record known to be on stable storage.
     pub fn synced_seq(&self) -> u64 {
         self.synced_seq
+    }
+
+    /// Bytes in the active (newest, unsealed) segment.
+    pub fn active_bytes(&self) -> u64 {
+        self.active.bytes
+    }
+
+    /// Whether an I/O error made the log refuse further writes (reopen it).
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
     }
 
     /// Sum of the segment files' sizes in bytes.
@@ -364,6 +387,17 @@ impl SegmentLog {
             record?;
         }
         Ok(())
+    }
+
+    /// Whether [`SegmentLog::truncate_front`] with `upto_seq` would delete a segment.
+    pub fn segments_removable(&self, upto_seq: u64) -> bool {
+        self.sealed.front().is_some_and(|_| {
+            let next_first = self
+                .sealed
+                .get(1)
+                .map_or(self.active.first_seq, |s| s.first_seq);
+            next_first - 1 <= upto_seq
+        })
     }
 
     /// Deletes the sealed segments whose every record is `<= upto_seq`.
@@ -412,20 +446,19 @@ impl SegmentLog {
                 "start_at needs an empty log; this one holds records",
             ));
         }
+        // Remove the empty segment first: a crash in between leaves an empty directory,
+        // which opens as a new log, never two segments that do not follow each other.
+        fs::remove_file(&self.active.path).map_err(io_err(&self.active.path))?;
+        sync_dir(&self.dir)?;
         let path = segment_path(&self.dir, seq);
         let file = create_segment(&path)?;
         sync_dir(&self.dir)?;
-        let old = std::mem::replace(
-            &mut self.active,
-            Segment {
-                first_seq: seq,
-                path,
-                bytes: 0,
-            },
-        );
+        self.active = Segment {
+            first_seq: seq,
+            path,
+            bytes: 0,
+        };
         self.file = file;
-        fs::remove_file(&old.path).map_err(io_err(&old.path))?;
-        sync_dir(&self.dir)?;
         self.last_seq = seq - 1;
         self.synced_seq = seq - 1;
         Ok(())

@@ -169,6 +169,7 @@ impl Shipper {
             source: self.source.clone(),
             first_seq: self.spool.first_seq(),
             last_seq: self.spool.synced_seq(),
+            spool_id: self.spool.id(),
         };
         if let Err(e) = codec::write_frame(&mut stream, &open, OPEN_TIMEOUT).await {
             return End::Retry(format!("send CdcOpen: {e}"));

@@ -39,6 +39,12 @@ pub enum SpoolError {
     /// A blocking task failed.
     #[error("spool task failed: {0}")]
     Task(String),
+    /// A small file of the spool could not be read or written.
+    #[error("spool file {0}: {1}")]
+    File(PathBuf, std::io::Error),
+    /// A small file of the spool holds something unexpected.
+    #[error("spool file {0} holds {1:?}, not a hexadecimal number")]
+    BadFile(PathBuf, String),
 }
 
 struct State {
@@ -62,6 +68,36 @@ pub struct Spool {
     space: Notify,
     /// Set while the spool is full and that was logged (logged once per episode).
     full: std::sync::atomic::AtomicBool,
+    /// Random id made when the spool was created; relay-outer's store holds one spool's
+    /// records only.
+    id: u64,
+}
+
+/// File in the source's spool directory holding the spool's id.
+const ID_FILE: &str = "SPOOL_ID";
+/// File holding the durable LSN as of the last segment removal (the log alone may no
+/// longer show it once acknowledged segments are gone).
+const LSN_FILE: &str = "DURABLE_LSN";
+
+/// Writes `text` to `dir/name` atomically and durably.
+fn write_atomic(dir: &Path, name: &str, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+fn read_u64(dir: &Path, name: &str) -> Result<Option<u64>, SpoolError> {
+    match std::fs::read_to_string(dir.join(name)) {
+        Ok(t) => u64::from_str_radix(t.trim(), 16)
+            .map(Some)
+            .map_err(|_| SpoolError::BadFile(dir.join(name), t.trim().to_owned())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(SpoolError::File(dir.join(name), e)),
+    }
 }
 
 impl std::fmt::Debug for Spool {
@@ -81,7 +117,16 @@ impl Spool {
                 max_record: MAX_RECORD,
             },
         )?;
-        let lsn = last_lsn(&log)?;
+        let lsn = last_lsn(&log)?.max(read_u64(dir, LSN_FILE)?.unwrap_or(0));
+        let id = match read_u64(dir, ID_FILE)? {
+            Some(id) => id,
+            None => {
+                let id = rand::random::<u64>() | 1;
+                write_atomic(dir, ID_FILE, &format!("{id:016x}\n"))
+                    .map_err(|e| SpoolError::File(dir.join(ID_FILE), e))?;
+                id
+            }
+        };
         let synced = log.synced_seq();
         let (tx, _) = watch::channel(synced);
         Ok(Arc::new(Spool {
@@ -96,11 +141,17 @@ impl Spool {
             durable_lsn: lsn.into(),
             space: Notify::new(),
             full: false.into(),
+            id,
         }))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The spool's random id (made when it was created).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// The source's name (the spool directory's name).
@@ -121,17 +172,23 @@ impl Spool {
         let payload = rec.encode();
         loop {
             let notified = self.space.notified();
-            {
+            let appended = blocking(|| {
                 let mut st = self.lock();
-                if st.log.size_bytes() < self.max_bytes {
-                    let seq = st.log.append(&payload)?;
-                    st.appended_lsn = st.appended_lsn.max(rec.lsn);
-                    drop(st);
-                    if self.full.swap(false, std::sync::atomic::Ordering::Relaxed) {
-                        tracing::info!(source = %self.name(), "spool has room again; reading from the source resumes");
-                    }
-                    return Ok(seq);
+                // Full only when sealed segments (which acknowledgements can remove) take
+                // part: records in the active segment alone must not block for good.
+                let size = st.log.size_bytes();
+                if size >= self.max_bytes && size > st.log.active_bytes() {
+                    return Ok::<_, SpoolError>(None);
                 }
+                let seq = st.log.append(&payload)?;
+                st.appended_lsn = st.appended_lsn.max(rec.lsn);
+                Ok(Some(seq))
+            })?;
+            if let Some(seq) = appended {
+                if self.full.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::info!(source = %self.name(), "spool has room again; reading from the source resumes");
+                }
+                return Ok(seq);
             }
             // Full: make what we have durable so it can be shipped and acknowledged.
             self.sync().await?;
@@ -209,17 +266,24 @@ impl Spool {
     /// Records that `endpoint` holds everything up to `seq`, and removes the segments
     /// every endpoint holds.
     pub fn ack(&self, endpoint: &str, seq: u64) -> Result<(), SpoolError> {
-        let removed = {
+        let removed = blocking(|| {
             let mut st = self.lock();
             match st.acked.get_mut(endpoint) {
                 Some(v) => *v = (*v).max(seq),
-                None => return Ok(()),
+                None => return Ok(false),
             }
             let min = st.acked.values().copied().min().unwrap_or(0);
+            if !st.log.segments_removable(min) {
+                return Ok(false);
+            }
+            // The records about to go may be the last ones that show the durable LSN.
+            let lsn = self.durable_lsn();
+            write_atomic(&self.dir, LSN_FILE, &format!("{lsn:016x}\n"))
+                .map_err(|e| SpoolError::File(self.dir.join(LSN_FILE), e))?;
             let before = st.log.first_seq();
             st.log.truncate_front(min)?;
-            st.log.first_seq() != before
-        };
+            Ok::<_, SpoolError>(st.log.first_seq() != before)
+        })?;
         if removed {
             self.space.notify_waiters();
         }

@@ -553,6 +553,7 @@ fn garbage_on_cdc_streams_is_refused_and_harms_nothing() {
             source: "../site-b".into(),
             first_seq: 1,
             last_seq: 0,
+            spool_id: 1,
         };
         write_frame(&mut s, &open, STEP).await.unwrap();
         match read_frame(&mut s, STEP).await {
@@ -566,6 +567,7 @@ fn garbage_on_cdc_streams_is_refused_and_harms_nothing() {
             source: "impostor".into(),
             first_seq: 1,
             last_seq: 1,
+            spool_id: 1,
         };
         write_frame(&mut s, &open, STEP).await.unwrap();
         assert!(matches!(
@@ -590,6 +592,7 @@ fn garbage_on_cdc_streams_is_refused_and_harms_nothing() {
             source: "impostor".into(),
             first_seq: 1,
             last_seq: 1,
+            spool_id: 1,
         };
         write_frame(&mut s, &open, STEP).await.unwrap();
         assert!(matches!(

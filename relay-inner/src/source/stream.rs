@@ -221,6 +221,23 @@ pub(crate) async fn stream(
     }
 }
 
+/// Largest logical-message content kept: anyone may call `pg_logical_emit_message`, so an
+/// oversized one must not stop the source (sinks ignore messages; `cdc tail` shows them).
+pub const MAX_MESSAGE_CONTENT: usize = 1 << 20;
+
+fn bounded_message(prefix: &str, content: Vec<u8>) -> Vec<u8> {
+    if content.len() <= MAX_MESSAGE_CONTENT {
+        return content;
+    }
+    tracing::warn!(
+        prefix,
+        bytes = content.len(),
+        limit = MAX_MESSAGE_CONTENT,
+        "logical decoding message too large: kept without its content"
+    );
+    Vec::new()
+}
+
 fn convert_values(tuple: Vec<pgoutput::Value>, rel: &Relation) -> Result<Vec<Value>, SourceError> {
     tuple
         .into_iter()
@@ -474,11 +491,12 @@ impl Streamer<'_> {
             Message::Message(m) => {
                 if m.transactional {
                     if self.txn.as_ref().is_some_and(|t| !t.skip) {
+                        let content = bounded_message(&m.prefix, m.content);
                         let ev = Event::Message {
                             transactional: true,
                             lsn: m.lsn.0,
                             prefix: m.prefix,
-                            content: m.content,
+                            content,
                         };
                         self.maybe_cut_before(s, event_size(&ev)).await?;
                         self.push(ev);
@@ -490,11 +508,12 @@ impl Streamer<'_> {
                         // Not expected (pgoutput sends transactions whole), but keep order.
                         self.cut(s, 0).await?;
                     }
+                    let content = bounded_message(&m.prefix, m.content);
                     self.push(Event::Message {
                         transactional: false,
                         lsn: m.lsn.0,
                         prefix: m.prefix,
-                        content: m.content,
+                        content,
                     });
                     self.cut(s, m.lsn.0 + 1).await?;
                 }

@@ -86,6 +86,7 @@ where
         source,
         first_seq,
         last_seq,
+        spool_id: _,
     } = open
     else {
         ship_error(&label, "handshake");
@@ -308,6 +309,7 @@ mod tests {
             source: source.into(),
             first_seq: first,
             last_seq: last,
+            spool_id: 7,
         };
         write_frame(s, &f, T).await.unwrap();
         read_frame(s, T).await.unwrap()
