@@ -186,6 +186,14 @@ impl Shipper {
             }
             Err(e) => return End::Retry(format!("waiting for CdcReady: {e}")),
         };
+        let have = self.spool.synced_seq();
+        if next > have + 1 {
+            return End::Retry(format!(
+                "relay-outer's store says it holds records up to seq {} but this spool ends at \
+                 seq {have}; refusing to acknowledge records it cannot have",
+                next - 1
+            ));
+        }
         if next > 1 {
             // relay-outer holds everything below `next`.
             if let Err(e) = self.spool.ack(&self.endpoint, next - 1) {
@@ -197,6 +205,8 @@ impl Shipper {
         info!(source = %self.source, outer = %self.endpoint, next_seq = next, "CDC shipping stream up");
         let (rd, mut wr) = tokio::io::split(stream);
         let (acked_tx, mut acked_rx) = watch::channel(next.saturating_sub(1));
+        // Highest seq sent on this stream: an ack beyond it is a protocol error.
+        let sent = Arc::new(AtomicU64::new(next.saturating_sub(1)));
         let acks = tokio::spawn(read_acks(
             rd,
             self.spool.clone(),
@@ -204,8 +214,9 @@ impl Shipper {
             self.source.clone(),
             acked_tx,
             self.status.clone(),
+            sent.clone(),
         ));
-        let r = self.send_loop(&mut wr, next, &mut acked_rx).await;
+        let r = self.send_loop(&mut wr, next, &mut acked_rx, &sent).await;
         acks.abort();
         let _ = wr.shutdown().await;
         r
@@ -216,6 +227,7 @@ impl Shipper {
         wr: &mut W,
         next: u64,
         acked: &mut watch::Receiver<u64>,
+        sent: &AtomicU64,
     ) -> End {
         let mut synced = self.spool.subscribe();
         let mut reader = match self.spool.reader(next) {
@@ -291,6 +303,8 @@ impl Shipper {
                     first_seq: first,
                     records: batch,
                 };
+                // Before the write: relay-outer may acknowledge before the write returns.
+                sent.store(next_seq - 1, Ordering::Release);
                 let write = msg.write(wr);
                 tokio::select! {
                     r = write => if let Err(e) = r {
@@ -330,11 +344,21 @@ async fn read_acks(
     source: String,
     acked: watch::Sender<u64>,
     status: Arc<ShipStatus>,
+    sent: Arc<AtomicU64>,
 ) {
     let labels = [("source", source.clone()), ("outer", endpoint.clone())];
     loop {
         match ShipMessage::read(&mut rd).await {
             Ok(Some(ShipMessage::Ack { seq })) => {
+                let upto = sent.load(Ordering::Acquire);
+                if seq > upto {
+                    warn!(source = %source, outer = %endpoint, ack = seq, sent = upto,
+                        "relay-outer acknowledged records that were not sent; closing the stream");
+                    status.error(&format!(
+                        "acknowledgement of seq {seq} beyond the {upto} sent"
+                    ));
+                    break;
+                }
                 if let Err(e) = spool.ack(&endpoint, seq) {
                     warn!(source = %source, error = %e, "spool: removing acknowledged segments failed");
                 }

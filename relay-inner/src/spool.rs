@@ -364,6 +364,45 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_as_big_as_the_bound_does_not_block_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        s.set_endpoints(["a".to_string()]);
+        let seq = s.append(&rec(1, 1_200_000)).await.unwrap();
+        s.sync().await.unwrap();
+        s.ack("a", seq).unwrap();
+        // Everything is in the active segment and acknowledged: the next append must go
+        // through (it rolls the segment), not wait for an acknowledgement that cannot free
+        // anything.
+        let next = tokio::time::timeout(std::time::Duration::from_secs(5), s.append(&rec(2, 10)))
+            .await
+            .expect("append must not block")
+            .unwrap();
+        assert_eq!(next, seq + 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_durable_lsn_and_id_survive_removal_of_every_lsn_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path(), 8 << 20).unwrap();
+        let id = s.id();
+        s.set_endpoints(["a".to_string()]);
+        s.append(&rec(500, 10)).await.unwrap();
+        // A big transaction's middle records carry no LSN; they fill several segments.
+        let mut last = 0;
+        for _ in 0..6 {
+            last = s.append(&rec(0, 700_000)).await.unwrap();
+        }
+        s.sync().await.unwrap();
+        s.ack("a", last).unwrap();
+        assert!(s.first_seq() > 1, "the segment with lsn 500 was removed");
+        drop(s);
+        let s = Spool::open(dir.path(), 8 << 20).unwrap();
+        assert_eq!(s.durable_lsn(), 500);
+        assert_eq!(s.id(), id);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_full_spool_waits_for_acks_and_drops_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let s = Spool::open(dir.path(), 1 << 20).unwrap();
