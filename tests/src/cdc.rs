@@ -19,6 +19,8 @@ pub struct RigOpts {
     pub setup_sql: String,
     /// Published tables (`schema.table`).
     pub tables: Vec<String>,
+    /// SQL run on the target before relay-outer starts.
+    pub target_setup_sql: String,
     /// Extra lines for the source's `cdc.sources[0]` (indented 6 spaces), e.g. `heartbeat: 1s`.
     pub source_extra: String,
     /// Extra postgresql.conf lines for the source.
@@ -35,6 +37,7 @@ impl Default for RigOpts {
             netns: false,
             setup_sql: String::new(),
             tables: Vec::new(),
+            target_setup_sql: String::new(),
             source_extra: String::new(),
             source_conf: Vec::new(),
             relay_extra: "shutdown_grace: 2s\n".into(),
@@ -109,6 +112,9 @@ impl CdcRig {
         });
         if !opts.setup_sql.is_empty() {
             source.psql(&opts.setup_sql);
+        }
+        if !opts.target_setup_sql.is_empty() {
+            target.psql(&opts.target_setup_sql);
         }
         let pki = Pki::new(&["localhost", &out_ip]);
         pki.issue("site-a");
