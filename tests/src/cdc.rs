@@ -21,6 +21,8 @@ pub struct RigOpts {
     pub tables: Vec<String>,
     /// SQL run on the target before relay-outer starts.
     pub target_setup_sql: String,
+    /// Extra postgresql.conf lines for the target.
+    pub target_conf: Vec<String>,
     /// Extra lines for the source's `cdc.sources[0]` (indented 6 spaces), e.g. `heartbeat: 1s`.
     pub source_extra: String,
     /// Extra postgresql.conf lines for the source.
@@ -38,6 +40,7 @@ impl Default for RigOpts {
             setup_sql: String::new(),
             tables: Vec::new(),
             target_setup_sql: String::new(),
+            target_conf: Vec::new(),
             source_extra: String::new(),
             source_conf: Vec::new(),
             relay_extra: "shutdown_grace: 2s\n".into(),
@@ -108,6 +111,7 @@ impl CdcRig {
         let target = Pg::start(PgOpts {
             listen: out_ip.clone(),
             netns: out_ns.clone(),
+            extra_conf: opts.target_conf.clone(),
             ..PgOpts::default()
         });
         if !opts.setup_sql.is_empty() {

@@ -86,6 +86,7 @@ fn main() {
         setup_sql: SETUP.into(),
         tables: vec!["public.bench".into(), "public.lat".into()],
         source_conf: vec!["fsync = on".into(), "synchronous_commit = on".into()],
+        target_conf: vec!["fsync = on".into(), "synchronous_commit = on".into()],
         // The latency table on the target records when each row was applied.
         target_setup_sql: "CREATE TABLE public.lat (id bigint PRIMARY KEY, v text NOT NULL, created_us bigint NOT NULL,
              applied_us bigint NOT NULL DEFAULT (extract(epoch from clock_timestamp()) * 1000000)::bigint);"
