@@ -10,7 +10,14 @@
 //! With `create_tables`, missing schemas, tables and columns are created from the relation
 //! metadata (the source's column types; a `PRIMARY KEY` on the replica identity key when the
 //! table has one). Existing target tables need every published column; extra target
-//! columns are left alone.
+//! columns are left alone. A source type that is not a plain type name (it comes over the
+//! tunnel and is pasted into the SQL) is created as `text`, with a warning.
+//!
+//! A sink without a position starts at the store's oldest record. When that is not seq 1
+//! (retention removed older records, or the store joined the stream later), the target
+//! misses the initial copies before it: this is logged once as an error, shown as the
+//! status' last error and counted (`reason="gap"`), and the sink goes on. A sink name whose
+//! offset row holds another source's position is refused.
 //!
 //! **Tables without a key.** A table is applied by key when its replica identity is the
 //! primary key (`REPLICA IDENTITY DEFAULT`) or a unique index (`REPLICA IDENTITY USING
@@ -219,7 +226,7 @@ impl SinkError {
             return SinkError::new(reason, seq, format!("{what}: {e}"));
         };
         let code = db.code().code();
-        let reason = match &code[..2] {
+        let reason = match code.get(..2).unwrap_or("") {
             "23" => "constraint",
             "42" => "schema",
             "08" | "57" => "connection",
@@ -277,8 +284,9 @@ impl From<SinkError> for Flow {
 /// What outlives one connection.
 #[derive(Debug, Default)]
 pub(crate) struct Memo {
-    /// Partial source transactions cut off by a new `Begin`: `[start, end)` as
-    /// (seq, event index); their events are skipped when read again.
+    /// Partial source transactions cut off by a new `Begin` (or an event that only occurs
+    /// outside transactions: a snapshot phase, a non-transactional message): `[start, end)`
+    /// as (seq, event index); their events, but for relations, are skipped when read again.
     discards: Vec<((u64, usize), (u64, usize))>,
     /// Tables whose inserts go row by row (a batch hit the same key twice as the target
     /// sees it).
@@ -288,6 +296,9 @@ pub(crate) struct Memo {
     /// Up to this seq (where the last failure was), every source transaction gets a
     /// target transaction of its own, so the good ones before a bad one get through.
     careful_until: u64,
+    /// The missing start of the store (a sink without a position whose store no longer
+    /// begins at seq 1) was reported.
+    gap_reported: bool,
 }
 
 impl Memo {
@@ -390,9 +401,14 @@ pub(crate) fn split_tls_options(dsn: &str) -> Result<(String, SslMode, Option<Pa
         let mut kept = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            if !take(k, percent_decode(v))? {
+            // Only the two options taken out are decoded (and only they can be an error
+            // here): the others, a password among them, go on to tokio-postgres untouched.
+            if !matches!(k, "sslmode" | "sslrootcert") {
                 kept.push(pair);
+                continue;
             }
+            let v = percent_decode(v).map_err(|e| format!("connection string: {k}: {e}"))?;
+            take(k, v)?;
         }
         let rest = if kept.is_empty() {
             base.to_string()
@@ -464,22 +480,30 @@ pub(crate) fn split_tls_options(dsn: &str) -> Result<(String, SslMode, Option<Pa
     Ok((kept.join(" "), mode, root))
 }
 
-fn percent_decode(s: &str) -> String {
+/// Decodes `%XX` escapes; a `%` not followed by two hex digits, or bytes that are not
+/// UTF-8 once decoded, are an error.
+fn percent_decode(s: &str) -> Result<String, String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
+        if b[i] == b'%' {
+            let hex = |c: u8| (c as char).to_digit(16);
+            let v = match (
+                b.get(i + 1).and_then(|c| hex(*c)),
+                b.get(i + 2).and_then(|c| hex(*c)),
+            ) {
+                (Some(h), Some(l)) => (h * 16 + l) as u8,
+                _ => return Err("bad percent escape (a % needs two hex digits)".into()),
+            };
+            out.push(v);
+            i += 3;
+            continue;
         }
         out.push(b[i]);
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    String::from_utf8(out).map_err(|_| "not UTF-8 once percent-decoded".to_string())
 }
 
 /// The target's client configuration and TLS side. This is the seam for the target

@@ -17,7 +17,7 @@ use super::table::{
 };
 use super::{
     target_config, Flow, Memo, PgSinkConfig, SinkError, SinkStatus, APPLIED_SEQ, COMMIT_LATENCY,
-    LAG_RECORDS, MISSING_ROWS, ROWS, UP,
+    ERRORS, LAG_RECORDS, MISSING_ROWS, ROWS, UP,
 };
 use crate::cdc::store::Store;
 
@@ -224,7 +224,7 @@ impl<'a> Session<'a> {
     async fn setup(&mut self) -> Result<u64, Flow> {
         let c = self.client.clone();
         let name = self.cfg.name.clone();
-        let r: Result<u64, tokio_postgres::Error> = async {
+        let r: Result<(u64, Option<String>), tokio_postgres::Error> = async {
             c.batch_execute(&format!("BEGIN; {SETUP_SQL}")).await?;
             c.execute(
                 "INSERT INTO _routy.sink_offsets (sink, seq, source) VALUES ($1, 0, $2) \
@@ -232,18 +232,42 @@ impl<'a> Session<'a> {
                 &[&name, &self.cfg.source],
             )
             .await?;
-            let seq: i64 = c
+            let row = c
                 .query_one(
-                    "SELECT seq FROM _routy.sink_offsets WHERE sink = $1",
+                    "SELECT seq, source FROM _routy.sink_offsets WHERE sink = $1",
                     &[&name],
                 )
-                .await?
-                .get(0);
+                .await?;
+            let seq: i64 = row.get(0);
+            let source: Option<String> = row.get(1);
+            if seq <= 0 && source.as_deref() != Some(self.cfg.source.as_str()) {
+                // No position yet: the row is this source's from now on.
+                c.execute(
+                    "UPDATE _routy.sink_offsets SET source = $2 WHERE sink = $1",
+                    &[&name, &self.cfg.source],
+                )
+                .await?;
+            }
             c.batch_execute("COMMIT").await?;
-            Ok(seq.max(0) as u64)
+            Ok((seq.max(0) as u64, source))
         }
         .await;
-        let seq = r.map_err(|e| self.pg_err("setting up _routy.sink_offsets", &e))?;
+        let (seq, source) = r.map_err(|e| self.pg_err("setting up _routy.sink_offsets", &e))?;
+        if let Some(other) = source.filter(|s| seq > 0 && *s != self.cfg.source) {
+            return Err(SinkError::new(
+                "config",
+                seq,
+                format!(
+                    "sink name {name} already holds the position of source {other} (seq {seq}) in this \
+                     target, but this sink reads source {}; pick another sink name, or delete its \
+                     row in _routy.sink_offsets (DELETE FROM _routy.sink_offsets WHERE sink = '{}') \
+                     to start it over",
+                    self.cfg.source,
+                    name.replace('\'', "''")
+                ),
+            )
+            .into());
+        }
         self.lock_stmt = Some(
             c.prepare_typed(
                 "SELECT seq FROM _routy.sink_offsets WHERE sink = $1 FOR UPDATE",
@@ -286,6 +310,9 @@ impl<'a> Session<'a> {
                     idle_since = None;
                     if seq <= self.committed {
                         continue;
+                    }
+                    if self.committed == 0 && seq > 1 {
+                        self.report_gap(seq);
                     }
                     self.apply_record(seq, rec).await?;
                     let careful = seq <= self.memo.careful_until;
@@ -339,6 +366,30 @@ impl<'a> Session<'a> {
                 }
             }
         }
+    }
+
+    /// A sink without a position starts at the store's oldest record, `first`; when that
+    /// is not seq 1 the target misses what came before (initial copies among it). Logged
+    /// once, shown as the status' last error and counted; the sink goes on.
+    fn report_gap(&mut self, first: u64) {
+        if std::mem::replace(&mut self.memo.gap_reported, true) {
+            return;
+        }
+        let missing = if first == 2 {
+            "record 1 is".to_string()
+        } else {
+            format!("records 1..{} are", first - 1)
+        };
+        let msg = format!(
+            "sink {} has no position in its target and starts at the store's oldest record, seq \
+             {first}: {missing} no longer in the store (removed by retention, or the store joined \
+             the stream later); tables copied before that are missing in the target: re-copy the \
+             source with `relay-inner cdc drop-slot` and a restart of relay-inner",
+            self.cfg.name
+        );
+        tracing::error!(sink = %self.cfg.name, first_seq = first, "{msg}");
+        metrics::counter!(ERRORS, "sink" => self.sink(), "reason" => "gap").increment(1);
+        self.status.set_error(format!("seq {first}: {msg}"));
     }
 
     /// BEGIN, and lock this sink's offset row (a second process running the same sink
@@ -509,11 +560,20 @@ impl<'a> Session<'a> {
                 }
                 Ok(())
             }
-            Err(e) => {
+            Err(Failed::Pg(e)) => {
                 if let Kind::Batch { table } = &f.kind {
                     self.batch_table = Some(table.clone());
                 }
                 let mut e = SinkError::pg(f.seq, f.what, &e);
+                e.pipelined = true;
+                Err(e.into())
+            }
+            Err(Failed::Task(e)) => {
+                let mut e = SinkError::new(
+                    "sql",
+                    f.seq,
+                    format!("{}: the statement's outcome is unknown: {e}", f.what),
+                );
                 e.pipelined = true;
                 Err(e.into())
             }
@@ -536,22 +596,42 @@ impl<'a> Session<'a> {
             self.begin().await?;
         }
         for (i, ev) in rec.events.into_iter().enumerate() {
-            if self.memo.discarded(seq, i) {
+            // A relation only describes a table (records are read on their own, so the
+            // ones in a discarded range come again where they are used): it is kept, also
+            // because the event that ends a partial transaction may follow its own
+            // relations in the same record.
+            if !matches!(ev, Event::Relation(_)) && self.memo.discarded(seq, i) {
                 continue;
             }
+            // A Begin while a source transaction is open means the open one was cut off
+            // (a crash on the source side) and comes again whole; so does an event that
+            // only occurs outside transactions (a table's initial copy, a
+            // non-transactional message). Discard the partial one, up to this event, and
+            // apply this event normally when reading again.
+            if self.src_open
+                && matches!(
+                    ev,
+                    Event::Begin { .. }
+                        | Event::Snapshot { .. }
+                        | Event::Message {
+                            transactional: false,
+                            ..
+                        }
+                )
+            {
+                let start = self.src_begin;
+                tracing::warn!(sink = %self.cfg.name, seq, event = ev.kind(),
+                    "a transaction begun at seq {} was cut off before its commit (source crash): \
+                     a {} at seq {seq} cannot be inside it; discarding the partial transaction",
+                    start.0, ev.kind());
+                self.memo.discards.push((start, (seq, i)));
+                return Err(Flow::Restart {
+                    after_durable: None,
+                    why: "discarded a partial source transaction".into(),
+                });
+            }
             match ev {
-                Event::Begin { xid, .. } => {
-                    if self.src_open {
-                        let start = self.src_begin;
-                        tracing::warn!(sink = %self.cfg.name, seq, xid,
-                            "a transaction begun at seq {} was cut off before its commit (source crash); \
-                             discarding it", start.0);
-                        self.memo.discards.push((start, (seq, i)));
-                        return Err(Flow::Restart {
-                            after_durable: None,
-                            why: "discarded a partial source transaction".into(),
-                        });
-                    }
+                Event::Begin { .. } => {
                     self.src_open = true;
                     self.src_begin = (seq, i);
                 }
@@ -670,6 +750,16 @@ impl<'a> Session<'a> {
             .collect())
     }
 
+    /// Warns of columns created as `text` because their source type is not a plain type
+    /// name (it came over the tunnel and is pasted into the SQL).
+    fn warn_replaced_types(&self, rel: u32, idx: &[usize]) {
+        let t = &self.tables[&rel];
+        for (col, ty) in t.replaced_types(idx) {
+            tracing::warn!(sink = %self.cfg.name, seq = self.seq, table = %t.display, column = %col,
+                "the source type {ty:?} is not a plain type name; creating the column as text");
+        }
+    }
+
     /// Checks (and with `create_tables`, creates) the target table of `rel`.
     async fn ensure_table(&mut self, rel: u32) -> Result<(), Flow> {
         let t = self.table(rel)?;
@@ -705,6 +795,8 @@ impl<'a> Session<'a> {
                     "creating the target schema",
                 );
             }
+            let all: Vec<usize> = (0..self.tables[&rel].rel.columns.len()).collect();
+            self.warn_replaced_types(rel, &all);
             let sql = self.tables[&rel].create_sql();
             self.send_simple(&sql, "creating the target table");
             tracing::info!(sink = %self.cfg.name, table = %tdisp, "creating the target table: {sql}");
@@ -736,6 +828,8 @@ impl<'a> Session<'a> {
                 .into());
             }
             tracing::info!(sink = %self.cfg.name, table = %tdisp, "adding column(s) {}", names.join(", "));
+            self.warn_replaced_types(rel, &missing);
+            let t = &self.tables[&rel];
             let sqls: Vec<String> = missing.iter().map(|&i| t.add_column_sql(i)).collect();
             for sql in sqls {
                 self.send_simple(&sql, "adding a target column");
@@ -1090,12 +1184,20 @@ fn text_param(v: Value) -> Option<Option<String>> {
     }
 }
 
-async fn wait(p: Pending) -> Result<u64, tokio_postgres::Error> {
+/// Why a pipelined statement has no result.
+enum Failed {
+    /// The target refused it (or the connection broke).
+    Pg(tokio_postgres::Error),
+    /// The task collecting its answer panicked or was cancelled: its outcome is unknown.
+    Task(tokio::task::JoinError),
+}
+
+async fn wait(p: Pending) -> Result<u64, Failed> {
     match p {
-        Pending::Done(r) => r.expect("taken once"),
+        Pending::Done(r) => r.expect("taken once").map_err(Failed::Pg),
         Pending::Task(h) => match h.await {
-            Ok(r) => r,
-            Err(_) => Ok(0),
+            Ok(r) => r.map_err(Failed::Pg),
+            Err(e) => Err(Failed::Task(e)),
         },
     }
 }

@@ -21,6 +21,134 @@ pub fn quote_ident(s: &str) -> String {
     out
 }
 
+/// Words that may follow a type's first name, as `format_type` writes the built-in
+/// multi-word types (`character varying`, `double precision`, `bit varying`,
+/// `timestamp(3) with time zone`, `interval day to second`). Nothing else may follow, so
+/// a type cannot carry a column constraint or a default.
+const TYPE_WORDS: &[&str] = &[
+    "varying",
+    "precision",
+    "with",
+    "without",
+    "time",
+    "zone",
+    "year",
+    "month",
+    "day",
+    "hour",
+    "minute",
+    "second",
+    "to",
+];
+
+/// Whether a type name from the stream (the source's `format_type`, which came over the
+/// tunnel) is safe to paste into CREATE TABLE: a name (`[A-Za-z_][A-Za-z0-9_]*` or a
+/// double-quoted identifier with inner quotes doubled), optionally schema-qualified, with
+/// an optional type modifier of plain words or numbers (`(12,2)`, `(Point,4326)`), then
+/// only the words of [`TYPE_WORDS`] (each with an optional modifier), then `[]` pairs.
+pub fn safe_type_name(t: &str) -> bool {
+    fn word(b: &[u8], i: &mut usize) -> bool {
+        let s = *i;
+        if !b
+            .get(s)
+            .is_some_and(|c| c.is_ascii_alphabetic() || *c == b'_')
+        {
+            return false;
+        }
+        while b
+            .get(*i)
+            .is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_')
+        {
+            *i += 1;
+        }
+        true
+    }
+    fn name(b: &[u8], i: &mut usize) -> bool {
+        if b.get(*i) != Some(&b'"') {
+            return word(b, i);
+        }
+        *i += 1;
+        let start = *i;
+        loop {
+            match b.get(*i) {
+                None | Some(0) => return false,
+                Some(b'"') if b.get(*i + 1) == Some(&b'"') => *i += 2,
+                Some(b'"') => {
+                    *i += 1;
+                    return *i - 1 > start;
+                }
+                Some(_) => *i += 1,
+            }
+        }
+    }
+    fn typmod(b: &[u8], i: &mut usize) -> bool {
+        if b.get(*i) != Some(&b'(') {
+            return true;
+        }
+        *i += 1;
+        loop {
+            let s = *i;
+            while b
+                .get(*i)
+                .is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_')
+            {
+                *i += 1;
+            }
+            if *i == s {
+                return false;
+            }
+            match b.get(*i) {
+                Some(b',') => {
+                    *i += 1;
+                    if b.get(*i) == Some(&b' ') {
+                        *i += 1;
+                    }
+                }
+                Some(b')') => {
+                    *i += 1;
+                    return true;
+                }
+                _ => return false,
+            }
+        }
+    }
+    let b = t.as_bytes();
+    if b.is_empty() || b.len() > 512 {
+        return false;
+    }
+    let mut i = 0;
+    if !name(b, &mut i) {
+        return false;
+    }
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        if !name(b, &mut i) {
+            return false;
+        }
+    }
+    if !typmod(b, &mut i) {
+        return false;
+    }
+    while b.get(i) == Some(&b' ') {
+        i += 1;
+        let s = i;
+        if !word(b, &mut i) {
+            return false;
+        }
+        let w = &t[s..i];
+        if !TYPE_WORDS.iter().any(|k| k.eq_ignore_ascii_case(w)) || !typmod(b, &mut i) {
+            return false;
+        }
+    }
+    while b.get(i) == Some(&b'[') {
+        if b.get(i + 1) != Some(&b']') {
+            return false;
+        }
+        i += 2;
+    }
+    i == b.len()
+}
+
 /// A target column matched to a source column.
 #[derive(Debug, Clone)]
 pub struct TargetCol {
@@ -110,14 +238,25 @@ impl Table {
         }
     }
 
-    /// Column type for CREATE TABLE: the source's `format_type`, `text` when unknown.
+    /// Column type for CREATE TABLE: the source's `format_type`, `text` when unknown or
+    /// not a plain type name (see [`safe_type_name`]).
     fn source_type(&self, i: usize) -> &str {
         let t = self.rel.columns[i].type_name.trim();
-        if t.is_empty() {
-            "text"
-        } else {
+        if safe_type_name(t) {
             t
+        } else {
+            "text"
         }
+    }
+
+    /// The columns among `idx` whose source type is not used as is (not a plain type
+    /// name), with that type: they are created as `text`.
+    pub fn replaced_types(&self, idx: &[usize]) -> Vec<(&str, &str)> {
+        idx.iter()
+            .map(|&i| &self.rel.columns[i])
+            .filter(|c| !c.type_name.trim().is_empty() && !safe_type_name(c.type_name.trim()))
+            .map(|c| (c.name.as_str(), c.type_name.as_str()))
+            .collect()
     }
 
     /// `CREATE TABLE IF NOT EXISTS` from the relation.
@@ -359,6 +498,98 @@ mod tests {
         assert_eq!(
             t.create_sql(),
             "CREATE TABLE IF NOT EXISTS \"pub\"\"lic\".\"Orders\" (\"id\" integer, \"note\" text, PRIMARY KEY (\"id\"))"
+        );
+    }
+
+    #[test]
+    fn type_names_are_checked_before_use() {
+        for ok in [
+            "integer",
+            "text[]",
+            "integer[][]",
+            "numeric(12,2)",
+            "numeric(12, 2)",
+            "character varying(12)",
+            "character varying(12)[]",
+            "double precision",
+            "bit varying",
+            "bit varying(5)",
+            "timestamp with time zone",
+            "timestamp(3) without time zone",
+            "time(6) with time zone[]",
+            "interval day to second(3)",
+            "\"char\"",
+            "public.mood",
+            "\"My Schema\".\"My \"\"Type\"\"\"",
+            "\"odd; DROP TABLE x; --\"",
+            "geometry(Point,4326)",
+            "_int4",
+        ] {
+            assert!(safe_type_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "int); DROP TABLE x; --",
+            "int); DROP TABLE x",
+            "int -- comment",
+            "int /* c */",
+            "int;",
+            "text DEFAULT pg_terminate_backend(1)",
+            "integer NOT NULL",
+            "integer PRIMARY KEY",
+            "int REFERENCES other(id)",
+            "text COLLATE \"C\"",
+            "int CHECK (false)",
+            "\"unterminated",
+            "\"a\"\"",
+            "\"\"",
+            "'text'",
+            "text'",
+            "a.b.c",
+            "numeric(12,2",
+            "numeric()",
+            "numeric(1,)",
+            "numeric(1;2)",
+            "text[",
+            "text[1]",
+            "text []",
+            "int  with time zone",
+            "int\twith time zone",
+            "int\n; DROP TABLE x",
+            "$$x$$",
+            "U&\"d\\0061t\"",
+            "int\0",
+            "\"a\0b\"",
+            "1int",
+            " int",
+        ] {
+            assert!(!safe_type_name(bad), "{bad:?}");
+        }
+        // A hostile type becomes text in the SQL; the others are kept.
+        let t = Table::new(
+            Relation {
+                id: 1,
+                schema: "s".into(),
+                name: "t".into(),
+                replica_identity: b'd',
+                columns: vec![
+                    col("id", "int); DROP TABLE x; --", true),
+                    col("n", "numeric(12,2)", false),
+                ],
+            },
+            None,
+        );
+        assert_eq!(
+            t.create_sql(),
+            "CREATE TABLE IF NOT EXISTS \"s\".\"t\" (\"id\" text, \"n\" numeric(12,2), PRIMARY KEY (\"id\"))"
+        );
+        assert_eq!(
+            t.add_column_sql(0),
+            "ALTER TABLE \"s\".\"t\" ADD COLUMN IF NOT EXISTS \"id\" text"
+        );
+        assert_eq!(
+            t.replaced_types(&[0, 1]),
+            vec![("id", "int); DROP TABLE x; --")]
         );
     }
 

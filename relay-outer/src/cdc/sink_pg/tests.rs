@@ -538,6 +538,166 @@ async fn a_cut_off_transaction_is_discarded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_after_a_cut_off_transaction_is_kept() {
+    // relay-inner stopped inside a large transaction (partial records spooled); after its
+    // restart it copies a newly added table and then sends the transaction again whole.
+    let pg = Pg::start(PgOpts::default());
+    let mut h = Harness::new();
+    let log = rel(
+        1,
+        "log",
+        b'n',
+        &[("xid", "integer", false), ("what", "text", false)],
+    );
+    let fresh = rel(
+        2,
+        "fresh",
+        b'd',
+        &[("id", "integer", true), ("v", "text", false)],
+    );
+    let partial = |first: bool| {
+        let mut events = if first { vec![begin(2)] } else { vec![] };
+        events.push(Event::Relation(log.clone()));
+        events.push(ins(1, &[Some("2"), Some("partial")]));
+        Record { lsn: 0, events }
+    };
+    let snap = |phase, value| Record {
+        lsn: 0,
+        events: vec![
+            Event::Relation(fresh.clone()),
+            Event::Snapshot {
+                rel: 2,
+                phase,
+                value,
+            },
+        ],
+    };
+    let last = h
+        .push(vec![
+            txn(1, &[&log], vec![ins(1, &[Some("1"), Some("ok")])]),
+            partial(true),
+            partial(false),
+            snap(SnapshotPhase::Start, 0),
+            Record {
+                lsn: 0,
+                events: vec![
+                    Event::Relation(fresh.clone()),
+                    ins(2, &[Some("1"), Some("a")]),
+                    ins(2, &[Some("2"), Some("b")]),
+                ],
+            },
+            snap(SnapshotPhase::Done, 2),
+            // A non-transactional message after another cut-off start is kept too.
+            partial(true),
+            Record {
+                lsn: 0,
+                events: vec![Event::Message {
+                    transactional: false,
+                    lsn: 150,
+                    prefix: "app".into(),
+                    content: b"hi".to_vec(),
+                }],
+            },
+            txn(
+                2,
+                &[&log, &fresh],
+                vec![
+                    ins(1, &[Some("2"), Some("whole")]),
+                    ins(2, &[Some("3"), Some("c")]),
+                ],
+            ),
+            txn(3, &[&log], vec![ins(1, &[Some("3"), Some("ok")])]),
+        ])
+        .await;
+    let s = start(cfg("cutsnap", &pg), &h.store);
+    wait_applied(&s.status, last).await;
+    assert_eq!(
+        pg.psql("SELECT xid, what, count(*) FROM public.log GROUP BY 1, 2 ORDER BY 1"),
+        "1|ok|1\n2|whole|1\n3|ok|1"
+    );
+    assert_eq!(
+        pg.psql("SELECT string_agg(id || '=' || v, ',' ORDER BY id) FROM public.fresh"),
+        "1=a,2=b,3=c"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_without_its_start_is_reported() {
+    let pg = Pg::start(PgOpts::default());
+    let mut h = Harness::new();
+    // The store joined the stream at seq 5 (records 1..4 were removed from the spool).
+    assert_eq!(h.store.next_seq_for(5, 6).unwrap(), 5);
+    h.next = 5;
+    let r = rel(1, "late", b'd', &[("id", "integer", true)]);
+    let last = h
+        .push(vec![
+            txn(1, &[&r], vec![ins(1, &[Some("1")])]),
+            txn(2, &[&r], vec![ins(1, &[Some("2")])]),
+        ])
+        .await;
+    let s = start(cfg("gap", &pg), &h.store);
+    wait_applied(&s.status, last).await;
+    assert_eq!(pg.psql("SELECT count(*) FROM public.late"), "2");
+    let err = s.status.last_error().expect("the gap is reported");
+    assert!(
+        err.contains("records 1..4 are no longer in the store"),
+        "{err}"
+    );
+    assert!(err.contains("cdc drop-slot"), "{err}");
+    s.stop().await;
+    // With a position, a restart reports nothing.
+    let s = start(cfg("gap", &pg), &h.store);
+    wait_applied(&s.status, last).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(s.status.last_error(), None);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_name_holding_another_sources_position_is_refused() {
+    let pg = Pg::start(PgOpts::default());
+    let mut h = Harness::new();
+    let r = rel(1, "owned", b'd', &[("id", "integer", true)]);
+    let last = h
+        .push(vec![txn(1, &[&r], vec![ins(1, &[Some("1")])])])
+        .await;
+    let s = start(cfg("named", &pg), &h.store);
+    wait_applied(&s.status, last).await;
+    s.stop().await;
+    // The same sink name re-pointed at another source.
+    let mut c = cfg("named", &pg);
+    c.source = "t/other".into();
+    let s = start(c, &h.store);
+    let t0 = Instant::now();
+    while s.status.last_error().is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let err = s.status.last_error().unwrap();
+    assert!(
+        err.contains("sink name named already holds the position of source t/s"),
+        "{err}"
+    );
+    assert!(err.contains("_routy.sink_offsets"), "{err}");
+    assert_eq!(s.status.applied_seq(), 0);
+    s.stop().await;
+    assert_eq!(
+        pg.psql("SELECT seq, source FROM _routy.sink_offsets WHERE sink = 'named'"),
+        format!("{last}|t/s")
+    );
+    // A row without a position yet is simply taken over.
+    pg.psql("INSERT INTO _routy.sink_offsets (sink, seq, source) VALUES ('fresh', 0, 't/gone')");
+    let s = start(cfg("fresh", &pg), &h.store);
+    wait_applied(&s.status, last).await;
+    s.stop().await;
+    assert_eq!(
+        pg.psql("SELECT seq, source FROM _routy.sink_offsets WHERE sink = 'fresh'"),
+        format!("{last}|t/s")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_across_crashes() {
     let pg = Pg::start(PgOpts::default());
     let mut h = Harness::new();
@@ -795,6 +955,24 @@ fn tls_options_are_split_out_of_the_dsn() {
     assert_eq!(rest, "postgres://u@h/db?application_name=x");
     assert_eq!(mode, SslMode::Require);
     assert!(super::split_tls_options("host=h sslmode=bogus").is_err());
+    // Percent escapes: decoded in the options taken out, errors (not panics) when bad,
+    // the other options passed on untouched.
+    let (rest, _, root) =
+        super::split_tls_options("postgres://h/db?sslrootcert=%2Fa%20%C3%A9&password=%zz%")
+            .unwrap();
+    assert_eq!(root.unwrap().to_str(), Some("/a é"));
+    assert_eq!(rest, "postgres://h/db?password=%zz%");
+    for bad in [
+        "postgres://h/db?sslrootcert=%",
+        "postgres://h/db?sslrootcert=a%2",
+        "postgres://h/db?sslrootcert=%zz",
+        "postgres://h/db?sslrootcert=%é1",
+        "postgres://h/db?sslrootcert=%1é",
+        "postgres://h/db?sslmode=%FF",
+    ] {
+        let e = super::split_tls_options(bad).unwrap_err();
+        assert!(e.contains("connection string"), "{bad}: {e}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
