@@ -328,6 +328,8 @@ impl Cdc {
                     "last_seq": s.store.synced_seq(),
                     "bytes": s.store.size_bytes(),
                     "connected": s.connected(),
+                    "spool_id": s.store.spool_id().map(|id| format!("{id:016x}")),
+                    "error": s.store.failure(),
                     "sinks": sinks,
                 }),
             );
@@ -426,6 +428,9 @@ mod tests {
         let st = cdc.status();
         assert_eq!(st["sources"]["t/a"]["last_seq"], 2);
         assert_eq!(st["sources"]["t/a"]["connected"], false);
+        assert!(st["sources"]["t/a"]["error"].is_null());
+        assert!(st["sources"]["t/a"]["spool_id"].is_null());
+        assert!(st["sources"]["t/a"]["bytes"].as_u64().unwrap() > 0);
     }
 
     #[test]
@@ -455,6 +460,7 @@ mod tests {
         // The newest segment (the one being written) always stays.
         let first = apply_retention(&store, Duration::ZERO).unwrap();
         assert!(first == 4 || first == 6, "{first}");
+        assert_eq!(store.first_seq(), first);
         let seqs: Vec<u64> = store.reader(0).unwrap().map(|r| r.unwrap().0).collect();
         assert_eq!(*seqs.last().unwrap(), 6);
         assert_eq!(seqs[0], first);

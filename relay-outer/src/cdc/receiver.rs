@@ -86,7 +86,7 @@ where
         source,
         first_seq,
         last_seq,
-        spool_id: _,
+        spool_id,
     } = open
     else {
         ship_error(&label, "handshake");
@@ -133,7 +133,7 @@ where
     let store = src.store.clone();
     let next = {
         let store = store.clone();
-        tokio::task::spawn_blocking(move || store.next_seq_for(first_seq, last_seq))
+        tokio::task::spawn_blocking(move || store.accept_stream(spool_id, first_seq, last_seq))
             .await
             .unwrap_or_else(|e| Err(StoreError::Task(e.to_string())))
     };
@@ -141,7 +141,7 @@ where
         Ok(n) => n,
         Err(e) => {
             ship_error(&name, reason_of(&e));
-            warn!(source = %name, first_seq, last_seq, error = %e, "shipping stream refused");
+            warn!(source = %name, first_seq, last_seq, spool_id = format_args!("{spool_id:016x}"), error = %e, "shipping stream refused");
             refuse(&mut stream, ErrorCode::Protocol, e.to_string()).await;
             src.release(id);
             return;
@@ -153,7 +153,7 @@ where
         src.release(id);
         return;
     }
-    info!(source = %name, stream = id, spool_first = first_seq, spool_last = last_seq, next_seq, "shipping stream open");
+    info!(source = %name, stream = id, spool_id = format_args!("{spool_id:016x}"), spool_first = first_seq, spool_last = last_seq, next_seq, "shipping stream open");
 
     // One task reads the next batch while the previous one is being fsynced.
     let (rd, mut wr) = tokio::io::split(stream);
@@ -229,7 +229,10 @@ where
             }
             Err(e) => {
                 ship_error(&name, reason_of(&e));
-                warn!(source = %name, first_seq = first, records = n, error = %e, "batch refused; nothing of it was stored");
+                // A write that failed part-way may have stored (and made durable) the
+                // records before it; they count on the next CdcOpen.
+                src.publish_gauges();
+                warn!(source = %name, first_seq = first, records = n, synced = store.synced_seq(), error = %e, "batch refused; the store holds up to the durable seq only");
                 refuse_ship(&mut wr, e.to_string()).await;
                 break format!("batch refused: {e}");
             }
@@ -244,7 +247,11 @@ fn reason_of(e: &StoreError) -> &'static str {
     match e {
         StoreError::Gap(_) => "gap",
         StoreError::BadRecord { .. } => "bad_record",
-        StoreError::Log(_) | StoreError::Task(_) => "store",
+        StoreError::SpoolMismatch(_) => "spool_mismatch",
+        StoreError::Log(_)
+        | StoreError::Task(_)
+        | StoreError::File { .. }
+        | StoreError::Failed { .. } => "store",
     }
 }
 
@@ -305,11 +312,21 @@ mod tests {
     }
 
     async fn open(s: &mut DuplexStream, source: &str, first: u64, last: u64) -> Frame {
+        open_spool(s, source, first, last, 7).await
+    }
+
+    async fn open_spool(
+        s: &mut DuplexStream,
+        source: &str,
+        first: u64,
+        last: u64,
+        spool_id: u64,
+    ) -> Frame {
         let f = Frame::CdcOpen {
             source: source.into(),
             first_seq: first,
             last_seq: last,
-            spool_id: 7,
+            spool_id,
         };
         write_frame(s, &f, T).await.unwrap();
         read_frame(s, T).await.unwrap()
@@ -520,6 +537,149 @@ mod tests {
         assert_eq!(
             batch(&mut new, 2, vec![rec(2)]).await,
             ShipMessage::Ack { seq: 2 }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_from_another_spool_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = CdcConfig {
+            dir: dir.path().to_path_buf(),
+            retention: Duration::from_secs(3600),
+            sinks: vec![],
+        };
+        let drain = Drain::new();
+        let cdc = Cdc::start(cfg.clone(), drain.clone()).await.unwrap();
+        let (mut s, task) = connect(Some(cdc.clone()), "site-a");
+        assert_eq!(
+            open(&mut s, "orders", 1, 2).await,
+            Frame::CdcReady { next_seq: 1 }
+        );
+        batch(&mut s, 1, vec![rec(1), rec(2)]).await;
+        drop(s);
+        task.await.unwrap();
+        // A reset spool (or a second relay-inner with a source of the same name).
+        let (mut s, task) = connect(Some(cdc.clone()), "site-a");
+        expect_error(
+            open_spool(&mut s, "orders", 1, 0, 0x99).await,
+            "the store of site-a/orders holds records of spool 0000000000000007 but \
+             relay-inner's spool is 0000000000000099",
+        );
+        task.await.unwrap();
+        let src = cdc.get("site-a/orders").unwrap();
+        assert!(!src.connected());
+        assert_eq!(src.store.synced_seq(), 2);
+        // Another tunnel's source of the same name has a store (and a spool) of its own.
+        let (mut s, _task) = connect(Some(cdc.clone()), "site-b");
+        assert_eq!(
+            open_spool(&mut s, "orders", 1, 0, 0x99).await,
+            Frame::CdcReady { next_seq: 1 }
+        );
+        // The remembered spool survives a restart of relay-outer.
+        drop(s);
+        drop(src);
+        drop(cdc);
+        drain.stop();
+        let cdc2 = {
+            // The first Cdc's stores close once its tasks (retention) have stopped.
+            let mut tries = 0;
+            loop {
+                let c = Cdc::start(cfg.clone(), Drain::new()).await.unwrap();
+                match c.source("site-a/orders").await {
+                    Ok(_) => break c,
+                    Err(_) if tries < 50 => {
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        };
+        let (mut s, task) = connect(Some(cdc2.clone()), "site-a");
+        expect_error(
+            open_spool(&mut s, "orders", 1, 2, 0x99).await,
+            "spool 0000000000000007",
+        );
+        task.await.unwrap();
+        let (mut s, _task) = connect(Some(cdc2.clone()), "site-a");
+        assert_eq!(
+            open(&mut s, "orders", 1, 3).await,
+            Frame::CdcReady { next_seq: 3 }
+        );
+        assert_eq!(
+            cdc2.status()["sources"]["site-a/orders"]["spool_id"],
+            "0000000000000007"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_store_that_hit_an_io_error_refuses_batches_and_streams() {
+        let dir = tempfile::tempdir().unwrap();
+        let cdc = cdc(dir.path()).await;
+        let (mut s, task) = connect(Some(cdc.clone()), "site-a");
+        open(&mut s, "orders", 1, 4).await;
+        assert_eq!(
+            batch(&mut s, 1, vec![rec(1)]).await,
+            ShipMessage::Ack { seq: 1 }
+        );
+        let store = cdc.get("site-a/orders").unwrap().store.clone();
+        store
+            .faults
+            .sync
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        ShipMessage::Batch {
+            first_seq: 2,
+            records: vec![rec(2), rec(3)],
+        }
+        .write(&mut s)
+        .await
+        .unwrap();
+        expect_ship_error(&mut s, "relay-outer is restarted").await;
+        task.await.unwrap();
+        assert_eq!(store.synced_seq(), 1);
+        // The records appended but not durable are not counted: the stream is refused.
+        let (mut s, task) = connect(Some(cdc.clone()), "site-a");
+        expect_error(open(&mut s, "orders", 1, 4).await, "hit an I/O error");
+        task.await.unwrap();
+        assert!(cdc.status()["sources"]["site-a/orders"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("injected fsync failure"));
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_part_way_acks_nothing_but_counts_what_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let cdc = cdc(dir.path()).await;
+        let (mut s, task) = connect(Some(cdc.clone()), "site-a");
+        open(&mut s, "orders", 1, 4).await;
+        let store = cdc.get("site-a/orders").unwrap().store.clone();
+        store
+            .faults
+            .append_at
+            .store(3, std::sync::atomic::Ordering::Relaxed);
+        ShipMessage::Batch {
+            first_seq: 1,
+            records: vec![rec(1), rec(2), rec(3), rec(4)],
+        }
+        .write(&mut s)
+        .await
+        .unwrap();
+        expect_ship_error(&mut s, "injected append failure").await;
+        task.await.unwrap();
+        assert_eq!(store.synced_seq(), 2);
+        store
+            .faults
+            .append_at
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        let (mut s, _task) = connect(Some(cdc.clone()), "site-a");
+        assert_eq!(
+            open(&mut s, "orders", 1, 4).await,
+            Frame::CdcReady { next_seq: 3 }
+        );
+        assert_eq!(
+            batch(&mut s, 3, vec![rec(3), rec(4)]).await,
+            ShipMessage::Ack { seq: 4 }
         );
     }
 }

@@ -1,17 +1,33 @@
 //! relay-outer's CDC store: one durable segment log per source (`<dir>/<tunnel>/<source>/`),
 //! appended in the seq order relay-inner's spool assigned, deduplicated on resend, and
 //! read by every sink and by `cdc tail` at their own positions.
+//!
+//! The store holds the records of one relay-inner spool only: the spool's random id is
+//! kept in `SPOOL_ID` beside the segments the first time a stream is accepted, and a
+//! stream from another spool is refused.
+//!
+//! Only durable records count as held. When a write or an fsync fails the log cannot be
+//! trusted any further (the kernel may have dropped pages it reported as written): the
+//! store then refuses every stream and batch until relay-outer is restarted, which
+//! rescans the log and keeps what is really on disk.
+//!
+//! The log's lock is held across fsync on a blocking thread; what async code asks for
+//! (first seq, durable seq, size, readers) is kept beside it and never waits for it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use relay_proto::cdc::Record;
-use relay_proto::segment_log::{self, LogOptions, Reader, SegmentLog};
+use relay_proto::segment_log::{self, LogError, LogOptions, Reader, SegmentLog};
 use tokio::sync::watch;
 
 /// Largest record the store accepts (the spool's bound).
 pub const MAX_RECORD: usize = segment_log::DEFAULT_MAX_RECORD;
+
+/// File in a store's directory holding the id of the spool its records come from.
+pub const SPOOL_ID_FILE: &str = "SPOOL_ID";
 
 /// What can go wrong in the store.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +46,28 @@ pub enum StoreError {
     /// relay-inner sent records that do not continue the store.
     #[error("{0}")]
     Gap(String),
+    /// A stream from another spool than the one the store's records come from.
+    #[error("{0}")]
+    SpoolMismatch(String),
+    /// An earlier write or fsync failed: the store refuses everything until a restart.
+    #[error(
+        "the store of {name} hit an I/O error ({reason}); it accepts nothing more until \
+         relay-outer is restarted, which rescans the log (records acknowledged before stay durable)"
+    )]
+    Failed {
+        /// `tunnel/source`.
+        name: String,
+        /// The error that stopped it.
+        reason: String,
+    },
+    /// The spool id file could not be read or written.
+    #[error("store file {path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// A blocking task failed.
     #[error("store task failed: {0}")]
     Task(String),
@@ -44,6 +82,16 @@ pub struct Appended {
     pub new: usize,
 }
 
+/// Faults tests inject into the write path.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub(crate) struct Faults {
+    /// Appending this seq fails (0: never).
+    pub append_at: AtomicU64,
+    /// The fsync after a batch fails.
+    pub sync: std::sync::atomic::AtomicBool,
+}
+
 /// One source's log.
 pub struct Store {
     /// `tunnel/source`.
@@ -51,14 +99,56 @@ pub struct Store {
     dir: PathBuf,
     log: Mutex<SegmentLog>,
     synced: watch::Sender<u64>,
+    /// The log's first seq and size, updated under the log's lock, read without it.
+    first: AtomicU64,
+    bytes: AtomicU64,
+    /// Set once when a write failed in a way the log cannot recover from in-process.
+    failure: OnceLock<String>,
+    /// Id of the spool the records come from (unset until a stream was accepted).
+    spool: OnceLock<u64>,
+    /// Held while a stream is being accepted, so two cannot race.
+    accepting: Mutex<()>,
     /// Position of each reader (sink) that holds records back from retention: the newest
     /// seq it has applied.
     readers: Mutex<HashMap<String, u64>>,
+    #[cfg(test)]
+    pub(crate) faults: Faults,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store").field("name", &self.name).finish()
+    }
+}
+
+/// Writes `text` to `dir/name` atomically and durably (temporary file, fsync, rename,
+/// fsync of the directory).
+fn write_atomic(dir: &Path, name: &str, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Reads the spool id kept in `dir` (`None` when no stream was accepted yet).
+fn read_spool_id(dir: &Path) -> Result<Option<u64>, StoreError> {
+    let path = dir.join(SPOOL_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(t) => u64::from_str_radix(t.trim(), 16)
+            .map(Some)
+            .map_err(|_| StoreError::File {
+                path,
+                reason: format!("holds {:?}, not a hexadecimal spool id", t.trim()),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StoreError::File {
+            path,
+            reason: e.to_string(),
+        }),
     }
 }
 
@@ -82,13 +172,24 @@ impl Store {
                 segment_bytes,
             },
         )?;
+        let spool = OnceLock::new();
+        if let Some(id) = read_spool_id(&dir)? {
+            let _ = spool.set(id);
+        }
         let (synced, _) = watch::channel(log.synced_seq());
         Ok(Arc::new(Store {
             name: name.to_string(),
             dir,
+            first: AtomicU64::new(log.first_seq()),
+            bytes: AtomicU64::new(log.size_bytes()),
             log: Mutex::new(log),
             synced,
+            failure: OnceLock::new(),
+            spool,
+            accepting: Mutex::new(()),
             readers: Mutex::new(HashMap::new()),
+            #[cfg(test)]
+            faults: Faults::default(),
         }))
     }
 
@@ -96,14 +197,70 @@ impl Store {
         self.log.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Copies what async code reads (first seq, size) out of the locked log.
+    fn refresh(&self, log: &SegmentLog) {
+        self.first.store(log.first_seq(), Ordering::Relaxed);
+        self.bytes.store(log.size_bytes(), Ordering::Relaxed);
+    }
+
+    /// Publishes the log's durable seq to the sinks if it moved.
+    fn publish_synced(&self, log: &SegmentLog) {
+        let seq = log.synced_seq();
+        self.synced.send_if_modified(|s| {
+            let moved = *s != seq;
+            *s = seq;
+            moved
+        });
+    }
+
+    /// Stops the store for good (until a restart) after `reason`.
+    fn fail(&self, reason: String) -> StoreError {
+        let reason = self.failure.get_or_init(|| {
+            tracing::error!(source = %self.name, dir = %self.dir.display(), error = %reason,
+                "CDC store hit an I/O error; it refuses every stream until relay-outer is restarted");
+            reason
+        });
+        StoreError::Failed {
+            name: self.name.clone(),
+            reason: reason.clone(),
+        }
+    }
+
+    /// An error when the store stopped after an I/O error (or its log is poisoned, or
+    /// holds appended records that are not durable).
+    fn check_usable(&self, log: &SegmentLog) -> Result<(), StoreError> {
+        if let Some(reason) = self.failure.get() {
+            return Err(StoreError::Failed {
+                name: self.name.clone(),
+                reason: reason.clone(),
+            });
+        }
+        if log.is_poisoned() {
+            return Err(self.fail("the segment log is poisoned by a failed write".into()));
+        }
+        if log.last_seq() != log.synced_seq() {
+            return Err(self.fail(format!(
+                "records {}..={} were appended but never made durable",
+                log.synced_seq() + 1,
+                log.last_seq()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Why the store refuses everything, if it does.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get().map(String::as_str)
+    }
+
     /// The store's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// Seq of the oldest record held.
+    /// Seq of the oldest record held. Never waits for a write in progress.
     pub fn first_seq(&self) -> u64 {
-        self.lock().first_seq()
+        self.first.load(Ordering::Relaxed)
     }
 
     /// Seq of the newest durable record (0 when none).
@@ -117,14 +274,63 @@ impl Store {
         self.synced.subscribe()
     }
 
+    /// Id of the spool the store's records come from, once a stream was accepted.
+    pub fn spool_id(&self) -> Option<u64> {
+        self.spool.get().copied()
+    }
+
+    /// Accepts a shipping stream from spool `spool_id` holding `first_seq..=last_seq`:
+    /// refuses another spool than the one the store's records come from (remembering
+    /// the first one), then answers as [`Store::next_seq_for`]. Blocking.
+    pub fn accept_stream(
+        &self,
+        spool_id: u64,
+        first_seq: u64,
+        last_seq: u64,
+    ) -> Result<u64, StoreError> {
+        let _one = self.accepting.lock().unwrap_or_else(|p| p.into_inner());
+        let known = self.spool_id();
+        if let Some(old) = known {
+            if old != spool_id {
+                let (tunnel, source) = self.name.split_once('/').unwrap_or(("?", &self.name));
+                return Err(StoreError::SpoolMismatch(format!(
+                    "the store of {tunnel}/{source} holds records of spool {old:016x} but relay-inner's \
+                     spool is {spool_id:016x}: either relay-inner's spool was reset/lost, or two \
+                     relay-inner processes ship a source of the same name through tunnel {tunnel}. \
+                     If the spool was reset, move the store directory {} away (its records stay \
+                     readable with cdc tail --dir: moved to <root>/{tunnel}/{source}, read them with \
+                     cdc tail --dir <root> --source {tunnel}/{source}) and restart relay-outer",
+                    self.dir.display()
+                )));
+            }
+        }
+        let next = self.next_seq_for(first_seq, last_seq)?;
+        if known.is_none() {
+            write_atomic(&self.dir, SPOOL_ID_FILE, &format!("{spool_id:016x}\n")).map_err(|e| {
+                StoreError::File {
+                    path: self.dir.join(SPOOL_ID_FILE),
+                    reason: e.to_string(),
+                }
+            })?;
+            let _ = self.spool.set(spool_id);
+        }
+        Ok(next)
+    }
+
     /// The seq relay-inner should send next, given the range its spool holds; an error
-    /// when the two cannot continue each other without a hole.
+    /// when the two cannot continue each other without a hole. Counts durable records
+    /// only. Blocking.
     pub fn next_seq_for(&self, first_seq: u64, last_seq: u64) -> Result<u64, StoreError> {
         let mut log = self.lock();
-        let have = log.last_seq();
+        self.check_usable(&log)?;
+        let have = log.synced_seq();
         if have == 0 && log.first_seq() == 1 && first_seq > 1 {
             // A new store joining a source whose older records were removed: start there.
-            log.start_at(first_seq)?;
+            if let Err(e) = log.start_at(first_seq) {
+                // The log may have lost its active segment half-way: do not go on with it.
+                return Err(self.fail(e.to_string()));
+            }
+            self.refresh(&log);
             return Ok(first_seq);
         }
         let next = have + 1;
@@ -156,9 +362,32 @@ impl Store {
             .map(|a| a.synced)
     }
 
+    fn append_one(&self, log: &mut SegmentLog, payload: &[u8]) -> Result<(), LogError> {
+        #[cfg(test)]
+        if self.faults.append_at.load(Ordering::Relaxed) == log.last_seq() + 1 {
+            return Err(LogError::Io {
+                path: self.dir.clone(),
+                source: std::io::Error::other("injected append failure"),
+            });
+        }
+        log.append(payload).map(|_| ())
+    }
+
+    fn sync(&self, log: &mut SegmentLog) -> Result<(), LogError> {
+        #[cfg(test)]
+        if self.faults.sync.load(Ordering::Relaxed) && log.last_seq() != log.synced_seq() {
+            return Err(LogError::Io {
+                path: self.dir.clone(),
+                source: std::io::Error::other("injected fsync failure"),
+            });
+        }
+        log.sync()
+    }
+
     /// [`Store::append_batch`], also saying how many records were new. Every new record
     /// is checked before the first is written, so a batch with a bad record stores
-    /// nothing.
+    /// nothing. When a write fails part-way, the records before it are made durable if
+    /// the fsync works; if it does not, the store refuses everything from then on.
     pub fn append_batch_counted(
         &self,
         first_seq: u64,
@@ -171,6 +400,7 @@ impl Store {
             )));
         }
         let mut log = self.lock();
+        self.check_usable(&log)?;
         let expected = log.last_seq() + 1;
         if first_seq > expected {
             return Err(StoreError::Gap(format!(
@@ -198,17 +428,25 @@ impl Store {
                 });
             }
         }
-        for payload in fresh {
-            log.append(payload)?;
-        }
-        log.sync()?;
-        let synced = log.synced_seq();
+        let appended = fresh
+            .iter()
+            .try_for_each(|payload| self.append_one(&mut log, payload));
+        // Also after a failed append: the records before it are then durable and count.
+        let synced = self.sync(&mut log);
+        self.refresh(&log);
+        self.publish_synced(&log);
+        let result = match (appended, synced) {
+            (Ok(()), Ok(())) => Ok(Appended {
+                synced: log.synced_seq(),
+                new: fresh.len(),
+            }),
+            // The records before the failed one are durable (and count); the log goes on.
+            (Err(e), Ok(())) => Err(StoreError::Log(e)),
+            (Ok(()), Err(s)) => Err(self.fail(s.to_string())),
+            (Err(e), Err(s)) => Err(self.fail(format!("{e}; the fsync after it failed too: {s}"))),
+        };
         drop(log);
-        self.synced.send_replace(synced);
-        Ok(Appended {
-            synced,
-            new: fresh.len(),
-        })
+        result
     }
 
     /// Async wrapper of [`Store::append_batch`].
@@ -237,9 +475,29 @@ impl Store {
 
     /// Reads records from `seq` on (0: the oldest). The reader may run ahead of
     /// [`Store::synced_seq`]; stop there.
+    ///
+    /// It does not take the log's lock (which a write holds across fsync): it finds the
+    /// segment from the directory, as `cdc tail` does, so it costs a directory listing
+    /// and one open.
     #[allow(dead_code)] // the sinks and tests use it
     pub fn reader(&self, seq: u64) -> Result<Reader, StoreError> {
-        Ok(self.lock().read_from(seq)?)
+        let first = self.first_seq();
+        if seq != 0 && seq < first {
+            return Err(LogError::Truncated {
+                requested: seq,
+                first,
+            }
+            .into());
+        }
+        let last = self.synced_seq().max(first.saturating_sub(1));
+        if seq > last + 1 {
+            return Err(LogError::BeyondEnd {
+                requested: seq,
+                last,
+            }
+            .into());
+        }
+        Ok(segment_log::read_dir(&self.dir, seq, MAX_RECORD)?)
     }
 
     /// Removes whole segments whose records are all `<= upto` and older than `cutoff`.
@@ -261,14 +519,16 @@ impl Store {
             }
         }
         if limit > 0 {
-            log.truncate_front(limit)?;
+            let res = log.truncate_front(limit);
+            self.refresh(&log);
+            res?;
         }
         Ok(log.first_seq())
     }
 
-    /// Bytes on disk.
+    /// Bytes on disk. Never waits for a write in progress.
     pub fn size_bytes(&self) -> u64 {
-        self.lock().size_bytes()
+        self.bytes.load(Ordering::Relaxed)
     }
 
     /// Records that `reader` (a sink's name) has applied every record up to `seq`;
@@ -370,5 +630,216 @@ mod tests {
         assert_eq!(s.synced_seq(), 40);
         assert_eq!(s.next_seq_for(40, 45).unwrap(), 41);
         assert!(matches!(s.next_seq_for(50, 55), Err(StoreError::Gap(_))));
+    }
+
+    #[test]
+    fn a_failed_append_keeps_the_records_before_it_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "t/s").unwrap();
+        s.faults.append_at.store(3, Ordering::Relaxed);
+        assert!(matches!(
+            s.append_batch(1, &[rec(1), rec(2), rec(3), rec(4)]),
+            Err(StoreError::Log(_))
+        ));
+        // 1 and 2 were made durable after the failure; they count, nothing else does.
+        assert_eq!(s.synced_seq(), 2);
+        assert_eq!(s.lock().last_seq(), 2);
+        assert!(s.failure().is_none());
+        assert_eq!(s.next_seq_for(1, 4).unwrap(), 3);
+        s.faults.append_at.store(0, Ordering::Relaxed);
+        assert_eq!(s.append_batch(3, &[rec(3), rec(4)]).unwrap(), 4);
+        let got: Vec<u64> = s.reader(0).unwrap().map(|r| r.unwrap().0).collect();
+        assert_eq!(got, vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn a_failed_fsync_stops_the_store_until_it_is_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "t/s").unwrap();
+        s.append_batch(1, &[rec(1)]).unwrap();
+        s.faults.sync.store(true, Ordering::Relaxed);
+        let e = s.append_batch(2, &[rec(2), rec(3)]).unwrap_err();
+        assert!(matches!(e, StoreError::Failed { .. }), "{e}");
+        assert!(e.to_string().contains("restarted"), "{e}");
+        assert!(e.to_string().contains("injected fsync failure"), "{e}");
+        // Appended but not durable: never counted as held, and everything is refused.
+        assert_eq!(s.synced_seq(), 1);
+        s.faults.sync.store(false, Ordering::Relaxed);
+        let e = s.next_seq_for(1, 3).unwrap_err();
+        assert!(matches!(e, StoreError::Failed { .. }), "{e}");
+        assert!(matches!(
+            s.append_batch(4, &[rec(4)]),
+            Err(StoreError::Failed { .. })
+        ));
+        assert!(matches!(
+            s.accept_stream(7, 1, 3),
+            Err(StoreError::Failed { .. })
+        ));
+        assert!(s.failure().unwrap().contains("injected fsync failure"));
+        // What was durable stays readable.
+        let got: Vec<u64> = s.reader(0).unwrap().map(|r| r.unwrap().0).collect();
+        assert_eq!(got[0], 1);
+        // A restart rescans the log (here the records did reach the file).
+        drop(s);
+        let s = Store::open(dir.path(), "t/s").unwrap();
+        assert!(s.failure().is_none());
+        assert_eq!(s.next_seq_for(1, 3).unwrap(), 4);
+    }
+
+    #[test]
+    fn a_store_whose_log_has_unsynced_records_refuses_to_count_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "t/s").unwrap();
+        s.append_batch(1, &[rec(1)]).unwrap();
+        // As if a write path had left records appended but not durable.
+        s.lock().append(&rec(2)).unwrap();
+        let e = s.next_seq_for(1, 2).unwrap_err();
+        assert!(e.to_string().contains("never made durable"), "{e}");
+        assert!(s.failure().is_some());
+    }
+
+    /// A real poisoned log: the next segment is /dev/full, so a write fails and cannot
+    /// be rolled back.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_poisoned_log_stops_the_store() {
+        if !Path::new("/dev/full").exists() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        // One record per segment.
+        let s = Store::open_with(dir.path(), "t/s", 1).unwrap();
+        s.append_batch(1, &[rec(1)]).unwrap();
+        let next = s.dir().join(format!("{:020}.seg", 3));
+        std::os::unix::fs::symlink("/dev/full", &next).unwrap();
+        let e = s.append_batch(2, &[rec(2), rec(3)]).unwrap_err();
+        assert!(matches!(e, StoreError::Failed { .. }), "{e}");
+        assert!(s.lock().is_poisoned());
+        // Record 2 was fsynced when its segment was sealed.
+        assert_eq!(s.synced_seq(), 2);
+        let e = s.next_seq_for(1, 3).unwrap_err();
+        assert!(e.to_string().contains("restarted"), "{e}");
+        drop(s);
+        std::fs::remove_file(&next).unwrap();
+        let s = Store::open_with(dir.path(), "t/s", 1).unwrap();
+        assert_eq!(s.next_seq_for(1, 3).unwrap(), 3);
+        assert_eq!(s.append_batch(3, &[rec(3)]).unwrap(), 3);
+    }
+
+    #[test]
+    fn a_store_takes_the_records_of_one_spool_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "site-a/orders").unwrap();
+        assert_eq!(s.spool_id(), None);
+        assert_eq!(s.accept_stream(7, 1, 0).unwrap(), 1);
+        assert_eq!(s.spool_id(), Some(7));
+        s.append_batch(1, &[rec(1), rec(2)]).unwrap();
+        let e = s.accept_stream(9, 1, 2).unwrap_err();
+        assert!(matches!(e, StoreError::SpoolMismatch(_)), "{e}");
+        let m = e.to_string();
+        for needle in [
+            "the store of site-a/orders holds records of spool 0000000000000007",
+            "relay-inner's spool is 0000000000000009",
+            "through tunnel site-a",
+            &s.dir().display().to_string(),
+            "cdc tail --dir",
+        ] {
+            assert!(m.contains(needle), "{m:?} lacks {needle:?}");
+        }
+        assert_eq!(s.accept_stream(7, 1, 2).unwrap(), 3);
+        // The id survives a reopen.
+        drop(s);
+        let text = std::fs::read_to_string(dir.path().join("site-a/orders/SPOOL_ID")).unwrap();
+        assert_eq!(text, "0000000000000007\n");
+        let s = Store::open(dir.path(), "site-a/orders").unwrap();
+        assert_eq!(s.spool_id(), Some(7));
+        assert!(matches!(
+            s.accept_stream(9, 1, 2),
+            Err(StoreError::SpoolMismatch(_))
+        ));
+        assert_eq!(s.accept_stream(7, 2, 2).unwrap(), 3);
+        // The gap and reset checks still apply to the right spool.
+        assert!(matches!(s.accept_stream(7, 1, 1), Err(StoreError::Gap(_))));
+        assert!(matches!(s.accept_stream(7, 9, 9), Err(StoreError::Gap(_))));
+    }
+
+    #[test]
+    fn a_refused_first_stream_does_not_pick_the_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "t/s").unwrap();
+        s.append_batch(1, &[rec(1), rec(2)]).unwrap();
+        // A store from before spool ids: the first stream that fits is remembered.
+        assert!(matches!(s.accept_stream(5, 1, 1), Err(StoreError::Gap(_))));
+        assert_eq!(s.spool_id(), None);
+        assert_eq!(s.accept_stream(6, 1, 3).unwrap(), 3);
+        assert_eq!(s.spool_id(), Some(6));
+        std::fs::write(s.dir().join(SPOOL_ID_FILE), "zz\n").unwrap();
+        drop(s);
+        let e = Store::open(dir.path(), "t/s").unwrap_err();
+        assert!(e.to_string().contains("SPOOL_ID"), "{e}");
+    }
+
+    #[test]
+    fn what_async_code_reads_does_not_wait_for_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open_with(dir.path(), "t/s", 1).unwrap();
+        s.append_batch(1, &[rec(1), rec(2), rec(3)]).unwrap();
+        let bytes = s.size_bytes();
+        assert_eq!(bytes, s.lock().size_bytes());
+        assert!(bytes > 0);
+        // A writer holds the log's lock (as across an fsync).
+        let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let _g = s.lock();
+                locked_tx.send(()).unwrap();
+                let _ = release_rx.recv();
+            })
+        };
+        locked_rx.recv().unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let got = (
+                    s.first_seq(),
+                    s.synced_seq(),
+                    s.size_bytes(),
+                    s.spool_id(),
+                    s.failure().is_none(),
+                    s.reader(2).unwrap().next().unwrap().unwrap().0,
+                );
+                done_tx.send(got).unwrap();
+            });
+        }
+        let got = done_rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("a read waited for the log's lock");
+        assert_eq!(got, (1, 3, bytes, None, true, 2));
+        release_tx.send(()).unwrap();
+        holder.join().unwrap();
+        // Retention moves the first seq and the size.
+        let first = s
+            .remove_before(
+                3,
+                std::time::SystemTime::now() + std::time::Duration::from_secs(60),
+            )
+            .unwrap();
+        assert!(first > 1);
+        assert_eq!(s.first_seq(), first);
+        assert!(s.size_bytes() < bytes);
+        assert_eq!(s.size_bytes(), s.lock().size_bytes());
+        // Readers are bounded by what is held.
+        assert!(matches!(
+            s.reader(1),
+            Err(StoreError::Log(LogError::Truncated { .. }))
+        ));
+        assert!(matches!(
+            s.reader(5),
+            Err(StoreError::Log(LogError::BeyondEnd { .. }))
+        ));
+        assert_eq!(s.reader(4).unwrap().count(), 0);
     }
 }
