@@ -483,12 +483,16 @@ impl SegmentLog {
 
     /// Seals the active segment (fdatasync) and starts the next one (fsync of the directory).
     fn roll(&mut self) -> Result<()> {
+        // A failure anywhere here leaves the log in a state a retry cannot trust (see
+        // `sync`): poison it, a reopen rescans.
+        self.poisoned = true;
         self.file.sync_data().map_err(io_err(&self.active.path))?;
         self.synced_seq = self.last_seq;
         let first_seq = self.last_seq + 1;
         let path = segment_path(&self.dir, first_seq);
         let file = create_segment(&path)?;
         sync_dir(&self.dir)?;
+        self.poisoned = false;
         let sealed = std::mem::replace(
             &mut self.active,
             Segment {
