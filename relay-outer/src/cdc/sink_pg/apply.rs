@@ -304,6 +304,9 @@ impl<'a> Session<'a> {
             if committed == 0 { 0 } else { committed + 1 },
         );
         let mut idle_since: Option<Instant> = None;
+        // Only the first record a sink without a position reads tells where the store
+        // starts (later ones follow it; `committed` stays 0 until the first commit).
+        let mut start_checked = committed != 0;
         loop {
             match src.try_next().await? {
                 Some((seq, rec)) => {
@@ -311,7 +314,7 @@ impl<'a> Session<'a> {
                     if seq <= self.committed {
                         continue;
                     }
-                    if self.committed == 0 && seq > 1 {
+                    if !std::mem::replace(&mut start_checked, true) && seq > 1 {
                         self.report_gap(seq);
                     }
                     self.apply_record(seq, rec).await?;
