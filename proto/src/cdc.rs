@@ -11,6 +11,12 @@
 //!   first use, so any record can be read on its own (`cdc tail --from`, a sink replayed
 //!   from a point in time) without the history before it.
 //!
+//! A transaction can be cut off: when relay-inner stops in the middle of a large one, the
+//! records it already spooled stay, and after the restart the transaction is read again
+//! whole. So a reader that meets a `Begin`, a `Snapshot` event or a non-transactional
+//! `Message` while a transaction is open discards the open one: its complete copy
+//! follows.
+//!
 //! Values travel in PostgreSQL's text format (what pgoutput and `COPY` produce), which
 //! every type has and every type can be read back from. An unchanged TOAST value is
 //! [`Value::Unchanged`], never NULL.
