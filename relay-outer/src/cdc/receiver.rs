@@ -92,7 +92,7 @@ where
         ship_error(&label, "handshake");
         let msg = format!(
             "a stream opened by relay-inner must start with CdcOpen, not {}",
-            frame_name(&open)
+            open.kind_name()
         );
         warn!("stream opened by relay-inner refused: {msg}");
         refuse(&mut stream, ErrorCode::Protocol, msg).await;
@@ -252,21 +252,6 @@ fn reason_of(e: &StoreError) -> &'static str {
         | StoreError::Task(_)
         | StoreError::File { .. }
         | StoreError::Failed { .. } => "store",
-    }
-}
-
-fn frame_name(f: &Frame) -> &'static str {
-    match f {
-        Frame::Hello(_) => "Hello",
-        Frame::HelloAck(_) => "HelloAck",
-        Frame::Error { .. } => "Error",
-        Frame::Ping { .. } => "Ping",
-        Frame::Pong { .. } => "Pong",
-        Frame::Open { .. } => "Open",
-        Frame::OpenOk => "OpenOk",
-        Frame::GoAway { .. } => "GoAway",
-        Frame::CdcOpen { .. } => "CdcOpen",
-        Frame::CdcReady { .. } => "CdcReady",
     }
 }
 
