@@ -39,6 +39,8 @@ struct RawConfig {
     admin: Option<AdminSpec>,
     dial_timeout: Option<Dur>,
     max_streams_per_session: Option<usize>,
+    transport: Option<String>,
+    connections: Option<usize>,
     cdc: Option<RawCdc>,
 }
 
@@ -141,8 +143,26 @@ pub struct Config {
     pub dial_timeout: Duration,
     /// Streams relay-outer may open on one session at once.
     pub max_streams_per_session: usize,
+    /// How sessions reach relay-outer.
+    pub transport: Transport,
+    /// Tunnel connections (sessions) kept to each relay-outer endpoint.
+    pub connections: usize,
     /// Change data capture, when configured.
     pub cdc: Option<CdcConfig>,
+}
+
+/// Most tunnel connections per relay-outer endpoint.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// How relay-inner reaches relay-outer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// TLS over TCP with yamux (passes every firewall that allows outbound TCP).
+    Tls,
+    /// QUIC over UDP.
+    Quic,
+    /// QUIC when UDP gets through, TLS otherwise; keeps trying QUIC in the background.
+    Auto,
 }
 
 /// Default bound on the spool's size on disk.
@@ -319,11 +339,25 @@ impl Config {
             Some(_) => return Err("node: must be 1 to 255 characters".into()),
             None => hostname(),
         };
+        let transport = match raw.transport.as_deref() {
+            None | Some("tls") => Transport::Tls,
+            Some("quic") => Transport::Quic,
+            Some("auto") => Transport::Auto,
+            Some(o) => return Err(format!("transport: {o:?} is not one of: tls, quic, auto")),
+        };
+        let connections = raw.connections.unwrap_or(1);
+        if !(1..=MAX_CONNECTIONS).contains(&connections) {
+            return Err(format!(
+                "connections: {connections} is out of range 1-{MAX_CONNECTIONS}"
+            ));
+        }
         let cdc = match raw.cdc {
             None => None,
             Some(c) => Some(validate_cdc(c, base)?),
         };
         Ok(Config {
+            transport,
+            connections,
             cdc,
             node,
             outer,
@@ -560,5 +594,11 @@ services:
         assert!(parse(&outer).unwrap_err().contains("outer[0].addr"));
         let backoff = GOOD.replace("max: 2s", "max: 1ms");
         assert!(parse(&backoff).unwrap_err().contains("reconnect"));
+        let t = format!("{GOOD}transport: udp\n");
+        assert!(parse(&t).unwrap_err().contains("transport"));
+        let c = format!("{GOOD}connections: 0\n");
+        assert!(parse(&c).unwrap_err().contains("connections"));
+        let ok = parse(&format!("{GOOD}transport: auto\nconnections: 4\n")).unwrap();
+        assert_eq!((ok.transport, ok.connections), (Transport::Auto, 4));
     }
 }

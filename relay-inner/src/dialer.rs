@@ -74,7 +74,7 @@ impl Dialer {
                     let started = Instant::now();
                     self.status.up(id, &tunnel);
                     metrics::counter!(m::SESSION_CONNECTS, &self.labels()).increment(1);
-                    metrics::gauge!(m::SESSIONS_UP, &self.labels()).set(1.0);
+                    metrics::gauge!(m::SESSIONS_UP, &self.labels()).increment(1.0);
                     info!(tunnel = %tunnel, session = id, "tunnel up");
                     self.status.set_session(Some(session.handle.clone()));
                     let end = self
@@ -89,7 +89,7 @@ impl Dialer {
                     let up = started.elapsed();
                     self.status.set_session(None);
                     self.status.down(&end.to_string());
-                    metrics::gauge!(m::SESSIONS_UP, &self.labels()).set(0.0);
+                    metrics::gauge!(m::SESSIONS_UP, &self.labels()).decrement(1.0);
                     let [outer] = self.labels();
                     let labels = [outer, ("reason", end.label().to_string())];
                     metrics::counter!(m::SESSION_DISCONNECTS, &labels).increment(1);

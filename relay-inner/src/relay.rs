@@ -22,10 +22,10 @@ use crate::dialer::{Current, Dialer};
 use crate::services::{ServiceTable, Services};
 use crate::status::EndpointStatus;
 
-/// A running dialer.
+/// The running dialers of one endpoint: `connections` sessions, one dialer each.
 struct Running {
     stop: Drain,
-    status: Arc<EndpointStatus>,
+    statuses: Vec<Arc<EndpointStatus>>,
 }
 
 /// The running relay.
@@ -92,23 +92,31 @@ impl InnerRelay {
         Ok(relay)
     }
 
+    /// Starts `connections` dialers for an endpoint (each keeps its own session; new
+    /// streams from relay-outer spread over them). The CDC shippers use the first.
     fn spawn_dialer(&self, endpoint: OuterEndpoint) {
-        let status = Arc::new(EndpointStatus::new(&endpoint.addr));
+        let n = self.config().connections;
         let stop = Drain::new();
         let k = key(&endpoint);
-        let d = Dialer {
-            current: self.current.clone(),
-            endpoint,
-            services: self.services.clone(),
-            drain: self.drain.clone(),
-            stop: stop.clone(),
-            status: status.clone(),
-        };
-        tokio::spawn(d.run());
-        if let Some(cdc) = &self.cdc {
-            cdc.attach(&k, &status, &self.drain, &stop);
+        let mut statuses = Vec::with_capacity(n);
+        for i in 0..n {
+            let status = Arc::new(EndpointStatus::new(&endpoint.addr));
+            status.set_connection(i, n);
+            let d = Dialer {
+                current: self.current.clone(),
+                endpoint: endpoint.clone(),
+                services: self.services.clone(),
+                drain: self.drain.clone(),
+                stop: stop.clone(),
+                status: status.clone(),
+            };
+            tokio::spawn(d.run());
+            statuses.push(status);
         }
-        self.lock_dialers().push((k, Running { stop, status }));
+        if let Some(cdc) = &self.cdc {
+            cdc.attach(&k, &statuses[0], &self.drain, &stop);
+        }
+        self.lock_dialers().push((k, Running { stop, statuses }));
     }
 
     fn lock_dialers(&self) -> std::sync::MutexGuard<'_, Vec<(String, Running)>> {
@@ -124,11 +132,11 @@ impl InnerRelay {
             .clone()
     }
 
-    /// Every endpoint's status.
-    pub fn endpoints(&self) -> Vec<Arc<EndpointStatus>> {
+    /// Every connection's status, grouped by endpoint.
+    pub fn endpoints(&self) -> Vec<Vec<Arc<EndpointStatus>>> {
         self.lock_dialers()
             .iter()
-            .map(|(_, r)| r.status.clone())
+            .map(|(_, r)| r.statuses.clone())
             .collect()
     }
 
@@ -144,6 +152,7 @@ impl InnerRelay {
     fn try_reload(&self) -> Result<String, String> {
         let new = Config::load(&self.path).map_err(|e| e.to_string())?;
         let tls = new.check_tls()?;
+        let new_connections = new.connections;
         let old = self.config();
         if new.admin_listen != old.admin_listen {
             return Err(format!(
@@ -164,8 +173,10 @@ impl InnerRelay {
         let services: Vec<String> = new.services.keys().cloned().collect();
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = current(new, tls);
         let mut removed = Vec::new();
+        let resize = new_connections != old.connections;
         self.lock_dialers().retain(|(k, r)| {
-            let keep = wanted.contains_key(k);
+            // A changed `connections` replaces every endpoint's sessions.
+            let keep = wanted.contains_key(k) && !resize;
             if !keep {
                 r.stop.stop();
                 removed.push(k.clone());

@@ -11,6 +11,8 @@ pub struct EndpointStatus {
     state: Mutex<State>,
     /// The live session, for the CDC shippers.
     session: tokio::sync::watch::Sender<Option<relay_proto::session::SessionHandle>>,
+    /// Which of the endpoint's connections this is (index, count).
+    connection: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -35,7 +37,16 @@ impl EndpointStatus {
             addr: addr.to_owned(),
             state: Mutex::default(),
             session: tokio::sync::watch::channel(None).0,
+            connection: std::sync::atomic::AtomicU64::new(1),
         }
+    }
+
+    /// Records that this is connection `i` of `n` to its endpoint.
+    pub fn set_connection(&self, i: usize, n: usize) {
+        self.connection.store(
+            ((i as u64) << 32) | n as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Publishes the live session (or its end) to the CDC shippers.
@@ -106,8 +117,11 @@ impl EndpointStatus {
                 let ago = t.elapsed().unwrap_or_default().as_secs_f64();
                 serde_json::json!({ "seconds_ago": ago, "reason": e })
             });
+            let c = self.connection.load(std::sync::atomic::Ordering::Relaxed);
             serde_json::json!({
                 "addr": self.addr,
+                "connection": c >> 32,
+                "connections": c & 0xffff_ffff,
                 "up": s.session.is_some(),
                 "session": session,
                 "connects": s.connects,
@@ -128,12 +142,13 @@ pub fn handle(
         "/metrics" => Response::prometheus(prom.render()),
         "/healthz" => Response::text(200, "ok\n".into()),
         "/readyz" => {
-            // Ready when every configured relay-outer has a live session.
+            // Ready when every configured relay-outer has a live session (with
+            // `connections` above 1: at least one of them).
             let down: Vec<String> = relay
                 .endpoints()
                 .iter()
-                .filter(|e| !e.is_up())
-                .map(|e| e.addr.clone())
+                .filter(|conns| !conns.iter().any(|e| e.is_up()))
+                .filter_map(|conns| conns.first().map(|e| e.addr.clone()))
                 .collect();
             if relay.drain.is_stopping() {
                 Response::text(503, "shutting down\n".into())
@@ -145,7 +160,12 @@ pub fn handle(
         }
         "/status" => {
             let cfg = relay.config();
-            let endpoints: Vec<_> = relay.endpoints().iter().map(|e| e.to_json()).collect();
+            let endpoints: Vec<_> = relay
+                .endpoints()
+                .iter()
+                .flatten()
+                .map(|e| e.to_json())
+                .collect();
             let body = serde_json::json!({
                 "role": "relay-inner",
                 "version": env!("CARGO_PKG_VERSION"),

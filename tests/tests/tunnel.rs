@@ -377,3 +377,53 @@ fn allowlist_and_connection_limit_refuse_at_accept_and_touch_nothing_else() {
         psql_at("127.0.0.1", small, "SELECT 8").as_deref() == Ok("8")
     });
 }
+
+/// `connections: 3`: relay-inner keeps three sessions to relay-outer, and concurrent
+/// clients are spread over them (least loaded first).
+#[test]
+fn connections_spread_streams_over_several_sessions() {
+    let mut s = setup();
+    s.inner.proc.term();
+    s.inner.proc.wait_exit(Duration::from_secs(10));
+    let cfg = format!(
+        "{}connections: 3\n",
+        inner_cfg(&s.pki, s.tunnel_port, &s.pg)
+    );
+    let inner = Relay::inner("relay-inner-3", &cfg, None);
+    // Three sessions came up (one "tunnel up" each on relay-outer, after the first one's).
+    s.outer.wait_count("tunnel up", 4, Duration::from_secs(30));
+    inner.wait_count("tunnel up", 3, Duration::from_secs(30));
+    // Three clients at once, each holding its connection: one per session.
+    let port = s.listen_port;
+    let clients: Vec<_> = (0..3)
+        .map(|_| std::thread::spawn(move || psql_at("127.0.0.1", port, "SELECT pg_sleep(3)")))
+        .collect();
+    wait_until(Duration::from_secs(20), "three clients connected", || {
+        s.pg.try_psql(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(3)%' AND pid <> pg_backend_pid()",
+        )
+        .as_deref()
+            == Ok("3")
+    });
+    let status = http_status(s.outer.admin_port.expect("admin port"));
+    let per_session: Vec<u64> = status["sessions"]
+        .as_array()
+        .expect("sessions")
+        .iter()
+        .map(|x| x["open_streams"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(per_session, vec![1, 1, 1], "{status}");
+    for c in clients {
+        c.join().unwrap().unwrap();
+    }
+}
+
+fn http_status(port: u16) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let mut t = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    t.write_all(b"GET /status HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    t.read_to_string(&mut body).unwrap();
+    let json = body.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    serde_json::from_str(json).unwrap_or(serde_json::Value::Null)
+}
