@@ -341,8 +341,11 @@ impl Config {
         };
         let transport = match raw.transport.as_deref() {
             None | Some("tls") => Transport::Tls,
-            Some("quic") => Transport::Quic,
-            Some("auto") => Transport::Auto,
+            Some("quic") | Some("auto") => {
+                return Err(
+                    "transport: quic and auto are not available in this version yet; use tls".into(),
+                )
+            }
             Some(o) => return Err(format!("transport: {o:?} is not one of: tls, quic, auto")),
         };
         let connections = raw.connections.unwrap_or(1);
@@ -598,7 +601,7 @@ services:
         assert!(parse(&t).unwrap_err().contains("transport"));
         let c = format!("{GOOD}connections: 0\n");
         assert!(parse(&c).unwrap_err().contains("connections"));
-        let ok = parse(&format!("{GOOD}transport: auto\nconnections: 4\n")).unwrap();
-        assert_eq!((ok.transport, ok.connections), (Transport::Auto, 4));
+        let ok = parse(&format!("{GOOD}transport: tls\nconnections: 4\n")).unwrap();
+        assert_eq!((ok.transport, ok.connections), (Transport::Tls, 4));
     }
 }
