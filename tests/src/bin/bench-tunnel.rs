@@ -150,7 +150,11 @@ fn cmd_line(program: &str, args: &[&str]) -> String {
         .args(args)
         .output()
         .map(|o| {
-            let s = if o.stdout.is_empty() { o.stderr } else { o.stdout };
+            let s = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
             String::from_utf8_lossy(&s).trim().to_string()
         })
         .unwrap_or_default()
@@ -176,7 +180,16 @@ fn main() {
     let pg = routy_e2e::Pg::start(routy_e2e::PgOpts::default());
     let init = routy_e2e::run_timeout(
         Command::new(routy_e2e::pg_bin("pgbench"))
-            .args(["-i", "-s", "10", "-q", "-h", "127.0.0.1", "-p", &pg.port().to_string()])
+            .args([
+                "-i",
+                "-s",
+                "10",
+                "-q",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &pg.port().to_string(),
+            ])
             .args(["-U", "postgres", "postgres"]),
         None,
         Duration::from_secs(600),
@@ -259,10 +272,7 @@ fn main() {
                 ));
             }
             values.push((n > 0).then(|| after.saturating_sub(base) as f64 / n as f64));
-            eprintln!(
-                "  base {} KiB, with streams {} KiB",
-                base, after
-            );
+            eprintln!("  base {} KiB, with streams {} KiB", base, after);
             std::thread::sleep(Duration::from_secs(2));
         }
         rows.push(Row {
@@ -281,7 +291,10 @@ fn main() {
             eprintln!("new connections: {}", p.name);
             let (rate, failed) = load::conn_rate(p.bench_port, plan.conn_threads, plan.conn_secs);
             if failed > 0 {
-                notes.push(format!("new connections, {}: {failed} attempts failed.", p.name));
+                notes.push(format!(
+                    "new connections, {}: {failed} attempts failed.",
+                    p.name
+                ));
             }
             values.push((rate > 0.0).then_some(rate));
             pause();
@@ -349,7 +362,10 @@ fn main() {
         }
         rows.push(Row {
             key,
-            label: format!("pgbench -S, {clients} client{}", if clients > 1 { "s" } else { "" }),
+            label: format!(
+                "pgbench -S, {clients} client{}",
+                if clients > 1 { "s" } else { "" }
+            ),
             unit: "tps",
             values,
             ratio: true,
@@ -357,10 +373,28 @@ fn main() {
     }
 
     // Table rows in reading order (memory was measured first).
-    let order = ["bulk1_up", "bulk1_down", "bulk8_up", "bulk8_down", "pg1", "pg16", "conn", "mem"];
+    let order = [
+        "bulk1_up",
+        "bulk1_down",
+        "bulk8_up",
+        "bulk8_down",
+        "pg1",
+        "pg16",
+        "conn",
+        "mem",
+    ];
     rows.sort_by_key(|r| order.iter().position(|k| *k == r.key).unwrap_or(99));
 
-    let md = render(&a, &plan, idle_n, &names, &rows, &notes, rathole_version.as_deref(), started);
+    let md = render(
+        &a,
+        &plan,
+        idle_n,
+        &names,
+        &rows,
+        &notes,
+        rathole_version.as_deref(),
+        started,
+    );
     println!("{md}");
 
     if let Some(dir) = &a.out {
@@ -389,9 +423,28 @@ fn main() {
     drop(pg);
 }
 
+/// A short name for a row, for the one-line comparisons.
+fn short(key: &str) -> &str {
+    match key {
+        "bulk1_up" => "bulk 1 up",
+        "bulk1_down" => "bulk 1 down",
+        "bulk8_up" => "bulk 8 up",
+        "bulk8_down" => "bulk 8 down",
+        "pg1" => "pgbench c1",
+        "pg16" => "pgbench c16",
+        "conn" => "new conn/s",
+        _ => key,
+    }
+}
+
 fn value(names: &[String], rows: &[Row], key: &str, path: &str) -> Option<f64> {
     let i = names.iter().position(|n| n == path)?;
-    rows.iter().find(|r| r.key == key)?.values.get(i).copied().flatten()
+    rows.iter()
+        .find(|r| r.key == key)?
+        .values
+        .get(i)
+        .copied()
+        .flatten()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -472,14 +525,39 @@ fn render(
                 3.0,
                 false,
             ));
-            checks.push(("pgbench -S -c16 ≥ 1.5x ssh -R", vec![("pg16", "ssh -R")], 1.5, false));
+            checks.push((
+                "pgbench -S -c16 ≥ 1.5x ssh -R",
+                vec![("pg16", "ssh -R")],
+                1.5,
+                false,
+            ));
         }
         if has("rathole") {
-            checks.push(("pgbench -S -c16 ≥ 1.2x rathole", vec![("pg16", "rathole")], 1.2, false));
+            checks.push((
+                "pgbench -S -c16 ≥ 1.2x rathole",
+                vec![("pg16", "rathole")],
+                1.2,
+                false,
+            ));
         }
-        checks.push(("pgbench -S -c16 ≥ 0.6x direct", vec![("pg16", "direct")], 0.6, false));
-        checks.push(("new connections/s ≥ 0.5x direct", vec![("conn", "direct")], 0.5, false));
-        checks.push(("≤ 16 KiB per idle stream, both relays", vec![("mem", "")], 16.0, true));
+        checks.push((
+            "pgbench -S -c16 ≥ 0.6x direct",
+            vec![("pg16", "direct")],
+            0.6,
+            false,
+        ));
+        checks.push((
+            "new connections/s ≥ 0.5x direct",
+            vec![("conn", "direct")],
+            0.5,
+            false,
+        ));
+        checks.push((
+            "≤ 16 KiB per idle stream, both relays",
+            vec![("mem", "")],
+            16.0,
+            true,
+        ));
         for (label, parts, threshold, lower) in checks {
             let _ = write!(md, "| {label} |");
             for r in &routys {
@@ -502,7 +580,11 @@ fn render(
                             } else {
                                 fmt_ratio(q)
                             });
-                            met &= if lower { q <= threshold } else { q >= threshold };
+                            met &= if lower {
+                                q <= threshold
+                            } else {
+                                q >= threshold
+                            };
                         }
                         None => {
                             shown.push("—".into());
@@ -531,7 +613,7 @@ fn render(
                     .filter_map(|row| {
                         let x = value(names, rows, row.key, r)?;
                         let y = value(names, rows, row.key, vs)?;
-                        (y > 0.0).then(|| format!("{} {}", row.key, fmt_ratio(x / y)))
+                        (y > 0.0).then(|| format!("{} {}", short(row.key), fmt_ratio(x / y)))
                     })
                     .collect();
                 let _ = writeln!(md, "\n{r} / {vs}: {}", parts.join(", "));
@@ -553,11 +635,7 @@ fn render(
     for n in notes {
         let _ = writeln!(md, "- {n}");
     }
-    let _ = writeln!(
-        md,
-        "- Run took {:.0} s.",
-        started.elapsed().as_secs_f64()
-    );
+    let _ = writeln!(md, "- Run took {:.0} s.", started.elapsed().as_secs_f64());
     md
 }
 
@@ -613,7 +691,9 @@ fn chart(json: &std::path::Path, png: &std::path::Path) -> Result<(), String> {
             Duration::from_secs(600),
         );
         if !has_mpl() {
-            return Err("python3 with matplotlib is not available and could not be installed".into());
+            return Err(
+                "python3 with matplotlib is not available and could not be installed".into(),
+            );
         }
     }
     let out = routy_e2e::run_timeout(

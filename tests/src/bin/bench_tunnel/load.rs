@@ -132,7 +132,13 @@ pub enum Dir {
 
 /// Bulk throughput through `port` with `streams` parallel connections, in bytes/s,
 /// counted at the receiving end over `dur` after `warm`.
-pub fn bulk(port: u16, streams: usize, dir: Dir, warm: Duration, dur: Duration) -> Result<f64, String> {
+pub fn bulk(
+    port: u16,
+    streams: usize,
+    dir: Dir,
+    warm: Duration,
+    dur: Duration,
+) -> Result<f64, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let received = Arc::new(AtomicU64::new(0));
     let mut threads = Vec::new();
@@ -142,7 +148,11 @@ pub fn bulk(port: u16, streams: usize, dir: Dir, warm: Duration, dur: Duration) 
         threads.push(std::thread::spawn(move || {
             let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
             let _ = s.set_write_timeout(Some(Duration::from_millis(500)));
-            let mode = if dir == Dir::Up { MODE_UPLOAD } else { MODE_DOWNLOAD };
+            let mode = if dir == Dir::Up {
+                MODE_UPLOAD
+            } else {
+                MODE_DOWNLOAD
+            };
             if s.write_all(&[mode]).is_err() {
                 return;
             }
@@ -189,7 +199,10 @@ pub fn bulk(port: u16, streams: usize, dir: Dir, warm: Duration, dur: Duration) 
         return Err("no bytes moved".into());
     }
     if alive < streams {
-        eprintln!("  warning: {} of {streams} streams ended early", streams - alive);
+        eprintln!(
+            "  warning: {} of {streams} streams ended early",
+            streams - alive
+        );
     }
     Ok((c1 - c0) as f64 / (t1 - t0).as_secs_f64())
 }
@@ -268,7 +281,14 @@ pub fn open_idle(port: u16, n: usize, threads: usize) -> (Vec<TcpStream>, usize)
 pub fn pgbench(port: u16, clients: u32, secs: u32) -> Result<f64, String> {
     let mut cmd = Command::new(routy_e2e::pg_bin("pgbench"));
     cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
-        .args(["-S", "-n", "-c", &clients.to_string(), "-j", &clients.to_string()])
+        .args([
+            "-S",
+            "-n",
+            "-c",
+            &clients.to_string(),
+            "-j",
+            &clients.to_string(),
+        ])
         .args(["-T", &secs.to_string(), "postgres"])
         .env("PGCONNECT_TIMEOUT", "10");
     let out = routy_e2e::run_timeout(&mut cmd, None, Duration::from_secs(secs as u64 + 120))?;

@@ -31,7 +31,11 @@ impl Path {
         if self.procs.is_empty() {
             return None;
         }
-        let mut pids: Vec<u32> = self.procs.iter().flat_map(|p| load::process_tree(*p)).collect();
+        let mut pids: Vec<u32> = self
+            .procs
+            .iter()
+            .flat_map(|p| load::process_tree(*p))
+            .collect();
         pids.sort_unstable();
         pids.dedup();
         Some(pids.iter().map(|p| load::rss_kib(*p)).sum())
@@ -106,7 +110,12 @@ pub fn routy(name: &str, pki: &Pki, t: &Targets, transport: Option<&str>) -> Res
     let tunnel_port = free_port();
     let (bench_port, pg_port) = (free_port(), free_port());
     let limits = "    max_connections: 20000\n";
-    let mut lb = ListenerSpec::new("bench", &format!("127.0.0.1:{bench_port}"), "site-a", "bench");
+    let mut lb = ListenerSpec::new(
+        "bench",
+        &format!("127.0.0.1:{bench_port}"),
+        "site-a",
+        "bench",
+    );
     lb.extra = limits.into();
     let mut lp = ListenerSpec::new("pg", &format!("127.0.0.1:{pg_port}"), "site-a", "pg");
     lp.extra = limits.into();
@@ -244,10 +253,25 @@ pub fn ssh(t: &Targets) -> Result<Path, String> {
     c.args(["-N", "-i"])
         .arg(d.join("user_key"))
         .args(["-p", &port.to_string()])
-        .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
-        .args(["-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes", "-o", "LogLevel=ERROR"])
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-o",
+            "LogLevel=ERROR",
+        ])
         .args(["-F", "/dev/null"])
-        .args(["-R", &format!("127.0.0.1:{bench_port}:127.0.0.1:{}", t.bench)])
+        .args([
+            "-R",
+            &format!("127.0.0.1:{bench_port}:127.0.0.1:{}", t.bench),
+        ])
         .args(["-R", &format!("127.0.0.1:{pg_port}:127.0.0.1:{}", t.pg)])
         .arg("root@127.0.0.1");
     let client = Proc::spawn("ssh", c);
@@ -313,7 +337,13 @@ pub fn rathole_version(exe: &FsPath) -> String {
     Command::new(exe)
         .arg("--version")
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .map(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            text.lines()
+                .find_map(|l| l.trim().strip_prefix("Build Version:"))
+                .map(|v| format!("rathole {}", v.trim()))
+                .unwrap_or_else(|| text.trim().to_string())
+        })
         .unwrap_or_default()
 }
 
