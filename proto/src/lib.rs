@@ -18,6 +18,7 @@ pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod pg_tls;
+pub mod quic;
 pub mod sdnotify;
 pub mod segment_log;
 pub mod session;

@@ -2,12 +2,15 @@
 //!
 //! Labels: `tunnel` (client certificate name), `listener` (relay-outer listener name),
 //! `service` (service name), `outer` (relay-outer endpoint, on relay-inner), `reason`,
-//! `direction` (`to_service` or `to_client`), `result` (`ok` or `error`).
+//! `direction` (`to_service` or `to_client`), `result` (`ok` or `error`), `transport`
+//! (`tls` or `quic`).
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Gauge: live tunnel sessions (`tunnel` on relay-outer, `outer` on relay-inner).
 pub const SESSIONS_UP: &str = "routy_sessions_up";
+/// Gauge: live tunnel sessions by `transport` (`tls` or `quic`).
+pub const SESSION_TRANSPORT: &str = "routy_session_transport";
 /// Counter: sessions established.
 pub const SESSION_CONNECTS: &str = "routy_session_connects_total";
 /// Counter: sessions ended, by `reason`.
@@ -36,6 +39,10 @@ pub const CONFIG_RELOADS: &str = "routy_config_reloads_total";
 /// Every metric with its help text, for `# HELP` lines and the README.
 pub const ALL: &[(&str, &str)] = &[
     (SESSIONS_UP, "Live tunnel sessions."),
+    (
+        SESSION_TRANSPORT,
+        "Live tunnel sessions by transport (tls or quic).",
+    ),
     (SESSION_CONNECTS, "Tunnel sessions established."),
     (SESSION_DISCONNECTS, "Tunnel sessions ended, by reason."),
     (

@@ -1,8 +1,9 @@
 //! A multiplexed tunnel session: open a stream, accept a stream.
 //!
-//! This is the seam between the relays and the transport. Today the transport is yamux
-//! over TLS over TCP, driven by one task per connection; a QUIC session will sit behind
-//! the same [`SessionHandle`] and [`Stream`].
+//! This is the seam between the relays and the transport. Two transports sit behind the
+//! same [`SessionHandle`] and [`Stream`]: yamux over TLS over TCP, driven by one task per
+//! connection ([`yamux`]), and QUIC, where each stream is a quinn bidirectional stream
+//! ([`quic`]).
 
 use std::io;
 use std::pin::Pin;
@@ -45,8 +46,18 @@ pub enum SessionError {
 
 /// One multiplexed stream, a bidirectional byte pipe with half-close.
 pub struct Stream {
-    inner: Compat<yamux::Stream>,
+    inner: StreamIo,
     _guard: StreamGuard,
+}
+
+enum StreamIo {
+    Yamux(Compat<yamux::Stream>),
+    Quic {
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        /// `finish()` was called: a second shutdown is a no-op, as on yamux.
+        finished: bool,
+    },
 }
 
 impl std::fmt::Debug for Stream {
@@ -77,7 +88,10 @@ impl AsyncRead for Stream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        match &mut self.inner {
+            StreamIo::Yamux(s) => Pin::new(s).poll_read(cx, buf),
+            StreamIo::Quic { recv, .. } => Pin::new(recv).poll_read(cx, buf),
+        }
     }
 }
 
@@ -87,25 +101,54 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        match &mut self.inner {
+            StreamIo::Yamux(s) => Pin::new(s).poll_write(cx, buf),
+            StreamIo::Quic { send, .. } => {
+                tokio::io::AsyncWrite::poll_write(Pin::new(send), cx, buf)
+            }
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        match &mut self.inner {
+            StreamIo::Yamux(s) => Pin::new(s).poll_flush(cx),
+            StreamIo::Quic { send, .. } => tokio::io::AsyncWrite::poll_flush(Pin::new(send), cx),
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        match &mut self.inner {
+            StreamIo::Yamux(s) => Pin::new(s).poll_shutdown(cx),
+            // Half-close: FIN on our send side; the receive side stays open.
+            StreamIo::Quic { send, finished, .. } => {
+                if !*finished {
+                    *finished = true;
+                    send.finish().map_err(io::Error::from)?;
+                }
+                Poll::Ready(Ok(()))
+            }
+        }
     }
 }
 
 type OpenReply = oneshot::Sender<Result<Stream, SessionError>>;
 
+/// What carries the session.
+#[derive(Clone)]
+enum Transport {
+    /// yamux over TLS: the driver task serves opens; the kill switch cuts the socket.
+    Yamux {
+        open_tx: mpsc::Sender<OpenReply>,
+        kill: Arc<KillSwitch>,
+    },
+    /// A QUIC connection: quinn is already multiplexed and clonable.
+    Quic(quinn::Connection),
+}
+
 /// A cheap, clonable handle on a live session.
 #[derive(Clone)]
 pub struct SessionHandle {
-    open_tx: mpsc::Sender<OpenReply>,
-    kill: Arc<KillSwitch>,
+    transport: Transport,
     closed: watch::Receiver<bool>,
     streams: Arc<AtomicUsize>,
     reason: Arc<std::sync::Mutex<Option<String>>>,
@@ -114,6 +157,7 @@ pub struct SessionHandle {
 impl std::fmt::Debug for SessionHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SessionHandle")
+            .field("transport", &self.transport())
             .field("streams", &self.open_streams())
             .field("closed", &self.is_closed())
             .finish()
@@ -121,19 +165,43 @@ impl std::fmt::Debug for SessionHandle {
 }
 
 impl SessionHandle {
-    /// Opens a new outbound stream.
+    /// Opens a new outbound stream. (On QUIC the peer learns of it with the first
+    /// bytes written, which is always a frame.)
     pub async fn open(&self) -> Result<Stream, SessionError> {
-        let (tx, rx) = oneshot::channel();
-        self.open_tx
-            .send(tx)
-            .await
-            .map_err(|_| SessionError::Closed)?;
-        rx.await.map_err(|_| SessionError::Closed)?
+        match &self.transport {
+            Transport::Yamux { open_tx, .. } => {
+                let (tx, rx) = oneshot::channel();
+                open_tx.send(tx).await.map_err(|_| SessionError::Closed)?;
+                rx.await.map_err(|_| SessionError::Closed)?
+            }
+            Transport::Quic(conn) => {
+                let (send, recv) = conn.open_bi().await.map_err(|_| SessionError::Closed)?;
+                Ok(Stream {
+                    inner: StreamIo::Quic {
+                        send,
+                        recv,
+                        finished: false,
+                    },
+                    _guard: StreamGuard::new(&self.streams),
+                })
+            }
+        }
     }
 
     /// Tears the session down now: every stream on it ends.
     pub fn kill(&self) {
-        self.kill.kill();
+        match &self.transport {
+            Transport::Yamux { kill, .. } => kill.kill(),
+            Transport::Quic(conn) => conn.close(QUIC_CLOSE_CODE, b"session closed"),
+        }
+    }
+
+    /// Which transport carries the session: `"tls"` (yamux over TLS) or `"quic"`.
+    pub fn transport(&self) -> &'static str {
+        match self.transport {
+            Transport::Yamux { .. } => "tls",
+            Transport::Quic(_) => "quic",
+        }
     }
 
     /// Whether the session has ended.
@@ -210,8 +278,55 @@ where
     ));
     Session {
         handle: SessionHandle {
-            open_tx,
-            kill,
+            transport: Transport::Yamux { open_tx, kill },
+            closed: closed_rx,
+            streams,
+            reason,
+        },
+        incoming: in_rx,
+    }
+}
+
+/// Application error code of a QUIC connection closed by [`SessionHandle::kill`].
+pub const QUIC_CLOSE_CODE: quinn::VarInt = quinn::VarInt::from_u32(0);
+
+/// Starts a session over an established QUIC connection. One task accepts the streams
+/// the peer opens, in order, and records why the connection ended.
+pub fn quic(conn: quinn::Connection) -> Session {
+    let (in_tx, in_rx) = mpsc::unbounded_channel();
+    let (closed_tx, closed_rx) = watch::channel(false);
+    let streams = Arc::new(AtomicUsize::new(0));
+    let reason = Arc::new(std::sync::Mutex::new(None));
+    {
+        let (conn, streams, reason) = (conn.clone(), streams.clone(), reason.clone());
+        tokio::spawn(async move {
+            let e = loop {
+                match conn.accept_bi().await {
+                    Ok((send, recv)) => {
+                        let s = Stream {
+                            inner: StreamIo::Quic {
+                                send,
+                                recv,
+                                finished: false,
+                            },
+                            _guard: StreamGuard::new(&streams),
+                        };
+                        // Nobody listening any more: the stream is dropped (stopped).
+                        let _ = in_tx.send(s);
+                    }
+                    Err(e) => break e,
+                }
+            };
+            tracing::debug!(error = %e, "QUIC tunnel connection ended");
+            if let Ok(mut r) = reason.lock() {
+                *r = Some(e.to_string());
+            }
+            let _ = closed_tx.send(true);
+        });
+    }
+    Session {
+        handle: SessionHandle {
+            transport: Transport::Quic(conn),
             closed: closed_rx,
             streams,
             reason,
@@ -252,7 +367,7 @@ async fn drive<T>(
             match conn.poll_new_outbound(cx) {
                 Poll::Ready(Ok(s)) => {
                     let _ = reply.send(Ok(Stream {
-                        inner: s.compat(),
+                        inner: StreamIo::Yamux(s.compat()),
                         _guard: StreamGuard::new(&streams),
                     }));
                 }
@@ -269,7 +384,7 @@ async fn drive<T>(
             match conn.poll_next_inbound(cx) {
                 Poll::Ready(Some(Ok(s))) => {
                     let s = Stream {
-                        inner: s.compat(),
+                        inner: StreamIo::Yamux(s.compat()),
                         _guard: StreamGuard::new(&streams),
                     };
                     // Nobody listening any more: the stream is dropped, which resets it.

@@ -1,0 +1,339 @@
+//! The QUIC transport: quinn endpoints with the same mutual-TLS identity and ALPN as the
+//! TLS transport (the rustls configs of [`crate::tls`]), and a transport config tuned for
+//! long-lived bulk streams.
+//!
+//! Each tunnel session is one QUIC connection; each tunnel stream is one bidirectional
+//! QUIC stream (see [`crate::session::quic`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{Endpoint, TransportConfig, VarInt};
+
+use crate::session::MAX_STREAMS;
+
+/// Receive window of one stream: enough for one bulk stream at full speed on loopback
+/// and LAN paths (a window bounds what is in flight, it is not allocated up front).
+pub const STREAM_WINDOW: u32 = 8 << 20;
+/// Receive window of the whole connection, shared by its streams.
+pub const CONNECTION_WINDOW: u32 = 64 << 20;
+/// Data we keep unacknowledged in flight per connection.
+pub const SEND_WINDOW: u64 = 64 << 20;
+/// A connection with nothing received for this long is dead (a backstop: the control
+/// stream's keepalive normally notices first).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// QUIC PINGs keep NAT and firewall state alive well inside the idle timeout.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// UDP socket buffers asked of the kernel (it caps them at net.core.[rw]mem_max).
+const SOCKET_BUFFER: usize = 8 << 20;
+
+/// Why a QUIC endpoint could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum QuicError {
+    /// The rustls config is not usable for QUIC (it must allow TLS 1.3).
+    #[error("TLS configuration for QUIC: {0}")]
+    Tls(String),
+    /// The UDP socket could not be bound.
+    #[error("cannot bind UDP {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The transport settings both ends use.
+pub fn transport_config() -> Arc<TransportConfig> {
+    let mut t = TransportConfig::default();
+    t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
+        .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
+        .send_window(SEND_WINDOW)
+        // The peer may open as many streams as a yamux session holds, plus the control
+        // stream and headroom for streams whose close is still in flight.
+        .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS as u32 + 1024))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .keep_alive_interval(Some(KEEP_ALIVE))
+        .max_idle_timeout(Some(
+            IDLE_TIMEOUT
+                .try_into()
+                .expect("idle timeout fits a QUIC varint"),
+        ));
+    Arc::new(t)
+}
+
+fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, QuicError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let bind_err = |source| QuicError::Bind { addr, source };
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+        .map_err(bind_err)?;
+    if addr.is_ipv6() {
+        // Like the TCP port: [::] takes IPv4 too.
+        let _ = sock.set_only_v6(false);
+    }
+    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+    sock.bind(&addr.into()).map_err(bind_err)?;
+    Ok(sock.into())
+}
+
+fn endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> Result<Endpoint, QuicError> {
+    let sock = udp_socket(addr)?;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    Endpoint::new(quinn::EndpointConfig::default(), server, sock, runtime)
+        .map_err(|source| QuicError::Bind { addr, source })
+}
+
+/// A rustls server config (from [`crate::tls::server_config`]) as a quinn one.
+pub fn server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConfig, QuicError> {
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicError::Tls(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(transport_config());
+    Ok(cfg)
+}
+
+/// relay-outer's endpoint: accepts QUIC tunnel connections on `addr` (UDP).
+pub fn server_endpoint(addr: SocketAddr, tls: rustls::ServerConfig) -> Result<Endpoint, QuicError> {
+    server_endpoint_with(addr, server_config(tls)?)
+}
+
+/// [`server_endpoint`] with a config already made by [`server_config`] (a reload
+/// replaces it with `Endpoint::set_server_config`).
+pub fn server_endpoint_with(
+    addr: SocketAddr,
+    cfg: quinn::ServerConfig,
+) -> Result<Endpoint, QuicError> {
+    endpoint(addr, Some(cfg))
+}
+
+/// relay-inner's endpoint for dialing `remote`: an ephemeral UDP port of the same
+/// address family.
+pub fn client_endpoint(remote: SocketAddr) -> Result<Endpoint, QuicError> {
+    let local: SocketAddr = if remote.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    endpoint(local, None)
+}
+
+/// A rustls client config (from [`crate::tls::client_config`]) as a quinn one.
+pub fn client_config(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, QuicError> {
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicError::Tls(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(transport_config());
+    Ok(cfg)
+}
+
+/// Dials `addr` over QUIC and completes the handshake (our certificate is judged by the
+/// server after that: a refusal arrives as the connection's close).
+pub async fn connect(
+    endpoint: &Endpoint,
+    addr: SocketAddr,
+    server_name: &str,
+    tls: quinn::ClientConfig,
+) -> Result<quinn::Connection, String> {
+    let connecting = endpoint
+        .connect_with(tls, addr, server_name)
+        .map_err(|e| format!("QUIC connect: {e}"))?;
+    connecting.await.map_err(|e| format!("QUIC handshake: {e}"))
+}
+
+/// The negotiated ALPN protocol of a connection.
+pub fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
+}
+
+/// The tunnel name of a connection's peer: its client certificate's Common Name.
+pub fn peer_identity(conn: &quinn::Connection) -> Result<String, String> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|i| {
+            i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .ok_or_else(|| "no client certificate".to_string())?;
+    match certs.first() {
+        Some(c) => crate::tls::identity(c),
+        None => Err("no client certificate".to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::{self, Session};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    struct Pki {
+        dir: tempfile::TempDir,
+    }
+
+    impl Pki {
+        fn new(client_cn: &str, client_signed_by_other_ca: bool) -> Pki {
+            use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+            let dir = tempfile::tempdir().unwrap();
+            let mk_ca = |name: &str| {
+                let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+                p.distinguished_name.push(DnType::CommonName, name);
+                p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+                let k = KeyPair::generate().unwrap();
+                let pem = p.self_signed(&k).unwrap().pem();
+                (pem, rcgen::Issuer::new(p, k))
+            };
+            let (ca, ca_issuer) = mk_ca("test ca");
+            let (_, other_issuer) = mk_ca("other ca");
+            let w = |n: &str, s: String| std::fs::write(dir.path().join(n), s).unwrap();
+            w("ca.crt", ca);
+            let leaf = |cn: &str, sans: Vec<String>, issuer: &rcgen::Issuer<'_, KeyPair>| {
+                let mut p = CertificateParams::new(sans).unwrap();
+                p.distinguished_name.push(DnType::CommonName, cn);
+                let key = KeyPair::generate().unwrap();
+                let c = p.signed_by(&key, issuer).unwrap();
+                (c.pem(), key.serialize_pem())
+            };
+            let (c, k) = leaf("localhost", vec!["localhost".into()], &ca_issuer);
+            w("server.crt", c);
+            w("server.key", k);
+            let by = if client_signed_by_other_ca {
+                &other_issuer
+            } else {
+                &ca_issuer
+            };
+            let (c, k) = leaf(client_cn, vec![], by);
+            w("client.crt", c);
+            w("client.key", k);
+            Pki { dir }
+        }
+
+        fn path(&self, n: &str) -> std::path::PathBuf {
+            self.dir.path().join(n)
+        }
+    }
+
+    async fn pair(pki: &Pki) -> (Result<Session, String>, Result<quinn::Connection, String>) {
+        let server_tls = crate::tls::server_config(
+            &pki.path("server.crt"),
+            &pki.path("server.key"),
+            &pki.path("ca.crt"),
+        )
+        .unwrap();
+        let server = server_endpoint("127.0.0.1:0".parse().unwrap(), server_tls).unwrap();
+        let addr = server.local_addr().unwrap();
+        let accept = tokio::spawn(async move {
+            let incoming = server.accept().await.unwrap();
+            incoming.await.map_err(|e| e.to_string())
+        });
+        let client_tls = crate::tls::client_config(
+            &pki.path("client.crt"),
+            &pki.path("client.key"),
+            &pki.path("ca.crt"),
+        )
+        .unwrap();
+        let ep = client_endpoint(addr).unwrap();
+        let client = connect(&ep, addr, "localhost", client_config(client_tls).unwrap())
+            .await
+            .map(session::quic);
+        (client, accept.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn streams_both_ways_with_half_close_and_kill() {
+        let pki = Pki::new("site-a", false);
+        let (client, server) = pair(&pki).await;
+        let client = client.unwrap();
+        let server = server.unwrap();
+        assert_eq!(peer_identity(&server).unwrap(), "site-a");
+        assert_eq!(alpn(&server).as_deref(), Some(crate::tls::ALPN));
+        let mut server = session::quic(server);
+        assert_eq!(server.handle.transport(), "quic");
+
+        // Echo on both ends: whoever accepts a stream echoes it after the peer's FIN.
+        fn echo(mut incoming: tokio::sync::mpsc::UnboundedReceiver<session::Stream>) {
+            tokio::spawn(async move {
+                while let Some(mut s) = incoming.recv().await {
+                    tokio::spawn(async move {
+                        let mut buf = Vec::new();
+                        s.read_to_end(&mut buf).await.unwrap();
+                        s.write_all(&buf).await.unwrap();
+                        s.shutdown().await.unwrap();
+                    });
+                }
+            });
+        }
+        let Session {
+            handle: client_h,
+            incoming: client_in,
+        } = client;
+        echo(client_in);
+        let server_h = server.handle.clone();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let fwd = tokio::spawn(async move {
+            while let Some(s) = server.incoming.recv().await {
+                let _ = tx.send(s);
+            }
+        });
+        echo(rx);
+
+        let mut tasks = Vec::new();
+        for i in 0..20u8 {
+            let h = if i % 2 == 0 {
+                client_h.clone()
+            } else {
+                server_h.clone()
+            };
+            tasks.push(tokio::spawn(async move {
+                let mut s = h.open().await.unwrap();
+                let data = vec![i; 100_000 + i as usize];
+                s.write_all(&data).await.unwrap();
+                s.shutdown().await.unwrap();
+                // A second shutdown is harmless, as on yamux.
+                s.shutdown().await.unwrap();
+                let mut back = Vec::new();
+                s.read_to_end(&mut back).await.unwrap();
+                assert_eq!(back, data);
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        // Streams are counted while they live, on both ends.
+        let mut idle = client_h.open().await.unwrap();
+        idle.write_all(b"x").await.unwrap();
+        assert_eq!(client_h.open_streams(), 1);
+
+        client_h.kill();
+        client_h.closed().await;
+        assert!(client_h.is_closed());
+        let mut buf = [0u8; 8];
+        let r = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf)).await;
+        assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "{r:?}");
+        assert!(client_h.open().await.is_err());
+        // The peer sees the close, with a reason.
+        tokio::time::timeout(Duration::from_secs(5), server_h.closed())
+            .await
+            .unwrap();
+        assert!(server_h.close_reason().unwrap().contains("closed by peer"));
+        fwd.abort();
+    }
+
+    #[tokio::test]
+    async fn a_client_certificate_from_another_ca_is_refused() {
+        let pki = Pki::new("site-a", true);
+        let (client, server) = pair(&pki).await;
+        let e = server.unwrap_err();
+        assert!(e.contains("certificate"), "{e}");
+        // Under TLS 1.3 the client may finish its handshake before the verdict; then
+        // the verdict ends the session.
+        if let Ok(c) = client {
+            let _ = tokio::time::timeout(Duration::from_secs(5), c.handle.closed()).await;
+            let r = c.handle.close_reason().unwrap_or_default();
+            assert!(r.contains("cryptographic handshake failed"), "{r}");
+        }
+    }
+}
