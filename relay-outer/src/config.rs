@@ -83,6 +83,7 @@ struct RawTunnel {
     keepalive: Option<KeepaliveSpec>,
     handshake_timeout: Option<Dur>,
     max_streams_per_session: Option<usize>,
+    quic: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -158,6 +159,8 @@ pub struct TunnelConfig {
     pub handshake_timeout: Duration,
     /// Streams one session may carry at once.
     pub max_streams_per_session: usize,
+    /// Also accept QUIC tunnel connections on the same port over UDP.
+    pub quic: bool,
 }
 
 /// One client-facing port spliced to a service inside.
@@ -209,6 +212,7 @@ impl Config {
                 t.max_streams_per_session,
                 "tunnel.max_streams_per_session",
             )?,
+            quic: t.quic.unwrap_or(true),
         };
         let mut names = HashSet::new();
         let mut binds = HashSet::new();
@@ -418,6 +422,9 @@ listeners:
         assert_eq!(c.tunnel.cert, PathBuf::from("/etc/routy/outer.crt"));
         assert_eq!(c.tunnel.key, PathBuf::from("/k/outer.key"));
         assert_eq!(c.tunnel.keepalive.timeout, Duration::from_secs(3));
+        assert!(c.tunnel.quic, "QUIC is on by default");
+        let off = parse(&GOOD.replace("  keepalive:", "  quic: false\n  keepalive:")).unwrap();
+        assert!(!off.tunnel.quic);
         assert_eq!(c.listeners[0].max_connections, 8);
         assert_eq!(c.listeners[0].open_timeout, DEFAULT_OPEN_TIMEOUT);
         assert_eq!(c.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);

@@ -32,6 +32,8 @@ pub struct OuterRelay {
     path: PathBuf,
     tunnel: Arc<TunnelServer>,
     tunnel_addr: SocketAddr,
+    /// The QUIC side of the tunnel port, when `tunnel.quic` is on.
+    quic: Option<quinn::Endpoint>,
     listeners: Mutex<HashMap<String, Arc<Running>>>,
     config: Mutex<Config>,
     reload_lock: tokio::sync::Mutex<()>,
@@ -45,12 +47,18 @@ pub struct OuterRelay {
     pub cdc: Option<Arc<Cdc>>,
 }
 
-fn settings(cfg: &Config, tls: rustls::ServerConfig) -> Settings {
-    Settings {
+fn settings(cfg: &Config, tls: rustls::ServerConfig) -> anyhow::Result<Settings> {
+    let quic = if cfg.tunnel.quic {
+        Some(relay_proto::quic::server_config(tls.clone()).context("tunnel.quic")?)
+    } else {
+        None
+    };
+    Ok(Settings {
         cfg: cfg.tunnel.clone(),
         acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+        quic,
         tunnels: cfg.tunnels(),
-    }
+    })
 }
 
 impl OuterRelay {
@@ -66,6 +74,15 @@ impl OuterRelay {
             .await
             .with_context(|| format!("tunnel.listen: cannot bind {}", cfg.tunnel.listen))?;
         let tunnel_addr = tunnel_sock.local_addr().unwrap_or(cfg.tunnel.listen);
+        let tunnel_settings = settings(&cfg, tls)?;
+        // QUIC on the same port number, over UDP.
+        let quic = match &tunnel_settings.quic {
+            Some(q) => Some(
+                relay_proto::quic::server_endpoint_with(tunnel_addr, q.clone())
+                    .with_context(|| format!("tunnel.quic: cannot listen on UDP {tunnel_addr}"))?,
+            ),
+            None => None,
+        };
         let mut sockets = Vec::new();
         for l in &cfg.listeners {
             let sock = TcpListener::bind(l.bind)
@@ -79,13 +96,16 @@ impl OuterRelay {
             None => None,
         };
         let tunnel = Arc::new(TunnelServer::new(
-            settings(&cfg, tls),
+            tunnel_settings,
             registry.clone(),
             drain.clone(),
             cdc.clone(),
         ));
-        info!(listen = %tunnel_addr, "tunnel port ready");
+        info!(listen = %tunnel_addr, quic = quic.is_some(), "tunnel port ready");
         tokio::spawn(tunnel.clone().serve(tunnel_sock));
+        if let Some(ep) = &quic {
+            tokio::spawn(tunnel.clone().serve_quic(ep.clone()));
+        }
         let mut listeners = HashMap::new();
         for (l, sock) in sockets {
             info!(listener = %l.name, bind = %l.bind, tunnel = %l.tunnel, service = %l.service, "listener ready");
@@ -96,6 +116,7 @@ impl OuterRelay {
             path,
             tunnel,
             tunnel_addr,
+            quic,
             listeners: Mutex::new(listeners),
             config: Mutex::new(cfg),
             reload_lock: tokio::sync::Mutex::new(()),
@@ -146,6 +167,13 @@ impl OuterRelay {
                 old.tunnel.listen, new.tunnel.listen
             ));
         }
+        if new.tunnel.quic != old.tunnel.quic {
+            return Err(format!(
+                "tunnel.quic changed from {} to {}: that needs a restart",
+                old.tunnel.quic, new.tunnel.quic
+            ));
+        }
+        let new_settings = settings(&new, tls).map_err(|e| format!("{e:#}"))?;
         if new.admin_listen != old.admin_listen {
             return Err(format!(
                 "admin.listen changed from {} to {}: that needs a restart",
@@ -178,7 +206,10 @@ impl OuterRelay {
             fresh.insert(l.name.clone(), sock);
         }
 
-        self.tunnel.update(settings(&new, tls));
+        if let (Some(ep), Some(q)) = (&self.quic, &new_settings.quic) {
+            ep.set_server_config(Some(q.clone()));
+        }
+        self.tunnel.update(new_settings);
         self.registry
             .set_max_streams(new.tunnel.max_streams_per_session);
         let mut added = Vec::new();

@@ -40,6 +40,7 @@ fn status(relay: &OuterRelay) -> serde_json::Value {
                 "id": s.id,
                 "tunnel": s.tunnel,
                 "peer": s.peer.to_string(),
+                "transport": s.handle.transport(),
                 "node": s.node,
                 "services": s.services,
                 "uptime_seconds": s.since.elapsed().as_secs_f64(),

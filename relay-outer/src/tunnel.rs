@@ -1,5 +1,6 @@
-//! The tunnel port: accepts inner relays over mutual TLS, checks their identity, runs
-//! the handshake and the control stream, and registers each live session.
+//! The tunnel port: accepts inner relays over mutual TLS (TCP, yamux) and over QUIC (the
+//! same port, UDP), checks their identity, runs the handshake and the control stream,
+//! and registers each live session. After the transport both take the same path.
 //!
 //! Anything that goes wrong with one connection (garbage, a wrong certificate, an
 //! unknown tunnel, a malformed frame) closes that connection with a logged reason and
@@ -15,8 +16,8 @@ use relay_proto::control::{self, ControlEnd, ControlEvent};
 use relay_proto::frame::ErrorCode;
 use relay_proto::handshake;
 use relay_proto::metrics as m;
-use relay_proto::session::{self, Role};
-use relay_proto::{drain::Drain, net, tls};
+use relay_proto::session::{self, Role, Session};
+use relay_proto::{drain::Drain, net, quic, tls};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
@@ -36,6 +37,8 @@ pub struct Settings {
     pub cfg: TunnelConfig,
     /// TLS with client authentication (certificates re-read on reload).
     pub acceptor: TlsAcceptor,
+    /// The same identity for QUIC, when `tunnel.quic` is on.
+    pub quic: Option<quinn::ServerConfig>,
     /// Tunnel names that some listener uses; others are refused.
     pub tunnels: HashSet<String>,
 }
@@ -82,6 +85,62 @@ impl TunnelServer {
     /// Puts new settings in force for connections from now on.
     pub fn update(&self, settings: Settings) {
         *self.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(settings);
+    }
+
+    /// Accepts QUIC tunnel connections until shutdown. New connections get the TLS
+    /// material in force: [`Settings::quic`] is put on the endpoint by the reload.
+    pub async fn serve_quic(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        loop {
+            let incoming = tokio::select! {
+                _ = self.drain.stopping() => break,
+                i = endpoint.accept() => match i {
+                    Some(i) => i,
+                    None => break,
+                },
+            };
+            let peer = incoming.remote_address();
+            let me = self.clone();
+            let span = tracing::info_span!("tunnel", %peer, transport = "quic");
+            tokio::spawn(async move { me.quic_connection(incoming, peer).await }.instrument(span));
+        }
+        // Sessions end on their own (their relay-inner sees the close).
+        endpoint.close(session::QUIC_CLOSE_CODE, b"relay-outer shutting down");
+    }
+
+    async fn quic_connection(self: Arc<Self>, incoming: quinn::Incoming, peer: SocketAddr) {
+        let settings = self.settings();
+        let conn = match tokio::time::timeout(settings.cfg.handshake_timeout, incoming).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                handshake_failed("tls");
+                warn!(reason = %e, "tunnel connection refused: QUIC handshake failed");
+                return;
+            }
+            Err(_) => {
+                handshake_failed("tls_timeout");
+                warn!(timeout = ?settings.cfg.handshake_timeout, "tunnel connection refused: QUIC handshake timed out");
+                return;
+            }
+        };
+        if quic::alpn(&conn).as_deref() != Some(tls::ALPN) {
+            handshake_failed("alpn");
+            warn!("tunnel connection refused: peer did not negotiate ALPN routy/1");
+            conn.close(session::QUIC_CLOSE_CODE, b"ALPN routy/1 required");
+            return;
+        }
+        let tunnel_name = match quic::peer_identity(&conn) {
+            Ok(t) => t,
+            Err(e) => {
+                handshake_failed("identity");
+                warn!(reason = %e, "tunnel connection refused");
+                conn.close(session::QUIC_CLOSE_CODE, e.as_bytes());
+                return;
+            }
+        };
+        let span = tracing::info_span!("session", tunnel = %tunnel_name);
+        self.session(session::quic(conn), peer, tunnel_name, &settings)
+            .instrument(span)
+            .await;
     }
 
     /// Accepts tunnel connections until shutdown.
@@ -143,17 +202,27 @@ impl TunnelServer {
             }
         };
         let span = tracing::info_span!("session", tunnel = %tunnel_name);
-        self.session(tls, peer, tunnel_name, &settings)
-            .instrument(span)
-            .await;
+        self.session(
+            session::yamux(tls, Role::Server),
+            peer,
+            tunnel_name,
+            &settings,
+        )
+        .instrument(span)
+        .await;
     }
 
-    async fn session<T>(&self, io: T, peer: SocketAddr, tunnel_name: String, settings: &Settings)
-    where
-        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        let session = session::yamux(io, Role::Server);
+    /// Serves one authenticated connection, whatever its transport: handshake, registry,
+    /// control stream, inner-opened streams, until the session ends.
+    async fn session(
+        &self,
+        session: Session,
+        peer: SocketAddr,
+        tunnel_name: String,
+        settings: &Settings,
+    ) {
         let handle = session.handle.clone();
+        let transport = handle.transport();
         let mut incoming = session.incoming;
         let first = tokio::time::timeout(settings.cfg.handshake_timeout, incoming.recv()).await;
         let mut ctrl = match first {
@@ -220,8 +289,10 @@ impl TunnelServer {
         let tunnel_label = [("tunnel", tunnel_name.clone())];
         metrics::counter!(m::SESSION_CONNECTS, &tunnel_label).increment(1);
         metrics::gauge!(m::SESSIONS_UP, &tunnel_label).increment(1.0);
+        let transport_label = [("transport", transport)];
+        metrics::gauge!(m::SESSION_TRANSPORT, &transport_label).increment(1.0);
         let rtt_hist = metrics::histogram!(m::KEEPALIVE_RTT, &tunnel_label);
-        info!(session = id, node = %hello.node, services = ?hello.services, sessions = count, "tunnel up");
+        info!(session = id, node = %hello.node, services = ?hello.services, sessions = count, transport, "tunnel up");
 
         // Streams opened by relay-inner carry CDC shipping.
         {
@@ -282,6 +353,7 @@ impl TunnelServer {
         drop(cmd_tx);
         let left = self.registry.remove(&tunnel_name, id);
         metrics::gauge!(m::SESSIONS_UP, &tunnel_label).decrement(1.0);
+        metrics::gauge!(m::SESSION_TRANSPORT, &transport_label).decrement(1.0);
         let reason = [
             ("tunnel", tunnel_name.clone()),
             ("reason", end.label().to_string()),
@@ -294,7 +366,7 @@ impl TunnelServer {
         }
         handle.kill();
         warn!(session = id, node = %entry.node, peer = %entry.peer, services = ?entry.services,
-            uptime = ?entry.since.elapsed(), reason = %end, sessions_left = left, "tunnel down");
+            uptime = ?entry.since.elapsed(), reason = %end, sessions_left = left, transport, "tunnel down");
     }
 }
 
