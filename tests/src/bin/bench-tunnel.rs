@@ -161,6 +161,9 @@ fn cmd_line(program: &str, args: &[&str]) -> String {
 }
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("--serve") {
+        load::serve_forever();
+    }
     let a = args();
     let plan = Plan::new(a.quick);
     let started = Instant::now();
@@ -168,8 +171,8 @@ fn main() {
 
     let nofile = raise_nofile(65_536);
     let mut idle_n = plan.idle_streams;
-    if (nofile as usize) < 2 * idle_n + 1024 {
-        idle_n = (nofile as usize).saturating_sub(1024) / 2;
+    if (nofile as usize) < idle_n + 1024 {
+        idle_n = (nofile as usize).saturating_sub(1024);
         notes.push(format!(
             "RLIMIT_NOFILE could only be raised to {nofile}: {idle_n} idle streams instead of {}.",
             plan.idle_streams
@@ -200,8 +203,9 @@ fn main() {
         "pgbench -i failed: {}",
         String::from_utf8_lossy(&init.stderr)
     );
+    let (server, bench_port) = load::start_server();
     let targets = Targets {
-        bench: load::start_server(),
+        bench: bench_port,
         pg: pg.port(),
     };
 
@@ -420,6 +424,7 @@ fn main() {
         eprintln!("wrote {}", dir.join("tunnel.md").display());
     }
     drop(all);
+    drop(server);
     drop(pg);
 }
 
@@ -629,7 +634,7 @@ fn render(
     let _ = writeln!(
         md,
         "- Memory was measured first, on processes that had carried no bulk traffic yet; \
-         bulk is counted at the receiving end; \"up\" is client → service (through the \
+         bulk is counted by the client (bytes written or read) after a warm-up; \"up\" is client → service (through the \
          tunnel from relay-outer to relay-inner), \"down\" the reverse."
     );
     for n in notes {

@@ -13,8 +13,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Size of one bulk read or write.
 const CHUNK: usize = 256 * 1024;
-/// Bytes the server received from bulk-upload connections (all of them, ever).
-static UPLOADED: AtomicU64 = AtomicU64::new(0);
 /// Zeros the server writes on bulk-download connections.
 static ZEROS: [u8; CHUNK] = [0; CHUNK];
 
@@ -25,39 +23,51 @@ pub const MODE_DOWNLOAD: u8 = b'D';
 /// Any other first byte: the server echoes it and everything after it.
 pub const MODE_ECHO: u8 = b'E';
 
-/// Starts the bench server on a free loopback port in its own thread and runtime;
-/// returns the port. It runs until the process exits.
-pub fn start_server() -> u16 {
+/// Runs the bench server on a free loopback port until the process is killed, after
+/// printing `bench server port N` on stdout. It runs in a process of its own so that the
+/// idle streams' server ends do not count against the benchmark process's open-file limit.
+pub fn serve_forever() -> ! {
     let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind bench server");
     let port = std_listener.local_addr().expect("local_addr").port();
     std_listener.set_nonblocking(true).expect("nonblocking");
-    std::thread::Builder::new()
-        .name("bench-server".into())
-        .spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("server runtime");
-            rt.block_on(async move {
-                let listener =
-                    tokio::net::TcpListener::from_std(std_listener).expect("tokio listener");
-                loop {
-                    match listener.accept().await {
-                        Ok((s, _)) => {
-                            tokio::spawn(serve(s));
-                        }
-                        Err(e) => {
-                            // Out of fds or similar: back off instead of spinning.
-                            eprintln!("bench server: accept: {e}");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("server runtime");
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(std_listener).expect("tokio listener");
+        println!("bench server port {port}");
+        let _ = std::io::stdout().flush();
+        loop {
+            match listener.accept().await {
+                Ok((s, _)) => {
+                    tokio::spawn(serve(s));
                 }
-            });
-        })
-        .expect("spawn server thread");
-    port
+                Err(e) => {
+                    // Out of fds or similar: back off instead of spinning.
+                    eprintln!("bench server: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
+}
+
+/// Starts `serve_forever` in a child process (this executable with `--serve`); returns
+/// the guard and the port.
+pub fn start_server() -> (routy_e2e::Proc, u16) {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut cmd = Command::new(exe);
+    cmd.arg("--serve");
+    let p = routy_e2e::Proc::spawn("bench-server", cmd);
+    p.wait_for_log("bench server port ", Duration::from_secs(10));
+    let port = p
+        .log()
+        .lines()
+        .find_map(|l| l.strip_prefix("bench server port ")?.trim().parse().ok())
+        .expect("bench server port");
+    (p, port)
 }
 
 async fn serve(mut s: tokio::net::TcpStream) {
@@ -74,7 +84,6 @@ async fn serve(mut s: tokio::net::TcpStream) {
                 if n == 0 {
                     break;
                 }
-                UPLOADED.fetch_add(n as u64, Ordering::Relaxed);
             }
         }
         MODE_DOWNLOAD => while s.write_all(&ZEROS).await.is_ok() {},
@@ -131,7 +140,8 @@ pub enum Dir {
 }
 
 /// Bulk throughput through `port` with `streams` parallel connections, in bytes/s,
-/// counted at the receiving end over `dur` after `warm`.
+/// counted by the client (written or read) over `dur` after `warm`: once the pipe is
+/// full, what is in flight is about the same at both ends of the window.
 pub fn bulk(
     port: u16,
     streams: usize,
@@ -140,11 +150,11 @@ pub fn bulk(
     dur: Duration,
 ) -> Result<f64, String> {
     let stop = Arc::new(AtomicBool::new(false));
-    let received = Arc::new(AtomicU64::new(0));
+    let moved = Arc::new(AtomicU64::new(0));
     let mut threads = Vec::new();
     for _ in 0..streams {
         let mut s = connect(port, Duration::from_secs(10)).map_err(|e| format!("connect: {e}"))?;
-        let (stop, received) = (stop.clone(), received.clone());
+        let (stop, moved) = (stop.clone(), moved.clone());
         threads.push(std::thread::spawn(move || {
             let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
             let _ = s.set_write_timeout(Some(Duration::from_millis(500)));
@@ -165,9 +175,7 @@ pub fn bulk(
                 match r {
                     Ok(0) => break,
                     Ok(n) => {
-                        if dir == Dir::Down {
-                            received.fetch_add(n as u64, Ordering::Relaxed);
-                        }
+                        moved.fetch_add(n as u64, Ordering::Relaxed);
                     }
                     Err(e)
                         if matches!(
@@ -182,10 +190,7 @@ pub fn bulk(
             let _ = s.shutdown(std::net::Shutdown::Both);
         }));
     }
-    let count = || match dir {
-        Dir::Up => UPLOADED.load(Ordering::Relaxed),
-        Dir::Down => received.load(Ordering::Relaxed),
-    };
+    let count = || moved.load(Ordering::Relaxed);
     std::thread::sleep(warm);
     let (c0, t0) = (count(), Instant::now());
     std::thread::sleep(dur);
