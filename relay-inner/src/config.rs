@@ -22,6 +22,8 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9465";
 /// Default time open streams get to finish on SIGTERM.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Default interval at which `transport: auto` on the TLS fallback tries QUIC again.
+pub const DEFAULT_QUIC_RETRY: Duration = Duration::from_secs(60);
 /// Default bound on TCP connect, TLS handshake and Hello to relay-outer.
 pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -40,6 +42,7 @@ struct RawConfig {
     dial_timeout: Option<Dur>,
     max_streams_per_session: Option<usize>,
     transport: Option<String>,
+    quic_retry: Option<Dur>,
     connections: Option<usize>,
     cdc: Option<RawCdc>,
 }
@@ -145,6 +148,8 @@ pub struct Config {
     pub max_streams_per_session: usize,
     /// How sessions reach relay-outer.
     pub transport: Transport,
+    /// With `transport: auto`, how often a session on the TLS fallback tries QUIC again.
+    pub quic_retry: Duration,
     /// Tunnel connections (sessions) kept to each relay-outer endpoint.
     pub connections: usize,
     /// Change data capture, when configured.
@@ -341,13 +346,14 @@ impl Config {
         };
         let transport = match raw.transport.as_deref() {
             None | Some("tls") => Transport::Tls,
-            Some("quic") | Some("auto") => {
-                return Err(
-                    "transport: quic and auto are not available in this version yet; use tls".into(),
-                )
-            }
+            Some("quic") => Transport::Quic,
+            Some("auto") => Transport::Auto,
             Some(o) => return Err(format!("transport: {o:?} is not one of: tls, quic, auto")),
         };
+        let quic_retry = raw.quic_retry.map_or(DEFAULT_QUIC_RETRY, |d| d.0);
+        if quic_retry.is_zero() {
+            return Err("quic_retry: must be above zero".into());
+        }
         let connections = raw.connections.unwrap_or(1);
         if !(1..=MAX_CONNECTIONS).contains(&connections) {
             return Err(format!(
@@ -360,6 +366,7 @@ impl Config {
         };
         Ok(Config {
             transport,
+            quic_retry,
             connections,
             cdc,
             node,
@@ -603,5 +610,15 @@ services:
         assert!(parse(&c).unwrap_err().contains("connections"));
         let ok = parse(&format!("{GOOD}transport: tls\nconnections: 4\n")).unwrap();
         assert_eq!((ok.transport, ok.connections), (Transport::Tls, 4));
+        assert_eq!(ok.quic_retry, DEFAULT_QUIC_RETRY);
+        let q = parse(&format!("{GOOD}transport: quic\n")).unwrap();
+        assert_eq!(q.transport, Transport::Quic);
+        let a = parse(&format!("{GOOD}transport: auto\nquic_retry: 2s\n")).unwrap();
+        assert_eq!(
+            (a.transport, a.quic_retry),
+            (Transport::Auto, Duration::from_secs(2))
+        );
+        let z = format!("{GOOD}transport: auto\nquic_retry: 0s\n");
+        assert!(parse(&z).unwrap_err().contains("quic_retry"));
     }
 }

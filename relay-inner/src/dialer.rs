@@ -1,22 +1,29 @@
-//! Keeping a session to one relay-outer: dial out, TLS, handshake, serve its streams,
-//! watch the keepalive, and on any loss reconnect with backoff, forever.
+//! Keeping a session to one relay-outer: dial out (TLS over TCP, or QUIC over UDP),
+//! handshake, serve its streams, watch the keepalive, and on any loss reconnect with
+//! backoff, forever.
+//!
+//! With `transport: auto` a connection tries QUIC first and falls back to TLS when QUIC
+//! does not answer within [`QUIC_PROBE_TIMEOUT`] (UDP blocked on the way). A session on
+//! the fallback tries QUIC again every `quic_retry`; once it gets through, the new QUIC
+//! session takes over and the TLS one is sent GoAway and closed when its streams have
+//! finished (or after `shutdown_grace`).
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use relay_proto::control::{self, ControlCommand, ControlEnd, ControlEvent, Keepalive};
+use relay_proto::control::{self, ControlCommand, ControlEnd, ControlEvent};
 use relay_proto::drain::Drain;
 use relay_proto::frame::Hello;
 use relay_proto::handshake::{self, HandshakeError, PROTOCOL_VERSION};
-use relay_proto::session::{self, Role, Session, Stream};
-use relay_proto::{net, tls};
+use relay_proto::session::{self, Role, Session, SessionHandle, Stream};
+use relay_proto::{net, quic, tls};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::backoff::Backoff;
-use crate::config::{Config, OuterEndpoint};
+use crate::config::{Config, OuterEndpoint, Transport};
 use crate::services::Services;
 use crate::status::EndpointStatus;
 use relay_proto::metrics as m;
@@ -27,6 +34,34 @@ pub struct Current {
     pub cfg: Arc<Config>,
     /// TLS with our client certificate.
     pub connector: TlsConnector,
+    /// The same identity for QUIC.
+    pub quic: quinn::ClientConfig,
+}
+
+/// How long `transport: auto` waits for QUIC before falling back to TLS.
+pub const QUIC_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The transport of one connection attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Tls,
+    Quic,
+}
+
+/// A session that completed its handshake.
+struct Connected {
+    session: Session,
+    ctrl: Stream,
+    tunnel: String,
+    id: u64,
+}
+
+/// How serving a session ended.
+enum Served {
+    /// The session ended.
+    Ended(ControlEnd),
+    /// A QUIC session took over from this TLS one, which drains in the background.
+    Upgraded(Connected),
 }
 
 /// Keeps one endpoint's session alive.
@@ -62,6 +97,8 @@ impl Dialer {
     async fn run_inner(self) {
         let r = self.current().cfg.reconnect;
         let mut backoff = Backoff::new(r.initial, r.max);
+        // A session that is already up (a QUIC one that took over from TLS).
+        let mut next: Option<Connected> = None;
         loop {
             if self.drain.is_stopping() || self.stop.is_stopping() {
                 return;
@@ -69,27 +106,44 @@ impl Dialer {
             let cur = self.current();
             let r = cur.cfg.reconnect;
             backoff.set_bounds(r.initial, r.max);
-            match tokio::time::timeout(cur.cfg.dial_timeout, self.connect(&cur)).await {
-                Ok(Ok((session, ctrl, tunnel, id))) => {
+            let attempt = match next.take() {
+                Some(c) => Ok(Ok(c)),
+                None => tokio::time::timeout(cur.cfg.dial_timeout, self.dial(&cur)).await,
+            };
+            match attempt {
+                Ok(Ok(Connected {
+                    session,
+                    ctrl,
+                    tunnel,
+                    id,
+                })) => {
                     let started = Instant::now();
-                    self.status.up(id, &tunnel);
+                    let transport = session.handle.transport();
+                    self.status.up(id, &tunnel, transport);
                     metrics::counter!(m::SESSION_CONNECTS, &self.labels()).increment(1);
                     metrics::gauge!(m::SESSIONS_UP, &self.labels()).increment(1.0);
-                    info!(tunnel = %tunnel, session = id, "tunnel up");
+                    let transport_label = [("transport", transport)];
+                    metrics::gauge!(m::SESSION_TRANSPORT, &transport_label).increment(1.0);
+                    info!(tunnel = %tunnel, session = id, transport, "tunnel up");
                     self.status.set_session(Some(session.handle.clone()));
-                    let end = self
-                        .serve(
-                            session,
-                            ctrl,
-                            cur.cfg.keepalive,
-                            cur.cfg.max_streams_per_session,
-                        )
-                        .instrument(tracing::info_span!("session", tunnel = %tunnel, session = id))
+                    let served = self
+                        .serve(session, ctrl, &cur)
+                        .instrument(tracing::info_span!("session", tunnel = %tunnel, session = id, transport))
                         .await;
                     let up = started.elapsed();
+                    metrics::gauge!(m::SESSIONS_UP, &self.labels()).decrement(1.0);
+                    metrics::gauge!(m::SESSION_TRANSPORT, &transport_label).decrement(1.0);
+                    let end = match served {
+                        Served::Upgraded(c) => {
+                            info!(tunnel = %tunnel, old_session = id, session = c.id,
+                                "moved to QUIC: the TLS session is draining and closes when its streams are done");
+                            next = Some(c);
+                            continue;
+                        }
+                        Served::Ended(end) => end,
+                    };
                     self.status.set_session(None);
                     self.status.down(&end.to_string());
-                    metrics::gauge!(m::SESSIONS_UP, &self.labels()).decrement(1.0);
                     let [outer] = self.labels();
                     let labels = [outer, ("reason", end.label().to_string())];
                     metrics::counter!(m::SESSION_DISCONNECTS, &labels).increment(1);
@@ -104,7 +158,7 @@ impl Dialer {
                         info!(reason = %end, "tunnel closed: this relay-outer was removed from the configuration");
                         return;
                     }
-                    warn!(tunnel = %tunnel, session = id, reason = %end, uptime = ?up, "tunnel down");
+                    warn!(tunnel = %tunnel, session = id, transport, reason = %end, uptime = ?up, "tunnel down");
                 }
                 Ok(Err(ConnectError::Refused(e))) => {
                     self.connect_failed("refused", &e);
@@ -129,6 +183,34 @@ impl Dialer {
         }
     }
 
+    /// One connection attempt with the configured transport.
+    async fn dial(&self, cur: &Current) -> Result<Connected, ConnectError> {
+        match cur.cfg.transport {
+            Transport::Tls => self.connect(cur, Kind::Tls).await,
+            Transport::Quic => self.connect(cur, Kind::Quic).await,
+            Transport::Auto => match self.probe_quic(cur).await {
+                Ok(c) => Ok(c),
+                Err(ConnectError::Refused(e)) => Err(ConnectError::Refused(e)),
+                Err(ConnectError::Other(e)) => {
+                    info!(reason = %e, "QUIC did not get through; falling back to TLS over TCP");
+                    self.connect(cur, Kind::Tls).await
+                }
+            },
+        }
+    }
+
+    /// A QUIC attempt bounded by [`QUIC_PROBE_TIMEOUT`] (UDP that is dropped on the way
+    /// shows as silence, not as an error).
+    async fn probe_quic(&self, cur: &Current) -> Result<Connected, ConnectError> {
+        let limit = QUIC_PROBE_TIMEOUT.min(cur.cfg.dial_timeout);
+        match tokio::time::timeout(limit, self.connect(cur, Kind::Quic)).await {
+            Ok(r) => r,
+            Err(_) => Err(ConnectError::Other(format!(
+                "QUIC: no answer within {limit:?} (UDP blocked?)"
+            ))),
+        }
+    }
+
     fn labels(&self) -> [(&'static str, String); 1] {
         [("outer", self.endpoint.addr.clone())]
     }
@@ -140,22 +222,49 @@ impl Dialer {
         metrics::counter!(m::HANDSHAKE_FAILURES, &labels).increment(1);
     }
 
-    async fn connect(&self, cur: &Current) -> Result<(Session, Stream, String, u64), ConnectError> {
+    async fn connect(&self, cur: &Current, kind: Kind) -> Result<Connected, ConnectError> {
         let other = |m: String| ConnectError::Other(m);
-        let tcp = TcpStream::connect(&self.endpoint.addr)
-            .await
-            .map_err(|e| other(format!("TCP connect: {e}")))?;
-        let ka = cur.cfg.keepalive;
-        net::tune_tunnel_socket(&tcp, ka.interval, ka.timeout);
-        let tls = cur
-            .connector
-            .connect(self.endpoint.server_name.clone(), tcp)
-            .await
-            .map_err(|e| other(format!("TLS handshake: {e}")))?;
-        if tls.get_ref().1.alpn_protocol() != Some(tls::ALPN) {
-            return Err(other("relay-outer did not negotiate ALPN routy/1".into()));
-        }
-        let session = session::yamux(tls, Role::Client);
+        let session = match kind {
+            Kind::Tls => {
+                let tcp = TcpStream::connect(&self.endpoint.addr)
+                    .await
+                    .map_err(|e| other(format!("TCP connect: {e}")))?;
+                let ka = cur.cfg.keepalive;
+                net::tune_tunnel_socket(&tcp, ka.interval, ka.timeout);
+                let tls = cur
+                    .connector
+                    .connect(self.endpoint.server_name.clone(), tcp)
+                    .await
+                    .map_err(|e| other(format!("TLS handshake: {e}")))?;
+                if tls.get_ref().1.alpn_protocol() != Some(tls::ALPN) {
+                    return Err(other("relay-outer did not negotiate ALPN routy/1".into()));
+                }
+                session::yamux(tls, Role::Client)
+            }
+            Kind::Quic => {
+                let addr = tokio::net::lookup_host(&self.endpoint.addr)
+                    .await
+                    .map_err(|e| other(format!("resolving {}: {e}", self.endpoint.addr)))?
+                    .next()
+                    .ok_or_else(|| {
+                        other(format!("{} resolves to no address", self.endpoint.addr))
+                    })?;
+                let ep = quic::client_endpoint(addr).map_err(|e| other(e.to_string()))?;
+                let conn = quic::connect(
+                    &ep,
+                    addr,
+                    &self.endpoint.server_name.to_str(),
+                    cur.quic.clone(),
+                )
+                .await
+                .map_err(|e| refused_by_tls(&e).unwrap_or_else(|| other(e)))?;
+                if quic::alpn(&conn).as_deref() != Some(tls::ALPN) {
+                    conn.close(session::QUIC_CLOSE_CODE, b"ALPN routy/1 required");
+                    return Err(other("relay-outer did not negotiate ALPN routy/1".into()));
+                }
+                session::quic(conn)
+            }
+        };
         let mut ctrl = session
             .handle
             .open()
@@ -168,7 +277,12 @@ impl Dialer {
             features: vec![],
         };
         match handshake::client(&mut ctrl, hello, cur.cfg.dial_timeout).await {
-            Ok(ack) => Ok((session, ctrl, ack.tunnel, ack.session_id)),
+            Ok(ack) => Ok(Connected {
+                session,
+                ctrl,
+                tunnel: ack.tunnel,
+                id: ack.session_id,
+            }),
             Err(e) => {
                 let refused = matches!(
                     e,
@@ -184,11 +298,8 @@ impl Dialer {
                 let _ = tokio::time::timeout(Duration::from_secs(1), session.handle.closed()).await;
                 session.handle.kill();
                 match session.handle.close_reason() {
-                    Some(r) if r.contains("alert") => Err(ConnectError::Refused(format!(
-                        "relay-outer rejected the TLS session ({r}); check that this relay's certificate \
-                         is signed by the CA relay-outer trusts (tunnel.tls.client_ca) and not expired"
-                    ))),
-                    Some(r) => Err(other(format!("handshake: {e} ({r})"))),
+                    Some(r) => Err(refused_by_tls(&r)
+                        .unwrap_or_else(|| other(format!("handshake: {e} ({r})")))),
                     None => Err(other(format!("handshake: {e}"))),
                 }
             }
@@ -196,14 +307,12 @@ impl Dialer {
     }
 
     /// Serves the session until its control loop ends; on shutdown tells relay-outer
-    /// to send no more streams and keeps the session up while streams finish.
-    async fn serve(
-        &self,
-        session: Session,
-        ctrl: Stream,
-        keepalive: Keepalive,
-        max_streams: usize,
-    ) -> ControlEnd {
+    /// to send no more streams and keeps the session up while streams finish. A TLS
+    /// session under `transport: auto` also tries QUIC every `quic_retry` and hands over
+    /// to it when it gets through.
+    async fn serve(&self, session: Session, ctrl: Stream, cur: &Current) -> Served {
+        let keepalive = cur.cfg.keepalive;
+        let max_streams = cur.cfg.max_streams_per_session;
         let Session {
             handle,
             mut incoming,
@@ -213,20 +322,25 @@ impl Dialer {
         let mut ctl = tokio::spawn(control::run(ctrl, keepalive, cmd_rx, ev_tx));
         let mut goaway_sent = false;
         let rtt_hist = metrics::histogram!(m::KEEPALIVE_RTT, &self.labels());
+        let try_quic = cur.cfg.transport == Transport::Auto && handle.transport() == "tls";
+        let retry = cur.cfg.quic_retry;
+        let upgrade = async {
+            loop {
+                tokio::time::sleep(retry).await;
+                match self.probe_quic(cur).await {
+                    Ok(c) => return c,
+                    Err(ConnectError::Refused(e) | ConnectError::Other(e)) => {
+                        debug!(reason = %e, "QUIC still does not get through; staying on TLS");
+                    }
+                }
+            }
+        };
+        tokio::pin!(upgrade);
         let end = loop {
             tokio::select! {
                 end = &mut ctl => break end.unwrap_or_else(|e| ControlEnd::Failed(e.to_string())),
                 s = incoming.recv() => match s {
-                    Some(s) => {
-                        // The control stream counts too.
-                        if handle.open_streams() > max_streams + 1 {
-                            warn!(limit = max_streams, "stream refused: session is at max_streams_per_session");
-                            tokio::spawn(Services::refuse_over_limit(s, max_streams));
-                        } else {
-                            let services = self.services.clone();
-                            tokio::spawn(services.serve(s).in_current_span());
-                        }
-                    }
+                    Some(s) => self.accept_stream(s, &handle, max_streams),
                     None => {
                         // The connection is gone; the control loop will say why.
                         break match (&mut ctl).await {
@@ -244,6 +358,14 @@ impl Dialer {
                     Some(ControlEvent::GoAway(reason)) => info!(%reason, "relay-outer is draining"),
                     None => {}
                 },
+                c = &mut upgrade, if try_quic && !goaway_sent => {
+                    info!(session = c.id, "QUIC gets through now; moving off the TLS fallback");
+                    let _ = cmd_tx
+                        .send(ControlCommand::GoAway("relay-inner moved this connection to QUIC".into()))
+                        .await;
+                    self.drain_old(handle, incoming, ctl, cmd_tx, max_streams, cur.cfg.shutdown_grace);
+                    return Served::Upgraded(c);
+                }
                 _ = self.stop.stopping() => break ControlEnd::Local,
                 _ = self.drain.stopping(), if !goaway_sent => {
                     goaway_sent = true;
@@ -252,8 +374,81 @@ impl Dialer {
             }
         };
         handle.kill();
-        end
+        Served::Ended(end)
     }
+
+    /// Serves one stream relay-outer opened, or refuses it over the limit.
+    fn accept_stream(&self, s: Stream, handle: &SessionHandle, max_streams: usize) {
+        // The control stream counts too.
+        if handle.open_streams() > max_streams + 1 {
+            warn!(
+                limit = max_streams,
+                "stream refused: session is at max_streams_per_session"
+            );
+            tokio::spawn(Services::refuse_over_limit(s, max_streams));
+        } else {
+            let services = self.services.clone();
+            tokio::spawn(services.serve(s).in_current_span());
+        }
+    }
+
+    /// Keeps a session that was sent GoAway up while its streams finish (streams
+    /// relay-outer opened before it read the GoAway are still served), for at most
+    /// `grace`; then closes it.
+    fn drain_old(
+        &self,
+        handle: SessionHandle,
+        mut incoming: mpsc::UnboundedReceiver<Stream>,
+        mut ctl: tokio::task::JoinHandle<ControlEnd>,
+        cmd_tx: mpsc::Sender<ControlCommand>,
+        max_streams: usize,
+        grace: Duration,
+    ) {
+        let services = self.services.clone();
+        let stop = self.stop.clone();
+        tokio::spawn(
+            async move {
+                let deadline = tokio::time::Instant::now() + grace;
+                let mut tick = tokio::time::interval(Duration::from_millis(100));
+                loop {
+                    tokio::select! {
+                        _ = &mut ctl => break,
+                        s = incoming.recv() => match s {
+                            Some(s) if handle.open_streams() > max_streams + 1 => {
+                                tokio::spawn(Services::refuse_over_limit(s, max_streams));
+                            }
+                            Some(s) => {
+                                tokio::spawn(services.clone().serve(s).in_current_span());
+                            }
+                            None => break,
+                        },
+                        _ = tick.tick() => {
+                            // Only the control stream left, or out of time.
+                            if handle.open_streams() <= 1 || tokio::time::Instant::now() >= deadline {
+                                break;
+                            }
+                        }
+                        _ = stop.stopping() => break,
+                    }
+                }
+                drop(cmd_tx);
+                handle.kill();
+                info!("TLS session closed after the move to QUIC");
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+/// A TLS verdict of relay-outer on our certificate, from a connection's close reason
+/// (a TLS alert over TCP; a CRYPTO_ERROR close over QUIC).
+fn refused_by_tls(reason: &str) -> Option<ConnectError> {
+    (reason.contains("alert") || reason.contains("cryptographic handshake failed")).then(|| {
+        ConnectError::Refused(format!(
+            "relay-outer rejected the TLS session ({reason}); check that this relay's certificate \
+             is signed by the CA relay-outer trusts (tunnel.tls.client_ca) and not expired"
+        ))
+    })
 }
 
 enum ConnectError {

@@ -47,11 +47,13 @@ fn key(e: &OuterEndpoint) -> String {
     format!("{} ({})", e.addr, e.server_name.to_str())
 }
 
-fn current(cfg: Config, tls: rustls::ClientConfig) -> Arc<Current> {
-    Arc::new(Current {
+fn current(cfg: Config, tls: rustls::ClientConfig) -> Result<Arc<Current>, String> {
+    let quic = relay_proto::quic::client_config(tls.clone()).map_err(|e| format!("tls: {e}"))?;
+    Ok(Arc::new(Current {
         cfg: Arc::new(cfg),
         connector: tokio_rustls::TlsConnector::from(Arc::new(tls)),
-    })
+        quic,
+    }))
 }
 
 impl InnerRelay {
@@ -78,7 +80,9 @@ impl InnerRelay {
         let endpoints = cfg.outer.clone();
         let relay = Arc::new(InnerRelay {
             path,
-            current: Arc::new(RwLock::new(current(cfg, tls))),
+            current: Arc::new(RwLock::new(
+                current(cfg, tls).map_err(|e| anyhow::anyhow!(e))?,
+            )),
             services,
             dialers: Mutex::new(Vec::new()),
             reload_lock: tokio::sync::Mutex::new(()),
@@ -171,7 +175,8 @@ impl InnerRelay {
         let wanted: HashMap<String, OuterEndpoint> =
             new.outer.iter().map(|e| (key(e), e.clone())).collect();
         let services: Vec<String> = new.services.keys().cloned().collect();
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = current(new, tls);
+        let fresh = current(new, tls)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = fresh;
         let mut removed = Vec::new();
         let resize = new_connections != old.connections;
         self.lock_dialers().retain(|(k, r)| {

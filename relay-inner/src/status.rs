@@ -26,6 +26,7 @@ struct State {
 struct Live {
     id: u64,
     tunnel: String,
+    transport: &'static str,
     since: Instant,
     rtt: Option<Duration>,
 }
@@ -67,13 +68,14 @@ impl EndpointStatus {
         f(&mut g)
     }
 
-    /// A session is up.
-    pub fn up(&self, id: u64, tunnel: &str) {
+    /// A session is up, over `transport` (`tls` or `quic`).
+    pub fn up(&self, id: u64, tunnel: &str, transport: &'static str) {
         self.with(|s| {
             s.connects += 1;
             s.session = Some(Live {
                 id,
                 tunnel: tunnel.to_owned(),
+                transport,
                 since: Instant::now(),
                 rtt: None,
             })
@@ -109,6 +111,7 @@ impl EndpointStatus {
                 serde_json::json!({
                     "id": l.id,
                     "tunnel": l.tunnel,
+                    "transport": l.transport,
                     "uptime_seconds": l.since.elapsed().as_secs_f64(),
                     "rtt_seconds": l.rtt.map(|r| r.as_secs_f64()),
                 })
