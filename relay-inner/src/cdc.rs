@@ -121,7 +121,14 @@ impl Cdc {
     }
 
     /// Starts one shipper per source for a new endpoint.
-    pub fn attach(&self, key: &str, endpoint: &EndpointStatus, drain: &Drain, stop: &Drain) {
+    pub fn attach(
+        &self,
+        key: &str,
+        connections: &[Arc<EndpointStatus>],
+        drain: &Drain,
+        stop: &Drain,
+    ) {
+        let session = any_live_session(connections, stop.clone());
         for s in &self.sources {
             let status = Arc::new(ShipStatus::new(key));
             {
@@ -133,7 +140,7 @@ impl Cdc {
                 source: s.cfg.name.clone(),
                 endpoint: key.to_owned(),
                 spool: s.spool.clone(),
-                session: endpoint.session(),
+                session: session.clone(),
                 batch_max_bytes: self.cfg.batch_max_bytes,
                 batch_max_delay: self.cfg.batch_max_delay,
                 drain: drain.clone(),
@@ -193,4 +200,34 @@ pub async fn source_drop_slot(cfg: &SourceConfig, dir: &std::path::Path) -> anyh
     source::drop_slot(cfg, dir)
         .await
         .map_err(anyhow::Error::msg)
+}
+
+/// Watches the live sessions of an endpoint's connections and publishes one of them (the
+/// first live one, kept while it lives), so shipping goes on while any connection is up.
+fn any_live_session(
+    connections: &[Arc<EndpointStatus>],
+    stop: Drain,
+) -> tokio::sync::watch::Receiver<Option<relay_proto::session::SessionHandle>> {
+    let mut watches: Vec<_> = connections.iter().map(|c| c.session()).collect();
+    if watches.len() == 1 {
+        return watches.remove(0);
+    }
+    let (tx, rx) = tokio::sync::watch::channel::<Option<relay_proto::session::SessionHandle>>(None);
+    tokio::spawn(async move {
+        loop {
+            let current_alive = tx.borrow().as_ref().is_some_and(|s| !s.is_closed());
+            if !current_alive {
+                let live = watches
+                    .iter_mut()
+                    .find_map(|w| w.borrow_and_update().clone().filter(|s| !s.is_closed()));
+                tx.send_replace(live);
+            }
+            let changes = watches.iter_mut().map(|w| Box::pin(w.changed()));
+            tokio::select! {
+                (r, _, _) = futures::future::select_all(changes) => if r.is_err() { return },
+                _ = stop.stopping() => return,
+            }
+        }
+    });
+    rx
 }

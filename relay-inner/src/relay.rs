@@ -97,7 +97,7 @@ impl InnerRelay {
     }
 
     /// Starts `connections` dialers for an endpoint (each keeps its own session; new
-    /// streams from relay-outer spread over them). The CDC shippers use the first.
+    /// streams from relay-outer spread over them). The CDC shippers use any live one.
     fn spawn_dialer(&self, endpoint: OuterEndpoint) {
         let n = self.config().connections;
         let stop = Drain::new();
@@ -118,7 +118,7 @@ impl InnerRelay {
             statuses.push(status);
         }
         if let Some(cdc) = &self.cdc {
-            cdc.attach(&k, &statuses[0], &self.drain, &stop);
+            cdc.attach(&k, &statuses, &self.drain, &stop);
         }
         self.lock_dialers().push((k, Running { stop, statuses }));
     }

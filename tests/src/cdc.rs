@@ -31,6 +31,8 @@ pub struct RigOpts {
     pub relay_extra: String,
     /// `cdc.spool.max_bytes` on relay-inner.
     pub spool_max: String,
+    /// Extra top-level YAML for relay-inner only (e.g. `connections: 2`).
+    pub inner_extra: String,
 }
 
 impl Default for RigOpts {
@@ -45,6 +47,7 @@ impl Default for RigOpts {
             source_conf: Vec::new(),
             relay_extra: "shutdown_grace: 2s\n".into(),
             spool_max: "1GiB".into(),
+            inner_extra: String::new(),
         }
     }
 }
@@ -144,8 +147,9 @@ impl CdcRig {
         );
         let tables = opts.tables.join(", ");
         let inner_extra = format!(
-            "{}cdc:\n  spool: {{ dir: {}, max_bytes: {} }}\n  sources:\n    - name: main\n      postgres:\n        dsn: \"host={in_ip} port={} user=postgres dbname=postgres\"\n        tables: [{tables}]\n{}",
+            "{}{}cdc:\n  spool: {{ dir: {}, max_bytes: {} }}\n  sources:\n    - name: main\n      postgres:\n        dsn: \"host={in_ip} port={} user=postgres dbname=postgres\"\n        tables: [{tables}]\n{}",
             opts.relay_extra,
+            opts.inner_extra,
             spool_dir.display(),
             opts.spool_max,
             source.port(),

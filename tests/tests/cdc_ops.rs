@@ -629,3 +629,29 @@ fn garbage_on_cdc_streams_is_refused_and_harms_nothing() {
         "nothing may be stored for the impostor"
     );
 }
+
+/// With `connections: 3` CDC ships over one of the three live connections.
+#[test]
+fn cdc_ships_over_several_connections() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let rig = CdcRig::start(RigOpts {
+        setup_sql: "CREATE TABLE public.t (id int PRIMARY KEY, v text);".into(),
+        tables: vec!["public.t".into()],
+        inner_extra: "connections: 3\n".into(),
+        ..RigOpts::default()
+    });
+    rig.inner().wait_count("tunnel up", 3, SHORT);
+    try_wait_until(CATCH_UP, "shipping up", || {
+        rig.inner().count("CDC shipping stream up") > 0
+    })
+    .unwrap();
+    rig.source
+        .psql("INSERT INTO public.t SELECT g, 'a' FROM generate_series(1, 1000) g");
+    rig.wait_in_sync(&["public.t"], CATCH_UP);
+    let st = status_of(rig.inner());
+    let conns = st["outer"].as_array().map_or(0, |a| a.len());
+    assert_eq!(conns, 3, "{st}");
+}
