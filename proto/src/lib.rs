@@ -11,6 +11,7 @@ pub mod cli;
 pub mod codec;
 pub mod config_file;
 pub mod control;
+pub mod disk;
 pub mod drain;
 pub mod frame;
 pub mod handshake;

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use relay_proto::cdc::ShipMessage;
 use relay_proto::codec;
+use relay_proto::disk::blocking;
 use relay_proto::drain::Drain;
 use relay_proto::frame::Frame;
 use relay_proto::session::SessionHandle;
@@ -398,12 +399,5 @@ fn reason(e: &str) -> &'static str {
         "spool"
     } else {
         "stream"
-    }
-}
-
-fn blocking<R>(f: impl FnOnce() -> R) -> R {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
     }
 }

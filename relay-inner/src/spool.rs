@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use relay_proto::cdc::Record;
+use relay_proto::disk::{blocking, write_atomic};
 use relay_proto::segment_log::{self, LogOptions, Reader, SegmentLog};
 use tokio::sync::{watch, Notify};
 
@@ -79,17 +80,6 @@ const ID_FILE: &str = "SPOOL_ID";
 /// longer show it once acknowledged segments are gone).
 const LSN_FILE: &str = "DURABLE_LSN";
 
-/// Writes `text` to `dir/name` atomically and durably.
-fn write_atomic(dir: &Path, name: &str, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(name))?;
-    std::fs::File::open(dir)?.sync_all()
-}
-
 fn read_u64(dir: &Path, name: &str) -> Result<Option<u64>, SpoolError> {
     match std::fs::read_to_string(dir.join(name)) {
         Ok(t) => u64::from_str_radix(t.trim(), 16)
@@ -122,7 +112,7 @@ impl Spool {
             Some(id) => id,
             None => {
                 let id = rand::random::<u64>() | 1;
-                write_atomic(dir, ID_FILE, &format!("{id:016x}\n"))
+                write_atomic(&dir.join(ID_FILE), format!("{id:016x}\n").as_bytes())
                     .map_err(|e| SpoolError::File(dir.join(ID_FILE), e))?;
                 id
             }
@@ -278,7 +268,7 @@ impl Spool {
             }
             // The records about to go may be the last ones that show the durable LSN.
             let lsn = self.durable_lsn();
-            write_atomic(&self.dir, LSN_FILE, &format!("{lsn:016x}\n"))
+            write_atomic(&self.dir.join(LSN_FILE), format!("{lsn:016x}\n").as_bytes())
                 .map_err(|e| SpoolError::File(self.dir.join(LSN_FILE), e))?;
             let before = st.log.first_seq();
             st.log.truncate_front(min)?;
@@ -320,15 +310,6 @@ fn last_lsn(log: &SegmentLog) -> Result<u64, SpoolError> {
         }
     }
     Ok(0)
-}
-
-/// Runs blocking file I/O without stalling other tasks on a multi-threaded runtime, and
-/// inline on a current-thread runtime (tests).
-fn blocking<R>(f: impl FnOnce() -> R) -> R {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
-    }
 }
 
 #[cfg(test)]

@@ -24,7 +24,6 @@
 //! is marked done once its Done record is synced.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use futures::StreamExt;
@@ -156,17 +155,8 @@ impl SnapshotState {
         };
         let dir = self.path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(|e| err("create directory", e))?;
-        let tmp = self.path.with_extension("json.tmp");
         let body = serde_json::to_vec_pretty(&self.file).unwrap_or_default();
-        {
-            let mut f = std::fs::File::create(&tmp).map_err(|e| err("create", e))?;
-            f.write_all(&body).map_err(|e| err("write", e))?;
-            f.sync_all().map_err(|e| err("fsync", e))?;
-        }
-        std::fs::rename(&tmp, &self.path).map_err(|e| err("rename", e))?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| err("fsync directory", e))?;
+        relay_proto::disk::write_atomic(&self.path, &body).map_err(|e| err("write", e))?;
         Ok(())
     }
 }

@@ -121,19 +121,6 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// Writes `text` to `dir/name` atomically and durably (temporary file, fsync, rename,
-/// fsync of the directory).
-fn write_atomic(dir: &Path, name: &str, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, dir.join(name))?;
-    std::fs::File::open(dir)?.sync_all()
-}
-
 /// Reads the spool id kept in `dir` (`None` when no stream was accepted yet).
 fn read_spool_id(dir: &Path) -> Result<Option<u64>, StoreError> {
     let path = dir.join(SPOOL_ID_FILE);
@@ -306,11 +293,13 @@ impl Store {
         }
         let next = self.next_seq_for(first_seq, last_seq)?;
         if known.is_none() {
-            write_atomic(&self.dir, SPOOL_ID_FILE, &format!("{spool_id:016x}\n")).map_err(|e| {
-                StoreError::File {
-                    path: self.dir.join(SPOOL_ID_FILE),
-                    reason: e.to_string(),
-                }
+            relay_proto::disk::write_atomic(
+                &self.dir.join(SPOOL_ID_FILE),
+                format!("{spool_id:016x}\n").as_bytes(),
+            )
+            .map_err(|e| StoreError::File {
+                path: self.dir.join(SPOOL_ID_FILE),
+                reason: e.to_string(),
             })?;
             let _ = self.spool.set(spool_id);
         }
