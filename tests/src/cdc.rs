@@ -241,6 +241,17 @@ impl CdcRig {
         }
     }
 
+    /// Waits until relay-inner's shipping stream to relay-outer is up; panics with its
+    /// log otherwise.
+    pub fn wait_shipping(&self) {
+        let r = try_wait_until(CATCH_UP, "CDC shipping stream up", || {
+            self.inner
+                .as_ref()
+                .is_some_and(|r| r.count("CDC shipping stream up") > 0)
+        });
+        r.unwrap_or_else(|e| panic!("{e}\n{}", self.inner().proc.log()));
+    }
+
     /// A table's contents in a comparable form: row count and md5 of the sorted rows.
     pub fn digest(pg: &Pg, table: &str) -> Result<String, String> {
         pg.try_psql(&format!(

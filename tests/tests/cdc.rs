@@ -149,15 +149,6 @@ COMMIT;
 
 const LOAD_TABLES: [&str; 2] = ["public.acct", "public.audit"];
 
-fn wait_shipping(rig: &CdcRig) {
-    let r = try_wait_until(CATCH_UP, "CDC shipping stream up", || {
-        rig.inner
-            .as_ref()
-            .is_some_and(|r| r.count("CDC shipping stream up") > 0)
-    });
-    r.unwrap_or_else(|e| panic!("{e}\n{}", rig.inner().proc.log()));
-}
-
 /// Under continuous writes: kill -9 relay-inner, kill -9 relay-outer, cut the tunnel for
 /// 20 s, restart the source PostgreSQL. Afterwards every row matches and no transaction
 /// was applied twice.
@@ -174,7 +165,7 @@ fn no_loss_no_duplicates_across_crashes_cuts_and_restarts() {
         source_extra: "      heartbeat: 1s\n".into(),
         ..RigOpts::default()
     });
-    wait_shipping(&rig);
+    rig.wait_shipping();
     rig.wait_in_sync(&LOAD_TABLES, CATCH_UP);
     let audit = |rig: &CdcRig| rig.source.psql("SELECT count(*) FROM public.audit");
 
@@ -248,7 +239,7 @@ fn slot_advances_when_idle_and_while_relay_outer_is_away() {
         source_extra: "      heartbeat: 1s\n      status_interval: 1s\n".into(),
         ..RigOpts::default()
     });
-    wait_shipping(&rig);
+    rig.wait_shipping();
     // Idle published table, WAL written elsewhere: the heartbeat moves the slot.
     let start = rig.confirmed_flush();
     rig.source

@@ -76,13 +76,6 @@ fn wal_end(rig: &CdcRig) -> u64 {
     lsn(&rig.source.psql("SELECT pg_current_wal_lsn()::text"))
 }
 
-fn wait_shipping(rig: &CdcRig) {
-    try_wait_until(CATCH_UP, "CDC shipping stream up", || {
-        rig.inner().count("CDC shipping stream up") > 0
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", rig.inner().proc.log()));
-}
-
 /// Panics with the relay's log tail unless `f` becomes true within `timeout`.
 fn wait_or_log(r: &Relay, timeout: Duration, what: &str, f: impl FnMut() -> bool) {
     if let Err(e) = try_wait_until(timeout, what, f) {
@@ -115,7 +108,7 @@ fn spool_full_pauses_reading_and_loses_nothing() {
         spool_max: "1MiB".into(),
         ..RigOpts::default()
     });
-    wait_shipping(&rig);
+    rig.wait_shipping();
     rig.wait_in_sync(&["public.big"], CATCH_UP);
     rig.kill_outer();
     // 20 000 rows of ~300 bytes in four transactions: about 6 MB of changes.
@@ -184,7 +177,7 @@ fn heartbeat_and_retained_wal_are_reported() {
         source_extra: FAST_SOURCE.into(),
         ..RigOpts::default()
     });
-    wait_shipping(&rig);
+    rig.wait_shipping();
     rig.wait_in_sync(&["public.t"], CATCH_UP);
     let (inner, outer) = (rig.inner(), rig.outer());
 
@@ -522,10 +515,7 @@ fn garbage_on_cdc_streams_is_refused_and_harms_nothing() {
         tables: vec!["public.t".into()],
         ..RigOpts::default()
     });
-    try_wait_until(CATCH_UP, "shipping up", || {
-        rig.inner().count("CDC shipping stream up") > 0
-    })
-    .unwrap();
+    rig.wait_shipping();
     let rt = fake::runtime();
     rt.block_on(async {
         let mut f = FakeInner::connect(rig.tunnel_addr, &rig.pki, "site-a", "localhost").await;
@@ -644,10 +634,7 @@ fn cdc_ships_over_several_connections() {
         ..RigOpts::default()
     });
     rig.inner().wait_count("tunnel up", 3, SHORT);
-    try_wait_until(CATCH_UP, "shipping up", || {
-        rig.inner().count("CDC shipping stream up") > 0
-    })
-    .unwrap();
+    rig.wait_shipping();
     rig.source
         .psql("INSERT INTO public.t SELECT g, 'a' FROM generate_series(1, 1000) g");
     rig.wait_in_sync(&["public.t"], CATCH_UP);

@@ -93,10 +93,7 @@ fn main() {
             .into(),
         ..RigOpts::default()
     });
-    try_wait_until(Duration::from_secs(60), "shipping up", || {
-        rig.inner().count("CDC shipping stream up") > 0
-    })
-    .expect("CDC shipping stream up");
+    rig.wait_shipping();
     rig.wait_in_sync(&["public.bench"], Duration::from_secs(60));
 
     // --- throughput: a backlog of small rows, read by Routy end to end and by pg_recvlogical.
