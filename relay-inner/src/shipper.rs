@@ -264,28 +264,35 @@ impl Shipper {
                     };
                 loop {
                     let durable = *synced.borrow_and_update();
-                    while bytes < self.batch_max_bytes && next_seq <= durable {
-                        let rec = match held.take() {
-                            Some(r) => Some(r),
-                            None => match blocking(|| reader.next()) {
-                                Some(Ok(r)) => Some(r),
-                                Some(Err(e)) => return End::Retry(format!("spool read: {e}")),
-                                None => None,
-                            },
-                        };
-                        let Some((seq, payload)) = rec else { break };
-                        if seq > durable {
-                            held = Some((seq, payload));
-                            break;
+                    // One blocking section for the whole fill, not one per record.
+                    let max = self.batch_max_bytes;
+                    let filled = blocking(|| {
+                        while bytes < max && next_seq <= durable {
+                            let rec = match held.take() {
+                                Some(r) => r,
+                                None => match reader.next() {
+                                    Some(r) => r.map_err(|e| format!("spool read: {e}"))?,
+                                    None => break,
+                                },
+                            };
+                            let (seq, payload) = rec;
+                            if seq > durable {
+                                held = Some((seq, payload));
+                                break;
+                            }
+                            if seq != next_seq {
+                                return Err(format!(
+                                    "spool returned seq {seq}, expected {next_seq}"
+                                ));
+                            }
+                            bytes += payload.len() + 4;
+                            batch.push(payload);
+                            next_seq += 1;
                         }
-                        if seq != next_seq {
-                            return End::Retry(format!(
-                                "spool returned seq {seq}, expected {next_seq}"
-                            ));
-                        }
-                        bytes += payload.len() + 4;
-                        batch.push(payload);
-                        next_seq += 1;
+                        Ok(())
+                    });
+                    if let Err(e) = filled {
+                        return End::Retry(e);
                     }
                     if bytes >= self.batch_max_bytes || tokio::time::Instant::now() >= deadline {
                         break;
