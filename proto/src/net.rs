@@ -1,8 +1,12 @@
-//! Socket options on the tunnel and data sockets.
+//! Socket options on the tunnel and data sockets, and the read-ahead under the tunnel's TLS.
 
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Sets what every tunnel socket needs: no Nagle delay, TCP keepalive probes so a NAT
@@ -29,5 +33,140 @@ pub fn tune_tunnel_socket(s: &TcpStream, keepalive: Duration, user_timeout: Dura
 pub fn tune_data_socket(s: &TcpStream) {
     if let Err(e) = s.set_nodelay(true) {
         tracing::debug!(error = %e, "TCP_NODELAY not set");
+    }
+}
+
+/// Bytes [`ReadAhead`] asks the socket for at once.
+pub const READ_AHEAD: usize = 64 * 1024;
+
+/// A socket whose small reads are served from one large read.
+///
+/// rustls asks its socket for at most 4 KiB at a time, so a 16 KiB TLS record cost four
+/// `recvfrom` calls; under the tunnel's TLS this reads up to [`READ_AHEAD`] bytes per
+/// call and hands them out from memory. Writes pass straight through.
+#[derive(Debug)]
+pub struct ReadAhead<T> {
+    inner: T,
+    buf: Box<[u8]>,
+    pos: usize,
+    len: usize,
+}
+
+impl<T> ReadAhead<T> {
+    /// Wraps `inner`.
+    pub fn new(inner: T) -> Self {
+        ReadAhead {
+            inner,
+            buf: vec![0u8; READ_AHEAD].into_boxed_slice(),
+            pos: 0,
+            len: 0,
+        }
+    }
+
+    /// The wrapped socket.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
+    /// The wrapped socket; bytes read ahead and not yet handed out are dropped.
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos == this.len {
+            if out.remaining() >= this.buf.len() {
+                // A read at least as large as ours: no point copying twice.
+                return Pin::new(&mut this.inner).poll_read(cx, out);
+            }
+            let mut rb = ReadBuf::new(&mut this.buf);
+            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
+            this.pos = 0;
+            this.len = rb.filled().len();
+        }
+        let n = (this.len - this.pos).min(out.remaining());
+        out.put_slice(&this.buf[this.pos..this.pos + n]);
+        this.pos += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ReadAhead<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn small_reads_see_every_byte_in_order_and_writes_pass_through() {
+        let (a, mut b) = tokio::io::duplex(256 * 1024);
+        let mut ra = ReadAhead::new(a);
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let expect = data.clone();
+        let writer = tokio::spawn(async move {
+            b.write_all(&data).await.unwrap();
+            let mut back = [0u8; 5];
+            b.read_exact(&mut back).await.unwrap();
+            assert_eq!(&back, b"hello");
+            drop(b);
+        });
+        let mut got = Vec::new();
+        let mut small = [0u8; 4096];
+        let mut big = vec![0u8; READ_AHEAD * 2];
+        let mut turn = 0;
+        while got.len() < expect.len() {
+            turn += 1;
+            let n = if turn % 3 == 0 {
+                ra.read(&mut big).await.unwrap()
+            } else {
+                ra.read(&mut small[..(turn % 4096) + 1]).await.unwrap()
+            };
+            assert!(n > 0);
+            got.extend_from_slice(if turn % 3 == 0 {
+                &big[..n]
+            } else {
+                &small[..n]
+            });
+        }
+        assert_eq!(got, expect);
+        ra.write_all(b"hello").await.unwrap();
+        writer.await.unwrap();
+        assert_eq!(ra.read(&mut small).await.unwrap(), 0);
     }
 }

@@ -16,23 +16,38 @@
 //! The kill switch turns every later read or write into an error, which makes yamux close
 //! every stream of the connection at once: this is how a dead session is torn down.
 
+use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::task::AtomicWaker;
 use tokio::io::ReadBuf;
 
-/// Shared switch that aborts a [`BufferedIo`] from outside its task.
+/// Shared switch that aborts a [`BufferedIo`] from outside its task; it also counts the
+/// polls of the task that owns the connection (see [`KillSwitch::next_round`]).
 #[derive(Debug, Default)]
 pub struct KillSwitch {
     killed: AtomicBool,
     waker: AtomicWaker,
+    round: AtomicU64,
 }
 
 impl KillSwitch {
+    /// Called by the task that owns the connection at the start of each poll. A flush
+    /// asked for during one poll is carried out in the next one, so the frames of every
+    /// stream that became ready in between leave in one socket write (yamux flushes after
+    /// each frame).
+    pub fn next_round(&self) {
+        self.round.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn round(&self) -> u64 {
+        self.round.load(Ordering::Relaxed)
+    }
+
     /// Aborts the connection: its task wakes up and sees an error on its socket.
     pub fn kill(&self) {
         self.killed.store(true, Ordering::SeqCst);
@@ -45,14 +60,39 @@ impl KillSwitch {
     }
 }
 
+/// Size of one buffer chunk.
+const CHUNK: usize = 64 * 1024;
+
+/// Empty chunks kept for reuse after a burst (1 MiB), so a busy connection does not
+/// allocate, fault in and free pages over and over.
+const FREE_MAX: usize = 16;
+
+/// Chunks handed to one vectored write.
+const MAX_SLICES: usize = 32;
+
+/// Buffered bytes from which a flush is carried out at once instead of in the next round.
+const FLUSH_NOW: usize = 256 * 1024;
+
 /// A tokio socket seen as a futures-io socket with a non-blocking write buffer.
+///
+/// The buffer is a queue of fixed 64 KiB chunks: appending never moves what is already
+/// buffered, and draining hands the chunks to one vectored write (rustls turns them into
+/// full-size records without another copy).
 pub struct BufferedIo<T> {
     inner: T,
-    buf: Vec<u8>,
-    start: usize,
+    chunks: VecDeque<Box<[u8]>>,
+    /// Offset of the first unwritten byte in the front chunk.
+    head: usize,
+    /// Bytes used in the back chunk.
+    tail: usize,
+    /// Bytes buffered and not yet written.
+    len: usize,
+    free: Vec<Box<[u8]>>,
     cap: usize,
     kill: Arc<KillSwitch>,
     write_err: Option<io::Error>,
+    /// The round in which a flush was put off (see [`KillSwitch::next_round`]).
+    deferred: Option<u64>,
 }
 
 impl<T> BufferedIo<T> {
@@ -60,16 +100,72 @@ impl<T> BufferedIo<T> {
     pub fn new(inner: T, cap: usize, kill: Arc<KillSwitch>) -> Self {
         BufferedIo {
             inner,
-            buf: Vec::new(),
-            start: 0,
+            chunks: VecDeque::new(),
+            head: 0,
+            tail: 0,
+            len: 0,
+            free: Vec::new(),
             cap,
             kill,
             write_err: None,
+            deferred: None,
         }
     }
 
     fn pending(&self) -> usize {
-        self.buf.len() - self.start
+        self.len
+    }
+
+    /// Appends `data` behind what is buffered.
+    fn append(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.chunks.is_empty() || self.tail == CHUNK {
+                let chunk = self
+                    .free
+                    .pop()
+                    .unwrap_or_else(|| vec![0u8; CHUNK].into_boxed_slice());
+                self.chunks.push_back(chunk);
+                self.tail = 0;
+                if self.chunks.len() == 1 {
+                    self.head = 0;
+                }
+            }
+            let Some(back) = self.chunks.back_mut() else {
+                return;
+            };
+            let n = data.len().min(CHUNK - self.tail);
+            back[self.tail..self.tail + n].copy_from_slice(&data[..n]);
+            self.tail += n;
+            self.len += n;
+            data = &data[n..];
+        }
+    }
+
+    /// Drops `n` written bytes from the front.
+    fn consume(&mut self, mut n: usize) {
+        self.len -= n.min(self.len);
+        while n > 0 {
+            let end = if self.chunks.len() == 1 {
+                self.tail
+            } else {
+                CHUNK
+            };
+            let k = n.min(end - self.head);
+            self.head += k;
+            n -= k;
+            if self.head == end {
+                let Some(chunk) = self.chunks.pop_front() else {
+                    break;
+                };
+                if self.free.len() < FREE_MAX {
+                    self.free.push(chunk);
+                }
+                self.head = 0;
+                if self.chunks.is_empty() {
+                    self.tail = 0;
+                }
+            }
+        }
     }
 
     fn take_write_err(&mut self) -> io::Error {
@@ -97,32 +193,28 @@ impl<T> BufferedIo<T> {
 impl<T: tokio::io::AsyncWrite + Unpin> BufferedIo<T> {
     /// Writes buffered bytes until the buffer is empty or the socket would block.
     fn drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.pending() > 0 && self.write_err.is_none() {
-            let chunk = &self.buf[self.start..];
-            match Pin::new(&mut self.inner).poll_write(cx, chunk) {
+        while self.len > 0 && self.write_err.is_none() {
+            let last = self.chunks.len() - 1;
+            let mut slices = [io::IoSlice::new(&[]); MAX_SLICES];
+            let mut k = 0;
+            for (i, chunk) in self.chunks.iter().enumerate().take(MAX_SLICES) {
+                let from = if i == 0 { self.head } else { 0 };
+                let to = if i == last { self.tail } else { CHUNK };
+                slices[k] = io::IoSlice::new(&chunk[from..to]);
+                k += 1;
+            }
+            match Pin::new(&mut self.inner).poll_write_vectored(cx, &slices[..k]) {
                 Poll::Ready(Ok(0)) => self.write_err = Some(io::ErrorKind::WriteZero.into()),
-                Poll::Ready(Ok(n)) => self.start += n,
+                Poll::Ready(Ok(n)) => self.consume(n),
                 Poll::Ready(Err(e)) => self.write_err = Some(e),
-                Poll::Pending => {
-                    self.compact();
-                    return Poll::Pending;
-                }
+                Poll::Pending => return Poll::Pending,
             }
         }
-        self.buf.clear();
-        self.start = 0;
-        // Give memory back after a burst.
-        if self.buf.capacity() > 1024 * 1024 {
-            self.buf.shrink_to(64 * 1024);
+        if self.write_err.is_some() {
+            // Nothing will be written any more: let the buffer go.
+            self.consume(self.len);
         }
         Poll::Ready(Ok(()))
-    }
-
-    fn compact(&mut self) {
-        if self.start > 0 && self.start >= self.buf.len() / 2 {
-            self.buf.drain(..self.start);
-            self.start = 0;
-        }
     }
 }
 
@@ -168,15 +260,32 @@ impl<T: tokio::io::AsyncWrite + Unpin> futures::io::AsyncWrite for BufferedIo<T>
                 Poll::Pending => {}
             }
         }
-        let room = this.cap - this.pending();
+        let room = this.cap.saturating_sub(this.pending());
         let n = data.len().min(room);
-        this.buf.extend_from_slice(&data[..n]);
+        this.append(&data[..n]);
         Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         this.check_kill(cx)?;
+        // Round 0: no task counts rounds (see `next_round`), so nothing is put off.
+        let round = this.kill.round();
+        if round > 0 && this.pending() > 0 && this.pending() < FLUSH_NOW && this.write_err.is_none()
+        {
+            match this.deferred {
+                // Put off in this round already: the task is woken for the next one.
+                Some(r) if r == round => return Poll::Ready(Ok(())),
+                // Put off in an earlier round: now is the time.
+                Some(_) => {}
+                None => {
+                    this.deferred = Some(round);
+                    cx.waker().wake_by_ref();
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
+        this.deferred = None;
         match this.drain(cx) {
             Poll::Ready(Ok(())) if this.write_err.is_some() => Poll::Ready(Ok(())),
             Poll::Ready(Ok(())) => match Pin::new(&mut this.inner).poll_flush(cx) {
@@ -226,7 +335,7 @@ mod tests {
         let (a, mut b) = tokio::io::duplex(100);
         let kill = Arc::new(KillSwitch::default());
         let mut io = BufferedIo::new(a, 1 << 20, kill.clone());
-        let data: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         let expect = data.clone();
         let reader = tokio::spawn(async move {
             let mut got = vec![0u8; expect.len()];

@@ -233,7 +233,7 @@ impl Dialer {
                 net::tune_tunnel_socket(&tcp, ka.interval, ka.timeout);
                 let tls = cur
                     .connector
-                    .connect(self.endpoint.server_name.clone(), tcp)
+                    .connect(self.endpoint.server_name.clone(), net::ReadAhead::new(tcp))
                     .await
                     .map_err(|e| other(format!("TLS handshake: {e}")))?;
                 if tls.get_ref().1.alpn_protocol() != Some(tls::ALPN) {

@@ -168,13 +168,16 @@ impl TunnelServer {
         let settings = self.settings();
         let ka = settings.cfg.keepalive;
         net::tune_tunnel_socket(&tcp, ka.interval, ka.timeout);
-        let accept = settings.acceptor.accept(tcp).into_fallible();
+        let accept = settings
+            .acceptor
+            .accept(net::ReadAhead::new(tcp))
+            .into_fallible();
         let tls = match tokio::time::timeout(settings.cfg.handshake_timeout, accept).await {
             Ok(Ok(s)) => s,
             Ok(Err((e, tcp))) => {
                 handshake_failed("tls");
                 warn!(reason = %e, "tunnel connection refused: TLS handshake failed");
-                linger_close(tcp).await;
+                linger_close(tcp.into_inner()).await;
                 return;
             }
             Err(_) => {
