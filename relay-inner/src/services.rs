@@ -14,7 +14,7 @@ use relay_proto::net;
 use relay_proto::session::Stream;
 use relay_proto::splice::{splice, ByteCounters};
 use tokio::net::TcpStream;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::config::Service;
 
@@ -170,7 +170,7 @@ impl Services {
         metrics::counter!(m::STREAMS_OPENED, &labels).increment(1);
         let active = metrics::gauge!(m::STREAMS_ACTIVE, &labels);
         active.increment(1.0);
-        info!(target = %svc.target, "stream open");
+        debug!(target = %svc.target, "stream open");
         match splice(stream, tcp, bytes.clone()).await {
             Ok(m) => info!(
                 to_service = m.to_service,

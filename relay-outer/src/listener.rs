@@ -10,15 +10,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use relay_proto::codec::{read_frame, write_frame};
+use relay_proto::codec::write_frame;
 use relay_proto::drain::Drain;
 use relay_proto::frame::Frame;
 use relay_proto::metrics as m;
 use relay_proto::net;
 use relay_proto::splice::{splice, ByteCounters};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
+use crate::answer::{AwaitAnswer, Refusal};
 use crate::config::ListenerConfig;
 use crate::registry::{PickError, Registry};
 
@@ -254,35 +255,36 @@ impl Listener {
             warn!(error = %e, "client closed: cannot send Open");
             return;
         }
-        match read_frame(&mut stream, cfg.open_timeout).await {
-            Ok(Frame::OpenOk) => {}
-            Ok(Frame::Error { code, message }) => {
-                self.failed(code.as_str());
-                warn!(%code, reason = %message, "client closed: relay-inner refused the stream");
-                return;
-            }
-            Ok(other) => {
-                self.failed("protocol");
-                warn!(
-                    frame = other.kind_name(),
-                    "client closed: unexpected answer to Open"
-                );
-                return;
-            }
-            Err(e) => {
-                self.failed("no_answer");
-                warn!(error = %e, "client closed: no answer to Open");
-                return;
-            }
-        }
+        // Optimistic open: the client's bytes follow `Open` at once; relay-inner's answer
+        // heads the other direction (answer.rs).
         let labels = self.labels();
-        metrics::histogram!(m::STREAM_OPEN_LATENCY, &labels)
-            .record(arrived.elapsed().as_secs_f64());
-        metrics::counter!(m::STREAMS_OPENED, &labels).increment(1);
         let active = metrics::gauge!(m::STREAMS_ACTIVE, &labels);
-        active.increment(1.0);
-        info!("stream open");
-        match splice(client, stream, self.bytes.clone()).await {
+        let on_open = {
+            let (labels, active) = (labels.clone(), active.clone());
+            Box::new(move || {
+                metrics::histogram!(m::STREAM_OPEN_LATENCY, &labels)
+                    .record(arrived.elapsed().as_secs_f64());
+                metrics::counter!(m::STREAMS_OPENED, &labels).increment(1);
+                active.increment(1.0);
+                debug!("stream open");
+            })
+        };
+        let mut stream = AwaitAnswer::new(stream, cfg.open_timeout, on_open);
+        let result = splice(client, &mut stream, self.bytes.clone()).await;
+        if let Some(refusal) = stream.refusal() {
+            self.failed(refusal.reason());
+            match refusal {
+                Refusal::Refused(code, message) => {
+                    warn!(%code, reason = %message, "client closed: relay-inner refused the stream")
+                }
+                Refusal::Protocol(m) => {
+                    warn!(error = %m, "client closed: unexpected answer to Open")
+                }
+                Refusal::NoAnswer(m) => warn!(error = %m, "client closed: no answer to Open"),
+            }
+            return;
+        }
+        match result {
             Ok(moved) => info!(
                 to_service = moved.to_service,
                 to_client = moved.to_client,
@@ -290,7 +292,9 @@ impl Listener {
             ),
             Err(e) => info!(error = %e, "stream ended with an error"),
         }
-        active.decrement(1.0);
+        if stream.is_open() {
+            active.decrement(1.0);
+        }
     }
 }
 

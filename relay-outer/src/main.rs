@@ -2,6 +2,7 @@
 //! listener ports.
 #![forbid(unsafe_code)]
 
+mod answer;
 mod cdc;
 mod certs;
 mod config;
