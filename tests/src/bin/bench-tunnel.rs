@@ -10,6 +10,12 @@
 //! target/release/bench-tunnel [--quick] [--out docs/bench] [--install-rathole]
 //! ```
 //!
+//! For profiling one thing at a time: `--paths tls,ssh` keeps only the paths whose name
+//! contains one of the words (direct always runs), `--rows bulk1_up,pg16` only those rows
+//! (keys: mem conn bulk1_up bulk1_down bulk8_up bulk8_down pg1 pg16), `--secs N`
+//! stretches each bulk and new-connection measurement to N seconds; the relay PIDs are
+//! printed so `perf record -p` can attach.
+//!
 //! Prints one Markdown table; with `--out DIR` writes `DIR/tunnel.md`, `DIR/tunnel.json`
 //! and (with python3 + matplotlib, via `bench/chart.py`) `DIR/tunnel.png`.
 //! rathole is used when it is on PATH or named by `$ROUTY_RATHOLE`; `--install-rathole`
@@ -32,6 +38,34 @@ struct Args {
     quick: bool,
     out: Option<PathBuf>,
     install_rathole: bool,
+    paths: Option<Vec<String>>,
+    rows: Option<Vec<String>>,
+    secs: Option<u64>,
+}
+
+const USAGE: &str = "usage: bench-tunnel [--quick] [--out DIR] [--install-rathole] [--paths W,..] [--rows KEY,..] [--secs N]";
+
+fn list(v: Option<String>, what: &str) -> Vec<String> {
+    v.unwrap_or_else(|| panic!("{what} needs a value; {USAGE}"))
+        .split(',')
+        .map(|w| w.trim().to_lowercase())
+        .filter(|w| !w.is_empty())
+        .collect()
+}
+
+impl Args {
+    fn wants_path(&self, name: &str) -> bool {
+        let name = name.to_lowercase();
+        self.paths
+            .as_ref()
+            .is_none_or(|ws| ws.iter().any(|w| name.contains(w.as_str())))
+    }
+
+    fn wants_row(&self, key: &str) -> bool {
+        self.rows
+            .as_ref()
+            .is_none_or(|ks| ks.iter().any(|k| k == key))
+    }
 }
 
 fn args() -> Args {
@@ -39,6 +73,9 @@ fn args() -> Args {
         quick: false,
         out: None,
         install_rathole: false,
+        paths: None,
+        rows: None,
+        secs: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -46,11 +83,17 @@ fn args() -> Args {
             "--quick" => a.quick = true,
             "--install-rathole" => a.install_rathole = true,
             "--out" => a.out = Some(it.next().expect("--out DIR").into()),
+            "--paths" => a.paths = Some(list(it.next(), "--paths")),
+            "--rows" => a.rows = Some(list(it.next(), "--rows")),
+            "--secs" => {
+                let v = it.next().and_then(|v| v.parse().ok());
+                a.secs = Some(v.unwrap_or_else(|| panic!("--secs needs a number; {USAGE}")));
+            }
             "-h" | "--help" => {
-                println!("usage: bench-tunnel [--quick] [--out DIR] [--install-rathole]");
+                println!("{USAGE}");
                 std::process::exit(0);
             }
-            _ => panic!("unknown argument {k}; usage: bench-tunnel [--quick] [--out DIR] [--install-rathole]"),
+            _ => panic!("unknown argument {k}; {USAGE}"),
         }
     }
     a
@@ -165,7 +208,12 @@ fn main() {
         load::serve_forever();
     }
     let a = args();
-    let plan = Plan::new(a.quick);
+    let mut plan = Plan::new(a.quick);
+    if let Some(n) = a.secs {
+        plan.bulk = Duration::from_secs(n);
+        plan.conn_secs = Duration::from_secs(n);
+        plan.pgbench_secs = n.try_into().unwrap_or(u32::MAX);
+    }
     let started = Instant::now();
     let mut notes: Vec<String> = Vec::new();
 
@@ -213,40 +261,55 @@ fn main() {
     pki.issue("site-a");
 
     let mut all: Vec<Path> = vec![paths::direct(&targets)];
-    eprintln!("starting Routy over TLS");
-    match paths::routy("Routy TLS", &pki, &targets, None) {
-        Ok(p) => all.push(p),
-        Err(e) => notes.push(format!("Routy over TLS could not be started: {e}")),
-    }
-    match paths::routy_accepts_transport(&pki, &targets, "quic") {
-        (true, _) => {
-            eprintln!("starting Routy over QUIC");
-            match paths::routy("Routy QUIC", &pki, &targets, Some("quic")) {
-                Ok(p) => all.push(p),
-                Err(e) => notes.push(format!("Routy over QUIC skipped: it did not come up: {e}")),
-            }
+    if a.wants_path("Routy TLS") {
+        eprintln!("starting Routy over TLS");
+        match paths::routy("Routy TLS", &pki, &targets, None) {
+            Ok(p) => all.push(p),
+            Err(e) => notes.push(format!("Routy over TLS could not be started: {e}")),
         }
-        (false, why) => notes.push(format!(
-            "Routy over QUIC skipped: relay-inner check-config refuses `transport: quic` ({}).",
-            why.lines().last().unwrap_or("").trim()
-        )),
     }
-    eprintln!("starting sshd and ssh -R");
-    match paths::ssh(&targets) {
-        Ok(p) => all.push(p),
-        Err(e) => notes.push(format!("ssh -R skipped: {e}")),
+    if a.wants_path("Routy QUIC") {
+        match paths::routy_accepts_transport(&pki, &targets, "quic") {
+            (true, _) => {
+                eprintln!("starting Routy over QUIC");
+                match paths::routy("Routy QUIC", &pki, &targets, Some("quic")) {
+                    Ok(p) => all.push(p),
+                    Err(e) => {
+                        notes.push(format!("Routy over QUIC skipped: it did not come up: {e}"))
+                    }
+                }
+            }
+            (false, why) => notes.push(format!(
+                "Routy over QUIC skipped: relay-inner check-config refuses `transport: quic` ({}).",
+                why.lines().last().unwrap_or("").trim()
+            )),
+        }
+    }
+    if a.wants_path("ssh -R") {
+        eprintln!("starting sshd and ssh -R");
+        match paths::ssh(&targets) {
+            Ok(p) => all.push(p),
+            Err(e) => notes.push(format!("ssh -R skipped: {e}")),
+        }
     }
     let mut rathole_version = None;
-    match paths::find_rathole(a.install_rathole) {
-        Ok(exe) => {
-            eprintln!("starting rathole ({})", exe.display());
-            rathole_version = Some(paths::rathole_version(&exe));
-            match paths::rathole(&exe, &pki, &targets) {
-                Ok(p) => all.push(p),
-                Err(e) => notes.push(format!("rathole skipped: {e}")),
+    if a.wants_path("rathole") {
+        match paths::find_rathole(a.install_rathole) {
+            Ok(exe) => {
+                eprintln!("starting rathole ({})", exe.display());
+                rathole_version = Some(paths::rathole_version(&exe));
+                match paths::rathole(&exe, &pki, &targets) {
+                    Ok(p) => all.push(p),
+                    Err(e) => notes.push(format!("rathole skipped: {e}")),
+                }
             }
+            Err(e) => notes.push(format!("rathole skipped: {e}")),
         }
-        Err(e) => notes.push(format!("rathole skipped: {e}")),
+    }
+    for p in &all {
+        if !p.procs.is_empty() {
+            eprintln!("{}: pids {:?}", p.name, p.procs);
+        }
     }
     let names: Vec<String> = all.iter().map(|p| p.name.clone()).collect();
     eprintln!("paths: {}", names.join(", "));
@@ -256,7 +319,7 @@ fn main() {
 
     // Memory first, on processes that have not yet carried bulk traffic (freed buffers
     // kept by the allocator would otherwise hide what idle streams cost).
-    {
+    if a.wants_row("mem") {
         let mut values = Vec::new();
         for p in &all {
             let Some(base) = p.rss_kib() else {
@@ -289,7 +352,7 @@ fn main() {
     }
 
     // New connections per second.
-    {
+    if a.wants_row("conn") {
         let mut values = Vec::new();
         for p in &all {
             eprintln!("new connections: {}", p.name);
@@ -322,6 +385,9 @@ fn main() {
         (8, Dir::Up, "bulk8_up"),
         (8, Dir::Down, "bulk8_down"),
     ] {
+        if !a.wants_row(key) {
+            continue;
+        }
         let mut values = Vec::new();
         for p in &all {
             eprintln!("bulk {streams} {dir:?}: {}", p.name);
@@ -352,6 +418,9 @@ fn main() {
 
     // pgbench -S.
     for (clients, key) in [(1u32, "pg1"), (16u32, "pg16")] {
+        if !a.wants_row(key) {
+            continue;
+        }
         let mut values = Vec::new();
         for p in &all {
             eprintln!("pgbench -S -c {clients}: {}", p.name);
