@@ -16,6 +16,10 @@
 //! stretches each bulk and new-connection measurement to N seconds; the relay PIDs are
 //! printed so `perf record -p` can attach.
 //!
+//! The last column, two socat forwarders in series over plain TCP, is a reference rather
+//! than a competitor: the cost of the two extra loopback hops alone, which bounds what
+//! any encrypted tunnel can reach here.
+//!
 //! Prints one Markdown table; with `--out DIR` writes `DIR/tunnel.md`, `DIR/tunnel.json`
 //! and (with python3 + matplotlib, via `bench/chart.py`) `DIR/tunnel.png`.
 //! rathole is used when it is on PATH or named by `$ROUTY_RATHOLE`; `--install-rathole`
@@ -304,6 +308,13 @@ fn main() {
                 }
             }
             Err(e) => notes.push(format!("rathole skipped: {e}")),
+        }
+    }
+    if a.wants_path("2x socat, plain TCP") {
+        eprintln!("starting the socat chain (reference: plain TCP, no TLS)");
+        match paths::socat_chain(&targets) {
+            Ok(p) => all.push(p),
+            Err(e) => notes.push(format!("socat reference skipped: {e}")),
         }
     }
     for p in &all {
@@ -676,7 +687,7 @@ fn render(
             md.push('\n');
         }
         // Every row against the competitors, for reading at a glance.
-        for vs in ["ssh -R", "rathole"] {
+        for vs in ["ssh -R", "rathole", "2x socat, plain TCP"] {
             if !has(vs) {
                 continue;
             }
@@ -706,6 +717,15 @@ fn render(
          bulk is counted by the client (bytes written or read) after a warm-up; \"up\" is client → service (through the \
          tunnel from relay-outer to relay-inner), \"down\" the reverse."
     );
+    if names.iter().any(|n| n == "2x socat, plain TCP") {
+        let _ = writeln!(
+            md,
+            "- \"2x socat, plain TCP\" is a reference, not a competitor: two socat forwarders \
+             in series, no encryption, no multiplexing, one process per connection. It is what \
+             the two extra loopback hops of any relay pair cost on their own; no memory figure \
+             (a process per connection)."
+        );
+    }
     for n in notes {
         let _ = writeln!(md, "- {n}");
     }

@@ -412,3 +412,55 @@ fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+/// Makes sure socat is installed (Debian package), installing it if missing.
+fn ensure_socat() -> Result<PathBuf, String> {
+    if let Some(p) = which("socat") {
+        return Ok(p);
+    }
+    eprintln!("socat missing: apt-get install -y socat");
+    run_timeout(
+        Command::new("apt-get")
+            .args(["install", "-y", "socat"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        None,
+        Duration::from_secs(600),
+    )?;
+    which("socat").ok_or_else(|| "socat could not be installed".into())
+}
+
+/// A reference, not a competitor: two plain TCP forwarders in series (socat, one process
+/// per connection, 256 KiB buffers), no encryption and no multiplexing. What any pair of
+/// relays pays for the two extra loopback hops alone; its figures bound what an encrypted
+/// tunnel can reach on this machine.
+pub fn socat_chain(t: &Targets) -> Result<Path, String> {
+    let exe = ensure_socat()?;
+    let mut keep: Vec<Box<dyn std::any::Any>> = Vec::new();
+    let mut front = Vec::new();
+    for target in [t.bench, t.pg] {
+        let mut to = target;
+        for hop in ["inner", "outer"] {
+            let port = free_port();
+            let mut cmd = Command::new(&exe);
+            cmd.args(["-b", "262144"])
+                .arg(format!(
+                    "TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=4096"
+                ))
+                .arg(format!("TCP:127.0.0.1:{to},nodelay"));
+            keep.push(Box::new(Proc::spawn(&format!("socat-{hop}-{target}"), cmd)));
+            to = port;
+        }
+        front.push(to);
+    }
+    if !load::wait_ready(front[0], Duration::from_secs(10)) {
+        return Err("socat chain: no round trip".into());
+    }
+    Ok(Path {
+        name: "2x socat, plain TCP".into(),
+        bench_port: front[0],
+        pg_port: front[1],
+        // Memory per idle stream is not measured: socat forks a process per connection.
+        procs: Vec::new(),
+        _keep: keep,
+    })
+}
