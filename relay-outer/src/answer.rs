@@ -11,7 +11,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use relay_proto::frame::{ErrorCode, Frame, LEN_PREFIX};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 
 /// Why no `OpenOk` came.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,23 +194,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for AwaitAnswer<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for AwaitAnswer<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
+relay_proto::delegate_async_write!(AwaitAnswer, inner);
 
 #[cfg(test)]
 mod tests {

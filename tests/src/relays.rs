@@ -222,6 +222,45 @@ impl Relay {
         r
     }
 
+    /// The pair of a firewall test: relay-outer in `pair`'s outside namespace with listener
+    /// `pg` on `outside_ip:listen_port` (tunnel `site-a`, service `pg`), relay-inner inside
+    /// exposing `pg` as `inside_ip:pg_port` and dialing `outside_ip:tunnel_port`; relay-inner
+    /// gets `inner_extra` on top of `shutdown_grace`.
+    pub fn across(
+        pair: &crate::NetPair,
+        pki: &Pki,
+        (tunnel_port, listen_port, pg_port): (u16, u16, u16),
+        keepalive: (&str, &str),
+        inner_extra: &str,
+    ) -> (Relay, Relay) {
+        let (inside_ip, outside_ip) = (pair.inside_ip(), pair.outside_ip());
+        let listener =
+            ListenerSpec::new("pg", &format!("{outside_ip}:{listen_port}"), "site-a", "pg");
+        let outer = Relay::outer(
+            &outer_yaml(
+                pki,
+                &format!("{outside_ip}:{tunnel_port}"),
+                keepalive,
+                &[listener],
+                "shutdown_grace: 2s\n",
+            ),
+            Some(pair.outside_ns()),
+        );
+        let inner = Relay::inner(
+            "relay-inner",
+            &inner_yaml(
+                pki,
+                "site-a",
+                &[(format!("{outside_ip}:{tunnel_port}"), outside_ip)],
+                &[("pg", format!("{inside_ip}:{pg_port}"))],
+                keepalive,
+                inner_extra,
+            ),
+            Some(pair.inside_ns()),
+        );
+        (outer, inner)
+    }
+
     /// Number of times `needle` occurs in the log so far.
     pub fn count(&self, needle: &str) -> usize {
         self.proc.log().matches(needle).count()

@@ -13,7 +13,7 @@ use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use routy_e2e::relays::{inner_yaml, outer_yaml, ListenerSpec, Pki, Relay};
+use routy_e2e::relays::{Pki, Relay};
 use routy_e2e::{free_port, is_root, netns_cmd, pg_bin, run_timeout, try_wait_until, NetPair};
 use routy_e2e::{Pg, PgOpts};
 
@@ -45,7 +45,7 @@ struct Setup {
 impl Setup {
     fn new() -> Setup {
         let pair = NetPair::new(true);
-        let (inside_ns, outside_ns) = (pair.inside_ns(), pair.outside_ns());
+        let inside_ns = pair.inside_ns();
         let (inside_ip, outside_ip) = (pair.inside_ip(), pair.outside_ip());
         let pg = Pg::start(PgOpts {
             listen: inside_ip.to_string(),
@@ -56,29 +56,12 @@ impl Setup {
         pki.issue("site-a");
         let tunnel_port = free_port();
         let listen_port = free_port();
-        let listener =
-            ListenerSpec::new("pg", &format!("{outside_ip}:{listen_port}"), "site-a", "pg");
-        let outer = Relay::outer(
-            &outer_yaml(
-                &pki,
-                &format!("{outside_ip}:{tunnel_port}"),
-                KA,
-                &[listener],
-                "shutdown_grace: 2s\n",
-            ),
-            Some(outside_ns),
-        );
-        let inner = Relay::inner(
-            "relay-inner",
-            &inner_yaml(
-                &pki,
-                "site-a",
-                &[(format!("{outside_ip}:{tunnel_port}"), outside_ip)],
-                &[("pg", format!("{inside_ip}:{}", pg.port()))],
-                KA,
-                "shutdown_grace: 2s\n",
-            ),
-            Some(inside_ns),
+        let (outer, inner) = Relay::across(
+            &pair,
+            &pki,
+            (tunnel_port, listen_port, pg.port()),
+            KA,
+            "shutdown_grace: 2s\n",
         );
         // relay-outer has registered the session too (it logs after registering).
         outer

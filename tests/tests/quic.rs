@@ -124,28 +124,12 @@ fn auto_falls_back_to_tls_when_udp_is_blocked_and_moves_to_quic_when_it_is_not()
     let pki = Pki::new(&[outside_ip]);
     pki.issue("site-a");
     let listen_port = free_port();
-    let listener = ListenerSpec::new("pg", &format!("{outside_ip}:{listen_port}"), "site-a", "pg");
-    let outer = Relay::outer(
-        &outer_yaml(
-            &pki,
-            &format!("{outside_ip}:{tunnel_port}"),
-            KA,
-            &[listener],
-            "shutdown_grace: 2s\n",
-        ),
-        Some(outside_ns),
-    );
-    let inner = Relay::inner(
-        "relay-inner",
-        &inner_yaml(
-            &pki,
-            "site-a",
-            &[(format!("{outside_ip}:{tunnel_port}"), outside_ip)],
-            &[("pg", format!("{inside_ip}:{}", pg.port()))],
-            KA,
-            "shutdown_grace: 5s\ntransport: auto\nquic_retry: 2s\n",
-        ),
-        Some(inside_ns),
+    let (outer, inner) = Relay::across(
+        &pair,
+        &pki,
+        (tunnel_port, listen_port, pg.port()),
+        KA,
+        "shutdown_grace: 5s\ntransport: auto\nquic_retry: 2s\n",
     );
     outer.wait_count("tunnel up", 1, READY);
     let log = inner.proc.log();
