@@ -128,8 +128,8 @@ impl Batching {
 /// A tokio socket seen as a futures-io socket with a non-blocking write buffer.
 ///
 /// The buffer is a queue of fixed 64 KiB chunks: appending never moves what is already
-/// buffered, and draining hands the chunks to one vectored write (rustls turns them into
-/// full-size records without another copy).
+/// buffered, and draining hands the chunks to one vectored write (rustls cuts full-size
+/// records across chunk boundaries, so small frames are not sealed one by one).
 pub struct BufferedIo<T> {
     inner: T,
     chunks: VecDeque<Box<[u8]>>,
