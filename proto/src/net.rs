@@ -63,11 +63,6 @@ impl<T> ReadAhead<T> {
         }
     }
 
-    /// The wrapped socket.
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
-
     /// The wrapped socket; bytes read ahead and not yet handed out are dropped.
     pub fn into_inner(self) -> T {
         self.inner

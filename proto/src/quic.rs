@@ -176,8 +176,7 @@ pub fn peer_identity(conn: &quinn::Connection) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::{self, Session};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use crate::session::{self, testing, Session};
 
     struct Pki {
         dir: tempfile::TempDir,
@@ -263,23 +262,8 @@ mod tests {
         assert_eq!(server.handle.transport(), "quic");
 
         // Echo on both ends: whoever accepts a stream echoes it after the peer's FIN.
-        fn echo(mut incoming: tokio::sync::mpsc::UnboundedReceiver<session::Stream>) {
-            tokio::spawn(async move {
-                while let Some(mut s) = incoming.recv().await {
-                    tokio::spawn(async move {
-                        let mut buf = Vec::new();
-                        s.read_to_end(&mut buf).await.unwrap();
-                        s.write_all(&buf).await.unwrap();
-                        s.shutdown().await.unwrap();
-                    });
-                }
-            });
-        }
-        let Session {
-            handle: client_h,
-            incoming: client_in,
-        } = client;
-        echo(client_in);
+        let client_h = client.handle;
+        testing::echo(client.incoming);
         let server_h = server.handle.clone();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let fwd = tokio::spawn(async move {
@@ -287,42 +271,19 @@ mod tests {
                 let _ = tx.send(s);
             }
         });
-        echo(rx);
+        testing::echo(rx);
 
-        let mut tasks = Vec::new();
-        for i in 0..20u8 {
-            let h = if i % 2 == 0 {
-                client_h.clone()
-            } else {
-                server_h.clone()
-            };
-            tasks.push(tokio::spawn(async move {
-                let mut s = h.open().await.unwrap();
-                let data = vec![i; 100_000 + i as usize];
-                s.write_all(&data).await.unwrap();
-                s.shutdown().await.unwrap();
-                // A second shutdown is harmless, as on yamux.
-                s.shutdown().await.unwrap();
-                let mut back = Vec::new();
-                s.read_to_end(&mut back).await.unwrap();
-                assert_eq!(back, data);
-            }));
-        }
+        let tasks: Vec<_> = (0..20u8)
+            .map(|i| {
+                let h = if i % 2 == 0 { &client_h } else { &server_h };
+                tokio::spawn(testing::echo_round_trip(h.clone(), i))
+            })
+            .collect();
         for t in tasks {
             t.await.unwrap();
         }
-        // Streams are counted while they live, on both ends.
-        let mut idle = client_h.open().await.unwrap();
-        idle.write_all(b"x").await.unwrap();
-        assert_eq!(client_h.open_streams(), 1);
-
-        client_h.kill();
-        client_h.closed().await;
-        assert!(client_h.is_closed());
-        let mut buf = [0u8; 8];
-        let r = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf)).await;
-        assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "{r:?}");
-        assert!(client_h.open().await.is_err());
+        // Streams are counted while they live; a kill ends them.
+        testing::kill_ends_streams(&client_h).await;
         // The peer sees the close, with a reason.
         tokio::time::timeout(Duration::from_secs(5), server_h.closed())
             .await

@@ -427,19 +427,16 @@ async fn drive<T>(
     }
 }
 
+/// Test steps both transports share (yamux here, QUIC in `quic.rs`).
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    #[tokio::test]
-    async fn streams_both_ways_with_half_close_and_kill() {
-        let (a, b) = tokio::io::duplex(64 * 1024);
-        let client = yamux(a, Role::Client);
-        let mut server = yamux(b, Role::Server);
-
-        let echo = tokio::spawn(async move {
-            while let Some(mut s) = server.incoming.recv().await {
+    /// Echoes every stream that arrives on `incoming`, after the peer's FIN.
+    pub fn echo(mut incoming: mpsc::UnboundedReceiver<Stream>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            while let Some(mut s) = incoming.recv().await {
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     s.read_to_end(&mut buf).await.unwrap();
@@ -447,35 +444,55 @@ mod tests {
                     s.shutdown().await.unwrap();
                 });
             }
-        });
+        })
+    }
 
-        let mut tasks = Vec::new();
-        for i in 0..20u8 {
-            let h = client.handle.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut s = h.open().await.unwrap();
-                let data = vec![i; 100_000 + i as usize];
-                s.write_all(&data).await.unwrap();
-                s.shutdown().await.unwrap();
-                let mut back = Vec::new();
-                s.read_to_end(&mut back).await.unwrap();
-                assert_eq!(back, data);
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap();
-        }
+    /// Opens a stream on `h`, sends 100 000 + `i` bytes of `i`, half-closes (twice: the
+    /// second is harmless) and checks that the echo brings all of it back.
+    pub async fn echo_round_trip(h: SessionHandle, i: u8) {
+        let mut s = h.open().await.unwrap();
+        let data = vec![i; 100_000 + i as usize];
+        s.write_all(&data).await.unwrap();
+        s.shutdown().await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, data);
+    }
 
-        let mut idle = client.handle.open().await.unwrap();
+    /// Kills `h` with a stream open on it: the stream ends instead of hanging, and new
+    /// opens fail.
+    pub async fn kill_ends_streams(h: &SessionHandle) {
+        let mut idle = h.open().await.unwrap();
         idle.write_all(b"x").await.unwrap();
-        client.handle.kill();
-        client.handle.closed().await;
-        assert!(client.handle.is_closed());
-        // The stream ends instead of hanging, and new opens fail.
+        assert_eq!(h.open_streams(), 1);
+        h.kill();
+        h.closed().await;
+        assert!(h.is_closed());
         let mut buf = [0u8; 8];
         let r = tokio::time::timeout(std::time::Duration::from_secs(5), idle.read(&mut buf)).await;
         assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "{r:?}");
-        assert!(client.handle.open().await.is_err());
+        assert!(h.open().await.is_err());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn streams_both_ways_with_half_close_and_kill() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let client = yamux(a, Role::Client);
+        let server = yamux(b, Role::Server);
+        let echo = testing::echo(server.incoming);
+        let tasks: Vec<_> = (0..20u8)
+            .map(|i| tokio::spawn(testing::echo_round_trip(client.handle.clone(), i)))
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        testing::kill_ends_streams(&client.handle).await;
         echo.abort();
     }
 }

@@ -25,6 +25,16 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// The error reads fail with.
+    fn to_error(&self) -> io::Error {
+        io::Error::other(match self {
+            Refusal::Refused(code, msg) => {
+                format!("relay-inner refused the stream ({code}): {msg}")
+            }
+            Refusal::Protocol(m) | Refusal::NoAnswer(m) => m.clone(),
+        })
+    }
+
     /// The `reason` label of `routy_streams_failed_total`.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -86,12 +96,7 @@ impl<S> AwaitAnswer<S> {
     }
 
     fn refuse(&mut self, r: Refusal) -> io::Error {
-        let e = io::Error::other(match &r {
-            Refusal::Refused(code, msg) => {
-                format!("relay-inner refused the stream ({code}): {msg}")
-            }
-            Refusal::Protocol(m) | Refusal::NoAnswer(m) => m.clone(),
-        });
+        let e = r.to_error();
         self.state = State::Refused(r);
         e
     }
@@ -103,10 +108,7 @@ impl<S: AsyncRead + Unpin> AwaitAnswer<S> {
         loop {
             let want = match &mut self.state {
                 State::Open => return Poll::Ready(Ok(())),
-                State::Refused(r) => {
-                    let r = r.clone();
-                    return Poll::Ready(Err(self.refuse(r)));
-                }
+                State::Refused(r) => return Poll::Ready(Err(r.to_error())),
                 State::Prefix { buf, got } => &mut buf[*got..],
                 State::Body { buf, got } => &mut buf[*got..],
             };
@@ -269,5 +271,15 @@ mod tests {
             assert!(!s.is_open());
             assert_eq!(s.refusal().map(Refusal::reason), Some(reason), "{bytes:?}");
         }
+        // relay-inner closing the stream before answering (half an answer, then EOF).
+        let (a, mut b) = tokio::io::duplex(1024);
+        let mut s = AwaitAnswer::new(a, Duration::from_secs(5), Box::new(|| {}));
+        b.write_all(&encoded(&Frame::OpenOk)[..2]).await.unwrap();
+        drop(b);
+        let err = s.read(&mut [0u8; 8]).await.unwrap_err();
+        assert!(err.to_string().contains("closed the stream"), "{err}");
+        assert_eq!(s.refusal().map(Refusal::reason), Some("no_answer"));
+        // Later reads keep failing the same way.
+        assert!(s.read(&mut [0u8; 8]).await.is_err());
     }
 }

@@ -109,6 +109,17 @@ pub struct PgOpts {
     pub extra_conf: Vec<String>,
 }
 
+impl PgOpts {
+    /// A server in `pair`'s inside namespace, listening on the inside address.
+    pub fn inside(pair: &crate::NetPair) -> PgOpts {
+        PgOpts {
+            listen: pair.inside_ip().to_string(),
+            netns: Some(pair.inside_ns().to_string()),
+            ..PgOpts::default()
+        }
+    }
+}
+
 impl Default for PgOpts {
     fn default() -> Self {
         PgOpts {

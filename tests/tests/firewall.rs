@@ -45,13 +45,8 @@ struct Setup {
 impl Setup {
     fn new() -> Setup {
         let pair = NetPair::new(true);
-        let inside_ns = pair.inside_ns();
-        let (inside_ip, outside_ip) = (pair.inside_ip(), pair.outside_ip());
-        let pg = Pg::start(PgOpts {
-            listen: inside_ip.to_string(),
-            netns: Some(inside_ns.to_string()),
-            ..PgOpts::default()
-        });
+        let outside_ip = pair.outside_ip();
+        let pg = Pg::start(PgOpts::inside(&pair));
         let pki = Pki::new(&[outside_ip]);
         pki.issue("site-a");
         let tunnel_port = free_port();

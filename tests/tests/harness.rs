@@ -93,11 +93,7 @@ fn netpair_firewall_blocks_inbound_allows_outbound() {
     assert!(Path::new("/run/netns").join(pair.outside_ns()).exists());
 
     // A PostgreSQL inside, listening on the inside address.
-    let pg = Pg::start(PgOpts {
-        listen: pair.inside_ip().to_string(),
-        netns: Some(pair.inside_ns().to_string()),
-        ..PgOpts::default()
-    });
+    let pg = Pg::start(PgOpts::inside(&pair));
     assert_eq!(pg.netns(), Some(pair.inside_ns()));
     // Inside to itself works (Pg::psql runs in the netns).
     pg.psql("CREATE TABLE fw (x int); INSERT INTO fw VALUES (7);");
@@ -166,11 +162,7 @@ fn netpair_without_firewall_is_open_both_ways() {
         return;
     }
     let pair = NetPair::new(false);
-    let pg = Pg::start(PgOpts {
-        listen: pair.inside_ip().to_string(),
-        netns: Some(pair.inside_ns().to_string()),
-        ..PgOpts::default()
-    });
+    let pg = Pg::start(PgOpts::inside(&pair));
     // Without the firewall the outside can connect in: the failure above is the firewall's.
     assert_eq!(
         psql_in(pair.outside_ns(), pair.inside_ip(), pg.port(), "SELECT 1").unwrap(),

@@ -109,18 +109,14 @@ fn auto_falls_back_to_tls_when_udp_is_blocked_and_moves_to_quic_when_it_is_not()
     }
     let pair = NetPair::new(true);
     let (inside_ns, outside_ns) = (pair.inside_ns(), pair.outside_ns());
-    let (inside_ip, outside_ip) = (pair.inside_ip(), pair.outside_ip());
+    let outside_ip = pair.outside_ip();
     let tunnel_port = free_port();
     // UDP to the tunnel port is dropped on the way out of the inside namespace (only
     // there: the root namespace's firewall is never touched).
     pair.load_nft(&format!(
         "table inet routy_udp {{\n chain output {{\n  type filter hook output priority 0;\n  udp dport {tunnel_port} drop\n }}\n}}\n"
     ));
-    let pg = Pg::start(PgOpts {
-        listen: inside_ip.to_string(),
-        netns: Some(inside_ns.to_string()),
-        ..PgOpts::default()
-    });
+    let pg = Pg::start(PgOpts::inside(&pair));
     let pki = Pki::new(&[outside_ip]);
     pki.issue("site-a");
     let listen_port = free_port();
