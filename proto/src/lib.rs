@@ -15,6 +15,7 @@ pub mod disk;
 pub mod drain;
 pub mod frame;
 pub mod handshake;
+pub mod lanes;
 pub mod logging;
 pub mod metrics;
 pub mod net;

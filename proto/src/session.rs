@@ -16,6 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 
+use crate::lanes::{self, LaneRef};
 use crate::wbuf::{BufferedIo, KillSwitch};
 
 /// yamux's initial per-stream receive window (its protocol default); every stream is
@@ -162,6 +163,8 @@ pub struct SessionHandle {
     closed: watch::Receiver<bool>,
     streams: Arc<AtomicUsize>,
     reason: Arc<std::sync::Mutex<Option<String>>>,
+    /// The lane the session was started on (see [`crate::lanes`]).
+    lane: Option<LaneRef>,
 }
 
 impl std::fmt::Debug for SessionHandle {
@@ -196,6 +199,12 @@ impl SessionHandle {
                 })
             }
         }
+    }
+
+    /// The lane the session runs on, if it was started on one: streams spliced over it
+    /// run best there.
+    pub fn lane(&self) -> Option<&LaneRef> {
+        self.lane.as_ref()
     }
 
     /// Tears the session down now: every stream on it ends.
@@ -294,6 +303,7 @@ where
             closed: closed_rx,
             streams,
             reason,
+            lane: lanes::current(),
         },
         incoming: in_rx,
     }
@@ -342,6 +352,7 @@ pub fn quic(conn: quinn::Connection) -> Session {
             closed: closed_rx,
             streams,
             reason,
+            lane: lanes::current(),
         },
         incoming: in_rx,
     }

@@ -44,6 +44,7 @@ struct RawConfig {
     transport: Option<String>,
     quic_retry: Option<Dur>,
     connections: Option<usize>,
+    threads: Option<usize>,
     cdc: Option<RawCdc>,
 }
 
@@ -152,6 +153,9 @@ pub struct Config {
     pub quic_retry: Duration,
     /// Tunnel connections (sessions) kept to each relay-outer endpoint.
     pub connections: usize,
+    /// Data-path threads: each tunnel connection, and the streams spliced over it, runs
+    /// on one (see `relay_proto::lanes`).
+    pub threads: usize,
     /// Change data capture, when configured.
     pub cdc: Option<CdcConfig>,
 }
@@ -365,6 +369,7 @@ impl Config {
             Some(c) => Some(validate_cdc(c, base)?),
         };
         Ok(Config {
+            threads: config_file::threads(raw.threads)?,
             transport,
             quic_retry,
             connections,
@@ -610,6 +615,11 @@ services:
         assert!(parse(&c).unwrap_err().contains("connections"));
         let ok = parse(&format!("{GOOD}transport: tls\nconnections: 4\n")).unwrap();
         assert_eq!((ok.transport, ok.connections), (Transport::Tls, 4));
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(ok.threads, cpus, "one data-path thread per CPU by default");
+        assert_eq!(parse(&format!("{GOOD}threads: 0\n")).unwrap().threads, 0);
+        let t = format!("{GOOD}threads: 100000\n");
+        assert!(parse(&t).unwrap_err().contains("threads: 100000"));
         assert_eq!(ok.quic_retry, DEFAULT_QUIC_RETRY);
         let q = parse(&format!("{GOOD}transport: quic\n")).unwrap();
         assert_eq!(q.transport, Transport::Quic);

@@ -114,7 +114,7 @@ impl InnerRelay {
                 stop: stop.clone(),
                 status: status.clone(),
             };
-            tokio::spawn(d.run());
+            relay_proto::lanes::spawn_connection(d.run());
             statuses.push(status);
         }
         if let Some(cdc) = &self.cdc {
@@ -162,6 +162,12 @@ impl InnerRelay {
             return Err(format!(
                 "admin.listen changed from {} to {}: that needs a restart",
                 old.admin_listen, new.admin_listen
+            ));
+        }
+        if new.threads != old.threads {
+            return Err(format!(
+                "threads changed from {} to {}: that needs a restart",
+                old.threads, new.threads
             ));
         }
         if new.cdc != old.cdc {

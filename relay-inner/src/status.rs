@@ -173,6 +173,7 @@ pub fn handle(
                 "role": "relay-inner",
                 "version": env!("CARGO_PKG_VERSION"),
                 "node": cfg.node,
+                "threads": relay_proto::lanes::count(),
                 "uptime_seconds": relay.started.elapsed().as_secs_f64(),
                 "outer": endpoints,
                 "services": cfg.services.keys().collect::<Vec<_>>(),

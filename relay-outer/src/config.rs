@@ -39,6 +39,7 @@ struct RawConfig {
     listeners: Vec<RawListener>,
     shutdown_grace: Option<Dur>,
     admin: Option<AdminSpec>,
+    threads: Option<usize>,
     cdc: Option<RawCdc>,
 }
 
@@ -117,6 +118,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Address of the admin HTTP endpoint (/metrics, /healthz, /readyz, /status).
     pub admin_listen: std::net::SocketAddr,
+    /// Data-path threads: each TLS tunnel connection, and the streams spliced over it,
+    /// runs on one (see `relay_proto::lanes`).
+    pub threads: usize,
     /// Change data capture: the store and its sinks; `None` when not configured.
     pub cdc: Option<CdcConfig>,
 }
@@ -256,6 +260,7 @@ impl Config {
         }
         let cdc = raw.cdc.map(|c| validate_cdc(c, base)).transpose()?;
         Ok(Config {
+            threads: config_file::threads(raw.threads)?,
             tunnel,
             listeners,
             shutdown_grace: raw.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
@@ -428,6 +433,12 @@ listeners:
         assert_eq!(c.listeners[0].max_connections, 8);
         assert_eq!(c.listeners[0].open_timeout, DEFAULT_OPEN_TIMEOUT);
         assert_eq!(c.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(c.threads, cpus, "one data-path thread per CPU by default");
+        let two = parse(&format!("{GOOD}threads: 2\n")).unwrap();
+        assert_eq!(two.threads, 2);
+        let bad = parse(&format!("{GOOD}threads: -1\n")).unwrap_err();
+        assert!(bad.contains("threads"), "{bad}");
     }
 
     #[test]

@@ -214,11 +214,44 @@ impl Listener {
         let guard = self.drain.guard();
         let span = tracing::info_span!("stream", listener = %cfg.name, tunnel = %cfg.tunnel,
             service = %cfg.service, client = %addr, session = assigned.session().id);
-        tokio::spawn(
+        // The stream runs on the session's lane, next to its driver (see lanes).
+        let lane = assigned
+            .session()
+            .handle
+            .lane()
+            .filter(|l| !l.is_here())
+            .cloned();
+        let Some(lane) = lane else {
+            tokio::spawn(
+                async move {
+                    let _permit = permit;
+                    let _guard = guard;
+                    self.stream(client, addr, assigned.session(), arrived).await;
+                }
+                .instrument(span),
+            );
+            return;
+        };
+        let client = match client.into_std() {
+            Ok(c) => c,
+            Err(e) => {
+                self.failed("lane");
+                warn!(listener = %cfg.name, client = %addr, error = %e,
+                    "client closed: cannot hand the connection to its session's lane");
+                return;
+            }
+        };
+        lane.spawn(
             async move {
                 let _permit = permit;
                 let _guard = guard;
-                self.stream(client, addr, assigned.session(), arrived).await;
+                match TcpStream::from_std(client) {
+                    Ok(client) => self.stream(client, addr, assigned.session(), arrived).await,
+                    Err(e) => {
+                        self.failed("lane");
+                        warn!(error = %e, "client closed: cannot register the connection on its session's lane");
+                    }
+                }
             }
             .instrument(span),
         );

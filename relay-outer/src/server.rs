@@ -180,6 +180,12 @@ impl OuterRelay {
                 old.admin_listen, new.admin_listen
             ));
         }
+        if new.threads != old.threads {
+            return Err(format!(
+                "threads changed from {} to {}: that needs a restart",
+                old.threads, new.threads
+            ));
+        }
         if new.cdc != old.cdc {
             return Err(
                 "the cdc section changed: that needs a restart (stores and sinks are set up at start)"

@@ -56,10 +56,13 @@ pub struct TunnelServer {
     pub drain: Drain,
     /// Receives the CDC shipping streams relay-inner opens; `None` without a `cdc` section.
     pub cdc: Option<Arc<Cdc>>,
+    /// The main runtime: CDC streams are served there, because the store's fsyncs must
+    /// not stall a data-path thread (see `relay_proto::lanes`).
+    main: tokio::runtime::Handle,
 }
 
 impl TunnelServer {
-    /// A server with these settings.
+    /// A server with these settings; call it on the main runtime.
     pub fn new(
         settings: Settings,
         registry: Arc<Registry>,
@@ -71,6 +74,7 @@ impl TunnelServer {
             registry,
             drain,
             cdc,
+            main: tokio::runtime::Handle::current(),
         }
     }
 
@@ -158,9 +162,25 @@ impl TunnelServer {
                     }
                 },
             };
+            // The connection lives on a lane from its handshake on (see lanes).
+            let tcp = match tcp.into_std() {
+                Ok(t) => t,
+                Err(e) => {
+                    warn!(%peer, error = %e, "tunnel connection dropped: cannot hand it to a lane");
+                    continue;
+                }
+            };
             let me = self.clone();
             let span = tracing::info_span!("tunnel", %peer);
-            tokio::spawn(async move { me.connection(tcp, peer).await }.instrument(span));
+            relay_proto::lanes::spawn_connection(
+                async move {
+                    match TcpStream::from_std(tcp) {
+                        Ok(tcp) => me.connection(tcp, peer).await,
+                        Err(e) => warn!(error = %e, "tunnel connection dropped: cannot register it on a lane"),
+                    }
+                }
+                .instrument(span),
+            );
         }
     }
 
@@ -303,6 +323,7 @@ impl TunnelServer {
             let tunnel = tunnel_name.clone();
             let first_frame = settings.cfg.handshake_timeout;
             let limit = Arc::new(tokio::sync::Semaphore::new(MAX_INNER_STREAMS));
+            let main = self.main.clone();
             tokio::spawn(
                 async move {
                     while let Some(s) = incoming.recv().await {
@@ -314,7 +335,7 @@ impl TunnelServer {
                             continue;
                         };
                         let (cdc, tunnel) = (cdc.clone(), tunnel.clone());
-                        tokio::spawn(
+                        main.spawn(
                             async move {
                                 receiver::serve(cdc, &tunnel, s, first_frame).await;
                                 drop(permit);

@@ -418,6 +418,92 @@ fn connections_spread_streams_over_several_sessions() {
     }
 }
 
+/// Data-path threads: relay-outer with `threads: 3` puts the three sessions of a
+/// relay-inner with `connections: 3` on three different threads, and clients reach the
+/// database through each; a relay-inner with `threads: 0` (everything on its main
+/// runtime) works the same.
+#[test]
+fn sessions_spread_over_data_path_threads() {
+    let mut s = setup();
+    s.inner.proc.term();
+    s.inner.proc.wait_exit(Duration::from_secs(10));
+    s.outer.proc.term();
+    s.outer.proc.wait_exit(Duration::from_secs(10));
+    let outer_cfg = |threads: usize| {
+        let l = ListenerSpec::new(
+            "pg",
+            &format!("127.0.0.1:{}", s.listen_port),
+            "site-a",
+            "pg",
+        );
+        format!(
+            "{}threads: {threads}\n",
+            outer_yaml(
+                &s.pki,
+                &format!("127.0.0.1:{}", s.tunnel_port),
+                KA,
+                &[l],
+                ""
+            )
+        )
+    };
+    let outer = Relay::outer(&outer_cfg(3), None);
+    let cfg = format!(
+        "{}connections: 3\nthreads: 0\n",
+        inner_cfg(&s.pki, s.tunnel_port, &s.pg)
+    );
+    let inner = Relay::inner("relay-inner-t0", &cfg, None);
+    inner.wait_count("tunnel up", 3, Duration::from_secs(30));
+    let status = http_status(outer.admin_port.expect("admin port"));
+    assert_eq!(status["threads"], 3, "{status}");
+    let mut threads: Vec<u64> = status["sessions"]
+        .as_array()
+        .expect("sessions")
+        .iter()
+        .map(|x| {
+            x["thread"]
+                .as_u64()
+                .expect("each TLS session is on a thread")
+        })
+        .collect();
+    threads.sort();
+    assert_eq!(threads, vec![0, 1, 2], "{status}");
+    let inner_status = http_status(inner.admin_port.expect("admin port"));
+    assert_eq!(inner_status["threads"], 0, "{inner_status}");
+    // Six clients at once: every session carries streams, both ways.
+    let port = s.listen_port;
+    let clients: Vec<_> = (0..6)
+        .map(|i| {
+            std::thread::spawn(move || {
+                psql_at(
+                    "127.0.0.1",
+                    port,
+                    &format!("SELECT sum(g) + {i} FROM generate_series(1, 100000) g"),
+                )
+            })
+        })
+        .collect();
+    for (i, c) in clients.into_iter().enumerate() {
+        assert_eq!(
+            c.join().unwrap().unwrap(),
+            (5000050000u64 + i as u64).to_string()
+        );
+    }
+    // And a relay-inner on one data-path thread for its three sessions.
+    drop(inner);
+    let cfg = format!(
+        "{}connections: 3\nthreads: 1\n",
+        inner_cfg(&s.pki, s.tunnel_port, &s.pg)
+    );
+    let inner = Relay::inner("relay-inner-t1", &cfg, None);
+    inner.wait_count("tunnel up", 3, Duration::from_secs(30));
+    assert_eq!(
+        psql_at("127.0.0.1", port, "SELECT 41 + 1").as_deref(),
+        Ok("42")
+    );
+    assert_eq!(http_status(inner.admin_port.unwrap())["threads"], 1);
+}
+
 fn http_status(port: u16) -> serde_json::Value {
     use std::io::{Read, Write};
     let mut t = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
