@@ -103,9 +103,13 @@ where
     let mut hup = signal(SignalKind::hangup()).map_err(|e| {
         std::io::Error::new(e.kind(), format!("cannot install the SIGHUP handler: {e}"))
     })?;
+    // One termination future for the whole loop: its handlers stay registered while a
+    // reload runs, so a SIGTERM that arrives then (or just after) is not lost.
+    let term = crate::drain::termination_signal();
+    tokio::pin!(term);
     let sig = loop {
         tokio::select! {
-            sig = crate::drain::termination_signal() => break sig,
+            sig = &mut term => break sig,
             _ = hup.recv() => {
                 crate::sdnotify::reloading();
                 match reload().await {

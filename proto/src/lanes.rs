@@ -3,8 +3,9 @@
 //! Each lane is an OS thread running a single-threaded tokio runtime. A tunnel connection
 //! lives on one lane from its handshake to its end: the session driver, and every stream
 //! spliced over it, so the bytes of a stream move between the client socket, the yamux
-//! driver and the TLS socket without ever waking another thread. The relay's main runtime
-//! keeps the rest (admin endpoint, listeners' accept loops, reloads, CDC).
+//! driver and the TLS socket without ever waking another thread. relay-outer's listeners
+//! accept on lane 0, where the first session goes too. The relay's main runtime keeps
+//! the rest (admin endpoint, reloads, CDC).
 //!
 //! Measured with `bench-tunnel` (2 cores, loopback, one run, Routy TLS against direct):
 //! with everything on tokio's work-stealing runtime, `pgbench -S -c16` 0.46x, new
@@ -97,6 +98,15 @@ pub fn init(n: usize, name: &str) -> std::io::Result<()> {
 /// The lanes started, 0 without [`init`].
 pub fn count() -> usize {
     LANES.get().map_or(0, Vec::len)
+}
+
+/// Lane `index`, if it was started.
+pub fn get(index: usize) -> Option<LaneRef> {
+    let lane = LANES.get()?.get(index)?;
+    Some(LaneRef {
+        index,
+        handle: lane.handle.clone(),
+    })
 }
 
 /// The lane the calling thread runs, if it is one.

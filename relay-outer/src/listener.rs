@@ -17,7 +17,7 @@ use relay_proto::metrics as m;
 use relay_proto::net;
 use relay_proto::splice::{splice, ByteCounters};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 
 use crate::answer::{AwaitAnswer, Refusal};
 use crate::config::ListenerConfig;
@@ -117,7 +117,29 @@ impl Running {
             stop: Drain::new(),
             bind,
         });
-        tokio::spawn(running.clone().serve(socket, global));
+        // Accept on the first data-path thread: a tunnel's first session goes there too
+        // (lanes::spawn_connection), so the clients of a one-session tunnel are never
+        // handed to another thread. bench-tunnel, new connections/s against direct
+        // (3 interleaved reps): 0.50-0.52x accepting on the main runtime, 0.53-0.58x here.
+        let r = running.clone();
+        let Some(lane) = relay_proto::lanes::get(0) else {
+            tokio::spawn(r.serve(socket, global));
+            return running;
+        };
+        let name = r.current().cfg.name.clone();
+        match socket.into_std() {
+            Ok(std) => {
+                lane.spawn(async move {
+                    match TcpListener::from_std(std) {
+                        Ok(socket) => r.serve(socket, global).await,
+                        Err(e) => error!(listener = %name, error = %e,
+                            "listener cannot accept: registering its socket failed"),
+                    }
+                });
+            }
+            Err(e) => error!(listener = %name, error = %e,
+                "listener cannot accept: moving its socket to a data-path thread failed"),
+        }
         running
     }
 
