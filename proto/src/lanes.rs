@@ -58,6 +58,13 @@ impl LaneRef {
         HERE.with(|h| h.get()) == Some(self.index)
     }
 
+    /// Makes the lane the calling thread's runtime context until the guard drops: what
+    /// is spawned or registered meanwhile (a quinn endpoint's socket and driver, say)
+    /// lives on the lane.
+    pub fn enter(&self) -> tokio::runtime::EnterGuard<'_> {
+        self.handle.enter()
+    }
+
     /// Spawns a task on the lane.
     pub fn spawn<F>(&self, f: F) -> JoinHandle<F::Output>
     where

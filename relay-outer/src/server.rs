@@ -75,12 +75,19 @@ impl OuterRelay {
             .with_context(|| format!("tunnel.listen: cannot bind {}", cfg.tunnel.listen))?;
         let tunnel_addr = tunnel_sock.local_addr().unwrap_or(cfg.tunnel.listen);
         let tunnel_settings = settings(&cfg, tls)?;
-        // QUIC on the same port number, over UDP.
+        // QUIC on the same port number, over UDP. One endpoint (one socket, one driver)
+        // carries every QUIC connection: it and its sessions live on data-path thread 0,
+        // where the listeners accept too (see relay_proto::lanes).
+        let lane0 = relay_proto::lanes::get(0);
         let quic = match &tunnel_settings.quic {
-            Some(q) => Some(
-                relay_proto::quic::server_endpoint_with(tunnel_addr, q.clone())
-                    .with_context(|| format!("tunnel.quic: cannot listen on UDP {tunnel_addr}"))?,
-            ),
+            Some(q) => {
+                let _on = lane0.as_ref().map(|l| l.enter());
+                Some(
+                    relay_proto::quic::server_endpoint_with(tunnel_addr, q.clone()).with_context(
+                        || format!("tunnel.quic: cannot listen on UDP {tunnel_addr}"),
+                    )?,
+                )
+            }
             None => None,
         };
         let mut sockets = Vec::new();
@@ -104,7 +111,11 @@ impl OuterRelay {
         info!(listen = %tunnel_addr, quic = quic.is_some(), "tunnel port ready");
         tokio::spawn(tunnel.clone().serve(tunnel_sock));
         if let Some(ep) = &quic {
-            tokio::spawn(tunnel.clone().serve_quic(ep.clone()));
+            let serve = tunnel.clone().serve_quic(ep.clone());
+            match &lane0 {
+                Some(lane) => drop(lane.spawn(serve)),
+                None => drop(tokio::spawn(serve)),
+            }
         }
         let mut listeners = HashMap::new();
         for (l, sock) in sockets {
