@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use relay_proto::lanes;
 use relay_proto::session::{self, Role, Stream};
 use socket2::{Domain, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -74,7 +75,7 @@ async fn many_streams_saturated_both_ways_never_stall() {
     let client = session::yamux(a, Role::Client);
     let mut server = session::yamux(b, Role::Server);
     let until = Instant::now() + RUN_FOR;
-    let counters: Vec<Arc<AtomicU64>> = (0..STREAMS * 2).map(|_| Arc::default()).collect();
+    let counters = counters();
 
     let mut tasks = Vec::new();
     for i in 0..STREAMS {
@@ -83,7 +84,71 @@ async fn many_streams_saturated_both_ways_never_stall() {
         let s = server.incoming.recv().await.unwrap();
         tasks.push(tokio::spawn(pump(s, counters[STREAMS + i].clone(), until)));
     }
+    watch(&counters, until).await;
+    for t in tasks {
+        tokio::time::timeout(STALL, t)
+            .await
+            .expect("stream did not finish")
+            .unwrap();
+    }
+    report(&counters);
+}
 
+/// The same in the relays' layout: each end of the session, with its driver and all its
+/// streams, on its own data-path thread, a single-threaded runtime (`lanes`).
+#[test]
+fn on_data_path_threads_too() {
+    lanes::init(2, "saturation").unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (a, b) = tcp_pair().await;
+        let (a, b) = (a.into_std().unwrap(), b.into_std().unwrap());
+        let until = Instant::now() + RUN_FOR;
+        let counters = counters();
+        let ends = [(a, Role::Client), (b, Role::Server)].map(|(sock, role)| {
+            let counters = counters.clone();
+            lanes::spawn_connection(async move {
+                let lane = lanes::current().expect("on a lane");
+                let sock = tokio::net::TcpStream::from_std(sock).unwrap();
+                let mut session = session::yamux(sock, role);
+                let mut tasks = Vec::new();
+                for i in 0..STREAMS {
+                    let s = match role {
+                        Role::Client => session.handle.open().await.unwrap(),
+                        Role::Server => session.incoming.recv().await.unwrap(),
+                    };
+                    let c = counters[i + if role == Role::Server { STREAMS } else { 0 }].clone();
+                    tasks.push(tokio::spawn(pump(s, c, until)));
+                }
+                tokio::time::sleep_until(until.into()).await;
+                for t in tasks {
+                    tokio::time::timeout(STALL, t)
+                        .await
+                        .expect("stream did not finish")
+                        .unwrap();
+                }
+                lane.index()
+            })
+        });
+        watch(&counters, until).await;
+        let mut on = Vec::new();
+        for end in ends {
+            on.push(tokio::time::timeout(STALL * 2, end).await.unwrap().unwrap());
+        }
+        assert_ne!(on[0], on[1], "each end on its own data-path thread");
+        report(&counters);
+    });
+}
+
+fn counters() -> Vec<Arc<AtomicU64>> {
+    (0..STREAMS * 2).map(|_| Arc::default()).collect()
+}
+
+/// Fails as soon as any stream end has read nothing for [`STALL`], until `until`.
+async fn watch(counters: &[Arc<AtomicU64>], until: Instant) {
     let mut last: Vec<(u64, Instant)> = vec![(0, Instant::now()); counters.len()];
     while Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -99,12 +164,9 @@ async fn many_streams_saturated_both_ways_never_stall() {
             );
         }
     }
-    for t in tasks {
-        tokio::time::timeout(STALL, t)
-            .await
-            .expect("stream did not finish")
-            .unwrap();
-    }
+}
+
+fn report(counters: &[Arc<AtomicU64>]) {
     let total: u64 = counters.iter().map(|c| c.load(Ordering::Relaxed)).sum();
     assert!(total > 0);
     eprintln!("moved {} MiB in total", total >> 20);
