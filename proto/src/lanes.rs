@@ -7,14 +7,14 @@
 //! accept on lane 0, where the first session goes too. The relay's main runtime keeps
 //! the rest (admin endpoint, reloads, CDC).
 //!
-//! Measured with `bench-tunnel` (2 cores, loopback, one run, Routy TLS against direct):
-//! with everything on tokio's work-stealing runtime, `pgbench -S -c16` 0.46x, new
-//! connections/s 0.46x, 8 bulk streams 0.13x; with the data path on one single-threaded
-//! runtime, 0.53x, 0.53x and 0.16x. Tasks that hand each frame to each other (a splice
-//! and the driver) paid a futex wake and a cross-CPU switch whenever the work-stealing
-//! scheduler had put them on different workers; here they never do. Several
-//! `connections` to relay-outer are spread over the lanes, so their crypto runs on
-//! several cores.
+//! Measured with `bench-tunnel` (2 cores, loopback, Routy TLS against direct, short
+//! interleaved runs): new connections/s 0.45-0.48x with everything on tokio's
+//! work-stealing runtime, 0.53-0.58x on lanes; 8 bulk streams 0.13x and 0.15-0.17x;
+//! `pgbench -S -c16` swings too much run to run to call (0.34-0.46x and 0.43-0.53x).
+//! Tasks that hand each frame to each other (a splice and the driver) paid a futex wake
+//! and a cross-CPU switch whenever the work-stealing scheduler had put them on
+//! different workers; here they never do. Several `connections` to relay-outer are
+//! spread over the lanes, so their crypto runs on several cores.
 //!
 //! Without [`init`] (tests, tools) there are no lanes and everything runs where it is
 //! spawned.
@@ -118,12 +118,41 @@ pub fn get(index: usize) -> Option<LaneRef> {
 
 /// The lane the calling thread runs, if it is one.
 pub fn current() -> Option<LaneRef> {
-    let index = HERE.with(|h| h.get())?;
-    let lane = LANES.get()?.get(index)?;
-    Some(LaneRef {
-        index,
-        handle: lane.handle.clone(),
-    })
+    get(HERE.with(|h| h.get())?)
+}
+
+/// A TCP socket on its way to the task that serves it: still registered with the calling
+/// thread's runtime, or taken off it to be registered on another lane's.
+#[derive(Debug)]
+pub enum MovingTcp {
+    /// Stays where it is registered.
+    Here(tokio::net::TcpStream),
+    /// Registered again by [`MovingTcp::arrive`], on the runtime that calls it.
+    Away(std::net::TcpStream),
+}
+
+impl MovingTcp {
+    /// For a task on `lane`: the socket stays registered when that is the calling thread
+    /// (or there is no lane), and is taken off this runtime otherwise.
+    pub fn to(tcp: tokio::net::TcpStream, lane: Option<&LaneRef>) -> std::io::Result<Self> {
+        match lane {
+            Some(lane) if !lane.is_here() => Self::away(tcp),
+            _ => Ok(MovingTcp::Here(tcp)),
+        }
+    }
+
+    /// For a task on another runtime (whichever lane [`spawn_connection`] picks).
+    pub fn away(tcp: tokio::net::TcpStream) -> std::io::Result<Self> {
+        tcp.into_std().map(MovingTcp::Away)
+    }
+
+    /// The socket, registered with the runtime of the calling task.
+    pub fn arrive(self) -> std::io::Result<tokio::net::TcpStream> {
+        match self {
+            MovingTcp::Here(tcp) => Ok(tcp),
+            MovingTcp::Away(std) => tokio::net::TcpStream::from_std(std),
+        }
+    }
 }
 
 /// Spawns a connection's task on the lane with the fewest connections (on the caller's
@@ -186,6 +215,34 @@ mod tests {
                 on[t.await.unwrap()] += 1;
             }
             assert_eq!(on, [2, 2], "least-loaded lane first");
+
+            // A socket accepted here is served on a lane.
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (s, _) = l.accept().await.unwrap();
+            let lane = get(1).unwrap();
+            let moving = MovingTcp::to(s, Some(&lane)).unwrap();
+            assert!(matches!(moving, MovingTcp::Away(_)));
+            let echo = lane.spawn(async move {
+                let mut s = moving.arrive().unwrap();
+                let mut b = [0u8; 4];
+                s.read_exact(&mut b).await.unwrap();
+                s.write_all(&b).await.unwrap();
+                current().unwrap().index()
+            });
+            c.write_all(b"ping").await.unwrap();
+            let mut b = [0u8; 4];
+            c.read_exact(&mut b).await.unwrap();
+            assert_eq!(&b, b"ping");
+            assert_eq!(echo.await.unwrap(), 1);
+            let here = c;
+            assert!(matches!(
+                MovingTcp::to(here, None).unwrap(),
+                MovingTcp::Here(_)
+            ));
         });
     }
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use relay_proto::codec::write_frame;
 use relay_proto::drain::Drain;
 use relay_proto::frame::Frame;
+use relay_proto::lanes::MovingTcp;
 use relay_proto::metrics as m;
 use relay_proto::net;
 use relay_proto::splice::{splice, ByteCounters};
@@ -237,46 +238,32 @@ impl Listener {
         let span = tracing::info_span!("stream", listener = %cfg.name, tunnel = %cfg.tunnel,
             service = %cfg.service, client = %addr, session = assigned.session().id);
         // The stream runs on the session's lane, next to its driver (see lanes).
-        let lane = assigned
-            .session()
-            .handle
-            .lane()
-            .filter(|l| !l.is_here())
-            .cloned();
-        let Some(lane) = lane else {
-            tokio::spawn(
-                async move {
-                    let _permit = permit;
-                    let _guard = guard;
-                    self.stream(client, addr, assigned.session(), arrived).await;
-                }
-                .instrument(span),
-            );
-            return;
-        };
-        let client = match client.into_std() {
+        let lane = assigned.session().handle.lane().cloned();
+        let client = match MovingTcp::to(client, lane.as_ref()) {
             Ok(c) => c,
             Err(e) => {
                 self.failed("lane");
                 warn!(listener = %cfg.name, client = %addr, error = %e,
-                    "client closed: cannot hand the connection to its session's lane");
+                    "client closed: cannot hand the connection to its session's thread");
                 return;
             }
         };
-        lane.spawn(
-            async move {
-                let _permit = permit;
-                let _guard = guard;
-                match TcpStream::from_std(client) {
-                    Ok(client) => self.stream(client, addr, assigned.session(), arrived).await,
-                    Err(e) => {
-                        self.failed("lane");
-                        warn!(error = %e, "client closed: cannot register the connection on its session's lane");
-                    }
+        let run = async move {
+            let _permit = permit;
+            let _guard = guard;
+            match client.arrive() {
+                Ok(client) => self.stream(client, addr, assigned.session(), arrived).await,
+                Err(e) => {
+                    self.failed("lane");
+                    warn!(error = %e, "client closed: cannot register the connection on its session's thread");
                 }
             }
-            .instrument(span),
-        );
+        }
+        .instrument(span);
+        match lane {
+            Some(lane) => drop(lane.spawn(run)),
+            None => drop(tokio::spawn(run)),
+        }
     }
 
     async fn stream(

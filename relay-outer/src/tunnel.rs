@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use relay_proto::control::{self, ControlEnd, ControlEvent};
 use relay_proto::frame::ErrorCode;
 use relay_proto::handshake;
+use relay_proto::lanes;
 use relay_proto::metrics as m;
 use relay_proto::session::{self, Role, Session};
 use relay_proto::{drain::Drain, net, quic, tls};
@@ -163,7 +164,7 @@ impl TunnelServer {
                 },
             };
             // The connection lives on a lane from its handshake on (see lanes).
-            let tcp = match tcp.into_std() {
+            let tcp = match lanes::MovingTcp::away(tcp) {
                 Ok(t) => t,
                 Err(e) => {
                     warn!(%peer, error = %e, "tunnel connection dropped: cannot hand it to a lane");
@@ -172,9 +173,9 @@ impl TunnelServer {
             };
             let me = self.clone();
             let span = tracing::info_span!("tunnel", %peer);
-            relay_proto::lanes::spawn_connection(
+            lanes::spawn_connection(
                 async move {
-                    match TcpStream::from_std(tcp) {
+                    match tcp.arrive() {
                         Ok(tcp) => me.connection(tcp, peer).await,
                         Err(e) => warn!(error = %e, "tunnel connection dropped: cannot register it on a lane"),
                     }
