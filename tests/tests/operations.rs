@@ -669,6 +669,12 @@ fn invalid_reload_keeps_the_old_config() {
             ),
             "needs a restart",
         ),
+        (
+            // The default is one per CPU, never 0.
+            "changed data-path threads",
+            format!("{with_new}threads: 0\n"),
+            "threads changed",
+        ),
     ];
     for (i, (what, yaml, needle)) in cases.iter().enumerate() {
         assert_ne!(yaml, &with_new, "{what}: the test's edit did not apply");
@@ -726,6 +732,18 @@ fn invalid_reload_keeps_the_old_config() {
     assert_eq!(
         metric_of(&inner, "routy_config_reloads_total", &[("result", "error")]),
         1.0
+    );
+    // relay-inner: changing the data-path threads needs a restart.
+    let threads =
+        inner_cfg(&pki, "site-a", &[tport], &pg_service(&pg), inner_admin) + "threads: 0\n";
+    let entry = reload(&mut inner, Some(&threads), "configuration reload rejected");
+    assert!(
+        entry.contains("threads changed") && entry.contains("needs a restart"),
+        "{entry}"
+    );
+    assert_eq!(
+        sql(lport, "SELECT 'still served'").as_deref(),
+        Ok("still served")
     );
     assert_eq!(inner.count("configuration reloaded"), 0);
     assert_no_tunnel_down(&[&outer, &inner]);
