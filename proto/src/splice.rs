@@ -19,7 +19,7 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Size of a copy buffer; a direction holds one only while it has bytes to pass on.
-pub const COPY_BUF: usize = 16 * 1024;
+pub const COPY_BUF: usize = 64 * 1024;
 
 /// Free buffers the shared pool keeps at most (8 MiB); more come back only to be freed.
 pub const POOL_MAX: usize = 512;

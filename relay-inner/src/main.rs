@@ -117,6 +117,7 @@ fn check(path: &Path) -> anyhow::Result<()> {
 fn run(path: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     let tls = cfg.check_tls().map_err(anyhow::Error::msg)?;
+    relay_proto::malloc::tune();
     relay_proto::lanes::init(cfg.threads, "relay-inner")
         .map_err(|e| anyhow::anyhow!("cannot start {} data-path threads: {e}", cfg.threads))?;
     cli::block_on(serve(path.to_owned(), cfg, tls))

@@ -14,7 +14,9 @@
 //! contains one of the words (direct always runs), `--rows bulk1_up,pg16` only those rows
 //! (keys: mem conn bulk1_up bulk1_down bulk8_up bulk8_down pg1 pg16), `--secs N`
 //! stretches each bulk and new-connection measurement to N seconds; the relay PIDs are
-//! printed so `perf record -p` can attach.
+//! printed so `perf record -p` can attach. `--baseline DIR` adds a "Routy TLS baseline"
+//! path run from the relay binaries in DIR (a copy of an earlier build), so a change is
+//! measured against what it replaces in the same run.
 //!
 //! The last column, two socat forwarders in series over plain TCP, is a reference rather
 //! than a competitor: the cost of the two extra loopback hops alone, which bounds what
@@ -45,9 +47,14 @@ struct Args {
     paths: Option<Vec<String>>,
     rows: Option<Vec<String>>,
     secs: Option<u64>,
+    baseline: Option<PathBuf>,
 }
 
-const USAGE: &str = "usage: bench-tunnel [--quick] [--out DIR] [--install-rathole] [--paths W,..] [--rows KEY,..] [--secs N]";
+const USAGE: &str = "usage: bench-tunnel [--quick] [--out DIR] [--install-rathole] [--paths W,..] [--rows KEY,..] [--secs N] [--baseline DIR]";
+
+/// The path of `--baseline DIR`: Routy over TLS from another build, side by side with this
+/// one in the same run (an A/B comparison that machine noise does not swamp).
+const BASELINE: &str = "Routy TLS baseline";
 
 fn list(v: Option<String>, what: &str) -> Vec<String> {
     v.unwrap_or_else(|| panic!("{what} needs a value; {USAGE}"))
@@ -80,6 +87,7 @@ fn args() -> Args {
         paths: None,
         rows: None,
         secs: None,
+        baseline: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -87,6 +95,7 @@ fn args() -> Args {
             "--quick" => a.quick = true,
             "--install-rathole" => a.install_rathole = true,
             "--out" => a.out = Some(it.next().expect("--out DIR").into()),
+            "--baseline" => a.baseline = Some(it.next().expect("--baseline DIR").into()),
             "--paths" => a.paths = Some(list(it.next(), "--paths")),
             "--rows" => a.rows = Some(list(it.next(), "--rows")),
             "--secs" => {
@@ -267,16 +276,24 @@ fn main() {
     let mut all: Vec<Path> = vec![paths::direct(&targets)];
     if a.wants_path("Routy TLS") {
         eprintln!("starting Routy over TLS");
-        match paths::routy("Routy TLS", &pki, &targets, None) {
+        match paths::routy("Routy TLS", &pki, &targets, None, None) {
             Ok(p) => all.push(p),
             Err(e) => notes.push(format!("Routy over TLS could not be started: {e}")),
         }
+    }
+    if let Some(dir) = &a.baseline {
+        eprintln!("starting Routy over TLS from {}", dir.display());
+        match paths::routy(BASELINE, &pki, &targets, None, Some(dir)) {
+            Ok(p) => all.push(p),
+            Err(e) => notes.push(format!("{BASELINE} could not be started: {e}")),
+        }
+        notes.push(format!("{BASELINE}: relay binaries from {}", dir.display()));
     }
     if a.wants_path("Routy QUIC") {
         match paths::routy_accepts_transport(&pki, &targets, "quic") {
             (true, _) => {
                 eprintln!("starting Routy over QUIC");
-                match paths::routy("Routy QUIC", &pki, &targets, Some("quic")) {
+                match paths::routy("Routy QUIC", &pki, &targets, Some("quic"), None) {
                     Ok(p) => all.push(p),
                     Err(e) => {
                         notes.push(format!("Routy over QUIC skipped: it did not come up: {e}"))

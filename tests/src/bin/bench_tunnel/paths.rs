@@ -61,11 +61,19 @@ pub fn direct(t: &Targets) -> Path {
     }
 }
 
-/// Starts a relay process at info level (the rig's `Relay::start` logs at debug).
-fn relay(which: &str, dir: &FsPath, yaml: &str, ready: &str) -> Result<Proc, String> {
+/// Starts a relay process at info level (the rig's `Relay::start` logs at debug), from
+/// `bin_dir` when given (another build, for `--baseline`), else this build's.
+fn relay(
+    which: &str,
+    bin_dir: Option<&FsPath>,
+    dir: &FsPath,
+    yaml: &str,
+    ready: &str,
+) -> Result<Proc, String> {
     let config = dir.join(format!("{which}.yaml"));
     std::fs::write(&config, yaml).map_err(|e| e.to_string())?;
-    let mut cmd = Command::new(bin(which));
+    let exe = bin_dir.map_or_else(|| bin(which), |d| d.join(which));
+    let mut cmd = Command::new(exe);
     cmd.arg("run")
         .arg("--config")
         .arg(&config)
@@ -104,8 +112,15 @@ pub fn routy_accepts_transport(pki: &Pki, t: &Targets, transport: &str) -> (bool
     routy_e2e::relays::check_config("relay-inner", &yaml)
 }
 
-/// relay-outer and relay-inner on loopback, release binaries, info logs.
-pub fn routy(name: &str, pki: &Pki, t: &Targets, transport: Option<&str>) -> Result<Path, String> {
+/// relay-outer and relay-inner on loopback, release binaries (this build's, or those in
+/// `bin_dir`), info logs.
+pub fn routy(
+    name: &str,
+    pki: &Pki,
+    t: &Targets,
+    transport: Option<&str>,
+    bin_dir: Option<&FsPath>,
+) -> Result<Path, String> {
     let dir = routy_e2e::tempdir();
     let tunnel_port = free_port();
     let (bench_port, pg_port) = (free_port(), free_port());
@@ -132,9 +147,9 @@ pub fn routy(name: &str, pki: &Pki, t: &Targets, transport: Option<&str>) -> Res
         &format!("{keepalive}  max_streams_per_session: 16384\n"),
         1,
     );
-    let outer = relay("relay-outer", dir.path(), &oy, "tunnel port ready")?;
+    let outer = relay("relay-outer", bin_dir, dir.path(), &oy, "tunnel port ready")?;
     let iy = inner_cfg(pki, tunnel_port, t, transport);
-    let inner = relay("relay-inner", dir.path(), &iy, "tunnel up")?;
+    let inner = relay("relay-inner", bin_dir, dir.path(), &iy, "tunnel up")?;
     if !load::wait_ready(bench_port, Duration::from_secs(20)) {
         return Err(format!(
             "{name}: no round trip through the tunnel; relay-inner log:\n{}",
