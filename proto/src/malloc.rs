@@ -6,11 +6,13 @@
 //! exceeds 128 KiB, and the next burst faults the same pages in again, zeroed by the
 //! kernel: measured on 8 bulk streams, relay-outer's lane took about 108 000 page faults
 //! and 670 `madvise` calls a second, a fault for every 8 KiB moved. Keeping up to
-//! [`TRIM_THRESHOLD`] of free memory per arena stops that churn; memory a burst used is
-//! still returned once more than that lies free.
+//! [`TRIM_THRESHOLD`] of free memory per arena stops that churn (8 streams: no faults
+//! left; one stream, whose window grows larger: about 6 000 a second, none with 64 MiB,
+//! the same throughput either way); memory a burst used is still returned once more
+//! than that lies free, so a relay that has gone idle keeps at most that much per thread.
 
 /// Free bytes at the top of an arena before glibc returns them to the kernel.
-pub const TRIM_THRESHOLD: usize = 64 * 1024 * 1024;
+pub const TRIM_THRESHOLD: usize = 8 * 1024 * 1024;
 
 /// Allocations from which glibc maps memory of its own instead of using the arena.
 /// Setting the trim threshold freezes glibc's otherwise self-adjusting mmap threshold, so
