@@ -252,6 +252,22 @@ impl CdcRig {
         r.unwrap_or_else(|e| panic!("{e}\n{}", self.inner().proc.log()));
     }
 
+    /// What `relay-outer cdc tail --source SOURCE` prints (JSON lines, the store's whole
+    /// stream); panics if it fails.
+    pub fn tail(&self, source: &str) -> String {
+        let mut cmd = Command::new(crate::bin("relay-outer"));
+        cmd.args(["cdc", "tail", "--config"])
+            .arg(&self.outer().config)
+            .args(["--source", source]);
+        let out = crate::run_timeout(&mut cmd, None, Duration::from_secs(120)).expect("cdc tail");
+        assert!(
+            out.status.success(),
+            "cdc tail: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// A table's contents in a comparable form: row count and md5 of the sorted rows.
     pub fn digest(pg: &Pg, table: &str) -> Result<String, String> {
         pg.try_psql(&format!(

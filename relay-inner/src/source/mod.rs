@@ -436,7 +436,8 @@ async fn session(ctx: &Ctx) -> Result<(), SourceError> {
     let filters = state.filters(&tables);
     ctx.status.set_phase("streaming");
     ctx.status.set_error(None);
-    stream::stream(ctx, &db, repl, filters, confirmed_floor).await
+    let wanted = stream::Wanted::new(&tables);
+    stream::stream(ctx, &db, repl, filters, wanted, confirmed_floor).await
 }
 
 /// Drops the source's slot and resets its snapshot state (the next start copies every

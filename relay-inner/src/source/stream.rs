@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use relay_proto::cdc::{self, Event, OldRow, Record, Relation, Value};
 
-use super::catalog::{lost_slot, Db};
+use super::catalog::{lost_slot, Db, Table};
 use super::{
     Ctx, SourceError, CONFIRMED_LSN, EVENTS_TOTAL, HEARTBEATS_TOTAL, RECORD_MAX_BYTES,
     RECORD_TARGET_BYTES, RETAINED_WAL_BYTES, TRANSACTIONS_TOTAL,
@@ -77,6 +77,60 @@ fn event_size(ev: &Event) -> usize {
     }
 }
 
+/// Which relations of the replication stream are forwarded: the tables `postgres.tables`
+/// lists, and the partitions of those that are partitioned (pgoutput names a change to a
+/// partition after the partition). A publication may publish more, made by hand with more
+/// tables or `FOR ALL TABLES`, or still holding a table removed from the config: those
+/// changes are dropped here, so the outside gets only what the inside chose to expose.
+pub(crate) struct Wanted {
+    names: HashSet<(String, String)>,
+    oids: HashSet<u32>,
+    /// The decision for each relation id the stream described.
+    decided: HashMap<u32, bool>,
+}
+
+impl Wanted {
+    /// The configured tables.
+    pub(crate) fn new(tables: &[Table]) -> Wanted {
+        Wanted {
+            names: tables
+                .iter()
+                .map(|t| (t.schema.clone(), t.table.clone()))
+                .collect(),
+            oids: tables.iter().map(|t| t.oid).collect(),
+            decided: HashMap::new(),
+        }
+    }
+
+    /// Decides (and remembers) whether changes to `rel` are forwarded: by its name, by its
+    /// id, or, for a partition, by a configured ancestor (asked of the catalog once per
+    /// relation message).
+    async fn decide(&mut self, db: &Db, rel: &Relation) -> Result<bool, SourceError> {
+        let mut yes = self.oids.contains(&rel.id)
+            || self.names.contains(&(rel.schema.clone(), rel.name.clone()));
+        if !yes && !self.oids.is_empty() {
+            let oid = rel.id;
+            let ancestors: Vec<u32> = self.oids.iter().copied().collect();
+            yes = db
+                .client
+                .query_opt(
+                    "SELECT 1 FROM pg_partition_ancestors($1::oid) a WHERE a.relid = ANY($2::oid[])",
+                    &[&oid, &ancestors],
+                )
+                .await?
+                .is_some();
+        }
+        self.decided.insert(rel.id, yes);
+        Ok(yes)
+    }
+
+    /// Whether changes to relation `id` are forwarded. A relation the stream has not
+    /// described yet is not (pgoutput describes a relation before its first change).
+    fn is_wanted(&self, id: u32) -> bool {
+        self.decided.get(&id).copied().unwrap_or(false)
+    }
+}
+
 struct Txn {
     final_lsn: u64,
     skip: bool,
@@ -89,6 +143,8 @@ struct Streamer<'a> {
     types: HashMap<(u32, i32), String>,
     /// Relation id → LSN of the snapshot it was copied in.
     filters: HashMap<u32, u64>,
+    /// What `postgres.tables` lists; nothing else leaves the source (see [`Wanted`]).
+    wanted: Wanted,
     /// Transactions committed before this are in the spool already.
     skip_before: u64,
     txn: Option<Txn>,
@@ -115,6 +171,7 @@ pub(crate) async fn stream(
     db: &Db,
     repl: ReplicationClient,
     filters: HashMap<u32, u64>,
+    wanted: Wanted,
     floor: u64,
 ) -> Result<(), SourceError> {
     let cfg = &ctx.cfg;
@@ -141,6 +198,7 @@ pub(crate) async fn stream(
         rels: HashMap::new(),
         types: HashMap::new(),
         filters,
+        wanted,
         skip_before: durable,
         txn: None,
         events: Vec::new(),
@@ -405,6 +463,11 @@ impl Streamer<'_> {
                     },
                     columns,
                 };
+                if !self.wanted.decide(self.db, &rel).await? {
+                    tracing::warn!(source = %self.ctx.cfg.name, table = %rel.qualified(),
+                        publication = %self.ctx.cfg.publication,
+                        "the publication publishes a table that postgres.tables does not list: its changes are not forwarded");
+                }
                 // A changed schema: send it again before the next use in this record.
                 self.included.remove(&rel.id);
                 self.rels.insert(rel.id, rel);
@@ -470,6 +533,7 @@ impl Streamer<'_> {
                     .rel_ids
                     .into_iter()
                     .filter(|id| self.filters.get(id).is_none_or(|&p| final_lsn >= p))
+                    .filter(|id| self.wanted.is_wanted(*id))
                     .collect();
                 if rels.is_empty() {
                     return Ok(());
@@ -530,7 +594,10 @@ impl Streamer<'_> {
                 "row change outside a transaction in the replication stream".into(),
             ));
         };
-        if txn.skip || self.filters.get(&id).is_some_and(|&p| txn.final_lsn < p) {
+        if txn.skip
+            || self.filters.get(&id).is_some_and(|&p| txn.final_lsn < p)
+            || !self.wanted.is_wanted(id)
+        {
             return Ok(None);
         }
         match self.rels.get(&id) {
