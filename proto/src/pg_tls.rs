@@ -120,6 +120,19 @@ impl std::fmt::Debug for PgTls {
     }
 }
 
+/// An error with its causes, `outer: inner: innermost`. tokio-postgres says only "error
+/// performing TLS handshake"; why (an unknown issuer, a name mismatch) is in the chain.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }

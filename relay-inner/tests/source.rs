@@ -3,8 +3,7 @@
 //! publication lifecycle, lost slot, heartbeat, source restart, TLS.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -619,89 +618,10 @@ async fn a_lost_slot_stops_the_source_with_instructions() {
     run.stop().await.unwrap();
 }
 
-fn sh(args: &[&str], dir: &Path) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA and a server certificate for 127.0.0.1/localhost, plus an unrelated CA.
-fn make_certs(dir: &Path) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    for ca in ["ca", "other"] {
-        let mut a = vec!["openssl", "req", "-x509"];
-        a.extend(ec);
-        let (key, crt, subj) = (
-            format!("{ca}.key"),
-            format!("{ca}.crt"),
-            format!("/CN=test {ca}"),
-        );
-        a.extend(["-keyout", &key, "-out", &crt, "-days", "2", "-subj", &subj]);
-        sh(&a, dir);
-    }
-    let mut a = vec!["openssl", "req"];
-    a.extend(ec);
-    a.extend([
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    ]);
-    sh(&a, dir);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    sh(
-        &[
-            "openssl",
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ],
-        dir,
-    );
-    if routy_e2e::is_root() {
-        sh(&["chown", "-R", "postgres:postgres", "."], dir);
-    }
-    sh(&["chmod", "0600", "server.key"], dir);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_to_the_source_follows_sslmode() {
     let certs = TmpDir::new("certs");
-    if routy_e2e::is_root() {
-        sh(&["chmod", "0755", "."], &certs.0);
-    }
-    make_certs(&certs.0);
+    routy_e2e::make_pg_certs(&certs.0);
     let pg = logical_pg(&[
         "ssl = on",
         &format!("ssl_cert_file = '{}'", certs.0.join("server.crt").display()),

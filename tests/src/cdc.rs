@@ -33,6 +33,8 @@ pub struct RigOpts {
     pub spool_max: String,
     /// Extra top-level YAML for relay-inner only (e.g. `connections: 2`).
     pub inner_extra: String,
+    /// Appended to the sink's DSN (e.g. ` sslmode=verify-full sslrootcert=...`).
+    pub sink_dsn_extra: String,
 }
 
 impl Default for RigOpts {
@@ -42,6 +44,7 @@ impl Default for RigOpts {
             setup_sql: String::new(),
             tables: Vec::new(),
             target_setup_sql: String::new(),
+            sink_dsn_extra: String::new(),
             target_conf: Vec::new(),
             source_extra: String::new(),
             source_conf: Vec::new(),
@@ -133,10 +136,11 @@ impl CdcRig {
         let ka = ("1s", "4s");
         let l = ListenerSpec::new("pg", &format!("{out_ip}:{listen_port}"), "site-a", "pg");
         let outer_extra = format!(
-            "{}cdc:\n  dir: {}\n  retention: 1h\n  sinks:\n    - name: {SINK}\n      source: {SOURCE}\n      postgres: {{ dsn: \"host={out_ip} port={} user=postgres dbname=postgres\", create_tables: true }}\n      retry: {{ initial: 100ms, max: 1s }}\n",
+            "{}cdc:\n  dir: {}\n  retention: 1h\n  sinks:\n    - name: {SINK}\n      source: {SOURCE}\n      postgres: {{ dsn: \"host={out_ip} port={} user=postgres dbname=postgres{}\", create_tables: true }}\n      retry: {{ initial: 100ms, max: 1s }}\n",
             opts.relay_extra,
             store_dir.display(),
-            target.port()
+            target.port(),
+            opts.sink_dsn_extra,
         );
         let outer_yaml = outer_yaml(
             &pki,

@@ -506,3 +506,84 @@ fn postgres_ids() -> (u32, u32) {
         panic!("no `postgres` user in /etc/passwd (needed to run PostgreSQL as root)")
     })
 }
+
+fn sh(args: &[&str], dir: &Path) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Makes TLS files for a PostgreSQL server in `dir`: `ca.crt`, a server certificate
+/// `server.crt`/`server.key` for 127.0.0.1 and localhost signed by it, and an unrelated
+/// `other.crt`; readable by the server (owned by `postgres` when run as root, key 0600).
+pub fn make_pg_certs(dir: &Path) {
+    if is_root() {
+        sh(&["chmod", "0755", "."], dir);
+    }
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    for ca in ["ca", "other"] {
+        let mut a = vec!["openssl", "req", "-x509"];
+        a.extend(ec);
+        let (key, crt, subj) = (
+            format!("{ca}.key"),
+            format!("{ca}.crt"),
+            format!("/CN=test {ca}"),
+        );
+        a.extend(["-keyout", &key, "-out", &crt, "-days", "2", "-subj", &subj]);
+        sh(&a, dir);
+    }
+    let mut a = vec!["openssl", "req"];
+    a.extend(ec);
+    a.extend([
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    sh(&a, dir);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    sh(
+        &[
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+        dir,
+    );
+    if is_root() {
+        sh(&["chown", "-R", "postgres:postgres", "."], dir);
+    }
+    sh(&["chmod", "0600", "server.key"], dir);
+}

@@ -637,3 +637,60 @@ fn cdc_ships_over_several_connections() {
     let conns = st["outer"].as_array().map_or(0, |a| a.len());
     assert_eq!(conns, 3, "{st}");
 }
+
+/// The sink reaches a target that requires TLS: with `sslmode=verify-full` and the right
+/// CA it applies over an encrypted connection; with a CA that did not sign the target's
+/// certificate it applies nothing and says why, and keeps the changes in the store.
+#[test]
+fn sink_to_a_tls_target_follows_sslmode() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let certs = routy_e2e::tempdir();
+    routy_e2e::make_pg_certs(certs.path());
+    let file = |f: &str| certs.path().join(f).display().to_string();
+    let target_conf = vec![
+        "ssl = on".to_string(),
+        format!("ssl_cert_file = '{}'", file("server.crt")),
+        format!("ssl_key_file = '{}'", file("server.key")),
+    ];
+    let opts = |root: &str| RigOpts {
+        setup_sql: "CREATE TABLE public.t (id int PRIMARY KEY, v text);".into(),
+        tables: vec!["public.t".into()],
+        target_conf: target_conf.clone(),
+        sink_dsn_extra: format!(" sslmode=verify-full sslrootcert={}", file(root)),
+        ..RigOpts::default()
+    };
+
+    let rig = CdcRig::start(opts("ca.crt"));
+    rig.source
+        .psql("INSERT INTO public.t SELECT g, 'tls' FROM generate_series(1, 500) g");
+    rig.wait_in_sync(&["public.t"], CATCH_UP);
+    let encrypted = rig
+        .target
+        .psql("SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE s.ssl AND a.backend_type = 'client backend'");
+    assert!(
+        encrypted.parse::<u32>().unwrap_or(0) >= 1,
+        "the sink's connection is not encrypted ({encrypted})"
+    );
+    drop(rig);
+
+    let rig = CdcRig::start(opts("other.crt"));
+    rig.source
+        .psql("INSERT INTO public.t SELECT g, 'tls' FROM generate_series(1, 10) g");
+    rig.outer()
+        .wait_count("UnknownIssuer", 1, Duration::from_secs(60));
+    assert_eq!(
+        rig.target
+            .psql("SELECT count(*) FROM pg_tables WHERE tablename = 't'"),
+        "0",
+        "nothing may be applied over an unverified connection"
+    );
+    let stored = rig.tail(SOURCE);
+    assert_eq!(
+        stored.matches("\"event\":\"insert\"").count(),
+        10,
+        "the changes wait in the store:\n{stored}"
+    );
+}

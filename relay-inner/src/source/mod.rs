@@ -130,17 +130,8 @@ impl From<tokio_postgres::Error> for SourceError {
                 db.message(),
                 db.detail().map(|d| format!(" ({d})")).unwrap_or_default()
             ),
-            None => {
-                // The interesting part (TLS handshake, I/O) is in the source chain.
-                let mut s = e.to_string();
-                let mut src = std::error::Error::source(&e);
-                while let Some(inner) = src {
-                    s.push_str(": ");
-                    s.push_str(&inner.to_string());
-                    src = inner.source();
-                }
-                s
-            }
+            // The interesting part (TLS handshake, I/O) is in the source chain.
+            None => relay_proto::pg_tls::error_chain(&e),
         };
         match e.code() {
             Some(c) if fatal_sqlstate(c.code()) => SourceError::Fatal(text),

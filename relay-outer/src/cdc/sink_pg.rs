@@ -223,6 +223,7 @@ impl SinkError {
             } else {
                 "sql"
             };
+            let e = relay_proto::pg_tls::error_chain(e);
             return SinkError::new(reason, seq, format!("{what}: {e}"));
         };
         let code = db.code().code();
