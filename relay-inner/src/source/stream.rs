@@ -108,7 +108,7 @@ impl Wanted {
     async fn decide(&mut self, db: &Db, rel: &Relation) -> Result<bool, SourceError> {
         let mut yes = self.oids.contains(&rel.id)
             || self.names.contains(&(rel.schema.clone(), rel.name.clone()));
-        if !yes && !self.oids.is_empty() {
+        if !yes {
             let oid = rel.id;
             let ancestors: Vec<u32> = self.oids.iter().copied().collect();
             yes = db
