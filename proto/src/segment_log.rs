@@ -17,8 +17,15 @@
 //!
 //! The checksum covers the length and the sequence number as well as the payload, so a
 //! torn, shifted or zero-filled record fails it. On open, the last (active) segment is
-//! scanned and a damaged tail (short record, bad length, bad checksum, unexpected seq) is
-//! cut back to the last good record and fsynced: those are writes that never completed.
+//! scanned. A damaged tail (short record, bad length, bad checksum, unexpected seq) with
+//! nothing valid after it is cut back to the last good record and fsynced: those are
+//! writes that never completed. Damage *followed by a valid record* is not a torn write
+//! but corruption of durable data: open refuses with [`LogError::DamagedMidLog`] (file,
+//! offset, the damaged and the next valid seq) and cuts nothing, since the records after
+//! it may already have been acknowledged. [`set_aside_damage`] moves the damaged part
+//! into a side file (relay-outer's store, which can fetch it again from relay-inner);
+//! [`salvage`] keeps every valid record and puts a marker record in place of each
+//! damaged one (the operator's way out when no copy exists).
 //! Sealed segments are not scanned on open (they can be gigabytes); they were fdatasynced
 //! before the next segment was created, so damage in one is real corruption, reported by
 //! the reader (or [`SegmentLog::verify`]) with the file and offset, never skipped.
@@ -66,6 +73,29 @@ pub enum LogError {
         offset: u64,
         /// What is wrong with it.
         damage: Damage,
+    },
+    /// A damaged record in the last segment with valid records after it: not a write
+    /// that never completed (a torn tail has nothing valid after it) but corruption of
+    /// data that was durable. Opening refuses to cut it; see [`set_aside_damage`] and
+    /// [`salvage`] for the ways out.
+    #[error(
+        "corrupt record in {path} at offset {offset} ({damage}): seq {damaged_seq} is unreadable \
+         but valid records follow (seq {valid_seq} at offset {valid_offset}), so this is not a \
+         torn tail and nothing is cut"
+    )]
+    DamagedMidLog {
+        /// Segment file holding the damage.
+        path: PathBuf,
+        /// Byte offset of the first damaged record.
+        offset: u64,
+        /// What is wrong with it.
+        damage: Damage,
+        /// Seq the damaged record should carry.
+        damaged_seq: u64,
+        /// Offset of the first valid record after the damage.
+        valid_offset: u64,
+        /// Its seq.
+        valid_seq: u64,
     },
     /// A payload is larger than `max_record`.
     #[error("record of {len} bytes exceeds max_record {max}")]
@@ -759,7 +789,8 @@ fn encode(seq: u64, payload: &[u8]) -> Vec<u8> {
     record
 }
 
-/// Scans the last segment, cuts a damaged tail and fsyncs; returns (good bytes, records).
+/// Scans the last segment, cuts a torn tail and fsyncs; returns (good bytes, records).
+/// Damage with a valid record after it is corruption: [`LogError::DamagedMidLog`].
 ///
 /// Lengths are bounded by the file size, not `max_record`, so lowering `max_record` never
 /// cuts records written under a higher one.
@@ -770,31 +801,334 @@ fn recover(seg: &Segment) -> Result<(u64, u64)> {
         .write(true)
         .open(path)
         .map_err(io_err(path))?;
-    let mut reader = BufReader::new(&file);
-    let max_len = usize::try_from(seg.bytes).unwrap_or(usize::MAX);
-    let (mut offset, mut count) = (0u64, 0u64);
-    let damage = loop {
-        match read_record(&mut reader, max_len, seg.first_seq + count).map_err(io_err(path))? {
-            Read1::Record(_, payload) => {
-                offset += HEADER_BYTES + payload.len() as u64;
-                count += 1;
-            }
-            Read1::End => break None,
-            Read1::Damaged(damage) => break Some(damage),
-        }
-    };
+    let (offset, count, damage) = scan_segment(&file, seg)?;
     if let Some(damage) = damage {
+        let expected = seg.first_seq + count;
+        if let Some((valid_offset, valid_seq)) =
+            find_valid_record(&file, offset, damage, expected).map_err(io_err(path))?
+        {
+            return Err(LogError::DamagedMidLog {
+                path: path.clone(),
+                offset,
+                damage,
+                damaged_seq: expected,
+                valid_offset,
+                valid_seq,
+            });
+        }
         tracing::warn!(
             path = %path.display(),
             offset,
             dropped_bytes = seg.bytes.saturating_sub(offset),
             %damage,
-            "cutting torn tail of segment log"
+            "cutting torn tail of segment log (nothing valid after it)"
         );
         file.set_len(offset).map_err(io_err(path))?;
     }
     file.sync_all().map_err(io_err(path))?;
     Ok((offset, count))
+}
+
+/// Reads a segment's records from the start: (offset after the last good record, good
+/// records, the damage that stopped the scan).
+fn scan_segment(file: &File, seg: &Segment) -> Result<(u64, u64, Option<Damage>)> {
+    let mut reader = BufReader::new(file);
+    reader.seek(SeekFrom::Start(0)).map_err(io_err(&seg.path))?;
+    let max_len = usize::try_from(seg.bytes).unwrap_or(usize::MAX);
+    let (mut offset, mut count) = (0u64, 0u64);
+    loop {
+        match read_record(&mut reader, max_len, seg.first_seq + count).map_err(io_err(&seg.path))? {
+            Read1::Record(_, payload) => {
+                offset += HEADER_BYTES + payload.len() as u64;
+                count += 1;
+            }
+            Read1::End => return Ok((offset, count, None)),
+            Read1::Damaged(damage) => return Ok((offset, count, Some(damage))),
+        }
+    }
+}
+
+/// Looks for a valid record at or after the damage at `offset` (where seq `expected`
+/// should have been): `(offset, seq)` of the first one, or `None` when the rest of the
+/// file holds nothing valid (a torn tail).
+///
+/// A record found at `offset` itself (its checksum holds but its seq is not the one
+/// expected) counts. Elsewhere every byte offset is tried; a candidate must carry a seq
+/// from `expected` to what could fit in the rest of the file and a length that fits
+/// before the checksum is computed, so random or zeroed bytes cost a few compares each.
+fn find_valid_record(
+    file: &File,
+    offset: u64,
+    damage: Damage,
+    expected: u64,
+) -> io::Result<Option<(u64, u64)>> {
+    if let Damage::SeqMismatch { found, .. } = damage {
+        return Ok(Some((offset, found)));
+    }
+    let mut rest = Vec::new();
+    let mut f = file;
+    f.seek(SeekFrom::Start(offset))?;
+    f.read_to_end(&mut rest)?;
+    let header = HEADER_BYTES as usize;
+    let max_seq = expected.saturating_add(rest.len() as u64 / HEADER_BYTES);
+    for i in 1..rest.len().saturating_sub(header - 1) {
+        let h = &rest[i..i + header];
+        let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+        let Some(end) = (len as usize).checked_add(i + header) else {
+            continue;
+        };
+        if end > rest.len() {
+            continue;
+        }
+        let mut seq_bytes = [0u8; 8];
+        seq_bytes.copy_from_slice(&h[8..16]);
+        let seq = u64::from_le_bytes(seq_bytes);
+        if seq < expected || seq > max_seq {
+            continue;
+        }
+        let crc = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+        if checksum([h[0], h[1], h[2], h[3]], seq_bytes, &rest[i + header..end]) == crc {
+            return Ok(Some((offset + i as u64, seq)));
+        }
+    }
+    Ok(None)
+}
+
+/// What [`set_aside_damage`] moved out of the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetAside {
+    /// The segment that held the damage.
+    pub segment: PathBuf,
+    /// The file now holding the bytes from the damage to the segment's end.
+    pub file: PathBuf,
+    /// Offset of the damage in the segment (where it now ends).
+    pub offset: u64,
+    /// Bytes moved.
+    pub bytes: u64,
+    /// First seq that was unreadable (the log now ends just before it).
+    pub damaged_seq: u64,
+    /// First valid seq after the damage (in the side file).
+    pub valid_seq: u64,
+    /// What was wrong.
+    pub damage: Damage,
+}
+
+/// Suffix of a side file made by [`set_aside_damage`].
+pub const SET_ASIDE_SUFFIX: &str = ".damaged";
+
+/// Opens the log in `dir`; when its last segment is damaged with valid records after the
+/// damage ([`LogError::DamagedMidLog`]), first moves the bytes from the damage to the end
+/// into a side file next to the segment (`<segment>.<offset>.damaged`, fsynced before the
+/// segment is cut), so the log ends at the last good record and nothing is deleted. For a
+/// log whose records can be fetched again from elsewhere (relay-outer's store).
+pub fn open_setting_aside(
+    dir: impl AsRef<Path>,
+    opts: LogOptions,
+) -> Result<(SegmentLog, Option<SetAside>)> {
+    let dir = dir.as_ref();
+    match SegmentLog::open(dir, opts) {
+        Err(LogError::DamagedMidLog {
+            path,
+            offset,
+            damage,
+            damaged_seq,
+            valid_seq,
+            ..
+        }) => {
+            let aside = set_aside_damage(&path, offset)?;
+            let log = SegmentLog::open(dir, opts)?;
+            Ok((
+                log,
+                Some(SetAside {
+                    damaged_seq,
+                    valid_seq,
+                    damage,
+                    ..aside
+                }),
+            ))
+        }
+        other => other.map(|log| (log, None)),
+    }
+}
+
+/// Moves the bytes of `segment` from `offset` on into `<segment>.<offset>.damaged`, then
+/// cuts the segment there. The side file is durable before the cut.
+pub fn set_aside_damage(segment: &Path, offset: u64) -> Result<SetAside> {
+    let mut name = segment.as_os_str().to_owned();
+    name.push(format!(".{offset}{SET_ASIDE_SUFFIX}"));
+    let side = PathBuf::from(name);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(segment)
+        .map_err(io_err(segment))?;
+    let mut rest = Vec::new();
+    (&file)
+        .seek(SeekFrom::Start(offset))
+        .and_then(|_| (&file).read_to_end(&mut rest))
+        .map_err(io_err(segment))?;
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&side)
+        .map_err(io_err(&side))?;
+    out.write_all(&rest)
+        .and_then(|_| out.sync_all())
+        .map_err(io_err(&side))?;
+    let dir = segment.parent().unwrap_or(Path::new("."));
+    sync_dir(dir)?;
+    file.set_len(offset).map_err(io_err(segment))?;
+    file.sync_all().map_err(io_err(segment))?;
+    tracing::error!(segment = %segment.display(), offset, moved_bytes = rest.len(), side_file = %side.display(),
+        "damaged records with valid ones after them: moved from the damage on into a side file");
+    Ok(SetAside {
+        segment: segment.to_path_buf(),
+        file: side,
+        offset,
+        bytes: rest.len() as u64,
+        damaged_seq: 0,
+        valid_seq: 0,
+        damage: Damage::Short,
+    })
+}
+
+/// One run of unreadable seqs that [`salvage`] replaced by markers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lost {
+    /// First seq replaced.
+    pub first_seq: u64,
+    /// Last seq replaced.
+    pub last_seq: u64,
+    /// Segment and offset of the damage.
+    pub path: PathBuf,
+    /// Offset of the damage in the segment.
+    pub offset: u64,
+    /// What was wrong.
+    pub damage: Damage,
+}
+
+/// Repairs a corrupt log without losing a valid record: each damaged segment is
+/// rewritten with every valid record kept and, in place of each unreadable seq, the
+/// payload `marker(seq, &lost)`, so seqs stay consecutive and readers learn what is
+/// missing. In a sealed segment the seqs up to the next segment's first are accounted for
+/// the same way; a torn tail of the last segment is dropped as on open. Each original is
+/// kept as `<segment>.salvaged`. The log must not be open (its lock is taken). Returns the
+/// runs replaced (empty when nothing was damaged).
+pub fn salvage(
+    dir: impl AsRef<Path>,
+    opts: LogOptions,
+    marker: impl Fn(u64, &Lost) -> Vec<u8>,
+) -> Result<Vec<Lost>> {
+    let dir = dir.as_ref();
+    let _lock = lock_dir(dir)?;
+    let segments = list_segments(dir)?;
+    let mut lost = Vec::new();
+    for (i, (first_seq, path)) in segments.iter().enumerate() {
+        let end_seq = segments.get(i + 1).map(|(next, _)| next - 1);
+        lost.extend(salvage_segment(path, *first_seq, end_seq, opts, &marker)?);
+    }
+    if !lost.is_empty() {
+        sync_dir(dir)?;
+    }
+    Ok(lost)
+}
+
+/// [`salvage`] of one segment holding `first_seq..=end_seq` (`None`: the last segment).
+fn salvage_segment(
+    path: &Path,
+    first_seq: u64,
+    end_seq: Option<u64>,
+    opts: LogOptions,
+    marker: &impl Fn(u64, &Lost) -> Vec<u8>,
+) -> Result<Vec<Lost>> {
+    let data = fs::read(path).map_err(io_err(path))?;
+    let max_len = data.len().max(opts.max_record);
+    let mut out = Vec::with_capacity(data.len());
+    let mut lost = Vec::new();
+    let mut add_run = |out: &mut Vec<u8>, run: Lost| {
+        for s in run.first_seq..=run.last_seq {
+            out.extend_from_slice(&encode(s, &marker(s, &run)));
+        }
+        tracing::error!(path = %path.display(), offset = run.offset, first_seq = run.first_seq,
+            last_seq = run.last_seq, damage = %run.damage, "salvage: unreadable records replaced by markers");
+        lost.push(run);
+    };
+    let (mut offset, mut seq) = (0usize, first_seq);
+    let mut tail_damage = None;
+    loop {
+        let mut r = &data[offset..];
+        let damage = match read_record(&mut r, max_len, seq).map_err(io_err(path))? {
+            Read1::Record(_, payload) => {
+                out.extend_from_slice(&encode(seq, &payload));
+                offset += HEADER_BYTES as usize + payload.len();
+                seq += 1;
+                continue;
+            }
+            Read1::End => break,
+            Read1::Damaged(damage) => damage,
+        };
+        let file = File::open(path).map_err(io_err(path))?;
+        let found = find_valid_record(&file, offset as u64, damage, seq).map_err(io_err(path))?;
+        let Some((valid_offset, valid_seq)) = found else {
+            tail_damage = Some((offset, damage));
+            break;
+        };
+        if valid_seq < seq {
+            // A valid record with a seq already accounted for: drop it.
+            let mut r = &data[valid_offset as usize..];
+            let len = match read_record(&mut r, max_len, valid_seq).map_err(io_err(path))? {
+                Read1::Record(_, p) => p.len(),
+                _ => 0,
+            };
+            offset = valid_offset as usize + HEADER_BYTES as usize + len;
+            continue;
+        }
+        if valid_seq > seq {
+            let run = Lost {
+                first_seq: seq,
+                last_seq: valid_seq - 1,
+                path: path.to_path_buf(),
+                offset: offset as u64,
+                damage,
+            };
+            add_run(&mut out, run);
+        }
+        seq = valid_seq;
+        offset = valid_offset as usize;
+    }
+    if let Some(end) = end_seq {
+        // A sealed segment must reach the next one's first seq.
+        if seq <= end {
+            let (at, damage) = tail_damage.unwrap_or((offset, Damage::Short));
+            let run = Lost {
+                first_seq: seq,
+                last_seq: end,
+                path: path.to_path_buf(),
+                offset: at as u64,
+                damage,
+            };
+            add_run(&mut out, run);
+        }
+    }
+    if lost.is_empty() {
+        return Ok(lost);
+    }
+    let with_suffix = |suffix: &str| {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        PathBuf::from(name)
+    };
+    let (keep, tmp) = (with_suffix(".salvaged"), with_suffix(".tmp"));
+    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+    f.write_all(&out)
+        .and_then(|_| f.sync_all())
+        .map_err(io_err(&tmp))?;
+    fs::write(&keep, &data)
+        .and_then(|_| File::open(&keep)?.sync_all())
+        .map_err(io_err(&keep))?;
+    fs::rename(&tmp, path).map_err(io_err(path))?;
+    Ok(lost)
 }
 
 fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
@@ -1095,6 +1429,168 @@ mod tests {
             },
             7,
         );
+    }
+
+    /// 20 records of 116 bytes in one segment, then `damage` applied to the file.
+    fn damaged_active(damage: impl FnOnce(&mut Vec<u8>)) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let log = {
+            let mut log = SegmentLog::open(dir.path(), opts(1 << 20)).unwrap();
+            for seq in 1..=20 {
+                log.append(&payload(seq, 100)).unwrap();
+            }
+            log.sync().unwrap();
+            log
+        };
+        let path = last_segment(&log);
+        drop(log);
+        let mut data = fs::read(&path).unwrap();
+        damage(&mut data);
+        fs::write(&path, data).unwrap();
+        (dir, path)
+    }
+
+    fn expect_mid_log(dir: &Path, want: (u64, u64, u64)) {
+        let before: Vec<u8> = fs::read(segment_path(dir, 1)).unwrap();
+        let err = SegmentLog::open(dir, opts(1 << 20)).unwrap_err();
+        match &err {
+            LogError::DamagedMidLog {
+                offset,
+                damaged_seq,
+                valid_seq,
+                ..
+            } => assert_eq!((*offset, *damaged_seq, *valid_seq), want, "{err}"),
+            other => panic!("unexpected {other:?}"),
+        }
+        let text = err.to_string();
+        assert!(text.contains("00000000000000000001.seg") && text.contains("not a torn tail"));
+        assert_eq!(
+            fs::read(segment_path(dir, 1)).unwrap(),
+            before,
+            "nothing was cut"
+        );
+    }
+
+    #[test]
+    fn damage_followed_by_valid_records_is_corruption_not_a_torn_tail() {
+        // 16 bytes flipped in the payload of seq 10 (offset 9 * 116).
+        let (dir, _) = damaged_active(|d| {
+            d[9 * 116 + 40..9 * 116 + 56]
+                .iter_mut()
+                .for_each(|b| *b ^= 0xFF)
+        });
+        expect_mid_log(dir.path(), (9 * 116, 10, 11));
+        // A page of zeros over records 5 to 7.
+        let (dir, _) =
+            damaged_active(|d| d[4 * 116 + 20..7 * 116 - 3].iter_mut().for_each(|b| *b = 0));
+        expect_mid_log(dir.path(), (4 * 116, 5, 8));
+        // A length field changed: the records after it are still found at their offsets.
+        let (dir, _) = damaged_active(|d| d[3 * 116] = 7);
+        expect_mid_log(dir.path(), (3 * 116, 4, 5));
+        // A valid record whose seq skips ahead: records are missing.
+        let (dir, path) = damaged_active(|_| {});
+        let mut data = fs::read(&path).unwrap();
+        data.truncate(20 * 116);
+        data.extend_from_slice(&encode(25, &payload(25, 100)));
+        fs::write(&path, data).unwrap();
+        expect_mid_log(dir.path(), (20 * 116, 21, 25));
+    }
+
+    #[test]
+    fn damage_in_the_last_record_is_still_a_torn_tail() {
+        let (dir, path) = damaged_active(|d| {
+            let n = d.len();
+            d[n - 30..n - 14].iter_mut().for_each(|b| *b ^= 0xFF);
+        });
+        let log = SegmentLog::open(dir.path(), opts(1 << 20)).unwrap();
+        assert_eq!(log.last_seq(), 19);
+        assert_eq!(fs::metadata(path).unwrap().len(), 19 * 116);
+    }
+
+    #[test]
+    fn setting_aside_keeps_the_damaged_part_and_the_log_goes_on() {
+        let (dir, path) = damaged_active(|d| d[9 * 116 + 40] ^= 0xFF);
+        let original = fs::read(&path).unwrap();
+        let (mut log, aside) = open_setting_aside(dir.path(), opts(1 << 20)).unwrap();
+        let aside = aside.expect("damage was set aside");
+        assert_eq!(
+            (aside.damaged_seq, aside.valid_seq, aside.offset),
+            (10, 11, 9 * 116)
+        );
+        assert_eq!(aside.damage, Damage::BadChecksum);
+        assert_eq!(log.last_seq(), 9);
+        let side = fs::read(&aside.file).unwrap();
+        assert_eq!(
+            side,
+            original[9 * 116..],
+            "every byte from the damage on is kept"
+        );
+        assert!(aside.file.to_string_lossy().ends_with(".1044.damaged"));
+        assert_eq!(log.append(b"again").unwrap(), 10);
+        log.sync().unwrap();
+        drop(log);
+        // Reopening finds nothing to set aside, and the side file is not a segment.
+        let (log, aside) = open_setting_aside(dir.path(), opts(1 << 20)).unwrap();
+        assert!(aside.is_none());
+        assert_eq!(read_all(&log, 1).len(), 10);
+    }
+
+    fn lost_marker(seq: u64, lost: &Lost) -> Vec<u8> {
+        format!("lost {seq} of {}..{}", lost.first_seq, lost.last_seq).into_bytes()
+    }
+
+    #[test]
+    fn salvage_keeps_every_valid_record_and_marks_the_lost_ones() {
+        let (dir, path) = damaged_active(|d| {
+            d[4 * 116 + 20..7 * 116 - 3].iter_mut().for_each(|b| *b = 0); // seqs 5..=7
+            d[15 * 116 + 50] ^= 1; // seq 16
+            let n = d.len();
+            d.truncate(n - 30); // a torn tail: seq 20
+        });
+        let original = fs::read(&path).unwrap();
+        let lost = salvage(dir.path(), opts(1 << 20), lost_marker).unwrap();
+        let runs: Vec<_> = lost
+            .iter()
+            .map(|l| (l.first_seq, l.last_seq, l.offset))
+            .collect();
+        assert_eq!(runs, vec![(5, 7, 4 * 116), (16, 16, 15 * 116)]);
+        let mut kept = path.as_os_str().to_owned();
+        kept.push(".salvaged");
+        assert_eq!(fs::read(PathBuf::from(kept)).unwrap(), original);
+        let log = SegmentLog::open(dir.path(), opts(1 << 20)).unwrap();
+        let all = read_all(&log, 1);
+        assert_eq!(all.len(), 19, "seq 20 was a torn tail");
+        for (seq, data) in all {
+            match seq {
+                5..=7 => assert_eq!(data, format!("lost {seq} of 5..7").into_bytes()),
+                16 => assert_eq!(data, b"lost 16 of 16..16"),
+                _ => assert_eq!(data, payload(seq, 100), "seq {seq}"),
+            }
+        }
+        // Nothing left to salvage.
+        drop(log);
+        assert!(salvage(dir.path(), opts(1 << 20), lost_marker)
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn salvage_repairs_a_sealed_segment_up_to_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = three_per_segment(dir.path(), 8);
+        let sealed = log.segments().unwrap()[1].path.clone(); // seqs 4..=6
+        drop(log);
+        let mut data = fs::read(&sealed).unwrap();
+        data[116 + 50] ^= 0xFF; // seq 5
+        data.truncate(2 * 116 + 10); // and seq 6 cut short
+        fs::write(&sealed, data).unwrap();
+        let lost = salvage(dir.path(), opts(3 * 116), lost_marker).unwrap();
+        let runs: Vec<_> = lost.iter().map(|l| (l.first_seq, l.last_seq)).collect();
+        assert_eq!(runs, vec![(5, 6)]);
+        let log = SegmentLog::open(dir.path(), opts(3 * 116)).unwrap();
+        log.verify().unwrap();
+        let seqs: Vec<u64> = read_all(&log, 1).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(seqs, (1..=8).collect::<Vec<_>>());
     }
 
     #[test]
