@@ -268,7 +268,47 @@ const VAL_NULL: u8 = 0;
 const VAL_UNCHANGED: u8 = 1;
 const VAL_TEXT: u8 = 2;
 
+/// Prefix of the logical message that stands in for records lost to corruption (written
+/// by `cdc salvage`); its content is a JSON object (`first_seq`, `last_seq`, `file`,
+/// `offset`, `damage`, `log`).
+pub const LOST_PREFIX: &str = "routy.lost";
+
 impl Record {
+    /// The record that takes the place of seq `seq`, one of the unreadable seqs
+    /// `first_seq..=last_seq` found in `file` at `offset` of `log` (spool or store).
+    pub fn lost(seq: u64, first_seq: u64, last_seq: u64, detail: serde_json::Value) -> Record {
+        let mut content = serde_json::json!({
+            "seq": seq,
+            "first_seq": first_seq,
+            "last_seq": last_seq,
+        });
+        if let (Some(obj), serde_json::Value::Object(more)) = (content.as_object_mut(), detail) {
+            obj.extend(more);
+        }
+        Record {
+            lsn: 0,
+            events: vec![Event::Message {
+                transactional: false,
+                lsn: 0,
+                prefix: LOST_PREFIX.to_owned(),
+                content: content.to_string().into_bytes(),
+            }],
+        }
+    }
+
+    /// When this record is a marker of lost records: its JSON description.
+    pub fn lost_marker(&self) -> Option<serde_json::Value> {
+        match self.events.as_slice() {
+            [Event::Message {
+                transactional: false,
+                prefix,
+                content,
+                ..
+            }] if prefix == LOST_PREFIX => serde_json::from_slice(content).ok(),
+            _ => None,
+        }
+    }
+
     /// Encodes the record.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64);

@@ -55,6 +55,8 @@ struct SourceRt {
 pub struct Cdc {
     cfg: CdcConfig,
     sources: Vec<SourceRt>,
+    /// Sources not started because their spool is corrupt: (name, why and what to do).
+    refused: Vec<(String, String)>,
 }
 
 impl Cdc {
@@ -63,11 +65,24 @@ impl Cdc {
     pub fn start(cfg: &CdcConfig, drain: &Drain) -> anyhow::Result<Arc<Cdc>> {
         describe_metrics();
         let mut sources = Vec::new();
+        let mut refused = Vec::new();
         for s in &cfg.sources {
             let dir = cfg.spool_dir.join(&s.name);
-            let spool = Spool::open(&dir, cfg.spool_max_bytes).map_err(|e| {
-                anyhow::anyhow!("cdc source {}: spool {}: {e}", s.name, dir.display())
-            })?;
+            let spool = match Spool::open(&dir, cfg.spool_max_bytes) {
+                Ok(spool) => spool,
+                // Corruption stops this source only: the tunnel and the other sources go on.
+                Err(e @ relay_inner::spool::SpoolError::Damaged { .. }) => {
+                    tracing::error!(source = %s.name, spool = %dir.display(), error = %e,
+                        "CDC source not started: its spool is corrupt");
+                    metrics::counter!(source::ERRORS_TOTAL, "source" => s.name.clone(), "reason" => "spool_corrupt")
+                        .increment(1);
+                    refused.push((s.name.clone(), e.to_string()));
+                    continue;
+                }
+                Err(e) => {
+                    anyhow::bail!("cdc source {}: spool {}: {e}", s.name, dir.display())
+                }
+            };
             sources.push(SourceRt {
                 cfg: s.clone(),
                 spool,
@@ -94,6 +109,7 @@ impl Cdc {
         let cdc = Arc::new(Cdc {
             cfg: cfg.clone(),
             sources,
+            refused,
         });
         let (weak, stop) = (Arc::downgrade(&cdc), drain.clone());
         tokio::spawn(async move {
@@ -191,8 +207,44 @@ impl Cdc {
                 })
             })
             .collect();
-        serde_json::json!({ "sources": sources })
+        let refused: Vec<_> = self
+            .refused
+            .iter()
+            .map(|(name, error)| serde_json::json!({ "name": name, "error": error }))
+            .collect();
+        serde_json::json!({ "sources": sources, "refused": refused })
     }
+}
+
+/// `relay-inner cdc salvage`: prints what was replaced.
+pub fn source_salvage(cfg: &CdcConfig, name: &str) -> anyhow::Result<String> {
+    let dir = cfg.spool_dir.join(name);
+    let lost = Spool::salvage(&dir, cfg.spool_max_bytes)
+        .map_err(|e| anyhow::anyhow!("salvaging the spool {}: {e}", dir.display()))?;
+    if lost.is_empty() {
+        return Ok(format!(
+            "the spool of source {name} ({}) has no damaged record followed by valid ones; nothing changed",
+            dir.display()
+        ));
+    }
+    let mut out = format!("salvaged the spool of source {name} ({}):\n", dir.display());
+    for l in &lost {
+        out.push_str(&format!(
+            "  seqs {}..={} unreadable ({} at offset {} of {}): replaced by lost-record markers; \
+             the original segment is kept as {}.salvaged\n",
+            l.first_seq,
+            l.last_seq,
+            l.damage,
+            l.offset,
+            l.path.display(),
+            l.path.display()
+        ));
+    }
+    out.push_str(
+        "every valid record was kept and will be shipped; the changes the unreadable records held \
+         are lost from the source: copy the tables they touched again",
+    );
+    Ok(out)
 }
 
 /// `relay-inner cdc drop-slot`.

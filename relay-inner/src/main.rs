@@ -67,6 +67,17 @@ enum CdcCmd {
         #[arg(long)]
         source: String,
     },
+    /// Repair a corrupt spool (relay-inner refuses to start a source whose spool has a
+    /// damaged record followed by valid ones): keep every valid record, put a marker in
+    /// place of each unreadable one. Stop relay-inner first.
+    Salvage {
+        /// Configuration file (YAML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Source name (cdc.sources[].name).
+        #[arg(long)]
+        source: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -78,11 +89,25 @@ fn main() -> ExitCode {
         Cmd::Cdc {
             cmd: CdcCmd::DropSlot { config, source },
         } => drop_slot(&config, &source),
+        Cmd::Cdc {
+            cmd: CdcCmd::Salvage { config, source },
+        } => salvage(&config, &source),
     })
 }
 
-fn drop_slot(path: &Path, name: &str) -> anyhow::Result<()> {
+fn salvage(path: &Path, name: &str) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
+    let (cdc, src) = cdc_source(&cfg, path, name)?;
+    println!("{}", cdc::source_salvage(cdc, &src.name)?);
+    Ok(())
+}
+
+/// The cdc section and source `name` of `cfg`, or an error naming the known sources.
+fn cdc_source<'a>(
+    cfg: &'a Config,
+    path: &Path,
+    name: &str,
+) -> anyhow::Result<(&'a config::CdcConfig, &'a config::SourceConfig)> {
     let Some(cdc) = cfg.cdc.as_ref() else {
         anyhow::bail!("{}: has no cdc section", path.display());
     };
@@ -93,6 +118,12 @@ fn drop_slot(path: &Path, name: &str) -> anyhow::Result<()> {
             path.display()
         );
     };
+    Ok((cdc, src))
+}
+
+fn drop_slot(path: &Path, name: &str) -> anyhow::Result<()> {
+    let cfg = Config::load(path)?;
+    let (cdc, src) = cdc_source(&cfg, path, name)?;
     let dir = cdc.spool_dir.join(&src.name);
     cli::block_on(async {
         let msg = cdc::source_drop_slot(src, &dir).await?;

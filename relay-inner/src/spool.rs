@@ -37,6 +37,24 @@ pub enum SpoolError {
         /// Why.
         reason: String,
     },
+    /// The spool's log is corrupt in a way opening must not repair: damage with valid
+    /// records after it (see `segment_log`). The source is not started.
+    #[error(
+        "{log}. The records after the damage may already be confirmed to PostgreSQL (the \
+         spool's durable position is {durable_lsn}), so the source no longer holds them and \
+         cutting the spool would lose them for good: the source is not started. Way out \
+         (README, \"Damaged spool or store\"): stop relay-inner and run `relay-inner cdc \
+         salvage --config FILE --source NAME`; it keeps every valid record (the original \
+         segment stays as *.salvaged) and puts a marker in place of each unreadable seq, which \
+         the sinks log as lost changes. What the damaged records held is lost from the \
+         source: copy the tables they touched again (a new slot: `cdc drop-slot`)"
+    )]
+    Damaged {
+        /// The segment log's report (file, offset, seqs).
+        log: segment_log::LogError,
+        /// The spool's durable LSN as far as it is known.
+        durable_lsn: String,
+    },
     /// A blocking task failed.
     #[error("spool task failed: {0}")]
     Task(String),
@@ -99,14 +117,20 @@ impl std::fmt::Debug for Spool {
 impl Spool {
     /// Opens (creating) the spool in `dir` (this source's directory).
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Arc<Spool>, SpoolError> {
-        let segment_bytes = (max_bytes / 8).clamp(1 << 20, segment_log::DEFAULT_SEGMENT_BYTES);
-        let log = SegmentLog::open(
-            dir.join("log"),
-            LogOptions {
-                segment_bytes,
-                max_record: MAX_RECORD,
-            },
-        )?;
+        let log = match SegmentLog::open(dir.join("log"), log_options(max_bytes)) {
+            Err(e @ segment_log::LogError::DamagedMidLog { .. }) => {
+                let lsn = read_u64(dir, LSN_FILE).ok().flatten().unwrap_or(0);
+                return Err(SpoolError::Damaged {
+                    log: e,
+                    durable_lsn: if lsn == 0 {
+                        "unknown".into()
+                    } else {
+                        relay_proto::cdc::format_lsn(lsn)
+                    },
+                });
+            }
+            other => other?,
+        };
         let lsn = last_lsn(&log)?.max(read_u64(dir, LSN_FILE)?.unwrap_or(0));
         let id = match read_u64(dir, ID_FILE)? {
             Some(id) => id,
@@ -133,6 +157,32 @@ impl Spool {
             full: false.into(),
             id,
         }))
+    }
+
+    /// `relay-inner cdc salvage`: repairs a corrupt spool in `dir` (relay-inner stopped)
+    /// keeping every valid record and writing a [`Record::lost`] marker in place of each
+    /// unreadable seq. Returns the runs replaced (empty: nothing was damaged).
+    pub fn salvage(dir: &Path, max_bytes: u64) -> Result<Vec<segment_log::Lost>, SpoolError> {
+        let source = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let lost = segment_log::salvage(dir.join("log"), log_options(max_bytes), |seq, lost| {
+            Record::lost(
+                seq,
+                lost.first_seq,
+                lost.last_seq,
+                serde_json::json!({
+                    "log": "spool",
+                    "source": source,
+                    "file": lost.path.display().to_string(),
+                    "offset": lost.offset,
+                    "damage": lost.damage.to_string(),
+                }),
+            )
+            .encode()
+        })?;
+        Ok(lost)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -286,6 +336,15 @@ impl Spool {
     }
 }
 
+/// The segment log's options for a spool bounded by `max_bytes`: segments of an eighth
+/// of it (1 MiB to 64 MiB).
+fn log_options(max_bytes: u64) -> LogOptions {
+    LogOptions {
+        segment_bytes: (max_bytes / 8).clamp(1 << 20, segment_log::DEFAULT_SEGMENT_BYTES),
+        max_record: MAX_RECORD,
+    }
+}
+
 /// Counter: times an append waited because the spool was full.
 pub const SPOOL_FULL_WAITS: &str = "routy_cdc_spool_full_waits_total";
 
@@ -342,6 +401,51 @@ mod tests {
         let s = Spool::open(dir.path(), 1 << 30).unwrap();
         assert_eq!(s.durable_lsn(), 100);
         assert_eq!(s.synced_seq(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_spool_is_refused_and_salvage_keeps_every_valid_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path(), 1 << 30).unwrap();
+        for i in 1..=30 {
+            s.append(&rec(i * 10, 100)).await.unwrap();
+        }
+        s.sync().await.unwrap();
+        drop(s);
+        let seg = dir.path().join("log/00000000000000000001.seg");
+        let mut data = std::fs::read(&seg).unwrap();
+        let mid = data.len() / 2;
+        data[mid..mid + 16].iter_mut().for_each(|b| *b ^= 0xFF);
+        std::fs::write(&seg, &data).unwrap();
+        let err = Spool::open(dir.path(), 1 << 30).unwrap_err();
+        assert!(matches!(err, SpoolError::Damaged { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains("00000000000000000001.seg")
+                && text.contains("offset")
+                && text.contains("cdc salvage"),
+            "{text}"
+        );
+        assert_eq!(std::fs::read(&seg).unwrap(), data, "nothing was cut");
+        let lost = Spool::salvage(dir.path(), 1 << 30).unwrap();
+        assert_eq!(lost.len(), 1);
+        let s = Spool::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(s.synced_seq(), 30, "every seq is still there");
+        assert_eq!(s.durable_lsn(), 300);
+        let mut markers = 0;
+        for r in s.reader(1).unwrap() {
+            let (seq, payload) = r.unwrap();
+            let record = Record::decode(&payload).unwrap();
+            match record.lost_marker() {
+                Some(m) => {
+                    markers += 1;
+                    assert_eq!(m["seq"], seq);
+                    assert_eq!(m["log"], "spool");
+                }
+                None => assert_eq!(record.lsn, seq * 10),
+            }
+        }
+        assert!((1..=2).contains(&markers), "{markers}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

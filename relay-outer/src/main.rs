@@ -89,6 +89,17 @@ enum CdcCmd {
         #[arg(long)]
         limit: Option<u64>,
     },
+    /// Repair a source's store that holds corrupt records relay-inner can no longer send
+    /// again: put the part set aside at start back, keep every valid record, and put a
+    /// marker in place of each unreadable one. Stop relay-outer first.
+    Salvage {
+        /// Configuration file (YAML); the store is its cdc.dir.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Source as tunnel/source, e.g. site-a/orders.
+        #[arg(long)]
+        source: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -196,6 +207,27 @@ fn check(path: &Path) -> anyhow::Result<()> {
 
 fn cdc_cmd(cmd: CdcCmd) -> anyhow::Result<()> {
     match cmd {
+        CdcCmd::Salvage { config, source } => {
+            let cfg = Config::load(&config)?;
+            let cdc = cfg.cdc.ok_or_else(|| {
+                anyhow::anyhow!("{}: has no cdc section (no store)", config.display())
+            })?;
+            if !cdc.dir.join(&source).is_dir() {
+                anyhow::bail!(
+                    "no store for source {source:?} in {} (give tunnel/source)",
+                    cdc.dir.display()
+                );
+            }
+            let done = cdc::store::Store::salvage(&cdc.dir, &source)
+                .map_err(|e| anyhow::anyhow!("salvaging the store of {source}: {e}"))?;
+            if done.is_empty() {
+                println!("the store of {source} has no damaged record and no set-aside part; nothing changed");
+            }
+            for line in done {
+                println!("{line}");
+            }
+            Ok(())
+        }
         CdcCmd::Tail {
             config,
             dir,

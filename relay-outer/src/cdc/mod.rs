@@ -330,6 +330,7 @@ impl Cdc {
                     "connected": s.connected(),
                     "spool_id": s.store.spool_id().map(|id| format!("{id:016x}")),
                     "error": s.store.failure(),
+                    "damage": s.store.damage(),
                     "sinks": sinks,
                 }),
             );

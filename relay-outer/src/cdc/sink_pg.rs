@@ -77,12 +77,19 @@ pub const ROWS: &str = "routy_cdc_sink_rows_total";
 pub const ERRORS: &str = "routy_cdc_sink_errors_total";
 /// Counter: updates and deletes that found no target row, by `sink`.
 pub const MISSING_ROWS: &str = "routy_cdc_sink_missing_rows_total";
+/// Counter: records the sink passed that stand for records lost to corruption (markers
+/// written by `cdc salvage`), by `sink`.
+pub const LOST_RECORDS: &str = "routy_cdc_sink_lost_records_total";
 /// Histogram: time from the source commit to the target commit of the last transaction
 /// of each target transaction, seconds, by `sink`.
 pub const COMMIT_LATENCY: &str = "routy_cdc_sink_commit_seconds";
 
 /// Every sink metric with its help text (for `# HELP` lines and the README).
 pub const METRICS: &[(&str, &str)] = &[
+    (
+        LOST_RECORDS,
+        "Records passed that stand for records lost to corruption (cdc salvage markers).",
+    ),
     (APPLIED_SEQ, "Store seq committed in the sink's target."),
     (
         LAG_RECORDS,

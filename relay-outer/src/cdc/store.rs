@@ -106,6 +106,9 @@ pub struct Store {
     failure: OnceLock<String>,
     /// Id of the spool the records come from (unset until a stream was accepted).
     spool: OnceLock<u64>,
+    /// Damage found at open with valid records after it, set aside into a side file until
+    /// relay-inner sends those seqs again (cleared then).
+    damage: Mutex<Option<segment_log::SetAside>>,
     /// Held while a stream is being accepted, so two cannot race.
     accepting: Mutex<()>,
     /// Position of each reader (sink) that holds records back from retention: the newest
@@ -152,13 +155,23 @@ impl Store {
         segment_bytes: u64,
     ) -> Result<Arc<Store>, StoreError> {
         let dir = root.join(name);
-        let log = SegmentLog::open(
+        // Damage followed by valid records is set aside, never cut: relay-inner's spool may
+        // still hold those seqs and sends them again; if not, `cdc salvage` puts it back.
+        let (log, damage) = segment_log::open_setting_aside(
             &dir,
             LogOptions {
                 max_record: MAX_RECORD,
                 segment_bytes,
             },
         )?;
+        if let Some(d) = &damage {
+            tracing::error!(source = %name, segment = %d.segment.display(), offset = d.offset,
+                damage = %d.damage, damaged_seq = d.damaged_seq, valid_seq = d.valid_seq,
+                side_file = %d.file.display(),
+                "CDC store: a damaged record with valid records after it; the store now ends at seq {} \
+                 and asks relay-inner for the rest again (the damaged part is kept in the side file)",
+                d.damaged_seq - 1);
+        }
         let spool = OnceLock::new();
         if let Some(id) = read_spool_id(&dir)? {
             let _ = spool.set(id);
@@ -173,6 +186,7 @@ impl Store {
             synced,
             failure: OnceLock::new(),
             spool,
+            damage: Mutex::new(damage),
             accepting: Mutex::new(()),
             readers: Mutex::new(HashMap::new()),
             #[cfg(test)]
@@ -233,6 +247,42 @@ impl Store {
             )));
         }
         Ok(())
+    }
+
+    /// Damage set aside at open that relay-inner has not sent again yet, described.
+    pub fn damage(&self) -> Option<String> {
+        self.damage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|d| {
+                format!(
+                    "seq {} was damaged at offset {} of {} ({}); seqs from {} on were set aside in {} \
+                     until relay-inner sends them again",
+                    d.damaged_seq,
+                    d.offset,
+                    d.segment.display(),
+                    d.damage,
+                    d.damaged_seq,
+                    d.file.display()
+                )
+            })
+    }
+
+    /// Forgets the set-aside damage once the store holds its seqs again, removing the side
+    /// file (every record in it came again from relay-inner).
+    fn damage_repaired(&self, synced: u64) {
+        let mut damage = self.damage.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(d) = damage.as_ref() else { return };
+        if synced < d.valid_seq {
+            return;
+        }
+        tracing::info!(source = %self.name, damaged_seq = d.damaged_seq, side_file = %d.file.display(),
+            "CDC store: the damaged records came again from relay-inner; removing the side file");
+        if let Err(e) = std::fs::remove_file(&d.file) {
+            tracing::warn!(file = %d.file.display(), error = %e, "cannot remove the side file");
+        }
+        *damage = None;
     }
 
     /// Why the store refuses everything, if it does.
@@ -324,6 +374,27 @@ impl Store {
         }
         let next = have + 1;
         if next < first_seq {
+            if let Some(d) = self
+                .damage
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+            {
+                return Err(StoreError::Gap(format!(
+                    "the store of {} found seq {next} damaged at open (offset {} of {}: {}) and \
+                     set it and what followed aside in {}; relay-inner's spool no longer holds it \
+                     (it starts at seq {first_seq}), so the store stops at seq {have} and its sinks \
+                     with it. Way out (README, \"Damaged spool or store\"): stop relay-outer and run \
+                     `relay-outer cdc salvage --config FILE --source {}`: it puts the set-aside \
+                     records back and a marker in place of each unreadable seq",
+                    self.name,
+                    d.offset,
+                    d.segment.display(),
+                    d.damage,
+                    d.file.display(),
+                    self.name,
+                )));
+            }
             return Err(StoreError::Gap(format!(
                 "the store of {} ends at seq {have} but relay-inner's spool starts at seq {first_seq}: \
                  records {next}..{} were removed from the spool without reaching this store",
@@ -424,6 +495,7 @@ impl Store {
         let synced = self.sync(&mut log);
         self.refresh(&log);
         self.publish_synced(&log);
+        self.damage_repaired(log.synced_seq());
         let result = match (appended, synced) {
             (Ok(()), Ok(())) => Ok(Appended {
                 synced: log.synced_seq(),
@@ -460,6 +532,96 @@ impl Store {
         tokio::task::spawn_blocking(move || me.append_batch_counted(first_seq, &records))
             .await
             .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// `relay-outer cdc salvage` of the store of `name` under `root` (relay-outer stopped):
+    /// puts a side file made at open back at the end of the log if the log still ends
+    /// where it was cut, then keeps every valid record and writes a [`Record::lost`]
+    /// marker in place of each unreadable seq. Returns what it did, for the operator.
+    pub fn salvage(root: &Path, name: &str) -> Result<Vec<String>, StoreError> {
+        let dir = root.join(name);
+        let mut done = Vec::new();
+        let file_err = |path: &Path, e: std::io::Error| StoreError::File {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let entries = std::fs::read_dir(&dir).map_err(|e| file_err(&dir, e))?;
+        let mut sides: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.to_string_lossy().ends_with(segment_log::SET_ASIDE_SUFFIX))
+            .collect();
+        sides.sort();
+        for side in sides {
+            // <segment>.<offset>.damaged
+            let text = side.to_string_lossy().into_owned();
+            let stem = &text[..text.len() - segment_log::SET_ASIDE_SUFFIX.len()];
+            let parsed = stem
+                .rsplit_once('.')
+                .and_then(|(seg, off)| Some((PathBuf::from(seg), off.parse::<u64>().ok()?)));
+            let Some((segment, offset)) = parsed else {
+                done.push(format!(
+                    "{}: not a side file made by the store; left alone",
+                    text
+                ));
+                continue;
+            };
+            let len = std::fs::metadata(&segment).map(|m| m.len()).ok();
+            if len != Some(offset) {
+                done.push(format!(
+                    "{text}: the log no longer ends where it was cut (relay-inner sent those seqs \
+                     again, or the segment is gone); left alone, remove it by hand"
+                ));
+                continue;
+            }
+            let bytes = std::fs::read(&side).map_err(|e| file_err(&side, e))?;
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&segment)
+                .map_err(|e| file_err(&segment, e))?;
+            use std::io::Write;
+            f.write_all(&bytes)
+                .and_then(|_| f.sync_all())
+                .map_err(|e| file_err(&segment, e))?;
+            std::fs::remove_file(&side).map_err(|e| file_err(&side, e))?;
+            done.push(format!(
+                "put {} bytes from {text} back at offset {offset} of {}",
+                bytes.len(),
+                segment.display()
+            ));
+        }
+        let opts = LogOptions {
+            max_record: MAX_RECORD,
+            segment_bytes: segment_log::DEFAULT_SEGMENT_BYTES,
+        };
+        let lost = segment_log::salvage(&dir, opts, |seq, lost| {
+            Record::lost(
+                seq,
+                lost.first_seq,
+                lost.last_seq,
+                serde_json::json!({
+                    "log": "store",
+                    "source": name,
+                    "file": lost.path.display().to_string(),
+                    "offset": lost.offset,
+                    "damage": lost.damage.to_string(),
+                }),
+            )
+            .encode()
+        })?;
+        for l in &lost {
+            done.push(format!(
+                "seqs {}..={} unreadable ({} at offset {} of {}): replaced by lost-record markers \
+                 (the sinks log them and count routy_cdc_sink_lost_records_total); the original \
+                 segment is kept as {}.salvaged",
+                l.first_seq,
+                l.last_seq,
+                l.damage,
+                l.offset,
+                l.path.display(),
+                l.path.display()
+            ));
+        }
+        Ok(done)
     }
 
     /// Reads records from `seq` on (0: the oldest). The reader may run ahead of
@@ -606,6 +768,84 @@ mod tests {
         assert!(matches!(s.next_seq_for(1, 2), Err(StoreError::Gap(_))));
         let got: Vec<u64> = s.reader(0).unwrap().map(|r| r.unwrap().0).collect();
         assert_eq!(got, vec![1, 2, 3, 4]);
+    }
+
+    /// A store of `n` records (one segment) with 16 bytes flipped in record `bad`.
+    fn damaged_store(n: u64, bad: u64) -> (tempfile::TempDir, Vec<Vec<u8>>) {
+        let dir = tempfile::tempdir().unwrap();
+        let recs: Vec<Vec<u8>> = (1..=n).map(rec).collect();
+        let store = Store::open(dir.path(), "t/s").unwrap();
+        store.append_batch(1, &recs).unwrap();
+        drop(store);
+        let seg = dir.path().join("t/s/00000000000000000001.seg");
+        let mut data = std::fs::read(&seg).unwrap();
+        let at: usize = recs[..bad as usize - 1].iter().map(|r| r.len() + 16).sum();
+        data[at + 4..at + 20].iter_mut().for_each(|b| *b ^= 0x5A);
+        std::fs::write(&seg, data).unwrap();
+        (dir, recs)
+    }
+
+    #[test]
+    fn damage_in_the_middle_is_set_aside_and_fetched_again_from_the_spool() {
+        let (dir, recs) = damaged_store(50, 20);
+        let store = Store::open(dir.path(), "t/s").unwrap();
+        assert_eq!(store.synced_seq(), 19, "the store ends before the damage");
+        let damage = store.damage().expect("damage reported");
+        assert!(
+            damage.contains("seq 20") && damage.contains(".damaged"),
+            "{damage}"
+        );
+        // relay-inner still holds seq 20 on: it is asked for it again.
+        assert_eq!(store.next_seq_for(15, 50).unwrap(), 20);
+        store.append_batch(20, &recs[19..]).unwrap();
+        assert_eq!(store.synced_seq(), 50);
+        assert!(store.damage().is_none());
+        let sides: Vec<_> = std::fs::read_dir(dir.path().join("t/s"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .to_string_lossy()
+                    .ends_with(".damaged")
+            })
+            .collect();
+        assert!(sides.is_empty(), "the side file is removed once repaired");
+        let all: Vec<_> = store.reader(1).unwrap().map(|r| r.unwrap().1).collect();
+        assert_eq!(all, recs);
+    }
+
+    #[test]
+    fn damage_the_spool_no_longer_holds_stops_the_store_until_salvaged() {
+        let (dir, recs) = damaged_store(50, 20);
+        let store = Store::open(dir.path(), "t/s").unwrap();
+        // relay-inner removed everything up to 40.
+        let err = store.next_seq_for(41, 60).unwrap_err().to_string();
+        assert!(
+            err.contains("seq 20 damaged") && err.contains("cdc salvage"),
+            "{err}"
+        );
+        assert_eq!(store.synced_seq(), 19);
+        drop(store);
+        let done = Store::salvage(dir.path(), "t/s").unwrap();
+        assert_eq!(done.len(), 2, "{done:?}");
+        assert!(done[1].contains("seqs 20..=20"), "{done:?}");
+        let store = Store::open(dir.path(), "t/s").unwrap();
+        assert!(store.damage().is_none());
+        assert_eq!(store.synced_seq(), 50);
+        let all: Vec<_> = store.reader(1).unwrap().map(|r| r.unwrap()).collect();
+        for (seq, payload) in &all {
+            let rec = Record::decode(payload).unwrap();
+            if *seq == 20 {
+                let lost = rec.lost_marker().expect("a marker at seq 20");
+                assert_eq!(lost["first_seq"], 20);
+                assert_eq!(lost["log"], "store");
+            } else {
+                assert_eq!(payload, &recs[*seq as usize - 1]);
+            }
+        }
+        // The store continues where relay-inner's spool is.
+        assert_eq!(store.next_seq_for(41, 60).unwrap(), 51);
     }
 
     #[test]

@@ -666,6 +666,18 @@ impl<'a> Session<'a> {
                     self.truncate(&rels, cascade, restart_identity).await?;
                 }
                 Event::Message {
+                    transactional: false,
+                    prefix,
+                    content,
+                    ..
+                } if prefix == relay_proto::cdc::LOST_PREFIX => {
+                    tracing::error!(sink = %self.cfg.name, seq, lost = %String::from_utf8_lossy(&content),
+                        "the store holds a marker for a record lost to corruption (cdc salvage): \
+                         the changes it held are missing from the target; copy the tables they touched again");
+                    metrics::counter!(super::LOST_RECORDS, "sink" => self.cfg.name.clone())
+                        .increment(1);
+                }
+                Event::Message {
                     transactional,
                     prefix,
                     content,
