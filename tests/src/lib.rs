@@ -181,7 +181,7 @@ pub fn run_timeout(
 }
 
 /// The last `n` lines of `text`.
-pub(crate) fn tail(text: &str, n: usize) -> String {
+pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.len().saturating_sub(n);
     lines[start..].join("\n")

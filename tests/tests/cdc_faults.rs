@@ -1,0 +1,340 @@
+//! End-to-end CDC under faults that must not lose data: a spool or store damaged in the
+//! middle (corruption, not a torn tail), with the real relays, source and target.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use routy_e2e::cdc::{CdcRig, RigOpts, CATCH_UP, SOURCE};
+use routy_e2e::{bin, is_root, run_timeout, try_wait_until};
+
+/// Rows per source transaction: small enough that each transaction is one spool record.
+const TX_ROWS: u64 = 200;
+
+const TABLE: &str = "public.t";
+
+fn rig(spool_max: &str) -> CdcRig {
+    CdcRig::start(RigOpts {
+        setup_sql:
+            "CREATE TABLE public.t (id bigint PRIMARY KEY, tx int NOT NULL, v text NOT NULL);"
+                .into(),
+        tables: vec![TABLE.into()],
+        source_extra: "      heartbeat: 1s\n      status_interval: 1s\n".into(),
+        spool_max: spool_max.into(),
+        ..RigOpts::default()
+    })
+}
+
+/// Inserts transactions `from..to` (tx numbers), `TX_ROWS` rows each.
+fn insert_txs(rig: &CdcRig, from: u64, to: u64) {
+    let mut sql = String::new();
+    for tx in from..to {
+        sql.push_str(&format!(
+            "INSERT INTO public.t SELECT g, {tx}, repeat(md5(g::text), 2) FROM generate_series({}, {}) g;\n",
+            tx * TX_ROWS + 1,
+            (tx + 1) * TX_ROWS
+        ));
+    }
+    rig.source.psql(&sql);
+}
+
+fn count(pg: &routy_e2e::Pg) -> u64 {
+    pg.try_psql("SELECT count(*) FROM public.t")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The newest segment file in a segment log directory.
+fn last_segment(dir: &Path) -> PathBuf {
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    segs.sort();
+    segs.pop()
+        .unwrap_or_else(|| panic!("no segment in {}", dir.display()))
+}
+
+/// (offset, seq, payload length) of every record of a segment file (format in
+/// `relay_proto::segment_log`: len u32, crc u32, seq u64, payload), up to the first that
+/// does not fit.
+fn records(file: &Path) -> Vec<(usize, u64, usize)> {
+    let data = std::fs::read(file).expect("read segment");
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 16 <= data.len() {
+        let len = u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;
+        let seq = u64::from_le_bytes(data[at + 8..at + 16].try_into().unwrap());
+        if at + 16 + len > data.len() {
+            break;
+        }
+        out.push((at, seq, len));
+        at += 16 + len;
+    }
+    out
+}
+
+/// Flips 16 bytes in the middle of the payload of record `seq` of `file`.
+fn damage_record(file: &Path, seq: u64) {
+    let (at, _, len) = records(file)
+        .into_iter()
+        .find(|r| r.1 == seq)
+        .unwrap_or_else(|| panic!("no seq {seq} in {}", file.display()));
+    assert!(
+        len > 40,
+        "record {seq} is too small to damage in the middle"
+    );
+    flip16(file, at + 16 + len / 2 - 8);
+}
+
+/// The seq of the oldest record in a spool (from its segment names).
+fn spool_first(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.strip_suffix(".seg")?.parse::<u64>().ok()
+                })
+                .min()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0)
+}
+
+/// A config file holding `yaml` (a relay's, for a command run while it is stopped).
+fn config_file(yaml: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = routy_e2e::tempdir();
+    let path = dir.path().join("relay.yaml");
+    std::fs::write(&path, yaml).expect("write config");
+    (dir, path)
+}
+
+/// Flips 16 bytes of `file` at `offset`.
+fn flip16(file: &Path, offset: usize) {
+    let mut data = std::fs::read(file).expect("read segment");
+    assert!(offset + 16 <= data.len(), "{} is too short", file.display());
+    data[offset..offset + 16]
+        .iter_mut()
+        .for_each(|b| *b ^= 0xA5);
+    std::fs::write(file, data).expect("write segment");
+}
+
+/// Runs `relay-X cdc salvage --config F --source S`; returns its stdout.
+fn salvage(which: &str, config: &Path, source: &str) -> String {
+    let mut cmd = Command::new(bin(which));
+    cmd.args(["cdc", "salvage", "--config"])
+        .arg(config)
+        .args(["--source", source]);
+    let out = run_timeout(&mut cmd, None, Duration::from_secs(60)).expect("cdc salvage");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{which} cdc salvage failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// Transactions missing from the target (whole: a transaction is never half applied).
+fn missing_txs(rig: &CdcRig, txs: u64) -> Vec<u64> {
+    let counts = rig
+        .target
+        .psql("SELECT string_agg(tx || ':' || n, ',') FROM (SELECT tx, count(*) n FROM public.t GROUP BY tx) s");
+    let mut have = std::collections::HashMap::new();
+    for pair in counts.trim().split(',').filter(|p| !p.is_empty()) {
+        let (tx, n) = pair.split_once(':').expect("tx:n");
+        have.insert(tx.parse::<u64>().unwrap(), n.parse::<u64>().unwrap());
+    }
+    let mut missing = Vec::new();
+    for tx in 0..txs {
+        match have.get(&tx).copied().unwrap_or(0) {
+            0 => missing.push(tx),
+            TX_ROWS => {}
+            n => panic!("transaction {tx} is half applied: {n} of {TX_ROWS} rows"),
+        }
+    }
+    missing
+}
+
+/// The issue's first repro: relay-outer away, many transactions spooled and confirmed to
+/// PostgreSQL, 16 bytes flipped in the middle of the spool's last segment. relay-inner
+/// used to cut everything from the damage on as a "torn tail" and resume from the slot:
+/// those rows never reached the target. Now the source is refused (the tunnel still
+/// serves), and `cdc salvage` brings back every valid record: only the transaction(s)
+/// in the damaged record are lost, and said to be.
+#[test]
+fn a_spool_damaged_in_the_middle_is_refused_then_salvaged() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let mut rig = rig("1GiB");
+    rig.wait_shipping();
+    insert_txs(&rig, 0, 5);
+    rig.wait_in_sync(&[TABLE], CATCH_UP);
+    rig.kill_outer();
+    insert_txs(&rig, 5, 105);
+    let end = rig
+        .source
+        .psql("SELECT (pg_current_wal_lsn() - '0/0')::bigint")
+        .trim()
+        .parse::<u64>()
+        .expect("wal lsn");
+    try_wait_until(CATCH_UP, "the spool confirms the whole WAL", || {
+        rig.confirmed_flush() >= end
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", rig.inner().proc.log()));
+    rig.kill_inner();
+    let seg = last_segment(&rig.spool_dir.join("main/log"));
+    let len = std::fs::metadata(&seg).expect("segment").len() as usize;
+    flip16(&seg, len / 2);
+
+    rig.start_inner();
+    rig.start_outer();
+    let inner = rig.inner();
+    inner.wait_count("its spool is corrupt", 1, Duration::from_secs(30));
+    let log = inner.proc.log();
+    assert!(
+        log.contains("not a torn tail") && log.contains("cdc salvage") && log.contains(".seg"),
+        "the refusal names file, offset and the way out:\n{log}"
+    );
+    assert!(
+        !log.contains("cutting torn tail"),
+        "nothing may be cut:\n{log}"
+    );
+    // The tunnel still serves its services.
+    let through = routy_e2e::psql_at("127.0.0.1", rig.listen_port, "SELECT 41 + 1");
+    assert_eq!(through.as_deref().map(str::trim), Ok("42"));
+    // Nothing of the damaged spool reached the target, and nothing was confirmed twice.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(count(&rig.target), 5 * TX_ROWS);
+
+    rig.kill_inner();
+    let (_dir, inner_config) = config_file(&rig.inner_yaml);
+    let said = salvage("relay-inner", &inner_config, "main");
+    assert!(
+        said.contains("replaced by lost-record markers") && said.contains(".salvaged"),
+        "{said}"
+    );
+    rig.start_inner();
+    // Later changes flow again.
+    insert_txs(&rig, 105, 110);
+    let want = 110 * TX_ROWS;
+    try_wait_until(
+        CATCH_UP,
+        "the target has every transaction but the lost",
+        || {
+            let missing = missing_txs(&rig, 110);
+            (1..=2).contains(&missing.len())
+                && missing.iter().all(|tx| (5..105).contains(tx))
+                && count(&rig.target) == want - missing.len() as u64 * TX_ROWS
+                && rig.outer().count("lost to corruption") > 0
+        },
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: target {} rows, missing {:?}\n--- relay-outer ---\n{}\n--- relay-inner ---\n{}",
+            count(&rig.target),
+            missing_txs(&rig, 110),
+            routy_e2e::tail(&rig.outer().proc.log(), 40),
+            routy_e2e::tail(&rig.inner().proc.log(), 40)
+        )
+    });
+}
+
+/// The issue's second repro: relay-outer's store damaged in the middle. When relay-inner's
+/// spool still holds the damaged seqs, the store sets the damaged part aside, asks for it
+/// again and the target ends equal to the source. When the spool no longer holds them the
+/// store stops there with the gap named (it used to cut acknowledged records as a "torn
+/// tail" and then stall for good), and `relay-outer cdc salvage` puts the set-aside
+/// records back with a marker in place of the damaged one.
+#[test]
+fn a_store_damaged_in_the_middle_is_fetched_again_or_salvaged() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    // An 8 MiB spool has 1 MiB segments: acknowledged ones go quickly.
+    let mut rig = rig("8MiB");
+    let store = rig.store_dir.join(SOURCE);
+    let spool = rig.spool_dir.join("main/log");
+    rig.wait_shipping();
+    insert_txs(&rig, 0, 20);
+    rig.wait_in_sync(&[TABLE], CATCH_UP);
+
+    // 1. Damage near the end of the store, which the spool still holds.
+    rig.kill_outer();
+    let seg = last_segment(&store);
+    let last = records(&seg).last().expect("a record").1;
+    let first = spool_first(&spool);
+    assert!(
+        first < last,
+        "the spool holds seqs {first}.. and the store ends at {last}"
+    );
+    damage_record(&seg, last - 1);
+    rig.start_outer();
+    let aside = "moved from the damage on into a side file";
+    rig.outer().wait_count(aside, 1, Duration::from_secs(30));
+    insert_txs(&rig, 20, 25);
+    rig.wait_in_sync(&[TABLE], CATCH_UP);
+    rig.outer()
+        .wait_count("came again from relay-inner", 1, Duration::from_secs(30));
+
+    // 2. Damage the spool no longer holds, in records the sink has not applied (the
+    //    target is stopped, so they are only in the store).
+    rig.target.stop();
+    let applied = records(&last_segment(&store)).last().expect("a record").1;
+    insert_txs(&rig, 25, 125);
+    try_wait_until(
+        CATCH_UP,
+        "the spool removed what the store acknowledged",
+        || spool_first(&spool) > applied + 10,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", rig.inner().proc.log()));
+    rig.kill_outer();
+    let gone = (applied + spool_first(&spool)) / 2;
+    damage_record(&last_segment(&store), gone);
+    rig.start_outer();
+    let outer = rig.outer();
+    outer.wait_count(aside, 1, Duration::from_secs(30));
+    outer.wait_count("no longer holds it", 1, CATCH_UP);
+    let log = outer.proc.log();
+    assert!(
+        log.contains("cdc salvage") && log.contains(&format!("found seq {gone} damaged")),
+        "the store names the gap and the way out:\n{}",
+        routy_e2e::tail(&log, 40)
+    );
+    rig.kill_outer();
+    let (_dir, outer_config) = config_file(&rig.outer_yaml);
+    let said = salvage("relay-outer", &outer_config, SOURCE);
+    assert!(
+        said.contains("back at offset") && said.contains(&format!("seqs {gone}..={gone}")),
+        "{said}"
+    );
+    rig.target.restart();
+    rig.start_outer();
+    insert_txs(&rig, 125, 130);
+    try_wait_until(
+        CATCH_UP,
+        "the target has every transaction but the lost one",
+        || {
+            let missing = missing_txs(&rig, 130);
+            missing.len() == 1
+                && (25..125).contains(&missing[0])
+                && count(&rig.target) == 129 * TX_ROWS
+        },
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: target {} rows, missing {:?}\n--- relay-outer ---\n{}",
+            count(&rig.target),
+            missing_txs(&rig, 130),
+            routy_e2e::tail(&rig.outer().proc.log(), 60)
+        )
+    });
+    assert!(rig.outer().count("lost to corruption") > 0);
+    eprintln!("store salvage: {said}missing: {:?}", missing_txs(&rig, 130));
+}
