@@ -511,17 +511,46 @@ impl SegmentLog {
             .collect()
     }
 
+    /// Seals the active segment if it holds records, so that once they are consumed
+    /// [`SegmentLog::truncate_front`] can remove them (a full disk frees space only that
+    /// way). Fails like an append would (a full disk may refuse the new segment too).
+    pub fn seal(&mut self) -> Result<()> {
+        if self.poisoned {
+            return Err(LogError::Poisoned {
+                path: self.active.path.clone(),
+            });
+        }
+        if self.active.bytes == 0 {
+            return Ok(());
+        }
+        self.roll()
+    }
+
     /// Seals the active segment (fdatasync) and starts the next one (fsync of the directory).
     fn roll(&mut self) -> Result<()> {
-        // A failure anywhere here leaves the log in a state a retry cannot trust (see
-        // `sync`): poison it, a reopen rescans.
+        // A failed fdatasync leaves the log in a state a retry cannot trust (see `sync`):
+        // poison it, a reopen rescans.
         self.poisoned = true;
         self.file.sync_data().map_err(io_err(&self.active.path))?;
         self.synced_seq = self.last_seq;
         let first_seq = self.last_seq + 1;
         let path = segment_path(&self.dir, first_seq);
-        let file = create_segment(&path)?;
-        sync_dir(&self.dir)?;
+        // The new segment cannot be made (a full disk, say): remove what was made of it,
+        // so a later open does not take an empty file for the active segment while the
+        // records go on in this one, and let the caller retry.
+        let made = create_segment(&path).and_then(|file| sync_dir(&self.dir).map(|()| file));
+        let file = match made {
+            Ok(file) => file,
+            Err(e) => {
+                match fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(r) if r.kind() == io::ErrorKind::NotFound => {}
+                    Err(_) => return Err(e),
+                }
+                self.poisoned = false;
+                return Err(e);
+            }
+        };
         self.poisoned = false;
         let sealed = std::mem::replace(
             &mut self.active,
@@ -588,7 +617,9 @@ pub struct Reader {
     next_seq: u64,
     seg_first: u64,
     path: PathBuf,
-    file: BufReader<File>,
+    /// The open segment; closed whenever the reader reaches the current end, so a reader
+    /// waiting for more never keeps a removed segment's space allocated.
+    file: Option<BufReader<File>>,
     /// Offset of the next record in the current segment.
     offset: u64,
     /// Set when a later segment exists, so the current one is sealed and its end final.
@@ -607,7 +638,7 @@ impl Reader {
             next_seq: seg.first_seq,
             seg_first: seg.first_seq,
             path: seg.path.clone(),
-            file: BufReader::new(file),
+            file: Some(BufReader::new(file)),
             offset: 0,
             next_segment: None,
             failed: false,
@@ -622,12 +653,75 @@ impl Reader {
         }
     }
 
+    /// Closes the open segment file; the next read opens it again where this one
+    /// stopped. A reader that has caught up calls this before it waits, so it never keeps
+    /// a removed segment's space allocated (it closes by itself at the log's end).
+    pub fn release(&mut self) {
+        self.file = None;
+    }
+
+    /// The open segment, opened again at the next record's offset if it was closed at
+    /// the end. `None` when the segment is gone (removed once every record in it was
+    /// consumed): the caller moves on to the next one.
+    fn file(&mut self) -> Result<Option<&mut BufReader<File>>> {
+        if self.file.is_none() {
+            let (mut file, max_len) = match open_for_read(&self.path, self.max_record) {
+                Ok(f) => f,
+                Err(LogError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                    return Ok(None)
+                }
+                Err(e) => return Err(e),
+            };
+            file.seek(SeekFrom::Start(self.offset))
+                .map_err(io_err(&self.path))?;
+            self.file = Some(BufReader::new(file));
+            self.max_len = max_len;
+        }
+        Ok(self.file.as_mut())
+    }
+
     /// Reads the next record, `None` at the current end of the log.
     fn step(&mut self) -> Result<Option<(u64, Vec<u8>)>> {
+        let r = self.step_open();
+        if matches!(r, Ok(None)) {
+            self.file = None;
+        }
+        r
+    }
+
+    fn step_open(&mut self) -> Result<Option<(u64, Vec<u8>)>> {
         loop {
-            match read_record(&mut self.file, self.max_len, self.next_seq)
-                .map_err(io_err(&self.path))?
-            {
+            let max_len = self.max_len;
+            let next_seq = self.next_seq;
+            let outcome = match self.file()? {
+                Some(file) => read_record(file, max_len, next_seq).map_err(io_err(&self.path))?,
+                None => {
+                    // Removed while closed: everything in it was read; go on if the next
+                    // segment continues here.
+                    match next_segment_after(&self.dir, self.seg_first)? {
+                        Some(next) if next == self.next_seq => {
+                            self.switch_to(next)?;
+                            continue;
+                        }
+                        Some(next) => {
+                            return Err(LogError::Truncated {
+                                requested: self.next_seq,
+                                first: next,
+                            })
+                        }
+                        None => {
+                            return Err(LogError::Io {
+                                path: self.path.clone(),
+                                source: io::Error::new(
+                                    io::ErrorKind::NotFound,
+                                    "segment removed and no segment follows it",
+                                ),
+                            })
+                        }
+                    }
+                }
+            };
+            match outcome {
                 Read1::Record(seq, payload) => {
                     self.offset += HEADER_BYTES + payload.len() as u64;
                     self.next_seq += 1;
@@ -663,9 +757,10 @@ impl Reader {
 
     /// Seeks back to the start of the next unread record, dropping buffered partial bytes.
     fn rewind(&mut self) -> Result<()> {
-        self.file
-            .seek(SeekFrom::Start(self.offset))
-            .map_err(io_err(&self.path))?;
+        if let Some(file) = self.file.as_mut() {
+            file.seek(SeekFrom::Start(self.offset))
+                .map_err(io_err(&self.path))?;
+        }
         Ok(())
     }
 
@@ -682,7 +777,7 @@ impl Reader {
             });
         }
         let (file, max_len) = open_for_read(&path, self.max_record)?;
-        self.file = BufReader::new(file);
+        self.file = Some(BufReader::new(file));
         self.max_len = max_len;
         self.path = path;
         self.seg_first = first_seq;
@@ -1338,6 +1433,41 @@ mod tests {
         assert_eq!(rest.last().unwrap(), &(30, payload(30, 50)));
         log.append(b"later").unwrap();
         assert_eq!(reader.next().unwrap().unwrap(), (31, b"later".to_vec()));
+    }
+
+    /// Open file descriptors of this process that point at a deleted file under `dir`.
+    fn deleted_fds(dir: &Path) -> usize {
+        fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+            .filter(|t| t.starts_with(dir) && t.to_string_lossy().ends_with("(deleted)"))
+            .count()
+    }
+
+    #[test]
+    fn a_reader_at_the_end_keeps_no_removed_segment_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = three_per_segment(dir.path(), 6); // segments 1 and 4
+        let mut reader = log.read_from(1).unwrap();
+        assert_eq!(reader.by_ref().count(), 6);
+        // A reader that stopped on the last record it wanted lets go when told to.
+        let mut caught_up = log.read_from(1).unwrap();
+        assert_eq!(caught_up.by_ref().take(6).count(), 6);
+        caught_up.release();
+        // The log rolls, then every segment but the active one is removed.
+        log.append(&payload(7, 100)).unwrap();
+        log.sync().unwrap();
+        log.truncate_front(6).unwrap();
+        assert_eq!(log.first_seq(), 7);
+        assert_eq!(
+            deleted_fds(dir.path()),
+            0,
+            "the reader holds no removed segment while it waits"
+        );
+        // And both go on in the segment that follows.
+        assert_eq!(reader.next().unwrap().unwrap(), (7, payload(7, 100)));
+        assert_eq!(caught_up.next().unwrap().unwrap(), (7, payload(7, 100)));
+        assert!(reader.next().is_none());
     }
 
     fn torn_tail(damage: impl FnOnce(&Path, u64), expect_last: u64) {

@@ -159,6 +159,7 @@ impl Cdc {
                 session: session.clone(),
                 batch_max_bytes: self.cfg.batch_max_bytes,
                 batch_max_delay: self.cfg.batch_max_delay,
+                ack_timeout: self.cfg.batch_ack_timeout,
                 drain: drain.clone(),
                 stop: stop.clone(),
                 status,

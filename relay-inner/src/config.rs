@@ -69,6 +69,7 @@ struct RawSpool {
 struct RawBatch {
     max_bytes: Option<Size>,
     max_delay: Option<Dur>,
+    ack_timeout: Option<Dur>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -180,6 +181,9 @@ pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 10 << 30;
 pub const DEFAULT_BATCH_MAX_BYTES: usize = 1 << 20;
 /// Default longest wait to fill a batch.
 pub const DEFAULT_BATCH_MAX_DELAY: Duration = Duration::from_millis(20);
+/// Default longest wait for relay-outer's acknowledgement while batches are in flight,
+/// before the shipping stream is reopened.
+pub const DEFAULT_BATCH_ACK_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default heartbeat interval for idle published tables.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
 /// Default interval of standby status updates to the source.
@@ -196,6 +200,8 @@ pub struct CdcConfig {
     pub batch_max_bytes: usize,
     /// Longest wait to fill a batch.
     pub batch_max_delay: Duration,
+    /// Longest wait for an acknowledgement while batches are in flight.
+    pub batch_ack_timeout: Duration,
     /// Sources to read.
     pub sources: Vec<SourceConfig>,
 }
@@ -503,6 +509,12 @@ fn validate_cdc(c: RawCdc, base: &Path) -> Result<CdcConfig, String> {
     if !(1024..=(32 << 20)).contains(&batch_max_bytes) {
         return Err("cdc.batch.max_bytes: must be between 1KiB and 32MiB".into());
     }
+    let batch_ack_timeout = b
+        .and_then(|b| b.ack_timeout)
+        .map_or(DEFAULT_BATCH_ACK_TIMEOUT, |d| d.0);
+    if batch_ack_timeout < Duration::from_secs(1) {
+        return Err("cdc.batch.ack_timeout: must be at least 1s".into());
+    }
     let spool_max_bytes = c.spool.max_bytes.map_or(DEFAULT_SPOOL_MAX_BYTES, |s| s.0);
     if spool_max_bytes < (1 << 20) {
         return Err("cdc.spool.max_bytes: must be at least 1MiB".into());
@@ -514,6 +526,7 @@ fn validate_cdc(c: RawCdc, base: &Path) -> Result<CdcConfig, String> {
         batch_max_delay: b
             .and_then(|b| b.max_delay)
             .map_or(DEFAULT_BATCH_MAX_DELAY, |d| d.0),
+        batch_ack_timeout,
         sources,
     })
 }

@@ -97,6 +97,9 @@ pub struct Shipper {
     pub batch_max_bytes: usize,
     /// Longest fill wait while a batch is in flight.
     pub batch_max_delay: Duration,
+    /// Longest wait for an acknowledgement while batches are in flight: past it the
+    /// stream is taken for hung (relay-outer stopped reading it) and reopened.
+    pub ack_timeout: Duration,
     /// Process shutdown.
     pub drain: Drain,
     /// This endpoint's removal.
@@ -236,6 +239,8 @@ impl Shipper {
             Err(e) => return End::Retry(format!("spool read from {next}: {e}")),
         };
         let mut next_seq = next;
+        // Last time an acknowledgement arrived or nothing was in flight.
+        let mut progress = tokio::time::Instant::now();
         // A record read ahead of the durable seq, held until it is durable.
         let mut held: Option<(u64, Vec<u8>)> = None;
         // Sizes of batches in flight: (last seq, bytes).
@@ -245,10 +250,18 @@ impl Shipper {
             // Forget acknowledged batches.
             let a = *acked.borrow();
             if a == u64::MAX {
-                return End::Retry("relay-outer closed the stream".into());
+                return End::Retry(self.ended_error());
             }
             while in_flight.front().is_some_and(|(last, _)| *last <= a) {
                 in_flight.pop_front();
+                progress = tokio::time::Instant::now();
+            }
+            if in_flight.is_empty() {
+                progress = tokio::time::Instant::now();
+            }
+            let hung = progress + self.ack_timeout;
+            if tokio::time::Instant::now() >= hung {
+                return End::Retry(self.hung_error());
             }
             let flying: usize = in_flight.iter().map(|(_, b)| b).sum();
             let durable = *synced.borrow_and_update();
@@ -289,6 +302,11 @@ impl Shipper {
                             batch.push(payload);
                             next_seq += 1;
                         }
+                        if next_seq > durable {
+                            // Caught up: hold no segment that acknowledgements may remove
+                            // (a full disk gets its space back only then).
+                            reader.release();
+                        }
                         Ok(())
                     });
                     if let Err(e) = filled {
@@ -314,10 +332,22 @@ impl Shipper {
                 // Before the write: relay-outer may acknowledge before the write returns.
                 sent.store(next_seq - 1, Ordering::Release);
                 let write = msg.write(wr);
+                // The write may wait for window credit that never comes once relay-outer
+                // stopped reading (after refusing a batch, say): watch for the end of the
+                // stream and for a hung peer meanwhile.
+                let deadline = if in_flight.is_empty() {
+                    tokio::time::Instant::now() + self.ack_timeout
+                } else {
+                    hung
+                };
                 tokio::select! {
                     r = write => if let Err(e) = r {
                         return End::Retry(format!("send batch: {e}"));
                     },
+                    _ = acked.wait_for(|a| *a == u64::MAX) => {
+                        return End::Retry(self.ended_error());
+                    }
+                    _ = tokio::time::sleep_until(deadline) => return End::Retry(self.hung_error()),
                     _ = self.drain.stopping() => return End::Stop,
                     _ = self.stop.stopping() => return End::Stop,
                 }
@@ -327,11 +357,19 @@ impl Shipper {
                 metrics::counter!(RECORDS_SENT, &labels).increment(n);
                 continue;
             }
+            let wait_hung = async {
+                if in_flight.is_empty() {
+                    std::future::pending::<()>().await
+                } else {
+                    tokio::time::sleep_until(hung).await
+                }
+            };
             tokio::select! {
                 r = synced.changed() => if r.is_err() { return End::Stop },
                 r = acked.changed() => if r.is_err() {
                     return End::Retry("relay-outer closed the stream".into());
                 },
+                _ = wait_hung => return End::Retry(self.hung_error()),
                 _ = self.drain.stopping() => return End::Stop,
                 _ = self.stop.stopping() => return End::Stop,
             }
@@ -339,7 +377,32 @@ impl Shipper {
     }
 }
 
+impl Shipper {
+    /// Why the stream ended from relay-outer's side: its refusal when it sent one.
+    fn ended_error(&self) -> String {
+        match self.status.last_error() {
+            Some(e) => format!("relay-outer ended the stream: {e}"),
+            None => "relay-outer closed the stream".into(),
+        }
+    }
+
+    fn hung_error(&self) -> String {
+        format!(
+            "no acknowledgement from relay-outer within {:?} (cdc.batch.ack_timeout) while batches \
+             were in flight; reopening the shipping stream",
+            self.ack_timeout
+        )
+    }
+}
+
 impl ShipStatus {
+    fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn error_clear(&self) {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }

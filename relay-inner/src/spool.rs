@@ -13,6 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use relay_proto::cdc::Record;
@@ -85,8 +86,11 @@ pub struct Spool {
     durable_lsn: std::sync::atomic::AtomicU64,
     /// Woken when segments are removed.
     space: Notify,
-    /// Set while the spool is full and that was logged (logged once per episode).
+    /// Set while the spool is full.
     full: std::sync::atomic::AtomicBool,
+    /// When "spool is full" was last logged, and the episodes since.
+    full_logged: Mutex<Option<std::time::Instant>>,
+    full_episodes: AtomicU64,
     /// Random id made when the spool was created; relay-outer's store holds one spool's
     /// records only.
     id: u64,
@@ -155,6 +159,8 @@ impl Spool {
             durable_lsn: lsn.into(),
             space: Notify::new(),
             full: false.into(),
+            full_logged: Mutex::new(None),
+            full_episodes: AtomicU64::new(0),
             id,
         }))
     }
@@ -207,7 +213,10 @@ impl Spool {
         &self.dir
     }
 
-    /// Appends a record (durable after [`Spool::sync`]); waits while the spool is full.
+    /// Appends a record (durable after [`Spool::sync`]); waits while the spool is full:
+    /// at `max_bytes`, or when its filesystem has no space left (checked again every
+    /// [`NO_SPACE_RETRY`] as well as after each removal, since space may come back from
+    /// outside).
     pub async fn append(&self, rec: &Record) -> Result<u64, SpoolError> {
         let payload = rec.encode();
         loop {
@@ -218,26 +227,81 @@ impl Spool {
                 // part: records in the active segment alone must not block for good.
                 let size = st.log.size_bytes();
                 if size >= self.max_bytes && size > st.log.active_bytes() {
-                    return Ok::<_, SpoolError>(None);
+                    return Ok::<_, SpoolError>(Err(Full::Bound));
                 }
-                let seq = st.log.append(&payload)?;
-                st.appended_lsn = st.appended_lsn.max(rec.lsn);
-                Ok(Some(seq))
+                match st.log.append(&payload) {
+                    Ok(seq) => {
+                        st.appended_lsn = st.appended_lsn.max(rec.lsn);
+                        Ok(Ok(seq))
+                    }
+                    // The write was undone (the log is not poisoned): wait for space.
+                    Err(segment_log::LogError::Io { source, path })
+                        if is_no_space(&source) && !st.log.is_poisoned() =>
+                    {
+                        // Seal what the active segment holds, so acknowledgements can
+                        // remove it and free the space (best effort: the disk is full).
+                        if let Err(e) = st.log.seal() {
+                            tracing::debug!(error = %e, "cannot seal the active segment yet");
+                        }
+                        Ok(Err(Full::Disk(format!("{}: {source}", path.display()))))
+                    }
+                    Err(e) => Err(e.into()),
+                }
             })?;
-            if let Some(seq) = appended {
-                if self.full.swap(false, std::sync::atomic::Ordering::Relaxed) {
-                    tracing::info!(source = %self.name(), "spool has room again; reading from the source resumes");
+            let full = match appended {
+                Ok(seq) => {
+                    if self.full.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::info!(source = %self.name(), "spool has room again; reading from the source resumes");
+                    }
+                    return Ok(seq);
                 }
-                return Ok(seq);
-            }
+                Err(full) => full,
+            };
             // Full: make what we have durable so it can be shipped and acknowledged.
             self.sync().await?;
-            metrics::counter!(SPOOL_FULL_WAITS, "source" => self.name()).increment(1);
+            metrics::counter!(SPOOL_FULL_WAITS, "source" => self.name(), "reason" => full.reason())
+                .increment(1);
             if !self.full.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                tracing::warn!(source = %self.name(), dir = %self.dir.display(), max_bytes = self.max_bytes,
-                    "spool is full; reading from the source pauses until relay-outer acknowledges records");
+                self.log_full(&full);
             }
-            notified.await;
+            match full {
+                Full::Bound => notified.await,
+                Full::Disk(_) => {
+                    let _ = tokio::time::timeout(NO_SPACE_RETRY, notified).await;
+                }
+            }
+        }
+    }
+
+    /// Logs that the spool is full: once per episode, and at most once per
+    /// [`FULL_LOG_INTERVAL`] when episodes follow each other (a backlog that fills the
+    /// spool again after every acknowledgement), with the number of waits between.
+    fn log_full(&self, full: &Full) {
+        let mut last = self.full_logged.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        let waits = self
+            .full_episodes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if last.is_some_and(|t| now.duration_since(t) < FULL_LOG_INTERVAL) {
+            tracing::debug!(source = %self.name(), "reading pauses again (the full-spool warning is rate-limited)");
+            return;
+        }
+        *last = Some(now);
+        self.full_episodes
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        match full {
+            Full::Bound => {
+                tracing::warn!(source = %self.name(), dir = %self.dir.display(), max_bytes = self.max_bytes,
+                times_full = waits,
+                "spool is full; reading from the source pauses until relay-outer acknowledges records")
+            }
+            Full::Disk(e) => {
+                tracing::warn!(source = %self.name(), dir = %self.dir.display(), error = %e,
+                times_full = waits,
+                "spool is full: no space left on its filesystem; reading from the source pauses until \
+                 relay-outer acknowledges records or space is freed (nothing is lost)")
+            }
         }
     }
 
@@ -344,6 +408,36 @@ fn log_options(max_bytes: u64) -> LogOptions {
         max_record: MAX_RECORD,
     }
 }
+
+/// Why an append waits.
+enum Full {
+    /// The spool holds `max_bytes`.
+    Bound,
+    /// Its filesystem has no space left (the error).
+    Disk(String),
+}
+
+impl Full {
+    fn reason(&self) -> &'static str {
+        match self {
+            Full::Bound => "max_bytes",
+            Full::Disk(_) => "no_space",
+        }
+    }
+}
+
+/// Whether an I/O error means the filesystem (or the user's quota) is full.
+fn is_no_space(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}
+
+/// How often an append that found no space on the spool's filesystem tries again.
+pub const NO_SPACE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+/// Least time between two "spool is full" warnings.
+pub const FULL_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Counter: times an append waited because the spool was full.
 pub const SPOOL_FULL_WAITS: &str = "routy_cdc_spool_full_waits_total";

@@ -35,6 +35,12 @@ pub struct RigOpts {
     pub inner_extra: String,
     /// Appended to the sink's DSN (e.g. ` sslmode=verify-full sslrootcert=...`).
     pub sink_dsn_extra: String,
+    /// Put relay-inner's spool directory on a tmpfs of this size (e.g. `4m`).
+    pub spool_tmpfs: Option<String>,
+    /// Put relay-outer's store directory on a tmpfs of this size.
+    pub store_tmpfs: Option<String>,
+    /// `cdc.retention` on relay-outer.
+    pub retention: String,
 }
 
 impl Default for RigOpts {
@@ -51,7 +57,57 @@ impl Default for RigOpts {
             relay_extra: "shutdown_grace: 2s\n".into(),
             spool_max: "1GiB".into(),
             inner_extra: String::new(),
+            spool_tmpfs: None,
+            store_tmpfs: None,
+            retention: "1h".into(),
         }
+    }
+}
+
+/// A tmpfs mounted on a directory for a test, unmounted when dropped.
+pub struct Tmpfs {
+    dir: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (as `mount -o size=` takes it) on `dir`, creating it.
+    pub fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).expect("create mount point");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mount tmpfs on {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Changes the size (`mount -o remount,size=`), e.g. to free space.
+    pub fn resize(&self, size: &str) {
+        let out = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "remount {}: {}",
+            self.dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
     }
 }
 
@@ -79,6 +135,10 @@ pub struct CdcRig {
     pub tunnel_addr: std::net::SocketAddr,
     /// The certificates (tunnel `site-a` issued).
     pub pki: Pki,
+    /// The spool's tmpfs, when asked for.
+    pub spool_tmpfs: Option<Tmpfs>,
+    /// The store's tmpfs, when asked for.
+    pub store_tmpfs: Option<Tmpfs>,
     _dirs: tempfile::TempDir,
     /// The namespaces, when used.
     pub pair: Option<NetPair>,
@@ -131,14 +191,23 @@ impl CdcRig {
         let dirs = crate::tempdir();
         let store_dir = dirs.path().join("store");
         let spool_dir = dirs.path().join("spool");
+        let spool_tmpfs = opts
+            .spool_tmpfs
+            .as_deref()
+            .map(|size| Tmpfs::mount(&spool_dir, size));
+        let store_tmpfs = opts
+            .store_tmpfs
+            .as_deref()
+            .map(|size| Tmpfs::mount(&store_dir, size));
         let tunnel_port = free_port();
         let listen_port = free_port();
         let ka = ("1s", "4s");
         let l = ListenerSpec::new("pg", &format!("{out_ip}:{listen_port}"), "site-a", "pg");
         let outer_extra = format!(
-            "{}cdc:\n  dir: {}\n  retention: 1h\n  sinks:\n    - name: {SINK}\n      source: {SOURCE}\n      postgres: {{ dsn: \"host={out_ip} port={} user=postgres dbname=postgres{}\", create_tables: true }}\n      retry: {{ initial: 100ms, max: 1s }}\n",
+            "{}cdc:\n  dir: {}\n  retention: {}\n  sinks:\n    - name: {SINK}\n      source: {SOURCE}\n      postgres: {{ dsn: \"host={out_ip} port={} user=postgres dbname=postgres{}\", create_tables: true }}\n      retry: {{ initial: 100ms, max: 1s }}\n",
             opts.relay_extra,
             store_dir.display(),
+            opts.retention,
             target.port(),
             opts.sink_dsn_extra,
         );
@@ -188,6 +257,8 @@ impl CdcRig {
                 .parse()
                 .expect("tunnel address"),
             pki,
+            spool_tmpfs,
+            store_tmpfs,
             _dirs: dirs,
             pair,
         }
@@ -309,7 +380,15 @@ impl CdcRig {
                 msg.push_str(&format!(
                     "--- {} log ---\n{}\n",
                     r.proc.name(),
-                    crate::tail(&r.proc.log(), 60)
+                    crate::tail(
+                        &r.proc
+                            .log()
+                            .lines()
+                            .filter(|l| !l.contains("keepalive"))
+                            .collect::<Vec<_>>()
+                            .join("\n"),
+                        60
+                    )
                 ));
             }
             panic!("{msg}");

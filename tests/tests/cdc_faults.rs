@@ -13,8 +13,8 @@ const TX_ROWS: u64 = 200;
 
 const TABLE: &str = "public.t";
 
-fn rig(spool_max: &str) -> CdcRig {
-    CdcRig::start(RigOpts {
+fn rig_opts(spool_max: &str) -> RigOpts {
+    RigOpts {
         setup_sql:
             "CREATE TABLE public.t (id bigint PRIMARY KEY, tx int NOT NULL, v text NOT NULL);"
                 .into(),
@@ -22,7 +22,11 @@ fn rig(spool_max: &str) -> CdcRig {
         source_extra: "      heartbeat: 1s\n      status_interval: 1s\n".into(),
         spool_max: spool_max.into(),
         ..RigOpts::default()
-    })
+    }
+}
+
+fn rig(spool_max: &str) -> CdcRig {
+    CdcRig::start(rig_opts(spool_max))
 }
 
 /// Inserts transactions `from..to` (tx numbers), `TX_ROWS` rows each.
@@ -337,4 +341,94 @@ fn a_store_damaged_in_the_middle_is_fetched_again_or_salvaged() {
     });
     assert!(rig.outer().count("lost to corruption") > 0);
     eprintln!("store salvage: {said}missing: {:?}", missing_txs(&rig, 130));
+}
+
+/// Inserts transactions `from..to` of `TX_ROWS` rows of about 700 bytes each (about
+/// 140 KB a transaction).
+fn insert_big_txs(rig: &CdcRig, from: u64, to: u64) {
+    let mut sql = String::new();
+    for tx in from..to {
+        sql.push_str(&format!(
+            "INSERT INTO public.t SELECT g, {tx}, repeat(md5(g::text), 21) FROM generate_series({}, {}) g;\n",
+            tx * TX_ROWS + 1,
+            (tx + 1) * TX_ROWS
+        ));
+    }
+    rig.source.psql(&sql);
+}
+
+/// The fourth fault: the spool's filesystem fills up (a 4 MiB tmpfs under a
+/// 1 GiB `max_bytes`) while relay-outer is away. It used to stop the source for good
+/// ("No space left on device"), and every restart filled the disk again. Now reading
+/// pauses as at `max_bytes`, logged once, and resumes by itself once relay-outer's
+/// acknowledgements free space: everything arrives.
+#[test]
+fn a_full_spool_filesystem_pauses_reading_and_loses_nothing() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let mut rig = CdcRig::start(RigOpts {
+        spool_tmpfs: Some("4m".into()),
+        ..rig_opts("1GiB")
+    });
+    rig.wait_shipping();
+    rig.kill_outer();
+    // About 14 MB of changes into a 4 MiB filesystem.
+    insert_big_txs(&rig, 0, 100);
+    let inner = rig.inner();
+    inner.wait_count("no space left on its filesystem", 1, CATCH_UP);
+    std::thread::sleep(Duration::from_secs(3));
+    rig.start_outer();
+    rig.wait_in_sync(&[TABLE], CATCH_UP);
+    assert_eq!(count(&rig.target), 100 * TX_ROWS);
+    let log = rig.inner().proc.log();
+    assert!(
+        !log.contains("CDC source stopped"),
+        "a full disk must not stop the source:\n{}",
+        routy_e2e::tail(&log, 40)
+    );
+    assert_eq!(
+        log.matches("spool is full").count(),
+        1,
+        "logged once, not per record:\n{}",
+        routy_e2e::tail(&log, 40)
+    );
+}
+
+/// The third fault: relay-outer's store on a full filesystem refuses a batch
+/// ("No space left on device"). The shipper used to wait forever for window credit on a
+/// stream relay-outer no longer read: nothing was shipped after space came back until
+/// relay-inner was restarted. Now every refusal ends in a retry with backoff, and once
+/// space is freed everything arrives.
+#[test]
+fn a_refused_batch_is_sent_again_once_the_store_has_space() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let mut rig = CdcRig::start(RigOpts {
+        store_tmpfs: Some("4m".into()),
+        ..rig_opts("1GiB")
+    });
+    rig.wait_shipping();
+    rig.kill_outer();
+    insert_big_txs(&rig, 0, 100);
+    rig.start_outer();
+    rig.outer()
+        .wait_count("No space left on device", 1, CATCH_UP);
+    // relay-inner keeps trying meanwhile; then space comes back.
+    std::thread::sleep(Duration::from_secs(3));
+    rig.store_tmpfs
+        .as_ref()
+        .expect("store tmpfs")
+        .resize("256m");
+    rig.wait_in_sync(&[TABLE], CATCH_UP);
+    assert_eq!(count(&rig.target), 100 * TX_ROWS);
+    let log = rig.inner().proc.log();
+    assert!(
+        log.contains("relay-outer ended the stream") && log.contains("No space left on device"),
+        "relay-inner says why the stream ended:\n{}",
+        routy_e2e::tail(&log, 30)
+    );
 }

@@ -491,6 +491,18 @@ impl Store {
         let appended = fresh
             .iter()
             .try_for_each(|payload| self.append_one(&mut log, payload));
+        if let Err(LogError::Io { source, .. }) = &appended {
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ) {
+                // A full disk: seal what the active segment holds so that retention can
+                // remove it once the sinks consumed it (best effort).
+                if let Err(e) = log.seal() {
+                    tracing::debug!(source = %self.name, error = %e, "cannot seal the active segment yet");
+                }
+            }
+        }
         // Also after a failed append: the records before it are then durable and count.
         let synced = self.sync(&mut log);
         self.refresh(&log);

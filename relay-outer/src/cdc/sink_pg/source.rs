@@ -114,6 +114,8 @@ impl Source {
                         let at_end = seq >= durable;
                         out.push((seq, payload));
                         if at_end {
+                            // Caught up: hold no segment that retention may remove.
+                            reader.release();
                             break;
                         }
                     }
