@@ -20,7 +20,7 @@ pub const METRICS: &[(&str, &str)] = &[
     (source::TRANSACTIONS_TOTAL, "Source transactions spooled."),
     (source::SNAPSHOT_ROWS_TOTAL, "Rows copied by the initial snapshot, by table."),
     (source::HEARTBEATS_TOTAL, "Heartbeat messages emitted on the source while its published tables were idle."),
-    (source::ERRORS_TOTAL, "Source failures, by reason (fatal, transient)."),
+    (source::ERRORS_TOTAL, "Source failures, by reason (fatal; transient; receive_timeout: nothing heard from the source within receive_timeout)."),
     (relay_inner::spool::SPOOL_FULL_WAITS, "Times reading from the source paused because the spool was full."),
     (SPOOL_BYTES, "Bytes in the spool on disk."),
     (relay_inner::shipper::BATCHES_SENT, "Batches sent to relay-outer."),

@@ -50,7 +50,7 @@ pub const TRANSACTIONS_TOTAL: &str = "routy_cdc_source_transactions_total";
 pub const SNAPSHOT_ROWS_TOTAL: &str = "routy_cdc_source_snapshot_rows_total";
 /// Counter: heartbeat messages emitted on the source.
 pub const HEARTBEATS_TOTAL: &str = "routy_cdc_source_heartbeats_total";
-/// Counter: session errors, by `reason` (connect, replication, query, spool, fatal).
+/// Counter: session errors, by `reason` (fatal, transient, receive_timeout).
 pub const ERRORS_TOTAL: &str = "routy_cdc_source_errors_total";
 
 /// Records are cut near this size inside a large transaction or a table copy.
@@ -76,6 +76,9 @@ pub enum SourceError {
     /// Network trouble, source restart, admin shutdown …: the source reconnects.
     #[error("{0}")]
     Transient(String),
+    /// The server stopped answering within `receive_timeout`: the source reconnects.
+    #[error("{0}")]
+    Stalled(String),
 }
 
 impl SourceError {
@@ -88,6 +91,7 @@ impl SourceError {
         match self {
             SourceError::Fatal(_) => "fatal",
             SourceError::Transient(_) => "transient",
+            SourceError::Stalled(_) => "receive_timeout",
         }
     }
 }
@@ -324,6 +328,8 @@ pub async fn run_with_hooks(
                     tracing::error!(source = %ctx.cfg.name, error = %e, "CDC source stopped");
                     return Err(e);
                 }
+                // Not streaming while it waits to reconnect, whatever the session did last.
+                ctx.status.set_phase("connecting");
                 if started.elapsed() >= HEALTHY_AFTER {
                     backoff.reset();
                 }
