@@ -785,6 +785,32 @@ async fn a_stalled_walsender_is_noticed_and_replaced_without_loss() {
         "{err}"
     );
 
+    // While it cannot stream (the stopped walsender still holds the slot), the retained
+    // WAL is the slot's real one: write several MB of WAL and see it reported.
+    let restart = parse_lsn(
+        pg.psql("SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = 'routy_stall'")
+            .trim(),
+    )
+    .unwrap();
+    pg.psql(
+        "INSERT INTO bulk SELECT g, repeat(md5(g::text), 30) FROM generate_series(1, 12000) g;",
+    );
+    let written = parse_lsn(pg.psql("SELECT pg_current_wal_lsn()").trim()).unwrap() - restart;
+    assert!(written > 8 << 20, "only {written} bytes of WAL written");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = run.status.retained_wal_bytes().unwrap_or(0);
+        if r >= written {
+            eprintln!("retained WAL reported while stalled: {r} bytes");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "retained WAL reported as {r} bytes, the slot holds at least {written}: {}",
+            run.status.to_json()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_ne!(run.status.phase(), "streaming");
 
     // The walsender runs again, finds its client gone and exits; relay-inner streams on a
@@ -795,5 +821,94 @@ async fn a_stalled_walsender_is_noticed_and_replaced_without_loss() {
     let second = walsender_pid(&pg, "routy_stall").await;
     assert_ne!(second, first, "a new walsender serves the slot");
     m.wait_matches(&pg, "public.w").await;
+    run.stop().await.unwrap();
+}
+
+/// A full spool pauses reading, so the slot's WAL grows: the retained-WAL gauge reports it
+/// meanwhile (it was read only between messages of the stream, so it stayed at its value
+/// from before the pause), and the pause is not taken for a stalled server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_wal_is_reported_while_a_full_spool_pauses_reading() {
+    let pg = logical_pg(&[]);
+    pg.psql("CREATE TABLE f (id int PRIMARY KEY, v text); CREATE TABLE bulk (id int, pad text);");
+    let dir = TmpDir::new("full");
+    // 1 MiB segments; nothing is removed until the endpoint acknowledges.
+    let spool = Spool::open(&dir.0, 1 << 20).unwrap();
+    spool.set_endpoints(["outer".to_string()]);
+    let mut cfg = source_cfg(&pg.conninfo(), "full", &["public.f"]);
+    let timeout = Duration::from_secs(3);
+    cfg.receive_timeout = timeout;
+    let run = start(&cfg, &spool, TestHooks::default());
+    run.wait_phase("streaming").await;
+
+    // About 4 MiB of changes: the spool fills up and reading pauses.
+    pg.psql("INSERT INTO f SELECT g, repeat(md5(g::text), 12) FROM generate_series(1, 10000) g;");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let size = spool.size_bytes();
+        if size > 1 << 20 && size == last {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spool did not fill: {size} bytes"
+        );
+        last = size;
+    }
+    let full_at = Instant::now();
+
+    pg.psql(
+        "INSERT INTO bulk SELECT g, repeat(md5(g::text), 30) FROM generate_series(1, 12000) g;",
+    );
+    let slot_holds: u64 = pg
+        .psql("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8 FROM pg_replication_slots WHERE slot_name = 'routy_full'")
+        .parse()
+        .unwrap();
+    assert!(
+        slot_holds > 12 << 20,
+        "the slot holds only {slot_holds} bytes"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = run.status.retained_wal_bytes().unwrap_or(0);
+        if r >= slot_holds {
+            eprintln!("retained WAL reported while the spool is full: {r} bytes");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "retained WAL reported as {r} bytes, the slot holds at least {slot_holds}: {}",
+            run.status.to_json()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Paused for longer than the receive timeout: not a stalled server.
+    tokio::time::sleep((timeout * 2).saturating_sub(full_at.elapsed())).await;
+    assert_eq!(run.status.phase(), "streaming", "{}", run.status.to_json());
+    assert_eq!(run.status.last_error(), None);
+
+    // Acknowledged as read: reading resumes and every row arrives once.
+    let want = pg_rows(&pg, "public.f");
+    let mut m = Model::new(&spool);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        m.poll();
+        spool.ack("outer", m.records.len() as u64).unwrap();
+        if m.rows("public.f") == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} rows arrived: {}",
+            m.rows("public.f").len(),
+            want.len(),
+            run.status.to_json()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(run.status.last_error(), None);
     run.stop().await.unwrap();
 }

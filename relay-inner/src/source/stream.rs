@@ -31,7 +31,7 @@ use relay_proto::cdc::{self, Event, OldRow, Record, Relation, Value};
 use super::catalog::{lost_slot, Db, Table};
 use super::{
     Ctx, SourceError, CONFIRMED_LSN, EVENTS_TOTAL, HEARTBEATS_TOTAL, RECORD_MAX_BYTES,
-    RECORD_TARGET_BYTES, RETAINED_WAL_BYTES, TRANSACTIONS_TOTAL,
+    RECORD_TARGET_BYTES, TRANSACTIONS_TOTAL,
 };
 use crate::config::SourceConfig;
 use crate::pgoutput::{self, Message, OldKind};
@@ -476,13 +476,8 @@ impl Streamer<'_> {
                 "replication slot {} disappeared while streaming",
                 cfg.slot
             ))),
+            // The slot_watch reports it; this decides.
             Some(info) => {
-                self.ctx
-                    .status
-                    .set_slot(Some(info.wal_status.clone()), info.retained_wal_bytes);
-                if let Some(b) = info.retained_wal_bytes {
-                    metrics::gauge!(RETAINED_WAL_BYTES, "source" => self.ctx.label()).set(b as f64);
-                }
                 if info.wal_status == "lost" {
                     return Err(lost_slot(cfg));
                 }
