@@ -816,8 +816,10 @@ async fn a_stalled_walsender_is_noticed_and_replaced_without_loss() {
     // The walsender runs again, finds its client gone and exits; relay-inner streams on a
     // new one and nothing is lost.
     drop(stopped);
+    let resumed = Instant::now();
     pg.psql("INSERT INTO w SELECT g, 'after' FROM generate_series(201, 300) g; UPDATE w SET v = 'u' WHERE id <= 150;");
     run.wait_phase("streaming").await;
+    eprintln!("streaming again {:?} after SIGCONT", resumed.elapsed());
     let second = walsender_pid(&pg, "routy_stall").await;
     assert_ne!(second, first, "a new walsender serves the slot");
     m.wait_matches(&pg, "public.w").await;

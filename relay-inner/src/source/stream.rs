@@ -287,10 +287,15 @@ pub(crate) async fn stream(
         if silence.expired() {
             return Err(SourceError::Stalled(format!(
                 "no message from PostgreSQL on the replication connection for {:.1}s \
-                 (receive_timeout {:?}, a keepalive was requested at half of it): \
-                 the server, its walsender or the network is stalled; dropping the connection",
+                 (receive_timeout {:?}{}): the server, its walsender or the network is stalled; \
+                 dropping the connection",
                 silence.silent.as_secs_f64(),
-                cfg.receive_timeout
+                cfg.receive_timeout,
+                if silence.pinged {
+                    "; the keepalive requested at half of it did not come either"
+                } else {
+                    ""
+                }
             )));
         }
         if silence.ping_due() {
