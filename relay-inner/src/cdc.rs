@@ -14,13 +14,14 @@ use crate::status::EndpointStatus;
 
 /// relay-inner's CDC metrics with their help texts.
 pub const METRICS: &[(&str, &str)] = &[
-    (source::RETAINED_WAL_BYTES, "WAL the source keeps for the slot (current WAL position minus the slot's restart_lsn), bytes."),
+    (source::RETAINED_WAL_BYTES, "WAL the source keeps for the slot (current WAL position minus the slot's restart_lsn), bytes; read on a connection of its own every status_interval, also while the source is failing."),
+    (source::SLOT_CHECKED, "When the slot's retained WAL was last read from the source, Unix seconds; stops moving while the source cannot be reached (the retained WAL gauge then keeps its last value)."),
     (source::CONFIRMED_LSN, "Position confirmed to the source (durable in the spool), as a number."),
     (source::EVENTS_TOTAL, "Change events read from the source, by kind."),
     (source::TRANSACTIONS_TOTAL, "Source transactions spooled."),
     (source::SNAPSHOT_ROWS_TOTAL, "Rows copied by the initial snapshot, by table."),
     (source::HEARTBEATS_TOTAL, "Heartbeat messages emitted on the source while its published tables were idle."),
-    (source::ERRORS_TOTAL, "Source failures, by reason (fatal, transient)."),
+    (source::ERRORS_TOTAL, "Source failures, by reason (fatal; transient; receive_timeout: nothing heard from the source within receive_timeout)."),
     (relay_inner::spool::SPOOL_FULL_WAITS, "Times reading from the source paused because the spool was full."),
     (SPOOL_BYTES, "Bytes in the spool on disk."),
     (relay_inner::shipper::BATCHES_SENT, "Batches sent to relay-outer."),

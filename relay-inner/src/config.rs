@@ -80,6 +80,7 @@ struct RawSource {
     snapshot: Option<String>,
     heartbeat: Option<Dur>,
     status_interval: Option<Dur>,
+    receive_timeout: Option<Dur>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -188,6 +189,11 @@ pub const DEFAULT_BATCH_ACK_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
 /// Default interval of standby status updates to the source.
 pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// Default silence on the replication connection after which it is taken for dead, like
+/// PostgreSQL's own `wal_receiver_timeout`.
+pub const DEFAULT_RECEIVE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Shortest `receive_timeout` accepted (other than 0, which disables it).
+pub const MIN_RECEIVE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The CDC forwarder's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -234,6 +240,9 @@ pub struct SourceConfig {
     pub heartbeat: Duration,
     /// Standby status update interval.
     pub status_interval: Duration,
+    /// Nothing received on the replication connection for this long: it is dead, drop it
+    /// and reconnect; after half of it a keepalive is requested (0: never).
+    pub receive_timeout: Duration,
 }
 
 /// One relay-outer to keep a session with.
@@ -491,6 +500,12 @@ fn validate_cdc(c: RawCdc, base: &Path) -> Result<CdcConfig, String> {
         if status_interval.is_zero() {
             return Err(format!("{f}.status_interval: must be above zero"));
         }
+        let receive_timeout = s.receive_timeout.map_or(DEFAULT_RECEIVE_TIMEOUT, |d| d.0);
+        if !receive_timeout.is_zero() && receive_timeout < MIN_RECEIVE_TIMEOUT {
+            return Err(format!(
+                "{f}.receive_timeout: {receive_timeout:?} is too short: use 0s (off) or at least {MIN_RECEIVE_TIMEOUT:?}"
+            ));
+        }
         sources.push(SourceConfig {
             name: s.name,
             dsn: s.postgres.dsn,
@@ -500,6 +515,7 @@ fn validate_cdc(c: RawCdc, base: &Path) -> Result<CdcConfig, String> {
             snapshot,
             heartbeat: s.heartbeat.map_or(DEFAULT_HEARTBEAT, |d| d.0),
             status_interval,
+            receive_timeout,
         });
     }
     let b = c.batch.as_ref();
@@ -589,6 +605,7 @@ services:
         );
         assert_eq!(s.snapshot, SnapshotMode::Initial);
         assert_eq!(s.heartbeat, DEFAULT_HEARTBEAT);
+        assert_eq!(s.receive_timeout, DEFAULT_RECEIVE_TIMEOUT);
         for (bad, field) in [
             ("tables: [public.orders]", "tables: [orders]"),
             ("tables: [public.orders]", "tables: []"),
@@ -606,6 +623,38 @@ services:
             let e = parse(&y).unwrap_err();
             assert!(e.contains("cdc") || e.contains("tabels"), "{field}: {e}");
         }
+    }
+
+    #[test]
+    fn receive_timeout_parses_and_typos_are_refused() {
+        let src = |extra: &str| {
+            format!(
+                "{GOOD}cdc:\n  spool: {{ dir: spool }}\n  sources:\n    - name: orders\n      postgres: {{ dsn: \"host=db user=routy\", tables: [public.orders] }}\n{extra}"
+            )
+        };
+        let t = |extra: &str| parse(&src(extra)).map(|c| c.cdc.unwrap().sources[0].receive_timeout);
+        assert_eq!(
+            t("      receive_timeout: 5s\n").unwrap(),
+            Duration::from_secs(5)
+        );
+        assert_eq!(t("      receive_timeout: 0s\n").unwrap(), Duration::ZERO);
+        let e = t("      receive_timeout: 100ms\n").unwrap_err();
+        assert!(e.contains("cdc.sources[0].receive_timeout"), "{e}");
+        for typo in [
+            "      recieve_timeout: 5s\n",
+            "      postgres_receive_timeout: 5s\n",
+            "      receive_timeout: 5s\n      wal_receiver_timeout: 5s\n",
+        ] {
+            let e = t(typo).unwrap_err();
+            assert!(e.contains("unknown field"), "{typo}: {e}");
+        }
+        // Not a key of the postgres block.
+        let e = parse(&src("").replace(
+            "tables: [public.orders] }",
+            "tables: [public.orders], receive_timeout: 5s }",
+        ))
+        .unwrap_err();
+        assert!(e.contains("receive_timeout"), "{e}");
     }
 
     #[test]

@@ -9,8 +9,9 @@
 //! Every request/response exchange has a deadline. After a deadline or I/O error the
 //! connection is marked broken (its protocol state is unknown) and must be dropped.
 //! [`ReplicationStream::next`] alone has no deadline: an idle walsender whose client has
-//! confirmed everything legitimately sends nothing, so the caller's select loop (with its
-//! status-update timer) owns that wait; `next` is cancel-safe for that reason.
+//! confirmed everything legitimately sends nothing, so the caller's select loop owns that
+//! wait (status updates, asking for a keepalive and giving up after `receive_timeout`, see
+//! [`crate::source::stream`]); `next` is cancel-safe for that reason.
 //!
 //! TLS follows libpq's `sslmode` and `sslrootcert` (see [`relay_proto::pg_tls`]); the same
 //! parsed DSN also configures the ordinary tokio-postgres connection

@@ -1,6 +1,6 @@
 //! The CDC source against a real PostgreSQL: snapshot and stream meet exactly, a copy
 //! resumes at its table, events (TOAST, TRUNCATE, messages, non-ASCII), slot and
-//! publication lifecycle, lost slot, heartbeat, source restart, TLS.
+//! publication lifecycle, lost slot, heartbeat, source restart, TLS, a stalled walsender.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -60,6 +60,7 @@ fn source_cfg(dsn: &str, name: &str, tables: &[&str]) -> SourceConfig {
         snapshot: SnapshotMode::Initial,
         heartbeat: Duration::ZERO,
         status_interval: Duration::from_secs(1),
+        receive_timeout: relay_inner::config::DEFAULT_RECEIVE_TIMEOUT,
     }
 }
 
@@ -681,4 +682,235 @@ async fn tls_to_the_source_follows_sslmode() {
             source::drop_slot(&cfg, &dir.0).await.unwrap();
         }
     }
+}
+
+/// The walsender serving the slot (`pg_replication_slots.active_pid`), once there is one.
+async fn walsender_pid(pg: &Pg, slot: &str) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pid = pg.psql(&format!(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = '{slot}'"
+        ));
+        if let Ok(pid) = pid.parse() {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "slot {slot} has no walsender");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A process stopped with SIGSTOP; continued (SIGCONT) on drop, also when the test fails,
+/// so the cluster can be shut down.
+struct Stopped(u32);
+
+impl Stopped {
+    fn new(pid: u32) -> Stopped {
+        signal(pid, "STOP");
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+/// The walsender serving the source stops (SIGSTOP): relay-inner notices within about
+/// `receive_timeout`, keeps reporting the WAL the slot really retains while it cannot
+/// stream, and once the walsender runs again it streams on a new connection with no change
+/// lost. Before that, an idle but healthy server that never sends keepalives on its own
+/// (`wal_sender_timeout = 0`) is not mistaken for a dead one: relay-inner asks for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_walsender_is_noticed_and_replaced_without_loss() {
+    let pg = logical_pg(&["wal_sender_timeout = 0"]);
+    pg.psql(
+        "CREATE TABLE w (id int PRIMARY KEY, v text); INSERT INTO w VALUES (0, 'zero');
+         CREATE TABLE bulk (id int, pad text);",
+    );
+    let dir = TmpDir::new("stall");
+    let spool = Spool::open(&dir.0, 1 << 30).unwrap();
+    let mut cfg = source_cfg(&pg.conninfo(), "stall", &["public.w"]);
+    let timeout = Duration::from_secs(3);
+    cfg.receive_timeout = timeout;
+    let run = start(&cfg, &spool, TestHooks::default());
+    run.wait_phase("streaming").await;
+    pg.psql("INSERT INTO w SELECT g, 'before' FROM generate_series(1, 100) g;");
+    let mut m = Model::new(&spool);
+    m.wait_matches(&pg, "public.w").await;
+
+    // Idle and healthy for well over the timeout: the same walsender, no error.
+    let first = walsender_pid(&pg, "routy_stall").await;
+    tokio::time::sleep(timeout * 3).await;
+    assert_eq!(run.status.phase(), "streaming", "{}", run.status.to_json());
+    assert_eq!(run.status.last_error(), None, "idle is not dead");
+    assert_eq!(walsender_pid(&pg, "routy_stall").await, first);
+
+    // Stalled: noticed within about the timeout.
+    let stopped = Stopped::new(first);
+    let stalled_at = Instant::now();
+    pg.psql("INSERT INTO w SELECT g, 'during' FROM generate_series(101, 200) g;");
+    let err = loop {
+        if let Some(e) = run.status.last_error() {
+            break e;
+        }
+        assert!(
+            stalled_at.elapsed() < timeout * 4,
+            "stall not noticed after {:?}: {}",
+            stalled_at.elapsed(),
+            run.status.to_json()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let noticed = stalled_at.elapsed();
+    eprintln!("stall noticed after {noticed:?}: {err}");
+    // Silence counts from the last message, which came at most half the timeout before
+    // the stop (the keepalive relay-inner asked for while idle).
+    assert!(
+        noticed >= timeout / 2 && noticed <= timeout + Duration::from_secs(2),
+        "noticed after {noticed:?} with receive_timeout {timeout:?}: {err}"
+    );
+    assert!(
+        err.contains("no message from PostgreSQL") && err.contains("receive_timeout"),
+        "{err}"
+    );
+
+    // While it cannot stream (the stopped walsender still holds the slot), the retained
+    // WAL is the slot's real one: write several MB of WAL and see it reported.
+    let restart = parse_lsn(
+        pg.psql("SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = 'routy_stall'")
+            .trim(),
+    )
+    .unwrap();
+    pg.psql(
+        "INSERT INTO bulk SELECT g, repeat(md5(g::text), 30) FROM generate_series(1, 12000) g;",
+    );
+    let written = parse_lsn(pg.psql("SELECT pg_current_wal_lsn()").trim()).unwrap() - restart;
+    assert!(written > 8 << 20, "only {written} bytes of WAL written");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = run.status.retained_wal_bytes().unwrap_or(0);
+        if r >= written {
+            eprintln!("retained WAL reported while stalled: {r} bytes");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "retained WAL reported as {r} bytes, the slot holds at least {written}: {}",
+            run.status.to_json()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_ne!(run.status.phase(), "streaming");
+
+    // The walsender runs again, finds its client gone and exits; relay-inner streams on a
+    // new one and nothing is lost.
+    drop(stopped);
+    let resumed = Instant::now();
+    pg.psql("INSERT INTO w SELECT g, 'after' FROM generate_series(201, 300) g; UPDATE w SET v = 'u' WHERE id <= 150;");
+    run.wait_phase("streaming").await;
+    eprintln!("streaming again {:?} after SIGCONT", resumed.elapsed());
+    let second = walsender_pid(&pg, "routy_stall").await;
+    assert_ne!(second, first, "a new walsender serves the slot");
+    m.wait_matches(&pg, "public.w").await;
+    run.stop().await.unwrap();
+}
+
+/// A full spool pauses reading, so the slot's WAL grows: the retained-WAL gauge reports it
+/// meanwhile (it was read only between messages of the stream, so it stayed at its value
+/// from before the pause), and the pause is not taken for a stalled server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_wal_is_reported_while_a_full_spool_pauses_reading() {
+    let pg = logical_pg(&[]);
+    pg.psql("CREATE TABLE f (id int PRIMARY KEY, v text); CREATE TABLE bulk (id int, pad text);");
+    let dir = TmpDir::new("full");
+    // 1 MiB segments; nothing is removed until the endpoint acknowledges.
+    let spool = Spool::open(&dir.0, 1 << 20).unwrap();
+    spool.set_endpoints(["outer".to_string()]);
+    let mut cfg = source_cfg(&pg.conninfo(), "full", &["public.f"]);
+    let timeout = Duration::from_secs(3);
+    cfg.receive_timeout = timeout;
+    let run = start(&cfg, &spool, TestHooks::default());
+    run.wait_phase("streaming").await;
+
+    // About 4 MiB of changes: the spool fills up and reading pauses.
+    pg.psql("INSERT INTO f SELECT g, repeat(md5(g::text), 12) FROM generate_series(1, 10000) g;");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let size = spool.size_bytes();
+        if size > 1 << 20 && size == last {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spool did not fill: {size} bytes"
+        );
+        last = size;
+    }
+    let full_at = Instant::now();
+
+    pg.psql(
+        "INSERT INTO bulk SELECT g, repeat(md5(g::text), 30) FROM generate_series(1, 12000) g;",
+    );
+    let slot_holds: u64 = pg
+        .psql("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8 FROM pg_replication_slots WHERE slot_name = 'routy_full'")
+        .parse()
+        .unwrap();
+    assert!(
+        slot_holds > 12 << 20,
+        "the slot holds only {slot_holds} bytes"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = run.status.retained_wal_bytes().unwrap_or(0);
+        if r >= slot_holds {
+            eprintln!("retained WAL reported while the spool is full: {r} bytes");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "retained WAL reported as {r} bytes, the slot holds at least {slot_holds}: {}",
+            run.status.to_json()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Paused for longer than the receive timeout: not a stalled server.
+    tokio::time::sleep((timeout * 2).saturating_sub(full_at.elapsed())).await;
+    assert_eq!(run.status.phase(), "streaming", "{}", run.status.to_json());
+    assert_eq!(run.status.last_error(), None);
+
+    // Acknowledged as read: reading resumes and every row arrives once.
+    let want = pg_rows(&pg, "public.f");
+    let mut m = Model::new(&spool);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        m.poll();
+        spool.ack("outer", m.records.len() as u64).unwrap();
+        if m.rows("public.f") == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} rows arrived: {}",
+            m.rows("public.f").len(),
+            want.len(),
+            run.status.to_json()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(run.status.last_error(), None);
+    run.stop().await.unwrap();
 }

@@ -196,6 +196,15 @@ fn heartbeat_and_retained_wal_are_reported() {
         m.contains("routy_cdc_source_heartbeats_total{source=\"main\"}"),
         "heartbeats carry the source label:\n{m}"
     );
+    let checked = metric(&m, "routy_cdc_source_slot_checked_timestamp_seconds").unwrap_or(0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (now - checked).abs() < 60.0,
+        "the slot was read recently: {checked} at {now}\n{m}"
+    );
 
     wait_or_log(
         inner,
@@ -210,6 +219,7 @@ fn heartbeat_and_retained_wal_are_reported() {
     assert_eq!(src["publication"], "routy_main", "{st}");
     assert!(src["source"]["last_error"].is_null(), "{st}");
     assert!(src["source"]["retained_wal_bytes"].is_u64(), "{st}");
+    assert!(src["source"]["slot_checked_seconds_ago"].is_f64(), "{st}");
     assert!(src["spool"]["durable_seq"].is_u64(), "{st}");
 
     wait_or_log(

@@ -32,14 +32,18 @@ use crate::replication::{self, ReplicationClient, ReplicationConfig, Replication
 use crate::spool::{Spool, SpoolError};
 
 mod catalog;
+pub mod slot_watch;
 pub mod snapshot;
 pub mod stream;
 
 use catalog::Db;
 use snapshot::SnapshotState;
 
-/// Gauge: WAL the slot holds on the source (`pg_current_wal_lsn() - restart_lsn`), bytes.
+/// Gauge: WAL the slot holds on the source (`pg_current_wal_lsn() - restart_lsn`), bytes;
+/// read by [`slot_watch`] whatever the session is doing.
 pub const RETAINED_WAL_BYTES: &str = "routy_cdc_source_retained_wal_bytes";
+/// Gauge: when [`RETAINED_WAL_BYTES`] was last read from the source, Unix seconds.
+pub const SLOT_CHECKED: &str = "routy_cdc_source_slot_checked_timestamp_seconds";
 /// Gauge: LSN last confirmed to the source (as a number).
 pub const CONFIRMED_LSN: &str = "routy_cdc_source_confirmed_lsn";
 /// Counter: events spooled, by `kind` (begin, commit, insert, …).
@@ -50,7 +54,7 @@ pub const TRANSACTIONS_TOTAL: &str = "routy_cdc_source_transactions_total";
 pub const SNAPSHOT_ROWS_TOTAL: &str = "routy_cdc_source_snapshot_rows_total";
 /// Counter: heartbeat messages emitted on the source.
 pub const HEARTBEATS_TOTAL: &str = "routy_cdc_source_heartbeats_total";
-/// Counter: session errors, by `reason` (connect, replication, query, spool, fatal).
+/// Counter: session errors, by `reason` (fatal, transient, receive_timeout).
 pub const ERRORS_TOTAL: &str = "routy_cdc_source_errors_total";
 
 /// Records are cut near this size inside a large transaction or a table copy.
@@ -76,6 +80,9 @@ pub enum SourceError {
     /// Network trouble, source restart, admin shutdown …: the source reconnects.
     #[error("{0}")]
     Transient(String),
+    /// The server stopped answering within `receive_timeout`: the source reconnects.
+    #[error("{0}")]
+    Stalled(String),
 }
 
 impl SourceError {
@@ -88,6 +95,7 @@ impl SourceError {
         match self {
             SourceError::Fatal(_) => "fatal",
             SourceError::Transient(_) => "transient",
+            SourceError::Stalled(_) => "receive_timeout",
         }
     }
 }
@@ -155,6 +163,7 @@ struct StatusInner {
     confirmed_lsn: u64,
     retained_wal_bytes: Option<u64>,
     wal_status: Option<String>,
+    slot_checked: Option<std::time::SystemTime>,
     slot: String,
 }
 
@@ -187,10 +196,16 @@ impl SourceStatus {
         self.lock().confirmed_lsn = lsn;
     }
 
-    fn set_slot(&self, wal_status: Option<String>, retained: Option<u64>) {
+    fn set_slot(
+        &self,
+        wal_status: Option<String>,
+        retained: Option<u64>,
+        at: std::time::SystemTime,
+    ) {
         let mut s = self.lock();
         s.wal_status = wal_status;
         s.retained_wal_bytes = retained;
+        s.slot_checked = Some(at);
     }
 
     /// `connecting`, `snapshot`, `streaming` or `failed`.
@@ -211,7 +226,8 @@ impl SourceStatus {
         self.lock().confirmed_lsn
     }
 
-    /// WAL retained by the slot, bytes (when known).
+    /// WAL retained by the slot, bytes, as last read from the source (None: no slot, or
+    /// not read yet).
     pub fn retained_wal_bytes(&self) -> Option<u64> {
         self.lock().retained_wal_bytes
     }
@@ -232,6 +248,8 @@ impl SourceStatus {
             "confirmed_lsn": replication::format_lsn(s.confirmed_lsn),
             "retained_wal_bytes": s.retained_wal_bytes,
             "wal_status": s.wal_status,
+            "slot_checked_seconds_ago": s.slot_checked
+                .map(|t| t.elapsed().unwrap_or_default().as_secs_f64()),
         })
     }
 }
@@ -289,6 +307,14 @@ pub async fn run_with_hooks(
         }
     };
     status.lock().slot = cfg.slot.clone();
+    // Reports the slot until relay-inner stops, also after a fatal error: the slot still
+    // holds WAL then.
+    tokio::spawn(slot_watch::run(
+        cfg.clone(),
+        rcfg.clone(),
+        status.clone(),
+        stop.clone(),
+    ));
     let ctx = Ctx {
         cfg,
         rcfg,
@@ -324,6 +350,8 @@ pub async fn run_with_hooks(
                     tracing::error!(source = %ctx.cfg.name, error = %e, "CDC source stopped");
                     return Err(e);
                 }
+                // Not streaming while it waits to reconnect, whatever the session did last.
+                ctx.status.set_phase("connecting");
                 if started.elapsed() >= HEALTHY_AFTER {
                     backoff.reset();
                 }
@@ -364,8 +392,6 @@ async fn session(ctx: &Ctx) -> Result<(), SourceError> {
     match slot {
         Some(s) => {
             s.check(cfg, &ctx.rcfg)?;
-            ctx.status
-                .set_slot(Some(s.wal_status.clone()), s.retained_wal_bytes);
             confirmed_floor = s.confirmed_flush_lsn;
             tracing::info!(source = %cfg.name, slot = %cfg.slot,
                 confirmed_flush = %replication::format_lsn(s.confirmed_flush_lsn), "using the replication slot");

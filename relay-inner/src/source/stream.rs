@@ -17,6 +17,10 @@
 //!   after [`SYNC_MAX_DELAY`] / [`SYNC_MAX_BYTES`]; then the durable LSN is confirmed. With
 //!   no transaction open and everything synced, the WAL position of keepalives and of
 //!   heartbeat messages is confirmed too, so an idle slot advances.
+//! * A stalled server is noticed: after half of `receive_timeout` spent waiting with nothing
+//!   received, a status update asks for a keepalive; after all of it the session fails
+//!   ([`SourceError::Stalled`]) and the source reconnects. The queries made on the ordinary
+//!   connection while streaming have the same deadline.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -27,10 +31,13 @@ use relay_proto::cdc::{self, Event, OldRow, Record, Relation, Value};
 use super::catalog::{lost_slot, Db, Table};
 use super::{
     Ctx, SourceError, CONFIRMED_LSN, EVENTS_TOTAL, HEARTBEATS_TOTAL, RECORD_MAX_BYTES,
-    RECORD_TARGET_BYTES, RETAINED_WAL_BYTES, TRANSACTIONS_TOTAL,
+    RECORD_TARGET_BYTES, TRANSACTIONS_TOTAL,
 };
+use crate::config::SourceConfig;
 use crate::pgoutput::{self, Message, OldKind};
-use crate::replication::{format_lsn, ReplicationClient, ReplicationEvent, ReplicationStream};
+use crate::replication::{
+    format_lsn, ReplicationClient, ReplicationEvent, ReplicationStream, QUERY_TIMEOUT,
+};
 use crate::spool::MAX_RECORD;
 
 /// Longest time appended records wait for a sync while the stream keeps delivering.
@@ -136,6 +143,62 @@ struct Txn {
     skip: bool,
 }
 
+/// How long relay-inner has waited on the replication connection with nothing arriving.
+///
+/// Only time spent waiting counts: while appending waits for a full spool or a catalog
+/// query runs, the stream is not read, and what the server sent meanwhile is still
+/// buffered. At half of `receive_timeout` a keepalive is requested (once per silence); at
+/// `receive_timeout` the connection is taken for dead, like PostgreSQL's
+/// `wal_receiver_timeout`. A zero limit turns both off.
+#[derive(Debug)]
+struct Silence {
+    limit: Duration,
+    silent: Duration,
+    pinged: bool,
+}
+
+impl Silence {
+    fn new(limit: Duration) -> Silence {
+        Silence {
+            limit,
+            silent: Duration::ZERO,
+            pinged: false,
+        }
+    }
+
+    /// A message arrived.
+    fn heard(&mut self) {
+        self.silent = Duration::ZERO;
+        self.pinged = false;
+    }
+
+    /// A wait ended without a message.
+    fn waited(&mut self, d: Duration) {
+        self.silent += d;
+    }
+
+    fn expired(&self) -> bool {
+        !self.limit.is_zero() && self.silent >= self.limit
+    }
+
+    fn ping_due(&self) -> bool {
+        !self.limit.is_zero() && !self.pinged && self.silent >= self.limit / 2
+    }
+
+    /// When a wait starting at `now` must end to ping or to give up.
+    fn wake(&self, now: Instant) -> Option<Instant> {
+        if self.limit.is_zero() {
+            return None;
+        }
+        let at = if self.pinged {
+            self.limit
+        } else {
+            self.limit / 2
+        };
+        Some(now + at.saturating_sub(self.silent))
+    }
+}
+
 struct Streamer<'a> {
     ctx: &'a Ctx,
     db: &'a Db,
@@ -215,10 +278,31 @@ pub(crate) async fn stream(
         next_slot_check: now + cfg.status_interval,
     };
     st.send_status(&mut s, false).await?;
+    let mut silence = Silence::new(cfg.receive_timeout);
     loop {
         if ctx.stop.is_stopping() {
             st.sync(&mut s).await?;
             return Ok(());
+        }
+        if silence.expired() {
+            return Err(SourceError::Stalled(format!(
+                "no message from PostgreSQL on the replication connection for {:.1}s \
+                 (receive_timeout {:?}{}): the server, its walsender or the network is stalled; \
+                 dropping the connection",
+                silence.silent.as_secs_f64(),
+                cfg.receive_timeout,
+                if silence.pinged {
+                    "; the keepalive requested at half of it did not come either"
+                } else {
+                    ""
+                }
+            )));
+        }
+        if silence.ping_due() {
+            // An idle server may send nothing (wal_sender_timeout = 0, or our status
+            // updates keep it from pinging): ask for a keepalive before giving up on it.
+            st.send_status(&mut s, true).await?;
+            silence.pinged = true;
         }
         let now = Instant::now();
         if now >= st.next_slot_check {
@@ -239,13 +323,24 @@ pub(crate) async fn stream(
             None => {
                 let hb = cfg.heartbeat;
                 let hb_at = st.last_decoded + hb;
-                let wake = st.next_status.min(st.next_slot_check);
+                let since = Instant::now();
+                let mut wake = st.next_status.min(st.next_slot_check);
+                if let Some(w) = silence.wake(since) {
+                    wake = wake.min(w);
+                }
+                // Biased: a message already there wins over a timer due at the same time,
+                // so a wait cut short by the timers never counts as silence wrongly.
                 tokio::select! {
+                    biased;
                     r = s.next() => r,
                     _ = ctx.stop.stopping() => continue,
-                    _ = tokio::time::sleep_until(wake.into()) => continue,
+                    _ = tokio::time::sleep_until(wake.into()) => {
+                        silence.waited(since.elapsed());
+                        continue;
+                    }
                     _ = tokio::time::sleep_until(hb_at.into()), if !hb.is_zero() => {
-                        st.db.heartbeat().await?;
+                        silence.waited(since.elapsed());
+                        bounded(cfg, "emitting the heartbeat", st.db.heartbeat()).await?;
                         metrics::counter!(HEARTBEATS_TOTAL, "source" => ctx.label()).increment(1);
                         st.last_decoded = Instant::now();
                         continue;
@@ -253,6 +348,9 @@ pub(crate) async fn stream(
                 }
             }
         };
+        if matches!(ev, Ok(Some(_))) {
+            silence.heard();
+        }
         match ev? {
             None => {
                 return Err(SourceError::Transient(
@@ -277,6 +375,25 @@ pub(crate) async fn stream(
             st.sync(&mut s).await?;
         }
     }
+}
+
+/// Runs a query on the ordinary connection with a deadline (`receive_timeout`, or
+/// [`QUERY_TIMEOUT`] when that is off): a server that stopped answering must not hold the
+/// stream, and with it the receive timeout, up forever.
+async fn bounded<T>(
+    cfg: &SourceConfig,
+    what: &str,
+    query: impl std::future::Future<Output = Result<T, SourceError>>,
+) -> Result<T, SourceError> {
+    let limit = match cfg.receive_timeout {
+        d if d.is_zero() => QUERY_TIMEOUT,
+        d => d,
+    };
+    tokio::time::timeout(limit, query).await.map_err(|_| {
+        SourceError::Stalled(format!(
+            "PostgreSQL did not answer within {limit:?} on the query connection while {what}"
+        ))
+    })?
 }
 
 /// Largest logical-message content kept: anyone may call `pg_logical_emit_message`, so an
@@ -358,18 +475,14 @@ impl Streamer<'_> {
     async fn check_slot(&mut self) -> Result<(), SourceError> {
         self.next_slot_check = Instant::now() + self.ctx.cfg.status_interval;
         let cfg = &self.ctx.cfg;
-        match self.db.slot_info(&cfg.slot).await? {
+        let info = bounded(cfg, "checking the slot", self.db.slot_info(&cfg.slot)).await?;
+        match info {
             None => Err(SourceError::Transient(format!(
                 "replication slot {} disappeared while streaming",
                 cfg.slot
             ))),
+            // The slot_watch reports it; this decides.
             Some(info) => {
-                self.ctx
-                    .status
-                    .set_slot(Some(info.wal_status.clone()), info.retained_wal_bytes);
-                if let Some(b) = info.retained_wal_bytes {
-                    metrics::gauge!(RETAINED_WAL_BYTES, "source" => self.ctx.label()).set(b as f64);
-                }
                 if info.wal_status == "lost" {
                     return Err(lost_slot(cfg));
                 }
@@ -386,7 +499,12 @@ impl Streamer<'_> {
         if let Some(n) = self.types.get(&(oid, typmod)) {
             return Ok(n.clone());
         }
-        let n = self.db.format_type(oid, typmod).await?;
+        let n = bounded(
+            &self.ctx.cfg,
+            "looking up a type name",
+            self.db.format_type(oid, typmod),
+        )
+        .await?;
         self.types.insert((oid, typmod), n.clone());
         Ok(n)
     }
@@ -463,7 +581,14 @@ impl Streamer<'_> {
                     },
                     columns,
                 };
-                if !self.wanted.decide(self.db, &rel).await? {
+                let ctx = self.ctx;
+                let decided = bounded(
+                    &ctx.cfg,
+                    "looking up a partition's ancestors",
+                    self.wanted.decide(self.db, &rel),
+                )
+                .await?;
+                if !decided {
                     tracing::warn!(source = %self.ctx.cfg.name, table = %rel.qualified(),
                         publication = %self.ctx.cfg.publication,
                         "the publication publishes a table that postgres.tables does not list: its changes are not forwarded");
@@ -692,5 +817,36 @@ impl Streamer<'_> {
         }
         self.dirty_bytes += bytes;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn silence_asks_for_a_keepalive_then_gives_up() {
+        let s = Duration::from_secs;
+        let mut q = Silence::new(s(4));
+        let now = Instant::now();
+        assert_eq!(q.wake(now), Some(now + s(2)));
+        q.waited(s(1));
+        assert!(!q.ping_due() && !q.expired());
+        q.waited(s(1));
+        assert!(q.ping_due() && !q.expired());
+        q.pinged = true;
+        assert!(!q.ping_due());
+        assert_eq!(q.wake(now), Some(now + s(2)), "the rest of the limit");
+        q.waited(Duration::from_millis(1999));
+        assert!(!q.expired());
+        // The keepalive came: the count starts over.
+        q.heard();
+        assert!(!q.ping_due() && !q.expired());
+        q.waited(s(5));
+        assert!(q.expired(), "a wait that ran over still ends it");
+
+        let mut off = Silence::new(Duration::ZERO);
+        off.waited(s(3600));
+        assert!(!off.ping_due() && !off.expired() && off.wake(now).is_none());
     }
 }
