@@ -35,3 +35,18 @@ pub fn tune() {
         }
     }
 }
+
+/// Gives free memory back to the kernel (`malloc_trim(0)`): every arena's free pages,
+/// not only the free top [`TRIM_THRESHOLD`] covers. Call when a burst is over (a sink
+/// that applied a large transaction and caught up), not on the data path: it walks and
+/// locks each arena. A no-op where the C library is not glibc.
+pub fn release_free() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim only returns free memory to the kernel; it is thread-safe
+        // (it takes each arena's lock) and touches no memory in use.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
+}

@@ -31,9 +31,18 @@ const CHUNK_ROWS: usize = 2000;
 const CHUNK_BYTES: usize = 4 << 20;
 /// Statements sent and not yet answered at most.
 const MAX_INFLIGHT: usize = 256;
+/// Parameter bytes of batched inserts sent and not yet answered at most: a large
+/// transaction's statements are encoded and queued while the target works, and 256 of
+/// them held about 50 MB (2M rows of 100 bytes); at this bound relay-outer's peak through
+/// such a transaction is about half that, at the same speed.
+const MAX_INFLIGHT_BYTES: usize = 8 << 20;
 /// A target transaction left open inside an incomplete source transaction is rolled
 /// back after this long without new records.
 const IDLE_TXN: Duration = Duration::from_secs(60);
+/// Records applied before a sink that catches up gives free memory back to the kernel.
+const TRIM_AFTER_RECORDS: u64 = 64;
+/// How long a sink that caught up after a burst waits before it gives memory back.
+const TRIM_IDLE: Duration = Duration::from_secs(2);
 /// How often an idle sink checks its connection.
 const IDLE_CHECK: Duration = Duration::from_secs(10);
 
@@ -112,6 +121,8 @@ struct InFlight {
     kind: Kind,
     seq: u64,
     what: &'static str,
+    /// Text bytes of its parameters (batched inserts), for [`MAX_INFLIGHT_BYTES`].
+    bytes: usize,
 }
 
 enum Pending {
@@ -140,6 +151,8 @@ struct Session<'a> {
     offset_stmt: Option<Statement>,
     tables: HashMap<u32, Table>,
     inflight: VecDeque<InFlight>,
+    /// Sum of `bytes` over `inflight`.
+    inflight_bytes: usize,
     batch: Option<Batch>,
     /// Table of the batched insert that failed last (for the duplicate-key fallback).
     batch_table: Option<String>,
@@ -196,6 +209,7 @@ impl<'a> Session<'a> {
             offset_stmt: None,
             tables: HashMap::new(),
             inflight: VecDeque::new(),
+            inflight_bytes: 0,
             batch: None,
             batch_table: None,
             committed: 0,
@@ -304,6 +318,8 @@ impl<'a> Session<'a> {
             if committed == 0 { 0 } else { committed + 1 },
         );
         let mut idle_since: Option<Instant> = None;
+        // Records applied since memory was last given back (see below).
+        let mut since_trim = 0u64;
         // Only the first record a sink without a position reads tells where the store
         // starts (later ones follow it; `committed` stays 0 until the first commit).
         let mut start_checked = committed != 0;
@@ -311,6 +327,7 @@ impl<'a> Session<'a> {
             match src.try_next().await? {
                 Some((seq, rec)) => {
                     idle_since = None;
+                    since_trim += 1;
                     if seq <= self.committed {
                         continue;
                     }
@@ -344,6 +361,19 @@ impl<'a> Session<'a> {
                         .into());
                     }
                     let mut wait = IDLE_CHECK;
+                    if !self.tx_open && since_trim >= TRIM_AFTER_RECORDS {
+                        // Caught up after a burst (a large transaction): once nothing new
+                        // came for TRIM_IDLE (the statements' and the receiver's buffers
+                        // are freed by then), give the memory back to the kernel instead
+                        // of keeping it resident while idle.
+                        let since = *idle_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= TRIM_IDLE {
+                            since_trim = 0;
+                            relay_proto::malloc::release_free();
+                        } else {
+                            wait = TRIM_IDLE.saturating_sub(since.elapsed());
+                        }
+                    }
                     if self.tx_open {
                         // Inside a source transaction whose rest has not arrived.
                         self.drain().await?;
@@ -486,6 +516,7 @@ impl<'a> Session<'a> {
         while let Some(f) = self.inflight.pop_front() {
             let _ = wait(f.result).await;
         }
+        self.inflight_bytes = 0;
         if self.tx_open {
             let _ = self.client.batch_execute("ROLLBACK").await;
             self.tx_open = false;
@@ -500,7 +531,7 @@ impl<'a> Session<'a> {
         let client = self.client.clone();
         let stmt = stmt.clone();
         let fut = async move { client.execute_raw(&stmt, params).await };
-        self.push(Box::pin(fut), kind, what);
+        self.push(Box::pin(fut), kind, what, 0);
     }
 
     /// Sends a simple-protocol statement without waiting for its result.
@@ -508,7 +539,7 @@ impl<'a> Session<'a> {
         let client = self.client.clone();
         let sql = sql.to_string();
         let fut = async move { client.batch_execute(&sql).await.map(|_| 0) };
-        self.push(Box::pin(fut), Kind::Plain, what);
+        self.push(Box::pin(fut), Kind::Plain, what, 0);
     }
 
     fn push(
@@ -518,6 +549,7 @@ impl<'a> Session<'a> {
         >,
         kind: Kind,
         what: &'static str,
+        bytes: usize,
     ) {
         // The first poll writes the request, so requests go out in this order; the task
         // then collects the answer while we go on.
@@ -526,18 +558,22 @@ impl<'a> Session<'a> {
             Poll::Ready(r) => Pending::Done(Some(r)),
             Poll::Pending => Pending::Task(tokio::spawn(fut)),
         };
+        self.inflight_bytes += bytes;
         self.inflight.push_back(InFlight {
             result,
             kind,
             seq: self.seq,
             what,
+            bytes,
         });
     }
 
     /// Waits for the oldest statements while too many are outstanding.
     async fn throttle(&mut self) -> Result<(), Flow> {
-        while self.inflight.len() > MAX_INFLIGHT {
-            let f = self.inflight.pop_front().expect("non-empty");
+        while self.inflight.len() > MAX_INFLIGHT || self.inflight_bytes > MAX_INFLIGHT_BYTES {
+            let Some(f) = self.inflight.pop_front() else {
+                break;
+            };
             self.finish(f).await?;
         }
         Ok(())
@@ -552,6 +588,7 @@ impl<'a> Session<'a> {
     }
 
     async fn finish(&mut self, f: InFlight) -> Result<(), Flow> {
+        self.inflight_bytes = self.inflight_bytes.saturating_sub(f.bytes);
         match wait(f.result).await {
             Ok(rows) => {
                 if let Kind::ExpectRow { table, op } = &f.kind {
@@ -1016,7 +1053,14 @@ impl<'a> Session<'a> {
             )
             .await?;
         let table = self.tables[&b.rel].display.clone();
-        self.send(&stmt, b.cols, Kind::Batch { table }, "inserting rows");
+        let client = self.client.clone();
+        let fut = async move { client.execute_raw(&stmt, b.cols).await };
+        self.push(
+            Box::pin(fut),
+            Kind::Batch { table },
+            "inserting rows",
+            b.bytes,
+        );
         self.throttle().await
     }
 

@@ -11,8 +11,12 @@ use tokio::sync::watch;
 use super::SinkError;
 use crate::cdc::store::Store;
 
-/// Records read per trip to the blocking pool.
+/// Records read per trip to the blocking pool at most.
 const READ_BATCH: usize = 256;
+/// Record bytes read per trip at most (at least one record): records of a large
+/// transaction are up to 256 KiB each, and 256 of them held at once made a sink hold
+/// 64 MiB before it applied any.
+const READ_BATCH_BYTES: usize = 4 << 20;
 
 pub struct Source {
     store: Arc<Store>,
@@ -108,10 +112,12 @@ impl Source {
         let (reader, out, err) = tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
             let mut err = None;
-            while out.len() < max {
+            let mut bytes = 0;
+            while out.len() < max && bytes < READ_BATCH_BYTES {
                 match reader.next() {
                     Some(Ok((seq, payload))) => {
                         let at_end = seq >= durable;
+                        bytes += payload.len();
                         out.push((seq, payload));
                         if at_end {
                             // Caught up: hold no segment that retention may remove.
