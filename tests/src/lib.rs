@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod cdc;
+pub mod chaos;
 pub mod fake;
 mod net;
 mod pg;
