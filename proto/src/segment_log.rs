@@ -1103,6 +1103,36 @@ pub struct Lost {
     pub damage: Damage,
 }
 
+impl Lost {
+    /// The run described as JSON for a marker record: which `log` ("spool" or "store")
+    /// of which `source`, the file, offset and damage.
+    pub fn detail(&self, log: &str, source: &str) -> serde_json::Value {
+        serde_json::json!({
+            "log": log,
+            "source": source,
+            "file": self.path.display().to_string(),
+            "offset": self.offset,
+            "damage": self.damage.to_string(),
+        })
+    }
+}
+
+impl fmt::Display for Lost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "seqs {}..={} unreadable ({} at offset {} of {}): replaced by lost-record markers; \
+             the original segment is kept as {}.salvaged",
+            self.first_seq,
+            self.last_seq,
+            self.damage,
+            self.offset,
+            self.path.display(),
+            self.path.display()
+        )
+    }
+}
+
 /// Repairs a corrupt log without losing a valid record: each damaged segment is
 /// rewritten with every valid record kept and, in place of each unreadable seq, the
 /// payload `marker(seq, &lost)`, so seqs stay consecutive and readers learn what is

@@ -231,16 +231,7 @@ pub fn source_salvage(cfg: &CdcConfig, name: &str) -> anyhow::Result<String> {
     }
     let mut out = format!("salvaged the spool of source {name} ({}):\n", dir.display());
     for l in &lost {
-        out.push_str(&format!(
-            "  seqs {}..={} unreadable ({} at offset {} of {}): replaced by lost-record markers; \
-             the original segment is kept as {}.salvaged\n",
-            l.first_seq,
-            l.last_seq,
-            l.damage,
-            l.offset,
-            l.path.display(),
-            l.path.display()
-        ));
+        out.push_str(&format!("  {l}\n"));
     }
     out.push_str(
         "every valid record was kept and will be shipped; the changes the unreadable records held \

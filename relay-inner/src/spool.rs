@@ -178,13 +178,7 @@ impl Spool {
                 seq,
                 lost.first_seq,
                 lost.last_seq,
-                serde_json::json!({
-                    "log": "spool",
-                    "source": source,
-                    "file": lost.path.display().to_string(),
-                    "offset": lost.offset,
-                    "damage": lost.damage.to_string(),
-                }),
+                lost.detail("spool", &source),
             )
             .encode()
         })?;

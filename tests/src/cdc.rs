@@ -380,15 +380,7 @@ impl CdcRig {
                 msg.push_str(&format!(
                     "--- {} log ---\n{}\n",
                     r.proc.name(),
-                    crate::tail(
-                        &r.proc
-                            .log()
-                            .lines()
-                            .filter(|l| !l.contains("keepalive"))
-                            .collect::<Vec<_>>()
-                            .join("\n"),
-                        60
-                    )
+                    crate::log_tail(&r.proc.log(), 60)
                 ));
             }
             panic!("{msg}");

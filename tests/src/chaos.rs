@@ -291,15 +291,7 @@ pub fn run(opts: &ChaosOpts) -> ChaosReport {
             eprintln!(
                 "--- {} log ---\n{}",
                 r.proc.name(),
-                crate::tail(
-                    &r.proc
-                        .log()
-                        .lines()
-                        .filter(|l| !l.contains("keepalive"))
-                        .collect::<Vec<_>>()
-                        .join("\n"),
-                    80
-                )
+                crate::log_tail(&r.proc.log(), 80)
             );
         }
     }

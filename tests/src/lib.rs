@@ -181,6 +181,12 @@ pub fn run_timeout(
     }
 }
 
+/// The last `n` lines of a relay's log without its keepalive lines (one a second).
+pub fn log_tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().filter(|l| !l.contains("keepalive")).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// The last `n` lines of `text`.
 pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();

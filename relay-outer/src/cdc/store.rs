@@ -610,27 +610,13 @@ impl Store {
                 seq,
                 lost.first_seq,
                 lost.last_seq,
-                serde_json::json!({
-                    "log": "store",
-                    "source": name,
-                    "file": lost.path.display().to_string(),
-                    "offset": lost.offset,
-                    "damage": lost.damage.to_string(),
-                }),
+                lost.detail("store", name),
             )
             .encode()
         })?;
         for l in &lost {
             done.push(format!(
-                "seqs {}..={} unreadable ({} at offset {} of {}): replaced by lost-record markers \
-                 (the sinks log them and count routy_cdc_sink_lost_records_total); the original \
-                 segment is kept as {}.salvaged",
-                l.first_seq,
-                l.last_seq,
-                l.damage,
-                l.offset,
-                l.path.display(),
-                l.path.display()
+                "{l} (the sinks log them and count routy_cdc_sink_lost_records_total)"
             ));
         }
         Ok(done)
