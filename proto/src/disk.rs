@@ -21,6 +21,32 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Like [`write_atomic`], for a small file whose length never changes, and that works on
+/// a full disk: when the atomic replacement fails for want of space, the existing file is
+/// overwritten in place (same length, so no block is allocated; a write this small lies in
+/// one sector) and fsynced. Fails if the file does not exist yet with that length.
+pub fn write_small_even_when_full(path: &Path, contents: &[u8]) -> io::Result<()> {
+    match write_atomic(path, contents) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+            ) =>
+        {
+            let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+            tmp_name.push(".tmp");
+            let _ = std::fs::remove_file(path.with_file_name(tmp_name));
+            let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
+            if f.metadata()?.len() != contents.len() as u64 {
+                return Err(e);
+            }
+            f.write_all(contents)?;
+            f.sync_all()
+        }
+        other => other,
+    }
+}
+
 /// Runs blocking file I/O from async code without stalling the other tasks of a
 /// multi-threaded runtime (`block_in_place`); inline on a current-thread runtime (tests)
 /// or outside a runtime.

@@ -17,7 +17,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use relay_proto::cdc::Record;
-use relay_proto::disk::{blocking, write_atomic};
+use relay_proto::disk::{blocking, write_atomic, write_small_even_when_full};
 use relay_proto::segment_log::{self, LogOptions, Reader, SegmentLog};
 use tokio::sync::{watch, Notify};
 
@@ -136,6 +136,11 @@ impl Spool {
             other => other?,
         };
         let lsn = last_lsn(&log)?.max(read_u64(dir, LSN_FILE)?.unwrap_or(0));
+        if read_u64(dir, LSN_FILE)?.is_none() {
+            // Made now, while there is space, so that a full disk can still update it.
+            write_atomic(&dir.join(LSN_FILE), format!("{lsn:016x}\n").as_bytes())
+                .map_err(|e| SpoolError::File(dir.join(LSN_FILE), e))?;
+        }
         let id = match read_u64(dir, ID_FILE)? {
             Some(id) => id,
             None => {
@@ -375,9 +380,13 @@ impl Spool {
                 return Ok(false);
             }
             // The records about to go may be the last ones that show the durable LSN.
+            // On a full disk too: removing segments is what frees space.
             let lsn = self.durable_lsn();
-            write_atomic(&self.dir.join(LSN_FILE), format!("{lsn:016x}\n").as_bytes())
-                .map_err(|e| SpoolError::File(self.dir.join(LSN_FILE), e))?;
+            write_small_even_when_full(
+                &self.dir.join(LSN_FILE),
+                format!("{lsn:016x}\n").as_bytes(),
+            )
+            .map_err(|e| SpoolError::File(self.dir.join(LSN_FILE), e))?;
             let before = st.log.first_seq();
             st.log.truncate_front(min)?;
             Ok::<_, SpoolError>(st.log.first_seq() != before)
