@@ -25,6 +25,21 @@ pub fn netns_cmd(ns: &str, program: impl AsRef<OsStr>) -> Command {
     cmd
 }
 
+/// Runs `f` on a new thread that has entered network namespace `ns`, and returns what it
+/// returns: sockets made there (a listener, a connection) stay in `ns` and can be used
+/// from any thread.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = Path::new("/run/netns").join(ns);
+    std::thread::spawn(move || {
+        let file =
+            std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        sys::enter_netns(&file).unwrap_or_else(|e| panic!("setns {}: {e}", path.display()));
+        f()
+    })
+    .join()
+    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
 /// Two network namespaces ("inside" and "outside") joined by a veth pair; removed on drop.
 pub struct NetPair {
     inside: String,
