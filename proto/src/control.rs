@@ -23,6 +23,18 @@ pub struct Keepalive {
     pub timeout: Duration,
 }
 
+impl Keepalive {
+    /// The longest a transport may wait, once a link outage is over, before it sends
+    /// again what the outage lost: a fifth of `timeout`, at least 1 s (the least Linux
+    /// takes for TCP_RTO_MAX_MS) and at most 120 s (TCP's own maximum). A fifth leaves
+    /// TCP's own give-up time (15 retransmissions, which the cap shortens) at twice
+    /// `timeout` or more up to a two-minute timeout and 1.5 times up to ten minutes, so
+    /// the keepalive, not TCP, decides when a session is dead.
+    pub fn resend_within(&self) -> Duration {
+        (self.timeout / 5).clamp(Duration::from_secs(1), Duration::from_secs(120))
+    }
+}
+
 /// Default time between keepalive Pings.
 pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 /// Default silence after which a session is dead.

@@ -188,7 +188,7 @@ impl TunnelServer {
     async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
         let settings = self.settings();
         let ka = settings.cfg.keepalive;
-        net::tune_tunnel_socket(&tcp, ka.interval, ka.timeout);
+        net::tune_tunnel_socket(&tcp, ka);
         let accept = settings
             .acceptor
             .accept(net::ReadAhead::new(tcp))
