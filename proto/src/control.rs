@@ -79,6 +79,16 @@ pub enum ControlEnd {
     PeerError(String),
     /// The control stream failed or carried garbage.
     Failed(String),
+    /// The transport gave up on a peer that stopped answering: TCP after all its
+    /// retransmissions (ETIMEDOUT), QUIC after its idle timeout.
+    ConnectionTimedOut {
+        /// What the transport waited for.
+        limit: &'static str,
+        /// The transport's error.
+        error: String,
+    },
+    /// The connection under the session broke (a reset, an unreachable network).
+    ConnectionFailed(String),
     /// We asked to stop (shutdown finished).
     Local,
 }
@@ -91,6 +101,8 @@ impl ControlEnd {
             ControlEnd::PeerClosed => "peer_closed",
             ControlEnd::PeerError(_) => "peer_error",
             ControlEnd::Failed(_) => "failed",
+            ControlEnd::ConnectionTimedOut { .. } => "connection_timeout",
+            ControlEnd::ConnectionFailed(_) => "connection_failed",
             ControlEnd::Local => "local",
         }
     }
@@ -103,6 +115,10 @@ impl std::fmt::Display for ControlEnd {
             ControlEnd::PeerClosed => f.write_str("peer closed the control stream"),
             ControlEnd::PeerError(m) => write!(f, "peer reported error: {m}"),
             ControlEnd::Failed(m) => write!(f, "control stream failed: {m}"),
+            ControlEnd::ConnectionTimedOut { limit, error } => {
+                write!(f, "tunnel connection timed out ({limit}): {error}")
+            }
+            ControlEnd::ConnectionFailed(m) => write!(f, "tunnel connection failed: {m}"),
             ControlEnd::Local => f.write_str("closed locally"),
         }
     }

@@ -373,6 +373,7 @@ impl Dialer {
                 }
             }
         };
+        let end = handle.end_reason(end).await;
         handle.kill();
         Served::Ended(end)
     }

@@ -377,6 +377,7 @@ impl TunnelServer {
             .unwrap_or_else(|e| ControlEnd::Failed(format!("control task failed: {e}")));
         drop(cmd_tx);
         let left = self.registry.remove(&tunnel_name, id);
+        let end = handle.end_reason(end).await;
         metrics::gauge!(m::SESSIONS_UP, &tunnel_label).decrement(1.0);
         metrics::gauge!(m::SESSION_TRANSPORT, &transport_label).decrement(1.0);
         let reason = [
