@@ -13,7 +13,7 @@ use crate::control::Keepalive;
 
 /// Sets what every tunnel socket needs: no Nagle delay, TCP keepalive probes so a NAT
 /// keeps the mapping, and a cap on TCP's retransmission backoff so the tunnel resends
-/// within [`Keepalive::resend_within`] once a link outage ends (see [`cap_rto`]).
+/// within [`Keepalive::rto_max`] once a link outage ends (see [`cap_rto`]).
 ///
 /// Deliberately no TCP_USER_TIMEOUT: the control stream's keepalive decides when a peer
 /// is dead (see [`crate::control`]), and the kernel's timer could only end sessions the
@@ -37,7 +37,7 @@ pub fn tune_tunnel_socket(s: &TcpStream, ka: Keepalive) {
     if let Err(e) = sock.set_tcp_keepalive(&probes) {
         tracing::debug!(error = %e, "TCP keepalive not set");
     }
-    if let Err(e) = cap_rto(s, ka.resend_within()) {
+    if let Err(e) = cap_rto(s, ka.rto_max()) {
         tracing::debug!(error = %e, "TCP_RTO_MAX_MS not set (Linux 6.15 or later has it)");
     }
 }
@@ -56,7 +56,7 @@ const TCP_RTO_MAX_MS: libc::c_int = 44;
 /// 4 s later without a cap, and 0.9 s later with a cap of 1 s. The cap also scales
 /// TCP's own give-up time (15 retransmissions, `tcp_retries2`): measured 15 s at a cap
 /// of 1 s (about 39 s at 3 s by the kernel's formula, 924 s uncapped);
-/// [`Keepalive::resend_within`] keeps it well past the keepalive timeout.
+/// [`Keepalive::rto_max`] keeps it well past the keepalive timeout.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
 fn cap_rto(s: &TcpStream, max: Duration) -> std::io::Result<()> {
