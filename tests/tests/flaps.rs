@@ -11,7 +11,13 @@
 //!    down a send fails at once, TCP retries with its zero-window probe timer, and that
 //!    timer's start (`icsk_probes_tstamp`) is not always cleared when the data then goes
 //!    out, so a later outage is measured from an earlier one.
-//! 2. An outage longer than keepalive.timeout ends the session on both ends within about
+//! 2. Packets dropped on the path (a black hole: neither host notices, TCP and QUIC see
+//!    only loss and back off), again and again, cost nothing either as long as the
+//!    outage plus the transport's delay in resending after it stay below the keepalive
+//!    timeout, which counts from the first unanswered Ping. TCP resends within a fifth of
+//!    the timeout (Linux 6.15+ caps its backoff) so over TLS 3.5 s holes pass with a 6 s
+//!    timeout; quinn backs off without a limit, so over QUIC the holes are 1.5 s.
+//! 3. An outage longer than keepalive.timeout ends the session on both ends within about
 //!    that time, each saying so ("no keepalive answer"), ends the streams, and relay-inner
 //!    reconnects once the link is back.
 
@@ -33,6 +39,18 @@ const FLAP_DOWN: Duration = Duration::from_secs(3);
 const FLAP_UP: Duration = Duration::from_secs(3);
 /// Flaps in the flap test.
 const FLAPS: u32 = 8;
+/// How long the path drops every packet in the TLS black-hole test, where TCP's backoff
+/// is capped at 1.2 s (a fifth of the keepalive timeout): the first unanswered Ping is
+/// answered at most 4.7 s after it was sent, inside the 6 s timeout.
+const HOLE_TLS: Duration = Duration::from_millis(3500);
+/// The same where the kernel has no cap (before Linux 6.15): TCP may wait about as long
+/// again as the hole lasted.
+const HOLE_TLS_UNCAPPED: Duration = Duration::from_millis(2500);
+/// The same over QUIC, whose probes back off without a limit (measured: data again up
+/// to 1.5 times the hole's length after it).
+const HOLE_QUIC: Duration = Duration::from_millis(1500);
+/// Black holes in a black-hole test.
+const HOLES: u32 = 3;
 /// Clients reading through the tunnel at once.
 const CLIENTS: usize = 4;
 /// The service sends the next number after this pause.
@@ -191,7 +209,8 @@ struct Setup {
 }
 
 impl Setup {
-    fn new() -> Setup {
+    /// With `inner_extra` in relay-inner's config (`transport: quic`).
+    fn new(inner_extra: &str) -> Setup {
         let pair = NetPair::new(false);
         let ticker = Ticker::start(&pair);
         let pki = Pki::new(&[pair.outside_ip()]);
@@ -203,7 +222,7 @@ impl Setup {
             &pki,
             (free_port(), listen_port, ticker.port),
             KA,
-            "shutdown_grace: 2s\n",
+            &format!("shutdown_grace: 2s\n{inner_extra}"),
         );
         outer.wait_count("tunnel up", 1, READY);
         Setup {
@@ -231,6 +250,32 @@ impl Setup {
     }
 }
 
+/// Asserts that the one session survived and each client read every number from the
+/// start, most of what the service sent in `ran`.
+fn assert_nothing_lost(s: &Setup, what: &str, counts: &[Result<u64, String>], ran: Duration) {
+    let (inner_down, outer_down) = s.downs();
+    eprintln!("numbers each client read: {counts:?}");
+    assert!(
+        inner_down.is_empty() && outer_down.is_empty(),
+        "{what} (keepalive {KA:?}) cost the session:\nrelay-inner: {inner_down:#?}\nrelay-outer: {outer_down:#?}"
+    );
+    assert_eq!(s.inner.count("tunnel up"), 1, "relay-inner reconnected");
+    assert_eq!(
+        s.outer.count("tunnel up"),
+        1,
+        "relay-outer saw a new session"
+    );
+    // The service sends about 90 numbers a second (a 10 ms pause plus the write); what
+    // it sent while the link was down arrives after, so each client has most of them.
+    let least = (ran.as_secs_f64() * 50.0) as u64;
+    for (i, c) in counts.iter().enumerate() {
+        match c {
+            Ok(n) => assert!(*n >= least, "client {i} read only {n} numbers in {ran:?}"),
+            Err(e) => panic!("client {i}: {e}"),
+        }
+    }
+}
+
 /// The lines of `log` that contain `needle`.
 fn lines_with(log: &str, needle: &str) -> Vec<String> {
     log.lines()
@@ -245,7 +290,7 @@ fn short_link_flaps_cost_no_session_and_no_stream() {
         eprintln!("skipped: needs root (network namespaces)");
         return;
     }
-    let s = Setup::new();
+    let s = Setup::new("");
     let readers = s.readers(CLIENTS);
     std::thread::sleep(Duration::from_secs(2));
     let start = Instant::now();
@@ -267,27 +312,67 @@ fn short_link_flaps_cost_no_session_and_no_stream() {
     }
     let ran = start.elapsed() + Duration::from_secs(2);
     let counts: Vec<_> = readers.into_iter().map(Reader::finish).collect();
-    let (inner_down, outer_down) = s.downs();
-    eprintln!("numbers each client read: {counts:?}");
-    assert!(
-        inner_down.is_empty() && outer_down.is_empty(),
-        "a flap of {FLAP_DOWN:?} (keepalive {KA:?}) cost the session:\nrelay-inner: {inner_down:#?}\nrelay-outer: {outer_down:#?}"
-    );
-    assert_eq!(s.inner.count("tunnel up"), 1, "relay-inner reconnected");
-    assert_eq!(
-        s.outer.count("tunnel up"),
-        1,
-        "relay-outer saw a new session"
-    );
-    // The service sends about 90 numbers a second (a 10 ms pause plus the write); what
-    // it sent while the link was down arrives after, so each client has most of them.
-    let least = (ran.as_secs_f64() * 50.0) as u64;
-    for (i, c) in counts.iter().enumerate() {
-        match c {
-            Ok(n) => assert!(*n >= least, "client {i} read only {n} numbers in {ran:?}"),
-            Err(e) => panic!("client {i}: {e}"),
+    assert_nothing_lost(&s, &format!("a flap of {FLAP_DOWN:?}"), &counts, ran);
+}
+
+/// Whether this kernel caps TCP's retransmission backoff per socket (TCP_RTO_MAX_MS,
+/// Linux 6.15).
+fn kernel_caps_rto() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (6, 15)
+}
+
+/// Drops every packet on the path [`HOLES`] times for `hole`, with 3 s between.
+fn black_holes_cost_nothing(inner_extra: &str, hole: Duration) {
+    let s = Setup::new(inner_extra);
+    let readers = s.readers(CLIENTS);
+    std::thread::sleep(Duration::from_secs(2));
+    let start = Instant::now();
+    for i in 1..=HOLES {
+        s.pair.blackhole();
+        std::thread::sleep(hole);
+        s.pair.heal_blackhole();
+        std::thread::sleep(Duration::from_secs(3));
+        let (inner_down, outer_down) = s.downs();
+        eprintln!(
+            "black hole {i} done after {:?}: tunnel down {} (inner) / {} (outer)",
+            start.elapsed(),
+            inner_down.len(),
+            outer_down.len()
+        );
+        if !inner_down.is_empty() || !outer_down.is_empty() {
+            break;
         }
     }
+    let ran = start.elapsed() + Duration::from_secs(2);
+    let counts: Vec<_> = readers.into_iter().map(Reader::finish).collect();
+    assert_nothing_lost(&s, &format!("a black hole of {hole:?}"), &counts, ran);
+}
+
+#[test]
+fn short_black_holes_cost_nothing_over_tls() {
+    if !is_root() {
+        eprintln!("skipped: needs root (network namespaces, nftables)");
+        return;
+    }
+    let hole = if kernel_caps_rto() {
+        HOLE_TLS
+    } else {
+        HOLE_TLS_UNCAPPED
+    };
+    black_holes_cost_nothing("", hole);
+}
+
+#[test]
+fn short_black_holes_cost_nothing_over_quic() {
+    if !is_root() {
+        eprintln!("skipped: needs root (network namespaces, nftables)");
+        return;
+    }
+    black_holes_cost_nothing("transport: quic\n", HOLE_QUIC);
 }
 
 #[test]
@@ -296,7 +381,7 @@ fn an_outage_longer_than_the_keepalive_timeout_ends_the_session_and_says_why() {
         eprintln!("skipped: needs root (network namespaces)");
         return;
     }
-    let s = Setup::new();
+    let s = Setup::new("");
     let reader = s.readers(1).pop().expect("a reader");
     std::thread::sleep(Duration::from_secs(2));
     let cut = Instant::now();
