@@ -1,10 +1,21 @@
 //! The control stream after the handshake: keepalive Ping/Pong from both ends, RTT,
 //! dead-peer detection, and GoAway for a graceful drain.
 //!
-//! Both ends ping every `interval`; a session from which nothing at all has arrived for
+//! Both ends ping every `interval`; a session in which a Ping has gone unanswered for
 //! `timeout` is dead. Frames are read in a task of their own so a half-written frame
 //! never blocks the timer.
+//!
+//! The clock starts when a Ping is sent, not when the peer was last heard, so the time
+//! between the last answer and a link's failure does not count against the link. An
+//! outage costs no stream (they stall and go on) when it is over, and the transport has
+//! sent again what it lost, within `timeout`: TCP resends within [`Keepalive::rto_max`]
+//! once the link is back (Linux 6.15+; older kernels and QUIC back off without a limit
+//! and may take about as long again as the outage). A peer that died is noticed
+//! `timeout` after the first Ping it did not answer, so between `timeout` and
+//! `timeout + interval` after it went silent. The transports' own limits sit beyond that
+//! (see `net::tune_tunnel_socket`, `quic::transport_config`): the keepalive decides.
 
+use std::collections::VecDeque;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -19,13 +30,29 @@ use crate::frame::{ErrorCode, Frame};
 pub struct Keepalive {
     /// Time between Pings.
     pub interval: Duration,
-    /// Silence after which the session is dead.
+    /// How long a Ping may go unanswered before the session is dead.
     pub timeout: Duration,
+}
+
+/// Pings whose send times are kept; more are sent but not timed (only the oldest
+/// unanswered one sets the deadline, and it is always kept).
+const MAX_TIMED_PINGS: usize = 1024;
+
+impl Keepalive {
+    /// The cap on TCP's retransmission timeout on the tunnel socket, so the most TCP
+    /// waits to resend once a link outage is over: a fifth of `timeout`, at least 1 s
+    /// (the least Linux takes for TCP_RTO_MAX_MS) and at most 120 s (TCP's own maximum).
+    /// A fifth leaves TCP's own give-up time (15 retransmissions, which the cap shortens)
+    /// at twice `timeout` or more up to a two-minute timeout and 1.5 times up to ten
+    /// minutes, so the keepalive, not TCP, decides when a session is dead.
+    pub fn rto_max(&self) -> Duration {
+        (self.timeout / 5).clamp(Duration::from_secs(1), Duration::from_secs(120))
+    }
 }
 
 /// Default time between keepalive Pings.
 pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
-/// Default silence after which a session is dead.
+/// Default time a Ping may go unanswered before the session is dead.
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The `keepalive:` block of either relay's config file.
@@ -34,7 +61,7 @@ pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(15);
 pub struct KeepaliveSpec {
     /// Time between Pings.
     pub interval: Option<crate::units::Dur>,
-    /// Silence after which the session is dead.
+    /// How long a Ping may go unanswered before the session is dead.
     pub timeout: Option<crate::units::Dur>,
 }
 
@@ -59,7 +86,7 @@ impl KeepaliveSpec {
 /// Why the control loop ended (the session should be torn down).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ControlEnd {
-    /// Nothing arrived from the peer within the keepalive timeout.
+    /// A Ping went unanswered for the keepalive timeout.
     Timeout(Duration),
     /// The peer closed the control stream.
     PeerClosed,
@@ -67,6 +94,16 @@ pub enum ControlEnd {
     PeerError(String),
     /// The control stream failed or carried garbage.
     Failed(String),
+    /// The transport gave up on a peer that stopped answering: TCP after all its
+    /// retransmissions (ETIMEDOUT), QUIC after its idle timeout.
+    ConnectionTimedOut {
+        /// What the transport waited for.
+        limit: &'static str,
+        /// The transport's error.
+        error: String,
+    },
+    /// The connection under the session broke (a reset, an unreachable network).
+    ConnectionFailed(String),
     /// We asked to stop (shutdown finished).
     Local,
 }
@@ -79,6 +116,8 @@ impl ControlEnd {
             ControlEnd::PeerClosed => "peer_closed",
             ControlEnd::PeerError(_) => "peer_error",
             ControlEnd::Failed(_) => "failed",
+            ControlEnd::ConnectionTimedOut { .. } => "connection_timeout",
+            ControlEnd::ConnectionFailed(_) => "connection_failed",
             ControlEnd::Local => "local",
         }
     }
@@ -91,6 +130,10 @@ impl std::fmt::Display for ControlEnd {
             ControlEnd::PeerClosed => f.write_str("peer closed the control stream"),
             ControlEnd::PeerError(m) => write!(f, "peer reported error: {m}"),
             ControlEnd::Failed(m) => write!(f, "control stream failed: {m}"),
+            ControlEnd::ConnectionTimedOut { limit, error } => {
+                write!(f, "tunnel connection timed out ({limit}): {error}")
+            }
+            ControlEnd::ConnectionFailed(m) => write!(f, "tunnel connection failed: {m}"),
             ControlEnd::Local => f.write_str("closed locally"),
         }
     }
@@ -119,6 +162,14 @@ fn now_micros() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_micros() as u64
 }
 
+/// Resolves at `at`; never without one.
+async fn at_or_never(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Runs the control stream until the session should end.
 pub async fn run<S>(
     ctrl: S,
@@ -142,15 +193,19 @@ where
     });
     let mut ticker = tokio::time::interval(ka.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_heard = Instant::now();
+    // Pings not answered yet, oldest first: (seq, sent). The peer answers in order.
+    let mut unanswered: VecDeque<(u64, Instant)> = VecDeque::new();
     let mut seq = 0u64;
     let end = loop {
-        let deadline = tokio::time::Instant::from_std(last_heard + ka.timeout);
+        let deadline = unanswered.front().map(|&(_, sent)| sent + ka.timeout);
         tokio::select! {
-            _ = tokio::time::sleep_until(deadline) => break ControlEnd::Timeout(ka.timeout),
+            _ = at_or_never(deadline) => break ControlEnd::Timeout(ka.timeout),
             _ = ticker.tick() => {
                 seq += 1;
                 let ping = Frame::Ping { seq, micros: now_micros() };
+                if unanswered.len() < MAX_TIMED_PINGS {
+                    unanswered.push_back((seq, Instant::now()));
+                }
                 if let Err(e) = write_frame(&mut wr, &ping, ka.timeout).await {
                     break ControlEnd::Failed(e.to_string());
                 }
@@ -169,7 +224,6 @@ where
                     Some(Err(CodecError::Closed)) | None => break ControlEnd::PeerClosed,
                     Some(Err(e)) => break ControlEnd::Failed(e.to_string()),
                 };
-                last_heard = Instant::now();
                 match frame {
                     Frame::Ping { seq, micros } => {
                         let pong = Frame::Pong { seq, micros };
@@ -177,7 +231,10 @@ where
                             break ControlEnd::Failed(e.to_string());
                         }
                     }
-                    Frame::Pong { micros, .. } => {
+                    Frame::Pong { seq: answered, micros } => {
+                        while unanswered.front().is_some_and(|&(s, _)| s <= answered) {
+                            unanswered.pop_front();
+                        }
                         let rtt = Duration::from_micros(now_micros().saturating_sub(micros));
                         let _ = events.send(ControlEvent::Rtt(rtt));
                     }
@@ -250,5 +307,31 @@ mod tests {
         let (e, _ev) = mpsc::unbounded_channel();
         let end = run(a, ka(10), r, e).await;
         assert_eq!(end, ControlEnd::Timeout(Duration::from_millis(40)));
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_talks_but_never_answers_is_declared_dead() {
+        // Only an answer counts: hearing the peer's own Pings says nothing about whether
+        // ours get through.
+        let (a, mut b) = tokio::io::duplex(64 * 1024);
+        let talker = tokio::spawn(async move {
+            for seq in 0.. {
+                let ping = Frame::Ping { seq, micros: 0 };
+                if write_frame(&mut b, &ping, Duration::from_secs(1))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        let (_c, r) = mpsc::channel(1);
+        let (e, _ev) = mpsc::unbounded_channel();
+        let end = tokio::time::timeout(Duration::from_secs(5), run(a, ka(10), r, e))
+            .await
+            .expect("declared dead");
+        assert_eq!(end, ControlEnd::Timeout(Duration::from_millis(40)));
+        talker.abort();
     }
 }

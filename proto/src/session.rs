@@ -16,6 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 
+use crate::control::ControlEnd;
 use crate::lanes::{self, LaneRef};
 use crate::wbuf::{BufferedIo, KillSwitch};
 
@@ -162,7 +163,7 @@ pub struct SessionHandle {
     transport: Transport,
     closed: watch::Receiver<bool>,
     streams: Arc<AtomicUsize>,
-    reason: Arc<std::sync::Mutex<Option<String>>>,
+    ended: EndedSlot,
     /// The lane the session was started on (see [`crate::lanes`]).
     lane: Option<LaneRef>,
 }
@@ -238,7 +239,29 @@ impl SessionHandle {
     /// Why the connection ended, if it ended with an error (a TLS alert from the peer,
     /// a reset, a local kill).
     pub fn close_reason(&self) -> Option<String> {
-        self.reason.lock().ok().and_then(|r| r.clone())
+        self.ended
+            .lock()
+            .ok()
+            .and_then(|r| r.as_ref().map(|e| e.text.clone()))
+    }
+
+    /// Why the session ended, given how its control loop ended. When the connection
+    /// under the session failed (TCP or QUIC gave up on the peer, a reset), the control
+    /// stream merely closed or failed with it: then the connection's failure is the
+    /// reason, not "peer closed the control stream".
+    pub async fn end_reason(&self, end: ControlEnd) -> ControlEnd {
+        if !matches!(end, ControlEnd::PeerClosed | ControlEnd::Failed(_)) {
+            return end;
+        }
+        // The connection's task records its error just before it reports the end; the
+        // control stream can see the close first.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.closed()).await;
+        let failure = self
+            .ended
+            .lock()
+            .ok()
+            .and_then(|e| e.as_ref().and_then(|e| e.failure.clone()));
+        failure.unwrap_or(end)
     }
 
     /// Closes `stream` after what was written to it, waits up to `linger` for the peer
@@ -287,7 +310,7 @@ where
     let (in_tx, in_rx) = mpsc::unbounded_channel();
     let (closed_tx, closed_rx) = watch::channel(false);
     let streams = Arc::new(AtomicUsize::new(0));
-    let reason = Arc::new(std::sync::Mutex::new(None));
+    let ended = EndedSlot::default();
     tokio::spawn(drive(
         conn,
         kill.clone(),
@@ -295,17 +318,68 @@ where
         in_tx,
         closed_tx,
         streams.clone(),
-        reason.clone(),
+        ended.clone(),
     ));
     Session {
         handle: SessionHandle {
             transport: Transport::Yamux { open_tx, kill },
             closed: closed_rx,
             streams,
-            reason,
+            ended,
             lane: lanes::current(),
         },
         incoming: in_rx,
+    }
+}
+
+/// How the connection under a session ended, when it ended with an error.
+#[derive(Debug, Clone)]
+struct Ended {
+    /// The error as the transport put it.
+    text: String,
+    /// What it means for the session when the connection failed; `None` when it was
+    /// closed by either end.
+    failure: Option<ControlEnd>,
+}
+
+type EndedSlot = Arc<std::sync::Mutex<Option<Ended>>>;
+
+/// What TCP's ETIMEDOUT means here: the kernel retransmitted (or probed) as often as it
+/// will without an acknowledgement (the tunnel socket has no TCP_USER_TIMEOUT, see
+/// [`crate::net::tune_tunnel_socket`]).
+const TCP_GAVE_UP: &str = "no acknowledgement from the peer through all of TCP's retransmissions";
+
+/// What an I/O error under the yamux connection means for the session. A broken pipe is
+/// left out: it is what writing after the peer closed looks like.
+fn io_failure(e: &io::Error) -> Option<ControlEnd> {
+    use io::ErrorKind as K;
+    match e.kind() {
+        // An unreachable host or network is what TCP reports instead of ETIMEDOUT when
+        // ICMP said so while it retried (on an established connection it is no reason
+        // to stop earlier).
+        K::TimedOut | K::HostUnreachable | K::NetworkUnreachable => {
+            Some(ControlEnd::ConnectionTimedOut {
+                limit: TCP_GAVE_UP,
+                error: e.to_string(),
+            })
+        }
+        K::ConnectionReset => Some(ControlEnd::ConnectionFailed(e.to_string())),
+        _ => None,
+    }
+}
+
+/// What the end of a QUIC connection means for the session.
+fn quic_failure(e: &quinn::ConnectionError) -> Option<ControlEnd> {
+    use quinn::ConnectionError as E;
+    match e {
+        E::TimedOut => Some(ControlEnd::ConnectionTimedOut {
+            limit: "nothing from the peer within the QUIC idle timeout",
+            error: e.to_string(),
+        }),
+        E::Reset | E::TransportError(_) | E::VersionMismatch | E::CidsExhausted => {
+            Some(ControlEnd::ConnectionFailed(e.to_string()))
+        }
+        E::ConnectionClosed(_) | E::ApplicationClosed(_) | E::LocallyClosed => None,
     }
 }
 
@@ -318,9 +392,9 @@ pub fn quic(conn: quinn::Connection) -> Session {
     let (in_tx, in_rx) = mpsc::unbounded_channel();
     let (closed_tx, closed_rx) = watch::channel(false);
     let streams = Arc::new(AtomicUsize::new(0));
-    let reason = Arc::new(std::sync::Mutex::new(None));
+    let ended = EndedSlot::default();
     {
-        let (conn, streams, reason) = (conn.clone(), streams.clone(), reason.clone());
+        let (conn, streams, ended) = (conn.clone(), streams.clone(), ended.clone());
         tokio::spawn(async move {
             let e = loop {
                 match conn.accept_bi().await {
@@ -340,8 +414,11 @@ pub fn quic(conn: quinn::Connection) -> Session {
                 }
             };
             tracing::debug!(error = %e, "QUIC tunnel connection ended");
-            if let Ok(mut r) = reason.lock() {
-                *r = Some(e.to_string());
+            if let Ok(mut r) = ended.lock() {
+                *r = Some(Ended {
+                    text: e.to_string(),
+                    failure: quic_failure(&e),
+                });
             }
             let _ = closed_tx.send(true);
         });
@@ -351,7 +428,7 @@ pub fn quic(conn: quinn::Connection) -> Session {
             transport: Transport::Quic(conn),
             closed: closed_rx,
             streams,
-            reason,
+            ended,
             lane: lanes::current(),
         },
         incoming: in_rx,
@@ -367,7 +444,7 @@ async fn drive<T>(
     in_tx: mpsc::UnboundedSender<Stream>,
     closed_tx: watch::Sender<bool>,
     streams: Arc<AtomicUsize>,
-    reason: Arc<std::sync::Mutex<Option<String>>>,
+    ended: EndedSlot,
 ) where
     T: futures::io::AsyncRead + futures::io::AsyncWrite + Unpin,
 {
@@ -424,8 +501,22 @@ async fn drive<T>(
     .await;
     if let Err(e) = result {
         tracing::debug!(error = %e, "tunnel connection ended");
-        if let Ok(mut r) = reason.lock() {
-            *r = Some(e.to_string());
+        // A kill from our side also ends in an error; that is no failure.
+        // yamux reports a failed read as a decode error.
+        let failure = match &e {
+            yamux::ConnectionError::Io(io)
+            | yamux::ConnectionError::Decode(yamux::FrameDecodeError::Io(io))
+                if !rounds.is_killed() =>
+            {
+                io_failure(io)
+            }
+            _ => None,
+        };
+        if let Ok(mut r) = ended.lock() {
+            *r = Some(Ended {
+                text: e.to_string(),
+                failure,
+            });
         }
     }
     let _ = closed_tx.send(true);
@@ -505,5 +596,154 @@ mod tests {
         }
         testing::kill_ends_streams(&client.handle).await;
         echo.abort();
+    }
+
+    /// A socket whose reads and writes all fail with `errno` once `broken` is set, as a
+    /// TCP socket does once the kernel gave up on the peer.
+    struct Breakable {
+        inner: tokio::io::DuplexStream,
+        broken: Arc<std::sync::atomic::AtomicBool>,
+        errno: i32,
+    }
+
+    impl Breakable {
+        fn check(&self) -> io::Result<()> {
+            if self.broken.load(Ordering::SeqCst) {
+                Err(io::Error::from_raw_os_error(self.errno))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl AsyncRead for Breakable {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            self.check()?;
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Breakable {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.check()?;
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.check()?;
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// Both ends of a yamux session (the client's socket breakable with `errno`) with
+    /// their control loops running; keepalive every 20 ms, timeout far away.
+    async fn controlled(
+        errno: i32,
+    ) -> (
+        Arc<std::sync::atomic::AtomicBool>,
+        [(SessionHandle, tokio::task::JoinHandle<ControlEnd>); 2],
+    ) {
+        use crate::control::{self, Keepalive};
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let client = yamux(
+            Breakable {
+                inner: a,
+                broken: broken.clone(),
+                errno,
+            },
+            Role::Client,
+        );
+        let mut server = yamux(b, Role::Server);
+        let ka = Keepalive {
+            interval: std::time::Duration::from_millis(20),
+            timeout: std::time::Duration::from_secs(30),
+        };
+        let run = |s: Stream| {
+            let (cmd_tx, cmd_rx) = mpsc::channel(1);
+            let (ev_tx, _ev_rx) = mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                let end = control::run(s, ka, cmd_rx, ev_tx).await;
+                drop(cmd_tx);
+                end
+            })
+        };
+        let c = run(client.handle.open().await.unwrap());
+        let s = run(server.incoming.recv().await.unwrap());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!c.is_finished() && !s.is_finished());
+        (broken, [(client.handle, c), (server.handle, s)])
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_timed_out_is_the_reason_not_the_closed_control_stream() {
+        let (broken, [(client, c), _server]) = controlled(libc::ETIMEDOUT).await;
+        broken.store(true, Ordering::SeqCst);
+        let end = tokio::time::timeout(std::time::Duration::from_secs(5), c)
+            .await
+            .expect("the control loop noticed the broken connection")
+            .unwrap();
+        // What the control loop alone saw: its stream closed or failed.
+        assert!(
+            matches!(end, ControlEnd::PeerClosed | ControlEnd::Failed(_)),
+            "{end:?}"
+        );
+        let end = client.end_reason(end).await;
+        assert_eq!(end.label(), "connection_timeout");
+        let text = end.to_string();
+        assert!(
+            text.starts_with(
+                "tunnel connection timed out (no acknowledgement from the peer through all of \
+                 TCP's retransmissions): "
+            ) && text.contains("os error 110"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reset_connection_is_named_and_a_closed_one_is_not_a_failure() {
+        let (broken, [(client, c), (server, s)]) = controlled(libc::ECONNRESET).await;
+        broken.store(true, Ordering::SeqCst);
+        let end = client.end_reason(c.await.unwrap()).await;
+        assert_eq!(end.label(), "connection_failed", "{end}");
+        assert!(end.to_string().contains("os error 104"), "{end}");
+        // The other end only saw the connection close: that is the peer closing.
+        let end = server.end_reason(s.await.unwrap()).await;
+        assert_eq!(end, ControlEnd::PeerClosed);
+
+        // A session we kill ourselves is no failure either, on both ends.
+        let (_, [(client, c), (server, s)]) = controlled(libc::ETIMEDOUT).await;
+        client.kill();
+        for (h, t) in [(client, c), (server, s)] {
+            let end = h.end_reason(t.await.unwrap()).await;
+            assert_eq!(end, ControlEnd::PeerClosed);
+        }
+    }
+
+    #[test]
+    fn quic_ends_are_told_apart() {
+        use quinn::ConnectionError as E;
+        let end = quic_failure(&E::TimedOut).expect("a timeout is a failure");
+        assert_eq!(
+            end.to_string(),
+            "tunnel connection timed out (nothing from the peer within the QUIC idle timeout): timed out"
+        );
+        assert_eq!(
+            quic_failure(&E::Reset).map(|e| e.label()),
+            Some("connection_failed")
+        );
+        assert_eq!(quic_failure(&E::LocallyClosed), None);
     }
 }

@@ -230,7 +230,7 @@ impl Dialer {
                     .await
                     .map_err(|e| other(format!("TCP connect: {e}")))?;
                 let ka = cur.cfg.keepalive;
-                net::tune_tunnel_socket(&tcp, ka.interval, ka.timeout);
+                net::tune_tunnel_socket(&tcp, ka);
                 let tls = cur
                     .connector
                     .connect(self.endpoint.server_name.clone(), net::ReadAhead::new(tcp))
@@ -373,6 +373,7 @@ impl Dialer {
                 }
             }
         };
+        let end = handle.end_reason(end).await;
         handle.kill();
         Served::Ended(end)
     }

@@ -48,7 +48,8 @@ fn key(e: &OuterEndpoint) -> String {
 }
 
 fn current(cfg: Config, tls: rustls::ClientConfig) -> Result<Arc<Current>, String> {
-    let quic = relay_proto::quic::client_config(tls.clone()).map_err(|e| format!("tls: {e}"))?;
+    let quic = relay_proto::quic::client_config(tls.clone(), cfg.keepalive)
+        .map_err(|e| format!("tls: {e}"))?;
     Ok(Arc::new(Current {
         cfg: Arc::new(cfg),
         connector: tokio_rustls::TlsConnector::from(Arc::new(tls)),

@@ -49,7 +49,10 @@ pub struct OuterRelay {
 
 fn settings(cfg: &Config, tls: rustls::ServerConfig) -> anyhow::Result<Settings> {
     let quic = if cfg.tunnel.quic {
-        Some(relay_proto::quic::server_config(tls.clone()).context("tunnel.quic")?)
+        Some(
+            relay_proto::quic::server_config(tls.clone(), cfg.tunnel.keepalive)
+                .context("tunnel.quic")?,
+        )
     } else {
         None
     };

@@ -188,7 +188,7 @@ impl TunnelServer {
     async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
         let settings = self.settings();
         let ka = settings.cfg.keepalive;
-        net::tune_tunnel_socket(&tcp, ka.interval, ka.timeout);
+        net::tune_tunnel_socket(&tcp, ka);
         let accept = settings
             .acceptor
             .accept(net::ReadAhead::new(tcp))
@@ -377,6 +377,7 @@ impl TunnelServer {
             .unwrap_or_else(|e| ControlEnd::Failed(format!("control task failed: {e}")));
         drop(cmd_tx);
         let left = self.registry.remove(&tunnel_name, id);
+        let end = handle.end_reason(end).await;
         metrics::gauge!(m::SESSIONS_UP, &tunnel_label).decrement(1.0);
         metrics::gauge!(m::SESSION_TRANSPORT, &transport_label).decrement(1.0);
         let reason = [

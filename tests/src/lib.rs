@@ -18,7 +18,7 @@ mod proc;
 pub mod relays;
 mod sys;
 
-pub use net::{netns_cmd, NetPair};
+pub use net::{in_netns, netns_cmd, NetPair};
 pub use pg::{make_pg_certs, pg_bin, pg_bin_dir, psql_at, psql_in, Pg, PgOpts};
 pub use proc::Proc;
 

@@ -25,6 +25,21 @@ pub fn netns_cmd(ns: &str, program: impl AsRef<OsStr>) -> Command {
     cmd
 }
 
+/// Runs `f` on a new thread that has entered network namespace `ns`, and returns what it
+/// returns: sockets made there (a listener, a connection) stay in `ns` and can be used
+/// from any thread.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = Path::new("/run/netns").join(ns);
+    std::thread::spawn(move || {
+        let file =
+            std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        sys::enter_netns(&file).unwrap_or_else(|e| panic!("setns {}: {e}", path.display()));
+        f()
+    })
+    .join()
+    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
 /// Two network namespaces ("inside" and "outside") joined by a veth pair; removed on drop.
 pub struct NetPair {
     inside: String,
@@ -111,12 +126,7 @@ impl NetPair {
 
     /// Loads an nftables ruleset (text for `nft -f`) into the inside namespace.
     pub fn load_nft(&self, ruleset: &str) {
-        let dir = crate::tempdir();
-        let file = dir.path().join("rules.nft");
-        std::fs::write(&file, ruleset).expect("write nft ruleset");
-        let mut cmd = netns_cmd(&self.inside, "nft");
-        cmd.arg("-f").arg(&file);
-        check(&mut cmd).unwrap_or_else(|e| panic!("nft -f in {}: {e}", self.inside));
+        nft_in(&self.inside, ruleset).unwrap_or_else(|e| panic!("nft -f in {}: {e}", self.inside));
     }
 
     /// Name of the inside namespace (the firewalled one).
@@ -175,6 +185,30 @@ impl NetPair {
         ip(&["-n", &self.inside, "link", "set", &self.inside_dev, "up"])
             .unwrap_or_else(|e| panic!("link up: {e}"));
     }
+
+    /// Drops every packet arriving over the veth pair, both ways, with the link up: a
+    /// black hole somewhere on the path, which (unlike [`NetPair::link_down`]) neither
+    /// host notices; TCP sees only loss and backs off.
+    pub fn blackhole(&self) {
+        for (ns, dev) in [
+            (&self.inside, &self.inside_dev),
+            (&self.outside, &self.outside_dev),
+        ] {
+            let rules = format!(
+                "table inet {BLACKHOLE} {{\n chain input {{\n  type filter hook input priority -10;\n  iifname \"{dev}\" drop\n }}\n}}\n"
+            );
+            nft_in(ns, &rules).unwrap_or_else(|e| panic!("black hole in {ns}: {e}"));
+        }
+    }
+
+    /// Ends [`NetPair::blackhole`].
+    pub fn heal_blackhole(&self) {
+        for ns in [&self.inside, &self.outside] {
+            let mut cmd = netns_cmd(ns, "nft");
+            cmd.args(["delete", "table", "inet", BLACKHOLE]);
+            check(&mut cmd).unwrap_or_else(|e| panic!("heal the black hole in {ns}: {e}"));
+        }
+    }
 }
 
 impl Drop for NetPair {
@@ -213,6 +247,19 @@ fn kill_all_in(ns: &str) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The nftables table of [`NetPair::blackhole`].
+const BLACKHOLE: &str = "routy_blackhole";
+
+/// Loads an nftables ruleset (text for `nft -f`) into namespace `ns`.
+fn nft_in(ns: &str, ruleset: &str) -> Result<(), String> {
+    let dir = crate::tempdir();
+    let file = dir.path().join("rules.nft");
+    std::fs::write(&file, ruleset).expect("write nft ruleset");
+    let mut cmd = netns_cmd(ns, "nft");
+    cmd.arg("-f").arg(&file);
+    check(&mut cmd)
 }
 
 /// Runs `ip ARGS`, returning stderr on failure.
