@@ -399,11 +399,14 @@ fn signal(pid: i32, sig: i32) {
 fn fill(dir: &Path) -> PathBuf {
     let path = dir.join("chaos-filler");
     if let Ok(mut f) = std::fs::File::create(&path) {
-        let chunk = vec![0u8; 1 << 20];
-        // Bounded: the tmpfs is 64 MiB.
-        for _ in 0..1024 {
-            if f.write_all(&chunk).is_err() {
-                break;
+        // Bounded: the tmpfs is 64 MiB. Then the last bytes too: freeing space must not
+        // need any.
+        for size in [1 << 20, 4096, 1] {
+            let chunk = vec![0u8; size];
+            for _ in 0..(64 << 20) / size {
+                if f.write_all(&chunk).is_err() {
+                    break;
+                }
             }
         }
     }
