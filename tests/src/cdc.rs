@@ -327,6 +327,17 @@ impl CdcRig {
         r.unwrap_or_else(|e| panic!("{e}\n{}", self.inner().proc.log()));
     }
 
+    /// Waits until relay-inner streams changes from its slot: with `snapshot: never`,
+    /// changes committed before the slot exists are not part of the stream.
+    pub fn wait_streaming(&self) {
+        let r = try_wait_until(CATCH_UP, "relay-inner streaming from its slot", || {
+            self.inner
+                .as_ref()
+                .is_some_and(|r| r.count("streaming changes") > 0)
+        });
+        r.unwrap_or_else(|e| panic!("{e}\n{}", self.inner().proc.log()));
+    }
+
     /// What `relay-outer cdc tail --source SOURCE` prints (JSON lines, the store's whole
     /// stream); panics if it fails.
     pub fn tail(&self, source: &str) -> String {
