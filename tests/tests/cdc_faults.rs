@@ -440,3 +440,52 @@ fn a_refused_batch_is_sent_again_once_the_store_has_space() {
         routy_e2e::tail(&log, 30)
     );
 }
+
+/// Resident and peak resident memory of a process, bytes.
+fn rss(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// The issue's seventh fault: one large source transaction (here 500 000 rows of about
+/// 330 bytes, 165 MB of changes) took relay-outer's memory up with its size: the sink
+/// read 256 records ahead and kept 256 insert statements in flight, whatever their size,
+/// queued while a slow target worked. Now both are bounded in bytes and the peak stays
+/// far below the transaction's size.
+#[test]
+fn a_large_transaction_does_not_grow_relay_outer_with_its_size() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    // A target that takes 50 ms per insert statement: statements queue in relay-outer
+    // unless it bounds them.
+    let rig = CdcRig::start(RigOpts {
+        target_setup_sql: "CREATE TABLE public.t (id bigint PRIMARY KEY, tx int NOT NULL, v text NOT NULL);
+            CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.05); RETURN NULL; END $$;
+            CREATE TRIGGER slow AFTER INSERT ON public.t FOR EACH STATEMENT EXECUTE FUNCTION slow();"
+            .into(),
+        ..rig_opts("64GiB")
+    });
+    rig.wait_shipping();
+    let outer = rig.outer().proc.pid();
+    let (before, _) = rss(outer);
+    rig.source.psql(
+        "INSERT INTO public.t SELECT g, 0, repeat(md5(g::text), 10) FROM generate_series(1, 500000) g",
+    );
+    rig.wait_in_sync(&[TABLE], CATCH_UP);
+    let (_, peak) = rss(outer);
+    let grew = peak.saturating_sub(before);
+    eprintln!("relay-outer: {before} bytes before, peak {peak}");
+    assert!(
+        grew < 80_000_000,
+        "relay-outer grew by {grew} bytes through one transaction of 165 MB"
+    );
+}
