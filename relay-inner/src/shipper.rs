@@ -332,24 +332,32 @@ impl Shipper {
                 // Before the write: relay-outer may acknowledge before the write returns.
                 sent.store(next_seq - 1, Ordering::Release);
                 let write = msg.write(wr);
+                tokio::pin!(write);
                 // The write may wait for window credit that never comes once relay-outer
                 // stopped reading (after refusing a batch, say): watch for the end of the
-                // stream and for a hung peer meanwhile.
-                let deadline = if in_flight.is_empty() {
+                // stream, and for a peer that acknowledges nothing for `ack_timeout` while
+                // it holds batches (each acknowledgement starts the wait again).
+                let mut deadline = if in_flight.is_empty() {
                     tokio::time::Instant::now() + self.ack_timeout
                 } else {
                     hung
                 };
-                tokio::select! {
-                    r = write => if let Err(e) = r {
-                        return End::Retry(format!("send batch: {e}"));
-                    },
-                    _ = acked.wait_for(|a| *a == u64::MAX) => {
-                        return End::Retry(self.ended_error());
+                loop {
+                    tokio::select! {
+                        r = &mut write => match r {
+                            Ok(()) => break,
+                            Err(e) => return End::Retry(format!("send batch: {e}")),
+                        },
+                        r = acked.changed() => {
+                            if r.is_err() || *acked.borrow() == u64::MAX {
+                                return End::Retry(self.ended_error());
+                            }
+                            deadline = tokio::time::Instant::now() + self.ack_timeout;
+                        }
+                        _ = tokio::time::sleep_until(deadline) => return End::Retry(self.hung_error()),
+                        _ = self.drain.stopping() => return End::Stop,
+                        _ = self.stop.stopping() => return End::Stop,
                     }
-                    _ = tokio::time::sleep_until(deadline) => return End::Retry(self.hung_error()),
-                    _ = self.drain.stopping() => return End::Stop,
-                    _ = self.stop.stopping() => return End::Stop,
                 }
                 in_flight.push_back((next_seq - 1, bytes));
                 self.status.sent.store(next_seq - 1, Ordering::Relaxed);

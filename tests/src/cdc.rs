@@ -41,6 +41,9 @@ pub struct RigOpts {
     pub store_tmpfs: Option<String>,
     /// `cdc.retention` on relay-outer.
     pub retention: String,
+    /// Extra lines for relay-inner's `cdc` section (indented 2 spaces), e.g.
+    /// `  batch: { ack_timeout: 1s }`.
+    pub inner_cdc_extra: String,
 }
 
 impl Default for RigOpts {
@@ -60,6 +63,7 @@ impl Default for RigOpts {
             spool_tmpfs: None,
             store_tmpfs: None,
             retention: "1h".into(),
+            inner_cdc_extra: String::new(),
         }
     }
 }
@@ -220,11 +224,12 @@ impl CdcRig {
         );
         let tables = opts.tables.join(", ");
         let inner_extra = format!(
-            "{}{}cdc:\n  spool: {{ dir: {}, max_bytes: {} }}\n  sources:\n    - name: main\n      postgres:\n        dsn: \"host={in_ip} port={} user=postgres dbname=postgres\"\n        tables: [{tables}]\n{}",
+            "{}{}cdc:\n  spool: {{ dir: {}, max_bytes: {} }}\n{}  sources:\n    - name: main\n      postgres:\n        dsn: \"host={in_ip} port={} user=postgres dbname=postgres\"\n        tables: [{tables}]\n{}",
             opts.relay_extra,
             opts.inner_extra,
             spool_dir.display(),
             opts.spool_max,
+            opts.inner_cdc_extra,
             source.port(),
             opts.source_extra,
         );

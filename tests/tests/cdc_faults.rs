@@ -489,3 +489,37 @@ fn a_large_transaction_does_not_grow_relay_outer_with_its_size() {
         "relay-outer grew by {grew} bytes through one transaction of 165 MB"
     );
 }
+
+/// A relay-outer that stops acknowledging (SIGSTOP, shorter than the keepalive timeout,
+/// so the session lives) while batches are in flight: after `cdc.batch.ack_timeout` the
+/// shipper reopens its stream instead of waiting on it for good, and nothing is lost.
+#[test]
+fn a_stream_without_acknowledgements_is_reopened() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let mut rig = CdcRig::start(RigOpts {
+        inner_cdc_extra: "  batch: { ack_timeout: 1s }\n".into(),
+        ..rig_opts("1GiB")
+    });
+    rig.wait_shipping();
+    let load = rig.pgbench(
+        "\\set k random(1, 1000000000)\nINSERT INTO public.t VALUES (:k, 1, 'x') ON CONFLICT (id) DO UPDATE SET tx = public.t.tx + 1;\n",
+        2,
+        8,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let outer = rig.outer.as_mut().expect("relay-outer");
+    outer.proc.signal(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(2500));
+    outer.proc.signal(libc::SIGCONT);
+    eprintln!("{}", load.finish());
+    rig.wait_in_sync(&[TABLE], CATCH_UP);
+    let log = rig.inner().proc.log();
+    assert!(
+        log.contains("no acknowledgement from relay-outer within 1s"),
+        "the hung stream was reopened:\n{}",
+        routy_e2e::log_tail(&log, 40)
+    );
+}
