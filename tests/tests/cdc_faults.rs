@@ -523,3 +523,37 @@ fn a_stream_without_acknowledgements_is_reopened() {
         routy_e2e::log_tail(&log, 40)
     );
 }
+
+/// The initial copy of a table larger than the spool's whole filesystem (20 MB through a
+/// 3 MiB tmpfs): the copy pauses whenever the disk is full and goes on as relay-outer
+/// acknowledges, and its progress file, written on a disk the spool keeps full, does not
+/// stop the source.
+#[test]
+fn an_initial_copy_larger_than_the_spool_disk_goes_through() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let rig = CdcRig::start(RigOpts {
+        setup_sql: "CREATE TABLE public.t (id bigint PRIMARY KEY, tx int NOT NULL, v text NOT NULL);
+            INSERT INTO public.t SELECT g, 0, repeat(md5(g::text), 10) FROM generate_series(1, 60000) g;
+            CREATE TABLE public.u (id bigint PRIMARY KEY, v text NOT NULL);
+            INSERT INTO public.u SELECT g, repeat(md5(g::text), 10) FROM generate_series(1, 2000) g;"
+            .into(),
+        tables: vec![TABLE.into(), "public.u".into()],
+        spool_tmpfs: Some("3m".into()),
+        ..RigOpts::default()
+    });
+    rig.wait_in_sync(&[TABLE, "public.u"], CATCH_UP);
+    let log = rig.inner().proc.log();
+    assert!(
+        !log.contains("CDC source stopped"),
+        "{}",
+        routy_e2e::log_tail(&log, 40)
+    );
+    assert!(
+        log.contains("no space left on its filesystem"),
+        "the copy really filled the disk:\n{}",
+        routy_e2e::log_tail(&log, 40)
+    );
+}

@@ -151,7 +151,16 @@ impl SnapshotState {
     /// Writes the file atomically and durably.
     pub fn save(&self) -> Result<(), SourceError> {
         let err = |what: &str, e: std::io::Error| {
-            SourceError::Fatal(format!("{}: {what}: {e}", self.path.display()))
+            let msg = format!("{}: {what}: {e}", self.path.display());
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ) {
+                // A full disk (the spool may have filled it) passes: try again later.
+                SourceError::Transient(msg)
+            } else {
+                SourceError::Fatal(msg)
+            }
         };
         let dir = self.path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(|e| err("create directory", e))?;
