@@ -116,6 +116,22 @@ fn config_file(yaml: &str) -> (tempfile::TempDir, PathBuf) {
     (dir, path)
 }
 
+/// The body of `GET path` on a relay's admin endpoint (HTTP/1.0), empty on failure.
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
 /// Flips 16 bytes of `file` at `offset`.
 fn flip16(file: &Path, offset: usize) {
     let mut data = std::fs::read(file).expect("read segment");
@@ -305,6 +321,17 @@ fn a_store_damaged_in_the_middle_is_fetched_again_or_salvaged() {
     let outer = rig.outer();
     outer.wait_count(aside, 1, Duration::from_secs(30));
     outer.wait_count("no longer holds it", 1, CATCH_UP);
+    let port = outer.admin_port.expect("relay-outer's admin endpoint");
+    let status = http_get(port, "/status");
+    assert!(
+        status.contains("\"blocked_by\":\"seq") && status.contains(".damaged"),
+        "/status names the damage the sink waits on:\n{status}"
+    );
+    let metrics = http_get(port, "/metrics");
+    assert!(
+        metrics.contains("routy_cdc_store_damaged{source=\"site-a/main\"} 1"),
+        "{metrics}"
+    );
     let log = outer.proc.log();
     assert!(
         log.contains("cdc salvage") && log.contains(&format!("found seq {gone} damaged")),

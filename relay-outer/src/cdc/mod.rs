@@ -37,6 +37,9 @@ pub const BATCHES_RECEIVED: &str = "routy_cdc_batches_received_total";
 pub const RECORDS_RECEIVED: &str = "routy_cdc_records_received_total";
 /// Counter: records received again (resent after a reconnect) and dropped, by `source`.
 pub const RECORDS_DUPLICATE: &str = "routy_cdc_records_duplicate_total";
+/// Gauge: 1 while the store holds damage set aside at open that relay-inner has not
+/// sent again (its sinks wait there), by `source`.
+pub const STORE_DAMAGED: &str = "routy_cdc_store_damaged";
 /// Counter: shipping streams ended by an error, by `source` and `reason`.
 pub const SHIP_ERRORS: &str = "routy_cdc_ship_errors_total";
 /// Gauge: 1 while a shipping stream feeds the source's store, by `source`.
@@ -53,6 +56,10 @@ pub const METRICS: &[(&str, &str)] = &[
         "Seq of the oldest record a source's store holds.",
     ),
     (STORE_BYTES, "Bytes of a source's store on disk."),
+    (
+        STORE_DAMAGED,
+        "1 while damaged records set aside at start wait to be sent again (the sinks wait there).",
+    ),
     (
         BATCHES_RECEIVED,
         "CDC batches received from relay-inner and made durable.",
@@ -151,6 +158,11 @@ impl Source {
         metrics::gauge!(STORE_LAST_SEQ, &label).set(self.store.synced_seq() as f64);
         metrics::gauge!(STORE_FIRST_SEQ, &label).set(self.store.first_seq() as f64);
         metrics::gauge!(STORE_BYTES, &label).set(self.store.size_bytes() as f64);
+        metrics::gauge!(STORE_DAMAGED, &label).set(if self.store.damage().is_some() {
+            1.0
+        } else {
+            0.0
+        });
     }
 }
 
@@ -317,6 +329,8 @@ impl Cdc {
                             s.store.reader_position(&sink_pg::reader_name(k)).unwrap_or(0)),
                         "up": st.as_ref().map(|v| v.up),
                         "last_error": st.and_then(|v| v.last_error),
+                        // The sink cannot go past what the store lacks.
+                        "blocked_by": s.store.damage(),
                     });
                     (k.name.clone(), v)
                 })
