@@ -22,7 +22,7 @@
 //! writes that never completed. Damage *followed by a valid record* is not a torn write
 //! but corruption of durable data: open refuses with [`LogError::DamagedMidLog`] (file,
 //! offset, the damaged and the next valid seq) and cuts nothing, since the records after
-//! it may already have been acknowledged. [`set_aside_damage`] moves the damaged part
+//! it may already have been acknowledged. [`open_setting_aside`] moves the damaged part
 //! into a side file (relay-outer's store, which can fetch it again from relay-inner);
 //! [`salvage`] keeps every valid record and puts a marker record in place of each
 //! damaged one (the operator's way out when no copy exists).
@@ -76,7 +76,7 @@ pub enum LogError {
     },
     /// A damaged record in the last segment with valid records after it: not a write
     /// that never completed (a torn tail has nothing valid after it) but corruption of
-    /// data that was durable. Opening refuses to cut it; see [`set_aside_damage`] and
+    /// data that was durable. Opening refuses to cut it; see [`open_setting_aside`] and
     /// [`salvage`] for the ways out.
     #[error(
         "corrupt record in {path} at offset {offset} ({damage}): seq {damaged_seq} is unreadable \
@@ -957,13 +957,19 @@ fn find_valid_record(
     damage: Damage,
     expected: u64,
 ) -> io::Result<Option<(u64, u64)>> {
-    if let Damage::SeqMismatch { found, .. } = damage {
-        return Ok(Some((offset, found)));
-    }
     let mut rest = Vec::new();
     let mut f = file;
     f.seek(SeekFrom::Start(offset))?;
     f.read_to_end(&mut rest)?;
+    Ok(find_valid_in(&rest, damage, expected).map(|(at, seq)| (offset + at as u64, seq)))
+}
+
+/// [`find_valid_record`] on the bytes from the damage to the end of the segment: the
+/// position in `rest` and the seq of the first valid record.
+fn find_valid_in(rest: &[u8], damage: Damage, expected: u64) -> Option<(usize, u64)> {
+    if let Damage::SeqMismatch { found, .. } = damage {
+        return Some((0, found));
+    }
     let header = HEADER_BYTES as usize;
     let max_seq = expected.saturating_add(rest.len() as u64 / HEADER_BYTES);
     for i in 1..rest.len().saturating_sub(header - 1) {
@@ -983,13 +989,13 @@ fn find_valid_record(
         }
         let crc = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
         if checksum([h[0], h[1], h[2], h[3]], seq_bytes, &rest[i + header..end]) == crc {
-            return Ok(Some((offset + i as u64, seq)));
+            return Some((i, seq));
         }
     }
-    Ok(None)
+    None
 }
 
-/// What [`set_aside_damage`] moved out of the log.
+/// What [`open_setting_aside`] moved out of the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SetAside {
     /// The segment that held the damage.
@@ -1008,7 +1014,7 @@ pub struct SetAside {
     pub damage: Damage,
 }
 
-/// Suffix of a side file made by [`set_aside_damage`].
+/// Suffix of a side file made by [`open_setting_aside`].
 pub const SET_ASIDE_SUFFIX: &str = ".damaged";
 
 /// Opens the log in `dir`; when its last segment is damaged with valid records after the
@@ -1030,15 +1036,18 @@ pub fn open_setting_aside(
             valid_seq,
             ..
         }) => {
-            let aside = set_aside_damage(&path, offset)?;
+            let (file, bytes) = set_aside_damage(&path, offset)?;
             let log = SegmentLog::open(dir, opts)?;
             Ok((
                 log,
                 Some(SetAside {
+                    segment: path,
+                    file,
+                    offset,
+                    bytes,
                     damaged_seq,
                     valid_seq,
                     damage,
-                    ..aside
                 }),
             ))
         }
@@ -1047,8 +1056,9 @@ pub fn open_setting_aside(
 }
 
 /// Moves the bytes of `segment` from `offset` on into `<segment>.<offset>.damaged`, then
-/// cuts the segment there. The side file is durable before the cut.
-pub fn set_aside_damage(segment: &Path, offset: u64) -> Result<SetAside> {
+/// cuts the segment there; returns the side file and the bytes moved. The side file is
+/// durable before the cut.
+fn set_aside_damage(segment: &Path, offset: u64) -> Result<(PathBuf, u64)> {
     let mut name = segment.as_os_str().to_owned();
     name.push(format!(".{offset}{SET_ASIDE_SUFFIX}"));
     let side = PathBuf::from(name);
@@ -1077,15 +1087,7 @@ pub fn set_aside_damage(segment: &Path, offset: u64) -> Result<SetAside> {
     file.sync_all().map_err(io_err(segment))?;
     tracing::error!(segment = %segment.display(), offset, moved_bytes = rest.len(), side_file = %side.display(),
         "damaged records with valid ones after them: moved from the damage on into a side file");
-    Ok(SetAside {
-        segment: segment.to_path_buf(),
-        file: side,
-        offset,
-        bytes: rest.len() as u64,
-        damaged_seq: 0,
-        valid_seq: 0,
-        damage: Damage::Short,
-    })
+    Ok((side, rest.len() as u64))
 }
 
 /// One run of unreadable seqs that [`salvage`] replaced by markers.
@@ -1193,8 +1195,8 @@ fn salvage_segment(
             Read1::End => break,
             Read1::Damaged(damage) => damage,
         };
-        let file = File::open(path).map_err(io_err(path))?;
-        let found = find_valid_record(&file, offset as u64, damage, seq).map_err(io_err(path))?;
+        let found = find_valid_in(&data[offset..], damage, seq)
+            .map(|(at, valid_seq)| ((offset + at) as u64, valid_seq));
         let Some((valid_offset, valid_seq)) = found else {
             tail_damage = Some((offset, damage));
             break;

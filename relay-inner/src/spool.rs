@@ -135,8 +135,9 @@ impl Spool {
             }
             other => other?,
         };
-        let lsn = last_lsn(&log)?.max(read_u64(dir, LSN_FILE)?.unwrap_or(0));
-        if read_u64(dir, LSN_FILE)?.is_none() {
+        let kept_lsn = read_u64(dir, LSN_FILE)?;
+        let lsn = last_lsn(&log)?.max(kept_lsn.unwrap_or(0));
+        if kept_lsn.is_none() {
             // Made now, while there is space, so that a full disk can still update it.
             write_atomic(&dir.join(LSN_FILE), format!("{lsn:016x}\n").as_bytes())
                 .map_err(|e| SpoolError::File(dir.join(LSN_FILE), e))?;

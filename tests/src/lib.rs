@@ -181,6 +181,20 @@ pub fn run_timeout(
     }
 }
 
+/// (resident, peak resident) memory of a process in bytes, from `/proc/PID/status`
+/// (`VmRSS`, `VmHWM`); zeros once it is gone.
+pub fn proc_memory(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
 /// The last `n` lines of a relay's log without its keepalive lines (one a second).
 pub fn log_tail(log: &str, n: usize) -> String {
     let lines: Vec<&str> = log.lines().filter(|l| !l.contains("keepalive")).collect();

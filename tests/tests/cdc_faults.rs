@@ -475,19 +475,6 @@ fn a_refused_batch_is_sent_again_once_the_store_has_space() {
     );
 }
 
-/// Resident and peak resident memory of a process, bytes.
-fn rss(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
 /// The seventh fault: one large source transaction (here 500 000 rows of about
 /// 330 bytes, 165 MB of changes) took relay-outer's memory up with its size: the sink
 /// read 256 records ahead and kept 256 insert statements in flight, whatever their size,
@@ -510,12 +497,12 @@ fn a_large_transaction_does_not_grow_relay_outer_with_its_size() {
     });
     rig.wait_shipping();
     let outer = rig.outer().proc.pid();
-    let (before, _) = rss(outer);
+    let (before, _) = routy_e2e::proc_memory(outer);
     rig.source.psql(
         "INSERT INTO public.t SELECT g, 0, repeat(md5(g::text), 10) FROM generate_series(1, 500000) g",
     );
     rig.wait_in_sync(&[TABLE], CATCH_UP);
-    let (_, peak) = rss(outer);
+    let (_, peak) = routy_e2e::proc_memory(outer);
     let grew = peak.saturating_sub(before);
     eprintln!("relay-outer: {before} bytes before, peak {peak}");
     assert!(

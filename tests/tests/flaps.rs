@@ -290,18 +290,39 @@ fn short_link_flaps_cost_no_session_and_no_stream() {
         eprintln!("skipped: needs root (network namespaces)");
         return;
     }
-    let s = Setup::new("");
+    outages_cost_nothing(
+        &Setup::new(""),
+        "flap",
+        FLAPS,
+        FLAP_DOWN,
+        FLAP_UP,
+        NetPair::link_down,
+        NetPair::link_up,
+    );
+}
+
+/// `n` outages of `down` each (`cut`, then `heal`), `up` apart, while the clients read:
+/// the session must stay and every client must get every number.
+fn outages_cost_nothing(
+    s: &Setup,
+    what: &str,
+    n: u32,
+    down: Duration,
+    up: Duration,
+    cut: fn(&NetPair),
+    heal: fn(&NetPair),
+) {
     let readers = s.readers(CLIENTS);
     std::thread::sleep(Duration::from_secs(2));
     let start = Instant::now();
-    for i in 1..=FLAPS {
-        s.pair.link_down();
-        std::thread::sleep(FLAP_DOWN);
-        s.pair.link_up();
-        std::thread::sleep(FLAP_UP);
+    for i in 1..=n {
+        cut(&s.pair);
+        std::thread::sleep(down);
+        heal(&s.pair);
+        std::thread::sleep(up);
         let (inner_down, outer_down) = s.downs();
         eprintln!(
-            "flap {i} done after {:?}: tunnel down {} (inner) / {} (outer)",
+            "{what} {i} done after {:?}: tunnel down {} (inner) / {} (outer)",
             start.elapsed(),
             inner_down.len(),
             outer_down.len()
@@ -312,7 +333,7 @@ fn short_link_flaps_cost_no_session_and_no_stream() {
     }
     let ran = start.elapsed() + Duration::from_secs(2);
     let counts: Vec<_> = readers.into_iter().map(Reader::finish).collect();
-    assert_nothing_lost(&s, &format!("a flap of {FLAP_DOWN:?}"), &counts, ran);
+    assert_nothing_lost(s, &format!("a {what} of {down:?}"), &counts, ran);
 }
 
 /// Whether this kernel caps TCP's retransmission backoff per socket (TCP_RTO_MAX_MS,
@@ -327,29 +348,15 @@ fn kernel_caps_rto() -> bool {
 
 /// Drops every packet on the path [`HOLES`] times for `hole`, with 3 s between.
 fn black_holes_cost_nothing(inner_extra: &str, hole: Duration) {
-    let s = Setup::new(inner_extra);
-    let readers = s.readers(CLIENTS);
-    std::thread::sleep(Duration::from_secs(2));
-    let start = Instant::now();
-    for i in 1..=HOLES {
-        s.pair.blackhole();
-        std::thread::sleep(hole);
-        s.pair.heal_blackhole();
-        std::thread::sleep(Duration::from_secs(3));
-        let (inner_down, outer_down) = s.downs();
-        eprintln!(
-            "black hole {i} done after {:?}: tunnel down {} (inner) / {} (outer)",
-            start.elapsed(),
-            inner_down.len(),
-            outer_down.len()
-        );
-        if !inner_down.is_empty() || !outer_down.is_empty() {
-            break;
-        }
-    }
-    let ran = start.elapsed() + Duration::from_secs(2);
-    let counts: Vec<_> = readers.into_iter().map(Reader::finish).collect();
-    assert_nothing_lost(&s, &format!("a black hole of {hole:?}"), &counts, ran);
+    outages_cost_nothing(
+        &Setup::new(inner_extra),
+        "black hole",
+        HOLES,
+        hole,
+        Duration::from_secs(3),
+        NetPair::blackhole,
+        NetPair::heal_blackhole,
+    );
 }
 
 #[test]

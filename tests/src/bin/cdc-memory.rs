@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use routy_e2e::cdc::{CdcRig, RigOpts};
-use routy_e2e::try_wait_until;
+use routy_e2e::{proc_memory, try_wait_until};
 
 const USAGE: &str = "usage: cdc-memory [--rows N[,N...]] [--idle-secs S] [--out FILE]";
 
@@ -56,19 +56,6 @@ fn args() -> Result<Args, String> {
     Ok(a)
 }
 
-/// Resident and peak resident memory of a process, bytes.
-fn rss(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
 fn mb(b: u64) -> String {
     format!("{:.0}", b as f64 / 1e6)
 }
@@ -93,7 +80,7 @@ fn one(rows: u64, idle: Duration) -> Row {
     rig.wait_shipping();
     let (outer, inner) = (rig.outer().proc.pid(), rig.inner().proc.pid());
     std::thread::sleep(Duration::from_secs(2));
-    let outer_before = rss(outer).0;
+    let outer_before = proc_memory(outer).0;
     let started = Instant::now();
     rig.source.psql(&format!(
         "INSERT INTO public.big SELECT g, md5(g::text) || md5((g + 1)::text) FROM generate_series(1, {rows}) g"
@@ -111,17 +98,17 @@ fn one(rows: u64, idle: Duration) -> Row {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let secs = started.elapsed().as_secs_f64();
-    let (_, outer_peak) = rss(outer);
-    let (_, inner_peak) = rss(inner);
+    let (_, outer_peak) = proc_memory(outer);
+    let (_, inner_peak) = proc_memory(inner);
     std::thread::sleep(idle);
     Row {
         rows,
         secs,
         outer_before,
         outer_peak,
-        outer_idle: rss(outer).0,
+        outer_idle: proc_memory(outer).0,
         inner_peak,
-        inner_idle: rss(inner).0,
+        inner_idle: proc_memory(inner).0,
     }
 }
 
