@@ -28,7 +28,7 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+pub use crate::lsn::{format_lsn, parse_lsn};
 
 /// Version byte at the head of every encoded record.
 pub const RECORD_VERSION: u8 = 1;
@@ -652,19 +652,6 @@ fn decode_event(r: &mut Rd<'_>) -> Result<Event, CdcError> {
     })
 }
 
-/// Formats an LSN the way PostgreSQL does (`16/B374D848`).
-pub fn format_lsn(lsn: u64) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
-}
-
-/// Parses an LSN written the way PostgreSQL does.
-pub fn parse_lsn(s: &str) -> Option<u64> {
-    let (hi, lo) = s.trim().split_once('/')?;
-    let hi = u32::from_str_radix(hi, 16).ok()?;
-    let lo = u32::from_str_radix(lo, 16).ok()?;
-    Some(((hi as u64) << 32) | lo as u64)
-}
-
 /// A PostgreSQL timestamp (microseconds since 2000-01-01 UTC) as RFC 3339 UTC.
 pub fn format_pg_time(micros: i64) -> String {
     let unix_micros = micros.saturating_add(PG_EPOCH_UNIX_SECS.saturating_mul(1_000_000));
@@ -1004,37 +991,6 @@ impl ShipMessage {
         }
         Ok(msg)
     }
-
-    /// Writes the message.
-    pub async fn write<W: AsyncWrite + Unpin>(&self, w: &mut W) -> std::io::Result<()> {
-        let buf = self
-            .encode()
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        w.write_all(&buf).await?;
-        w.flush().await
-    }
-
-    /// Reads one message; `Ok(None)` on a clean end of stream before a message starts.
-    pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Option<ShipMessage>> {
-        let mut len = [0u8; 4];
-        match r.read_exact(&mut len).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-            Err(e) => return Err(e),
-        }
-        let len = u32::from_be_bytes(len) as usize;
-        if len > MAX_SHIP_MESSAGE {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                CdcError::TooLarge(len),
-            ));
-        }
-        let mut body = vec![0u8; len];
-        r.read_exact(&mut body).await?;
-        ShipMessage::decode_body(&body)
-            .map(Some)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-    }
 }
 
 #[cfg(test)]
@@ -1167,7 +1123,7 @@ mod tests {
         ] {
             assert_eq!(parse_time(bad), None, "{bad}");
         }
-        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
+        assert_eq!(parse_lsn("16/B374D848"), Ok(0x16_B374_D848));
         assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
     }
 

@@ -7,7 +7,7 @@ use relay_inner::config::{CdcConfig, SourceConfig};
 use relay_inner::shipper::{ShipStatus, Shipper};
 use relay_inner::source::{self, SourceStatus};
 use relay_inner::spool::Spool;
-use relay_proto::drain::Drain;
+use routy_ops::drain::Drain;
 use tracing::{debug, info};
 
 use crate::status::EndpointStatus;
@@ -252,12 +252,13 @@ pub async fn source_drop_slot(cfg: &SourceConfig, dir: &std::path::Path) -> anyh
 fn any_live_session(
     connections: &[Arc<EndpointStatus>],
     stop: Drain,
-) -> tokio::sync::watch::Receiver<Option<relay_proto::session::SessionHandle>> {
+) -> tokio::sync::watch::Receiver<Option<routy_tunnel::session::SessionHandle>> {
     let mut watches: Vec<_> = connections.iter().map(|c| c.session()).collect();
     if watches.len() == 1 {
         return watches.remove(0);
     }
-    let (tx, rx) = tokio::sync::watch::channel::<Option<relay_proto::session::SessionHandle>>(None);
+    let (tx, rx) =
+        tokio::sync::watch::channel::<Option<routy_tunnel::session::SessionHandle>>(None);
     tokio::spawn(async move {
         loop {
             let current_alive = tx.borrow().as_ref().is_some_and(|s| !s.is_closed());

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use relay_proto::config_file::{self, AdminSpec, ConfigError};
-use relay_proto::control::{Keepalive, KeepaliveSpec};
-use relay_proto::units::{resolve_path, Dur, Size};
+use routy_ops::config_file::{self, AdminSpec, ConfigError};
+use routy_ops::units::{resolve_path, Dur, Size};
+use routy_tunnel::control::{Keepalive, KeepaliveSpec};
 use serde::Deserialize;
 
 /// Default first reconnect delay ceiling.
@@ -156,7 +156,7 @@ pub struct Config {
     /// Tunnel connections (sessions) kept to each relay-outer endpoint.
     pub connections: usize,
     /// Data-path threads: each tunnel connection, and the streams spliced over it, runs
-    /// on one (see `relay_proto::lanes`).
+    /// on one (see `routy_tunnel::lanes`).
     pub threads: usize,
     /// Change data capture, when configured.
     pub cdc: Option<CdcConfig>,
@@ -384,7 +384,7 @@ impl Config {
             Some(c) => Some(validate_cdc(c, base)?),
         };
         Ok(Config {
-            threads: config_file::threads(raw.threads)?,
+            threads: routy_tunnel::lanes::threads(raw.threads)?,
             transport,
             quic_retry,
             connections,
@@ -400,7 +400,7 @@ impl Config {
             shutdown_grace: raw.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
             admin_listen,
             dial_timeout: raw.dial_timeout.map_or(DEFAULT_DIAL_TIMEOUT, |d| d.0),
-            max_streams_per_session: config_file::streams_limit(
+            max_streams_per_session: routy_tunnel::session::streams_limit(
                 raw.max_streams_per_session,
                 "max_streams_per_session",
             )?,
@@ -409,7 +409,7 @@ impl Config {
 
     /// Loads the TLS material too, as `run` would; `check-config` uses this.
     pub fn check_tls(&self) -> Result<rustls::ClientConfig, String> {
-        relay_proto::tls::client_config(&self.cert, &self.key, &self.ca)
+        routy_tunnel::tls::client_config(&self.cert, &self.key, &self.ca)
             .map_err(|e| format!("tls: {e}"))
     }
 }
@@ -586,7 +586,7 @@ services:
         assert_eq!(c.services["other"].connect_timeout, DEFAULT_CONNECT_TIMEOUT);
         assert_eq!(
             c.keepalive.interval,
-            relay_proto::control::DEFAULT_KEEPALIVE_INTERVAL
+            routy_tunnel::control::DEFAULT_KEEPALIVE_INTERVAL
         );
     }
 

@@ -11,22 +11,22 @@
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use relay_proto::control::{self, ControlCommand, ControlEnd, ControlEvent};
-use relay_proto::drain::Drain;
 use relay_proto::frame::Hello;
-use relay_proto::handshake::{self, HandshakeError, PROTOCOL_VERSION};
-use relay_proto::session::{self, Role, Session, SessionHandle, Stream};
-use relay_proto::{net, quic, tls};
+use routy_ops::drain::Drain;
+use routy_tunnel::control::{self, ControlCommand, ControlEnd, ControlEvent};
+use routy_tunnel::handshake::{self, HandshakeError, PROTOCOL_VERSION};
+use routy_tunnel::session::{self, Role, Session, SessionHandle, Stream};
+use routy_tunnel::{net, quic, tls};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, error, info, warn, Instrument};
 
-use crate::backoff::Backoff;
 use crate::config::{Config, OuterEndpoint, Transport};
 use crate::services::Services;
 use crate::status::EndpointStatus;
-use relay_proto::metrics as m;
+use routy_ops::backoff::Backoff;
+use routy_ops::metrics as m;
 
 /// The configuration and TLS material new connections use; replaced whole on reload.
 pub struct Current {

@@ -4,9 +4,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod backoff;
 pub mod config;
-pub mod pgoutput;
 pub mod replication;
 pub mod shipper;
 pub mod source;

@@ -8,14 +8,14 @@ mod relay;
 mod services;
 mod status;
 
-use relay_inner::{backoff, config};
+use relay_inner::config;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use relay_proto::cli::start_admin;
-use relay_proto::cli::{self, LogArgs};
+use routy_ops::cli::start_admin;
+use routy_ops::cli::{self, LogArgs};
 use tracing::info;
 
 use crate::config::Config;
@@ -148,8 +148,8 @@ fn check(path: &Path) -> anyhow::Result<()> {
 fn run(path: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     let tls = cfg.check_tls().map_err(anyhow::Error::msg)?;
-    relay_proto::malloc::tune();
-    relay_proto::lanes::init(cfg.threads, "relay-inner")
+    routy_ops::malloc::tune();
+    routy_tunnel::lanes::init(cfg.threads, "relay-inner")
         .map_err(|e| anyhow::anyhow!("cannot start {} data-path threads: {e}", cfg.threads))?;
     cli::block_on(serve(path.to_owned(), cfg, tls))
 }
@@ -157,7 +157,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
 async fn serve(path: PathBuf, cfg: Config, tls: rustls::ClientConfig) -> anyhow::Result<()> {
     info!(node = %cfg.node, services = ?cfg.services.keys().collect::<Vec<_>>(), "relay-inner starting");
     let admin_listen = cfg.admin_listen;
-    let prom = relay_proto::metrics::install().map_err(anyhow::Error::msg)?;
+    let prom = routy_ops::metrics::install().map_err(anyhow::Error::msg)?;
     let relay = relay::InnerRelay::start(path, cfg, tls)?;
     let handler = {
         let (relay, prom) = (relay.clone(), prom.clone());
@@ -165,7 +165,7 @@ async fn serve(path: PathBuf, cfg: Config, tls: rustls::ClientConfig) -> anyhow:
     };
     start_admin(admin_listen, handler, prom, relay.drain.clone()).await?;
     let r = relay.clone();
-    relay_proto::cli::run_until_stopped(
+    routy_ops::cli::run_until_stopped(
         || {
             let r = r.clone();
             async move { r.reload().await }

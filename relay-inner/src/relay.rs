@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use relay_proto::drain::Drain;
-use relay_proto::metrics as m;
+use routy_ops::drain::Drain;
+use routy_ops::metrics as m;
 use tracing::info;
 
 use crate::cdc::Cdc;
@@ -48,7 +48,7 @@ fn key(e: &OuterEndpoint) -> String {
 }
 
 fn current(cfg: Config, tls: rustls::ClientConfig) -> Result<Arc<Current>, String> {
-    let quic = relay_proto::quic::client_config(tls.clone(), cfg.keepalive)
+    let quic = routy_tunnel::quic::client_config(tls.clone(), cfg.keepalive)
         .map_err(|e| format!("tls: {e}"))?;
     Ok(Arc::new(Current {
         cfg: Arc::new(cfg),
@@ -115,7 +115,7 @@ impl InnerRelay {
                 stop: stop.clone(),
                 status: status.clone(),
             };
-            relay_proto::lanes::spawn_connection(d.run());
+            routy_tunnel::lanes::spawn_connection(d.run());
             statuses.push(status);
         }
         if let Some(cdc) = &self.cdc {

@@ -13,7 +13,7 @@
 //! wait (status updates, asking for a keepalive and giving up after `receive_timeout`, see
 //! [`crate::source::stream`]); `next` is cancel-safe for that reason.
 //!
-//! TLS follows libpq's `sslmode` and `sslrootcert` (see [`relay_proto::pg_tls`]); the same
+//! TLS follows libpq's `sslmode` and `sslrootcert` (see [`routy_pg::tls`]); the same
 //! parsed DSN also configures the ordinary tokio-postgres connection
 //! ([`ReplicationConfig::tokio_postgres`]). Not supported: unix sockets, multiple hosts,
 //! client certificates.
@@ -27,7 +27,7 @@ use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
 use postgres_protocol::message::backend::{self, ErrorResponseBody, Message};
 use postgres_protocol::message::frontend;
-use relay_proto::pg_tls::{MakeRustlsConnect, PgStream, PgTls, SslMode};
+use routy_pg::tls::{MakeRustlsConnect, PgStream, PgTls, SslMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -142,133 +142,70 @@ impl ReplicationConfig {
     }
 }
 
-/// Parses a libpq key=value connection string (`host=… port=… user=… password=… dbname=…
-/// connect_timeout=…`); values may be single-quoted, with `\'` and `\\` escapes.
+/// Reads a connection string, either form ([`routy_pg::dsn`]), for a replication
+/// connection: one host, and only the options this client implements.
 pub fn parse_dsn(dsn: &str) -> Result<ReplicationConfig, String> {
-    let mut host = None;
-    let mut port = DEFAULT_PORT;
-    let mut user = None;
-    let mut password = None;
-    let mut dbname = None;
-    let mut connect_timeout = DEFAULT_CONNECT_TIMEOUT;
-    let mut sslmode = SslMode::default();
-    let mut sslrootcert = None;
-    let mut chars = dsn.chars().peekable();
-    loop {
-        while chars.peek().is_some_and(|c| c.is_whitespace()) {
-            chars.next();
-        }
-        if chars.peek().is_none() {
-            break;
-        }
-        let mut key = String::new();
-        while let Some(&c) = chars.peek() {
-            if c == '=' || c.is_whitespace() {
-                break;
-            }
-            key.push(c);
-            chars.next();
-        }
-        while chars.peek().is_some_and(|c| c.is_whitespace()) {
-            chars.next();
-        }
-        if chars.next() != Some('=') {
-            return Err(format!(
-                "missing \"=\" after \"{key}\" in connection string"
-            ));
-        }
-        while chars.peek().is_some_and(|c| c.is_whitespace()) {
-            chars.next();
-        }
-        let mut value = String::new();
-        if chars.peek() == Some(&'\'') {
-            chars.next();
-            loop {
-                match chars.next() {
-                    None => return Err(format!("unterminated quoted value for \"{key}\"")),
-                    Some('\'') => break,
-                    Some('\\') => match chars.next() {
-                        Some(c) => value.push(c),
-                        None => return Err(format!("unterminated quoted value for \"{key}\"")),
-                    },
-                    Some(c) => value.push(c),
-                }
-            }
-        } else {
-            while let Some(&c) = chars.peek() {
-                if c.is_whitespace() {
-                    break;
-                }
-                chars.next();
-                if c == '\\' {
-                    match chars.next() {
-                        Some(e) => value.push(e),
-                        None => return Err(format!("trailing backslash in value for \"{key}\"")),
-                    }
-                } else {
-                    value.push(c);
-                }
-            }
-        }
-        match key.as_str() {
-            "host" | "hostaddr" => host = Some(value),
-            "port" => {
-                port = value
-                    .parse()
-                    .map_err(|_| format!("invalid port \"{value}\""))?;
-            }
-            "user" => user = Some(value),
-            "password" => password = Some(value),
-            "dbname" => dbname = Some(value),
-            "connect_timeout" => {
-                let secs: u64 = value
-                    .parse()
-                    .map_err(|_| format!("invalid connect_timeout \"{value}\""))?;
-                connect_timeout = if secs == 0 {
-                    DEFAULT_CONNECT_TIMEOUT
-                } else {
-                    Duration::from_secs(secs)
-                };
-            }
-            "sslmode" => sslmode = SslMode::parse(&value)?,
-            "sslrootcert" => sslrootcert = Some(PathBuf::from(value)),
-            "sslcert" | "sslkey" | "sslcrl" => {
-                return Err(format!(
-                    "{key}: client certificates and CRLs are not supported; use password authentication over TLS"
-                ))
-            }
-            "application_name" => {}
-            _ => return Err(format!("unknown connection option \"{key}\"")),
-        }
+    let d = routy_pg::dsn::parse(dsn).map_err(|e| e.to_string())?;
+    if let Some(key) = ["sslcert", "sslkey", "sslcrl"]
+        .into_iter()
+        .find(|k| d.get(k).is_some())
+    {
+        return Err(format!(
+            "{key}: client certificates and CRLs are not supported; use password authentication over TLS"
+        ));
     }
-    let user = user.ok_or("connection string lacks user=")?;
+    d.check_only(&[
+        "host",
+        "hostaddr",
+        "port",
+        "user",
+        "password",
+        "dbname",
+        "connect_timeout",
+        "sslmode",
+        "sslrootcert",
+        "application_name",
+    ])
+    .map_err(|e| e.to_string())?;
+    let host = d.get("hostaddr").or(d.get("host")).unwrap_or("localhost");
+    if host.contains(',') {
+        return Err(format!(
+            "host \"{host}\": the CDC source connects to one host; name the primary"
+        ));
+    }
+    let port = match d.get("port").filter(|p| !p.is_empty()) {
+        None => DEFAULT_PORT,
+        Some(p) => p.parse().map_err(|_| format!("invalid port \"{p}\""))?,
+    };
+    let connect_timeout = match d.get("connect_timeout") {
+        None => DEFAULT_CONNECT_TIMEOUT,
+        Some(v) => match v.parse::<u64>() {
+            Ok(0) => DEFAULT_CONNECT_TIMEOUT,
+            Ok(secs) => Duration::from_secs(secs),
+            Err(_) => return Err(format!("invalid connect_timeout \"{v}\"")),
+        },
+    };
+    let user = d.get("user").ok_or("connection string lacks user=")?;
     if user.is_empty() {
         return Err("empty user in connection string".into());
     }
     Ok(ReplicationConfig {
-        host: host.unwrap_or_else(|| "localhost".into()),
+        host: host.to_string(),
         port,
-        dbname: dbname.unwrap_or_else(|| user.clone()),
-        user,
-        password,
+        dbname: d.get("dbname").unwrap_or(user).to_string(),
+        user: user.to_string(),
+        password: d.get("password").map(str::to_string),
         connect_timeout,
-        sslmode,
-        sslrootcert,
+        sslmode: d.sslmode().map_err(|e| e.to_string())?,
+        sslrootcert: d.sslrootcert(),
     })
 }
 
-/// Formats an LSN the way PostgreSQL does (`16/B374D848`).
-pub fn format_lsn(lsn: u64) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
-}
+pub use relay_proto::lsn::format_lsn;
 
-/// Parses an LSN in PostgreSQL's text form (`16/B374D848`).
+/// Parses an LSN in PostgreSQL's text form (`16/B374D848`), as this module's error.
 pub fn parse_lsn(s: &str) -> Result<u64> {
-    let bad = || ReplicationError::Protocol(format!("invalid LSN \"{s}\""));
-    let (hi, lo) = s.split_once('/').ok_or_else(bad)?;
-    let hi = u32::from_str_radix(hi, 16).map_err(|_| bad())?;
-    let lo = u32::from_str_radix(lo, 16).map_err(|_| bad())?;
-    Ok((u64::from(hi) << 32) | u64::from(lo))
+    relay_proto::lsn::parse_lsn(s).map_err(|e| ReplicationError::Protocol(e.to_string()))
 }
 
 /// Current time as microseconds since 2000-01-01 (PostgreSQL's timestamp epoch).
@@ -1031,6 +968,20 @@ mod tests {
         assert!(parse_dsn("user=u sslmode=bogus").is_err());
         assert!(parse_dsn("user=u sslcert=c.crt").is_err());
         assert!(parse_dsn("host=h").is_err());
+        // The URL form reads the same.
+        let u = parse_dsn(
+            "postgresql://rep:it%27s@db.example:6543/app?connect_timeout=3&sslmode=verify-full&sslrootcert=/etc/ca.crt",
+        )
+        .unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.user.as_str(), u.dbname.as_str()),
+            ("db.example", 6543, "rep", "app")
+        );
+        assert_eq!(u.password.as_deref(), Some("it's"));
+        assert_eq!(u.connect_timeout, Duration::from_secs(3));
+        assert_eq!(u.sslmode, SslMode::VerifyFull);
+        assert!(parse_dsn("postgresql://u@h1,h2/db").is_err());
+        assert!(parse_dsn("postgresql://u@h/db?bogus=1").is_err());
     }
 
     #[test]

@@ -6,13 +6,13 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use relay_proto::codec::{read_frame, write_frame};
-use relay_proto::drain::Drain;
 use relay_proto::frame::{ErrorCode, Frame};
-use relay_proto::metrics as m;
-use relay_proto::net;
-use relay_proto::session::Stream;
-use relay_proto::splice::{splice, ByteCounters};
+use routy_ops::drain::Drain;
+use routy_ops::metrics as m;
+use routy_tunnel::codec::{read_frame, write_frame};
+use routy_tunnel::net;
+use routy_tunnel::session::Stream;
+use routy_tunnel::splice::{splice, ByteCounters};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn, Instrument};
 

@@ -19,17 +19,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use relay_proto::cdc::ShipMessage;
-use relay_proto::codec;
-use relay_proto::disk::blocking;
-use relay_proto::drain::Drain;
 use relay_proto::frame::Frame;
-use relay_proto::session::SessionHandle;
+use routy_log::disk::blocking;
+use routy_ops::drain::Drain;
+use routy_tunnel::codec;
+use routy_tunnel::session::SessionHandle;
 use tokio::io::{AsyncWriteExt, ReadHalf};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::backoff::Backoff;
 use crate::spool::Spool;
+use routy_ops::backoff::Backoff;
 
 /// Bound on unacknowledged bytes in flight per stream.
 pub const MAX_IN_FLIGHT: usize = 16 << 20;
@@ -331,7 +331,7 @@ impl Shipper {
                 };
                 // Before the write: relay-outer may acknowledge before the write returns.
                 sent.store(next_seq - 1, Ordering::Release);
-                let write = msg.write(wr);
+                let write = routy_tunnel::ship::write(wr, &msg);
                 tokio::pin!(write);
                 // The write may wait for window credit that never comes once relay-outer
                 // stopped reading (after refusing a batch, say): watch for the end of the
@@ -417,7 +417,7 @@ impl ShipStatus {
 }
 
 async fn read_acks(
-    mut rd: ReadHalf<relay_proto::session::Stream>,
+    mut rd: ReadHalf<routy_tunnel::session::Stream>,
     spool: Arc<Spool>,
     endpoint: String,
     source: String,
@@ -427,7 +427,7 @@ async fn read_acks(
 ) {
     let labels = [("source", source.clone()), ("outer", endpoint.clone())];
     loop {
-        match ShipMessage::read(&mut rd).await {
+        match routy_tunnel::ship::read(&mut rd).await {
             Ok(Some(ShipMessage::Ack { seq })) => {
                 let upto = sent.load(Ordering::Acquire);
                 if seq > upto {

@@ -17,8 +17,8 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use relay_proto::cdc::Record;
-use relay_proto::disk::{blocking, write_atomic, write_small_even_when_full};
-use relay_proto::segment_log::{self, LogOptions, Reader, SegmentLog};
+use routy_log::disk::{blocking, write_atomic, write_small_even_when_full};
+use routy_log::segment_log::{self, LogOptions, Reader, SegmentLog};
 use tokio::sync::{watch, Notify};
 
 /// Largest record the spool accepts.

@@ -10,7 +10,7 @@ pub struct EndpointStatus {
     pub addr: String,
     state: Mutex<State>,
     /// The live session, for the CDC shippers.
-    session: tokio::sync::watch::Sender<Option<relay_proto::session::SessionHandle>>,
+    session: tokio::sync::watch::Sender<Option<routy_tunnel::session::SessionHandle>>,
     /// Which of the endpoint's connections this is (index, count).
     connection: std::sync::atomic::AtomicU64,
 }
@@ -51,14 +51,14 @@ impl EndpointStatus {
     }
 
     /// Publishes the live session (or its end) to the CDC shippers.
-    pub fn set_session(&self, s: Option<relay_proto::session::SessionHandle>) {
+    pub fn set_session(&self, s: Option<routy_tunnel::session::SessionHandle>) {
         self.session.send_replace(s);
     }
 
     /// Watches the live session.
     pub fn session(
         &self,
-    ) -> tokio::sync::watch::Receiver<Option<relay_proto::session::SessionHandle>> {
+    ) -> tokio::sync::watch::Receiver<Option<routy_tunnel::session::SessionHandle>> {
         self.session.subscribe()
     }
 
@@ -139,8 +139,8 @@ pub fn handle(
     relay: &std::sync::Arc<crate::relay::InnerRelay>,
     prom: &metrics_exporter_prometheus::PrometheusHandle,
     path: &str,
-) -> relay_proto::admin::Response {
-    use relay_proto::admin::Response;
+) -> routy_ops::admin::Response {
+    use routy_ops::admin::Response;
     match path {
         "/metrics" => Response::prometheus(prom.render()),
         "/healthz" => Response::text(200, "ok\n".into()),
@@ -173,7 +173,7 @@ pub fn handle(
                 "role": "relay-inner",
                 "version": env!("CARGO_PKG_VERSION"),
                 "node": cfg.node,
-                "threads": relay_proto::lanes::count(),
+                "threads": routy_tunnel::lanes::count(),
                 "uptime_seconds": relay.started.elapsed().as_secs_f64(),
                 "outer": endpoints,
                 "services": cfg.services.keys().collect::<Vec<_>>(),

@@ -12,9 +12,9 @@ use relay_inner::replication::parse_lsn;
 use relay_inner::source::{self, SourceError, SourceStatus, TestHooks};
 use relay_inner::spool::Spool;
 use relay_proto::cdc::{Event, Record, Relations, SnapshotPhase, Value};
-use relay_proto::drain::Drain;
-use relay_proto::segment_log::Reader;
 use routy_e2e::{Pg, PgOpts};
+use routy_log::segment_log::Reader;
+use routy_ops::drain::Drain;
 use tokio::task::JoinHandle;
 
 /// A temporary directory, removed on drop.

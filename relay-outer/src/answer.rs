@@ -196,7 +196,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for AwaitAnswer<S> {
     }
 }
 
-relay_proto::delegate_async_write!(AwaitAnswer, inner);
+routy_tunnel::delegate_async_write!(AwaitAnswer, inner);
 
 #[cfg(test)]
 mod tests {

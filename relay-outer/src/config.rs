@@ -6,16 +6,16 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use relay_proto::cidr::Cidr;
-use relay_proto::config_file::{self, AdminSpec, ConfigError};
-use relay_proto::control::KeepaliveSpec;
-use relay_proto::units::{resolve_path as resolve, Dur};
+use routy_ops::config_file::{self, AdminSpec, ConfigError};
+use routy_ops::units::{resolve_path as resolve, Dur};
+use routy_tunnel::cidr::Cidr;
+use routy_tunnel::control::KeepaliveSpec;
 use serde::Deserialize;
 
 use crate::cdc::sink_pg::PgSinkConfig;
 
 /// Default bound on a tunnel's TLS handshake plus Hello.
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = relay_proto::handshake::HANDSHAKE_TIMEOUT;
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = routy_tunnel::handshake::HANDSHAKE_TIMEOUT;
 /// Default bound on relay-inner reaching the service for a new client.
 pub const DEFAULT_OPEN_TIMEOUT: Duration = Duration::from_secs(15);
 /// Default client connections per listener.
@@ -119,7 +119,7 @@ pub struct Config {
     /// Address of the admin HTTP endpoint (/metrics, /healthz, /readyz, /status).
     pub admin_listen: std::net::SocketAddr,
     /// Data-path threads: each TLS tunnel connection, and the streams spliced over it,
-    /// runs on one (see `relay_proto::lanes`).
+    /// runs on one (see `routy_tunnel::lanes`).
     pub threads: usize,
     /// Change data capture: the store and its sinks; `None` when not configured.
     pub cdc: Option<CdcConfig>,
@@ -158,7 +158,7 @@ pub struct TunnelConfig {
     /// CA (bundle) that signs inner relays' client certificates.
     pub client_ca: PathBuf,
     /// Keepalive of every session.
-    pub keepalive: relay_proto::control::Keepalive,
+    pub keepalive: routy_tunnel::control::Keepalive,
     /// Bound on TLS handshake plus Hello.
     pub handshake_timeout: Duration,
     /// Streams one session may carry at once.
@@ -212,7 +212,7 @@ impl Config {
             handshake_timeout: t
                 .handshake_timeout
                 .map_or(DEFAULT_HANDSHAKE_TIMEOUT, |d| d.0),
-            max_streams_per_session: config_file::streams_limit(
+            max_streams_per_session: routy_tunnel::session::streams_limit(
                 t.max_streams_per_session,
                 "tunnel.max_streams_per_session",
             )?,
@@ -260,7 +260,7 @@ impl Config {
         }
         let cdc = raw.cdc.map(|c| validate_cdc(c, base)).transpose()?;
         Ok(Config {
-            threads: config_file::threads(raw.threads)?,
+            threads: routy_tunnel::lanes::threads(raw.threads)?,
             tunnel,
             listeners,
             shutdown_grace: raw.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
@@ -271,8 +271,12 @@ impl Config {
 
     /// Loads the TLS material too, as `run` would; `check-config` uses this.
     pub fn check_tls(&self) -> Result<rustls::ServerConfig, String> {
-        relay_proto::tls::server_config(&self.tunnel.cert, &self.tunnel.key, &self.tunnel.client_ca)
-            .map_err(|e| format!("tunnel.tls: {e}"))
+        routy_tunnel::tls::server_config(
+            &self.tunnel.cert,
+            &self.tunnel.key,
+            &self.tunnel.client_ca,
+        )
+        .map_err(|e| format!("tunnel.tls: {e}"))
     }
 
     /// The tunnel names some listener or CDC sink refers to: their relay-inner sessions

@@ -10,13 +10,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use relay_proto::codec::write_frame;
-use relay_proto::drain::Drain;
 use relay_proto::frame::Frame;
-use relay_proto::lanes::MovingTcp;
-use relay_proto::metrics as m;
-use relay_proto::net;
-use relay_proto::splice::{splice, ByteCounters};
+use routy_ops::drain::Drain;
+use routy_ops::metrics as m;
+use routy_tunnel::codec::write_frame;
+use routy_tunnel::lanes::MovingTcp;
+use routy_tunnel::net;
+use routy_tunnel::splice::{splice, ByteCounters};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, error, info, warn, Instrument};
 
@@ -123,7 +123,7 @@ impl Running {
         // handed to another thread. bench-tunnel, new connections/s against direct
         // (3 interleaved reps): 0.50-0.52x accepting on the main runtime, 0.53-0.58x here.
         let r = running.clone();
-        let Some(lane) = relay_proto::lanes::get(0) else {
+        let Some(lane) = routy_tunnel::lanes::get(0) else {
             tokio::spawn(r.serve(socket, global));
             return running;
         };

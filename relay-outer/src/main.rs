@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use relay_proto::cli::start_admin;
-use relay_proto::cli::{self, LogArgs};
+use routy_ops::cli::start_admin;
+use routy_ops::cli::{self, LogArgs};
 use tracing::info;
 
 use crate::config::Config;
@@ -278,15 +278,15 @@ fn cdc_cmd(cmd: CdcCmd) -> anyhow::Result<()> {
 fn run(path: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     let tls = cfg.check_tls().map_err(anyhow::Error::msg)?;
-    relay_proto::malloc::tune();
-    relay_proto::lanes::init(cfg.threads, "relay-outer")
+    routy_ops::malloc::tune();
+    routy_tunnel::lanes::init(cfg.threads, "relay-outer")
         .map_err(|e| anyhow::anyhow!("cannot start {} data-path threads: {e}", cfg.threads))?;
     cli::block_on(serve(path.to_owned(), cfg, tls))
 }
 
 async fn serve(path: PathBuf, cfg: Config, tls: rustls::ServerConfig) -> anyhow::Result<()> {
     let admin_listen = cfg.admin_listen;
-    let prom = relay_proto::metrics::install().map_err(anyhow::Error::msg)?;
+    let prom = routy_ops::metrics::install().map_err(anyhow::Error::msg)?;
     cdc::describe_metrics();
     let relay = server::OuterRelay::start(path, cfg, tls).await?;
     let handler = {
@@ -295,7 +295,7 @@ async fn serve(path: PathBuf, cfg: Config, tls: rustls::ServerConfig) -> anyhow:
     };
     start_admin(admin_listen, handler, prom, relay.drain.clone()).await?;
     let r = relay.clone();
-    relay_proto::cli::run_until_stopped(
+    routy_ops::cli::run_until_stopped(
         || {
             let r = r.clone();
             async move { r.reload().await }

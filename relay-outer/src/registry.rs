@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use relay_proto::session::SessionHandle;
+use routy_tunnel::session::SessionHandle;
 
 /// One accepted, handshaken session.
 #[derive(Debug)]
@@ -154,7 +154,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use relay_proto::session::{yamux, Role};
+    use routy_tunnel::session::{yamux, Role};
 
     /// A session entry; the returned peer end keeps its session alive.
     fn entry(reg: &Registry, tunnel: &str) -> (Arc<SessionEntry>, tokio::io::DuplexStream) {

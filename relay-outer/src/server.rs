@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Context;
-use relay_proto::drain::Drain;
-use relay_proto::metrics as m;
+use routy_ops::drain::Drain;
+use routy_ops::metrics as m;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
@@ -50,7 +50,7 @@ pub struct OuterRelay {
 fn settings(cfg: &Config, tls: rustls::ServerConfig) -> anyhow::Result<Settings> {
     let quic = if cfg.tunnel.quic {
         Some(
-            relay_proto::quic::server_config(tls.clone(), cfg.tunnel.keepalive)
+            routy_tunnel::quic::server_config(tls.clone(), cfg.tunnel.keepalive)
                 .context("tunnel.quic")?,
         )
     } else {
@@ -80,13 +80,13 @@ impl OuterRelay {
         let tunnel_settings = settings(&cfg, tls)?;
         // QUIC on the same port number, over UDP. One endpoint (one socket, one driver)
         // carries every QUIC connection: it and its sessions live on data-path thread 0,
-        // where the listeners accept too (see relay_proto::lanes).
-        let lane0 = relay_proto::lanes::get(0);
+        // where the listeners accept too (see routy_tunnel::lanes).
+        let lane0 = routy_tunnel::lanes::get(0);
         let quic = match &tunnel_settings.quic {
             Some(q) => {
                 let _on = lane0.as_ref().map(|l| l.enter());
                 Some(
-                    relay_proto::quic::server_endpoint_with(tunnel_addr, q.clone()).with_context(
+                    routy_tunnel::quic::server_endpoint_with(tunnel_addr, q.clone()).with_context(
                         || format!("tunnel.quic: cannot listen on UDP {tunnel_addr}"),
                     )?,
                 )

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use relay_proto::admin::Response;
+use routy_ops::admin::Response;
 use serde_json::json;
 
 use crate::server::OuterRelay;
@@ -74,7 +74,7 @@ fn status(relay: &OuterRelay) -> serde_json::Value {
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": relay.started.elapsed().as_secs_f64(),
         "tunnel_listen": relay.tunnel_addr().to_string(),
-        "threads": relay_proto::lanes::count(),
+        "threads": routy_tunnel::lanes::count(),
         "sessions": sessions,
         "listeners": listeners,
         "open_streams": relay.drain.active(),

@@ -12,13 +12,14 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use relay_proto::control::{self, ControlEnd, ControlEvent};
 use relay_proto::frame::ErrorCode;
-use relay_proto::handshake;
-use relay_proto::lanes;
-use relay_proto::metrics as m;
-use relay_proto::session::{self, Role, Session};
-use relay_proto::{drain::Drain, net, quic, tls};
+use routy_ops::drain::Drain;
+use routy_ops::metrics as m;
+use routy_tunnel::control::{self, ControlEnd, ControlEvent};
+use routy_tunnel::handshake;
+use routy_tunnel::lanes;
+use routy_tunnel::session::{self, Role, Session};
+use routy_tunnel::{net, quic, tls};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
@@ -58,7 +59,7 @@ pub struct TunnelServer {
     /// Receives the CDC shipping streams relay-inner opens; `None` without a `cdc` section.
     pub cdc: Option<Arc<Cdc>>,
     /// The main runtime: CDC streams are served there, because the store's fsyncs must
-    /// not stall a data-path thread (see `relay_proto::lanes`).
+    /// not stall a data-path thread (see `routy_tunnel::lanes`).
     main: tokio::runtime::Handle,
 }
 

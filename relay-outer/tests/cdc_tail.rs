@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use relay_proto::cdc::{Event, Record, Value};
-use relay_proto::segment_log::{LogOptions, SegmentLog};
+use routy_log::segment_log::{LogOptions, SegmentLog};
 
 const BIN: &str = env!("CARGO_BIN_EXE_relay-outer");
 

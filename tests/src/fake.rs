@@ -11,12 +11,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use relay_proto::codec::{read_frame, write_frame};
-use relay_proto::control::{self, ControlCommand, ControlEnd, ControlEvent, Keepalive};
 use relay_proto::frame::{Frame, Hello};
-use relay_proto::handshake;
-use relay_proto::session::{self, Role, Session, SessionHandle, Stream};
-use relay_proto::tls;
+use routy_tunnel::codec::{read_frame, write_frame};
+use routy_tunnel::control::{self, ControlCommand, ControlEnd, ControlEvent, Keepalive};
+use routy_tunnel::handshake;
+use routy_tunnel::session::{self, Role, Session, SessionHandle, Stream};
+use routy_tunnel::tls;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

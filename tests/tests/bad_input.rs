@@ -7,12 +7,12 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use relay_proto::control::Keepalive;
 use relay_proto::frame::{ErrorCode, Frame, Hello};
-use relay_proto::handshake::PROTOCOL_VERSION;
 use routy_e2e::fake::{self, Ending, FakeInner, FakeOuter, STEP};
 use routy_e2e::relays::{inner_yaml, Pki, Relay, Tunnel};
 use routy_e2e::{psql_at, Pg, PgOpts};
+use routy_tunnel::control::Keepalive;
+use routy_tunnel::handshake::PROTOCOL_VERSION;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const KA: (&str, &str) = ("500ms", "3s");
@@ -390,7 +390,7 @@ fn malformed_frames_on_the_control_stream_close_only_that_connection() {
                 let _ = f.ctrl.shutdown().await;
             }
             let answer = match c.answer {
-                Some(_) => Some(relay_proto::codec::read_frame(&mut f.ctrl, STEP).await),
+                Some(_) => Some(routy_tunnel::codec::read_frame(&mut f.ctrl, STEP).await),
                 None => None,
             };
             (answer, f.closed_within(STEP).await)
@@ -474,7 +474,7 @@ fn handshake_refusals_reach_the_peer() {
                 let mut f =
                     FakeInner::connect(s.tunnel_addr(), &s.pki, "site-a", "localhost").await;
                 f.write_raw(bytes).await;
-                let answer = relay_proto::codec::read_frame(&mut f.ctrl, STEP).await;
+                let answer = routy_tunnel::codec::read_frame(&mut f.ctrl, STEP).await;
                 assert!(
                     f.closed_within(STEP).await,
                     "{what}: relay-outer did not close the connection"
@@ -545,7 +545,7 @@ fn hostile_streams_from_relay_outer_are_refused_and_the_session_survives() {
         let mut ping = Vec::new();
         Frame::Ping { seq: 1, micros: 1 }.encode(&mut ping).unwrap();
         let mut s = sess.open_raw(&ping).await;
-        relay_proto::codec::read_frame(&mut s, STEP).await
+        routy_tunnel::codec::read_frame(&mut s, STEP).await
     });
     match answer {
         Ok(Frame::Error { code, message }) => {

@@ -62,7 +62,7 @@ fn last_segment(dir: &Path) -> PathBuf {
 }
 
 /// (offset, seq, payload length) of every record of a segment file (format in
-/// `relay_proto::segment_log`: len u32, crc u32, seq u64, payload), up to the first that
+/// `routy_log::segment_log`: len u32, crc u32, seq u64, payload), up to the first that
 /// does not fit.
 fn records(file: &Path) -> Vec<(usize, u64, usize)> {
     let data = std::fs::read(file).expect("read segment");

@@ -511,9 +511,9 @@ fn bad_cdc_config_is_rejected_with_the_field() {
 #[test]
 fn garbage_on_cdc_streams_is_refused_and_harms_nothing() {
     use relay_proto::cdc::ShipMessage;
-    use relay_proto::codec::{read_frame, write_frame};
     use relay_proto::frame::{Frame, Hello};
     use routy_e2e::fake::{self, FakeInner, STEP};
+    use routy_tunnel::codec::{read_frame, write_frame};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     if !is_root() {
@@ -530,12 +530,12 @@ fn garbage_on_cdc_streams_is_refused_and_harms_nothing() {
     rt.block_on(async {
         let mut f = FakeInner::connect(rig.tunnel_addr, &rig.pki, "site-a", "localhost").await;
         let hello = Hello {
-            protocol: relay_proto::handshake::PROTOCOL_VERSION,
+            protocol: routy_tunnel::handshake::PROTOCOL_VERSION,
             node: "impostor".into(),
             services: vec![],
             features: vec![],
         };
-        relay_proto::handshake::client(&mut f.ctrl, hello, STEP)
+        routy_tunnel::handshake::client(&mut f.ctrl, hello, STEP)
             .await
             .expect("handshake");
 
@@ -578,8 +578,8 @@ fn garbage_on_cdc_streams_is_refused_and_harms_nothing() {
             first_seq: 1,
             records: vec![b"not a record".to_vec()],
         };
-        bad.write(&mut s).await.unwrap();
-        match tokio::time::timeout(STEP, ShipMessage::read(&mut s)).await {
+        routy_tunnel::ship::write(&mut s, &bad).await.unwrap();
+        match tokio::time::timeout(STEP, routy_tunnel::ship::read(&mut s)).await {
             Ok(Ok(Some(ShipMessage::Error { message }))) => {
                 assert!(message.contains("malformed"), "{message}")
             }
@@ -603,7 +603,7 @@ fn garbage_on_cdc_streams_is_refused_and_harms_nothing() {
             .await
             .unwrap();
         s.flush().await.unwrap();
-        match tokio::time::timeout(STEP, ShipMessage::read(&mut s)).await {
+        match tokio::time::timeout(STEP, routy_tunnel::ship::read(&mut s)).await {
             Ok(Ok(Some(ShipMessage::Error { message }))) => {
                 assert!(message.contains("exceeds"), "{message}")
             }

@@ -287,7 +287,7 @@ fn assert_no_tunnel_down(relays: &[&Relay]) {
 
 /// The first certificate of a PEM file, DER.
 fn cert_der(path: &Path) -> Vec<u8> {
-    relay_proto::tls::load_certs(path).expect("load certificate")[0]
+    routy_tunnel::tls::load_certs(path).expect("load certificate")[0]
         .as_ref()
         .to_vec()
 }
@@ -311,7 +311,7 @@ fn certs(args: &[&str], dir: &Path) {
 /// The certificate relay-outer serves on its tunnel port now (DER): a TLS 1.3 handshake
 /// as tunnel `site-a` of `pki`, verifying the server as `localhost`.
 fn served_cert(tport: u16, pki: &Pki) -> Vec<u8> {
-    let cfg = relay_proto::tls::client_config(
+    let cfg = routy_tunnel::tls::client_config(
         &pki.path("site-a.crt"),
         &pki.path("site-a.key"),
         &pki.path("ca.crt"),

@@ -24,12 +24,12 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use relay_proto::drain::Drain;
+use routy_ops::drain::Drain;
 
-use crate::backoff::Backoff;
 use crate::config::{SnapshotMode, SourceConfig};
 use crate::replication::{self, ReplicationClient, ReplicationConfig, ReplicationError};
 use crate::spool::{Spool, SpoolError};
+use routy_ops::backoff::Backoff;
 
 mod catalog;
 pub mod slot_watch;
@@ -139,7 +139,7 @@ impl From<tokio_postgres::Error> for SourceError {
                 db.detail().map(|d| format!(" ({d})")).unwrap_or_default()
             ),
             // The interesting part (TLS handshake, I/O) is in the source chain.
-            None => relay_proto::pg_tls::error_chain(&e),
+            None => routy_pg::tls::error_chain(&e),
         };
         match e.code() {
             Some(c) if fatal_sqlstate(c.code()) => SourceError::Fatal(text),

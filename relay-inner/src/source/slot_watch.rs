@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use relay_proto::drain::Drain;
+use routy_ops::drain::Drain;
 
 use super::catalog::{Db, SlotInfo};
 use super::{SourceError, SourceStatus, RETAINED_WAL_BYTES, SLOT_CHECKED};

@@ -34,11 +34,11 @@ use super::{
     RECORD_TARGET_BYTES, TRANSACTIONS_TOTAL,
 };
 use crate::config::SourceConfig;
-use crate::pgoutput::{self, Message, OldKind};
 use crate::replication::{
     format_lsn, ReplicationClient, ReplicationEvent, ReplicationStream, QUERY_TIMEOUT,
 };
 use crate::spool::MAX_RECORD;
+use relay_proto::pgoutput::{self, Message, OldKind};
 
 /// Longest time appended records wait for a sync while the stream keeps delivering.
 pub const SYNC_MAX_DELAY: Duration = Duration::from_millis(200);

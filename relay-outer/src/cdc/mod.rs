@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
-use relay_proto::drain::Drain;
+use routy_ops::drain::Drain;
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -80,7 +80,7 @@ pub const METRICS: &[(&str, &str)] = &[
 ];
 
 /// Describes the metrics above to the installed recorder (the kind follows from the
-/// name, as in `relay_proto::metrics::install`).
+/// name, as in `routy_ops::metrics::install`).
 pub fn describe_metrics() {
     for (name, help) in METRICS.iter().chain(sink_pg::METRICS) {
         if name.ends_with("_total") {

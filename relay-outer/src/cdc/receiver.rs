@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use relay_proto::cdc::ShipMessage;
-use relay_proto::codec::{read_frame, write_frame, CodecError};
 use relay_proto::frame::{ErrorCode, Frame};
+use routy_tunnel::codec::{read_frame, write_frame, CodecError};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -47,7 +47,7 @@ where
     S: AsyncWrite + Unpin,
 {
     let msg = ShipMessage::Error { message };
-    if tokio::time::timeout(REFUSAL_TIMEOUT, msg.write(stream))
+    if tokio::time::timeout(REFUSAL_TIMEOUT, routy_tunnel::ship::write(stream, &msg))
         .await
         .is_ok_and(|r| r.is_ok())
     {
@@ -161,7 +161,7 @@ where
     let reader = tokio::spawn(async move {
         let mut rd = rd;
         loop {
-            let m = ShipMessage::read(&mut rd).await;
+            let m = routy_tunnel::ship::read(&mut rd).await;
             let last = !matches!(m, Ok(Some(ShipMessage::Batch { .. })));
             if tx.send(m).await.is_err() || last {
                 return;
@@ -215,7 +215,9 @@ where
                 src.publish_gauges();
                 debug!(source = %name, first_seq = first, records = n, new = a.new, synced = a.synced, "batch stored");
                 let ack = ShipMessage::Ack { seq: a.synced };
-                match tokio::time::timeout(WRITE_TIMEOUT, ack.write(&mut wr)).await {
+                match tokio::time::timeout(WRITE_TIMEOUT, routy_tunnel::ship::write(&mut wr, &ack))
+                    .await
+                {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
                         ship_error(&name, "write");
@@ -260,8 +262,8 @@ mod tests {
     use super::*;
     use crate::config::CdcConfig;
     use relay_proto::cdc::{Event, Record};
-    use relay_proto::drain::Drain;
     use relay_proto::frame::Hello;
+    use routy_ops::drain::Drain;
     use tokio::io::{AsyncReadExt, DuplexStream};
 
     const T: Duration = Duration::from_secs(5);
@@ -318,11 +320,10 @@ mod tests {
     }
 
     async fn batch(s: &mut DuplexStream, first_seq: u64, records: Vec<Vec<u8>>) -> ShipMessage {
-        ShipMessage::Batch { first_seq, records }
-            .write(s)
+        routy_tunnel::ship::write(s, &ShipMessage::Batch { first_seq, records })
             .await
             .unwrap();
-        ShipMessage::read(s).await.unwrap().unwrap()
+        routy_tunnel::ship::read(s).await.unwrap().unwrap()
     }
 
     fn expect_error(f: Frame, needle: &str) {
@@ -336,7 +337,7 @@ mod tests {
 
     /// After CdcReady the refusal is a shipping message.
     async fn expect_ship_error<S: tokio::io::AsyncRead + Unpin>(s: &mut S, needle: &str) {
-        match ShipMessage::read(s).await.unwrap() {
+        match routy_tunnel::ship::read(s).await.unwrap() {
             Some(ShipMessage::Error { message }) => {
                 assert!(message.contains(needle), "{message:?} lacks {needle:?}")
             }
@@ -450,11 +451,13 @@ mod tests {
         open(&mut s, "orders", 1, 5).await;
         batch(&mut s, 1, vec![rec(1), rec(2)]).await;
         // A batch that skips seq 3.
-        ShipMessage::Batch {
-            first_seq: 4,
-            records: vec![rec(4)],
-        }
-        .write(&mut s)
+        routy_tunnel::ship::write(
+            &mut s,
+            &ShipMessage::Batch {
+                first_seq: 4,
+                records: vec![rec(4)],
+            },
+        )
         .await
         .unwrap();
         expect_ship_error(&mut s, "expects 3").await;
@@ -466,11 +469,13 @@ mod tests {
             open(&mut s, "orders", 1, 5).await,
             Frame::CdcReady { next_seq: 3 }
         );
-        ShipMessage::Batch {
-            first_seq: 3,
-            records: vec![rec(3), b"garbage".to_vec(), rec(5)],
-        }
-        .write(&mut s)
+        routy_tunnel::ship::write(
+            &mut s,
+            &ShipMessage::Batch {
+                first_seq: 3,
+                records: vec![rec(3), b"garbage".to_vec(), rec(5)],
+            },
+        )
         .await
         .unwrap();
         expect_ship_error(&mut s, "record 4").await;
@@ -488,7 +493,9 @@ mod tests {
         // An Ack from relay-inner.
         let (mut s, task) = connect(Some(cdc.clone()), "site-a");
         open(&mut s, "orders", 1, 5).await;
-        ShipMessage::Ack { seq: 1 }.write(&mut s).await.unwrap();
+        routy_tunnel::ship::write(&mut s, &ShipMessage::Ack { seq: 1 })
+            .await
+            .unwrap();
         expect_ship_error(&mut s, "Ack").await;
         task.await.unwrap();
         // A spool that was reset below what the store holds.
@@ -612,11 +619,13 @@ mod tests {
             .faults
             .sync
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        ShipMessage::Batch {
-            first_seq: 2,
-            records: vec![rec(2), rec(3)],
-        }
-        .write(&mut s)
+        routy_tunnel::ship::write(
+            &mut s,
+            &ShipMessage::Batch {
+                first_seq: 2,
+                records: vec![rec(2), rec(3)],
+            },
+        )
         .await
         .unwrap();
         expect_ship_error(&mut s, "relay-outer is restarted").await;
@@ -643,11 +652,13 @@ mod tests {
             .faults
             .append_at
             .store(3, std::sync::atomic::Ordering::Relaxed);
-        ShipMessage::Batch {
-            first_seq: 1,
-            records: vec![rec(1), rec(2), rec(3), rec(4)],
-        }
-        .write(&mut s)
+        routy_tunnel::ship::write(
+            &mut s,
+            &ShipMessage::Batch {
+                first_seq: 1,
+                records: vec![rec(1), rec(2), rec(3), rec(4)],
+            },
+        )
         .await
         .unwrap();
         expect_ship_error(&mut s, "injected append failure").await;

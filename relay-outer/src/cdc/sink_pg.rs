@@ -51,15 +51,13 @@ mod table;
 mod tests;
 
 use std::collections::HashSet;
-use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
-use relay_proto::drain::Drain;
-use relay_proto::pg_tls::{PgTls, SslMode};
+use routy_ops::drain::Drain;
+use routy_pg::tls::PgTls;
 use tokio::sync::watch;
 
 use super::store::Store;
@@ -230,7 +228,7 @@ impl SinkError {
             } else {
                 "sql"
             };
-            let e = relay_proto::pg_tls::error_chain(e);
+            let e = routy_pg::tls::error_chain(e);
             return SinkError::new(reason, seq, format!("{what}: {e}"));
         };
         let code = db.code().code();
@@ -388,138 +386,12 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(f)
 }
 
-/// Splits `sslmode` and `sslrootcert` (which tokio-postgres does not know) out of a
-/// connection string, key=value or URL form.
-pub(crate) fn split_tls_options(dsn: &str) -> Result<(String, SslMode, Option<PathBuf>), String> {
-    let mut mode = SslMode::default();
-    let mut root = None;
-    let mut take = |k: &str, v: String| -> Result<bool, String> {
-        match k {
-            "sslmode" => mode = SslMode::parse(&v)?,
-            "sslrootcert" => root = Some(PathBuf::from(v)),
-            _ => return Ok(false),
-        }
-        Ok(true)
-    };
-    let trimmed = dsn.trim();
-    if trimmed.starts_with("postgres://") || trimmed.starts_with("postgresql://") {
-        let Some((base, query)) = trimmed.split_once('?') else {
-            return Ok((trimmed.to_string(), mode, root));
-        };
-        let mut kept = Vec::new();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            // Only the two options taken out are decoded (and only they can be an error
-            // here): the others, a password among them, go on to tokio-postgres untouched.
-            if !matches!(k, "sslmode" | "sslrootcert") {
-                kept.push(pair);
-                continue;
-            }
-            let v = percent_decode(v).map_err(|e| format!("connection string: {k}: {e}"))?;
-            take(k, v)?;
-        }
-        let rest = if kept.is_empty() {
-            base.to_string()
-        } else {
-            format!("{base}?{}", kept.join("&"))
-        };
-        return Ok((rest, mode, root));
-    }
-    // key = value pairs; values bare or single-quoted, with backslash escapes.
-    let b = dsn.as_bytes();
-    let mut i = 0;
-    let mut kept: Vec<&str> = Vec::new();
-    while i < b.len() {
-        while i < b.len() && b[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        if i >= b.len() {
-            break;
-        }
-        let start = i;
-        while i < b.len() && b[i] != b'=' && !b[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        let key = &dsn[start..i];
-        while i < b.len() && b[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        if i >= b.len() || b[i] != b'=' {
-            return Err(format!("connection string: missing \"=\" after \"{key}\""));
-        }
-        i += 1;
-        while i < b.len() && b[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        let mut value = Vec::new();
-        if i < b.len() && b[i] == b'\'' {
-            i += 1;
-            loop {
-                match b.get(i) {
-                    None => return Err("connection string: unterminated quoted value".into()),
-                    Some(b'\'') => {
-                        i += 1;
-                        break;
-                    }
-                    Some(b'\\') if i + 1 < b.len() => {
-                        value.push(b[i + 1]);
-                        i += 2;
-                    }
-                    Some(c) => {
-                        value.push(*c);
-                        i += 1;
-                    }
-                }
-            }
-        } else {
-            while i < b.len() && !b[i].is_ascii_whitespace() {
-                if b[i] == b'\\' && i + 1 < b.len() {
-                    i += 1;
-                }
-                value.push(b[i]);
-                i += 1;
-            }
-        }
-        let value = String::from_utf8_lossy(&value).into_owned();
-        if !take(key, value)? {
-            kept.push(&dsn[start..i]);
-        }
-    }
-    Ok((kept.join(" "), mode, root))
-}
-
-/// Decodes `%XX` escapes; a `%` not followed by two hex digits, or bytes that are not
-/// UTF-8 once decoded, are an error.
-fn percent_decode(s: &str) -> Result<String, String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = |c: u8| (c as char).to_digit(16);
-            let v = match (
-                b.get(i + 1).and_then(|c| hex(*c)),
-                b.get(i + 2).and_then(|c| hex(*c)),
-            ) {
-                (Some(h), Some(l)) => (h * 16 + l) as u8,
-                _ => return Err("bad percent escape (a % needs two hex digits)".into()),
-            };
-            out.push(v);
-            i += 3;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8(out).map_err(|_| "not UTF-8 once percent-decoded".to_string())
-}
-
 /// The target's client configuration and TLS side. This is the seam for the target
-/// connection: TLS follows libpq's `sslmode` / `sslrootcert` via [`relay_proto::pg_tls`].
+/// connection: TLS follows libpq's `sslmode` / `sslrootcert` via [`routy_pg::tls`].
 pub(crate) fn target_config(cfg: &PgSinkConfig) -> Result<(tokio_postgres::Config, PgTls), String> {
-    let (rest, mode, root) = split_tls_options(&cfg.dsn)?;
-    let mut pc = tokio_postgres::Config::from_str(&rest)
-        .map_err(|e| format!("target connection string: {e}"))?;
+    let dsn = routy_pg::dsn::parse(&cfg.dsn).map_err(|e| format!("target {e}"))?;
+    let (mode, root) = (dsn.sslmode().map_err(|e| e.to_string())?, dsn.sslrootcert());
+    let mut pc = dsn.tokio_postgres().map_err(|e| format!("target {e}"))?;
     pc.ssl_mode(mode.tokio_postgres());
     if pc.get_connect_timeout().is_none() {
         pc.connect_timeout(Duration::from_secs(10));

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use relay_proto::cdc::Record;
-use relay_proto::segment_log::{self, LogError, LogOptions, Reader, SegmentLog};
+use routy_log::segment_log::{self, LogError, LogOptions, Reader, SegmentLog};
 use tokio::sync::watch;
 
 /// Largest record the store accepts (the spool's bound).
@@ -343,7 +343,7 @@ impl Store {
         }
         let next = self.next_seq_for(first_seq, last_seq)?;
         if known.is_none() {
-            relay_proto::disk::write_atomic(
+            routy_log::disk::write_atomic(
                 &self.dir.join(SPOOL_ID_FILE),
                 format!("{spool_id:016x}\n").as_bytes(),
             )

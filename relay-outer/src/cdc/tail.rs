@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use relay_proto::cdc::{event_json, Event, Record, Relations, PG_EPOCH_UNIX_SECS};
-use relay_proto::segment_log::{self, LogError};
+use routy_log::segment_log::{self, LogError};
 
 use super::store::MAX_RECORD;
 

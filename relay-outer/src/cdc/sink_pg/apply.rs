@@ -369,7 +369,7 @@ impl<'a> Session<'a> {
                         let since = *idle_since.get_or_insert_with(Instant::now);
                         if since.elapsed() >= TRIM_IDLE {
                             since_trim = 0;
-                            relay_proto::malloc::release_free();
+                            routy_ops::malloc::release_free();
                         } else {
                             wait = TRIM_IDLE.saturating_sub(since.elapsed());
                         }

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use relay_proto::cdc::Record;
-use relay_proto::segment_log::Reader;
+use routy_log::segment_log::Reader;
 use tokio::sync::watch;
 
 use super::SinkError;

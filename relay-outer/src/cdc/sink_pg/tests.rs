@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use relay_proto::cdc::{Column, Event, OldRow, Record, Relation, SnapshotPhase, Value};
-use relay_proto::drain::Drain;
 use routy_e2e::{Pg, PgOpts};
+use routy_ops::drain::Drain;
 
 use super::{run_with_status, PgSinkConfig, SinkStatus};
 use crate::cdc::store::Store;
@@ -91,6 +91,18 @@ impl Harness {
         self.store.append(self.next, enc).await.unwrap();
         self.next += n;
         self.next - 1
+    }
+}
+
+fn dsn_cfg(dsn: &str) -> PgSinkConfig {
+    PgSinkConfig {
+        name: "s".into(),
+        source: "t/s".into(),
+        dsn: dsn.into(),
+        create_tables: true,
+        schema: None,
+        retry_initial: Duration::from_millis(50),
+        retry_max: Duration::from_millis(400),
     }
 }
 
@@ -951,36 +963,26 @@ async fn snapshot_copy_and_a_big_transaction() {
 }
 
 #[test]
-fn tls_options_are_split_out_of_the_dsn() {
-    use relay_proto::pg_tls::SslMode;
-    let (rest, mode, root) = super::split_tls_options(
-        "host=h port=5 sslmode=verify-full sslrootcert='/a b/c' password='x y\\'z'",
-    )
-    .unwrap();
-    assert_eq!(rest, "host=h port=5 password='x y\\'z'");
-    assert_eq!(mode, SslMode::VerifyFull);
-    assert_eq!(root.unwrap().to_str(), Some("/a b/c"));
-    let (rest, mode, _) =
-        super::split_tls_options("postgres://u@h/db?sslmode=require&application_name=x").unwrap();
-    assert_eq!(rest, "postgres://u@h/db?application_name=x");
-    assert_eq!(mode, SslMode::Require);
-    assert!(super::split_tls_options("host=h sslmode=bogus").is_err());
-    // Percent escapes: decoded in the options taken out, errors (not panics) when bad,
-    // the other options passed on untouched.
-    let (rest, _, root) =
-        super::split_tls_options("postgres://h/db?sslrootcert=%2Fa%20%C3%A9&password=%zz%")
-            .unwrap();
-    assert_eq!(root.unwrap().to_str(), Some("/a é"));
-    assert_eq!(rest, "postgres://h/db?password=%zz%");
-    for bad in [
-        "postgres://h/db?sslrootcert=%",
-        "postgres://h/db?sslrootcert=a%2",
-        "postgres://h/db?sslrootcert=%zz",
-        "postgres://h/db?sslrootcert=%é1",
-        "postgres://h/db?sslrootcert=%1é",
-        "postgres://h/db?sslmode=%FF",
+fn the_target_dsn_is_read_in_either_form() {
+    use routy_pg::tls::SslMode;
+    for dsn in [
+        "host=h port=5 user=u dbname=d sslmode=verify-full sslrootcert='/a b/c' password='x y\\'z'",
+        "postgresql://u:x%20y'z@h:5/d?sslmode=verify-full&sslrootcert=%2Fa%20b%2Fc",
     ] {
-        let e = super::split_tls_options(bad).unwrap_err();
+        let c = dsn_cfg(dsn);
+        let (pc, _tls) = super::target_config(&c).unwrap();
+        assert_eq!(pc.get_user(), Some("u"), "{dsn}");
+        assert_eq!(pc.get_dbname(), Some("d"));
+        assert_eq!(pc.get_ports(), &[5]);
+        assert_eq!(pc.get_password(), Some(&b"x y'z"[..]));
+        assert_eq!(pc.get_application_name(), Some("routy sink s"));
+        let d = routy_pg::dsn::parse(dsn).unwrap();
+        assert_eq!(d.sslmode().unwrap(), SslMode::VerifyFull);
+        assert_eq!(d.sslrootcert().unwrap().to_str(), Some("/a b/c"));
+    }
+    for bad in ["host=h sslmode=bogus", "postgres://h/db?sslrootcert=%zz"] {
+        let c = dsn_cfg(bad);
+        let e = super::target_config(&c).unwrap_err();
         assert!(e.contains("connection string"), "{bad}: {e}");
     }
 }

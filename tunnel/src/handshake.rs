@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::codec::{read_frame, write_frame, CodecError};
-use crate::frame::{ErrorCode, Frame, Hello, HelloAck};
+use relay_proto::frame::{ErrorCode, Frame, Hello, HelloAck};
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u16 = 1;

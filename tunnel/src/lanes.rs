@@ -183,6 +183,19 @@ where
     })
 }
 
+/// Most data-path threads (`threads`).
+pub const MAX_THREADS: usize = 256;
+
+/// The `threads` setting: data-path threads ([`crate::lanes`]), by default one per CPU;
+/// 0 runs tunnel connections on the main runtime with everything else.
+pub fn threads(value: Option<usize>) -> Result<usize, String> {
+    match value {
+        None => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
+        Some(n) if n <= MAX_THREADS => Ok(n),
+        Some(n) => Err(format!("threads: {n} is outside 0..={MAX_THREADS}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

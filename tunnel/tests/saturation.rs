@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use relay_proto::lanes;
-use relay_proto::session::{self, Role, Stream};
+use routy_tunnel::lanes;
+use routy_tunnel::session::{self, Role, Stream};
 use socket2::{Domain, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::frame::{Frame, FrameError, LEN_PREFIX};
+use relay_proto::frame::{Frame, FrameError, LEN_PREFIX};
 
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]

@@ -530,6 +530,19 @@ async fn drive<T>(
 }
 
 /// Test steps both transports share (yamux here, QUIC in `quic.rs`).
+/// Default bound on streams one session carries at once (both relays).
+pub const DEFAULT_MAX_STREAMS_PER_SESSION: usize = 4096;
+
+/// A streams-per-session limit from the file, or the default; errors name `field`.
+pub fn streams_limit(value: Option<usize>, field: &str) -> Result<usize, String> {
+    let max = MAX_STREAMS;
+    match value {
+        None => Ok(DEFAULT_MAX_STREAMS_PER_SESSION),
+        Some(n) if (1..=max).contains(&n) => Ok(n),
+        Some(n) => Err(format!("{field}: {n} is outside 1..={max}")),
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod testing {
     use super::*;

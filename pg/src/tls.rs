@@ -138,7 +138,7 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 fn load_roots(path: &Path) -> Result<RootCertStore, String> {
-    let certs = crate::tls::load_certs(path).map_err(|e| format!("sslrootcert: {e}"))?;
+    let certs = routy_tunnel::tls::load_certs(path).map_err(|e| format!("sslrootcert: {e}"))?;
     let mut store = RootCertStore::empty();
     for c in certs {
         store.add(c).map_err(|e| {

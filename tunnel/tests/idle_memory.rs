@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
-use relay_proto::session::{self, Role};
-use relay_proto::splice::{pool_stats, splice, ByteCounters, PoolStats, POOL_MAX};
+use routy_tunnel::session::{self, Role};
+use routy_tunnel::splice::{pool_stats, splice, ByteCounters, PoolStats, POOL_MAX};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -77,7 +77,7 @@ where
 struct Relays {
     outer: session::SessionHandle,
     inner_incoming: tokio::sync::mpsc::UnboundedReceiver<session::Stream>,
-    splices: Vec<tokio::task::JoinHandle<std::io::Result<relay_proto::splice::Moved>>>,
+    splices: Vec<tokio::task::JoinHandle<std::io::Result<routy_tunnel::splice::Moved>>>,
 }
 
 impl Relays {

@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
 use crate::codec::{read_frame_no_deadline, write_frame, CodecError};
-use crate::frame::{ErrorCode, Frame};
+use relay_proto::frame::{ErrorCode, Frame};
 
 /// Keepalive settings of one session.
 #[derive(Debug, Clone, Copy)]
@@ -60,9 +60,9 @@ pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(15);
 #[serde(deny_unknown_fields)]
 pub struct KeepaliveSpec {
     /// Time between Pings.
-    pub interval: Option<crate::units::Dur>,
+    pub interval: Option<routy_ops::units::Dur>,
     /// How long a Ping may go unanswered before the session is dead.
-    pub timeout: Option<crate::units::Dur>,
+    pub timeout: Option<routy_ops::units::Dur>,
 }
 
 impl KeepaliveSpec {

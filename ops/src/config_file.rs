@@ -44,9 +44,6 @@ where
     validate(raw, base).map_err(|m| ConfigError::new(path, m))
 }
 
-/// Default bound on streams one session carries at once (both relays).
-pub const DEFAULT_MAX_STREAMS_PER_SESSION: usize = 4096;
-
 /// The `admin:` block of either relay's config file.
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -65,28 +62,5 @@ impl AdminSpec {
         addr.parse().map_err(|_| {
             format!("admin.listen: {addr:?} is not an address with a port, like {default:?}")
         })
-    }
-}
-
-/// Most data-path threads (`threads`).
-pub const MAX_THREADS: usize = 256;
-
-/// The `threads` setting: data-path threads ([`crate::lanes`]), by default one per CPU;
-/// 0 runs tunnel connections on the main runtime with everything else.
-pub fn threads(value: Option<usize>) -> Result<usize, String> {
-    match value {
-        None => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
-        Some(n) if n <= MAX_THREADS => Ok(n),
-        Some(n) => Err(format!("threads: {n} is outside 0..={MAX_THREADS}")),
-    }
-}
-
-/// A streams-per-session limit from the file, or the default; errors name `field`.
-pub fn streams_limit(value: Option<usize>, field: &str) -> Result<usize, String> {
-    let max = crate::session::MAX_STREAMS;
-    match value {
-        None => Ok(DEFAULT_MAX_STREAMS_PER_SESSION),
-        Some(n) if (1..=max).contains(&n) => Ok(n),
-        Some(n) => Err(format!("{field}: {n} is outside 1..={max}")),
     }
 }

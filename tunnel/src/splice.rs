@@ -49,7 +49,7 @@ impl ByteCounters {
                 .map(|(k, v)| metrics::Label::new(*k, v.clone()))
                 .collect();
             l.push(metrics::Label::new("direction", dir));
-            metrics::counter!(crate::metrics::STREAM_BYTES, l)
+            metrics::counter!(routy_ops::metrics::STREAM_BYTES, l)
         };
         ByteCounters {
             to_service: with("to_service"),

@@ -1,0 +1,23 @@
+//! The operational pieces both relays share: how they are run, configured and watched.
+//!
+//! - [`cli`]: the common command-line skeleton (run, check-config, reload, signals).
+//! - [`config_file`], [`units`]: loading a YAML configuration, durations, sizes, paths.
+//! - [`admin`], [`metrics`]: the admin HTTP endpoint and every metric's name.
+//! - [`sdnotify`], [`logging`], [`drain`]: systemd notification, log setup, graceful stop.
+//! - [`malloc`]: allocator tuning; [`backoff`]: retry delays with jitter.
+//!
+//! See `docs/architecture.md`.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod backoff;
+pub mod cli;
+pub mod config_file;
+pub mod drain;
+pub mod logging;
+#[allow(unsafe_code)] // one libc call: mallopt (see the module)
+pub mod malloc;
+pub mod metrics;
+pub mod sdnotify;
+pub mod units;
