@@ -2,11 +2,9 @@
 //! relay-outer opens to the services its own config lists.
 #![forbid(unsafe_code)]
 
-mod cdc;
-mod dialer;
+mod admin;
 mod relay;
-mod services;
-mod status;
+mod tunnel;
 
 use relay_inner::config;
 
@@ -98,7 +96,7 @@ fn main() -> ExitCode {
 fn salvage(path: &Path, name: &str) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     let (cdc, src) = cdc_source(&cfg, path, name)?;
-    println!("{}", cdc::source_salvage(cdc, &src.name)?);
+    println!("{}", relay_inner::cdc::source_salvage(cdc, &src.name)?);
     Ok(())
 }
 
@@ -126,7 +124,7 @@ fn drop_slot(path: &Path, name: &str) -> anyhow::Result<()> {
     let (cdc, src) = cdc_source(&cfg, path, name)?;
     let dir = cdc.spool_dir.join(&src.name);
     cli::block_on(async {
-        let msg = cdc::source_drop_slot(src, &dir).await?;
+        let msg = relay_inner::cdc::source_drop_slot(src, &dir).await?;
         println!("{msg}");
         Ok::<_, anyhow::Error>(())
     })
@@ -161,7 +159,7 @@ async fn serve(path: PathBuf, cfg: Config, tls: rustls::ClientConfig) -> anyhow:
     let relay = relay::InnerRelay::start(path, cfg, tls)?;
     let handler = {
         let (relay, prom) = (relay.clone(), prom.clone());
-        move |path: &str| status::handle(&relay, &prom, path)
+        move |path: &str| admin::handle(&relay, &prom, path)
     };
     start_admin(admin_listen, handler, prom, relay.drain.clone()).await?;
     let r = relay.clone();

@@ -16,11 +16,11 @@ use routy_ops::drain::Drain;
 use routy_ops::metrics as m;
 use tracing::info;
 
-use crate::cdc::Cdc;
-use crate::config::{Config, OuterEndpoint};
-use crate::dialer::{Current, Dialer};
-use crate::services::{ServiceTable, Services};
-use crate::status::EndpointStatus;
+use crate::tunnel::dialer::{Current, Dialer};
+use crate::tunnel::endpoint::EndpointStatus;
+use crate::tunnel::services::{ServiceTable, Services};
+use relay_inner::cdc::Cdc;
+use relay_inner::config::{Config, OuterEndpoint};
 
 /// The running dialers of one endpoint: `connections` sessions, one dialer each.
 struct Running {
@@ -119,7 +119,8 @@ impl InnerRelay {
             statuses.push(status);
         }
         if let Some(cdc) = &self.cdc {
-            cdc.attach(&k, &statuses, &self.drain, &stop);
+            let sessions = statuses.iter().map(|s| s.session()).collect();
+            cdc.attach(&k, sessions, &self.drain, &stop);
         }
         self.lock_dialers().push((k, Running { stop, statuses }));
     }

@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use relay_inner::cdc::replication::parse_lsn;
+use relay_inner::cdc::source::{self, SourceError, SourceStatus, TestHooks};
+use relay_inner::cdc::spool::Spool;
 use relay_inner::config::{SnapshotMode, SourceConfig};
-use relay_inner::replication::parse_lsn;
-use relay_inner::source::{self, SourceError, SourceStatus, TestHooks};
-use relay_inner::spool::Spool;
 use relay_proto::cdc::{Event, Record, Relations, SnapshotPhase, Value};
 use routy_e2e::{Pg, PgOpts};
 use routy_log::segment_log::Reader;

@@ -2,14 +2,12 @@
 //! listener ports.
 #![forbid(unsafe_code)]
 
-mod answer;
+mod admin;
 mod cdc;
 mod certs;
 mod config;
-mod listener;
-mod registry;
+mod listen;
 mod server;
-mod status;
 mod tunnel;
 
 use std::path::{Path, PathBuf};
@@ -291,7 +289,7 @@ async fn serve(path: PathBuf, cfg: Config, tls: rustls::ServerConfig) -> anyhow:
     let relay = server::OuterRelay::start(path, cfg, tls).await?;
     let handler = {
         let (relay, prom) = (relay.clone(), prom.clone());
-        move |path: &str| status::handle(&relay, &prom, path)
+        move |path: &str| admin::handle(&relay, &prom, path)
     };
     start_admin(admin_listen, handler, prom, relay.drain.clone()).await?;
     let r = relay.clone();

@@ -23,8 +23,8 @@ use tracing::{info, warn};
 
 use crate::cdc::Cdc;
 use crate::config::Config;
-use crate::listener::{Listener, Running};
-use crate::registry::Registry;
+use crate::listen::{Listener, Running};
+use crate::tunnel::registry::Registry;
 use crate::tunnel::{Settings, TunnelServer};
 
 /// The running relay.

@@ -530,6 +530,10 @@ async fn drive<T>(
 }
 
 /// Test steps both transports share (yamux here, QUIC in `quic.rs`).
+/// Where a relay publishes its live session (or `None` between sessions) for the parts
+/// that open streams over whichever session is up (relay-inner's CDC shippers).
+pub type SessionWatch = tokio::sync::watch::Receiver<Option<SessionHandle>>;
+
 /// Default bound on streams one session carries at once (both relays).
 pub const DEFAULT_MAX_STREAMS_PER_SESSION: usize = 4096;
 

@@ -17,8 +17,8 @@ use routy_ops::drain::Drain;
 
 use super::catalog::{Db, SlotInfo};
 use super::{SourceError, SourceStatus, RETAINED_WAL_BYTES, SLOT_CHECKED};
+use crate::cdc::replication::ReplicationConfig;
 use crate::config::SourceConfig;
-use crate::replication::ReplicationConfig;
 
 /// Deadline of one round: connecting (when needed) plus the query.
 pub const WATCH_TIMEOUT: Duration = Duration::from_secs(10);

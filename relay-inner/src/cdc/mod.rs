@@ -3,14 +3,18 @@
 
 use std::sync::{Arc, Mutex};
 
-use relay_inner::config::{CdcConfig, SourceConfig};
-use relay_inner::shipper::{ShipStatus, Shipper};
-use relay_inner::source::{self, SourceStatus};
-use relay_inner::spool::Spool;
+use crate::config::{CdcConfig, SourceConfig};
 use routy_ops::drain::Drain;
+use routy_tunnel::session::SessionWatch;
+use shipper::{ShipStatus, Shipper};
+use source::SourceStatus;
+use spool::Spool;
 use tracing::{debug, info};
 
-use crate::status::EndpointStatus;
+pub mod replication;
+pub mod shipper;
+pub mod source;
+pub mod spool;
 
 /// relay-inner's CDC metrics with their help texts.
 pub const METRICS: &[(&str, &str)] = &[
@@ -22,13 +26,13 @@ pub const METRICS: &[(&str, &str)] = &[
     (source::SNAPSHOT_ROWS_TOTAL, "Rows copied by the initial snapshot, by table."),
     (source::HEARTBEATS_TOTAL, "Heartbeat messages emitted on the source while its published tables were idle."),
     (source::ERRORS_TOTAL, "Source failures, by reason (fatal; transient; receive_timeout: nothing heard from the source within receive_timeout)."),
-    (relay_inner::spool::SPOOL_FULL_WAITS, "Times reading from the source paused because the spool was full."),
+    (spool::SPOOL_FULL_WAITS, "Times reading from the source paused because the spool was full."),
     (SPOOL_BYTES, "Bytes in the spool on disk."),
-    (relay_inner::shipper::BATCHES_SENT, "Batches sent to relay-outer."),
-    (relay_inner::shipper::RECORDS_SENT, "Records sent to relay-outer (resends included)."),
-    (relay_inner::shipper::ACKED_SEQ, "Highest seq relay-outer acknowledged as durable in its store."),
-    (relay_inner::shipper::UNACKED_RECORDS, "Records durable in the spool that relay-outer has not acknowledged yet."),
-    (relay_inner::shipper::SHIP_ERRORS, "Shipping streams that failed, by reason."),
+    (shipper::BATCHES_SENT, "Batches sent to relay-outer."),
+    (shipper::RECORDS_SENT, "Records sent to relay-outer (resends included)."),
+    (shipper::ACKED_SEQ, "Highest seq relay-outer acknowledged as durable in its store."),
+    (shipper::UNACKED_RECORDS, "Records durable in the spool that relay-outer has not acknowledged yet."),
+    (shipper::SHIP_ERRORS, "Shipping streams that failed, by reason."),
 ];
 
 /// Gauge: bytes in each source's spool.
@@ -72,7 +76,7 @@ impl Cdc {
             let spool = match Spool::open(&dir, cfg.spool_max_bytes) {
                 Ok(spool) => spool,
                 // Corruption stops this source only: the tunnel and the other sources go on.
-                Err(e @ relay_inner::spool::SpoolError::Damaged { .. }) => {
+                Err(e @ spool::SpoolError::Damaged { .. }) => {
                     tracing::error!(source = %s.name, spool = %dir.display(), error = %e,
                         "CDC source not started: its spool is corrupt");
                     metrics::counter!(source::ERRORS_TOTAL, "source" => s.name.clone(), "reason" => "spool_corrupt")
@@ -138,13 +142,7 @@ impl Cdc {
     }
 
     /// Starts one shipper per source for a new endpoint.
-    pub fn attach(
-        &self,
-        key: &str,
-        connections: &[Arc<EndpointStatus>],
-        drain: &Drain,
-        stop: &Drain,
-    ) {
+    pub fn attach(&self, key: &str, connections: Vec<SessionWatch>, drain: &Drain, stop: &Drain) {
         let session = any_live_session(connections, stop.clone());
         for s in &self.sources {
             let status = Arc::new(ShipStatus::new(key));
@@ -249,11 +247,8 @@ pub async fn source_drop_slot(cfg: &SourceConfig, dir: &std::path::Path) -> anyh
 
 /// Watches the live sessions of an endpoint's connections and publishes one of them (the
 /// first live one, kept while it lives), so shipping goes on while any connection is up.
-fn any_live_session(
-    connections: &[Arc<EndpointStatus>],
-    stop: Drain,
-) -> tokio::sync::watch::Receiver<Option<routy_tunnel::session::SessionHandle>> {
-    let mut watches: Vec<_> = connections.iter().map(|c| c.session()).collect();
+fn any_live_session(connections: Vec<SessionWatch>, stop: Drain) -> SessionWatch {
+    let mut watches = connections;
     if watches.len() == 1 {
         return watches.remove(0);
     }

@@ -22,9 +22,9 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, error, info, warn, Instrument};
 
-use crate::config::{Config, OuterEndpoint, Transport};
-use crate::services::Services;
-use crate::status::EndpointStatus;
+use super::endpoint::EndpointStatus;
+use super::services::Services;
+use relay_inner::config::{Config, OuterEndpoint, Transport};
 use routy_ops::backoff::Backoff;
 use routy_ops::metrics as m;
 

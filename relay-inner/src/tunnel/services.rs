@@ -16,7 +16,7 @@ use routy_tunnel::splice::{splice, ByteCounters};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::config::Service;
+use relay_inner::config::Service;
 
 /// Bound on the Open frame arriving on a new stream.
 const OPEN_READ_TIMEOUT: Duration = Duration::from_secs(10);

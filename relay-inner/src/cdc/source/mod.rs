@@ -26,9 +26,9 @@ use std::time::{Duration, Instant};
 
 use routy_ops::drain::Drain;
 
+use crate::cdc::replication::{self, ReplicationClient, ReplicationConfig, ReplicationError};
+use crate::cdc::spool::{Spool, SpoolError};
 use crate::config::{SnapshotMode, SourceConfig};
-use crate::replication::{self, ReplicationClient, ReplicationConfig, ReplicationError};
-use crate::spool::{Spool, SpoolError};
 use routy_ops::backoff::Backoff;
 
 mod catalog;

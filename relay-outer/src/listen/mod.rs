@@ -5,6 +5,8 @@
 //! A listener stays bound while its tunnel is down; a client arriving then is closed at
 //! once (fail fast) so replication clients retry instead of hanging.
 
+pub mod answer;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -20,9 +22,9 @@ use routy_tunnel::splice::{splice, ByteCounters};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, error, info, warn, Instrument};
 
-use crate::answer::{AwaitAnswer, Refusal};
 use crate::config::ListenerConfig;
-use crate::registry::{PickError, Registry};
+use crate::listen::answer::{AwaitAnswer, Refusal};
+use crate::tunnel::registry::{PickError, Registry};
 
 /// Bound on writing the Open frame into a fresh stream.
 const OPEN_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -270,7 +272,7 @@ impl Listener {
         &self,
         client: TcpStream,
         addr: SocketAddr,
-        session: &crate::registry::SessionEntry,
+        session: &crate::tunnel::registry::SessionEntry,
         arrived: Instant,
     ) {
         let cfg = &self.cfg;

@@ -11,7 +11,7 @@
 //! [`ReplicationStream::next`] alone has no deadline: an idle walsender whose client has
 //! confirmed everything legitimately sends nothing, so the caller's select loop owns that
 //! wait (status updates, asking for a keepalive and giving up after `receive_timeout`, see
-//! [`crate::source::stream`]); `next` is cancel-safe for that reason.
+//! [`crate::cdc::source::stream`]); `next` is cancel-safe for that reason.
 //!
 //! TLS follows libpq's `sslmode` and `sslrootcert` (see [`routy_pg::tls`]); the same
 //! parsed DSN also configures the ordinary tokio-postgres connection

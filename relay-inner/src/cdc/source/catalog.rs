@@ -6,8 +6,8 @@ use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
 use super::SourceError;
+use crate::cdc::replication::{self, ReplicationConfig};
 use crate::config::SourceConfig;
-use crate::replication::{self, ReplicationConfig};
 
 /// A configured table, resolved on the source.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -33,8 +33,8 @@ use serde::{Deserialize, Serialize};
 use super::catalog::{ident, Db, Table};
 use super::stream::{relation_size, values_size};
 use super::{Ctx, SourceError, RECORD_TARGET_BYTES, SNAPSHOT_ROWS_TOTAL};
-use crate::replication::{format_lsn, parse_lsn};
-use crate::spool::MAX_RECORD;
+use crate::cdc::replication::{format_lsn, parse_lsn};
+use crate::cdc::spool::MAX_RECORD;
 use relay_proto::copy_text::parse_copy_line;
 
 /// File name of the state file inside the source's spool directory.

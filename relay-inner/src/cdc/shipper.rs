@@ -28,7 +28,7 @@ use tokio::io::{AsyncWriteExt, ReadHalf};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::spool::Spool;
+use crate::cdc::spool::Spool;
 use routy_ops::backoff::Backoff;
 
 /// Bound on unacknowledged bytes in flight per stream.

@@ -6,6 +6,8 @@
 //! unknown tunnel, a malformed frame) closes that connection with a logged reason and
 //! touches nothing else.
 
+pub mod registry;
+
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -27,7 +29,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::cdc::{receiver, Cdc};
 use crate::config::TunnelConfig;
-use crate::registry::{Registry, SessionEntry};
+use crate::tunnel::registry::{Registry, SessionEntry};
 
 /// How long a refused peer gets to read our refusal before the connection is cut.
 const REFUSAL_LINGER: Duration = Duration::from_secs(2);

@@ -33,11 +33,11 @@ use super::{
     Ctx, SourceError, CONFIRMED_LSN, EVENTS_TOTAL, HEARTBEATS_TOTAL, RECORD_MAX_BYTES,
     RECORD_TARGET_BYTES, TRANSACTIONS_TOTAL,
 };
-use crate::config::SourceConfig;
-use crate::replication::{
+use crate::cdc::replication::{
     format_lsn, ReplicationClient, ReplicationEvent, ReplicationStream, QUERY_TIMEOUT,
 };
-use crate::spool::MAX_RECORD;
+use crate::cdc::spool::MAX_RECORD;
+use crate::config::SourceConfig;
 use relay_proto::pgoutput::{self, Message, OldKind};
 
 /// Longest time appended records wait for a sync while the stream keeps delivering.
