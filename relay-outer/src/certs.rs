@@ -11,15 +11,20 @@ use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use rcgen::string::Ia5String;
+use rcgen::string::{Ia5String, PrintableString};
 use rcgen::{
-    BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType,
+    BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType, DnValue,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, PublicKeyData,
     SanType, SerialNumber,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use time::{Duration, OffsetDateTime};
+use x509_parser::asn1_rs::Header;
+use x509_parser::extensions::ParsedExtension;
+use x509_parser::oid_registry::OID_X509_EXT_SUBJECT_KEY_IDENTIFIER;
+use x509_parser::prelude::{parse_x509_certificate, X509Certificate};
+use x509_parser::x509::X509Name;
 
 /// File name of the CA certificate.
 pub const CA_CERT: &str = "ca.crt";
@@ -333,8 +338,8 @@ struct LoadedCa {
 impl LoadedCa {
     /// Checks that a certificate we just signed names this CA exactly as its issuer.
     fn check_issued(&self, der: &[u8]) -> Result<(), CertError> {
-        match der::TbsView::parse(der) {
-            Some(view) if view.issuer == self.subject.as_slice() => Ok(()),
+        match parse_x509_certificate(der) {
+            Ok((_, cert)) if cert.issuer().as_raw() == self.subject.as_slice() => Ok(()),
             _ => Err(CertError::BadCaCert {
                 path: self.cert_path.clone(),
                 reason:
@@ -369,19 +374,19 @@ fn load_ca(dir: &Path) -> Result<LoadedCa, CertError> {
     for item in CertificateDer::pem_slice_iter(&cert_pem) {
         let der = item.map_err(|e| bad_cert(format!("invalid PEM: {e}")))?;
         found_any = true;
-        let view = der::TbsView::parse(&der)
+        let (cert, subject_key_id) = parse_cert(&der)
             .ok_or_else(|| bad_cert("a certificate in it is not valid X.509 DER".to_string()))?;
-        if view.spki != key_spki.as_slice() {
+        if cert.public_key().raw != key_spki.as_slice() {
             continue;
         }
         let mut params = CertificateParams::default();
-        params.distinguished_name = der::distinguished_name(view.subject).map_err(bad_cert)?;
-        params.key_identifier_method = match view.subject_key_id {
+        params.distinguished_name = distinguished_name(cert.subject()).map_err(bad_cert)?;
+        params.key_identifier_method = match subject_key_id {
             Some(id) => KeyIdMethod::PreSpecified(id.to_vec()),
             None => KeyIdMethod::Sha256,
         };
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let subject = view.subject.to_vec();
+        let subject = cert.subject().as_raw().to_vec();
         return Ok(LoadedCa {
             issuer: Issuer::new(params, key),
             subject,
@@ -505,226 +510,61 @@ fn parent_dir(path: &Path) -> &Path {
 // ---------------------------------------------------------------------------------------
 // Reading the few parts of a certificate we need
 
-/// Just enough DER to read a certificate's issuer, subject, public key and subject key
-/// identifier. (rcgen can do this itself only with its `x509-parser` feature, which this
-/// crate does not enable.) The input is the operator's own CA file; every read is
-/// bounds-checked and a malformed certificate yields `None`, never a panic.
-mod der {
-    use rcgen::string::{Ia5String, PrintableString as Printable};
-    use rcgen::{DistinguishedName, DnType, DnValue};
+/// Parses a DER certificate and its subject key identifier, if it has one; `None` if the
+/// certificate or that extension is malformed. The input is the operator's own CA file:
+/// x509-parser bounds-checks every read, so no input makes this panic.
+fn parse_cert(der: &[u8]) -> Option<(X509Certificate<'_>, Option<&[u8]>)> {
+    let (_, cert) = parse_x509_certificate(der).ok()?;
+    let subject_key_id = match cert
+        .extensions()
+        .iter()
+        .find(|ext| ext.oid == OID_X509_EXT_SUBJECT_KEY_IDENTIFIER)
+        .map(|ext| ext.parsed_extension())
+    {
+        None => None,
+        Some(ParsedExtension::SubjectKeyIdentifier(id)) => Some(id.0),
+        Some(_) => return None,
+    };
+    Some((cert, subject_key_id))
+}
 
-    const SEQUENCE: u8 = 0x30;
-    const SET: u8 = 0x31;
-    const INTEGER: u8 = 0x02;
-    const OID: u8 = 0x06;
-    const OCTET_STRING: u8 = 0x04;
-    const BOOLEAN: u8 = 0x01;
-    const UTF8_STRING: u8 = 0x0c;
-    const PRINTABLE_STRING: u8 = 0x13;
-    const IA5_STRING: u8 = 0x16;
-    const VERSION: u8 = 0xa0;
-    const EXTENSIONS: u8 = 0xa3;
-    /// 2.5.29.14, id-ce-subjectKeyIdentifier.
-    const SUBJECT_KEY_ID: &[u8] = &[0x55, 0x1d, 0x0e];
-
-    /// One DER element.
-    struct Tlv<'a> {
-        tag: u8,
-        /// The whole encoding, header included.
-        raw: &'a [u8],
-        /// The contents.
-        body: &'a [u8],
-    }
-
-    /// Reads one element off the front of `input`; returns it and what follows.
-    fn read(input: &[u8]) -> Option<(Tlv<'_>, &[u8])> {
-        let tag = *input.first()?;
-        if tag & 0x1f == 0x1f {
-            return None; // multi-byte tags do not occur in the parts we read
+/// Rebuilds an rcgen name from a certificate's Name, so rcgen re-encodes it byte for byte
+/// (the caller checks that). Only UTF8String, PrintableString and IA5String values are
+/// supported: those are the string types rcgen writes exactly as they were read.
+fn distinguished_name(name: &X509Name<'_>) -> Result<DistinguishedName, String> {
+    let malformed = || "its subject name is malformed".to_string();
+    let mut dn = DistinguishedName::new();
+    for atv in name.iter_attributes() {
+        let arcs: Vec<u64> = atv.attr_type().iter().ok_or_else(malformed)?.collect();
+        let value = atv.attr_value();
+        let tag = identifier_octet(&value.header);
+        if !matches!(tag, UTF8_STRING | PRINTABLE_STRING | IA5_STRING) {
+            return Err(format!(
+                "its subject name uses an unsupported string type (DER tag {tag:#04x})"
+            ));
         }
-        let first = *input.get(1)?;
-        let (len, header) = if first < 0x80 {
-            (usize::from(first), 2usize)
-        } else {
-            let count = usize::from(first & 0x7f);
-            if count == 0 || count > 4 {
-                return None;
+        let text = std::str::from_utf8(value.data).map_err(|_| malformed())?;
+        let value = match tag {
+            PRINTABLE_STRING => {
+                DnValue::PrintableString(PrintableString::try_from(text).map_err(|_| malformed())?)
             }
-            let mut len = 0usize;
-            for byte in input.get(2..2 + count)? {
-                len = len.checked_mul(256)?.checked_add(usize::from(*byte))?;
-            }
-            (len, 2 + count)
+            IA5_STRING => DnValue::Ia5String(Ia5String::try_from(text).map_err(|_| malformed())?),
+            _ => DnValue::Utf8String(text.to_string()),
         };
-        let end = header.checked_add(len)?;
-        let raw = input.get(..end)?;
-        let body = raw.get(header..)?;
-        let rest = input.get(end..)?;
-        Some((Tlv { tag, raw, body }, rest))
+        dn.push(DnType::from_oid(&arcs), value);
     }
+    Ok(dn)
+}
 
-    fn read_tagged(input: &[u8], tag: u8) -> Option<(Tlv<'_>, &[u8])> {
-        let (tlv, rest) = read(input)?;
-        (tlv.tag == tag).then_some((tlv, rest))
-    }
+const UTF8_STRING: u8 = 0x0c;
+const PRINTABLE_STRING: u8 = 0x13;
+const IA5_STRING: u8 = 0x16;
 
-    /// The parts of a certificate's TBSCertificate we use.
-    pub(super) struct TbsView<'a> {
-        /// The issuer Name, DER encoded.
-        pub issuer: &'a [u8],
-        /// The subject Name, DER encoded.
-        pub subject: &'a [u8],
-        /// The SubjectPublicKeyInfo, DER encoded.
-        pub spki: &'a [u8],
-        /// The subject key identifier extension's value, if present.
-        pub subject_key_id: Option<&'a [u8]>,
-    }
-
-    impl<'a> TbsView<'a> {
-        /// Parses a DER certificate; `None` if it is malformed.
-        pub fn parse(cert: &'a [u8]) -> Option<Self> {
-            let (cert, _) = read_tagged(cert, SEQUENCE)?;
-            let (tbs, _) = read_tagged(cert.body, SEQUENCE)?;
-            let (mut first, mut rest) = read(tbs.body)?;
-            if first.tag == VERSION {
-                (first, rest) = read(rest)?;
-            }
-            if first.tag != INTEGER {
-                return None; // serial number
-            }
-            let (_signature, rest) = read_tagged(rest, SEQUENCE)?;
-            let (issuer, rest) = read_tagged(rest, SEQUENCE)?;
-            let (_validity, rest) = read_tagged(rest, SEQUENCE)?;
-            let (subject, rest) = read_tagged(rest, SEQUENCE)?;
-            let (spki, mut rest) = read_tagged(rest, SEQUENCE)?;
-            let mut subject_key_id = None;
-            while !rest.is_empty() {
-                let (field, next) = read(rest)?;
-                if field.tag == EXTENSIONS {
-                    subject_key_id = find_subject_key_id(field.body)?;
-                }
-                rest = next;
-            }
-            Some(TbsView {
-                issuer: issuer.raw,
-                subject: subject.raw,
-                spki: spki.raw,
-                subject_key_id,
-            })
-        }
-    }
-
-    /// `Some(None)`: well-formed extensions without a subject key identifier.
-    fn find_subject_key_id(explicit: &[u8]) -> Option<Option<&[u8]>> {
-        let (extensions, _) = read_tagged(explicit, SEQUENCE)?;
-        let mut rest = extensions.body;
-        while !rest.is_empty() {
-            let (ext, next) = read_tagged(rest, SEQUENCE)?;
-            rest = next;
-            let (oid, rest) = read_tagged(ext.body, OID)?;
-            let (mut value, rest) = read(rest)?;
-            if value.tag == BOOLEAN {
-                (value, _) = read(rest)?; // critical flag
-            }
-            if value.tag != OCTET_STRING {
-                return None;
-            }
-            if oid.body == SUBJECT_KEY_ID {
-                let (id, _) = read_tagged(value.body, OCTET_STRING)?;
-                return Some(Some(id.body));
-            }
-        }
-        Some(None)
-    }
-
-    /// Rebuilds an rcgen name from a DER Name, so rcgen re-encodes it byte for byte
-    /// (the caller checks that).
-    pub(super) fn distinguished_name(name: &[u8]) -> Result<DistinguishedName, String> {
-        let malformed = || "its subject name is malformed".to_string();
-        let (name, _) = read_tagged(name, SEQUENCE).ok_or_else(malformed)?;
-        let mut dn = DistinguishedName::new();
-        let mut rdns = name.body;
-        while !rdns.is_empty() {
-            let (rdn, next) = read_tagged(rdns, SET).ok_or_else(malformed)?;
-            rdns = next;
-            let mut atvs = rdn.body;
-            while !atvs.is_empty() {
-                let (atv, next) = read_tagged(atvs, SEQUENCE).ok_or_else(malformed)?;
-                atvs = next;
-                let (oid, rest) = read_tagged(atv.body, OID).ok_or_else(malformed)?;
-                let (value, _) = read(rest).ok_or_else(malformed)?;
-                let arcs = oid_arcs(oid.body).ok_or_else(malformed)?;
-                if !matches!(value.tag, UTF8_STRING | PRINTABLE_STRING | IA5_STRING) {
-                    return Err(format!(
-                        "its subject name uses an unsupported string type (DER tag {:#04x})",
-                        value.tag
-                    ));
-                }
-                let text = std::str::from_utf8(value.body).map_err(|_| malformed())?;
-                let value = match value.tag {
-                    PRINTABLE_STRING => DnValue::PrintableString(
-                        Printable::try_from(text).map_err(|_| malformed())?,
-                    ),
-                    IA5_STRING => {
-                        DnValue::Ia5String(Ia5String::try_from(text).map_err(|_| malformed())?)
-                    }
-                    _ => DnValue::Utf8String(text.to_string()),
-                };
-                dn.push(DnType::from_oid(&arcs), value);
-            }
-        }
-        Ok(dn)
-    }
-
-    fn oid_arcs(body: &[u8]) -> Option<Vec<u64>> {
-        let mut values = Vec::new();
-        let mut current: u64 = 0;
-        let mut pending = false;
-        for byte in body {
-            current = current.checked_mul(128)? | u64::from(byte & 0x7f);
-            pending = byte & 0x80 != 0;
-            if !pending {
-                values.push(current);
-                current = 0;
-            }
-        }
-        if pending {
-            return None;
-        }
-        let (&first, rest) = values.split_first()?;
-        let (a, b) = match first {
-            0..=39 => (0, first),
-            40..=79 => (1, first - 40),
-            _ => (2, first - 80),
-        };
-        let mut arcs = vec![a, b];
-        arcs.extend_from_slice(rest);
-        Some(arcs)
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        #[test]
-        fn oid_arcs_decode() {
-            assert_eq!(oid_arcs(&[0x55, 0x04, 0x03]), Some(vec![2, 5, 4, 3]));
-            assert_eq!(
-                oid_arcs(&[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01]),
-                Some(vec![1, 2, 840, 10045, 2, 1])
-            );
-            assert_eq!(oid_arcs(&[0x86]), None);
-            assert_eq!(oid_arcs(&[]), None);
-        }
-
-        #[test]
-        fn malformed_input_is_none_not_panic() {
-            assert!(TbsView::parse(&[]).is_none());
-            assert!(TbsView::parse(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]).is_none());
-            assert!(TbsView::parse(&[0x30, 0x85, 0, 0, 0, 0, 1]).is_none());
-            assert!(TbsView::parse(&[0x1f, 0x01, 0x00]).is_none());
-        }
-    }
+/// The first byte of an element's DER encoding: class, constructed bit and tag number
+/// (0x1f for the multi-byte tag numbers).
+fn identifier_octet(header: &Header<'_>) -> u8 {
+    let number = u8::try_from(header.tag().0).map_or(0x1f, |n| n.min(0x1f));
+    (header.class() as u8) << 6 | u8::from(header.is_constructed()) << 5 | number
 }
 
 #[cfg(test)]
@@ -732,14 +572,12 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    use rcgen::DnValue;
     use rustls::client::danger::ServerCertVerifier;
     use rustls::client::WebPkiServerVerifier;
     use rustls::server::WebPkiClientVerifier;
     use rustls::RootCertStore;
     use rustls_pki_types::UnixTime;
     use x509_parser::extensions::GeneralName;
-    use x509_parser::prelude::{parse_x509_certificate, X509Certificate};
 
     fn names(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| s.to_string()).collect()
@@ -766,7 +604,7 @@ mod tests {
 
     fn validity_days(cert: &X509Certificate<'_>) -> i64 {
         let v = cert.validity();
-        (v.not_after.timestamp() - v.not_before.timestamp()) / 86_400
+        (v.not_after.to_datetime() - v.not_before.to_datetime()).whole_days()
     }
 
     fn roots(ca: &Path) -> Arc<RootCertStore> {
@@ -1118,7 +956,11 @@ mod tests {
         fs::write(dir.join("ca.key"), key.serialize_pem()).unwrap();
         let err = issue(dir, "site-a", false).unwrap_err();
         assert!(matches!(err, CertError::BadCaCert { .. }), "{err:?}");
-        assert!(err.to_string().contains("unsupported string type"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("its subject name uses an unsupported string type (DER tag 0x1e)"),
+            "{err}"
+        );
         assert!(!dir.join("site-a.crt").exists());
     }
 
@@ -1166,20 +1008,24 @@ mod tests {
     }
 
     #[test]
-    fn der_view_never_panics_on_truncated_certificates() {
+    fn parse_cert_never_panics_on_damaged_certificates() {
         let (_tmp, dir) = init_dir();
         let der = cert_der(&dir.join("ca.crt"));
-        let view = der::TbsView::parse(&der).unwrap();
-        assert_eq!(view.issuer, view.subject);
-        assert!(view.subject_key_id.is_some());
+        let (cert, subject_key_id) = parse_cert(&der).unwrap();
+        assert_eq!(cert.issuer().as_raw(), cert.subject().as_raw());
+        assert!(subject_key_id.is_some());
         for len in 0..der.len() {
-            assert!(der::TbsView::parse(&der[..len]).is_none(), "prefix {len}");
+            assert!(parse_cert(&der[..len]).is_none(), "prefix {len}");
         }
         let mut flipped = der.to_vec();
         for i in 0..flipped.len() {
             flipped[i] ^= 0xff;
-            let _ = der::TbsView::parse(&flipped);
+            let _ = parse_cert(&flipped);
             flipped[i] ^= 0xff;
         }
+        assert!(parse_cert(&[]).is_none());
+        assert!(parse_cert(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]).is_none());
+        assert!(parse_cert(&[0x30, 0x85, 0, 0, 0, 0, 1]).is_none());
+        assert!(parse_cert(&[0x1f, 0x01, 0x00]).is_none());
     }
 }
