@@ -241,7 +241,7 @@ fn unknown_service_is_refused_and_nothing_else_is_touched() {
         outer
             .proc
             .log()
-            .contains(r#"relay-inner \"relay-inner\" exposes no service named \"not-exposed\""#),
+            .contains(r#"exposes no service named "not-exposed""#),
         "{}",
         outer.proc.log()
     );
