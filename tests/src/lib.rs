@@ -110,6 +110,18 @@ pub fn is_root() -> bool {
     sys::euid() == 0
 }
 
+/// Panics unless running with effective uid 0: the first line of every end-to-end test
+/// that needs root. Such tests carry
+/// `#[cfg_attr(routy_e2e_skip, ignore = "...")]` (see `build.rs`), so they are listed as
+/// ignored unless `ROUTY_E2E=1`; once asked for, they run or fail, never pass unrun.
+#[track_caller]
+pub fn require_root() {
+    assert!(
+        is_root(),
+        "this end-to-end test needs root (run tests/run as root)"
+    );
+}
+
 /// Runs `cmd` with piped stdout/stderr (and `stdin` fed if given), killing it after `timeout`.
 pub fn run_timeout(
     cmd: &mut Command,

@@ -170,6 +170,7 @@ pub struct Relay {
     pub config: PathBuf,
     /// Port of its admin endpoint on 127.0.0.1, if the config names one.
     pub admin_port: Option<u16>,
+    netns: Option<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -204,6 +205,7 @@ impl Relay {
             proc: Proc::spawn(name, cmd),
             config,
             admin_port,
+            netns: netns.map(str::to_owned),
             _dir: dir,
         }
     }
@@ -264,6 +266,84 @@ impl Relay {
     /// Number of times `needle` occurs in the log so far.
     pub fn count(&self, needle: &str) -> usize {
         self.proc.log().matches(needle).count()
+    }
+
+    /// GET `path` on the relay's admin endpoint (inside its namespace, if it runs in one);
+    /// panics unless the answer is a 200.
+    pub fn admin_get(&self, path: &str) -> String {
+        let port = self
+            .admin_port
+            .unwrap_or_else(|| panic!("{}: no admin endpoint configured", self.proc.name()));
+        let get = {
+            let path = path.to_owned();
+            move || http_get(port, &path)
+        };
+        let res = match &self.netns {
+            Some(ns) => crate::in_netns(ns, get),
+            None => get(),
+        };
+        res.unwrap_or_else(|e| panic!("{}: admin GET {path}: {e}", self.proc.name()))
+    }
+
+    /// The relay's `/status` document.
+    pub fn status(&self) -> serde_json::Value {
+        let body = self.admin_get("/status");
+        serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("{}: /status is not JSON ({e}): {body}", self.proc.name()))
+    }
+
+    /// Sum of the samples of Prometheus metric `name` whose labels include every pair of
+    /// `labels`, from a fresh scrape of `/metrics`; 0 when no sample matches (a counter
+    /// that never moved is not exported yet).
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric(&self.admin_get("/metrics"), name, labels)
+    }
+
+    /// Waits until `metric(name, labels)` satisfies `ok`; returns the last value.
+    pub fn wait_metric(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        timeout: Duration,
+        ok: impl Fn(f64) -> bool,
+    ) -> f64 {
+        let mut last = 0.0;
+        let what = format!("{name}{labels:?} to reach the expected value");
+        let res = crate::try_wait_until(timeout, &what, || {
+            last = self.metric(name, labels);
+            ok(last)
+        });
+        if let Err(e) = res {
+            panic!(
+                "{}: {e} (last {last})\n--- /metrics ---\n{}\n--- log ---\n{}",
+                self.proc.name(),
+                self.admin_get("/metrics"),
+                crate::tail(&self.proc.log(), 80)
+            );
+        }
+        last
+    }
+
+    /// Waits until `ok` holds for the relay's `/status`; returns that document.
+    pub fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        ok: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        let res = crate::try_wait_until(timeout, what, || {
+            last = self.status();
+            ok(&last)
+        });
+        if let Err(e) = res {
+            panic!(
+                "{}: {e}\n--- /status ---\n{last}\n--- log ---\n{}",
+                self.proc.name(),
+                crate::tail(&self.proc.log(), 80)
+            );
+        }
+        last
     }
 
     /// Waits until `needle` occurs at least `n` times in the log.
@@ -373,4 +453,52 @@ impl Tunnel {
     pub fn sql(&self, sql: &str) -> Result<String, String> {
         crate::psql_at("127.0.0.1", self.listen_port, sql)
     }
+}
+
+/// One HTTP/1.0 GET to 127.0.0.1:`port`; the body of a 200 answer, or an error.
+fn http_get(port: u16, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut t = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    t.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    t.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .map_err(|e| format!("send: {e}"))?;
+    let mut raw = String::new();
+    t.read_to_string(&mut raw)
+        .map_err(|e| format!("read: {e}"))?;
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no end of headers in {raw:?}"))?;
+    match head.split_whitespace().nth(1) {
+        Some("200") => Ok(body.to_owned()),
+        _ => Err(format!("answer {head:?}: {body}")),
+    }
+}
+
+/// Sum of the samples of metric `name` in Prometheus text `text` whose labels include
+/// every pair of `want`; 0 when none matches.
+pub fn metric(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
+    let mut sum = 0.0;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (n, labels) = series.split_once('{').unwrap_or((series, ""));
+        // Label values here never hold `",` (names, reasons, addresses).
+        let has = |k: &str, v: &str| {
+            labels.trim_end_matches('}').split("\",").any(|kv| {
+                let kv = kv.strip_prefix(',').unwrap_or(kv);
+                kv.strip_suffix('"').unwrap_or(kv) == format!("{k}=\"{v}")
+            })
+        };
+        if n == name && want.iter().all(|(k, v)| has(k, v)) {
+            sum += value
+                .trim()
+                .parse::<f64>()
+                .unwrap_or_else(|_| panic!("unparsable sample {line:?}"));
+        }
+    }
+    sum
 }

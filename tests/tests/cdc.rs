@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use routy_e2e::cdc::{CdcRig, RigOpts, CATCH_UP, SOURCE};
-use routy_e2e::{is_root, try_wait_until};
+use routy_e2e::{require_root, try_wait_until};
 
 const TYPES_SETUP: &str = r#"
 CREATE TABLE public.types (
@@ -25,11 +25,12 @@ INSERT INTO public.types VALUES
 
 /// Every common type survives snapshot and streaming; an unchanged TOAST value is kept.
 #[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn types_round_trip_through_snapshot_and_stream() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root();
     let rig = CdcRig::start(RigOpts {
         setup_sql: TYPES_SETUP.into(),
         tables: vec!["public.types".into()],
@@ -59,11 +60,12 @@ fn types_round_trip_through_snapshot_and_stream() {
 /// One transaction of 100 000 rows, TRUNCATE, and a table without a primary key
 /// (REPLICA IDENTITY FULL) with duplicate rows.
 #[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn big_transaction_truncate_and_table_without_key() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root();
     let rig = CdcRig::start(RigOpts {
         setup_sql: "CREATE TABLE public.big (id int PRIMARY KEY, v text);
                     CREATE TABLE public.nokey (a int, b text);
@@ -142,11 +144,12 @@ const LOAD_TABLES: [&str; 2] = ["public.acct", "public.audit"];
 /// 20 s, restart the source PostgreSQL. Afterwards every row matches and no transaction
 /// was applied twice.
 #[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn no_loss_no_duplicates_across_crashes_cuts_and_restarts() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root();
     let mut rig = CdcRig::start(RigOpts {
         netns: true,
         setup_sql: LOAD_SETUP.into(),
@@ -216,11 +219,12 @@ fn no_loss_no_duplicates_across_crashes_cuts_and_restarts() {
 /// The slot advances while the published tables are idle (heartbeat) and while relay-outer
 /// is away (the spool absorbs the changes).
 #[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn slot_advances_when_idle_and_while_relay_outer_is_away() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root();
     let mut rig = CdcRig::start(RigOpts {
         setup_sql: "CREATE TABLE public.t (id int PRIMARY KEY); CREATE TABLE public.other (x int);"
             .into(),
@@ -272,11 +276,12 @@ fn slot_advances_when_idle_and_while_relay_outer_is_away() {
 /// leave the source (and the partitions of a listed partitioned table); the others
 /// never reach the spool, relay-outer's store, `cdc tail` or the target.
 #[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn only_configured_tables_leave_the_source() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root();
     let rig = CdcRig::start(RigOpts {
         setup_sql: "CREATE TABLE public.shown (id int PRIMARY KEY, v text);
                     CREATE TABLE public.secret (id int PRIMARY KEY, card text);

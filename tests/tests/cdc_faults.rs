@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use routy_e2e::cdc::{CdcRig, RigOpts, CATCH_UP, SOURCE};
-use routy_e2e::{bin, is_root, run_timeout, try_wait_until};
+use routy_e2e::{bin, require_root, run_timeout, try_wait_until};
 
 /// Rows per source transaction: small enough that each transaction is one spool record.
 const TX_ROWS: u64 = 200;
@@ -186,11 +186,12 @@ fn missing_txs(rig: &CdcRig, txs: u64) -> Vec<u64> {
 /// serves), and `cdc salvage` brings back every valid record: only the transaction(s)
 /// in the damaged record are lost, and said to be.
 #[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn a_spool_damaged_in_the_middle_is_refused_then_salvaged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root();
     let mut rig = rig("1GiB");
     rig.wait_shipping();
     insert_txs(&rig, 0, 5);
@@ -279,11 +280,12 @@ fn a_spool_damaged_in_the_middle_is_refused_then_salvaged() {
 /// tail" and then stall for good), and `relay-outer cdc salvage` puts the set-aside
 /// records back with a marker in place of the damaged one.
 #[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn a_store_damaged_in_the_middle_is_fetched_again_or_salvaged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root();
     // An 8 MiB spool has 1 MiB segments: acknowledged ones go quickly.
     let mut rig = rig("8MiB");
     let store = rig.store_dir.join(SOURCE);
@@ -397,11 +399,12 @@ fn insert_big_txs(rig: &CdcRig, from: u64, to: u64) {
 /// pauses as at `max_bytes`, logged once, and resumes by itself once relay-outer's
 /// acknowledgements free space: everything arrives.
 #[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn a_full_spool_filesystem_pauses_reading_and_loses_nothing() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root();
     let mut rig = CdcRig::start(RigOpts {
         spool_tmpfs: Some("4m".into()),
         ..rig_opts("1GiB")
@@ -444,11 +447,12 @@ fn a_full_spool_filesystem_pauses_reading_and_loses_nothing() {
 /// relay-inner was restarted. Now every refusal ends in a retry with backoff, and once
 /// space is freed everything arrives.
 #[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn a_refused_batch_is_sent_again_once_the_store_has_space() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root();
     let mut rig = CdcRig::start(RigOpts {
         store_tmpfs: Some("4m".into()),
         ..rig_opts("1GiB")
@@ -481,11 +485,12 @@ fn a_refused_batch_is_sent_again_once_the_store_has_space() {
 /// queued while a slow target worked. Now both are bounded in bytes and the peak stays
 /// far below the transaction's size.
 #[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn a_large_transaction_does_not_grow_relay_outer_with_its_size() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root();
     // A target that takes 50 ms per insert statement: statements queue in relay-outer
     // unless it bounds them.
     let rig = CdcRig::start(RigOpts {
@@ -515,11 +520,12 @@ fn a_large_transaction_does_not_grow_relay_outer_with_its_size() {
 /// so the session lives) while batches are in flight: after `cdc.batch.ack_timeout` the
 /// shipper reopens its stream instead of waiting on it for good, and nothing is lost.
 #[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn a_stream_without_acknowledgements_is_reopened() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root();
     let mut rig = CdcRig::start(RigOpts {
         inner_cdc_extra: "  batch: { ack_timeout: 1s }\n".into(),
         ..rig_opts("1GiB")
@@ -550,11 +556,12 @@ fn a_stream_without_acknowledgements_is_reopened() {
 /// acknowledges, and its progress file, written on a disk the spool keeps full, does not
 /// stop the source.
 #[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn an_initial_copy_larger_than_the_spool_disk_goes_through() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root();
     let rig = CdcRig::start(RigOpts {
         setup_sql: "CREATE TABLE public.t (id bigint PRIMARY KEY, tx int NOT NULL, v text NOT NULL);
             INSERT INTO public.t SELECT g, 0, repeat(md5(g::text), 10) FROM generate_series(1, 60000) g;

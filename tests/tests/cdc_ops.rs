@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use routy_e2e::cdc::{CdcRig, RigOpts, CATCH_UP, SINK, SOURCE};
 use routy_e2e::relays::{check_config, inner_yaml, outer_yaml, ListenerSpec, Pki, Relay};
-use routy_e2e::{bin, is_root, psql_at, run_timeout, try_wait_until};
+use routy_e2e::{bin, psql_at, require_root, run_timeout, try_wait_until};
 
 /// How long a condition that needs no catching up may take.
 const SHORT: Duration = Duration::from_secs(30);
@@ -96,11 +96,12 @@ const FAST_SOURCE: &str = "      heartbeat: 1s\n      status_interval: 1s\n";
 /// reading pauses (the slot stays behind), nothing is dropped, and once relay-outer is
 /// back everything arrives and the slot catches up with the source's WAL.
 #[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn spool_full_pauses_reading_and_loses_nothing() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root();
     let mut rig = CdcRig::start(RigOpts {
         setup_sql: "CREATE TABLE public.big (id int PRIMARY KEY, v text NOT NULL);".into(),
         tables: vec!["public.big".into()],
@@ -165,11 +166,12 @@ fn spool_full_pauses_reading_and_loses_nothing() {
 /// An idle published table: heartbeats are emitted and counted, retained WAL is a
 /// metric, and both relays' /status and /metrics show the source, store and sink.
 #[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn heartbeat_and_retained_wal_are_reported() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root();
     let rig = CdcRig::start(RigOpts {
         setup_sql: "CREATE TABLE public.t (id int PRIMARY KEY); INSERT INTO public.t VALUES (1);"
             .into(),
@@ -251,11 +253,12 @@ fn heartbeat_and_retained_wal_are_reported() {
 /// copies every table again and the target ends identical, also for changes made while
 /// no slot existed.
 #[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn drop_slot_command_and_a_fresh_copy() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root();
     let mut rig = CdcRig::start(RigOpts {
         setup_sql: "CREATE TABLE public.t (id int PRIMARY KEY, v text);
                     INSERT INTO public.t SELECT g, 'v' || g FROM generate_series(1, 1000) g;"
@@ -362,11 +365,12 @@ fn drop_slot_command_and_a_fresh_copy() {
 /// A source naming a table that does not exist stops with an error naming it; the
 /// tunnel and its services keep working.
 #[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn a_missing_table_is_a_clear_error() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root();
     let mut rig = CdcRig::start(RigOpts {
         setup_sql: "CREATE TABLE public.t (id int PRIMARY KEY);".into(),
         tables: vec!["public.t".into(), "public.nope".into()],
@@ -509,6 +513,10 @@ fn bad_cdc_config_is_rejected_with_the_field() {
 /// relay-outer refuses each with a reason, stores nothing of it, and the real pipeline
 /// goes on.
 #[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn garbage_on_cdc_streams_is_refused_and_harms_nothing() {
     use relay_proto::cdc::ShipMessage;
     use relay_proto::frame::{Frame, Hello};
@@ -516,10 +524,7 @@ fn garbage_on_cdc_streams_is_refused_and_harms_nothing() {
     use routy_tunnel::codec::{read_frame, write_frame};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root();
     let rig = CdcRig::start(RigOpts {
         setup_sql: "CREATE TABLE public.t (id int PRIMARY KEY, v text);".into(),
         tables: vec!["public.t".into()],
@@ -627,11 +632,12 @@ fn garbage_on_cdc_streams_is_refused_and_harms_nothing() {
 
 /// With `connections: 3` CDC ships over one of the three live connections.
 #[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn cdc_ships_over_several_connections() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root();
     let rig = CdcRig::start(RigOpts {
         setup_sql: "CREATE TABLE public.t (id int PRIMARY KEY, v text);".into(),
         tables: vec!["public.t".into()],
@@ -652,11 +658,12 @@ fn cdc_ships_over_several_connections() {
 /// CA it applies over an encrypted connection; with a CA that did not sign the target's
 /// certificate it applies nothing and says why, and keeps the changes in the store.
 #[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn sink_to_a_tls_target_follows_sslmode() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root();
     let certs = routy_e2e::tempdir();
     routy_e2e::make_pg_certs(certs.path());
     let file = |f: &str| certs.path().join(f).display().to_string();

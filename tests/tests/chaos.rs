@@ -6,14 +6,15 @@
 use std::time::Duration;
 
 use routy_e2e::chaos::{run, ChaosOpts, FAULTS};
-use routy_e2e::is_root;
+use routy_e2e::require_root;
 
 #[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn chaos_short_run_keeps_every_promise() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root();
     let env = |k: &str, default: u64| {
         std::env::var(k)
             .ok()

@@ -14,7 +14,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use routy_e2e::relays::{Pki, Relay};
-use routy_e2e::{free_port, is_root, netns_cmd, pg_bin, run_timeout, try_wait_until, NetPair};
+use routy_e2e::{free_port, netns_cmd, pg_bin, require_root, run_timeout, try_wait_until, NetPair};
 use routy_e2e::{Pg, PgOpts};
 
 /// Keepalive of both relays: Ping every 500 ms, dead after 3 s of silence.
@@ -136,11 +136,12 @@ fn wait_count(relay: &Relay, needle: &str, n: usize, timeout: Duration) -> Durat
 }
 
 #[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn firewall_inside_dials_out_and_outside_gets_in_only_through_the_relay() {
-    if !is_root() {
-        eprintln!("skipped: needs root (network namespaces, nftables)");
-        return;
-    }
+    require_root();
     let s = Setup::new();
     let (inside_ip, outside_ip) = (s.pair.inside_ip(), s.pair.outside_ip());
     s.pg.psql(
@@ -198,11 +199,12 @@ fn firewall_inside_dials_out_and_outside_gets_in_only_through_the_relay() {
 }
 
 #[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn cut_link_dead_peer_detection_and_reconnect() {
-    if !is_root() {
-        eprintln!("skipped: needs root (network namespaces, nftables)");
-        return;
-    }
+    require_root();
     let s = Setup::new();
     s.pg.psql(
         "CREATE TABLE cut (id int PRIMARY KEY, v text); INSERT INTO cut VALUES (1, 'before');",

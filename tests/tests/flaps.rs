@@ -29,7 +29,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use routy_e2e::relays::{Pki, Relay, READY};
-use routy_e2e::{free_port, in_netns, is_root, NetPair};
+use routy_e2e::{free_port, in_netns, require_root, NetPair};
 
 /// Keepalive of both relays: a Ping every second, dead after 6 s without an answer.
 const KA: (&str, &str) = ("1s", "6s");
@@ -285,11 +285,12 @@ fn lines_with(log: &str, needle: &str) -> Vec<String> {
 }
 
 #[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn short_link_flaps_cost_no_session_and_no_stream() {
-    if !is_root() {
-        eprintln!("skipped: needs root (network namespaces)");
-        return;
-    }
+    require_root();
     outages_cost_nothing(
         &Setup::new(""),
         "flap",
@@ -360,11 +361,12 @@ fn black_holes_cost_nothing(inner_extra: &str, hole: Duration) {
 }
 
 #[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn short_black_holes_cost_nothing_over_tls() {
-    if !is_root() {
-        eprintln!("skipped: needs root (network namespaces, nftables)");
-        return;
-    }
+    require_root();
     let hole = if kernel_caps_rto() {
         HOLE_TLS
     } else {
@@ -374,20 +376,22 @@ fn short_black_holes_cost_nothing_over_tls() {
 }
 
 #[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn short_black_holes_cost_nothing_over_quic() {
-    if !is_root() {
-        eprintln!("skipped: needs root (network namespaces, nftables)");
-        return;
-    }
+    require_root();
     black_holes_cost_nothing("transport: quic\n", HOLE_QUIC);
 }
 
 #[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn an_outage_longer_than_the_keepalive_timeout_ends_the_session_and_says_why() {
-    if !is_root() {
-        eprintln!("skipped: needs root (network namespaces)");
-        return;
-    }
+    require_root();
     let s = Setup::new("");
     let reader = s.readers(1).pop().expect("a reader");
     std::thread::sleep(Duration::from_secs(2));

@@ -5,8 +5,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use routy_e2e::{
-    free_port, is_root, pg_bin, psql_at, psql_in, run_timeout, try_wait_until, wait_until, NetPair,
-    Pg, PgOpts, Proc,
+    free_port, pg_bin, psql_at, psql_in, require_root, run_timeout, try_wait_until, wait_until,
+    NetPair, Pg, PgOpts, Proc,
 };
 
 const LONG: Duration = Duration::from_secs(60);
@@ -83,11 +83,12 @@ fn pg_standby_follows_primary() {
 }
 
 #[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn netpair_firewall_blocks_inbound_allows_outbound() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root();
     let pair = NetPair::new(true);
     assert!(Path::new("/run/netns").join(pair.inside_ns()).exists());
     assert!(Path::new("/run/netns").join(pair.outside_ns()).exists());
@@ -156,11 +157,12 @@ fn netpair_firewall_blocks_inbound_allows_outbound() {
 }
 
 #[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn netpair_without_firewall_is_open_both_ways() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root();
     let pair = NetPair::new(false);
     let pg = Pg::start(PgOpts::inside(&pair));
     // Without the firewall the outside can connect in: the failure above is the firewall's.
@@ -176,11 +178,12 @@ fn netpair_without_firewall_is_open_both_ways() {
 }
 
 #[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn netpair_cleans_up_on_panic() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root();
     let names = std::sync::Mutex::new(None);
     let res = std::panic::catch_unwind(|| {
         let pair = NetPair::new(true);

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use routy_e2e::relays::{inner_yaml, outer_yaml, ListenerSpec, Pki, Relay};
 use routy_e2e::{free_port, psql_at, wait_until, Pg, PgOpts};
+use routy_ops::metrics as m;
 
 const KA: (&str, &str) = ("500ms", "3s");
 
@@ -49,16 +50,24 @@ fn relay_outer_caps_streams_per_session() {
         sleepers(&pg) == 2
     });
     assert!(psql_at("127.0.0.1", lport, "SELECT 1").is_err());
-    outer
-        .proc
-        .wait_for_log("at max_streams_per_session", Duration::from_secs(5));
+    outer.wait_metric(
+        m::LISTENER_REFUSED,
+        &[("listener", "pg"), ("reason", "over_limit")],
+        Duration::from_secs(5),
+        |n| n == 1.0,
+    );
+    assert!(
+        outer.proc.log().contains("at max_streams_per_session"),
+        "relay-outer should say why it refused the client:\n{}",
+        outer.proc.log()
+    );
     for h in held {
         assert_eq!(h.join().unwrap().unwrap().trim(), "held");
     }
     wait_until(Duration::from_secs(10), "a slot is free again", || {
         psql_at("127.0.0.1", lport, "SELECT 2").as_deref() == Ok("2")
     });
-    assert_eq!(outer.count("tunnel down"), 0);
+    assert_eq!(outer.metric(m::SESSION_DISCONNECTS, &[]), 0.0);
 }
 
 #[test]
@@ -69,18 +78,31 @@ fn relay_inner_caps_streams_per_session() {
         sleepers(&pg) == 1
     });
     assert!(psql_at("127.0.0.1", lport, "SELECT 1").is_err());
-    inner.proc.wait_for_log(
-        "stream refused: session is at max_streams_per_session",
+    inner.wait_metric(
+        m::STREAMS_FAILED,
+        &[("reason", "over_limit")],
         Duration::from_secs(5),
+        |n| n == 1.0,
     );
-    outer
-        .proc
-        .wait_for_log("over_limit", Duration::from_secs(5));
+    outer.wait_metric(
+        m::STREAMS_FAILED,
+        &[("listener", "pg"), ("reason", "over_limit")],
+        Duration::from_secs(5),
+        |n| n == 1.0,
+    );
+    assert!(
+        inner
+            .proc
+            .log()
+            .contains("stream refused: session is at max_streams_per_session"),
+        "relay-inner should say why it refused the stream:\n{}",
+        inner.proc.log()
+    );
     assert_eq!(held.join().unwrap().unwrap().trim(), "held");
     wait_until(Duration::from_secs(10), "works again", || {
         psql_at("127.0.0.1", lport, "SELECT 3").as_deref() == Ok("3")
     });
-    assert_eq!(outer.count("tunnel down"), 0);
+    assert_eq!(outer.metric(m::SESSION_DISCONNECTS, &[]), 0.0);
 }
 
 #[test]
@@ -96,7 +118,14 @@ fn lowering_max_connections_by_reload_counts_the_clients_already_in() {
     std::fs::write(&outer.config, with_limit(3)).unwrap();
     let mut outer = outer;
     outer.proc.signal(libc::SIGHUP);
-    outer.wait_count("configuration reloaded", 1, Duration::from_secs(10));
+    let reloads = |n: f64| move |v: f64| v == n;
+    let ok = [("result", "ok")];
+    outer.wait_metric(
+        m::CONFIG_RELOADS,
+        &ok,
+        Duration::from_secs(10),
+        reloads(1.0),
+    );
     let held: Vec<_> = (0..2).map(|_| hold(lport)).collect();
     wait_until(Duration::from_secs(15), "two clients in", || {
         sleepers(&pg) == 2
@@ -105,11 +134,18 @@ fn lowering_max_connections_by_reload_counts_the_clients_already_in() {
     // by a counter that forgot the two.
     std::fs::write(&outer.config, with_limit(2)).unwrap();
     outer.proc.signal(libc::SIGHUP);
-    outer.wait_count("configuration reloaded", 2, Duration::from_secs(10));
+    outer.wait_metric(
+        m::CONFIG_RELOADS,
+        &ok,
+        Duration::from_secs(10),
+        reloads(2.0),
+    );
     assert!(psql_at("127.0.0.1", lport, "SELECT 1").is_err());
-    outer.proc.wait_for_log(
-        "client refused: listener is at max_connections",
+    outer.wait_metric(
+        m::LISTENER_REFUSED,
+        &[("listener", "pg"), ("reason", "over_limit")],
         Duration::from_secs(5),
+        |n| n == 1.0,
     );
     for h in held {
         assert_eq!(h.join().unwrap().unwrap().trim(), "held");

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use routy_e2e::relays::{outer_yaml, ListenerSpec, Pki, Relay, Tunnel};
 use routy_e2e::{free_port, psql_at, wait_until, Pg, PgOpts};
+use routy_ops::metrics as m;
 
 const KA: (&str, &str) = ("500ms", "3s");
 
@@ -35,12 +36,15 @@ fn sql_through_the_tunnel() {
     // The database saw the connection come from relay-inner, on its own host.
     let addr = s.sql("SELECT inet_client_addr()").unwrap();
     assert_eq!(addr, "127.0.0.1");
-    s.inner
-        .proc
-        .wait_for_log("stream open", Duration::from_secs(5));
+    // Both queries were streams relay-inner spliced to the service, and relay-outer's end
+    // of them is closed again.
+    let pg = [("service", "pg")];
+    assert_eq!(s.inner.metric(m::STREAMS_OPENED, &pg), 2.0);
+    assert_eq!(s.outer.metric(m::STREAMS_OPENED, &pg), 2.0);
     s.outer
-        .proc
-        .wait_for_log("stream closed", Duration::from_secs(5));
+        .wait_metric(m::STREAMS_ACTIVE, &pg, Duration::from_secs(5), |n| n == 0.0);
+    s.inner
+        .wait_metric(m::STREAMS_ACTIVE, &pg, Duration::from_secs(5), |n| n == 0.0);
 }
 
 fn sh(script: &str) -> String {
@@ -206,28 +210,50 @@ fn unknown_service_is_refused_and_nothing_else_is_touched() {
     let inner = Relay::inner("relay-inner", &inner_cfg(&pki, tport, &pg), None);
     // A long query on the good listener while the bad one is tried.
     let long = psql_thread(good, "SELECT pg_sleep(2); SELECT 'still here'");
-    wait_until(Duration::from_secs(10), "long query started", || {
-        inner.count("stream open") >= 1
-    });
+    inner.wait_metric(
+        m::STREAMS_OPENED,
+        &[("service", "pg")],
+        Duration::from_secs(10),
+        |n| n >= 1.0,
+    );
+    // relay-outer sends nothing to a client whose stream relay-inner refused: it closes
+    // the connection (after reading what psql sent), and psql sees the end of the stream.
     let err = psql_at("127.0.0.1", bad, "SELECT 1").unwrap_err();
     assert!(
-        err.contains("server closed the connection") || err.contains("connection"),
+        err.contains("server closed the connection unexpectedly"),
         "{err}"
     );
-    inner
-        .proc
-        .wait_for_log("stream refused: unknown service", Duration::from_secs(5));
-    outer
-        .proc
-        .wait_for_log("relay-inner refused the stream", Duration::from_secs(5));
+    // Refused by relay-inner (which does not label its metrics with a name it was sent),
+    // and counted by relay-outer on the listener, with relay-inner's reason in its log.
+    inner.wait_metric(
+        m::STREAMS_FAILED,
+        &[("service", "?"), ("reason", "unknown_service")],
+        Duration::from_secs(5),
+        |n| n == 1.0,
+    );
+    outer.wait_metric(
+        m::STREAMS_FAILED,
+        &[("listener", "bad"), ("reason", "unknown_service")],
+        Duration::from_secs(5),
+        |n| n == 1.0,
+    );
     assert!(
-        outer.proc.log().contains("no service named"),
+        outer
+            .proc
+            .log()
+            .contains(r#"exposes no service named "not-exposed""#),
         "{}",
         outer.proc.log()
     );
     assert_eq!(long.join().unwrap().unwrap().trim(), "still here");
     assert_eq!(psql_at("127.0.0.1", good, "SELECT 42").unwrap(), "42");
-    assert_eq!(outer.count("tunnel down"), 0);
+    // Nothing else was touched: the one session lived throughout.
+    assert_eq!(outer.metric(m::SESSION_DISCONNECTS, &[]), 0.0);
+    assert_eq!(outer.metric(m::SESSION_CONNECTS, &[]), 1.0);
+    assert_eq!(
+        outer.metric(m::STREAMS_FAILED, &[("listener", "good")]),
+        0.0
+    );
 }
 
 #[test]
@@ -236,7 +262,9 @@ fn listener_fails_fast_while_relay_inner_is_down_and_recovers_after_restart() {
     assert_eq!(s.sql("SELECT 1").unwrap(), "1");
     s.inner.proc.kill9();
     s.outer
-        .wait_count("tunnel down", 1, Duration::from_secs(15));
+        .wait_status("the session is gone", Duration::from_secs(15), |v| {
+            v["listeners"][0]["tunnel_up"] == false
+        });
     // Fail fast: closed at once, not left hanging until a timeout.
     let started = std::time::Instant::now();
     let err = s.sql("SELECT 1").unwrap_err();
@@ -246,9 +274,12 @@ fn listener_fails_fast_while_relay_inner_is_down_and_recovers_after_restart() {
         started.elapsed()
     );
     assert!(!err.contains("timeout"), "{err}");
-    s.outer
-        .proc
-        .wait_for_log("client refused: tunnel is down", Duration::from_secs(5));
+    s.outer.wait_metric(
+        m::LISTENER_REFUSED,
+        &[("listener", "pg"), ("reason", "no_session")],
+        Duration::from_secs(5),
+        |n| n >= 1.0,
+    );
     // The listener stayed bound; a new relay-inner brings it back.
     s.inner = Relay::inner(
         "relay-inner-2",
@@ -269,17 +300,18 @@ fn two_relay_inners_share_the_tunnel_and_survive_losing_one() {
         None,
     );
     s.outer
-        .proc
-        .wait_for_log("sessions=2", Duration::from_secs(10));
+        .wait_status("two sessions", Duration::from_secs(10), |v| {
+            v["sessions"].as_array().map(Vec::len) == Some(2)
+        });
     // Four long queries spread over both sessions (least loaded first).
     let long: Vec<_> = (0..4)
         .map(|i| psql_thread(s.listen_port, &format!("SELECT pg_sleep(3); SELECT {i}")))
         .collect();
+    let opened = |r: &Relay| r.metric(m::STREAMS_OPENED, &[("service", "pg")]) as usize;
     wait_until(Duration::from_secs(15), "all four streams open", || {
-        s.inner.count("stream open") + second.count("stream open") >= 4
+        opened(&s.inner) + opened(&second) >= 4
     });
-    let on_a = s.inner.count("stream open");
-    let on_b = second.count("stream open");
+    let (on_a, on_b) = (opened(&s.inner), opened(&second));
     assert!(
         on_a >= 1 && on_b >= 1,
         "streams not spread: a={on_a} b={on_b}"
@@ -295,24 +327,25 @@ fn two_relay_inners_share_the_tunnel_and_survive_losing_one() {
     for i in 0..5 {
         assert_eq!(s.sql(&format!("SELECT {i}")).unwrap(), i.to_string());
     }
-    assert!(s.outer.count("tunnel down") >= 1);
+    assert!(s.outer.metric(m::SESSION_DISCONNECTS, &[]) >= 1.0);
 }
 
 #[test]
 fn sigterm_lets_open_streams_finish_and_exits_zero() {
     let mut s = setup();
     let long = psql_thread(s.listen_port, "SELECT pg_sleep(2); SELECT 'finished'");
-    wait_until(Duration::from_secs(10), "stream open", || {
-        s.inner.count("stream open") >= 1
-    });
+    s.inner.wait_metric(
+        m::STREAMS_OPENED,
+        &[("service", "pg")],
+        Duration::from_secs(10),
+        |n| n >= 1.0,
+    );
     s.inner.proc.term();
-    s.inner
-        .proc
-        .wait_for_log("shutting down", Duration::from_secs(5));
     // relay-outer stops sending new streams to the draining session: fail fast.
     s.outer
-        .proc
-        .wait_for_log("relay-inner is draining", Duration::from_secs(5));
+        .wait_status("the session is draining", Duration::from_secs(5), |v| {
+            v["sessions"][0]["draining"] == true
+        });
     assert!(s.sql("SELECT 1").is_err());
     assert_eq!(long.join().unwrap().unwrap().trim(), "finished");
     let status = s
@@ -353,9 +386,11 @@ fn allowlist_and_connection_limit_refuse_at_accept_and_touch_nothing_else() {
 
     // 127.0.0.1 is not in the allowlist: closed at accept, never reaches relay-inner.
     assert!(psql_at("127.0.0.1", fenced, "SELECT 1").is_err());
-    outer.proc.wait_for_log(
-        "client refused: source address not allowed",
+    outer.wait_metric(
+        m::LISTENER_REFUSED,
+        &[("listener", "fenced"), ("reason", "not_allowed")],
         Duration::from_secs(5),
+        |n| n == 1.0,
     );
 
     // One slot: a long query holds it, a second client is refused, the open listener works.
@@ -366,9 +401,11 @@ fn allowlist_and_connection_limit_refuse_at_accept_and_touch_nothing_else() {
             .unwrap_or(false)
     });
     assert!(psql_at("127.0.0.1", small, "SELECT 1").is_err());
-    outer.proc.wait_for_log(
-        "client refused: listener is at max_connections",
+    outer.wait_metric(
+        m::LISTENER_REFUSED,
+        &[("listener", "small"), ("reason", "over_limit")],
         Duration::from_secs(5),
+        |n| n == 1.0,
     );
     assert_eq!(psql_at("127.0.0.1", open, "SELECT 7").unwrap(), "7");
     assert_eq!(long.join().unwrap().unwrap().trim(), "held");
@@ -390,9 +427,12 @@ fn connections_spread_streams_over_several_sessions() {
         inner_cfg(&s.pki, s.tunnel_port, &s.pg)
     );
     let inner = Relay::inner("relay-inner-3", &cfg, None);
-    // Three sessions came up (one "tunnel up" each on relay-outer, after the first one's).
-    s.outer.wait_count("tunnel up", 4, Duration::from_secs(30));
-    inner.wait_count("tunnel up", 3, Duration::from_secs(30));
+    // Three sessions came up, and the first relay-inner's is gone.
+    wait_sessions(&inner, 3);
+    s.outer
+        .wait_status("three sessions", Duration::from_secs(30), |v| {
+            v["sessions"].as_array().map(Vec::len) == Some(3)
+        });
     // Three clients at once, each holding its connection: one per session.
     let port = s.listen_port;
     let clients: Vec<_> = (0..3)
@@ -405,7 +445,7 @@ fn connections_spread_streams_over_several_sessions() {
         .as_deref()
             == Ok("3")
     });
-    let status = http_status(s.outer.admin_port.expect("admin port"));
+    let status = s.outer.status();
     let per_session: Vec<u64> = status["sessions"]
         .as_array()
         .expect("sessions")
@@ -453,8 +493,10 @@ fn sessions_spread_over_data_path_threads() {
         inner_cfg(&s.pki, s.tunnel_port, &s.pg)
     );
     let inner = Relay::inner("relay-inner-t0", &cfg, None);
-    inner.wait_count("tunnel up", 3, Duration::from_secs(30));
-    let status = http_status(outer.admin_port.expect("admin port"));
+    wait_sessions(&inner, 3);
+    let status = outer.wait_status("three sessions", Duration::from_secs(30), |v| {
+        v["sessions"].as_array().map(Vec::len) == Some(3)
+    });
     assert_eq!(status["threads"], 3, "{status}");
     let mut threads: Vec<u64> = status["sessions"]
         .as_array()
@@ -468,7 +510,7 @@ fn sessions_spread_over_data_path_threads() {
         .collect();
     threads.sort();
     assert_eq!(threads, vec![0, 1, 2], "{status}");
-    let inner_status = http_status(inner.admin_port.expect("admin port"));
+    let inner_status = inner.status();
     assert_eq!(inner_status["threads"], 0, "{inner_status}");
     // Six clients at once: every session carries streams, both ways.
     let port = s.listen_port;
@@ -496,20 +538,24 @@ fn sessions_spread_over_data_path_threads() {
         inner_cfg(&s.pki, s.tunnel_port, &s.pg)
     );
     let inner = Relay::inner("relay-inner-t1", &cfg, None);
-    inner.wait_count("tunnel up", 3, Duration::from_secs(30));
+    wait_sessions(&inner, 3);
     assert_eq!(
         psql_at("127.0.0.1", port, "SELECT 41 + 1").as_deref(),
         Ok("42")
     );
-    assert_eq!(http_status(inner.admin_port.unwrap())["threads"], 1);
+    assert_eq!(inner.status()["threads"], 1);
 }
 
-fn http_status(port: u16) -> serde_json::Value {
-    use std::io::{Read, Write};
-    let mut t = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    t.write_all(b"GET /status HTTP/1.0\r\n\r\n").unwrap();
-    let mut body = String::new();
-    t.read_to_string(&mut body).unwrap();
-    let json = body.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    serde_json::from_str(json).unwrap_or(serde_json::Value::Null)
+/// Waits until relay-inner `r` has `n` live sessions (`/status`).
+fn wait_sessions(r: &Relay, n: usize) {
+    r.wait_status(
+        &format!("{n} live sessions"),
+        Duration::from_secs(30),
+        |v| {
+            v["outer"]
+                .as_array()
+                .map(|o| o.iter().filter(|e| e["up"] == true).count())
+                == Some(n)
+        },
+    );
 }
