@@ -8,16 +8,47 @@ use std::path::Path;
 /// fsync, rename over `path`, fsync of the directory. A crash leaves the old or the new
 /// contents, never a mix.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
+    write_atomic_with(path, contents, None)?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// [`write_atomic`] without the directory fsync (for a caller that writes several files
+/// and syncs their directory once, with [`sync_dir`]), and with the file's permission
+/// bits set to exactly `mode` when given (whatever the umask). The temporary file is
+/// removed when a step fails.
+pub fn write_atomic_with(path: &Path, contents: &[u8], mode: Option<u32>) -> io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(".tmp");
     let tmp = dir.join(tmp_name);
-    {
-        let mut f = std::fs::File::create(&tmp)?;
+    let write = || -> io::Result<()> {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        if let Some(mode) = mode {
+            opts.mode(mode);
+        }
+        let mut f = opts.open(&tmp)?;
+        if let Some(mode) = mode {
+            f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        }
         f.write_all(contents)?;
         f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
+        std::fs::rename(&tmp, path)
+    };
+    write().inspect_err(|_| {
+        // Best effort: the original error is the one worth reporting.
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// Fsyncs a directory, so the entries created, renamed or removed in it are durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
     std::fs::File::open(dir)?.sync_all()
 }
 
@@ -73,5 +104,19 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("STATE")]);
+    }
+
+    #[test]
+    fn sets_the_mode_exactly() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("key.pem");
+        write_atomic_with(&p, b"k", Some(0o600)).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // A failed write leaves neither the file nor a temporary behind.
+        let missing = dir.path().join("no/such/dir/x");
+        assert!(write_atomic_with(&missing, b"x", None).is_err());
+        assert!(sync_dir(&dir.path().join("absent")).is_err());
     }
 }

@@ -1309,9 +1309,7 @@ fn create_segment(path: &Path) -> Result<File> {
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
+    crate::disk::sync_dir(dir).map_err(io_err(dir))
 }
 
 fn lock_dir(dir: &Path) -> Result<File> {

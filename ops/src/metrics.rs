@@ -77,17 +77,55 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .map_err(|e| e.to_string())?
         .install_recorder()
         .map_err(|e| e.to_string())?;
-    // The kind follows from the Prometheus naming convention every name here keeps.
-    for (name, help) in ALL {
+    describe(ALL);
+    Ok(handle)
+}
+
+/// What a metric is. Every Routy metric name says its kind by the Prometheus naming
+/// convention: counters end in `_total`, histograms in `_seconds` (except the
+/// `_timestamp_seconds` gauges), everything else is a gauge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Only goes up.
+    Counter,
+    /// Goes up and down.
+    Gauge,
+    /// Observations in buckets (seconds).
+    Histogram,
+}
+
+impl Kind {
+    /// The kind of the metric `name`.
+    pub fn of(name: &str) -> Kind {
         if name.ends_with("_total") {
-            metrics::describe_counter!(*name, *help);
-        } else if name.ends_with("_seconds") {
-            metrics::describe_histogram!(*name, metrics::Unit::Seconds, *help);
+            Kind::Counter
+        } else if name.ends_with("_seconds") && !name.ends_with("_timestamp_seconds") {
+            Kind::Histogram
         } else {
-            metrics::describe_gauge!(*name, *help);
+            Kind::Gauge
         }
     }
-    Ok(handle)
+
+    /// The word the README's metric tables use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// Describes each `(name, help)` to the installed recorder, with its [`Kind`]. Every
+/// crate that exports metrics keeps one such list and passes it here.
+pub fn describe(list: &[(&'static str, &'static str)]) {
+    for (name, help) in list {
+        match Kind::of(name) {
+            Kind::Counter => metrics::describe_counter!(*name, *help),
+            Kind::Histogram => metrics::describe_histogram!(*name, metrics::Unit::Seconds, *help),
+            Kind::Gauge => metrics::describe_gauge!(*name, *help),
+        }
+    }
 }
 
 /// Short reason label for an io error kind, for `reason` labels.

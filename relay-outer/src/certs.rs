@@ -5,10 +5,10 @@
 //! mode 0644. Every file is written to a temporary name in the same directory, fsynced
 //! and renamed into place, so a crash never leaves a half-written key or certificate.
 
-use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
-use std::io::{self, Write};
+use std::fs::{self, DirBuilder};
+use std::io;
 use std::net::IpAddr;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::string::{Ia5String, PrintableString};
@@ -453,51 +453,12 @@ fn create_dir(dir: &Path) -> Result<(), CertError> {
 
 /// Writes `contents` to `path` with exactly `mode`: temp file in the same directory, fsync, rename.
 fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
-    let dir = parent_dir(path);
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    // A leftover from a crashed run of this same process id; it is ours to replace.
-    match fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_error("remove stale temporary file", &tmp, e)),
-    }
-    let result = write_new(&tmp, contents, mode)
-        .and_then(|()| fs::rename(&tmp, path).map_err(|e| io_error("rename into place", path, e)));
-    if result.is_err() {
-        // Best effort: the original error is the one worth reporting.
-        let _ = fs::remove_file(&tmp);
-    }
-    result
-}
-
-fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(|e| io_error("create", path, e))?;
-    // The umask may have narrowed `mode`; certificates are meant to be world-readable.
-    file.set_permissions(Permissions::from_mode(mode))
-        .map_err(|e| io_error("set permissions of", path, e))?;
-    file.write_all(contents)
-        .map_err(|e| io_error("write", path, e))?;
-    file.sync_all().map_err(|e| io_error("fsync", path, e))
+    routy_log::disk::write_atomic_with(path, contents, Some(mode))
+        .map_err(|e| io_error("write", path, e))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), CertError> {
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_error("fsync directory", dir, e))
+    routy_log::disk::sync_dir(dir).map_err(|e| io_error("fsync directory", dir, e))
 }
 
 fn parent_dir(path: &Path) -> &Path {
@@ -570,6 +531,7 @@ fn identifier_octet(header: &Header<'_>) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
     use std::sync::Arc;
 
     use rustls::client::danger::ServerCertVerifier;

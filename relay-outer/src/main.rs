@@ -312,3 +312,56 @@ async fn serve(path: PathBuf, cfg: Config, tls: rustls::ServerConfig) -> anyhow:
     info!("stopped");
     Ok(())
 }
+
+#[cfg(test)]
+mod readme_metrics {
+    use std::collections::BTreeMap;
+
+    use routy_ops::metrics::Kind;
+
+    /// Every metric either relay exports, from the lists each crate keeps.
+    fn exported() -> BTreeMap<&'static str, Kind> {
+        [
+            routy_ops::metrics::ALL,
+            relay_inner::cdc::METRICS,
+            crate::cdc::METRICS,
+            crate::cdc::sink_pg::METRICS,
+        ]
+        .into_iter()
+        .flatten()
+        .map(|(name, _)| (*name, Kind::of(name)))
+        .collect()
+    }
+
+    /// The README's metric tables: rows whose first cell names `routy_` metrics, with the
+    /// kind in the second cell.
+    fn documented() -> BTreeMap<String, String> {
+        let readme = include_str!("../../README.md");
+        let mut out = BTreeMap::new();
+        for line in readme.lines().filter(|l| l.starts_with("| `routy_")) {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let (names, kind) = (cells[1], cells[2]);
+            for name in names.split(',').map(|n| n.trim().trim_matches('`')) {
+                out.insert(name.to_string(), kind.to_string());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_readme_documents_every_metric_with_its_kind() {
+        let (exported, documented) = (exported(), documented());
+        for (name, kind) in &exported {
+            match documented.get(*name) {
+                None => panic!("{name} is exported but not in the README's metric tables"),
+                Some(k) => assert_eq!(k, kind.as_str(), "README kind of {name}"),
+            }
+        }
+        for name in documented.keys() {
+            assert!(
+                exported.contains_key(name.as_str()),
+                "the README documents {name}, which no relay exports"
+            );
+        }
+    }
+}

@@ -38,16 +38,6 @@ pub const METRICS: &[(&str, &str)] = &[
 /// Gauge: bytes in each source's spool.
 pub const SPOOL_BYTES: &str = "routy_cdc_spool_bytes";
 
-fn describe_metrics() {
-    for (name, help) in METRICS {
-        if name.ends_with("_total") {
-            metrics::describe_counter!(*name, *help);
-        } else {
-            metrics::describe_gauge!(*name, *help);
-        }
-    }
-}
-
 /// One source at run time.
 struct SourceRt {
     cfg: SourceConfig,
@@ -68,7 +58,7 @@ impl Cdc {
     /// Opens every source's spool (failing if one cannot be opened) and starts the
     /// sources.
     pub fn start(cfg: &CdcConfig, drain: &Drain) -> anyhow::Result<Arc<Cdc>> {
-        describe_metrics();
+        routy_ops::metrics::describe(METRICS);
         let mut sources = Vec::new();
         let mut refused = Vec::new();
         for s in &cfg.sources {

@@ -55,7 +55,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rand::Rng;
 use routy_ops::drain::Drain;
 use routy_pg::tls::PgTls;
 use tokio::sync::watch;
@@ -326,7 +325,7 @@ pub async fn run_with_status(
     store.register_reader(&reader_name(&cfg));
     metrics::gauge!(UP, "sink" => sink.clone()).set(0.0);
     let mut memo = Memo::default();
-    let mut delay = cfg.retry_initial;
+    let mut backoff = routy_ops::backoff::Backoff::new(cfg.retry_initial, cfg.retry_max);
     let mut durable_rx: watch::Receiver<u64> = store.subscribe();
     while !stop.is_stopping() {
         let outcome = tokio::select! {
@@ -336,7 +335,7 @@ pub async fn run_with_status(
         status.set_up(false);
         metrics::gauge!(UP, "sink" => sink.clone()).set(0.0);
         if std::mem::take(&mut memo.progressed) {
-            delay = cfg.retry_initial;
+            backoff.reset();
         }
         match outcome {
             Flow::Restart { after_durable, why } => {
@@ -353,7 +352,7 @@ pub async fn run_with_status(
                     .increment(1);
                 let text = format!("seq {}: {}", e.seq, e.msg);
                 status.set_error(text);
-                let sleep = jitter(delay);
+                let sleep = backoff.next_delay();
                 tracing::warn!(
                     sink = %sink,
                     seq = e.seq,
@@ -366,7 +365,6 @@ pub async fn run_with_status(
                     _ = tokio::time::sleep(sleep) => {}
                     _ = stop.stopping() => break,
                 }
-                delay = (delay * 2).min(cfg.retry_max.max(cfg.retry_initial));
             }
         }
     }
@@ -378,12 +376,6 @@ pub async fn run_with_status(
 /// The sink's reader name in its store (retention keeps what it has not applied).
 pub fn reader_name(cfg: &PgSinkConfig) -> String {
     cfg.name.clone()
-}
-
-/// A delay between half of `d` and `d`.
-fn jitter(d: Duration) -> Duration {
-    let f: f64 = rand::thread_rng().gen_range(0.5..=1.0);
-    d.mul_f64(f)
 }
 
 /// The target's client configuration and TLS side. This is the seam for the target
