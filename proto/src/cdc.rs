@@ -658,102 +658,50 @@ pub fn format_pg_time(micros: i64) -> String {
     format_unix_micros(unix_micros)
 }
 
-/// Unix microseconds as RFC 3339 UTC with microseconds (`2026-11-22T07:01:02.123456Z`).
+/// Unix microseconds as RFC 3339 UTC with microseconds (`2026-11-22T07:01:02.123456Z`);
+/// times outside years 1-9999 are written as the nearest end of that range.
 pub fn format_unix_micros(unix_micros: i64) -> String {
-    let secs = unix_micros.div_euclid(1_000_000);
-    let us = unix_micros.rem_euclid(1_000_000);
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
+    use time::{OffsetDateTime, PrimitiveDateTime};
+    let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(unix_micros) * 1000)
+        .unwrap_or_else(|_| {
+            let end = if unix_micros < 0 {
+                PrimitiveDateTime::MIN
+            } else {
+                PrimitiveDateTime::MAX
+            };
+            end.assume_utc()
+        });
     format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{us:06}Z",
-        sod / 3600,
-        (sod % 3600) / 60,
-        sod % 60
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.microsecond()
     )
 }
 
-/// Parses `YYYY-MM-DDTHH:MM:SS[.ffffff](Z|+HH:MM|-HH:MM)` (or a space for the `T`) into
-/// Unix microseconds.
+/// Parses an RFC 3339 time (`YYYY-MM-DDTHH:MM:SS[.ffffff](Z|+HH:MM|-HH:MM)`), also with
+/// a space for the `T` and without an offset (then UTC), into Unix microseconds.
 pub fn parse_time(s: &str) -> Option<i64> {
     let s = s.trim();
-    let b = s.as_bytes();
-    if b.len() < 19 {
-        return None;
+    let mut t = s.to_string();
+    if t.as_bytes().get(10) == Some(&b' ') {
+        t.replace_range(10..11, "T");
     }
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        let t = s.get(r)?;
-        if !t.bytes().all(|c| c.is_ascii_digit()) {
-            return None;
-        }
-        t.parse().ok()
-    };
-    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    if b[4] != b'-' || b[7] != b'-' || !(b[10] == b'T' || b[10] == b' ') {
-        return None;
+    // Without `Z` or an offset after the seconds (and fraction), the time is UTC.
+    let tail = t.get(19..)?;
+    let frac = tail
+        .strip_prefix('.')
+        .map_or(0, |f| 1 + f.bytes().take_while(u8::is_ascii_digit).count());
+    if tail.len() == frac {
+        t.push('Z');
     }
-    let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if b[13] != b':' || b[16] != b':' || !(1..=12).contains(&mo) || !(1..=31).contains(&d) {
-        return None;
-    }
-    if h > 23 || mi > 59 || se > 60 {
-        return None;
-    }
-    let mut rest = &s[19..];
-    let mut micros = 0i64;
-    if let Some(frac) = rest.strip_prefix('.') {
-        let digits = frac.bytes().take_while(|c| c.is_ascii_digit()).count();
-        if digits == 0 {
-            return None;
-        }
-        let mut f = frac[..digits.min(6)].to_string();
-        while f.len() < 6 {
-            f.push('0');
-        }
-        micros = f.parse().ok()?;
-        rest = &frac[digits..];
-    }
-    let offset_secs = match rest {
-        "Z" | "z" | "" => 0,
-        o if o.len() == 6 && (o.starts_with('+') || o.starts_with('-')) => {
-            let oh: i64 = o.get(1..3)?.parse().ok()?;
-            let om: i64 = o.get(4..6)?.parse().ok()?;
-            let v = oh * 3600 + om * 60;
-            if o.starts_with('-') {
-                -v
-            } else {
-                v
-            }
-        }
-        _ => return None,
-    };
-    let days = days_from_civil(y, mo, d);
-    let secs = days * 86_400 + h * 3600 + mi * 60 + se - offset_secs;
-    Some(secs * 1_000_000 + micros)
-}
-
-// Howard Hinnant's civil-date algorithms.
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let mp = if m > 2 { m - 3 } else { m + 9 };
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+    let dt =
+        time::OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339).ok()?;
+    i64::try_from(dt.unix_timestamp_nanos().div_euclid(1000)).ok()
 }
 
 /// Tracks the relations seen so far, to print or apply row events by name.
@@ -1115,11 +1063,16 @@ mod tests {
             t - 500_000
         );
         assert_eq!(parse_time("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(parse_time("1970-01-01 00:00:01"), Some(1_000_000));
+        assert_eq!(format_unix_micros(i64::MAX), "9999-12-31T23:59:59.999999Z");
+        assert_eq!(format_unix_micros(-1), "1969-12-31T23:59:59.999999Z");
         for bad in [
             "",
             "2026-13-01T00:00:00Z",
             "2026-11-22T07:01:02x",
             "garbage-garbage-xx",
+            "2026-02-30T00:00:00Z",
+            "2026-11-22T07:01:02.Z",
         ] {
             assert_eq!(parse_time(bad), None, "{bad}");
         }
@@ -1160,7 +1113,7 @@ mod tests {
         }
 
         #[test]
-        fn times_round_trip(us in -2_000_000_000_000_000i64..4_000_000_000_000_000i64) {
+        fn times_round_trip(us in -62_135_596_800_000_000i64..253_402_300_800_000_000i64) {
             prop_assert_eq!(parse_time(&format_unix_micros(us)), Some(us));
         }
     }
