@@ -461,13 +461,6 @@ fn sync_dir(dir: &Path) -> Result<(), CertError> {
     routy_log::disk::sync_dir(dir).map_err(|e| io_error("fsync directory", dir, e))
 }
 
-fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // Reading the few parts of a certificate we need
 

@@ -35,6 +35,9 @@ pub struct RigOpts {
     pub inner_extra: String,
     /// Appended to the sink's DSN (e.g. ` sslmode=verify-full sslrootcert=...`).
     pub sink_dsn_extra: String,
+    /// Write both DSNs (source and sink) in the URL form (`postgresql://user@host:port/db`);
+    /// `sink_dsn_extra` then goes into the URL's query (`&sslmode=...`).
+    pub url_dsn: bool,
     /// Put relay-inner's spool directory on a tmpfs of this size (e.g. `4m`).
     pub spool_tmpfs: Option<String>,
     /// Put relay-outer's store directory on a tmpfs of this size.
@@ -54,6 +57,7 @@ impl Default for RigOpts {
             tables: Vec::new(),
             target_setup_sql: String::new(),
             sink_dsn_extra: String::new(),
+            url_dsn: false,
             target_conf: Vec::new(),
             source_extra: String::new(),
             source_conf: Vec::new(),
@@ -207,13 +211,33 @@ impl CdcRig {
         let listen_port = free_port();
         let ka = ("1s", "4s");
         let l = ListenerSpec::new("pg", &format!("{out_ip}:{listen_port}"), "site-a", "pg");
+        let (sink_dsn, source_dsn) = if opts.url_dsn {
+            let query = opts.sink_dsn_extra.trim().replace(' ', "&");
+            (
+                format!(
+                    "postgresql://postgres@{out_ip}:{}/postgres?application_name=routy%20sink&{query}",
+                    target.port()
+                ),
+                format!("postgresql://postgres@{in_ip}:{}/postgres", source.port()),
+            )
+        } else {
+            (
+                format!(
+                    "host={out_ip} port={} user=postgres dbname=postgres{}",
+                    target.port(),
+                    opts.sink_dsn_extra
+                ),
+                format!(
+                    "host={in_ip} port={} user=postgres dbname=postgres",
+                    source.port()
+                ),
+            )
+        };
         let outer_extra = format!(
-            "{}cdc:\n  dir: {}\n  retention: {}\n  sinks:\n    - name: {SINK}\n      source: {SOURCE}\n      postgres: {{ dsn: \"host={out_ip} port={} user=postgres dbname=postgres{}\", create_tables: true }}\n      retry: {{ initial: 100ms, max: 1s }}\n",
+            "{}cdc:\n  dir: {}\n  retention: {}\n  sinks:\n    - name: {SINK}\n      source: {SOURCE}\n      postgres: {{ dsn: \"{sink_dsn}\", create_tables: true }}\n      retry: {{ initial: 100ms, max: 1s }}\n",
             opts.relay_extra,
             store_dir.display(),
             opts.retention,
-            target.port(),
-            opts.sink_dsn_extra,
         );
         let outer_yaml = outer_yaml(
             &pki,
@@ -224,13 +248,12 @@ impl CdcRig {
         );
         let tables = opts.tables.join(", ");
         let inner_extra = format!(
-            "{}{}cdc:\n  spool: {{ dir: {}, max_bytes: {} }}\n{}  sources:\n    - name: main\n      postgres:\n        dsn: \"host={in_ip} port={} user=postgres dbname=postgres\"\n        tables: [{tables}]\n{}",
+            "{}{}cdc:\n  spool: {{ dir: {}, max_bytes: {} }}\n{}  sources:\n    - name: main\n      postgres:\n        dsn: \"{source_dsn}\"\n        tables: [{tables}]\n{}",
             opts.relay_extra,
             opts.inner_extra,
             spool_dir.display(),
             opts.spool_max,
             opts.inner_cdc_extra,
-            source.port(),
             opts.source_extra,
         );
         let server_name = if opts.netns {

@@ -34,6 +34,9 @@ fn types_round_trip_through_snapshot_and_stream() {
     let rig = CdcRig::start(RigOpts {
         setup_sql: TYPES_SETUP.into(),
         tables: vec!["public.types".into()],
+        // Both DSNs in the URL form: the source's replication client and the sink read
+        // it with the same parser as the key=value form.
+        url_dsn: true,
         ..RigOpts::default()
     });
     // Snapshot rows arrive.
