@@ -33,8 +33,10 @@ use routy_ops::backoff::Backoff;
 
 /// Bound on unacknowledged bytes in flight per stream.
 pub const MAX_IN_FLIGHT: usize = 16 << 20;
-/// Bound on relay-outer's answer to CdcOpen.
+/// Bound on opening the stream and on relay-outer's answer to CdcOpen.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
+/// Bound on closing our side of a shipping stream that ended.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Counter: batches sent, by `source`.
 pub const BATCHES_SENT: &str = "routy_cdc_batches_sent_total";
@@ -150,6 +152,8 @@ impl Shipper {
     }
 
     async fn wait_session(&mut self) -> Option<SessionHandle> {
+        // Deliberately unbounded: this waits for the dialer to bring a session up (it has
+        // its own deadlines and backoff), or for shutdown; no network I/O happens here.
         loop {
             if let Some(s) = self.session.borrow_and_update().clone() {
                 if !s.is_closed() {
@@ -165,9 +169,16 @@ impl Shipper {
     }
 
     async fn ship(&self, session: &SessionHandle) -> End {
-        let mut stream = match session.open().await {
-            Ok(s) => s,
-            Err(e) => return End::Retry(format!("open stream: {e}")),
+        // Opening waits for the session's driver (yamux) or for stream credit from the
+        // peer (QUIC): a session that stopped moving must not hold the shipper forever.
+        let mut stream = match tokio::time::timeout(OPEN_TIMEOUT, session.open()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return End::Retry(format!("open stream: {e}")),
+            Err(_) => {
+                return End::Retry(format!(
+                    "open stream: the session gave no stream within {OPEN_TIMEOUT:?}"
+                ))
+            }
         };
         let open = Frame::CdcOpen {
             source: self.source.clone(),
@@ -222,7 +233,8 @@ impl Shipper {
         ));
         let r = self.send_loop(&mut wr, next, &mut acked_rx, &sent).await;
         acks.abort();
-        let _ = wr.shutdown().await;
+        // Flushing the FIN may wait for window credit from a peer that stopped reading.
+        let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, wr.shutdown()).await;
         r
     }
 
@@ -427,6 +439,9 @@ async fn read_acks(
 ) {
     let labels = [("source", source.clone()), ("outer", endpoint.clone())];
     loop {
+        // No deadline here on purpose: an idle stream (nothing to ship) is silent. While
+        // batches are in flight send_loop gives up after `ack_timeout` and aborts this
+        // task; a dead tunnel is found by the session's keepalive, which ends the stream.
         match routy_tunnel::ship::read(&mut rd).await {
             Ok(Some(ShipMessage::Ack { seq })) => {
                 let upto = sent.load(Ordering::Acquire);

@@ -193,5 +193,6 @@ fn failed(service: &str, reason: &'static str) {
 
 async fn refuse(stream: &mut Stream, code: ErrorCode, message: String) {
     let _ = write_frame(stream, &Frame::Error { code, message }, ANSWER_TIMEOUT).await;
-    let _ = tokio::io::AsyncWriteExt::shutdown(stream).await;
+    // The FIN may wait for window credit from a peer that stopped reading.
+    let _ = tokio::time::timeout(ANSWER_TIMEOUT, tokio::io::AsyncWriteExt::shutdown(stream)).await;
 }

@@ -161,6 +161,9 @@ where
     let reader = tokio::spawn(async move {
         let mut rd = rd;
         loop {
+            // No deadline on purpose: a shipping stream with nothing to ship is silent. A
+            // dead tunnel is found by the session's keepalive, which ends the stream, and
+            // relay-inner reopens a stream whose batches go unacknowledged (ack_timeout).
             let m = routy_tunnel::ship::read(&mut rd).await;
             let last = !matches!(m, Ok(Some(ShipMessage::Batch { .. })));
             if tx.send(m).await.is_err() || last {

@@ -104,15 +104,28 @@ pub(crate) fn lost_slot(cfg: &SourceConfig) -> SourceError {
 impl Db {
     pub(crate) async fn connect(rcfg: &ReplicationConfig) -> Result<Db, SourceError> {
         let (config, tls) = rcfg.tokio_postgres().map_err(SourceError::Fatal)?;
-        let (client, conn) = config.connect(tls).await.map_err(|e| {
-            let e = SourceError::from(e);
-            let text = format!("connecting to {}:{}: {e}", rcfg.host, rcfg.port);
-            if e.is_fatal() {
-                SourceError::Fatal(text)
-            } else {
-                SourceError::Transient(text)
-            }
-        })?;
+        // tokio-postgres's own connect_timeout covers the TCP connect only: TLS, startup
+        // and authentication get the same deadline here (like the replication connection),
+        // and so does the first query below.
+        let limit = rcfg.connect_timeout;
+        let late = || {
+            SourceError::Transient(format!(
+                "connecting to {}:{}: no answer within {limit:?} (connect_timeout)",
+                rcfg.host, rcfg.port
+            ))
+        };
+        let (client, conn) = tokio::time::timeout(limit, config.connect(tls))
+            .await
+            .map_err(|_| late())?
+            .map_err(|e| {
+                let e = SourceError::from(e);
+                let text = format!("connecting to {}:{}: {e}", rcfg.host, rcfg.port);
+                if e.is_fatal() {
+                    SourceError::Fatal(text)
+                } else {
+                    SourceError::Transient(text)
+                }
+            })?;
         let task = tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "source query connection ended");
@@ -123,11 +136,11 @@ impl Db {
             task,
             server_version: 0,
         };
-        let v: String = db
-            .client
-            .query_one("SHOW server_version_num", &[])
-            .await?
-            .get(0);
+        let v: String =
+            tokio::time::timeout(limit, db.client.query_one("SHOW server_version_num", &[]))
+                .await
+                .map_err(|_| late())??
+                .get(0);
         db.server_version = v.parse().unwrap_or(0);
         Ok(db)
     }

@@ -378,15 +378,28 @@ fn parse_config(cfg: &SourceConfig) -> Result<ReplicationConfig, SourceError> {
 /// One connected session: checks, publication, slot, snapshot, streaming. `Ok` = stopped.
 async fn session(ctx: &Ctx) -> Result<(), SourceError> {
     let cfg = &ctx.cfg;
+    // Every wait on the source has a deadline: connecting has `connect_timeout` (in
+    // Db::connect and ReplicationClient::connect), the catalog queries `receive_timeout`
+    // (stream::bounded), the replication commands theirs (see crate::replication).
     let db = Db::connect(&ctx.rcfg).await?;
-    db.check_server().await?;
-    let tables = db.resolve_tables(&cfg.tables).await?;
-    db.ensure_publication(&cfg.publication, &tables).await?;
-    db.warn_replica_identity(&tables).await;
+    stream::bounded(cfg, "checking the server", db.check_server()).await?;
+    let tables =
+        stream::bounded(cfg, "looking up the tables", db.resolve_tables(&cfg.tables)).await?;
+    stream::bounded(
+        cfg,
+        "checking the publication",
+        db.ensure_publication(&cfg.publication, &tables),
+    )
+    .await?;
+    stream::bounded(cfg, "checking replica identities", async {
+        db.warn_replica_identity(&tables).await;
+        Ok(())
+    })
+    .await?;
 
     let mut repl = ReplicationClient::connect(&ctx.rcfg).await?;
     let mut state = SnapshotState::load(ctx.spool.dir(), &cfg.slot)?;
-    let slot = db.slot_info(&cfg.slot).await?;
+    let slot = stream::bounded(cfg, "reading the slot", db.slot_info(&cfg.slot)).await?;
     let mut exported = None;
     let confirmed_floor;
     match slot {
@@ -466,7 +479,7 @@ pub async fn drop_slot(
     let rcfg = parse_config(cfg)?;
     let db = Db::connect(&rcfg).await?;
     let mut state = SnapshotState::load(spool_dir_of_source, &cfg.slot)?;
-    let msg = match db.slot_info(&cfg.slot).await? {
+    let msg = match stream::bounded(cfg, "reading the slot", db.slot_info(&cfg.slot)).await? {
         None => format!(
             "replication slot {} does not exist on {}:{}/{}; nothing to drop",
             cfg.slot, rcfg.host, rcfg.port, rcfg.dbname
@@ -478,7 +491,7 @@ pub async fn drop_slot(
                     cfg.slot
                 )));
             }
-            db.drop_slot(&cfg.slot).await?;
+            stream::bounded(cfg, "dropping the slot", db.drop_slot(&cfg.slot)).await?;
             format!(
                 "dropped replication slot {} on {}:{}/{}",
                 cfg.slot, rcfg.host, rcfg.port, rcfg.dbname

@@ -31,9 +31,9 @@ use relay_proto::cdc::{Event, Record, SnapshotPhase};
 use serde::{Deserialize, Serialize};
 
 use super::catalog::{ident, Db, Table};
-use super::stream::{relation_size, values_size};
+use super::stream::{bounded, relation_size, values_size};
 use super::{Ctx, SourceError, RECORD_TARGET_BYTES, SNAPSHOT_ROWS_TOTAL};
-use crate::cdc::replication::{format_lsn, parse_lsn};
+use crate::cdc::replication::{format_lsn, parse_lsn, QUERY_TIMEOUT};
 use crate::cdc::spool::MAX_RECORD;
 use relay_proto::copy_text::parse_copy_line;
 
@@ -186,11 +186,13 @@ pub(crate) async fn copy_tables(
             "odd snapshot name {snapshot:?}"
         )));
     }
-    db.client
-        .batch_execute(&format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{snapshot}'"
-        ))
-        .await?;
+    let begin = format!(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{snapshot}'"
+    );
+    bounded(&ctx.cfg, "starting the snapshot's transaction", async {
+        Ok(db.client.batch_execute(&begin).await?)
+    })
+    .await?;
     for (i, t) in tables.iter().enumerate() {
         if ctx.stop.is_stopping() {
             return Ok(false);
@@ -202,13 +204,21 @@ pub(crate) async fn copy_tables(
             return Ok(false);
         }
     }
-    db.client.batch_execute("COMMIT").await?;
+    bounded(&ctx.cfg, "ending the snapshot's transaction", async {
+        Ok(db.client.batch_execute("COMMIT").await?)
+    })
+    .await?;
     Ok(true)
 }
 
 /// Copies one table; returns its row count once its Done record is durable.
 async fn copy_table(ctx: &Ctx, db: &Db, t: &Table, lsn: u64) -> Result<u64, SourceError> {
-    let rel = db.relation(t, &ctx.cfg.publication).await?;
+    let rel = bounded(
+        &ctx.cfg,
+        "reading the table's columns",
+        db.relation(t, &ctx.cfg.publication),
+    )
+    .await?;
     let rel_bytes = relation_size(&rel);
     let name = ctx.label();
     ctx.status.set_snapshot(Some(t.name.clone()), 0);
@@ -237,8 +247,18 @@ async fn copy_table(ctx: &Ctx, db: &Db, t: &Table, lsn: u64) -> Result<u64, Sour
         ident(&t.schema),
         ident(&t.table)
     );
-    let copy = db.client.copy_out(sql.as_str()).await?;
+    let copy = bounded(&ctx.cfg, "starting the COPY", async {
+        Ok(db.client.copy_out(sql.as_str()).await?)
+    })
+    .await?;
     futures::pin_mut!(copy);
+    // No total deadline for a table of any size, but an idle one: each wait for the next
+    // chunk gets `receive_timeout` (QUERY_TIMEOUT when that is off). Time spent appending
+    // to a full spool does not count: the server is not being read then.
+    let idle = match ctx.cfg.receive_timeout {
+        d if d.is_zero() => QUERY_TIMEOUT,
+        d => d,
+    };
     let mut buf: Vec<u8> = Vec::new();
     let mut rows = 0u64;
     let mut events: Vec<Event> = vec![Event::Relation(rel.clone())];
@@ -247,7 +267,16 @@ async fn copy_table(ctx: &Ctx, db: &Db, t: &Table, lsn: u64) -> Result<u64, Sour
         metrics::counter!(SNAPSHOT_ROWS_TOTAL, "source" => name.clone(), "table" => t.name.clone());
     let mut pending_rows = 0u64;
     loop {
-        let chunk = copy.next().await.transpose()?;
+        let chunk = match tokio::time::timeout(idle, copy.next()).await {
+            Ok(c) => c.transpose()?,
+            Err(_) => {
+                return Err(SourceError::Stalled(format!(
+                    "copying {}: no data from PostgreSQL for {idle:?} (receive_timeout) after {rows} rows: \
+                     the server or the network is stalled; dropping the connection",
+                    t.name
+                )))
+            }
+        };
         let end = chunk.is_none();
         if let Some(c) = chunk {
             buf.extend_from_slice(&c);

@@ -379,8 +379,9 @@ pub(crate) async fn stream(
 
 /// Runs a query on the ordinary connection with a deadline (`receive_timeout`, or
 /// [`QUERY_TIMEOUT`] when that is off): a server that stopped answering must not hold the
-/// stream, and with it the receive timeout, up forever.
-async fn bounded<T>(
+/// stream, and with it the receive timeout, up forever. The session's setup, the snapshot's
+/// queries and each wait for the next chunk of a COPY use it too.
+pub(crate) async fn bounded<T>(
     cfg: &SourceConfig,
     what: &str,
     query: impl std::future::Future<Output = Result<T, SourceError>>,

@@ -70,6 +70,11 @@ pub(crate) async fn session(
     status: &SinkStatus,
     memo: &mut Memo,
 ) -> Flow {
+    // The statements applied to the target have no client-side deadline on purpose: they
+    // may wait on the target's locks (an application holding a row or the table), and an
+    // apply cut short would be retried into the same wait. A dead target host is found by
+    // TCP keepalives (keepalives_idle 30s, see target_config); the target's own
+    // statement_timeout / lock_timeout (settable per role) bound the rest.
     let mut s = match Session::connect(cfg, store, status, memo).await {
         Ok(s) => s,
         Err(e) => return Flow::Fail(e),
@@ -188,9 +193,21 @@ impl<'a> Session<'a> {
         memo: &'a mut Memo,
     ) -> Result<Session<'a>, SinkError> {
         let (pc, tls) = target_config(cfg).map_err(|e| SinkError::new("config", 0, e))?;
-        let (client, conn) = pc
-            .connect(tls.make_tls_connect())
+        // tokio-postgres's connect_timeout covers the TCP connect only: TLS, startup and
+        // authentication get the same deadline.
+        let limit = pc
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(Duration::from_secs(10));
+        let (client, conn) = tokio::time::timeout(limit, pc.connect(tls.make_tls_connect()))
             .await
+            .map_err(|_| {
+                SinkError::new(
+                    "connection",
+                    0,
+                    format!("connecting to the target: no answer within {limit:?}"),
+                )
+            })?
             .map_err(|e| SinkError::pg(0, "connecting to the target", &e))?;
         let sink = cfg.name.clone();
         let conn_task = tokio::spawn(async move {
@@ -513,14 +530,21 @@ impl<'a> Session<'a> {
 
     /// Best-effort rollback before a restart on the same connection's way out.
     async fn rollback(&mut self) {
-        while let Some(f) = self.inflight.pop_front() {
-            let _ = wait(f.result).await;
-        }
+        // Bounded: a target that stopped answering must not hold a restart or a shutdown
+        // up; the connection is dropped afterwards anyway, which rolls back too.
+        let grace = Duration::from_secs(5);
+        let _ = tokio::time::timeout(grace, async {
+            while let Some(f) = self.inflight.pop_front() {
+                let _ = wait(f.result).await;
+            }
+            if self.tx_open {
+                let _ = self.client.batch_execute("ROLLBACK").await;
+            }
+        })
+        .await;
+        self.inflight.clear();
         self.inflight_bytes = 0;
-        if self.tx_open {
-            let _ = self.client.batch_execute("ROLLBACK").await;
-            self.tx_open = false;
-        }
+        self.tx_open = false;
     }
 
     /// Sends a prepared statement with text parameters without waiting for its result.

@@ -1,0 +1,258 @@
+//! A source database that stops answering (issue 12, "Errors and deadlines"): its walsender
+//! or the backend running the initial COPY is stopped with SIGSTOP. relay-inner notices
+//! within its `receive_timeout` (routy_cdc_source_errors_total{reason="receive_timeout"}
+//! and its log say so), reconnects once the process runs again (SIGCONT), and the target
+//! ends up with exactly the source's rows: nothing lost, nothing doubled.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use routy_e2e::cdc::{CdcRig, RigOpts, CATCH_UP};
+use routy_e2e::relays::Relay;
+use routy_e2e::{log_tail, require_root, try_wait_until};
+
+/// `receive_timeout` of the rig's source.
+const RECEIVE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Slack on top of it for noticing (the metric is read every 200 ms, relay-inner's timers
+/// fire on a loaded machine).
+const NOTICE_SLACK: Duration = Duration::from_secs(5);
+/// The same for a stalled COPY, which relay-inner notices once it has appended what was
+/// already on its way, through a spool whose disk is full most of the time.
+const COPY_SLACK: Duration = Duration::from_secs(40);
+/// Rows per source transaction.
+const TX_ROWS: u64 = 100;
+const TABLE: &str = "public.t";
+
+/// Processes stopped with SIGSTOP, continued (SIGCONT) when dropped, so that no test,
+/// passing or failing, leaves a PostgreSQL process stopped (its cluster could not stop).
+struct Stopped(Vec<i32>);
+
+impl Stopped {
+    fn new(pids: Vec<i32>) -> Stopped {
+        assert!(!pids.is_empty(), "no process to stop");
+        for &p in &pids {
+            signal(p, "STOP");
+        }
+        Stopped(pids)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        for &p in &self.0 {
+            signal(p, "CONT");
+        }
+    }
+}
+
+fn signal(pid: i32, sig: &str) {
+    assert!(pid > 0, "pid {pid}");
+    let st = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+    assert!(
+        st.as_ref().is_ok_and(|s| s.success()),
+        "kill -{sig} {pid}: {st:?}"
+    );
+}
+
+/// Inserts transactions `from..to`, `TX_ROWS` rows each (ids are unique across them).
+fn insert_txs(rig: &CdcRig, from: u64, to: u64) {
+    let mut sql = String::new();
+    for tx in from..to {
+        sql.push_str(&format!(
+            "INSERT INTO public.t SELECT g, {tx}, md5(g::text) FROM generate_series({}, {}) g;\n",
+            tx * TX_ROWS + 1,
+            (tx + 1) * TX_ROWS
+        ));
+    }
+    rig.source.psql(&sql);
+}
+
+/// routy_cdc_source_errors_total{reason="receive_timeout"} of relay-inner (0 when absent).
+fn receive_timeouts(r: &Relay) -> f64 {
+    r.metric(
+        "routy_cdc_source_errors_total",
+        &[("reason", "receive_timeout")],
+    )
+}
+
+/// Waits until relay-inner counted a receive timeout more than `before`; returns how long
+/// that took. Panics with relay-inner's log when it takes longer than `limit`.
+fn wait_receive_timeout(rig: &CdcRig, before: f64, since: Instant, limit: Duration) -> Duration {
+    let r = try_wait_until(limit, "relay-inner counts a receive timeout", || {
+        receive_timeouts(rig.inner()) > before
+    });
+    if let Err(e) = r {
+        panic!("{e}\n{}", log_tail(&rig.inner().proc.log(), 60));
+    }
+    since.elapsed()
+}
+
+fn pids(rig: &CdcRig, sql: &str) -> Vec<i32> {
+    rig.source
+        .try_psql(sql)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// The source's walsender stops answering while streaming: relay-inner drops the
+/// connection within `receive_timeout`, keeps trying while the stopped walsender still
+/// holds the slot, streams again once it runs, and the target gets every row once.
+#[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
+fn a_stalled_walsender_is_noticed_and_streaming_resumes() {
+    require_root();
+    let rig = CdcRig::start(RigOpts {
+        setup_sql:
+            "CREATE TABLE public.t (id bigint PRIMARY KEY, tx int NOT NULL, v text NOT NULL);"
+                .into(),
+        tables: vec![TABLE.into()],
+        source_extra: "      heartbeat: 1s\n      status_interval: 1s\n      receive_timeout: 3s\n"
+            .into(),
+        ..RigOpts::default()
+    });
+    rig.wait_shipping();
+    rig.wait_streaming();
+    // Before.
+    insert_txs(&rig, 0, 5);
+    rig.wait_in_sync(&[TABLE], CATCH_UP);
+    let before = receive_timeouts(rig.inner());
+
+    let walsender = pids(
+        &rig,
+        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'routy_main' AND active_pid IS NOT NULL",
+    );
+    assert_eq!(walsender.len(), 1, "the slot's walsender: {walsender:?}");
+    let stopped_at = Instant::now();
+    let stopped = Stopped::new(walsender.clone());
+    // During: committed on the source while its walsender is stopped.
+    insert_txs(&rig, 5, 10);
+    let took = wait_receive_timeout(&rig, before, stopped_at, RECEIVE_TIMEOUT + NOTICE_SLACK);
+    eprintln!("receive timeout counted {took:?} after SIGSTOP of walsender {walsender:?}");
+    let log = rig.inner().proc.log();
+    assert!(
+        log.contains("no message from PostgreSQL on the replication connection"),
+        "relay-inner says why it drops the connection:\n{}",
+        log_tail(&log, 40)
+    );
+    // More while it is still stopped (and holds the slot: relay-inner retries meanwhile).
+    insert_txs(&rig, 10, 12);
+    std::thread::sleep(Duration::from_secs(2));
+    let st: serde_json::Value = rig.inner().status();
+    let src = &st["cdc"]["sources"][0]["source"];
+    assert_ne!(
+        src["phase"], "streaming",
+        "not streaming while stalled: {st}"
+    );
+    assert!(src["last_error"].is_string(), "the error is shown: {st}");
+    drop(stopped);
+
+    // After.
+    insert_txs(&rig, 12, 15);
+    rig.wait_in_sync(&[TABLE], CATCH_UP);
+    let n = rig.target.psql("SELECT count(*) FROM public.t");
+    assert_eq!(
+        n,
+        (15 * TX_ROWS).to_string(),
+        "every row once on the target"
+    );
+    let per_tx = rig.target.psql(
+        "SELECT count(*) FROM (SELECT tx FROM public.t GROUP BY tx HAVING count(*) <> 100) x",
+    );
+    assert_eq!(per_tx, "0", "every transaction whole on the target");
+    // Streaming again, from a new walsender.
+    let r = try_wait_until(CATCH_UP, "a new walsender streams", || {
+        let now = pids(
+            &rig,
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'routy_main' AND active_pid IS NOT NULL",
+        );
+        now.len() == 1 && now != walsender
+    });
+    r.unwrap_or_else(|e| panic!("{e}\n{}", log_tail(&rig.inner().proc.log(), 40)));
+    let log = rig.inner().proc.log();
+    assert!(
+        !log.contains("CDC source stopped"),
+        "{}",
+        log_tail(&log, 40)
+    );
+    assert!(
+        log.matches("streaming changes").count() >= 2,
+        "streamed again after the stall:\n{}",
+        log_tail(&log, 40)
+    );
+}
+
+/// The backend running the initial COPY stops answering: a copy has no total deadline
+/// (a large table takes as long as it takes) but an idle one, so relay-inner drops it
+/// within `receive_timeout`, copies again in a new snapshot once it can, and the target
+/// ends up with every row once. The spool's filesystem is small so that the copy pauses
+/// (spool full, waiting for relay-outer's acknowledgements) and the COPY is caught
+/// running; those pauses must not count as silence.
+#[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
+fn a_stalled_copy_is_noticed_and_the_copy_starts_over() {
+    require_root();
+    let rig = CdcRig::start(RigOpts {
+        setup_sql: "CREATE TABLE public.t (id bigint PRIMARY KEY, tx int NOT NULL, v text NOT NULL);
+            INSERT INTO public.t SELECT g, 0, repeat(md5(g::text), 10) FROM generate_series(1, 60000) g;"
+            .into(),
+        tables: vec![TABLE.into()],
+        source_extra: "      heartbeat: 1s\n      status_interval: 1s\n      receive_timeout: 3s\n"
+            .into(),
+        spool_tmpfs: Some("3m".into()),
+        ..RigOpts::default()
+    });
+    let before = receive_timeouts(rig.inner());
+    let copying =
+        "SELECT pid FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'COPY (SELECT %'";
+    let mut backend = Vec::new();
+    let r = try_wait_until(CATCH_UP, "the initial COPY runs", || {
+        backend = pids(&rig, copying);
+        !backend.is_empty()
+    });
+    r.unwrap_or_else(|e| panic!("{e}\n{}", log_tail(&rig.inner().proc.log(), 40)));
+    let stopped_at = Instant::now();
+    let stopped = Stopped::new(backend.clone());
+    // Written while the copy is stalled: streamed after the copy (its snapshot is older).
+    rig.source.psql(
+        "INSERT INTO public.t SELECT g, 1, md5(g::text) FROM generate_series(100001, 100100) g",
+    );
+    // Only time spent waiting for the server counts, not the pauses on the full spool
+    // while relay-inner works through what the kernel had buffered before the stop: allow
+    // for those.
+    let took = wait_receive_timeout(&rig, before, stopped_at, RECEIVE_TIMEOUT + COPY_SLACK);
+    eprintln!("receive timeout counted {took:?} after SIGSTOP of COPY backend {backend:?}");
+    let log = rig.inner().proc.log();
+    assert!(
+        log.contains("copying public.t: no data from PostgreSQL for 3s"),
+        "relay-inner says why it drops the copy:\n{}",
+        log_tail(&log, 40)
+    );
+    drop(stopped);
+    rig.source.psql(
+        "INSERT INTO public.t SELECT g, 2, md5(g::text) FROM generate_series(100101, 100200) g",
+    );
+    rig.wait_in_sync(&[TABLE], CATCH_UP);
+    assert_eq!(rig.target.psql("SELECT count(*) FROM public.t"), "60200");
+    let log = rig.inner().proc.log();
+    assert!(
+        !log.contains("CDC source stopped"),
+        "{}",
+        log_tail(&log, 40)
+    );
+    assert!(
+        log.contains("table copied"),
+        "the copy finished the second time:\n{}",
+        log_tail(&log, 40)
+    );
+}
