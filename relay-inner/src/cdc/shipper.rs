@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use relay_proto::cdc::ShipMessage;
-use relay_proto::frame::Frame;
+use relay_proto::frame::{ErrorCode, Frame};
 use routy_log::disk::blocking;
 use routy_ops::drain::Drain;
 use routy_tunnel::codec;
@@ -114,7 +114,40 @@ enum End {
     /// Stop for good.
     Stop,
     /// The stream or session failed; try again after a pause.
-    Retry(String),
+    Retry(ShipError),
+}
+
+/// Why a shipping stream ended; the kind is the `reason` label of
+/// `routy_cdc_ship_errors_total`.
+#[derive(Debug, thiserror::Error)]
+enum ShipError {
+    /// relay-outer answered the stream's opening with an error.
+    #[error("relay-outer refused the CDC stream ({code}): {message}")]
+    Refused { code: ErrorCode, message: String },
+    /// The local spool failed, or disagrees with relay-outer's store.
+    #[error("{0}")]
+    Spool(String),
+    /// The stream or the session under it failed, or relay-outer stopped answering.
+    #[error("{0}")]
+    Stream(String),
+}
+
+impl ShipError {
+    fn reason(&self) -> &'static str {
+        match self {
+            ShipError::Refused { .. } => "refused",
+            ShipError::Spool(_) => "spool",
+            ShipError::Stream(_) => "stream",
+        }
+    }
+}
+
+fn stream_err(e: impl Into<String>) -> End {
+    End::Retry(ShipError::Stream(e.into()))
+}
+
+fn spool_err(e: impl Into<String>) -> End {
+    End::Retry(ShipError::Spool(e.into()))
 }
 
 impl Shipper {
@@ -132,8 +165,8 @@ impl Shipper {
                     self.status.connected.store(false, Ordering::Relaxed);
                     if !session.is_closed() {
                         warn!(source = %self.source, outer = %self.endpoint, error = %e, "CDC shipping stream failed; retrying");
-                        metrics::counter!(SHIP_ERRORS, "source" => self.source.clone(), "reason" => reason(&e)).increment(1);
-                        self.status.error(&e);
+                        metrics::counter!(SHIP_ERRORS, "source" => self.source.clone(), "reason" => e.reason()).increment(1);
+                        self.status.error(&e.to_string());
                     } else {
                         debug!(source = %self.source, error = %e, "CDC shipping ended with the session");
                     }
@@ -173,9 +206,9 @@ impl Shipper {
         // peer (QUIC): a session that stopped moving must not hold the shipper forever.
         let mut stream = match tokio::time::timeout(OPEN_TIMEOUT, session.open()).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return End::Retry(format!("open stream: {e}")),
+            Ok(Err(e)) => return stream_err(format!("open stream: {e}")),
             Err(_) => {
-                return End::Retry(format!(
+                return stream_err(format!(
                     "open stream: the session gave no stream within {OPEN_TIMEOUT:?}"
                 ))
             }
@@ -187,23 +220,21 @@ impl Shipper {
             spool_id: self.spool.id(),
         };
         if let Err(e) = codec::write_frame(&mut stream, &open, OPEN_TIMEOUT).await {
-            return End::Retry(format!("send CdcOpen: {e}"));
+            return stream_err(format!("send CdcOpen: {e}"));
         }
         let next = match codec::read_frame(&mut stream, OPEN_TIMEOUT).await {
             Ok(Frame::CdcReady { next_seq }) => next_seq,
             Ok(Frame::Error { code, message }) => {
-                return End::Retry(format!(
-                    "relay-outer refused the CDC stream ({code}): {message}"
-                ))
+                return End::Retry(ShipError::Refused { code, message })
             }
             Ok(f) => {
-                return End::Retry(format!("unexpected {} instead of CdcReady", f.kind_name()))
+                return stream_err(format!("unexpected {} instead of CdcReady", f.kind_name()))
             }
-            Err(e) => return End::Retry(format!("waiting for CdcReady: {e}")),
+            Err(e) => return stream_err(format!("waiting for CdcReady: {e}")),
         };
         let have = self.spool.synced_seq();
         if next > have + 1 {
-            return End::Retry(format!(
+            return spool_err(format!(
                 "relay-outer's store says it holds records up to seq {} but this spool ends at \
                  seq {have}; refusing to acknowledge records it cannot have",
                 next - 1
@@ -212,7 +243,7 @@ impl Shipper {
         if next > 1 {
             // relay-outer holds everything below `next`.
             if let Err(e) = self.spool.ack(&self.endpoint, next - 1) {
-                return End::Retry(format!("spool: {e}"));
+                return spool_err(format!("spool: {e}"));
             }
         }
         self.status.connected.store(true, Ordering::Relaxed);
@@ -248,7 +279,7 @@ impl Shipper {
         let mut synced = self.spool.subscribe();
         let mut reader = match self.spool.reader(next) {
             Ok(r) => r,
-            Err(e) => return End::Retry(format!("spool read from {next}: {e}")),
+            Err(e) => return spool_err(format!("spool read from {next}: {e}")),
         };
         let mut next_seq = next;
         // Last time an acknowledgement arrived or nothing was in flight.
@@ -262,7 +293,7 @@ impl Shipper {
             // Forget acknowledged batches.
             let a = *acked.borrow();
             if a == u64::MAX {
-                return End::Retry(self.ended_error());
+                return stream_err(self.ended_error());
             }
             while in_flight.front().is_some_and(|(last, _)| *last <= a) {
                 in_flight.pop_front();
@@ -273,7 +304,7 @@ impl Shipper {
             }
             let hung = progress + self.ack_timeout;
             if tokio::time::Instant::now() >= hung {
-                return End::Retry(self.hung_error());
+                return stream_err(self.hung_error());
             }
             let flying: usize = in_flight.iter().map(|(_, b)| b).sum();
             let durable = *synced.borrow_and_update();
@@ -322,7 +353,7 @@ impl Shipper {
                         Ok(())
                     });
                     if let Err(e) = filled {
-                        return End::Retry(e);
+                        return spool_err(e);
                     }
                     if bytes >= self.batch_max_bytes || tokio::time::Instant::now() >= deadline {
                         break;
@@ -358,15 +389,15 @@ impl Shipper {
                     tokio::select! {
                         r = &mut write => match r {
                             Ok(()) => break,
-                            Err(e) => return End::Retry(format!("send batch: {e}")),
+                            Err(e) => return stream_err(format!("send batch: {e}")),
                         },
                         r = acked.changed() => {
                             if r.is_err() || *acked.borrow() == u64::MAX {
-                                return End::Retry(self.ended_error());
+                                return stream_err(self.ended_error());
                             }
                             deadline = tokio::time::Instant::now() + self.ack_timeout;
                         }
-                        _ = tokio::time::sleep_until(deadline) => return End::Retry(self.hung_error()),
+                        _ = tokio::time::sleep_until(deadline) => return stream_err(self.hung_error()),
                         _ = self.drain.stopping() => return End::Stop,
                         _ = self.stop.stopping() => return End::Stop,
                     }
@@ -387,9 +418,9 @@ impl Shipper {
             tokio::select! {
                 r = synced.changed() => if r.is_err() { return End::Stop },
                 r = acked.changed() => if r.is_err() {
-                    return End::Retry("relay-outer closed the stream".into());
+                    return stream_err("relay-outer closed the stream");
                 },
-                _ = wait_hung => return End::Retry(self.hung_error()),
+                _ = wait_hung => return stream_err(self.hung_error()),
                 _ = self.drain.stopping() => return End::Stop,
                 _ = self.stop.stopping() => return End::Stop,
             }
@@ -483,14 +514,4 @@ async fn read_acks(
     }
     // Tells the sender the stream is gone.
     acked.send_replace(u64::MAX);
-}
-
-fn reason(e: &str) -> &'static str {
-    if e.contains("refused") {
-        "refused"
-    } else if e.contains("spool") {
-        "spool"
-    } else {
-        "stream"
-    }
 }
