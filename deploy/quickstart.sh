@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Routy quick start: everything on this machine, nothing installed.
+# Routy quick start: everything on this machine, nothing installed (but missing packages).
 #
 # Builds the relays, makes a private CA and certificates, starts a throwaway PostgreSQL
 # on a free loopback port, puts relay-inner next to it and relay-outer in front of it,
@@ -20,6 +20,8 @@
 #   RUST_LOG               log filter for both relays (default: info)
 #
 # Run as root, PostgreSQL runs as the `postgres` user (via runuser); otherwise as you.
+# Missing packages (PostgreSQL, util-linux) are installed when run as root with apt-get, or
+# named with the command that installs them (tests/install-deps --quickstart).
 
 # The functions called from the EXIT trap look unreachable to shellcheck.
 # shellcheck disable=SC2317
@@ -122,16 +124,20 @@ trap 'echo; say "stopping"; exit 0' INT TERM
 
 # --- prerequisites -------------------------------------------------------------------------
 command -v cargo >/dev/null || die "cargo not found (install Rust: https://rustup.rs)"
+# PostgreSQL (unless ROUTY_PG_BIN_DIR names one) and util-linux: tests/install-deps installs
+# what is missing when we are root, and otherwise stops us with one line naming it.
+"$ROOT/tests/install-deps" --quickstart || exit 1
 if is_root; then
-    command -v runuser >/dev/null || die "runuser not found (util-linux)"
     id postgres >/dev/null 2>&1 || die "no 'postgres' user (install the postgresql package)"
 fi
 
 if [ -n "${ROUTY_PG_BIN_DIR:-}" ]; then
     PGBIN=$ROUTY_PG_BIN_DIR
 else
-    PGBIN=$(find /usr/lib/postgresql -mindepth 2 -maxdepth 2 -name bin -type d 2>/dev/null |
-        sort -V | tail -n 1)
+    # The highest version with a server (as tests/src/pg.rs picks it).
+    PGBIN=$(find /usr/lib/postgresql -mindepth 3 -maxdepth 3 -path '*/bin/postgres' \
+        2>/dev/null | sort -V | tail -n 1)
+    PGBIN=${PGBIN%/postgres}
 fi
 if [ -z "$PGBIN" ] || [ ! -x "$PGBIN/postgres" ]; then
     die "no PostgreSQL found under /usr/lib/postgresql/*/bin (install postgresql or set ROUTY_PG_BIN_DIR)"
