@@ -7,7 +7,8 @@
 //! target/release/bench-cdc [--rows 200000] [--txn-rows 100] [--rate 500] [--secs 20]
 //! ```
 //!
-//! Prints a Markdown table; with `--out FILE` also writes it there.
+//! Prints a Markdown table; with `--out FILE` also writes it there. `--help` lists the
+//! options and environment variables.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -25,7 +26,35 @@ struct Args {
     out: Option<String>,
 }
 
-fn args() -> Args {
+const USAGE: &str = "\
+Usage: bench-cdc [--rows N] [--txn-rows N] [--rate TPS] [--secs N] [--out FILE]
+
+CDC benchmark: end-to-end rows per second and commit-to-apply latency through Routy,
+each next to what pg_recvlogical reads from the same source in the same run (the
+decoding ceiling). Starts everything itself on loopback: a source and a target
+PostgreSQL, relay-inner and relay-outer. Prints a Markdown table.
+
+Needs root: PostgreSQL runs as the postgres user.
+Build first: cargo build --release --workspace --bins
+
+Options:
+  --rows N        rows written while relay-inner is stopped, then read by Routy end to
+                  end and by pg_recvlogical (throughput; default 200000)
+  --txn-rows N    rows per transaction in that backlog (default 100)
+  --rate TPS      transactions per second of the latency run (pgbench -R; default 500)
+  --secs N        length of the latency run in seconds (default 20)
+  --out FILE      also write the Markdown table to FILE
+  -h, --help      print this text and exit
+
+Environment:
+  ROUTY_BIN_DIR     directory of relay-outer and relay-inner (default: this binary's)
+  ROUTY_PG_BIN_DIR  PostgreSQL bin directory (default: the highest
+                    /usr/lib/postgresql/*/bin)
+  ROUTY_KEEP_LOGS   when set, keep the PostgreSQL directories and relay logs
+";
+
+/// The arguments, or `None` for `--help`; an error names the bad argument.
+fn parse(mut it: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
     let mut a = Args {
         rows: 200_000,
         txn_rows: 100,
@@ -33,19 +62,51 @@ fn args() -> Args {
         secs: 20,
         out: None,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        let v = it.next().unwrap_or_else(|| panic!("{k} needs a value"));
-        match k.as_str() {
-            "--rows" => a.rows = v.parse().expect("--rows N"),
-            "--txn-rows" => a.txn_rows = v.parse().expect("--txn-rows N"),
-            "--rate" => a.rate = v.parse().expect("--rate TPS"),
-            "--secs" => a.secs = v.parse().expect("--secs N"),
-            "--out" => a.out = Some(v),
-            _ => panic!("unknown argument {k}; see the doc comment of tests/src/bin/bench-cdc.rs"),
+    fn num<T: std::str::FromStr>(k: &str, v: Option<String>, what: &str) -> Result<T, String> {
+        let v = v.ok_or_else(|| format!("{k} needs a value ({k} {what})"))?;
+        match v.parse() {
+            Ok(n) => Ok(n),
+            Err(_) => Err(format!("{k} {v}: not a number ({k} {what})")),
         }
     }
-    a
+    while let Some(k) = it.next() {
+        match k.as_str() {
+            "-h" | "--help" => return Ok(None),
+            "--rows" => a.rows = num(&k, it.next(), "N")?,
+            "--txn-rows" => a.txn_rows = num(&k, it.next(), "N")?,
+            "--rate" => a.rate = num(&k, it.next(), "TPS")?,
+            "--secs" => a.secs = num(&k, it.next(), "N")?,
+            "--out" => a.out = Some(it.next().ok_or("--out needs a value (--out FILE)")?),
+            _ => return Err(format!("unknown argument {k}")),
+        }
+    }
+    for (name, v) in [
+        ("--rows", a.rows),
+        ("--txn-rows", a.txn_rows),
+        ("--rate", a.rate.into()),
+        ("--secs", a.secs.into()),
+    ] {
+        if v == 0 {
+            return Err(format!("{name} must be at least 1"));
+        }
+    }
+    Ok(Some(a))
+}
+
+/// The arguments of this run; `--help` prints the usage and exits 0, a bad argument
+/// prints what is wrong and the usage and exits 2.
+fn args() -> Args {
+    match parse(std::env::args().skip(1)) {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            print!("{USAGE}");
+            std::process::exit(0);
+        }
+        Err(e) => {
+            eprint!("bench-cdc: {e}\n\n{USAGE}");
+            std::process::exit(2);
+        }
+    }
 }
 
 const SETUP: &str = "

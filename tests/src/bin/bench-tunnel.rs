@@ -25,7 +25,8 @@
 //! Prints one Markdown table; with `--out DIR` writes `DIR/tunnel.md`, `DIR/tunnel.json`
 //! and (with python3 + matplotlib, via `bench/chart.py`) `DIR/tunnel.png`.
 //! rathole is used when it is on PATH or named by `$ROUTY_RATHOLE`; `--install-rathole`
-//! runs `cargo install rathole --root /tmp/rathole` first if needed.
+//! runs `cargo install rathole --root /tmp/rathole` first if needed. `--help` lists the
+//! options and environment variables.
 
 #[path = "bench_tunnel/load.rs"]
 mod load;
@@ -50,18 +51,54 @@ struct Args {
     baseline: Option<PathBuf>,
 }
 
-const USAGE: &str = "usage: bench-tunnel [--quick] [--out DIR] [--install-rathole] [--paths W,..] [--rows KEY,..] [--secs N] [--baseline DIR]";
+const USAGE: &str = "\
+Usage: bench-tunnel [--quick] [--out DIR] [--install-rathole] [--paths W,..] [--rows KEY,..]
+                    [--secs N] [--baseline DIR]
+
+Tunnel benchmark: Routy next to a direct connection, ssh -R, rathole and two socat
+forwarders in series (plain TCP, a reference), measured in one run with the paths
+interleaved. Starts everything itself on loopback: a PostgreSQL, a bench server, the
+relays (next to this binary), sshd with its own keys, rathole if present. Installs
+openssh-server/openssh-client and socat with apt-get when they are missing. Prints one
+Markdown table.
+
+Needs root: PostgreSQL runs as the postgres user, sshd, raising RLIMIT_NOFILE.
+Build first: cargo build --release --workspace --bins
+
+Options:
+  --quick            shorter measurements and fewer idle streams
+  --out DIR          also write DIR/tunnel.md, DIR/tunnel.json and (python3 with
+                     matplotlib, via bench/chart.py) DIR/tunnel.png
+  --install-rathole  cargo install rathole --root /tmp/rathole when it is not found
+  --paths W,..       only the paths whose name contains one of the words, e.g.
+                     --paths tls,ssh (direct always runs; names: Routy TLS, Routy QUIC,
+                     ssh -R, rathole, 2x socat, plain TCP)
+  --rows KEY,..      only these rows: mem conn bulk1_up bulk1_down bulk8_up bulk8_down
+                     pg1 pg16
+  --secs N           each bulk and new-connection measurement (and pgbench) takes N s
+  --baseline DIR     add a \"Routy TLS baseline\" path run from the relay binaries in DIR
+                     (an earlier build), measured against this one in the same run
+  -h, --help         print this text and exit
+  (--serve, as the first argument, is internal: the bench server this binary starts)
+
+Environment:
+  ROUTY_RATHOLE     the rathole binary (default: rathole on PATH)
+  ROUTY_BIN_DIR     directory of relay-outer and relay-inner (default: this binary's)
+  ROUTY_PG_BIN_DIR  PostgreSQL bin directory (default: the highest
+                    /usr/lib/postgresql/*/bin)
+  ROUTY_KEEP_LOGS   when set, keep the PostgreSQL directory and the process logs
+";
 
 /// The path of `--baseline DIR`: Routy over TLS from another build, side by side with this
 /// one in the same run (an A/B comparison that machine noise does not swamp).
 const BASELINE: &str = "Routy TLS baseline";
 
-fn list(v: Option<String>, what: &str) -> Vec<String> {
-    v.unwrap_or_else(|| panic!("{what} needs a value; {USAGE}"))
-        .split(',')
+fn list(v: Option<String>, what: &str) -> Result<Vec<String>, String> {
+    let v = v.ok_or_else(|| format!("{what} needs a value"))?;
+    Ok(v.split(',')
         .map(|w| w.trim().to_lowercase())
         .filter(|w| !w.is_empty())
-        .collect()
+        .collect())
 }
 
 impl Args {
@@ -79,7 +116,8 @@ impl Args {
     }
 }
 
-fn args() -> Args {
+/// The arguments, or `None` for `--help`; an error names the bad argument.
+fn parse(mut it: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
     let mut a = Args {
         quick: false,
         out: None,
@@ -89,27 +127,45 @@ fn args() -> Args {
         secs: None,
         baseline: None,
     };
-    let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         match k.as_str() {
+            "-h" | "--help" => return Ok(None),
             "--quick" => a.quick = true,
             "--install-rathole" => a.install_rathole = true,
-            "--out" => a.out = Some(it.next().expect("--out DIR").into()),
-            "--baseline" => a.baseline = Some(it.next().expect("--baseline DIR").into()),
-            "--paths" => a.paths = Some(list(it.next(), "--paths")),
-            "--rows" => a.rows = Some(list(it.next(), "--rows")),
+            "--out" => a.out = Some(it.next().ok_or("--out needs a value (--out DIR)")?.into()),
+            "--baseline" => {
+                let dir = it
+                    .next()
+                    .ok_or("--baseline needs a value (--baseline DIR)")?;
+                a.baseline = Some(dir.into());
+            }
+            "--paths" => a.paths = Some(list(it.next(), "--paths")?),
+            "--rows" => a.rows = Some(list(it.next(), "--rows")?),
             "--secs" => {
-                let v = it.next().and_then(|v| v.parse().ok());
-                a.secs = Some(v.unwrap_or_else(|| panic!("--secs needs a number; {USAGE}")));
+                let v = it.next().ok_or("--secs needs a value (--secs N)")?;
+                let n = v.parse().map_err(|_| format!("--secs {v}: not a number"))?;
+                a.secs = Some(n);
             }
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            _ => panic!("unknown argument {k}; {USAGE}"),
+            _ => return Err(format!("unknown argument {k}")),
         }
     }
-    a
+    Ok(Some(a))
+}
+
+/// The arguments of this run; `--help` prints the usage and exits 0, a bad argument
+/// prints what is wrong and the usage and exits 2.
+fn args() -> Args {
+    match parse(std::env::args().skip(1)) {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            print!("{USAGE}");
+            std::process::exit(0);
+        }
+        Err(e) => {
+            eprint!("bench-tunnel: {e}\n\n{USAGE}");
+            std::process::exit(2);
+        }
+    }
 }
 
 /// Settings for one run.
