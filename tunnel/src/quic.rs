@@ -162,11 +162,44 @@ pub async fn connect(
     addr: SocketAddr,
     server_name: &str,
     tls: quinn::ClientConfig,
-) -> Result<quinn::Connection, String> {
+) -> Result<quinn::Connection, ConnectError> {
     let connecting = endpoint
         .connect_with(tls, addr, server_name)
-        .map_err(|e| format!("QUIC connect: {e}"))?;
-    connecting.await.map_err(|e| format!("QUIC handshake: {e}"))
+        .map_err(ConnectError::Start)?;
+    connecting.await.map_err(ConnectError::Handshake)
+}
+
+/// Why [`connect`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The connection could not be started (an endpoint or configuration problem).
+    #[error("QUIC connect: {0}")]
+    Start(quinn::ConnectError),
+    /// The handshake failed: no answer, or the server closed the connection.
+    #[error("QUIC handshake: {0}")]
+    Handshake(quinn::ConnectionError),
+}
+
+impl ConnectError {
+    /// Whether the server's TLS refused us (see [`tls_refused`]).
+    pub fn tls_refused(&self) -> bool {
+        match self {
+            ConnectError::Start(_) => false,
+            ConnectError::Handshake(e) => tls_refused(e),
+        }
+    }
+}
+
+/// Whether a QUIC connection ended because the peer's TLS refused this end: the peer
+/// closed it with a CRYPTO_ERROR code (0x100 + a TLS alert, RFC 9001 §4.8), which is how
+/// a certificate verdict arrives over QUIC.
+pub fn tls_refused(e: &quinn::ConnectionError) -> bool {
+    match e {
+        quinn::ConnectionError::ConnectionClosed(close) => {
+            (0x100..0x200).contains(&u64::from(close.error_code))
+        }
+        _ => false,
+    }
 }
 
 /// The negotiated ALPN protocol of a connection.
@@ -244,7 +277,12 @@ mod tests {
         }
     }
 
-    async fn pair(pki: &Pki) -> (Result<Session, String>, Result<quinn::Connection, String>) {
+    async fn pair(
+        pki: &Pki,
+    ) -> (
+        Result<Session, ConnectError>,
+        Result<quinn::Connection, String>,
+    ) {
         let server_tls = crate::tls::server_config(
             &pki.path("server.crt"),
             &pki.path("server.key"),
@@ -317,7 +355,9 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), server_h.closed())
             .await
             .unwrap();
-        assert!(server_h.close_reason().unwrap().contains("closed by peer"));
+        let reason = server_h.close_reason().unwrap();
+        assert!(reason.text.contains("closed by peer"), "{reason:?}");
+        assert!(!reason.tls_refused, "{reason:?}");
         fwd.abort();
     }
 
@@ -328,11 +368,17 @@ mod tests {
         let e = server.unwrap_err();
         assert!(e.contains("certificate"), "{e}");
         // Under TLS 1.3 the client may finish its handshake before the verdict; then
-        // the verdict ends the session.
-        if let Ok(c) = client {
-            let _ = tokio::time::timeout(Duration::from_secs(5), c.handle.closed()).await;
-            let r = c.handle.close_reason().unwrap_or_default();
-            assert!(r.contains("cryptographic handshake failed"), "{r}");
+        // the verdict ends the session. Either way the client knows it was refused.
+        match client {
+            Ok(c) => {
+                let _ = tokio::time::timeout(Duration::from_secs(5), c.handle.closed()).await;
+                let r = c
+                    .handle
+                    .close_reason()
+                    .expect("the session ended with a reason");
+                assert!(r.tls_refused, "{r:?}");
+            }
+            Err(e) => assert!(e.tls_refused(), "{e}"),
         }
     }
 }

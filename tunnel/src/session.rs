@@ -238,11 +238,11 @@ impl SessionHandle {
 
     /// Why the connection ended, if it ended with an error (a TLS alert from the peer,
     /// a reset, a local kill).
-    pub fn close_reason(&self) -> Option<String> {
+    pub fn close_reason(&self) -> Option<CloseReason> {
         self.ended
             .lock()
             .ok()
-            .and_then(|r| r.as_ref().map(|e| e.text.clone()))
+            .and_then(|r| r.as_ref().map(|e| e.reason.clone()))
     }
 
     /// Why the session ended, given how its control loop ended. When the connection
@@ -332,11 +332,22 @@ where
     }
 }
 
+/// Why the connection under a session ended with an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseReason {
+    /// The error as the transport put it.
+    pub text: String,
+    /// The peer's TLS refused this end: a TLS alert over TCP, a CRYPTO_ERROR close over
+    /// QUIC. Under TLS 1.3 this is how a server's verdict on a client certificate
+    /// arrives, after the client's handshake has finished.
+    pub tls_refused: bool,
+}
+
 /// How the connection under a session ended, when it ended with an error.
 #[derive(Debug, Clone)]
 struct Ended {
-    /// The error as the transport put it.
-    text: String,
+    /// Why.
+    reason: CloseReason,
     /// What it means for the session when the connection failed; `None` when it was
     /// closed by either end.
     failure: Option<ControlEnd>,
@@ -416,7 +427,10 @@ pub fn quic(conn: quinn::Connection) -> Session {
             tracing::debug!(error = %e, "QUIC tunnel connection ended");
             if let Ok(mut r) = ended.lock() {
                 *r = Some(Ended {
-                    text: e.to_string(),
+                    reason: CloseReason {
+                        text: e.to_string(),
+                        tls_refused: crate::quic::tls_refused(&e),
+                    },
                     failure: quic_failure(&e),
                 });
             }
@@ -503,18 +517,18 @@ async fn drive<T>(
         tracing::debug!(error = %e, "tunnel connection ended");
         // A kill from our side also ends in an error; that is no failure.
         // yamux reports a failed read as a decode error.
-        let failure = match &e {
+        let io = match &e {
             yamux::ConnectionError::Io(io)
-            | yamux::ConnectionError::Decode(yamux::FrameDecodeError::Io(io))
-                if !rounds.is_killed() =>
-            {
-                io_failure(io)
-            }
+            | yamux::ConnectionError::Decode(yamux::FrameDecodeError::Io(io)) => Some(io),
             _ => None,
         };
+        let failure = io.filter(|_| !rounds.is_killed()).and_then(io_failure);
         if let Ok(mut r) = ended.lock() {
             *r = Some(Ended {
-                text: e.to_string(),
+                reason: CloseReason {
+                    text: e.to_string(),
+                    tls_refused: io.is_some_and(crate::tls::alert_received),
+                },
                 failure,
             });
         }

@@ -117,3 +117,11 @@ pub fn identity(cert: &CertificateDer<'_>) -> Result<String, String> {
         .map(str::to_owned)
         .map_err(|e| format!("client certificate Common Name is not text: {e}"))
 }
+
+/// Whether an I/O error of a TLS stream is a TLS alert the peer sent: the peer's TLS
+/// refused this end (tokio-rustls hands rustls' errors on inside the `io::Error`).
+pub fn alert_received(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|e| matches!(e, rustls::Error::AlertReceived(_)))
+}

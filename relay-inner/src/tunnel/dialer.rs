@@ -235,7 +235,14 @@ impl Dialer {
                     .connector
                     .connect(self.endpoint.server_name.clone(), net::ReadAhead::new(tcp))
                     .await
-                    .map_err(|e| other(format!("TLS handshake: {e}")))?;
+                    .map_err(|e| {
+                        let text = format!("TLS handshake: {e}");
+                        if tls::alert_received(&e) {
+                            refused_by_tls(&text)
+                        } else {
+                            other(text)
+                        }
+                    })?;
                 if tls.get_ref().1.alpn_protocol() != Some(tls::ALPN) {
                     return Err(other("relay-outer did not negotiate ALPN routy/1".into()));
                 }
@@ -257,7 +264,13 @@ impl Dialer {
                     cur.quic.clone(),
                 )
                 .await
-                .map_err(|e| refused_by_tls(&e).unwrap_or_else(|| other(e)))?;
+                .map_err(|e| {
+                    if e.tls_refused() {
+                        refused_by_tls(&e.to_string())
+                    } else {
+                        other(e.to_string())
+                    }
+                })?;
                 if quic::alpn(&conn).as_deref() != Some(tls::ALPN) {
                     conn.close(session::QUIC_CLOSE_CODE, b"ALPN routy/1 required");
                     return Err(other("relay-outer did not negotiate ALPN routy/1".into()));
@@ -298,8 +311,8 @@ impl Dialer {
                 let _ = tokio::time::timeout(Duration::from_secs(1), session.handle.closed()).await;
                 session.handle.kill();
                 match session.handle.close_reason() {
-                    Some(r) => Err(refused_by_tls(&r)
-                        .unwrap_or_else(|| other(format!("handshake: {e} ({r})")))),
+                    Some(r) if r.tls_refused => Err(refused_by_tls(&r.text)),
+                    Some(r) => Err(other(format!("handshake: {e} ({})", r.text))),
                     None => Err(other(format!("handshake: {e}"))),
                 }
             }
@@ -441,15 +454,13 @@ impl Dialer {
     }
 }
 
-/// A TLS verdict of relay-outer on our certificate, from a connection's close reason
-/// (a TLS alert over TCP; a CRYPTO_ERROR close over QUIC).
-fn refused_by_tls(reason: &str) -> Option<ConnectError> {
-    (reason.contains("alert") || reason.contains("cryptographic handshake failed")).then(|| {
-        ConnectError::Refused(format!(
-            "relay-outer rejected the TLS session ({reason}); check that this relay's certificate \
-             is signed by the CA relay-outer trusts (tunnel.tls.client_ca) and not expired"
-        ))
-    })
+/// A TLS verdict of relay-outer on our certificate (a TLS alert over TCP; a CRYPTO_ERROR
+/// close over QUIC), with what the transport said.
+fn refused_by_tls(reason: &str) -> ConnectError {
+    ConnectError::Refused(format!(
+        "relay-outer rejected the TLS session ({reason}); check that this relay's certificate \
+         is signed by the CA relay-outer trusts (tunnel.tls.client_ca) and not expired"
+    ))
 }
 
 enum ConnectError {

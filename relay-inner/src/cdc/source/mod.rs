@@ -109,15 +109,17 @@ fn fatal_sqlstate(code: &str) -> bool {
             | "42704" // undefined_object (publication / slot options)
             | "3D000" // invalid_catalog_name: no such database
             | "0A000" // feature_not_supported
+            // object_not_in_prerequisite_state: an invalidated slot ("cannot read from
+            // logical replication slot"), wal_level below logical, a slot of another
+            // database or kind
+            | "55000"
     )
 }
 
 impl From<ReplicationError> for SourceError {
     fn from(e: ReplicationError) -> Self {
         match &e {
-            ReplicationError::Server { code, message, .. }
-                if fatal_sqlstate(code) || message.contains("invalidated") =>
-            {
+            ReplicationError::Server { code, .. } if fatal_sqlstate(code) => {
                 SourceError::Fatal(format!("replication connection: {e}"))
             }
             ReplicationError::InvalidArgument(_) => {
@@ -508,4 +510,34 @@ pub async fn drop_slot(
             ""
         }
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(code: &str, message: &str) -> ReplicationError {
+        ReplicationError::Server {
+            severity: "ERROR".into(),
+            code: code.into(),
+            message: message.into(),
+            detail: None,
+        }
+    }
+
+    #[test]
+    fn replication_errors_are_classified_by_sqlstate() {
+        // PostgreSQL 15's answer to START_REPLICATION on an invalidated slot.
+        let invalidated = server("55000", "cannot read from logical replication slot \"s\"");
+        assert!(SourceError::from(invalidated).is_fatal());
+        assert!(SourceError::from(server("42501", "permission denied")).is_fatal());
+        // An admin shutdown or a slot in use by another process heals by retrying.
+        let shutdown = server(
+            "57P01",
+            "terminating connection due to administrator command",
+        );
+        assert!(!SourceError::from(shutdown).is_fatal());
+        let in_use = server("55006", "replication slot \"s\" is active for PID 7");
+        assert!(!SourceError::from(in_use).is_fatal());
+    }
 }
