@@ -434,6 +434,20 @@ impl CdcRig {
         let (hi, lo) = s.trim().split_once('/').unwrap_or(("0", "0"));
         (u64::from_str_radix(hi, 16).unwrap_or(0) << 32) | u64::from_str_radix(lo, 16).unwrap_or(0)
     }
+    /// Commits transactions `from..to` on the source, one statement each, into
+    /// `table (id, tx, payload)`: transaction `tx` inserts ids `tx * rows + 1 ..= (tx + 1) *
+    /// rows` (unique across them) with `payload` (an SQL expression of the id `g`).
+    pub fn insert_txs(&self, table: &str, from: u64, to: u64, rows: u64, payload: &str) {
+        let mut sql = String::new();
+        for tx in from..to {
+            sql.push_str(&format!(
+                "INSERT INTO {table} SELECT g, {tx}, {payload} FROM generate_series({}, {}) g;\n",
+                tx * rows + 1,
+                (tx + 1) * rows
+            ));
+        }
+        self.source.psql(&sql);
+    }
 
     /// Starts pgbench against the source with `script`, `clients` clients, for `secs`.
     pub fn pgbench(&self, script: &str, clients: u32, secs: u32) -> Load {

@@ -219,3 +219,24 @@ pub fn tail(text: &str, n: usize) -> String {
     let start = lines.len().saturating_sub(n);
     lines[start..].join("\n")
 }
+
+/// The parsed command line of a benchmark binary: `parse` gets the arguments after the
+/// program name and returns them, `None` for `--help`, or an error naming the bad one.
+/// `--help` prints `usage` and exits 0; an error prints it after the error and exits 2.
+pub fn args_or_exit<A>(
+    name: &str,
+    usage: &str,
+    parse: impl FnOnce(std::iter::Skip<std::env::Args>) -> Result<Option<A>, String>,
+) -> A {
+    match parse(std::env::args().skip(1)) {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            print!("{usage}");
+            std::process::exit(0);
+        }
+        Err(e) => {
+            eprint!("{name}: {e}\n\n{usage}");
+            std::process::exit(2);
+        }
+    }
+}

@@ -29,17 +29,9 @@ fn rig(spool_max: &str) -> CdcRig {
     CdcRig::start(rig_opts(spool_max))
 }
 
-/// Inserts transactions `from..to` (tx numbers), `TX_ROWS` rows each.
+/// Inserts transactions `from..to`, `TX_ROWS` rows each (ids are unique across them).
 fn insert_txs(rig: &CdcRig, from: u64, to: u64) {
-    let mut sql = String::new();
-    for tx in from..to {
-        sql.push_str(&format!(
-            "INSERT INTO public.t SELECT g, {tx}, repeat(md5(g::text), 2) FROM generate_series({}, {}) g;\n",
-            tx * TX_ROWS + 1,
-            (tx + 1) * TX_ROWS
-        ));
-    }
-    rig.source.psql(&sql);
+    rig.insert_txs("public.t", from, to, TX_ROWS, "repeat(md5(g::text), 2)");
 }
 
 fn count(pg: &routy_e2e::Pg) -> u64 {
@@ -382,15 +374,7 @@ fn a_store_damaged_in_the_middle_is_fetched_again_or_salvaged() {
 /// Inserts transactions `from..to` of `TX_ROWS` rows of about 700 bytes each (about
 /// 140 KB a transaction).
 fn insert_big_txs(rig: &CdcRig, from: u64, to: u64) {
-    let mut sql = String::new();
-    for tx in from..to {
-        sql.push_str(&format!(
-            "INSERT INTO public.t SELECT g, {tx}, repeat(md5(g::text), 21) FROM generate_series({}, {}) g;\n",
-            tx * TX_ROWS + 1,
-            (tx + 1) * TX_ROWS
-        ));
-    }
-    rig.source.psql(&sql);
+    rig.insert_txs("public.t", from, to, TX_ROWS, "repeat(md5(g::text), 21)");
 }
 
 /// The fourth fault: the spool's filesystem fills up (a 4 MiB tmpfs under a

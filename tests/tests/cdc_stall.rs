@@ -59,15 +59,7 @@ fn signal(pid: i32, sig: &str) {
 
 /// Inserts transactions `from..to`, `TX_ROWS` rows each (ids are unique across them).
 fn insert_txs(rig: &CdcRig, from: u64, to: u64) {
-    let mut sql = String::new();
-    for tx in from..to {
-        sql.push_str(&format!(
-            "INSERT INTO public.t SELECT g, {tx}, md5(g::text) FROM generate_series({}, {}) g;\n",
-            tx * TX_ROWS + 1,
-            (tx + 1) * TX_ROWS
-        ));
-    }
-    rig.source.psql(&sql);
+    rig.insert_txs("public.t", from, to, TX_ROWS, "md5(g::text)");
 }
 
 /// routy_cdc_source_errors_total{reason="receive_timeout"} of relay-inner (0 when absent).
@@ -78,16 +70,38 @@ fn receive_timeouts(r: &Relay) -> f64 {
     )
 }
 
-/// Waits until relay-inner counted a receive timeout more than `before`; returns how long
-/// that took. Panics with relay-inner's log when it takes longer than `limit`.
-fn wait_receive_timeout(rig: &CdcRig, before: f64, since: Instant, limit: Duration) -> Duration {
+/// Waits until relay-inner counted a receive timeout more than `before`, at most `limit`
+/// after `since` (else panics with its log), and checks that its log says `why` it
+/// dropped the stalled `what`.
+fn assert_noticed(
+    rig: &CdcRig,
+    before: f64,
+    since: Instant,
+    limit: Duration,
+    what: &str,
+    why: &str,
+) {
     let r = try_wait_until(limit, "relay-inner counts a receive timeout", || {
         receive_timeouts(rig.inner()) > before
     });
     if let Err(e) = r {
         panic!("{e}\n{}", log_tail(&rig.inner().proc.log(), 60));
     }
-    since.elapsed()
+    eprintln!(
+        "receive timeout counted {:?} after SIGSTOP of {what}",
+        since.elapsed()
+    );
+    let log = rig.inner().proc.log();
+    assert!(
+        log.contains(why),
+        "relay-inner says why it drops the {what}:\n{}",
+        log_tail(&log, 40)
+    );
+}
+
+/// The source never gave up (a stall is transient).
+fn assert_still_running(log: &str) {
+    assert!(!log.contains("CDC source stopped"), "{}", log_tail(log, 40));
 }
 
 fn pids(rig: &CdcRig, sql: &str) -> Vec<i32> {
@@ -134,13 +148,13 @@ fn a_stalled_walsender_is_noticed_and_streaming_resumes() {
     let stopped = Stopped::new(walsender.clone());
     // During: committed on the source while its walsender is stopped.
     insert_txs(&rig, 5, 10);
-    let took = wait_receive_timeout(&rig, before, stopped_at, RECEIVE_TIMEOUT + NOTICE_SLACK);
-    eprintln!("receive timeout counted {took:?} after SIGSTOP of walsender {walsender:?}");
-    let log = rig.inner().proc.log();
-    assert!(
-        log.contains("no message from PostgreSQL on the replication connection"),
-        "relay-inner says why it drops the connection:\n{}",
-        log_tail(&log, 40)
+    assert_noticed(
+        &rig,
+        before,
+        stopped_at,
+        RECEIVE_TIMEOUT + NOTICE_SLACK,
+        &format!("walsender {walsender:?}"),
+        "no message from PostgreSQL on the replication connection",
     );
     // More while it is still stopped (and holds the slot: relay-inner retries meanwhile).
     insert_txs(&rig, 10, 12);
@@ -177,11 +191,7 @@ fn a_stalled_walsender_is_noticed_and_streaming_resumes() {
     });
     r.unwrap_or_else(|e| panic!("{e}\n{}", log_tail(&rig.inner().proc.log(), 40)));
     let log = rig.inner().proc.log();
-    assert!(
-        !log.contains("CDC source stopped"),
-        "{}",
-        log_tail(&log, 40)
-    );
+    assert_still_running(&log);
     assert!(
         log.matches("streaming changes").count() >= 2,
         "streamed again after the stall:\n{}",
@@ -230,13 +240,13 @@ fn a_stalled_copy_is_noticed_and_the_copy_starts_over() {
     // Only time spent waiting for the server counts, not the pauses on the full spool
     // while relay-inner works through what the kernel had buffered before the stop: allow
     // for those.
-    let took = wait_receive_timeout(&rig, before, stopped_at, RECEIVE_TIMEOUT + COPY_SLACK);
-    eprintln!("receive timeout counted {took:?} after SIGSTOP of COPY backend {backend:?}");
-    let log = rig.inner().proc.log();
-    assert!(
-        log.contains("copying public.t: no data from PostgreSQL for 3s"),
-        "relay-inner says why it drops the copy:\n{}",
-        log_tail(&log, 40)
+    assert_noticed(
+        &rig,
+        before,
+        stopped_at,
+        RECEIVE_TIMEOUT + COPY_SLACK,
+        &format!("COPY backend {backend:?}"),
+        "copying public.t: no data from PostgreSQL for 3s",
     );
     drop(stopped);
     rig.source.psql(
@@ -245,11 +255,7 @@ fn a_stalled_copy_is_noticed_and_the_copy_starts_over() {
     rig.wait_in_sync(&[TABLE], CATCH_UP);
     assert_eq!(rig.target.psql("SELECT count(*) FROM public.t"), "60200");
     let log = rig.inner().proc.log();
-    assert!(
-        !log.contains("CDC source stopped"),
-        "{}",
-        log_tail(&log, 40)
-    );
+    assert_still_running(&log);
     assert!(
         log.contains("table copied"),
         "the copy finished the second time:\n{}",

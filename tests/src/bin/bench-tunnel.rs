@@ -152,20 +152,9 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
     Ok(Some(a))
 }
 
-/// The arguments of this run; `--help` prints the usage and exits 0, a bad argument
-/// prints what is wrong and the usage and exits 2.
+/// The arguments of this run (see [`routy_e2e::args_or_exit`]).
 fn args() -> Args {
-    match parse(std::env::args().skip(1)) {
-        Ok(Some(a)) => a,
-        Ok(None) => {
-            print!("{USAGE}");
-            std::process::exit(0);
-        }
-        Err(e) => {
-            eprint!("bench-tunnel: {e}\n\n{USAGE}");
-            std::process::exit(2);
-        }
-    }
+    routy_e2e::args_or_exit("bench-tunnel", USAGE, parse)
 }
 
 /// Settings for one run.

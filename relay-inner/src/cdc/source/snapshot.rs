@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use futures::StreamExt;
-use relay_proto::cdc::{Event, Record, SnapshotPhase};
+use relay_proto::cdc::{Event, Record, Relation, SnapshotPhase};
 use serde::{Deserialize, Serialize};
 
 use super::catalog::{ident, Db, Table};
@@ -223,19 +223,7 @@ async fn copy_table(ctx: &Ctx, db: &Db, t: &Table, lsn: u64) -> Result<u64, Sour
     let name = ctx.label();
     ctx.status.set_snapshot(Some(t.name.clone()), 0);
     tracing::info!(source = %name, table = %t.name, snapshot_lsn = %format_lsn(lsn), "copying table");
-    ctx.spool
-        .append(&Record {
-            lsn: 0,
-            events: vec![
-                Event::Relation(rel.clone()),
-                Event::Snapshot {
-                    rel: rel.id,
-                    phase: SnapshotPhase::Start,
-                    value: lsn,
-                },
-            ],
-        })
-        .await?;
+    snapshot_marker(ctx, &rel, SnapshotPhase::Start, lsn).await?;
     let cols: Vec<String> = rel.columns.iter().map(|c| ident(&c.name)).collect();
     let sql = format!(
         "COPY (SELECT {} FROM {}.{}) TO STDOUT",
@@ -338,23 +326,31 @@ async fn copy_table(ctx: &Ctx, db: &Db, t: &Table, lsn: u64) -> Result<u64, Sour
         flush_rows(ctx, &rel, &mut events, &mut bytes, rel_bytes).await?;
     }
     counter.increment(pending_rows);
-    ctx.spool
-        .append(&Record {
-            lsn: 0,
-            events: vec![
-                Event::Relation(rel.clone()),
-                Event::Snapshot {
-                    rel: rel.id,
-                    phase: SnapshotPhase::Done,
-                    value: rows,
-                },
-            ],
-        })
-        .await?;
+    snapshot_marker(ctx, &rel, SnapshotPhase::Done, rows).await?;
     ctx.spool.sync().await?;
     ctx.status.set_snapshot(Some(t.name.clone()), rows);
     tracing::info!(source = %name, table = %t.name, rows, "table copied");
     Ok(rows)
+}
+
+/// Spools the start (`value`: the snapshot's LSN) or the end (`value`: rows copied) of a
+/// table's copy, with the relation it describes.
+async fn snapshot_marker(
+    ctx: &Ctx,
+    rel: &Relation,
+    phase: SnapshotPhase,
+    value: u64,
+) -> Result<(), SourceError> {
+    let events = vec![
+        Event::Relation(rel.clone()),
+        Event::Snapshot {
+            rel: rel.id,
+            phase,
+            value,
+        },
+    ];
+    ctx.spool.append(&Record { lsn: 0, events }).await?;
+    Ok(())
 }
 
 async fn flush_rows(
