@@ -431,9 +431,26 @@ impl CdcRig {
         let s = self.source.psql(
             "SELECT coalesce(confirmed_flush_lsn::text, '0/0') FROM pg_replication_slots WHERE slot_name = 'routy_main'",
         );
-        let (hi, lo) = s.trim().split_once('/').unwrap_or(("0", "0"));
-        (u64::from_str_radix(hi, 16).unwrap_or(0) << 32) | u64::from_str_radix(lo, 16).unwrap_or(0)
+        relay_proto::lsn::parse_lsn(s.trim()).unwrap_or_else(|e| panic!("{s:?}: {e}"))
     }
+
+    /// The source's current WAL end (`pg_current_wal_lsn()`), as a number.
+    pub fn wal_end(&self) -> u64 {
+        let s = self.source.psql("SELECT pg_current_wal_lsn()::text");
+        relay_proto::lsn::parse_lsn(s.trim()).unwrap_or_else(|e| panic!("{s:?}: {e}"))
+    }
+
+    /// Asserts that relay-inner's first CDC source never stopped on a fatal error and
+    /// streams now (`/status` and `routy_cdc_source_errors_total`).
+    pub fn assert_source_running(&self) {
+        let inner = self.inner();
+        let st = inner.wait_status("the CDC source streams", CATCH_UP, |st| {
+            st["cdc"]["sources"][0]["source"]["phase"] == "streaming"
+        });
+        let fatal = inner.metric("routy_cdc_source_errors_total", &[("reason", "fatal")]);
+        assert_eq!(fatal, 0.0, "the CDC source stopped on a fatal error: {st}");
+    }
+
     /// Commits transactions `from..to` on the source, one statement each, into
     /// `table (id, tx, payload)`: transaction `tx` inserts ids `tx * rows + 1 ..= (tx + 1) *
     /// rows` (unique across them) with `payload` (an SQL expression of the id `g`).

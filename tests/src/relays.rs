@@ -1,6 +1,7 @@
 //! Starting the real relays: certificates made by `relay-outer certs`, configs written
 //! as YAML files, processes started (optionally inside a network namespace).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -271,6 +272,13 @@ impl Relay {
     /// GET `path` on the relay's admin endpoint (inside its namespace, if it runs in one);
     /// panics unless the answer is a 200.
     pub fn admin_get(&self, path: &str) -> String {
+        self.try_admin_get(path)
+            .unwrap_or_else(|e| panic!("{}: admin GET {path}: {e}", self.proc.name()))
+    }
+
+    /// GET `path` on the relay's admin endpoint: the body of a 200 answer, or why not
+    /// (for polling a relay that may be restarting).
+    pub fn try_admin_get(&self, path: &str) -> Result<String, String> {
         let port = self
             .admin_port
             .unwrap_or_else(|| panic!("{}: no admin endpoint configured", self.proc.name()));
@@ -278,11 +286,18 @@ impl Relay {
             let path = path.to_owned();
             move || http_get(port, &path)
         };
-        let res = match &self.netns {
+        match &self.netns {
             Some(ns) => crate::in_netns(ns, get),
             None => get(),
-        };
-        res.unwrap_or_else(|e| panic!("{}: admin GET {path}: {e}", self.proc.name()))
+        }
+    }
+
+    /// The relay's `/status` document, or `Null` while it does not answer.
+    pub fn try_status(&self) -> serde_json::Value {
+        self.try_admin_get("/status")
+            .ok()
+            .and_then(|b| serde_json::from_str(&b).ok())
+            .unwrap_or_default()
     }
 
     /// The relay's `/status` document.
@@ -344,6 +359,35 @@ impl Relay {
             );
         }
         last
+    }
+
+    /// Tunnel sessions this relay has seen come up so far
+    /// (`routy_session_connects_total`, all labels).
+    pub fn sessions_up(&self) -> u64 {
+        self.metric(routy_ops::metrics::SESSION_CONNECTS, &[]) as u64
+    }
+
+    /// Tunnel sessions this relay has seen end so far, whose `reason` label is `reason`
+    /// when given (`routy_session_disconnects_total`).
+    pub fn sessions_down(&self, reason: Option<&str>) -> u64 {
+        let labels: Vec<(&str, &str)> = reason.map(|r| ("reason", r)).into_iter().collect();
+        self.metric(routy_ops::metrics::SESSION_DISCONNECTS, &labels) as u64
+    }
+
+    /// Waits until at least `n` sessions came up; returns how long that took.
+    pub fn wait_sessions_up(&self, n: u64, timeout: Duration) -> Duration {
+        let start = std::time::Instant::now();
+        let name = routy_ops::metrics::SESSION_CONNECTS;
+        self.wait_metric(name, &[], timeout, |v| v >= n as f64);
+        start.elapsed()
+    }
+
+    /// Waits until at least `n` sessions ended; returns how long that took.
+    pub fn wait_sessions_down(&self, n: u64, timeout: Duration) -> Duration {
+        let start = std::time::Instant::now();
+        let name = routy_ops::metrics::SESSION_DISCONNECTS;
+        self.wait_metric(name, &[], timeout, |v| v >= n as f64);
+        start.elapsed()
     }
 
     /// Waits until `needle` occurs at least `n` times in the log.
@@ -480,25 +524,65 @@ fn http_get(port: u16, path: &str) -> Result<String, String> {
 /// Sum of the samples of metric `name` in Prometheus text `text` whose labels include
 /// every pair of `want`; 0 when none matches.
 pub fn metric(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
-    let mut sum = 0.0;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
+    metric_sample(text, name, want).unwrap_or(0.0)
+}
+
+/// Like [`metric`], but `None` when no sample matches (the metric is not exported).
+pub fn metric_sample(text: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
+    let mut sum = None;
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
         let Some((series, value)) = line.rsplit_once(' ') else {
             continue;
         };
-        let (n, labels) = series.split_once('{').unwrap_or((series, ""));
-        // Label values here never hold `",` (names, reasons, addresses).
-        let has = |k: &str, v: &str| {
-            labels.trim_end_matches('}').split("\",").any(|kv| {
-                let kv = kv.strip_prefix(',').unwrap_or(kv);
-                kv.strip_suffix('"').unwrap_or(kv) == format!("{k}=\"{v}")
-            })
+        let (n, labels) = match series.split_once('{') {
+            Some((n, l)) => (n, parse_labels(l.trim_end_matches('}'))),
+            None => (series, BTreeMap::new()),
         };
-        if n == name && want.iter().all(|(k, v)| has(k, v)) {
-            sum += value
+        if n == name
+            && want
+                .iter()
+                .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
+        {
+            let v = value
                 .trim()
                 .parse::<f64>()
                 .unwrap_or_else(|_| panic!("unparsable sample {line:?}"));
+            sum = Some(sum.unwrap_or(0.0) + v);
         }
     }
     sum
+}
+
+/// Parses `k="v",k2="v2"` (the part between the braces of a Prometheus sample).
+fn parse_labels(s: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut rest = s;
+    while let Some((key, after)) = rest.split_once("=\"") {
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, n)) = chars.next() {
+                        value.push(match n {
+                            'n' => '\n',
+                            other => other,
+                        });
+                    }
+                }
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        out.insert(key.trim_start_matches(',').trim().to_string(), value);
+        rest = &after[end..];
+    }
+    out
 }

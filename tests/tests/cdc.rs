@@ -240,11 +240,7 @@ fn slot_advances_when_idle_and_while_relay_outer_is_away() {
     let start = rig.confirmed_flush();
     rig.source
         .psql("INSERT INTO public.other SELECT generate_series(1, 10000)");
-    let wal_end = {
-        let s = rig.source.psql("SELECT pg_current_wal_lsn()::text");
-        let (hi, lo) = s.split_once('/').unwrap();
-        (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
-    };
+    let wal_end = rig.wal_end();
     try_wait_until(Duration::from_secs(30), "slot passes the idle WAL", || {
         rig.confirmed_flush() >= wal_end
     })
@@ -259,11 +255,7 @@ fn slot_advances_when_idle_and_while_relay_outer_is_away() {
     rig.kill_outer();
     rig.source
         .psql("INSERT INTO public.t SELECT generate_series(1, 5000)");
-    let wal_end = {
-        let s = rig.source.psql("SELECT pg_current_wal_lsn()::text");
-        let (hi, lo) = s.split_once('/').unwrap();
-        (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
-    };
+    let wal_end = rig.wal_end();
     try_wait_until(
         Duration::from_secs(30),
         "slot advances without relay-outer",

@@ -34,6 +34,14 @@ fn insert_txs(rig: &CdcRig, from: u64, to: u64) {
     rig.insert_txs("public.t", from, to, TX_ROWS, "repeat(md5(g::text), 2)");
 }
 
+/// Records the sink passed as lost to corruption (cdc salvage markers).
+fn lost_records(rig: &CdcRig) -> f64 {
+    rig.outer().metric("routy_cdc_sink_lost_records_total", &[])
+}
+
+/// relay-inner's spool waits for space, by `reason` (`max_bytes`, `no_space`).
+const SPOOL_FULL_WAITS: &str = "routy_cdc_spool_full_waits_total";
+
 fn count(pg: &routy_e2e::Pg) -> u64 {
     pg.try_psql("SELECT count(*) FROM public.t")
         .ok()
@@ -106,22 +114,6 @@ fn config_file(yaml: &str) -> (tempfile::TempDir, PathBuf) {
     let path = dir.path().join("relay.yaml");
     std::fs::write(&path, yaml).expect("write config");
     (dir, path)
-}
-
-/// The body of `GET path` on a relay's admin endpoint (HTTP/1.0), empty on failure.
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return String::new();
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    text.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
 }
 
 /// Flips 16 bytes of `file` at `offset`.
@@ -208,12 +200,26 @@ fn a_spool_damaged_in_the_middle_is_refused_then_salvaged() {
     rig.start_inner();
     rig.start_outer();
     let inner = rig.inner();
-    inner.wait_count("its spool is corrupt", 1, Duration::from_secs(30));
-    let log = inner.proc.log();
+    // The source is refused (the tunnel goes on), with a reason that names the file,
+    // the offset and the way out.
+    let st = inner.wait_status("the source is refused", Duration::from_secs(30), |st| {
+        st["cdc"]["refused"][0]["name"] == "main"
+    });
+    let why = st["cdc"]["refused"][0]["error"]
+        .as_str()
+        .unwrap_or_default();
     assert!(
-        log.contains("not a torn tail") && log.contains("cdc salvage") && log.contains(".seg"),
-        "the refusal names file, offset and the way out:\n{log}"
+        why.contains("not a torn tail") && why.contains("cdc salvage") && why.contains(".seg"),
+        "the refusal names file, offset and the way out: {st}"
     );
+    assert_eq!(
+        inner.metric(
+            "routy_cdc_source_errors_total",
+            &[("reason", "spool_corrupt")]
+        ),
+        1.0
+    );
+    let log = inner.proc.log();
     assert!(
         !log.contains("cutting torn tail"),
         "nothing may be cut:\n{log}"
@@ -251,7 +257,7 @@ fn a_spool_damaged_in_the_middle_is_refused_then_salvaged() {
             (1..=2).contains(&missing.len())
                 && missing.iter().all(|tx| (5..105).contains(tx))
                 && count(&rig.target) == want - missing.len() as u64 * TX_ROWS
-                && rig.outer().count("lost to corruption") > 0
+                && lost_records(&rig) > 0.0
         },
     )
     .unwrap_or_else(|e| {
@@ -321,17 +327,17 @@ fn a_store_damaged_in_the_middle_is_fetched_again_or_salvaged() {
     rig.start_outer();
     let outer = rig.outer();
     outer.wait_count(aside, 1, Duration::from_secs(30));
-    outer.wait_count("no longer holds it", 1, CATCH_UP);
-    let port = outer.admin_port.expect("relay-outer's admin endpoint");
-    let status = http_get(port, "/status");
+    // The sink waits on the damage, and /status names it.
+    let st = outer.wait_status("the sink waits on the damage", CATCH_UP, |st| {
+        st.to_string().contains("\"blocked_by\":\"seq")
+    });
     assert!(
-        status.contains("\"blocked_by\":\"seq") && status.contains(".damaged"),
-        "/status names the damage the sink waits on:\n{status}"
+        st.to_string().contains(".damaged"),
+        "/status names the damage: {st}"
     );
-    let metrics = http_get(port, "/metrics");
-    assert!(
-        metrics.contains("routy_cdc_store_damaged{source=\"site-a/main\"} 1"),
-        "{metrics}"
+    assert_eq!(
+        outer.metric("routy_cdc_store_damaged", &[("source", "site-a/main")]),
+        1.0
     );
     let log = outer.proc.log();
     assert!(
@@ -367,7 +373,7 @@ fn a_store_damaged_in_the_middle_is_fetched_again_or_salvaged() {
             routy_e2e::tail(&rig.outer().proc.log(), 60)
         )
     });
-    assert!(rig.outer().count("lost to corruption") > 0);
+    assert!(lost_records(&rig) > 0.0, "the sink counts what was lost");
     eprintln!("store salvage: {said}missing: {:?}", missing_txs(&rig, 130));
 }
 
@@ -398,7 +404,9 @@ fn a_full_spool_filesystem_pauses_reading_and_loses_nothing() {
     // About 14 MB of changes into a 4 MiB filesystem.
     insert_big_txs(&rig, 0, 100);
     let inner = rig.inner();
-    inner.wait_count("no space left on its filesystem", 1, CATCH_UP);
+    inner.wait_metric(SPOOL_FULL_WAITS, &[("reason", "no_space")], CATCH_UP, |v| {
+        v > 0.0
+    });
     // Take the last free bytes too: freeing space must not need any.
     let filler = rig.spool_dir.join("filler");
     {
@@ -411,12 +419,8 @@ fn a_full_spool_filesystem_pauses_reading_and_loses_nothing() {
     rig.start_outer();
     rig.wait_in_sync(&[TABLE], CATCH_UP);
     assert_eq!(count(&rig.target), 100 * TX_ROWS);
+    rig.assert_source_running();
     let log = rig.inner().proc.log();
-    assert!(
-        !log.contains("CDC source stopped"),
-        "a full disk must not stop the source:\n{}",
-        routy_e2e::tail(&log, 40)
-    );
     assert_eq!(
         log.matches("spool is full").count(),
         1,
@@ -445,8 +449,13 @@ fn a_refused_batch_is_sent_again_once_the_store_has_space() {
     rig.kill_outer();
     insert_big_txs(&rig, 0, 100);
     rig.start_outer();
-    rig.outer()
-        .wait_count("No space left on device", 1, CATCH_UP);
+    // relay-outer refuses the batch its store cannot take.
+    rig.outer().wait_metric(
+        "routy_cdc_ship_errors_total",
+        &[("reason", "store")],
+        CATCH_UP,
+        |v| v > 0.0,
+    );
     // relay-inner keeps trying meanwhile; then space comes back.
     std::thread::sleep(Duration::from_secs(3));
     rig.store_tmpfs
@@ -455,6 +464,12 @@ fn a_refused_batch_is_sent_again_once_the_store_has_space() {
         .resize("256m");
     rig.wait_in_sync(&[TABLE], CATCH_UP);
     assert_eq!(count(&rig.target), 100 * TX_ROWS);
+    // relay-inner counted the refusals as such, and said why.
+    assert!(
+        rig.inner()
+            .metric("routy_cdc_ship_errors_total", &[("reason", "refused")])
+            > 0.0
+    );
     let log = rig.inner().proc.log();
     assert!(
         log.contains("relay-outer ended the stream") && log.contains("No space left on device"),
@@ -557,15 +572,11 @@ fn an_initial_copy_larger_than_the_spool_disk_goes_through() {
         ..RigOpts::default()
     });
     rig.wait_in_sync(&[TABLE, "public.u"], CATCH_UP);
-    let log = rig.inner().proc.log();
+    rig.assert_source_running();
     assert!(
-        !log.contains("CDC source stopped"),
-        "{}",
-        routy_e2e::log_tail(&log, 40)
-    );
-    assert!(
-        log.contains("no space left on its filesystem"),
-        "the copy really filled the disk:\n{}",
-        routy_e2e::log_tail(&log, 40)
+        rig.inner()
+            .metric(SPOOL_FULL_WAITS, &[("reason", "no_space")])
+            > 0.0,
+        "the copy really filled the disk"
     );
 }

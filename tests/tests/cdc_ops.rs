@@ -2,78 +2,26 @@
 //! operator watches, `cdc drop-slot` followed by a fresh copy, a source that cannot start
 //! (missing table) beside a working tunnel, and config mistakes `check-config` names.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
 use routy_e2e::cdc::{CdcRig, RigOpts, CATCH_UP, SINK, SOURCE};
-use routy_e2e::relays::{check_config, inner_yaml, outer_yaml, ListenerSpec, Pki, Relay};
+use routy_e2e::relays::{
+    check_config, inner_yaml, metric_sample, outer_yaml, ListenerSpec, Pki, Relay,
+};
 use routy_e2e::{bin, psql_at, require_root, run_timeout, try_wait_until};
 
 /// How long a condition that needs no catching up may take.
 const SHORT: Duration = Duration::from_secs(30);
 
-/// `GET path` on a relay's admin endpoint (HTTP/1.0); the body on a 200.
-fn http_get(port: u16, path: &str) -> Result<String, String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").map_err(|e| e.to_string())?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).map_err(|e| format!("read: {e}"))?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("no header end in {text:?}"))?;
-    let code = head.split_whitespace().nth(1);
-    if !head.starts_with("HTTP/1.") || code != Some("200") {
-        return Err(format!("GET {path}: {head}"));
-    }
-    Ok(body.to_string())
-}
-
-fn admin(r: &Relay) -> u16 {
-    r.admin_port
-        .expect("the rig's relays have an admin endpoint")
-}
-
+/// Relay `r`'s metrics now ("" while its admin endpoint does not answer).
 fn metrics_of(r: &Relay) -> String {
-    http_get(admin(r), "/metrics").unwrap_or_default()
-}
-
-fn status_of(r: &Relay) -> serde_json::Value {
-    http_get(admin(r), "/status")
-        .ok()
-        .and_then(|b| serde_json::from_str(&b).ok())
-        .unwrap_or(serde_json::Value::Null)
+    r.try_admin_get("/metrics").unwrap_or_default()
 }
 
 /// Sum of every series of metric `name` in Prometheus text, None if there is none.
 fn metric(text: &str, name: &str) -> Option<f64> {
-    let mut sum = None;
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        if !(rest.starts_with('{') || rest.starts_with(' ')) {
-            continue;
-        }
-        let value = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
-        if let Some(v) = value {
-            sum = Some(sum.unwrap_or(0.0) + v);
-        }
-    }
-    sum
-}
-
-fn lsn(s: &str) -> u64 {
-    let (hi, lo) = s.trim().split_once('/').expect("an LSN like 0/16B3748");
-    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
-}
-
-fn wal_end(rig: &CdcRig) -> u64 {
-    lsn(&rig.source.psql("SELECT pg_current_wal_lsn()::text"))
+    metric_sample(text, name, &[])
 }
 
 /// Panics with the relay's log tail unless `f` becomes true within `timeout`.
@@ -121,17 +69,14 @@ fn spool_full_pauses_reading_and_loses_nothing() {
             (k + 1) * 5000
         ));
     }
-    let end = wal_end(&rig);
+    let end = rig.wal_end();
     let inner = rig.inner();
     wait_or_log(
         inner,
         CATCH_UP,
-        "relay-inner logs that the spool is full",
-        || inner.count("spool is full") > 0,
+        "routy_cdc_spool_full_waits_total > 0",
+        || metric(&metrics_of(inner), "routy_cdc_spool_full_waits_total").unwrap_or(0.0) > 0.0,
     );
-    wait_or_log(inner, SHORT, "routy_cdc_spool_full_waits_total > 0", || {
-        metric(&metrics_of(inner), "routy_cdc_spool_full_waits_total").unwrap_or(0.0) > 0.0
-    });
     // Reading paused: the slot cannot have confirmed what does not fit in the spool.
     let paused_at = rig.confirmed_flush();
     assert!(
@@ -139,7 +84,7 @@ fn spool_full_pauses_reading_and_loses_nothing() {
         "the slot confirmed {paused_at:X} although the spool is full and the WAL ends at {end:X}"
     );
     // The spool stays near its bound (one record of at most ~256 KiB may go past it).
-    let st = status_of(inner);
+    let st = inner.try_status();
     let bytes = st["cdc"]["sources"][0]["spool"]["bytes"]
         .as_u64()
         .unwrap_or_else(|| panic!("no spool bytes in /status: {st}"));
@@ -212,9 +157,9 @@ fn heartbeat_and_retained_wal_are_reported() {
         inner,
         SHORT,
         "relay-inner /status: source streaming",
-        || status_of(inner)["cdc"]["sources"][0]["source"]["phase"] == "streaming",
+        || inner.try_status()["cdc"]["sources"][0]["source"]["phase"] == "streaming",
     );
-    let st = status_of(inner);
+    let st = inner.try_status();
     let src = &st["cdc"]["sources"][0];
     assert_eq!(src["name"], "main", "{st}");
     assert_eq!(src["slot"], "routy_main", "{st}");
@@ -229,12 +174,12 @@ fn heartbeat_and_retained_wal_are_reported() {
         SHORT,
         "relay-outer /status: store connected, sink up",
         || {
-            let st = status_of(outer);
+            let st = outer.try_status();
             let s = &st["cdc"]["sources"][SOURCE];
             s["connected"] == true && s["sinks"][SINK]["up"] == true
         },
     );
-    let st = status_of(outer);
+    let st = outer.try_status();
     let s = &st["cdc"]["sources"][SOURCE];
     assert!(s["last_seq"].as_u64().unwrap_or(0) > 0, "{st}");
     assert!(s["sinks"][SINK]["applied_seq"].is_u64(), "{st}");
@@ -377,34 +322,24 @@ fn a_missing_table_is_a_clear_error() {
         ..RigOpts::default()
     });
     let inner = rig.inner();
-    wait_or_log(inner, SHORT, "the source stops", || {
-        inner.count("CDC source stopped") > 0
+    let st = inner.wait_status("the source stops", SHORT, |st| {
+        st["cdc"]["sources"][0]["source"]["phase"] == "failed"
     });
-    let log = inner.proc.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("CDC source stopped"))
-        .unwrap();
+    let error = st["cdc"]["sources"][0]["source"]["last_error"]
+        .as_str()
+        .unwrap_or_default();
     assert!(
-        line.contains("public.nope") && line.contains("do not exist"),
-        "the error names the missing table: {line}"
+        error.contains("public.nope") && error.contains("do not exist"),
+        "the error names the missing table: {st}"
     );
-    assert!(!line.contains("public.t,"), "{line}");
-    let st = status_of(inner);
-    let src = &st["cdc"]["sources"][0]["source"];
-    assert_eq!(src["phase"], "failed", "{st}");
     assert!(
-        src["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("public.nope")),
-        "{st}"
+        !error.contains("public.t,"),
+        "the error names only the missing table: {st}"
     );
-    let m = metrics_of(inner);
-    assert!(
-        m.lines()
-            .any(|l| l.starts_with("routy_cdc_source_errors_total")
-                && l.contains("reason=\"fatal\"")),
-        "a fatal error is counted:\n{m}"
+    assert_eq!(
+        inner.metric("routy_cdc_source_errors_total", &[("reason", "fatal")]),
+        1.0,
+        "the fatal error is counted once"
     );
     // Nothing was created on the source for the failed source.
     assert_eq!(
@@ -644,12 +579,12 @@ fn cdc_ships_over_several_connections() {
         inner_extra: "connections: 3\n".into(),
         ..RigOpts::default()
     });
-    rig.inner().wait_count("tunnel up", 3, SHORT);
+    rig.inner().wait_sessions_up(3, SHORT);
     rig.wait_shipping();
     rig.source
         .psql("INSERT INTO public.t SELECT g, 'a' FROM generate_series(1, 1000) g");
     rig.wait_in_sync(&["public.t"], CATCH_UP);
-    let st = status_of(rig.inner());
+    let st = rig.inner().try_status();
     let conns = st["outer"].as_array().map_or(0, |a| a.len());
     assert_eq!(conns, 3, "{st}");
 }

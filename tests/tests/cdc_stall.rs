@@ -99,11 +99,6 @@ fn assert_noticed(
     );
 }
 
-/// The source never gave up (a stall is transient).
-fn assert_still_running(log: &str) {
-    assert!(!log.contains("CDC source stopped"), "{}", log_tail(log, 40));
-}
-
 fn pids(rig: &CdcRig, sql: &str) -> Vec<i32> {
     rig.source
         .try_psql(sql)
@@ -191,7 +186,7 @@ fn a_stalled_walsender_is_noticed_and_streaming_resumes() {
     });
     r.unwrap_or_else(|e| panic!("{e}\n{}", log_tail(&rig.inner().proc.log(), 40)));
     let log = rig.inner().proc.log();
-    assert_still_running(&log);
+    rig.assert_source_running();
     assert!(
         log.matches("streaming changes").count() >= 2,
         "streamed again after the stall:\n{}",
@@ -255,7 +250,7 @@ fn a_stalled_copy_is_noticed_and_the_copy_starts_over() {
     rig.wait_in_sync(&[TABLE], CATCH_UP);
     assert_eq!(rig.target.psql("SELECT count(*) FROM public.t"), "60200");
     let log = rig.inner().proc.log();
-    assert_still_running(&log);
+    rig.assert_source_running();
     assert!(
         log.contains("table copied"),
         "the copy finished the second time:\n{}",

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use routy_e2e::relays::{Pki, Relay};
 use routy_e2e::{free_port, netns_cmd, pg_bin, require_root, run_timeout, try_wait_until, NetPair};
 use routy_e2e::{Pg, PgOpts};
+use routy_ops::metrics::LISTENER_REFUSED;
 
 /// Keepalive of both relays: Ping every 500 ms, dead after 3 s of silence.
 const KA: (&str, &str) = ("500ms", "3s");
@@ -58,10 +59,8 @@ impl Setup {
             KA,
             "shutdown_grace: 2s\n",
         );
-        // relay-outer has registered the session too (it logs after registering).
-        outer
-            .proc
-            .wait_for_log("tunnel up", routy_e2e::relays::READY);
+        // relay-outer has registered the session too.
+        outer.wait_sessions_up(1, routy_e2e::relays::READY);
         Setup {
             inner,
             outer,
@@ -119,22 +118,6 @@ fn psql_from(
     (res, start.elapsed())
 }
 
-/// The lines of `log` that contain `needle`.
-fn lines_with(log: &str, needle: &str) -> Vec<String> {
-    log.lines()
-        .filter(|l| l.contains(needle))
-        .map(str::to_string)
-        .collect()
-}
-
-/// Waits until `relay`'s log contains `needle` at least `n` times; returns the time
-/// waited, or panics with the log.
-fn wait_count(relay: &Relay, needle: &str, n: usize, timeout: Duration) -> Duration {
-    let start = Instant::now();
-    relay.wait_count(needle, n, timeout);
-    start.elapsed()
-}
-
 #[test]
 #[cfg_attr(
     routy_e2e_skip,
@@ -186,15 +169,19 @@ fn firewall_inside_dials_out_and_outside_gets_in_only_through_the_relay() {
     );
 
     // relay-outer saw the tunnel connection come from the inside address.
-    let ups = lines_with(&s.outer.proc.log(), "tunnel up");
+    let st = s.outer.status();
+    let peer = st["sessions"][0]["peer"].as_str().unwrap_or_default();
     assert!(
-        ups.iter().any(|l| l.contains(&format!("{inside_ip}:"))),
-        "relay-outer's `tunnel up` should name the inside peer {inside_ip}: {ups:#?}"
+        peer.starts_with(&format!("{inside_ip}:")),
+        "relay-outer's session should come from the inside address {inside_ip}: {st}"
     );
     // And relay-inner dialed the outside address.
+    let st = s.inner.status();
     assert!(
-        s.inner.proc.log().contains(outside_ip),
-        "relay-inner's log should name {outside_ip}"
+        st["outer"][0]["addr"]
+            .as_str()
+            .is_some_and(|a| a.starts_with(&format!("{outside_ip}:"))),
+        "relay-inner's endpoint should be {outside_ip}: {st}"
     );
 }
 
@@ -213,9 +200,9 @@ fn cut_link_dead_peer_detection_and_reconnect() {
         s.sql_via_relay("SELECT v FROM cut WHERE id = 1").unwrap(),
         "before"
     );
-    assert_eq!(s.outer.count("tunnel down"), 0);
-    assert_eq!(s.inner.count("tunnel down"), 0);
-    assert_eq!(s.inner.count("tunnel up"), 1);
+    assert_eq!(s.outer.sessions_down(None), 0);
+    assert_eq!(s.inner.sessions_down(None), 0);
+    assert_eq!(s.inner.sessions_up(), 1);
 
     // A long query through the tunnel, still running when the link goes.
     let (tx, rx) = mpsc::channel();
@@ -245,34 +232,30 @@ fn cut_link_dead_peer_detection_and_reconnect() {
     let cut = Instant::now();
     s.pair.link_down();
 
-    // Both ends declare the session dead within a bounded time.
-    let outer_took = wait_count(&s.outer, "tunnel down", 1, DETECT);
-    let outer_down = lines_with(&s.outer.proc.log(), "tunnel down");
-    assert!(
-        outer_down[0].contains("no keepalive answer"),
-        "relay-outer should blame the keepalive: {}",
-        outer_down[0]
-    );
-    wait_count(
-        &s.inner,
-        "tunnel down",
+    // Both ends declare the session dead within a bounded time, blaming the keepalive.
+    let outer_took = s.outer.wait_sessions_down(1, DETECT);
+    assert_eq!(
+        s.outer.sessions_down(Some("keepalive_timeout")),
         1,
-        DETECT.saturating_sub(cut.elapsed()),
+        "relay-outer should blame the keepalive"
     );
+    s.inner
+        .wait_sessions_down(1, DETECT.saturating_sub(cut.elapsed()));
     let inner_took = cut.elapsed();
-    let inner_down = lines_with(&s.inner.proc.log(), "tunnel down");
-    eprintln!(
-        "link cut: relay-outer down after {:?}: {}\nrelay-inner down after {inner_took:?}: {}",
-        outer_took, outer_down[0], inner_down[0]
+    assert_eq!(
+        s.inner.sessions_down(Some("keepalive_timeout")),
+        1,
+        "relay-inner should blame the keepalive"
     );
-    assert!(
-        inner_down[0].contains("reason="),
-        "relay-inner's `tunnel down` should give a reason: {}",
-        inner_down[0]
-    );
+    // relay-inner's /status says the tunnel is down (its last error is already that of a
+    // reconnect attempt: the link is still cut).
+    let st = s.inner.status();
+    assert_eq!(st["outer"][0]["up"], false, "{st}");
+    eprintln!("link cut: relay-outer down after {outer_took:?}, relay-inner after {inner_took:?}");
 
     // The listener stays bound; a client arriving now is closed at once.
-    let refused_before = s.outer.count("client refused: tunnel is down");
+    let tunnel_down = [("reason", "no_session")];
+    let refused_before = s.outer.metric(LISTENER_REFUSED, &tunnel_down);
     let (res, took) = psql_from(
         s.pair.outside_ns(),
         s.pair.outside_ip(),
@@ -293,11 +276,11 @@ fn cut_link_dead_peer_detection_and_reconnect() {
         took < FAIL_FAST,
         "a client arriving while the tunnel is down must be closed at once, psql took {took:?}: {res:?}"
     );
-    wait_count(
-        &s.outer,
-        "client refused: tunnel is down",
-        refused_before + 1,
+    s.outer.wait_metric(
+        LISTENER_REFUSED,
+        &tunnel_down,
         Duration::from_secs(5),
+        |v| v > refused_before,
     );
     eprintln!("client while down refused after {took:?}: {res:?}");
 
@@ -321,13 +304,9 @@ fn cut_link_dead_peer_detection_and_reconnect() {
     // Heal the link: relay-inner reconnects, and SQL works through the listener again.
     let healed = Instant::now();
     s.pair.link_up();
-    let inner_up = wait_count(&s.inner, "tunnel up", 2, RECONNECT);
-    wait_count(
-        &s.outer,
-        "tunnel up",
-        2,
-        RECONNECT.saturating_sub(healed.elapsed()),
-    );
+    let inner_up = s.inner.wait_sessions_up(2, RECONNECT);
+    s.outer
+        .wait_sessions_up(2, RECONNECT.saturating_sub(healed.elapsed()));
     let mut last = Err(String::from("not tried"));
     let back = try_wait_until(
         Duration::from_secs(30),

@@ -224,7 +224,7 @@ impl Setup {
             KA,
             &format!("shutdown_grace: 2s\n{inner_extra}"),
         );
-        outer.wait_count("tunnel up", 1, READY);
+        outer.wait_sessions_up(1, READY);
         Setup {
             inner,
             outer,
@@ -241,12 +241,17 @@ impl Setup {
             .collect()
     }
 
-    /// Both relays' `tunnel down` lines so far (relay-inner's, relay-outer's).
-    fn downs(&self) -> (Vec<String>, Vec<String>) {
+    /// Sessions that ended so far (relay-inner's, relay-outer's).
+    fn downs(&self) -> (u64, u64) {
         (
-            lines_with(&self.inner.proc.log(), "tunnel down"),
-            lines_with(&self.outer.proc.log(), "tunnel down"),
+            self.inner.sessions_down(None),
+            self.outer.sessions_down(None),
         )
+    }
+
+    /// relay-inner's view of its endpoint (`/status`): up, and the last error.
+    fn endpoint(&self) -> serde_json::Value {
+        self.inner.status()["outer"][0].clone()
     }
 }
 
@@ -256,15 +261,13 @@ fn assert_nothing_lost(s: &Setup, what: &str, counts: &[Result<u64, String>], ra
     let (inner_down, outer_down) = s.downs();
     eprintln!("numbers each client read: {counts:?}");
     assert!(
-        inner_down.is_empty() && outer_down.is_empty(),
-        "{what} (keepalive {KA:?}) cost the session:\nrelay-inner: {inner_down:#?}\nrelay-outer: {outer_down:#?}"
+        inner_down == 0 && outer_down == 0,
+        "{what} (keepalive {KA:?}) cost the session: relay-inner saw {inner_down} end, \
+         relay-outer {outer_down}; relay-inner's endpoint: {}",
+        s.endpoint()
     );
-    assert_eq!(s.inner.count("tunnel up"), 1, "relay-inner reconnected");
-    assert_eq!(
-        s.outer.count("tunnel up"),
-        1,
-        "relay-outer saw a new session"
-    );
+    assert_eq!(s.inner.sessions_up(), 1, "relay-inner reconnected");
+    assert_eq!(s.outer.sessions_up(), 1, "relay-outer saw a new session");
     // The service sends about 90 numbers a second (a 10 ms pause plus the write); what
     // it sent while the link was down arrives after, so each client has most of them.
     let least = (ran.as_secs_f64() * 50.0) as u64;
@@ -274,14 +277,6 @@ fn assert_nothing_lost(s: &Setup, what: &str, counts: &[Result<u64, String>], ra
             Err(e) => panic!("client {i}: {e}"),
         }
     }
-}
-
-/// The lines of `log` that contain `needle`.
-fn lines_with(log: &str, needle: &str) -> Vec<String> {
-    log.lines()
-        .filter(|l| l.contains(needle))
-        .map(str::to_string)
-        .collect()
 }
 
 #[test]
@@ -325,10 +320,10 @@ fn outages_cost_nothing(
         eprintln!(
             "{what} {i} done after {:?}: tunnel down {} (inner) / {} (outer)",
             start.elapsed(),
-            inner_down.len(),
-            outer_down.len()
+            inner_down,
+            outer_down
         );
-        if !inner_down.is_empty() || !outer_down.is_empty() {
+        if inner_down > 0 || outer_down > 0 {
             break;
         }
     }
@@ -397,19 +392,20 @@ fn an_outage_longer_than_the_keepalive_timeout_ends_the_session_and_says_why() {
     std::thread::sleep(Duration::from_secs(2));
     let cut = Instant::now();
     s.pair.link_down();
-    s.inner
-        .wait_count("tunnel down", 1, Duration::from_secs(30));
-    s.outer
-        .wait_count("tunnel down", 1, Duration::from_secs(30));
+    s.inner.wait_sessions_down(1, Duration::from_secs(30));
+    s.outer.wait_sessions_down(1, Duration::from_secs(30));
     let took = cut.elapsed();
-    let (inner_down, outer_down) = s.downs();
-    eprintln!("after {took:?}:\nrelay-inner: {inner_down:#?}\nrelay-outer: {outer_down:#?}");
-    for line in inner_down.iter().chain(&outer_down) {
-        assert!(
-            line.contains("no keepalive answer within 6s"),
-            "the reason should name the keepalive timeout: {line}"
+    let endpoint = s.endpoint();
+    eprintln!("after {took:?}: relay-inner's endpoint: {endpoint}");
+    for r in [&s.inner, &s.outer] {
+        assert_eq!(
+            r.sessions_down(Some("keepalive_timeout")),
+            1,
+            "{}: the session should end on the keepalive timeout",
+            r.proc.name()
         );
     }
+    assert_eq!(endpoint["up"], false, "{endpoint}");
     // Dead within the keepalive timeout plus a Ping interval, and scheduling slack.
     assert!(
         took < Duration::from_secs(10),
@@ -423,8 +419,8 @@ fn an_outage_longer_than_the_keepalive_timeout_ends_the_session_and_says_why() {
         "the client's stream still hangs after the session ended"
     );
     s.pair.link_up();
-    s.inner.wait_count("tunnel up", 2, Duration::from_secs(30));
-    s.outer.wait_count("tunnel up", 2, Duration::from_secs(30));
+    s.inner.wait_sessions_up(2, Duration::from_secs(30));
+    s.outer.wait_sessions_up(2, Duration::from_secs(30));
     let again = s.readers(1).pop().expect("a reader");
     std::thread::sleep(Duration::from_secs(1));
     let n = again.finish().expect("reading through the new session");

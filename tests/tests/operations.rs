@@ -9,7 +9,6 @@
 //! Every relay gets an admin endpoint on a loopback port chosen here, so a rewritten
 //! config for a reload keeps the same `admin.listen` (changing it needs a restart).
 
-use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixDatagram;
@@ -19,7 +18,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use routy_e2e::relays::{inner_yaml, outer_yaml, ListenerSpec, Pki, Relay, READY};
+use routy_e2e::relays::{inner_yaml, metric, outer_yaml, ListenerSpec, Pki, Relay, READY};
 use routy_e2e::{bin, free_port, pg_bin, psql_at, run_timeout, try_wait_until, wait_until};
 use routy_e2e::{Pg, PgOpts, Proc};
 
@@ -142,96 +141,14 @@ fn scrape(r: &Relay) -> String {
     body
 }
 
-/// Parses `k="v",k2="v2"` (the part between the braces of a Prometheus sample).
-fn parse_labels(s: &str) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut rest = s;
-    while let Some((key, after)) = rest.split_once("=\"") {
-        let mut value = String::new();
-        let mut chars = after.char_indices();
-        let mut end = after.len();
-        while let Some((i, c)) = chars.next() {
-            match c {
-                '\\' => {
-                    if let Some((_, n)) = chars.next() {
-                        value.push(match n {
-                            'n' => '\n',
-                            other => other,
-                        });
-                    }
-                }
-                '"' => {
-                    end = i + 1;
-                    break;
-                }
-                c => value.push(c),
-            }
-        }
-        out.insert(key.trim_start_matches(',').trim().to_string(), value);
-        rest = &after[end..];
-    }
-    out
+/// Streams relay-inner `r` has opened to its services so far.
+fn streams_opened(r: &Relay) -> f64 {
+    r.metric("routy_streams_opened_total", &[])
 }
 
-/// Sum of the samples of metric `name` whose labels include every pair of `want`;
-/// None when no sample matches.
-fn metric(text: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
-    let mut found = None;
-    for line in text.lines() {
-        if line.starts_with('#') || line.trim().is_empty() {
-            continue;
-        }
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let (n, labels) = match series.split_once('{') {
-            Some((n, l)) => (n, parse_labels(l.trim_end_matches('}'))),
-            None => (series, BTreeMap::new()),
-        };
-        if n != name {
-            continue;
-        }
-        if !want
-            .iter()
-            .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
-        {
-            continue;
-        }
-        let v: f64 = value
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("unparsable sample {line:?}"));
-        found = Some(found.unwrap_or(0.0) + v);
-    }
-    found
-}
-
-/// Like [`metric`] on a fresh scrape of `r`, 0 when absent.
-fn metric_of(r: &Relay, name: &str, want: &[(&str, &str)]) -> f64 {
-    metric(&scrape(r), name, want).unwrap_or(0.0)
-}
-
-/// Waits until the scraped metric satisfies `ok`; returns the last value.
-fn wait_metric(
-    r: &Relay,
-    name: &str,
-    want: &[(&str, &str)],
-    what: &str,
-    ok: impl Fn(f64) -> bool,
-) -> f64 {
-    let mut last = 0.0;
-    let res = try_wait_until(SOON, what, || {
-        last = metric_of(r, name, want);
-        ok(last)
-    });
-    if let Err(e) = res {
-        panic!(
-            "{}: {e}; {name}{want:?} is {last}\n--- /metrics ---\n{}",
-            r.proc.name(),
-            scrape(r)
-        );
-    }
-    last
+/// Configuration reloads of `r` with `result` ("ok" or "error") so far.
+fn reloads(r: &Relay, result: &str) -> f64 {
+    r.metric("routy_config_reloads_total", &[("result", result)])
 }
 
 /// The log text of `r` from its `n`-th (1-based) line containing `needle` up to the next
@@ -276,7 +193,7 @@ fn connection_refused(port: u16) -> bool {
 fn assert_no_tunnel_down(relays: &[&Relay]) {
     for r in relays {
         assert_eq!(
-            r.count("tunnel down"),
+            r.sessions_down(None),
             0,
             "{} lost its session:\n{}",
             r.proc.name(),
@@ -362,7 +279,7 @@ fn metrics_move_while_a_long_stream_runs() {
         &inner_cfg(&pki, "site-a", &[tport], &pg_service(&pg), free_port()),
         None,
     );
-    outer.wait_count("tunnel up", 1, SOON);
+    outer.wait_sessions_up(1, SOON);
 
     // Health and readiness on both, and an unknown page.
     for r in [&outer, &inner] {
@@ -381,7 +298,7 @@ fn metrics_move_while_a_long_stream_runs() {
     let to_client = |r: &Relay, labels: &[(&str, &str)]| {
         let mut want = labels.to_vec();
         want.push(("direction", "to_client"));
-        metric_of(r, "routy_stream_bytes_total", &want)
+        r.metric("routy_stream_bytes_total", &want)
     };
     let outer_labels = [("listener", "pg"), ("tunnel", "site-a"), ("service", "pg")];
     wait_until(SOON, "the first bytes of the stream are counted", || {
@@ -408,12 +325,12 @@ fn metrics_move_while_a_long_stream_runs() {
             "routy_streams_opened_total",
             &[("listener", "pg")]
         ),
-        Some(1.0),
+        1.0,
         "the growth above must come from one stream:\n{metrics}"
     );
     assert_eq!(
         metric(&metrics, "routy_streams_active", &[("listener", "pg")]),
-        Some(1.0),
+        1.0,
         "{metrics}"
     );
     let inner_bytes = to_client(&inner, &[("service", "pg")]);
@@ -455,26 +372,26 @@ fn metrics_move_while_a_long_stream_runs() {
 
     // Sessions and keepalive round trips (a Ping every 500 ms).
     assert_eq!(
-        metric_of(&outer, "routy_sessions_up", &[("tunnel", "site-a")]),
+        outer.metric("routy_sessions_up", &[("tunnel", "site-a")]),
         1.0
     );
     let outer_ep = format!("127.0.0.1:{tport}");
     assert_eq!(
-        metric_of(&inner, "routy_sessions_up", &[("outer", &outer_ep)]),
+        inner.metric("routy_sessions_up", &[("outer", &outer_ep)]),
         1.0
     );
-    wait_metric(
-        &outer,
+    outer.wait_metric(
         "routy_keepalive_rtt_seconds_count",
         &[("tunnel", "site-a")],
-        "relay-outer measures keepalive round trips",
+        SOON,
+        // relay-outer measures keepalive round trips
         |v| v > 0.0,
     );
-    wait_metric(
-        &inner,
+    inner.wait_metric(
         "routy_keepalive_rtt_seconds_count",
         &[("outer", &outer_ep)],
-        "relay-inner measures keepalive round trips",
+        SOON,
+        // relay-inner measures keepalive round trips
         |v| v > 0.0,
     );
 
@@ -486,11 +403,11 @@ fn metrics_move_while_a_long_stream_runs() {
     // After the end both relays have counted at least the payload.
     let total = to_client(&outer, &outer_labels);
     assert!(total >= 10_000_000.0, "relay-outer counted {total} bytes");
-    wait_metric(
-        &inner,
+    inner.wait_metric(
         "routy_stream_bytes_total",
         &[("service", "pg"), ("direction", "to_client")],
-        "relay-inner counted the whole payload",
+        SOON,
+        // relay-inner counted the whole payload
         |v| v >= 10_000_000.0,
     );
     assert!(
@@ -536,7 +453,7 @@ fn reload_adds_removes_and_tightens_while_pgbench_runs() {
         );
     }
     assert!(connection_refused(d_port), "the new port is not bound yet");
-    let opened_before = inner.count("stream open");
+    let opened_before = streams_opened(&inner);
 
     // pgbench through the untouched listener: 4 connections held for 8 s.
     let port = a_port.to_string();
@@ -559,7 +476,7 @@ fn reload_adds_removes_and_tightens_while_pgbench_runs() {
         run_timeout(&mut cmd, None, Duration::from_secs(120))
     });
     wait_until(SOON, "pgbench's 4 connections are spliced", || {
-        inner.count("stream open") >= opened_before + 4
+        streams_opened(&inner) >= opened_before + 4.0
     });
 
     // The new config: `removed` gone, `added` new, `tightened` allows only 10.0.0.0/8.
@@ -599,12 +516,12 @@ fn reload_adds_removes_and_tightens_while_pgbench_runs() {
             &[("listener", "tightened"), ("reason", "not_allowed")]
         ),
         // One per refusal logged (psql may try more than once).
-        Some(outer.count("client refused: source address not allowed") as f64),
+        outer.count("client refused: source address not allowed") as f64,
         "{metrics}"
     );
     assert_eq!(
         metric(&metrics, "routy_config_reloads_total", &[("result", "ok")]),
-        Some(1.0),
+        1.0,
         "{metrics}"
     );
     let (_, status) = get(&outer, "/status");
@@ -623,7 +540,7 @@ fn reload_adds_removes_and_tightens_while_pgbench_runs() {
     assert!(text.contains("number of failed transactions: 0"), "{text}");
     assert!(!text.contains("aborted"), "{text}");
     assert_no_tunnel_down(&[&outer, &inner]);
-    assert_eq!(outer.count("configuration reload rejected"), 0);
+    assert_eq!(reloads(&outer, "error"), 0.0);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -694,17 +611,17 @@ fn invalid_reload_keeps_the_old_config() {
             "{what}: the listener added by a rejected config was bound"
         );
         assert_eq!(
-            metric_of(&outer, "routy_config_reloads_total", &[("result", "error")]),
+            outer.metric("routy_config_reloads_total", &[("result", "error")]),
             (i + 1) as f64,
             "{what}"
         );
     }
-    assert_eq!(outer.count("configuration reloaded"), 0);
+    assert_eq!(reloads(&outer, "ok"), 0.0);
     // A valid reload afterwards still works (and adds `new`).
     reload(&mut outer, Some(&with_new), "configuration reloaded");
     assert_eq!(sql(nport, "SELECT 3").unwrap(), "3");
     assert_eq!(
-        metric_of(&outer, "routy_config_reloads_total", &[("result", "ok")]),
+        outer.metric("routy_config_reloads_total", &[("result", "ok")]),
         1.0
     );
 
@@ -730,7 +647,7 @@ fn invalid_reload_keeps_the_old_config() {
         Ok("old services still served")
     );
     assert_eq!(
-        metric_of(&inner, "routy_config_reloads_total", &[("result", "error")]),
+        inner.metric("routy_config_reloads_total", &[("result", "error")]),
         1.0
     );
     // relay-inner: changing the data-path threads needs a restart.
@@ -745,7 +662,7 @@ fn invalid_reload_keeps_the_old_config() {
         sql(lport, "SELECT 'still served'").as_deref(),
         Ok("still served")
     );
-    assert_eq!(inner.count("configuration reloaded"), 0);
+    assert_eq!(reloads(&inner, "ok"), 0.0);
     assert_no_tunnel_down(&[&outer, &inner]);
 }
 
@@ -811,7 +728,9 @@ fn certificate_rotation_by_reload() {
     );
     assert!(renewed_name.contains("renewed.test"));
     let inner2 = Relay::inner("relay-inner-renewed-name", &renewed_name, None);
-    outer.proc.wait_for_log("sessions=2", SOON);
+    outer.wait_metric("routy_sessions_up", &[("tunnel", "site-a")], SOON, |v| {
+        v == 2.0
+    });
     // …while the established session and its stream were not touched.
     assert_eq!(
         held.join()
@@ -848,7 +767,7 @@ fn certificate_rotation_by_reload() {
     // Force a reconnect: relay-outer dies and a new one starts on the same ports,
     // trusting only the new CA for client certificates.
     outer.proc.kill9();
-    inner.wait_count("tunnel down", 1, SOON);
+    inner.wait_sessions_down(1, SOON);
     let new_ca = outer_yaml_v1.replace(
         &format!("client_ca: {}", pki.path("ca.crt").display()),
         &format!("client_ca: {}", pki2.path("ca.crt").display()),
@@ -856,14 +775,14 @@ fn certificate_rotation_by_reload() {
     assert_ne!(new_ca, outer_yaml_v1);
     let outer = Relay::outer(&new_ca, None);
     // The reloaded relay-inner is back, with the new certificate.
-    inner.wait_count("tunnel up", 2, Duration::from_secs(30));
+    inner.wait_sessions_up(2, Duration::from_secs(30));
     wait_until(SOON, "SQL through the restarted relay-outer", || {
         sql(lport, "SELECT 4").as_deref() == Ok("4")
     });
     // The one still holding the old certificate is refused by the new trust.
-    outer.proc.wait_for_log("TLS handshake failed", SOON);
+    outer.wait_metric("routy_handshake_failures_total", &[], SOON, |v| v >= 1.0);
     assert_eq!(
-        metric_of(&outer, "routy_sessions_up", &[("tunnel", "site-a")]),
+        outer.metric("routy_sessions_up", &[("tunnel", "site-a")]),
         1.0,
         "only the relay-inner with the new certificate may have a session"
     );
@@ -913,22 +832,22 @@ fn connection_flood_stops_at_the_limit() {
                 .unwrap_or_else(|e| panic!("flood connection {i}: {e}"))
         })
         .collect();
-    let refused = wait_metric(
-        &outer,
+    let refused = outer.wait_metric(
         "routy_listener_refused_total",
         &[("listener", "flooded"), ("reason", "over_limit")],
-        "the clients over the limit are refused",
+        SOON,
+        // the clients over the limit are refused
         |v| v >= 190.0,
     );
     assert_eq!(
         refused, 190.0,
         "exactly the connections over the limit are refused"
     );
-    wait_metric(
-        &inner,
+    inner.wait_metric(
         "routy_streams_active",
         &[("service", "pg")],
-        "the 10 admitted clients are spliced",
+        SOON,
+        // the 10 admitted clients are spliced
         |v| v == 10.0,
     );
     // Clients see it: at most 10 connections stay open, the rest were closed at once.
@@ -962,7 +881,7 @@ fn connection_flood_stops_at_the_limit() {
         Ok("survived")
     );
     assert!(
-        metric_of(&inner, "routy_streams_active", &[("service", "pg")]) <= 10.0,
+        inner.metric("routy_streams_active", &[("service", "pg")]) <= 10.0,
         "more than 10 streams spliced for the flooded listener"
     );
 
@@ -997,8 +916,8 @@ fn tunnel_identity_serves_only_its_listeners() {
         None,
     );
     assert_eq!(sql(lb_port, "SELECT 'b'").unwrap(), "b");
-    let b_streams = inner_b.count("stream open");
-    assert_eq!(b_streams, 1);
+    let b_streams = streams_opened(&inner_b);
+    assert_eq!(b_streams, 1.0);
 
     // site-a's listener is refused: site-b's session never gets its clients.
     let err = sql(la_port, "SELECT 'a'").expect_err("no site-a session");
@@ -1007,8 +926,7 @@ fn tunnel_identity_serves_only_its_listeners() {
         .proc
         .wait_for_log("client refused: tunnel is down", SOON);
     assert_eq!(
-        metric_of(
-            &outer,
+        outer.metric(
             "routy_listener_refused_total",
             &[("listener", "la"), ("reason", "no_session")]
         ),
@@ -1016,7 +934,7 @@ fn tunnel_identity_serves_only_its_listeners() {
         outer.count("client refused: tunnel is down") as f64
     );
     assert_eq!(
-        inner_b.count("stream open"),
+        streams_opened(&inner_b),
         b_streams,
         "site-b's relay-inner received a client of site-a's listener"
     );
@@ -1027,16 +945,12 @@ fn tunnel_identity_serves_only_its_listeners() {
         &inner_cfg(&pki, "site-a", &[tport], &pg_service(&pg), free_port()),
         None,
     );
-    outer.wait_count("tunnel up", 2, SOON);
+    outer.wait_sessions_up(2, SOON);
     assert_eq!(sql(la_port, "SELECT 'a'").unwrap(), "a");
-    assert_eq!(inner_a.count("stream open"), 1);
+    assert_eq!(streams_opened(&inner_a), 1.0);
     assert_eq!(sql(lb_port, "SELECT 'b2'").unwrap(), "b2");
-    assert_eq!(
-        inner_a.count("stream open"),
-        1,
-        "lb's client went to site-a"
-    );
-    assert_eq!(inner_b.count("stream open"), b_streams + 1);
+    assert_eq!(streams_opened(&inner_a), 1.0, "lb's client went to site-a");
+    assert_eq!(streams_opened(&inner_b), b_streams + 1.0);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1211,7 +1125,7 @@ fn two_outer_endpoints_one_killed() {
         None,
     );
     let (ep1, ep2) = (format!("127.0.0.1:{t1}"), format!("127.0.0.1:{t2}"));
-    inner.wait_count("tunnel up", 2, SOON);
+    inner.wait_sessions_up(2, SOON);
     wait_until(SOON, "relay-inner /readyz is 200 with both up", || {
         get(&inner, "/readyz").0 == 200
     });
@@ -1243,12 +1157,12 @@ fn two_outer_endpoints_one_killed() {
     let metrics = scrape(&inner);
     assert_eq!(
         metric(&metrics, "routy_sessions_up", &[("outer", &ep1)]),
-        Some(0.0),
+        0.0,
         "{metrics}"
     );
     assert_eq!(
         metric(&metrics, "routy_sessions_up", &[("outer", &ep2)]),
-        Some(1.0),
+        1.0,
         "{metrics}"
     );
     let (_, status) = get(&inner, "/status");
@@ -1266,7 +1180,7 @@ fn two_outer_endpoints_one_killed() {
     for i in 0..3 {
         assert_eq!(sql(p2, &format!("SELECT {i}")).unwrap(), i.to_string());
     }
-    assert_eq!(outer2.count("tunnel down"), 0);
+    assert_eq!(outer2.sessions_down(None), 0);
     assert!(
         sql(p1, "SELECT 1").is_err(),
         "the killed relay-outer answered"
@@ -1311,7 +1225,7 @@ fn relay_inner_reload_changes_endpoints_and_services() {
         )),
         "configuration reloaded",
     );
-    outer2.wait_count("tunnel up", 1, SOON);
+    outer2.wait_sessions_up(1, SOON);
     wait_until(SOON, "SQL through relay-outer 2", || {
         sql(p2, "SELECT 2").as_deref() == Ok("2")
     });
@@ -1326,13 +1240,18 @@ fn relay_inner_reload_changes_endpoints_and_services() {
         Some(&inner_cfg(&pki, "site-a", &[t2], &renamed, admin)),
         "configuration reloaded",
     );
-    outer1.wait_count("tunnel down", 1, SOON);
+    outer1.wait_sessions_down(1, SOON);
     assert!(sql(p1, "SELECT 1").is_err());
     assert!(
         sql(p2, "SELECT 1").is_err(),
         "service pg is gone from relay-inner"
     );
-    inner.wait_count("stream refused: unknown service", 1, SOON);
+    inner.wait_metric(
+        "routy_streams_failed_total",
+        &[("reason", "unknown_service")],
+        SOON,
+        |v| v >= 1.0,
+    );
     let (_, status) = get(&inner, "/status");
     assert!(
         status.contains("pg2") && !status.contains(&format!("127.0.0.1:{t1}")),
@@ -1364,14 +1283,20 @@ fn reload_closes_sessions_of_a_tunnel_no_listener_uses() {
         Some(&outer_cfg(&pki, tport, &[lb], admin)),
         "configuration reloaded",
     );
-    outer.wait_count(
-        "closing session: its tunnel is no longer configured",
-        1,
+    outer.wait_sessions_down(1, SOON);
+    inner.wait_sessions_down(1, SOON);
+    inner.wait_metric(
+        "routy_handshake_failures_total",
+        &[("reason", "refused")],
         SOON,
+        |v| v >= 1.0,
     );
-    inner.wait_count("tunnel down", 1, SOON);
-    inner.wait_count("relay-outer refused this relay", 1, SOON);
-    let line = nth_entry(&inner, "relay-outer refused this relay", 1);
-    assert!(line.contains("not configured"), "{line}");
+    let st = inner.status();
+    assert!(
+        st["outer"][0]["last_error"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("not configured")),
+        "relay-inner's /status should say why it is refused: {st}"
+    );
     assert!(connection_refused(pa), "listener a was removed");
 }
