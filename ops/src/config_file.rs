@@ -64,3 +64,19 @@ impl AdminSpec {
         })
     }
 }
+
+/// A reload's check of a setting that takes effect only at start: the refusal, naming
+/// `key` and both values, when it changed.
+pub fn restart_needed<T: PartialEq + std::fmt::Display>(
+    key: &str,
+    old: &T,
+    new: &T,
+) -> Result<(), String> {
+    if old == new {
+        Ok(())
+    } else {
+        Err(format!(
+            "{key} changed from {old} to {new}: that needs a restart"
+        ))
+    }
+}

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
+use routy_ops::config_file::restart_needed;
 use routy_ops::drain::Drain;
 use routy_ops::metrics as m;
 use tracing::info;
@@ -160,18 +161,8 @@ impl InnerRelay {
         let tls = new.check_tls()?;
         let new_connections = new.connections;
         let old = self.config();
-        if new.admin_listen != old.admin_listen {
-            return Err(format!(
-                "admin.listen changed from {} to {}: that needs a restart",
-                old.admin_listen, new.admin_listen
-            ));
-        }
-        if new.threads != old.threads {
-            return Err(format!(
-                "threads changed from {} to {}: that needs a restart",
-                old.threads, new.threads
-            ));
-        }
+        restart_needed("admin.listen", &old.admin_listen, &new.admin_listen)?;
+        restart_needed("threads", &old.threads, &new.threads)?;
         if new.cdc != old.cdc {
             return Err(
                 "the cdc section changed: that needs a restart (sources, spool and shipping are set up at start)"

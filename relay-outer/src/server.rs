@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Context;
+use routy_ops::config_file::restart_needed;
 use routy_ops::drain::Drain;
 use routy_ops::metrics as m;
 use tokio::net::TcpListener;
@@ -175,31 +176,11 @@ impl OuterRelay {
         let new = Config::load(&self.path).map_err(|e| e.to_string())?;
         let tls = new.check_tls()?;
         let old = self.config();
-        if new.tunnel.listen != old.tunnel.listen {
-            return Err(format!(
-                "tunnel.listen changed from {} to {}: that needs a restart",
-                old.tunnel.listen, new.tunnel.listen
-            ));
-        }
-        if new.tunnel.quic != old.tunnel.quic {
-            return Err(format!(
-                "tunnel.quic changed from {} to {}: that needs a restart",
-                old.tunnel.quic, new.tunnel.quic
-            ));
-        }
+        restart_needed("tunnel.listen", &old.tunnel.listen, &new.tunnel.listen)?;
+        restart_needed("tunnel.quic", &old.tunnel.quic, &new.tunnel.quic)?;
         let new_settings = settings(&new, tls).map_err(|e| format!("{e:#}"))?;
-        if new.admin_listen != old.admin_listen {
-            return Err(format!(
-                "admin.listen changed from {} to {}: that needs a restart",
-                old.admin_listen, new.admin_listen
-            ));
-        }
-        if new.threads != old.threads {
-            return Err(format!(
-                "threads changed from {} to {}: that needs a restart",
-                old.threads, new.threads
-            ));
-        }
+        restart_needed("admin.listen", &old.admin_listen, &new.admin_listen)?;
+        restart_needed("threads", &old.threads, &new.threads)?;
         if new.cdc != old.cdc {
             return Err(
                 "the cdc section changed: that needs a restart (stores and sinks are set up at start)"

@@ -339,12 +339,20 @@ fn a_store_damaged_in_the_middle_is_fetched_again_or_salvaged() {
         outer.metric("routy_cdc_store_damaged", &[("source", "site-a/main")]),
         1.0
     );
-    let log = outer.proc.log();
-    assert!(
-        log.contains("cdc salvage") && log.contains(&format!("found seq {gone} damaged")),
-        "the store names the gap and the way out:\n{}",
-        routy_e2e::tail(&log, 40)
-    );
+    // relay-outer refuses relay-inner's stream naming the gap and the way out; relay-inner's
+    // /status shows it.
+    let damaged = format!("found seq {gone} damaged");
+    let st = rig
+        .inner()
+        .wait_status("relay-inner shows the refusal", CATCH_UP, |st| {
+            st["cdc"]["sources"][0]["shipping"][0]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains(&damaged))
+        });
+    let why = st["cdc"]["sources"][0]["shipping"][0]["last_error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(why.contains("cdc salvage"), "the way out is named: {why}");
     rig.kill_outer();
     let (_dir, outer_config) = config_file(&rig.outer_yaml);
     let said = salvage("relay-outer", &outer_config, SOURCE);

@@ -115,6 +115,9 @@ enum End {
     Stop,
     /// The stream or session failed; try again after a pause.
     Retry(ShipError),
+    /// The acknowledgement reader ended; its result says why (only inside
+    /// [`Shipper::ship`]).
+    AcksEnded,
 }
 
 /// Why a shipping stream ended; the kind is the `reason` label of
@@ -124,6 +127,9 @@ enum ShipError {
     /// relay-outer answered the stream's opening with an error.
     #[error("relay-outer refused the CDC stream ({code}): {message}")]
     Refused { code: ErrorCode, message: String },
+    /// relay-outer ended an open stream with an error (its store refused a batch).
+    #[error("relay-outer ended the stream: {0}")]
+    Ended(String),
     /// The local spool failed, or disagrees with relay-outer's store.
     #[error("{0}")]
     Spool(String),
@@ -135,7 +141,7 @@ enum ShipError {
 impl ShipError {
     fn reason(&self) -> &'static str {
         match self {
-            ShipError::Refused { .. } => "refused",
+            ShipError::Refused { .. } | ShipError::Ended(_) => "refused",
             ShipError::Spool(_) => "spool",
             ShipError::Stream(_) => "stream",
         }
@@ -159,27 +165,28 @@ impl Shipper {
                 return;
             };
             let started = std::time::Instant::now();
-            match self.ship(&session).await {
+            let e = match self.ship(&session).await {
                 End::Stop => return,
-                End::Retry(e) => {
-                    self.status.connected.store(false, Ordering::Relaxed);
-                    if !session.is_closed() {
-                        warn!(source = %self.source, outer = %self.endpoint, error = %e, "CDC shipping stream failed; retrying");
-                        metrics::counter!(SHIP_ERRORS, "source" => self.source.clone(), "reason" => e.reason()).increment(1);
-                        self.status.error(&e.to_string());
-                    } else {
-                        debug!(source = %self.source, error = %e, "CDC shipping ended with the session");
-                    }
-                    if started.elapsed() > Duration::from_secs(30) {
-                        backoff.reset();
-                    }
-                    let pause = backoff.next_delay();
-                    tokio::select! {
-                        _ = tokio::time::sleep(pause) => {}
-                        _ = self.drain.stopping() => return,
-                        _ = self.stop.stopping() => return,
-                    }
-                }
+                End::Retry(e) => e,
+                // `ship` turns this into the reader's reason before it returns.
+                End::AcksEnded => ShipError::Stream("the acknowledgement reader ended".into()),
+            };
+            self.status.connected.store(false, Ordering::Relaxed);
+            if !session.is_closed() {
+                warn!(source = %self.source, outer = %self.endpoint, error = %e, "CDC shipping stream failed; retrying");
+                metrics::counter!(SHIP_ERRORS, "source" => self.source.clone(), "reason" => e.reason()).increment(1);
+                self.status.error(&e.to_string());
+            } else {
+                debug!(source = %self.source, error = %e, "CDC shipping ended with the session");
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff.reset();
+            }
+            let pause = backoff.next_delay();
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = self.drain.stopping() => return,
+                _ = self.stop.stopping() => return,
             }
         }
     }
@@ -262,8 +269,16 @@ impl Shipper {
             self.status.clone(),
             sent.clone(),
         ));
-        let r = self.send_loop(&mut wr, next, &mut acked_rx, &sent).await;
-        acks.abort();
+        let r = match self.send_loop(&mut wr, next, &mut acked_rx, &sent).await {
+            End::AcksEnded => match acks.await {
+                Ok(why) => End::Retry(why),
+                Err(e) => stream_err(format!("acknowledgement reader failed: {e}")),
+            },
+            r => {
+                acks.abort();
+                r
+            }
+        };
         // Flushing the FIN may wait for window credit from a peer that stopped reading.
         let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, wr.shutdown()).await;
         r
@@ -293,7 +308,7 @@ impl Shipper {
             // Forget acknowledged batches.
             let a = *acked.borrow();
             if a == u64::MAX {
-                return stream_err(self.ended_error());
+                return End::AcksEnded;
             }
             while in_flight.front().is_some_and(|(last, _)| *last <= a) {
                 in_flight.pop_front();
@@ -393,7 +408,7 @@ impl Shipper {
                         },
                         r = acked.changed() => {
                             if r.is_err() || *acked.borrow() == u64::MAX {
-                                return stream_err(self.ended_error());
+                                return End::AcksEnded;
                             }
                             deadline = tokio::time::Instant::now() + self.ack_timeout;
                         }
@@ -429,14 +444,6 @@ impl Shipper {
 }
 
 impl Shipper {
-    /// Why the stream ended from relay-outer's side: its refusal when it sent one.
-    fn ended_error(&self) -> String {
-        match self.status.last_error() {
-            Some(e) => format!("relay-outer ended the stream: {e}"),
-            None => "relay-outer closed the stream".into(),
-        }
-    }
-
     fn hung_error(&self) -> String {
         format!(
             "no acknowledgement from relay-outer within {:?} (cdc.batch.ack_timeout) while batches \
@@ -447,13 +454,6 @@ impl Shipper {
 }
 
 impl ShipStatus {
-    fn last_error(&self) -> Option<String> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
     fn error_clear(&self) {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
@@ -467,9 +467,9 @@ async fn read_acks(
     acked: watch::Sender<u64>,
     status: Arc<ShipStatus>,
     sent: Arc<AtomicU64>,
-) {
+) -> ShipError {
     let labels = [("source", source.clone()), ("outer", endpoint.clone())];
-    loop {
+    let why = loop {
         // No deadline here on purpose: an idle stream (nothing to ship) is silent. While
         // batches are in flight send_loop gives up after `ack_timeout` and aborts this
         // task; a dead tunnel is found by the session's keepalive, which ends the stream.
@@ -477,12 +477,9 @@ async fn read_acks(
             Ok(Some(ShipMessage::Ack { seq })) => {
                 let upto = sent.load(Ordering::Acquire);
                 if seq > upto {
-                    warn!(source = %source, outer = %endpoint, ack = seq, sent = upto,
-                        "relay-outer acknowledged records that were not sent; closing the stream");
-                    status.error(&format!(
-                        "acknowledgement of seq {seq} beyond the {upto} sent"
+                    break ShipError::Stream(format!(
+                        "relay-outer acknowledged seq {seq} beyond the {upto} sent; closing the stream"
                     ));
-                    break;
                 }
                 if let Err(e) = spool.ack(&endpoint, seq) {
                     warn!(source = %source, error = %e, "spool: removing acknowledged segments failed");
@@ -493,25 +490,17 @@ async fn read_acks(
                     .set(spool.synced_seq().saturating_sub(seq) as f64);
                 acked.send_replace(seq);
             }
-            Ok(Some(ShipMessage::Error { message })) => {
-                warn!(source = %source, outer = %endpoint, "relay-outer ended the shipping stream: {message}");
-                status.error(&message);
-                break;
-            }
+            Ok(Some(ShipMessage::Error { message })) => break ShipError::Ended(message),
             Ok(Some(other)) => {
-                warn!(source = %source, "relay-outer sent {other:?} on the shipping stream; closing it");
-                break;
+                break ShipError::Stream(format!(
+                    "relay-outer sent {other:?} on the shipping stream; closing it"
+                ))
             }
-            Ok(None) => {
-                debug!(source = %source, "relay-outer ended the shipping stream");
-                break;
-            }
-            Err(e) => {
-                debug!(source = %source, error = %e, "shipping stream read failed");
-                break;
-            }
+            Ok(None) => break ShipError::Stream("relay-outer closed the stream".into()),
+            Err(e) => break ShipError::Stream(format!("shipping stream read failed: {e}")),
         }
-    }
-    // Tells the sender the stream is gone.
+    };
+    // Tells the sender the stream is gone; it takes `why` from this task.
     acked.send_replace(u64::MAX);
+    why
 }
