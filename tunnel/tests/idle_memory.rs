@@ -3,7 +3,7 @@
 //! splice takes one from a shared pool only while a read can fill it.
 //!
 //! The `#[ignore]`d tests measure resident memory and print bytes per stream:
-//! `cargo test -p relay-proto --release --test idle_memory -- --ignored --nocapture --test-threads 1`
+//! `cargo test -p routy-tunnel --release --test idle_memory -- --ignored --nocapture --test-threads 1`
 
 use std::sync::Arc;
 use std::time::Duration;
