@@ -381,4 +381,43 @@ mod tests {
             Err(e) => assert!(e.tls_refused(), "{e}"),
         }
     }
+
+    /// The TLS-over-TCP side of the same question: a TLS alert the server sends is told
+    /// apart from other I/O errors by type (here: the server insists on another ALPN and
+    /// aborts the handshake with no_application_protocol).
+    #[tokio::test]
+    async fn a_tls_alert_from_the_server_is_recognised_over_tcp() {
+        let pki = Pki::new("site-a", false);
+        let mut server_tls = crate::tls::server_config(
+            &pki.path("server.crt"),
+            &pki.path("server.key"),
+            &pki.path("ca.crt"),
+        )
+        .unwrap();
+        server_tls.alpn_protocols = vec![b"other/1".to_vec()];
+        let client_tls = crate::tls::client_config(
+            &pki.path("client.crt"),
+            &pki.path("client.key"),
+            &pki.path("ca.crt"),
+        )
+        .unwrap();
+        let (c, s) = tokio::io::duplex(64 << 10);
+        let server = tokio::spawn(async move {
+            tokio_rustls::TlsAcceptor::from(Arc::new(server_tls))
+                .accept(s)
+                .await
+                .map(|_| ())
+        });
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let e = tokio_rustls::TlsConnector::from(Arc::new(client_tls))
+            .connect(name, c)
+            .await
+            .map(|_| ())
+            .expect_err("the server refuses the handshake");
+        assert!(crate::tls::alert_received(&e), "{e}");
+        assert!(server.await.unwrap().is_err());
+        // Any other I/O error is not a refusal.
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(!crate::tls::alert_received(&reset));
+    }
 }
