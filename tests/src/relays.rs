@@ -314,7 +314,8 @@ impl Relay {
         metric(&self.admin_get("/metrics"), name, labels)
     }
 
-    /// Waits until `metric(name, labels)` satisfies `ok`; returns the last value.
+    /// Waits until `metric(name, labels)` satisfies `ok` (a relay that does not answer
+    /// yet is waited for too); returns the last value.
     pub fn wait_metric(
         &self,
         name: &str,
@@ -325,21 +326,27 @@ impl Relay {
         let mut last = 0.0;
         let what = format!("{name}{labels:?} to reach the expected value");
         let res = crate::try_wait_until(timeout, &what, || {
-            last = self.metric(name, labels);
-            ok(last)
+            match self.try_admin_get("/metrics") {
+                Ok(body) => {
+                    last = metric(&body, name, labels);
+                    ok(last)
+                }
+                Err(_) => false,
+            }
         });
         if let Err(e) = res {
             panic!(
                 "{}: {e} (last {last})\n--- /metrics ---\n{}\n--- log ---\n{}",
                 self.proc.name(),
-                self.admin_get("/metrics"),
+                self.try_admin_get("/metrics").unwrap_or_else(|e| e),
                 crate::tail(&self.proc.log(), 80)
             );
         }
         last
     }
 
-    /// Waits until `ok` holds for the relay's `/status`; returns that document.
+    /// Waits until `ok` holds for the relay's `/status` (a relay that does not answer
+    /// yet, just started, is waited for too); returns that document.
     pub fn wait_status(
         &self,
         what: &str,
@@ -348,8 +355,8 @@ impl Relay {
     ) -> serde_json::Value {
         let mut last = serde_json::Value::Null;
         let res = crate::try_wait_until(timeout, what, || {
-            last = self.status();
-            ok(&last)
+            last = self.try_status();
+            !last.is_null() && ok(&last)
         });
         if let Err(e) = res {
             panic!(
