@@ -12,7 +12,9 @@ use routy_tunnel::cidr::Cidr;
 use routy_tunnel::control::KeepaliveSpec;
 use serde::Deserialize;
 
-use crate::cdc::sink_pg::PgSinkConfig;
+use crate::cdc::sink::pg::PgSinkConfig;
+use crate::cdc::sink::webhook::{self, Auth, OnRejected, WebhookConfig};
+use crate::cdc::sink::{Filter, SinkConfig, SinkKind, KINDS};
 
 /// Default bound on a tunnel's TLS handshake plus Hello.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = routy_tunnel::handshake::HANDSHAKE_TIMEOUT;
@@ -58,7 +60,40 @@ struct RawSink {
     name: String,
     source: String,
     postgres: Option<RawPgSink>,
+    webhook: Option<RawWebhook>,
+    tables: Option<Vec<String>>,
+    ops: Option<Vec<String>>,
     retry: Option<RawRetry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    url: String,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    bearer_token_file: Option<PathBuf>,
+    basic: Option<RawBasic>,
+    hmac_secret_file: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    timeout: Option<Dur>,
+    batch: Option<RawBatch>,
+    on_rejected: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBasic {
+    user: String,
+    password_file: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBatch {
+    max_events: Option<usize>,
+    max_bytes: Option<routy_ops::units::Size>,
+    max_delay: Option<Dur>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,8 +167,8 @@ pub struct CdcConfig {
     pub dir: PathBuf,
     /// Records are removed once every sink applied them and they are older than this.
     pub retention: Duration,
-    /// PostgreSQL sinks.
-    pub sinks: Vec<PgSinkConfig>,
+    /// Sinks, each of one kind.
+    pub sinks: Vec<SinkConfig>,
 }
 
 impl CdcConfig {
@@ -340,7 +375,7 @@ fn validate_cdc(c: RawCdc, base: &Path) -> Result<CdcConfig, String> {
     if retention.is_zero() {
         return Err("cdc.retention: must be longer than 0".into());
     }
-    let mut sinks: Vec<PgSinkConfig> = Vec::new();
+    let mut sinks: Vec<SinkConfig> = Vec::new();
     for (i, s) in c.sinks.into_iter().enumerate() {
         let f = format!("cdc.sinks[{i}]");
         if !valid_sink_name(&s.name) {
@@ -353,22 +388,56 @@ fn validate_cdc(c: RawCdc, base: &Path) -> Result<CdcConfig, String> {
             return Err(format!("{f}.name: {:?} is used twice", s.name));
         }
         validate_full_source(&s.source).map_err(|e| format!("{f}.source: {e}"))?;
-        let Some(pg) = s.postgres else {
+        let given: Vec<&str> = [
+            ("postgres", s.postgres.is_some()),
+            ("webhook", s.webhook.is_some()),
+        ]
+        .iter()
+        .filter(|(_, set)| *set)
+        .map(|(k, _)| *k)
+        .collect();
+        if given.len() != 1 {
             return Err(format!(
-                "{f}.postgres: required (the target database: {{ dsn: \"host=... dbname=... user=...\" }})"
-            ));
-        };
-        if pg.dsn.trim().is_empty() || pg.dsn.contains('\0') {
-            return Err(format!(
-                "{f}.postgres.dsn: must be a non-empty connection string"
+                "{f} (sink {:?}): a sink has exactly one kind key ({}); this one has {}",
+                s.name,
+                KINDS.join(", "),
+                if given.is_empty() {
+                    "none".to_string()
+                } else {
+                    given.join(" and ")
+                }
             ));
         }
-        if let Some(schema) = &pg.schema {
-            if schema.is_empty() || schema.len() > 63 || schema.contains('\0') {
+        let kind = if let Some(pg) = s.postgres {
+            SinkKind::Postgres(validate_pg_sink(&f, &s.name, &s.source, pg)?)
+        } else {
+            let w = s.webhook.expect("one kind key checked");
+            SinkKind::Webhook(validate_webhook(&f, &s.name, &s.source, w, &dir, base)?)
+        };
+        let mut filter = Filter::default();
+        if let Some(tables) = s.tables {
+            for t in &tables {
+                let ok = t
+                    .split_once('.')
+                    .is_some_and(|(a, b)| !a.is_empty() && !b.is_empty());
+                if !ok {
+                    return Err(format!(
+                        "{f}.tables: {t:?} is not schema.table (like \"public.orders\")"
+                    ));
+                }
+            }
+            if tables.is_empty() {
                 return Err(format!(
-                    "{f}.postgres.schema: {schema:?} must be 1-63 characters"
+                    "{f}.tables: empty (leave the key out for every table)"
                 ));
             }
+            filter.tables = Some(tables);
+        }
+        if let Some(ops) = s.ops {
+            if ops.is_empty() {
+                return Err(format!("{f}.ops: empty (leave the key out for every op)"));
+            }
+            filter.ops = Some(Filter::parse_ops(&ops).map_err(|e| format!("{f}.ops: {e}"))?);
         }
         let retry = s.retry.as_ref();
         let retry_initial = retry
@@ -385,12 +454,11 @@ fn validate_cdc(c: RawCdc, base: &Path) -> Result<CdcConfig, String> {
                 "{f}.retry.max: {retry_max:?} is shorter than retry.initial {retry_initial:?}"
             ));
         }
-        sinks.push(PgSinkConfig {
+        sinks.push(SinkConfig {
             name: s.name,
             source: s.source,
-            dsn: pg.dsn,
-            create_tables: pg.create_tables.unwrap_or(false),
-            schema: pg.schema,
+            kind,
+            filter,
             retry_initial,
             retry_max,
         });
@@ -399,6 +467,137 @@ fn validate_cdc(c: RawCdc, base: &Path) -> Result<CdcConfig, String> {
         dir,
         retention,
         sinks,
+    })
+}
+
+fn validate_pg_sink(
+    f: &str,
+    name: &str,
+    source: &str,
+    pg: RawPgSink,
+) -> Result<PgSinkConfig, String> {
+    if pg.dsn.trim().is_empty() || pg.dsn.contains('\0') {
+        return Err(format!(
+            "{f}.postgres.dsn: must be a non-empty connection string"
+        ));
+    }
+    if let Some(schema) = &pg.schema {
+        if schema.is_empty() || schema.len() > 63 || schema.contains('\0') {
+            return Err(format!(
+                "{f}.postgres.schema: {schema:?} must be 1-63 characters"
+            ));
+        }
+    }
+    Ok(PgSinkConfig {
+        name: name.to_string(),
+        source: source.to_string(),
+        dsn: pg.dsn,
+        create_tables: pg.create_tables.unwrap_or(false),
+        schema: pg.schema,
+    })
+}
+
+fn validate_webhook(
+    f: &str,
+    name: &str,
+    source: &str,
+    w: RawWebhook,
+    dir: &Path,
+    base: &Path,
+) -> Result<WebhookConfig, String> {
+    let url = w.url.trim();
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"));
+    let host = rest.map(|r| r.split(['/', '?', '#']).next().unwrap_or(""));
+    if host.is_none_or(|h| h.is_empty() || h.contains(char::is_whitespace)) {
+        return Err(format!(
+            "{f}.webhook.url: {url:?} is not an http:// or https:// URL with a host"
+        ));
+    }
+    let mut headers = Vec::new();
+    for (k, v) in w.headers {
+        let ok_name = !k.is_empty()
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !ok_name {
+            return Err(format!("{f}.webhook.headers: {k:?} is not a header name"));
+        }
+        if v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+            return Err(format!(
+                "{f}.webhook.headers.{k}: the value has a line break"
+            ));
+        }
+        if k.eq_ignore_ascii_case("authorization") || k.to_ascii_lowercase().starts_with("routy-") {
+            return Err(format!(
+                "{f}.webhook.headers: {k:?} is set by the sink (use bearer_token_file or basic for authorization)"
+            ));
+        }
+        headers.push((k, v));
+    }
+    let auth = match (w.bearer_token_file, w.basic) {
+        (Some(_), Some(_)) => {
+            return Err(format!(
+                "{f}.webhook: bearer_token_file and basic exclude each other"
+            ))
+        }
+        (Some(t), None) => Some(Auth::Bearer(resolve(base, &t))),
+        (None, Some(b)) => {
+            if b.user.is_empty() || b.user.contains(':') {
+                return Err(format!(
+                    "{f}.webhook.basic.user: must be non-empty without ':'"
+                ));
+            }
+            Some(Auth::Basic {
+                user: b.user,
+                password_file: resolve(base, &b.password_file),
+            })
+        }
+        (None, None) => None,
+    };
+    let timeout = w.timeout.map_or(webhook::DEFAULT_TIMEOUT, |d| d.0);
+    if timeout.is_zero() {
+        return Err(format!("{f}.webhook.timeout: must be longer than 0"));
+    }
+    let b = w.batch.as_ref();
+    let max_events = b
+        .and_then(|b| b.max_events)
+        .unwrap_or(webhook::DEFAULT_MAX_EVENTS);
+    if max_events == 0 {
+        return Err(format!("{f}.webhook.batch.max_events: must be at least 1"));
+    }
+    let max_bytes = b
+        .and_then(|b| b.max_bytes)
+        .map_or(webhook::DEFAULT_MAX_BYTES, |s| s.0 as usize);
+    if max_bytes == 0 {
+        return Err(format!("{f}.webhook.batch.max_bytes: must be at least 1"));
+    }
+    let max_delay = b
+        .and_then(|b| b.max_delay)
+        .map_or(webhook::DEFAULT_MAX_DELAY, |d| d.0);
+    let on_rejected = match w.on_rejected.as_deref() {
+        None | Some("stop") => OnRejected::Stop,
+        Some("dead_letter") => OnRejected::DeadLetter,
+        Some(other) => {
+            return Err(format!(
+                "{f}.webhook.on_rejected: {other:?}: one of stop, dead_letter"
+            ))
+        }
+    };
+    Ok(WebhookConfig {
+        name: name.to_string(),
+        source: source.to_string(),
+        url: url.to_string(),
+        headers,
+        auth,
+        hmac_secret_file: w.hmac_secret_file.map(|p| resolve(base, &p)),
+        ca: w.ca.map(|p| resolve(base, &p)),
+        timeout,
+        max_events,
+        max_bytes,
+        max_delay,
+        on_rejected,
+        dead_letter_dir: dir.join("dead-letter"),
     })
 }
 
@@ -492,13 +691,20 @@ cdc:
         let s = &cdc.sinks[0];
         assert_eq!(s.name, "replica");
         assert_eq!(s.source, "site-b/orders");
-        assert!(s.create_tables);
-        assert_eq!(s.schema.as_deref(), Some("mirror"));
+        let SinkKind::Postgres(p) = &s.kind else {
+            panic!("{:?}", s.kind)
+        };
+        assert!(p.create_tables);
+        assert_eq!(p.schema.as_deref(), Some("mirror"));
         assert_eq!(s.retry_initial, Duration::from_millis(50));
         assert_eq!(s.retry_max, Duration::from_secs(5));
+        assert!(s.filter.is_empty());
         let d = &cdc.sinks[1];
-        assert!(!d.create_tables);
-        assert_eq!(d.schema, None);
+        let SinkKind::Postgres(p) = &d.kind else {
+            panic!("{:?}", d.kind)
+        };
+        assert!(!p.create_tables);
+        assert_eq!(p.schema, None);
         assert_eq!(d.retry_initial, DEFAULT_SINK_RETRY_INITIAL);
         assert_eq!(d.retry_max, DEFAULT_SINK_RETRY_MAX);
         assert_eq!(cdc.sources(), vec!["site-a/orders", "site-b/orders"]);
@@ -513,6 +719,82 @@ cdc:
         let m = minimal.cdc.unwrap();
         assert_eq!(m.retention, Duration::from_secs(3600));
         assert!(m.sinks.is_empty());
+    }
+
+    const HOOK: &str = r#"
+    - name: hook
+      source: site-a/orders
+      tables: [public.orders, sales.items]
+      ops: [insert, update]
+      webhook:
+        url: "https://hooks.example.com/routy"
+        headers: { X-Team: data }
+        bearer_token_file: token
+        hmac_secret_file: /s/hmac
+        timeout: 5s
+        batch: { max_events: 10, max_bytes: 64KiB, max_delay: 1s }
+        on_rejected: dead_letter
+"#;
+
+    #[test]
+    fn a_webhook_sink_with_filters_loads() {
+        let c = parse(&format!("{GOOD}{CDC}{HOOK}")).unwrap();
+        let cdc = c.cdc.unwrap();
+        let h = &cdc.sinks[2];
+        assert_eq!(
+            h.filter.tables,
+            Some(vec!["public.orders".to_string(), "sales.items".to_string()])
+        );
+        assert_eq!(h.filter.ops, Some([true, true, false, false]));
+        let SinkKind::Webhook(w) = &h.kind else {
+            panic!("{:?}", h.kind)
+        };
+        assert_eq!(w.url, "https://hooks.example.com/routy");
+        assert_eq!(w.headers, vec![("X-Team".to_string(), "data".to_string())]);
+        assert_eq!(
+            w.auth,
+            Some(Auth::Bearer(PathBuf::from("/etc/routy/token")))
+        );
+        assert_eq!(w.hmac_secret_file, Some(PathBuf::from("/s/hmac")));
+        assert_eq!(w.timeout, Duration::from_secs(5));
+        assert_eq!((w.max_events, w.max_bytes), (10, 64 * 1024));
+        assert_eq!(w.max_delay, Duration::from_secs(1));
+        assert_eq!(w.on_rejected, OnRejected::DeadLetter);
+        assert_eq!(
+            w.dead_letter_dir,
+            PathBuf::from("/etc/routy/store/dead-letter")
+        );
+        let plain = parse(&format!(
+            "{GOOD}{CDC}    - {{ name: h2, source: site-a/orders, webhook: {{ url: \"http://127.0.0.1:9/x\" }} }}\n"
+        ))
+        .unwrap();
+        let SinkKind::Webhook(w) = &plain.cdc.unwrap().sinks[2].kind else {
+            panic!()
+        };
+        assert_eq!(w.auth, None);
+        assert_eq!(w.on_rejected, OnRejected::Stop);
+        assert_eq!(w.max_events, webhook::DEFAULT_MAX_EVENTS);
+    }
+
+    #[test]
+    fn a_sink_needs_exactly_one_kind() {
+        let two = format!("{GOOD}{CDC}").replace(
+            "postgres: { dsn: \"host=db2\" }",
+            "postgres: { dsn: \"host=db2\" }\n      webhook: { url: \"http://h/\" }",
+        );
+        let e = parse(&two).unwrap_err();
+        assert!(
+            e.contains("cdc.sinks[1]")
+                && e.contains("\"second\"")
+                && e.contains("postgres and webhook"),
+            "{e}"
+        );
+        let none = format!("{GOOD}{CDC}").replace("      postgres: { dsn: \"host=db2\" }\n", "");
+        let e = parse(&none).unwrap_err();
+        assert!(e.contains("\"second\"") && e.contains("none"), "{e}");
+        let unknown =
+            format!("{GOOD}{CDC}").replace("postgres: { dsn: \"host=db2\" }", "kafka: {}");
+        assert!(parse(&unknown).unwrap_err().contains("kafka"));
     }
 
     #[test]
@@ -566,7 +848,7 @@ cdc:
             ),
             (
                 full.replace("      postgres: { dsn: \"host=db2\" }\n", ""),
-                "cdc.sinks[1].postgres",
+                "cdc.sinks[1]",
             ),
             (
                 full.replace("create_tables", "create_table"),
@@ -578,6 +860,49 @@ cdc:
             ),
             (full.replace("  sinks:", "  extra: 1\n  sinks:"), "extra"),
             (full.replace("retry: {", "retry: { jitter: 1s,"), "jitter"),
+            (
+                format!("{full}{HOOK}").replace("sales.items", "items"),
+                "cdc.sinks[2].tables",
+            ),
+            (
+                format!("{full}{HOOK}").replace("update]", "upsert]"),
+                "cdc.sinks[2].ops",
+            ),
+            (
+                format!("{full}{HOOK}").replace("https://hooks", "ftp://hooks"),
+                "cdc.sinks[2].webhook.url",
+            ),
+            (
+                format!("{full}{HOOK}").replace("X-Team", "X Team"),
+                "cdc.sinks[2].webhook.headers",
+            ),
+            (
+                format!("{full}{HOOK}").replace("X-Team", "Authorization"),
+                "cdc.sinks[2].webhook.headers",
+            ),
+            (
+                format!("{full}{HOOK}").replace("dead_letter", "skip"),
+                "cdc.sinks[2].webhook.on_rejected",
+            ),
+            (
+                format!("{full}{HOOK}").replace("max_events: 10", "max_events: 0"),
+                "cdc.sinks[2].webhook.batch.max_events",
+            ),
+            (
+                format!("{full}{HOOK}").replace("timeout: 5s", "timeout: 0s"),
+                "cdc.sinks[2].webhook.timeout",
+            ),
+            (
+                format!("{full}{HOOK}").replace(
+                    "bearer_token_file: token",
+                    "bearer_token_file: token\n        basic: { user: u, password_file: p }",
+                ),
+                "cdc.sinks[2].webhook",
+            ),
+            (
+                format!("{full}{HOOK}").replace("max_delay: 1s", "max_wait: 1s"),
+                "max_wait",
+            ),
         ];
         for (yaml, field) in cases {
             let err = parse(&yaml).unwrap_err();

@@ -325,7 +325,7 @@ mod readme_metrics {
             routy_ops::metrics::ALL,
             relay_inner::cdc::METRICS,
             crate::cdc::METRICS,
-            crate::cdc::sink_pg::METRICS,
+            crate::cdc::sink::METRICS,
         ]
         .into_iter()
         .flatten()

@@ -325,14 +325,12 @@ impl Relay {
     ) -> f64 {
         let mut last = 0.0;
         let what = format!("{name}{labels:?} to reach the expected value");
-        let res = crate::try_wait_until(timeout, &what, || {
-            match self.try_admin_get("/metrics") {
-                Ok(body) => {
-                    last = metric(&body, name, labels);
-                    ok(last)
-                }
-                Err(_) => false,
+        let res = crate::try_wait_until(timeout, &what, || match self.try_admin_get("/metrics") {
+            Ok(body) => {
+                last = metric(&body, name, labels);
+                ok(last)
             }
+            Err(_) => false,
         });
         if let Err(e) = res {
             panic!(

@@ -6,7 +6,7 @@
 //! shipping stream for the others; the sinks; and a retention task per store.
 
 pub mod receiver;
-pub mod sink_pg;
+pub mod sink;
 pub mod store;
 pub mod tail;
 
@@ -82,7 +82,7 @@ pub const METRICS: &[(&str, &str)] = &[
 /// Describes the metrics above to the installed recorder.
 pub fn describe_metrics() {
     routy_ops::metrics::describe(METRICS);
-    routy_ops::metrics::describe(sink_pg::METRICS);
+    routy_ops::metrics::describe(sink::METRICS);
 }
 
 /// How often retention runs (it also runs once when a store opens).
@@ -167,7 +167,7 @@ pub struct Cdc {
     drain: Drain,
     next_stream: AtomicU64,
     sinks: Mutex<Vec<(String, JoinHandle<()>)>>,
-    sink_status: Mutex<HashMap<String, Arc<sink_pg::SinkStatus>>>,
+    sink_status: Mutex<HashMap<String, Arc<sink::SinkStatus>>>,
 }
 
 impl std::fmt::Debug for Cdc {
@@ -205,23 +205,26 @@ impl Cdc {
                 .get(&sink.source)
                 .context("store of a sink's source was not opened")?;
             // Until the sink says how far it got, retention keeps everything.
-            src.store.register_reader(&sink_pg::reader_name(sink));
-            info!(sink = %sink.name, source = %sink.source, "sink starting");
-            let status = Arc::new(sink_pg::SinkStatus::new());
+            src.store.register_reader(&sink.name);
+            info!(sink = %sink.name, kind = sink.kind.key(), source = %sink.source, "sink starting");
+            let (status, h) = sink::spawn(sink, &cfg.dir, src.store.clone(), drain.clone());
             cdc.sink_status
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(sink.name.clone(), status.clone());
-            let h = tokio::spawn(sink_pg::run_with_status(
-                sink.clone(),
-                src.store.clone(),
-                drain.clone(),
-                status,
-            ));
+                .insert(sink.name.clone(), status);
             handles.push((sink.name.clone(), h));
         }
         *cdc.sinks.lock().unwrap_or_else(|p| p.into_inner()) = handles;
         Ok(cdc)
+    }
+
+    /// The status and controls of the sink `name`, if configured.
+    pub fn sink(&self, name: &str) -> Option<Arc<sink::SinkStatus>> {
+        self.sink_status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
     }
 
     /// The source if its store is open.
@@ -308,24 +311,7 @@ impl Cdc {
                 .sinks
                 .iter()
                 .filter(|k| k.source == s.name)
-                .map(|k| {
-                    let st = self
-                        .sink_status
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get(&k.name)
-                        .map(|st| st.view());
-                    let v = json!({
-                        "applied_seq": s.store.reader_position(&sink_pg::reader_name(k)),
-                        "lag_records": s.store.synced_seq().saturating_sub(
-                            s.store.reader_position(&sink_pg::reader_name(k)).unwrap_or(0)),
-                        "up": st.as_ref().map(|v| v.up),
-                        "last_error": st.and_then(|v| v.last_error),
-                        // The sink cannot go past what the store lacks.
-                        "blocked_by": s.store.damage(),
-                    });
-                    (k.name.clone(), v)
-                })
+                .map(|k| (k.name.clone(), self.sink_json(k, &s)))
                 .collect();
             sources.insert(
                 s.name.clone(),
@@ -345,6 +331,42 @@ impl Cdc {
             "dir": self.cfg.dir.display().to_string(),
             "retention_seconds": self.cfg.retention.as_secs_f64(),
             "sources": sources,
+        })
+    }
+}
+
+impl Cdc {
+    /// One sink in `/status` and `cdc sinks`.
+    fn sink_json(&self, k: &sink::SinkConfig, s: &Source) -> serde_json::Value {
+        let st = self.sink(&k.name).map(|st| st.view());
+        let applied = s.store.reader_position(&k.name);
+        let lag = s.store.synced_seq().saturating_sub(applied.unwrap_or(0));
+        let now_us = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0);
+        // Seconds behind: since the source committed the last transaction delivered,
+        // while records wait; 0 when caught up.
+        let lag_seconds = match (&st, lag) {
+            (_, 0) => Some(0.0),
+            (Some(v), _) => v.last_commit_us.map(|us| (now_us - us).max(0) as f64 / 1e6),
+            _ => None,
+        };
+        json!({
+            "kind": k.kind.key(),
+            "source": k.source,
+            "durability": k.kind.durability().as_str(),
+            "applied_seq": applied,
+            "position": st.as_ref().map(|v| v.position.clone()),
+            "lag_records": lag,
+            "lag_seconds": lag_seconds,
+            "state": st.as_ref().map(|v| v.state),
+            "up": st.as_ref().map(|v| v.up),
+            "paused": self.sink(&k.name).map(|s| s.paused()),
+            "replay_pending": st.as_ref().and_then(|v| v.replay_pending.clone()),
+            "last_error": st.and_then(|v| v.last_error),
+            // The sink cannot go past what the store lacks.
+            "blocked_by": s.store.damage(),
         })
     }
 }

@@ -7,7 +7,8 @@ use relay_proto::cdc::{Column, Event, OldRow, Record, Relation, SnapshotPhase, V
 use routy_e2e::{Pg, PgOpts};
 use routy_ops::drain::Drain;
 
-use super::{run_with_status, PgSinkConfig, SinkStatus};
+use super::PgSinkConfig;
+use crate::cdc::sink::{spawn, Filter, SinkConfig, SinkKind, SinkStatus};
 use crate::cdc::store::Store;
 
 fn t(s: &str) -> Value {
@@ -101,8 +102,6 @@ fn dsn_cfg(dsn: &str) -> PgSinkConfig {
         dsn: dsn.into(),
         create_tables: true,
         schema: None,
-        retry_initial: Duration::from_millis(50),
-        retry_max: Duration::from_millis(400),
     }
 }
 
@@ -113,8 +112,6 @@ fn cfg(name: &str, pg: &Pg) -> PgSinkConfig {
         dsn: pg.conninfo(),
         create_tables: true,
         schema: None,
-        retry_initial: Duration::from_millis(50),
-        retry_max: Duration::from_millis(400),
     }
 }
 
@@ -136,13 +133,21 @@ impl Running {
 
 fn start(cfg: PgSinkConfig, store: &Arc<Store>) -> Running {
     let stop = Drain::new();
-    let status = Arc::new(SinkStatus::new());
-    let task = tokio::spawn(run_with_status(
-        cfg,
+    let sink = SinkConfig {
+        name: cfg.name.clone(),
+        source: cfg.source.clone(),
+        kind: SinkKind::Postgres(cfg),
+        filter: Filter::default(),
+        retry_initial: Duration::from_millis(50),
+        retry_max: Duration::from_millis(400),
+    };
+    // A transactional sink keeps no position file: the root is never written.
+    let (status, task) = spawn(
+        &sink,
+        std::path::Path::new("/nonexistent"),
         store.clone(),
         stop.clone(),
-        status.clone(),
-    ));
+    );
     Running { stop, status, task }
 }
 

@@ -1,5 +1,5 @@
-//! Reading the store for one sink: records up to the durable seq, in order, read on a
-//! blocking thread.
+//! Reading the store for one sink (or consumer): records up to the durable seq, in order,
+//! read on a blocking thread.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -18,7 +18,7 @@ const READ_BATCH: usize = 256;
 /// 64 MiB before it applied any.
 const READ_BATCH_BYTES: usize = 4 << 20;
 
-pub struct Source {
+pub struct RecordReader {
     store: Arc<Store>,
     rx: watch::Receiver<u64>,
     reader: Option<Reader>,
@@ -31,10 +31,10 @@ pub struct Source {
     buf: VecDeque<(u64, Vec<u8>)>,
 }
 
-impl Source {
+impl RecordReader {
     /// Reads from `start` (0: the oldest record held).
-    pub fn new(store: Arc<Store>, start: u64) -> Source {
-        Source {
+    pub fn new(store: Arc<Store>, start: u64) -> RecordReader {
+        RecordReader {
             rx: store.subscribe(),
             store,
             reader: None,
@@ -45,7 +45,7 @@ impl Source {
         }
     }
 
-    /// Newest durable seq (and marks it seen for [`Source::changed`]).
+    /// Newest durable seq (and marks it seen for [`RecordReader::changed`]).
     pub fn durable(&mut self) -> u64 {
         *self.rx.borrow_and_update()
     }

@@ -4,27 +4,19 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use relay_proto::cdc::{format_lsn, Event, OldRow, Record, Relation, SnapshotPhase, Value};
+use relay_proto::cdc::{format_lsn, Event, OldRow, Relation, SnapshotPhase, Value};
 use tokio::task::JoinHandle;
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Statement};
 
-use super::source::Source;
 use super::table::{
     quote_ident, Op, StmtKey, Table, TargetCol, COLUMNS_SQL, W_NULL, W_SKIP, W_VALUE,
 };
-use super::{
-    target_config, Flow, Memo, PgSinkConfig, SinkError, SinkStatus, APPLIED_SEQ, COMMIT_LATENCY,
-    ERRORS, LAG_RECORDS, MISSING_ROWS, ROWS, UP,
-};
-use crate::cdc::store::Store;
+use super::{pg_error, target_config, PgSinkConfig, MISSING_ROWS};
+use crate::cdc::sink::{Flow, Position, SinkError};
 
-/// Records grouped into one target transaction at most (complete source transactions only).
-const GROUP_RECORDS: usize = 1000;
-/// Rows grouped into one target transaction before committing at the next boundary.
-const GROUP_ROWS: usize = 200_000;
 /// Rows per batched insert statement.
 const CHUNK_ROWS: usize = 2000;
 /// Text bytes per batched insert statement.
@@ -36,22 +28,6 @@ const MAX_INFLIGHT: usize = 256;
 /// them held about 50 MB (2M rows of 100 bytes); at this bound relay-outer's peak through
 /// such a transaction is about half that, at the same speed.
 const MAX_INFLIGHT_BYTES: usize = 8 << 20;
-/// A target transaction left open inside an incomplete source transaction is rolled
-/// back after this long without new records.
-const IDLE_TXN: Duration = Duration::from_secs(60);
-/// Records applied before a sink that catches up gives free memory back to the kernel.
-const TRIM_AFTER_RECORDS: u64 = 64;
-/// How long a sink that caught up after a burst waits before it gives memory back.
-const TRIM_IDLE: Duration = Duration::from_secs(2);
-/// How often an idle sink checks its connection.
-const IDLE_CHECK: Duration = Duration::from_secs(10);
-
-const OP_INSERT: usize = 0;
-const OP_UPDATE: usize = 1;
-const OP_DELETE: usize = 2;
-const OP_TRUNCATE: usize = 3;
-const OP_NAMES: [&str; 4] = ["insert", "update", "delete", "truncate"];
-
 const SETUP_SQL: &str = "\
 SELECT pg_advisory_xact_lock(7235123591);
 CREATE SCHEMA IF NOT EXISTS _routy;
@@ -61,51 +37,8 @@ CREATE TABLE IF NOT EXISTS _routy.sink_offsets (
     lsn text,
     source text,
     updated_at timestamptz DEFAULT now()
-);";
-
-/// Connects, resumes from the target's offset and applies until an error or a restart.
-pub(crate) async fn session(
-    cfg: &PgSinkConfig,
-    store: &Arc<Store>,
-    status: &SinkStatus,
-    memo: &mut Memo,
-) -> Flow {
-    // The statements applied to the target have no client-side deadline on purpose: they
-    // may wait on the target's locks (an application holding a row or the table), and an
-    // apply cut short would be retried into the same wait. A dead target host is found by
-    // TCP keepalives (keepalives_idle 30s, see target_config); the target's own
-    // statement_timeout / lock_timeout (settable per role) bound the rest.
-    let mut s = match Session::connect(cfg, store, status, memo).await {
-        Ok(s) => s,
-        Err(e) => return Flow::Fail(e),
-    };
-    match s.run().await {
-        Err(Flow::Fail(e)) => {
-            // An awaited query fails when an earlier pipelined statement did: report that.
-            let e = if e.pipelined {
-                e
-            } else {
-                s.first_error().await.unwrap_or(e)
-            };
-            s.memo.careful_until = s.memo.careful_until.max(e.seq);
-            if e.is_cardinality() {
-                if let Some(t) = s.batch_table.take() {
-                    tracing::warn!(sink = %cfg.name, table = %t,
-                        "a batched insert hit the same key twice; inserting this table's rows one by one");
-                    s.memo.per_row.insert(t);
-                }
-            }
-            Flow::Fail(e)
-        }
-        Err(f) => {
-            s.rollback().await;
-            f
-        }
-        Ok(never) => match never {},
-    }
-}
-
-enum Never {}
+);
+ALTER TABLE _routy.sink_offsets ADD COLUMN IF NOT EXISTS next_event integer NOT NULL DEFAULT 0;";
 
 /// Why a pipelined statement's result matters.
 enum Kind {
@@ -145,11 +78,10 @@ struct Batch {
     keys: HashSet<Vec<Option<String>>>,
 }
 
-struct Session<'a> {
-    cfg: &'a PgSinkConfig,
-    store: &'a Arc<Store>,
-    status: &'a SinkStatus,
-    memo: &'a mut Memo,
+/// One connection to the target and what it knows (tables, prepared statements,
+/// statements in flight).
+pub(crate) struct Conn {
+    cfg: PgSinkConfig,
     client: Arc<Client>,
     conn_task: JoinHandle<()>,
     lock_stmt: Option<Statement>,
@@ -160,21 +92,24 @@ struct Session<'a> {
     inflight_bytes: usize,
     batch: Option<Batch>,
     /// Table of the batched insert that failed last (for the duplicate-key fallback).
-    batch_table: Option<String>,
-    committed: u64,
+    pub(crate) batch_table: Option<String>,
+    /// The position committed in the target (what `begin` expects to find there).
+    committed: Position,
     tx_open: bool,
-    src_open: bool,
-    src_begin: (u64, usize),
-    group_records: usize,
-    group_rows: usize,
-    group_last_seq: u64,
-    group_lsn: Option<u64>,
-    group_commit_time: Option<i64>,
-    group_counts: [u64; 4],
-    seq: u64,
+    /// Store seq being applied.
+    pub(crate) seq: u64,
 }
 
-impl Drop for Session<'_> {
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("sink", &self.cfg.name)
+            .field("committed", &self.committed)
+            .finish()
+    }
+}
+
+impl Drop for Conn {
     fn drop(&mut self) {
         for f in &self.inflight {
             if let Pending::Task(h) = &f.result {
@@ -185,13 +120,8 @@ impl Drop for Session<'_> {
     }
 }
 
-impl<'a> Session<'a> {
-    async fn connect(
-        cfg: &'a PgSinkConfig,
-        store: &'a Arc<Store>,
-        status: &'a SinkStatus,
-        memo: &'a mut Memo,
-    ) -> Result<Session<'a>, SinkError> {
+impl Conn {
+    pub(crate) async fn connect(cfg: &PgSinkConfig) -> Result<Conn, SinkError> {
         let (pc, tls) = target_config(cfg).map_err(|e| SinkError::new("config", 0, e))?;
         // tokio-postgres's connect_timeout covers the TCP connect only: TLS, startup and
         // authentication get the same deadline.
@@ -208,18 +138,15 @@ impl<'a> Session<'a> {
                     format!("connecting to the target: no answer within {limit:?}"),
                 )
             })?
-            .map_err(|e| SinkError::pg(0, "connecting to the target", &e))?;
+            .map_err(|e| pg_error(0, "connecting to the target", &e))?;
         let sink = cfg.name.clone();
         let conn_task = tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(sink = %sink, "target connection ended: {e}");
             }
         });
-        Ok(Session {
-            cfg,
-            store,
-            status,
-            memo,
+        Ok(Conn {
+            cfg: cfg.clone(),
             client: Arc::new(client),
             conn_task,
             lock_stmt: None,
@@ -229,33 +156,25 @@ impl<'a> Session<'a> {
             inflight_bytes: 0,
             batch: None,
             batch_table: None,
-            committed: 0,
+            committed: Position::START,
             tx_open: false,
-            src_open: false,
-            src_begin: (0, 0),
-            group_records: 0,
-            group_rows: 0,
-            group_last_seq: 0,
-            group_lsn: None,
-            group_commit_time: None,
-            group_counts: [0; 4],
             seq: 0,
         })
     }
 
-    fn sink(&self) -> String {
-        self.cfg.name.clone()
+    pub(crate) fn is_closed(&self) -> bool {
+        self.client.is_closed()
     }
 
     fn pg_err(&self, what: &str, e: &tokio_postgres::Error) -> SinkError {
-        SinkError::pg(self.seq, what, e)
+        pg_error(self.seq, what, e)
     }
 
-    /// Creates the offset table and this sink's row; reads the committed seq.
-    async fn setup(&mut self) -> Result<u64, Flow> {
+    /// Creates the offset table and this sink's row; reads the committed position.
+    pub(crate) async fn setup(&mut self) -> Result<Position, Flow> {
         let c = self.client.clone();
         let name = self.cfg.name.clone();
-        let r: Result<(u64, Option<String>), tokio_postgres::Error> = async {
+        let r: Result<(u64, i32, Option<String>), tokio_postgres::Error> = async {
             c.batch_execute(&format!("BEGIN; {SETUP_SQL}")).await?;
             c.execute(
                 "INSERT INTO _routy.sink_offsets (sink, seq, source) VALUES ($1, 0, $2) \
@@ -265,13 +184,14 @@ impl<'a> Session<'a> {
             .await?;
             let row = c
                 .query_one(
-                    "SELECT seq, source FROM _routy.sink_offsets WHERE sink = $1",
+                    "SELECT seq, next_event, source FROM _routy.sink_offsets WHERE sink = $1",
                     &[&name],
                 )
                 .await?;
             let seq: i64 = row.get(0);
-            let source: Option<String> = row.get(1);
-            if seq <= 0 && source.as_deref() != Some(self.cfg.source.as_str()) {
+            let next_event: i32 = row.get(1);
+            let source: Option<String> = row.get(2);
+            if seq <= 0 && next_event <= 0 && source.as_deref() != Some(self.cfg.source.as_str()) {
                 // No position yet: the row is this source's from now on.
                 c.execute(
                     "UPDATE _routy.sink_offsets SET source = $2 WHERE sink = $1",
@@ -280,10 +200,11 @@ impl<'a> Session<'a> {
                 .await?;
             }
             c.batch_execute("COMMIT").await?;
-            Ok((seq.max(0) as u64, source))
+            Ok((seq.max(0) as u64, next_event.max(0), source))
         }
         .await;
-        let (seq, source) = r.map_err(|e| self.pg_err("setting up _routy.sink_offsets", &e))?;
+        let (seq, next_event, source) =
+            r.map_err(|e| self.pg_err("setting up _routy.sink_offsets", &e))?;
         if let Some(other) = source.filter(|s| seq > 0 && *s != self.cfg.source) {
             return Err(SinkError::new(
                 "config",
@@ -301,7 +222,7 @@ impl<'a> Session<'a> {
         }
         self.lock_stmt = Some(
             c.prepare_typed(
-                "SELECT seq FROM _routy.sink_offsets WHERE sink = $1 FOR UPDATE",
+                "SELECT seq, next_event FROM _routy.sink_offsets WHERE sink = $1 FOR UPDATE",
                 &[Type::TEXT],
             )
             .await
@@ -309,148 +230,43 @@ impl<'a> Session<'a> {
         );
         self.offset_stmt = Some(
             c.prepare_typed(
-                "UPDATE _routy.sink_offsets SET seq = $2::bigint, lsn = COALESCE($3, lsn), \
-                 source = $4, updated_at = now() WHERE sink = $1",
-                &[Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT],
+                "UPDATE _routy.sink_offsets SET seq = $2::bigint, next_event = $5::integer, \
+                 lsn = COALESCE($3, lsn), source = $4, updated_at = now() WHERE sink = $1",
+                &[Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT],
             )
             .await
             .map_err(|e| self.pg_err("preparing", &e))?,
         );
-        Ok(seq)
+        let pos = from_offset(seq, next_event);
+        self.committed = pos;
+        Ok(pos)
     }
 
-    async fn run(&mut self) -> Result<Never, Flow> {
-        let committed = self.setup().await?;
-        let sink = self.sink();
-        self.committed = committed;
-        self.status.set_applied(committed);
-        self.status.set_up(true);
-        metrics::gauge!(UP, "sink" => sink.clone()).set(1.0);
-        metrics::gauge!(APPLIED_SEQ, "sink" => sink.clone()).set(committed as f64);
-        self.store
-            .set_reader_position(&super::reader_name(self.cfg), committed);
-        tracing::info!(sink = %sink, seq = committed, "sink connected; resuming after seq {committed}");
-        let mut src = Source::new(
-            self.store.clone(),
-            if committed == 0 { 0 } else { committed + 1 },
-        );
-        let mut idle_since: Option<Instant> = None;
-        // Records applied since memory was last given back (see below).
-        let mut since_trim = 0u64;
-        // Only the first record a sink without a position reads tells where the store
-        // starts (later ones follow it; `committed` stays 0 until the first commit).
-        let mut start_checked = committed != 0;
-        loop {
-            match src.try_next().await? {
-                Some((seq, rec)) => {
-                    idle_since = None;
-                    since_trim += 1;
-                    if seq <= self.committed {
-                        continue;
-                    }
-                    if !std::mem::replace(&mut start_checked, true) && seq > 1 {
-                        self.report_gap(seq);
-                    }
-                    self.apply_record(seq, rec).await?;
-                    let careful = seq <= self.memo.careful_until;
-                    if !self.src_open
-                        && (careful
-                            || self.group_records >= GROUP_RECORDS
-                            || self.group_rows >= GROUP_ROWS)
-                    {
-                        self.commit().await?;
-                    }
-                }
-                None => {
-                    if self.tx_open && !self.src_open {
-                        self.commit().await?;
-                        continue;
-                    }
-                    let durable = src.durable();
-                    metrics::gauge!(LAG_RECORDS, "sink" => sink.clone())
-                        .set(durable.saturating_sub(self.committed) as f64);
-                    if self.client.is_closed() {
-                        return Err(SinkError::new(
-                            "connection",
-                            self.committed + 1,
-                            "the connection to the target was closed",
-                        )
-                        .into());
-                    }
-                    let mut wait = IDLE_CHECK;
-                    if !self.tx_open && since_trim >= TRIM_AFTER_RECORDS {
-                        // Caught up after a burst (a large transaction): once nothing new
-                        // came for TRIM_IDLE (the statements' and the receiver's buffers
-                        // are freed by then), give the memory back to the kernel instead
-                        // of keeping it resident while idle.
-                        let since = *idle_since.get_or_insert_with(Instant::now);
-                        if since.elapsed() >= TRIM_IDLE {
-                            since_trim = 0;
-                            routy_ops::malloc::release_free();
-                        } else {
-                            wait = TRIM_IDLE.saturating_sub(since.elapsed());
-                        }
-                    }
-                    if self.tx_open {
-                        // Inside a source transaction whose rest has not arrived.
-                        self.drain().await?;
-                        let since = *idle_since.get_or_insert_with(Instant::now);
-                        let left = IDLE_TXN.saturating_sub(since.elapsed());
-                        if left.is_zero() {
-                            return Err(Flow::Restart {
-                                after_durable: Some(durable),
-                                why: format!(
-                                    "no new records for {}s inside the source transaction begun at seq {}; \
-                                     rolled back the target transaction until more arrive",
-                                    IDLE_TXN.as_secs(),
-                                    self.src_begin.0
-                                ),
-                            });
-                        }
-                        wait = wait.min(left);
-                    }
-                    tokio::select! {
-                        _ = src.changed() => {}
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                }
-            }
-        }
-    }
-
-    /// A sink without a position starts at the store's oldest record, `first`; when that
-    /// is not seq 1 the target misses what came before (initial copies among it). Logged
-    /// once, shown as the status' last error and counted; the sink goes on.
-    fn report_gap(&mut self, first: u64) {
-        if std::mem::replace(&mut self.memo.gap_reported, true) {
-            return;
-        }
-        let missing = if first == 2 {
-            "record 1 is".to_string()
-        } else {
-            format!("records 1..{} are", first - 1)
-        };
-        let msg = format!(
-            "sink {} has no position in its target and starts at the store's oldest record, seq \
-             {first}: {missing} no longer in the store (removed by retention, or the store joined \
-             the stream later); tables copied before that are missing in the target: re-copy the \
-             source with `relay-inner cdc drop-slot` and a restart of relay-inner",
-            self.cfg.name
-        );
-        tracing::error!(sink = %self.cfg.name, first_seq = first, "{msg}");
-        metrics::counter!(ERRORS, "sink" => self.sink(), "reason" => "gap").increment(1);
-        self.status.set_error(format!("seq {first}: {msg}"));
+    /// Moves this sink's offset row to `pos` (a replay), outside any transaction.
+    pub(crate) async fn set_offset(&mut self, pos: Position) -> Result<(), Flow> {
+        let (seq, next_event) = to_offset(pos);
+        self.client
+            .execute(
+                "UPDATE _routy.sink_offsets SET seq = $2, next_event = $3, lsn = NULL, \
+                 updated_at = now() WHERE sink = $1",
+                &[&self.cfg.name, &(seq as i64), &(next_event as i32)],
+            )
+            .await
+            .map_err(|e| self.pg_err("moving the sink offset (replay)", &e))?;
+        self.committed = pos;
+        Ok(())
     }
 
     /// BEGIN, and lock this sink's offset row (a second process running the same sink
     /// waits here, and finds the offset moved).
-    async fn begin(&mut self) -> Result<(), Flow> {
+    pub(crate) async fn begin(&mut self, from: Position) -> Result<(), Flow> {
+        self.committed = from;
         self.send_simple("BEGIN", "BEGIN");
         let stmt = self.lock_stmt.clone().expect("prepared in setup");
         let r = self.client.query_opt(&stmt, &[&self.cfg.name]).await;
         let row = r.map_err(|e| self.pg_err("locking the sink offset", &e))?;
-        let stored: i64 = match row {
-            Some(r) => r.get(0),
+        let stored = match row {
+            Some(r) => from_offset(r.get::<_, i64>(0).max(0) as u64, r.get::<_, i32>(1).max(0)),
             None => {
                 return Err(SinkError::new(
                     "conflict",
@@ -463,7 +279,7 @@ impl<'a> Session<'a> {
                 .into())
             }
         };
-        if stored as u64 != self.committed {
+        if stored != self.committed {
             return Err(Flow::Restart {
                 after_durable: None,
                 why: format!(
@@ -473,63 +289,35 @@ impl<'a> Session<'a> {
             });
         }
         self.tx_open = true;
-        self.group_records = 0;
-        self.group_rows = 0;
-        self.group_lsn = None;
-        self.group_commit_time = None;
-        self.group_counts = [0; 4];
         Ok(())
     }
 
-    async fn commit(&mut self) -> Result<(), Flow> {
+    /// Writes the offset `next` (and the source LSN reached) and commits.
+    pub(crate) async fn commit(&mut self, next: Position, lsn: Option<u64>) -> Result<(), Flow> {
         if !self.tx_open {
             return Ok(());
         }
         self.flush().await?;
         let stmt = self.offset_stmt.clone().expect("prepared in setup");
+        let (seq, next_event) = to_offset(next);
         let params = vec![
             Some(self.cfg.name.clone()),
-            Some(self.group_last_seq.to_string()),
-            self.group_lsn.map(format_lsn),
+            Some(seq.to_string()),
+            lsn.map(format_lsn),
             Some(self.cfg.source.clone()),
+            Some(next_event.to_string()),
         ];
         self.send(&stmt, params, Kind::Plain, "writing the sink offset");
         self.send_simple("COMMIT", "COMMIT");
         self.drain().await?;
         self.tx_open = false;
-        self.committed = self.group_last_seq;
-        let sink = self.sink();
-        self.status.set_applied(self.committed);
-        self.status.set_up(true);
-        self.memo.progressed = true;
-        self.memo.discards.retain(|(_, end)| end.0 > self.committed);
-        metrics::gauge!(UP, "sink" => sink.clone()).set(1.0);
-        metrics::gauge!(APPLIED_SEQ, "sink" => sink.clone()).set(self.committed as f64);
-        let durable = self.store.synced_seq();
-        metrics::gauge!(LAG_RECORDS, "sink" => sink.clone())
-            .set(durable.saturating_sub(self.committed) as f64);
-        for (i, n) in self.group_counts.iter().enumerate() {
-            if *n > 0 {
-                metrics::counter!(ROWS, "sink" => sink.clone(), "op" => OP_NAMES[i]).increment(*n);
-            }
-        }
-        if let Some(t) = self.group_commit_time {
-            let now_us = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_micros() as i64)
-                .unwrap_or(0);
-            let src_us = t + relay_proto::cdc::PG_EPOCH_UNIX_SECS * 1_000_000;
-            let secs = (now_us - src_us).max(0) as f64 / 1e6;
-            metrics::histogram!(COMMIT_LATENCY, "sink" => sink.clone()).record(secs);
-        }
-        self.store
-            .set_reader_position(&super::reader_name(self.cfg), self.committed);
-        tracing::debug!(sink = %sink, seq = self.committed, "committed");
+        self.committed = next;
+        tracing::debug!(sink = %self.cfg.name, position = %next, "committed");
         Ok(())
     }
 
     /// Best-effort rollback before a restart on the same connection's way out.
-    async fn rollback(&mut self) {
+    pub(crate) async fn rollback(&mut self) {
         // Bounded: a target that stopped answering must not hold a restart or a shutdown
         // up; the connection is dropped afterwards anyway, which rolls back too.
         let grace = Duration::from_secs(5);
@@ -604,7 +392,7 @@ impl<'a> Session<'a> {
     }
 
     /// Waits for every outstanding statement.
-    async fn drain(&mut self) -> Result<(), Flow> {
+    pub(crate) async fn drain(&mut self) -> Result<(), Flow> {
         while let Some(f) = self.inflight.pop_front() {
             self.finish(f).await?;
         }
@@ -619,7 +407,7 @@ impl<'a> Session<'a> {
                     if rows == 0 {
                         tracing::warn!(sink = %self.cfg.name, seq = f.seq, table = %table,
                             "{op} found no row in the target; skipped");
-                        metrics::counter!(MISSING_ROWS, "sink" => self.sink()).increment(1);
+                        metrics::counter!(MISSING_ROWS, "sink" => self.cfg.name.clone(), "kind" => "postgres").increment(1);
                     }
                 }
                 Ok(())
@@ -628,7 +416,7 @@ impl<'a> Session<'a> {
                 if let Kind::Batch { table } = &f.kind {
                     self.batch_table = Some(table.clone());
                 }
-                let mut e = SinkError::pg(f.seq, f.what, &e);
+                let mut e = pg_error(f.seq, f.what, &e);
                 e.pipelined = true;
                 Err(e.into())
             }
@@ -645,7 +433,7 @@ impl<'a> Session<'a> {
     }
 
     /// After a failure: the first error among the outstanding statements, if any.
-    async fn first_error(&mut self) -> Option<SinkError> {
+    pub(crate) async fn first_error(&mut self) -> Option<SinkError> {
         while let Some(f) = self.inflight.pop_front() {
             if let Err(Flow::Fail(e)) = self.finish(f).await {
                 return Some(e);
@@ -654,62 +442,19 @@ impl<'a> Session<'a> {
         None
     }
 
-    async fn apply_record(&mut self, seq: u64, rec: Record) -> Result<(), Flow> {
+    /// Applies one event of the open transaction (Begin and Commit are the runner's).
+    pub(crate) async fn event(
+        &mut self,
+        seq: u64,
+        ev: Event,
+        per_row: &HashSet<String>,
+    ) -> Result<(), Flow> {
         self.seq = seq;
-        if !self.tx_open {
-            self.begin().await?;
-        }
-        for (i, ev) in rec.events.into_iter().enumerate() {
-            // A relation only describes a table (records are read on their own, so the
-            // ones in a discarded range come again where they are used): it is kept, also
-            // because the event that ends a partial transaction may follow its own
-            // relations in the same record.
-            if !matches!(ev, Event::Relation(_)) && self.memo.discarded(seq, i) {
-                continue;
-            }
-            // A Begin while a source transaction is open means the open one was cut off
-            // (a crash on the source side) and comes again whole; so does an event that
-            // only occurs outside transactions (a table's initial copy, a
-            // non-transactional message). Discard the partial one, up to this event, and
-            // apply this event normally when reading again.
-            if self.src_open
-                && matches!(
-                    ev,
-                    Event::Begin { .. }
-                        | Event::Snapshot { .. }
-                        | Event::Message {
-                            transactional: false,
-                            ..
-                        }
-                )
-            {
-                let start = self.src_begin;
-                tracing::warn!(sink = %self.cfg.name, seq, event = ev.kind(),
-                    "a transaction begun at seq {} was cut off before its commit (source crash): \
-                     a {} at seq {seq} cannot be inside it; discarding the partial transaction",
-                    start.0, ev.kind());
-                self.memo.discards.push((start, (seq, i)));
-                return Err(Flow::Restart {
-                    after_durable: None,
-                    why: "discarded a partial source transaction".into(),
-                });
-            }
+        {
             match ev {
-                Event::Begin { .. } => {
-                    self.src_open = true;
-                    self.src_begin = (seq, i);
-                }
-                Event::Commit {
-                    end_lsn,
-                    commit_time,
-                    ..
-                } => {
-                    self.src_open = false;
-                    self.group_lsn = Some(end_lsn);
-                    self.group_commit_time = Some(commit_time);
-                }
+                Event::Begin { .. } | Event::Commit { .. } => {}
                 Event::Relation(r) => self.observe(r).await?,
-                Event::Insert { rel, new } => self.insert(rel, new).await?,
+                Event::Insert { rel, new } => self.insert(rel, new, per_row).await?,
                 Event::Update { rel, old, new } => {
                     self.flush().await?;
                     self.update(rel, old, new).await?;
@@ -725,18 +470,6 @@ impl<'a> Session<'a> {
                 } => {
                     self.flush().await?;
                     self.truncate(&rels, cascade, restart_identity).await?;
-                }
-                Event::Message {
-                    transactional: false,
-                    prefix,
-                    content,
-                    ..
-                } if prefix == relay_proto::cdc::LOST_PREFIX => {
-                    tracing::error!(sink = %self.cfg.name, seq, lost = %String::from_utf8_lossy(&content),
-                        "the store holds a marker for a record lost to corruption (cdc salvage): \
-                         the changes it held are missing from the target; copy the tables they touched again");
-                    metrics::counter!(super::LOST_RECORDS, "sink" => self.cfg.name.clone())
-                        .increment(1);
                 }
                 Event::Message {
                     transactional,
@@ -767,11 +500,6 @@ impl<'a> Session<'a> {
             }
             self.throttle().await?;
         }
-        if rec.lsn != 0 {
-            self.group_lsn = Some(rec.lsn);
-        }
-        self.group_records += 1;
-        self.group_last_seq = seq;
         Ok(())
     }
 
@@ -984,17 +712,20 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    async fn insert(&mut self, rel: u32, new: Vec<Value>) -> Result<(), Flow> {
+    async fn insert(
+        &mut self,
+        rel: u32,
+        new: Vec<Value>,
+        per_row: &HashSet<String>,
+    ) -> Result<(), Flow> {
         self.ensure_table(rel).await?;
         self.check_len(rel, new.len())?;
-        self.group_rows += 1;
-        self.group_counts[OP_INSERT] += 1;
         let mask: Vec<u8> = new
             .iter()
             .map(|v| u8::from(!matches!(v, Value::Unchanged)))
             .collect();
         let t = &self.tables[&rel];
-        if self.memo.per_row.contains(&t.display) {
+        if per_row.contains(&t.display) {
             self.flush().await?;
             let params: Vec<Option<String>> = new.into_iter().filter_map(text_param).collect();
             let n = params.len();
@@ -1094,8 +825,6 @@ impl<'a> Session<'a> {
         if let Some(o) = &old {
             self.check_len(rel, o.values.len())?;
         }
-        self.group_rows += 1;
-        self.group_counts[OP_UPDATE] += 1;
         let t = &self.tables[&rel];
         let n = new.len();
         let Some((filter, fvals)) = self.filter(t, old.as_ref().map(|o| &o.values[..]), &new)
@@ -1158,8 +887,6 @@ impl<'a> Session<'a> {
     async fn delete(&mut self, rel: u32, old: OldRow) -> Result<(), Flow> {
         self.ensure_table(rel).await?;
         self.check_len(rel, old.values.len())?;
-        self.group_rows += 1;
-        self.group_counts[OP_DELETE] += 1;
         let t = &self.tables[&rel];
         let Some((filter, fvals)) = self.filter(t, Some(&old.values), &old.values) else {
             self.missing(rel, "delete", "no old values to match");
@@ -1230,7 +957,8 @@ impl<'a> Session<'a> {
     fn missing(&self, rel: u32, op: &str, why: &str) {
         let t = &self.tables[&rel];
         tracing::warn!(sink = %self.cfg.name, seq = self.seq, table = %t.display, "{op} skipped: {why}");
-        metrics::counter!(MISSING_ROWS, "sink" => self.sink()).increment(1);
+        metrics::counter!(MISSING_ROWS, "sink" => self.cfg.name.clone(), "kind" => "postgres")
+            .increment(1);
     }
 
     async fn truncate(&mut self, rels: &[u32], cascade: bool, restart: bool) -> Result<(), Flow> {
@@ -1247,7 +975,6 @@ impl<'a> Session<'a> {
         if idents.is_empty() {
             return Ok(());
         }
-        self.group_counts[OP_TRUNCATE] += idents.len() as u64;
         let sql = format!(
             "TRUNCATE {}{}{}",
             idents.join(", "),
@@ -1282,5 +1009,25 @@ async fn wait(p: Pending) -> Result<u64, Failed> {
             Ok(r) => r.map_err(Failed::Pg),
             Err(e) => Err(Failed::Task(e)),
         },
+    }
+}
+
+/// The position an offset row holds: `seq` (every record through it applied) and
+/// `next_event` (events of record `seq + 1` before it applied: a replay to the middle of
+/// a record).
+fn from_offset(seq: u64, next_event: i32) -> Position {
+    if seq == 0 && next_event <= 0 {
+        Position::START
+    } else {
+        Position::new(seq + 1, next_event.max(0) as u32)
+    }
+}
+
+/// The offset row's `(seq, next_event)` for a position.
+fn to_offset(p: Position) -> (u64, u32) {
+    if p == Position::START {
+        (0, 0)
+    } else {
+        (p.applied_seq(), p.idx)
     }
 }

@@ -1,0 +1,589 @@
+//! The runner: what every sink needs, whatever its kind. It reads the store from the
+//! sink's position, keeps source transactions whole, filters, batches, retries with
+//! backoff, pauses, replays, and reports status and metrics; the [`Sink`] only writes
+//! and commits.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use relay_proto::cdc::{Event, Record, Relations};
+use routy_ops::drain::Drain;
+use tokio::sync::watch;
+
+use super::position::PositionFile;
+use super::reader::RecordReader;
+use super::{
+    BatchInfo, Durability, Filter, Flow, Position, Sink, SinkError, SinkStatus, State, APPLIED_SEQ,
+    BATCHES, COMMIT_LATENCY, ERRORS, LAG_RECORDS, LAST_COMMIT_TIME, LOST_RECORDS, OP_NAMES, PAUSED,
+    ROWS, UP,
+};
+use crate::cdc::store::Store;
+
+/// An open source transaction whose rest does not arrive for this long is rolled back
+/// in the target (its locks released) until more records come.
+const IDLE_TXN: Duration = Duration::from_secs(60);
+/// After a burst of this many records, memory is given back once idle for [`TRIM_IDLE`].
+const TRIM_AFTER_RECORDS: u64 = 64;
+/// See [`TRIM_AFTER_RECORDS`].
+const TRIM_IDLE: Duration = Duration::from_secs(2);
+/// How often an idle runner checks on its target.
+const IDLE_CHECK: Duration = Duration::from_secs(10);
+
+/// What a runner needs besides its sink.
+#[derive(Debug, Clone)]
+pub struct RunCtx {
+    /// Sink name (the `sink` label, its reader name in the store).
+    pub name: String,
+    /// `tunnel/source`.
+    pub source: String,
+    /// The source's store.
+    pub store: Arc<Store>,
+    /// Which changes the sink gets.
+    pub filter: Filter,
+    /// First retry delay.
+    pub retry_initial: Duration,
+    /// Largest retry delay.
+    pub retry_max: Duration,
+    /// Where an at-least-once sink's position is kept.
+    pub positions: Option<PositionFile>,
+    /// Shutdown.
+    pub stop: Drain,
+    /// Status and controls.
+    pub status: Arc<SinkStatus>,
+}
+
+/// What outlives one session.
+#[derive(Debug, Default)]
+struct Memo {
+    /// Partial source transactions cut off by a new `Begin` (or an event that only occurs
+    /// outside transactions: a snapshot phase, a non-transactional message): `[start,
+    /// end)`; their events, but for relations, are skipped when read again.
+    discards: Vec<(Position, Position)>,
+    /// Something was committed since the last failure (resets the backoff).
+    progressed: bool,
+    /// Up to this seq (where the last failure was), every source transaction gets a
+    /// batch of its own, so the good ones before a bad one get through.
+    careful_until: u64,
+    /// The missing start of the store was reported.
+    gap_reported: bool,
+}
+
+impl Memo {
+    fn discarded(&self, at: Position) -> bool {
+        self.discards.iter().any(|(a, b)| at >= *a && at < *b)
+    }
+}
+
+/// Runs `sink` until `ctx.stop`.
+pub async fn run<S: Sink>(mut sink: S, ctx: RunCtx) {
+    let labels = [
+        ("sink", ctx.name.clone()),
+        ("kind", sink.kind().to_string()),
+    ];
+    ctx.store.register_reader(&ctx.name);
+    if let Some(f) = &ctx.positions {
+        // Retention keeps what the sink has not committed, from the start on.
+        if let Ok(p) = f.load() {
+            ctx.store.set_reader_position(&ctx.name, p.applied_seq());
+            ctx.status.set_position(p);
+        }
+    }
+    metrics::gauge!(UP, &labels).set(0.0);
+    metrics::gauge!(PAUSED, &labels).set(0.0);
+    let mut memo = Memo::default();
+    let mut backoff = routy_ops::backoff::Backoff::new(ctx.retry_initial, ctx.retry_max);
+    let mut durable_rx: watch::Receiver<u64> = ctx.store.subscribe();
+    let mut replay_rx = ctx.status.subscribe_replay();
+    while !ctx.stop.is_stopping() {
+        ctx.status.set_state(State::Starting);
+        let outcome = tokio::select! {
+            r = session(&mut sink, &ctx, &labels, &mut memo) => r,
+            _ = ctx.stop.stopping() => break,
+        };
+        ctx.status.set_up(false);
+        metrics::gauge!(UP, &labels).set(0.0);
+        if std::mem::take(&mut memo.progressed) {
+            backoff.reset();
+        }
+        match outcome {
+            Flow::Restart { after_durable, why } => {
+                tracing::info!(sink = %ctx.name, "{why}; starting over from the committed position");
+                if let Some(seen) = after_durable {
+                    tokio::select! {
+                        _ = durable_rx.wait_for(|d| *d > seen) => {}
+                        _ = replay_rx.changed() => {}
+                        _ = ctx.stop.stopping() => break,
+                    }
+                }
+            }
+            Flow::Fail(e) => {
+                metrics::counter!(ERRORS, "sink" => ctx.name.clone(), "kind" => sink.kind(), "reason" => e.reason)
+                    .increment(1);
+                ctx.status.set_error(format!("seq {}: {}", e.seq, e.msg));
+                if e.rejected {
+                    // Retrying cannot help: stop until an operator moves the sink (a
+                    // replay) or restarts relay-outer.
+                    tracing::error!(sink = %ctx.name, seq = e.seq, reason = e.reason,
+                        "the target refused a batch; the sink stops here (nothing is skipped): {}; \
+                         fix the target or the data and restart relay-outer, or move the sink on with \
+                         `relay-outer cdc replay`", e.msg);
+                    ctx.status.set_state(State::Stopped);
+                    tokio::select! {
+                        _ = replay_rx.changed() => continue,
+                        _ = ctx.stop.stopping() => break,
+                    }
+                }
+                ctx.status.set_state(State::Retrying);
+                let sleep = backoff.next_delay().max(e.retry_after.unwrap_or_default());
+                tracing::warn!(
+                    sink = %ctx.name,
+                    seq = e.seq,
+                    reason = e.reason,
+                    retry_in_ms = sleep.as_millis() as u64,
+                    "sink failed, batch given up: {}",
+                    e.msg
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(sleep) => {}
+                    _ = replay_rx.changed() => {}
+                    _ = ctx.stop.stopping() => break,
+                }
+            }
+        }
+    }
+    ctx.status.set_up(false);
+    ctx.status.set_state(State::Stopped);
+    metrics::gauge!(UP, &labels).set(0.0);
+}
+
+async fn session<S: Sink>(
+    sink: &mut S,
+    ctx: &RunCtx,
+    labels: &[(&'static str, String); 2],
+    memo: &mut Memo,
+) -> Flow {
+    let mut s = Session {
+        sink,
+        ctx,
+        labels,
+        memo,
+        rels: Relations::default(),
+        next: Position::START,
+        batch: None,
+        src_open: false,
+        src_begin: Position::START,
+        seq: 0,
+    };
+    match s.run().await {
+        Err(Flow::Fail(e)) => {
+            let e = s.sink.fail(e).await;
+            s.memo.careful_until = s.memo.careful_until.max(e.seq);
+            Flow::Fail(e)
+        }
+        Err(f) => {
+            s.sink.abort().await;
+            f
+        }
+        Ok(never) => match never {},
+    }
+}
+
+enum Never {}
+
+struct Open {
+    info: BatchInfo,
+    started: Instant,
+}
+
+struct Session<'a, S: Sink> {
+    sink: &'a mut S,
+    ctx: &'a RunCtx,
+    labels: &'a [(&'static str, String); 2],
+    memo: &'a mut Memo,
+    rels: Relations,
+    /// The committed position: the next event to deliver.
+    next: Position,
+    batch: Option<Open>,
+    src_open: bool,
+    src_begin: Position,
+    seq: u64,
+}
+
+impl<S: Sink> Session<'_, S> {
+    fn name(&self) -> &str {
+        &self.ctx.name
+    }
+
+    async fn load_position(&mut self) -> Result<Position, Flow> {
+        if let Some(p) = self.sink.connect().await? {
+            return Ok(p);
+        }
+        let Some(f) = self.ctx.positions.clone() else {
+            return Err(SinkError::new(
+                "config",
+                0,
+                "an at-least-once sink without a position file",
+            )
+            .into());
+        };
+        tokio::task::spawn_blocking(move || f.load())
+            .await
+            .map_err(|e| SinkError::new("position", 0, e.to_string()))?
+            .map_err(|e| SinkError::new("position", 0, e).into())
+    }
+
+    /// Moves the sink to `to` (a replay), outside any batch.
+    async fn replay(&mut self, to: Position) -> Result<(), Flow> {
+        let first = self.ctx.store.first_seq();
+        if to != Position::START && to.seq < first {
+            let msg = format!(
+                "replay to {to} refused: the store holds seq {first} on (older records were removed by retention)"
+            );
+            tracing::warn!(sink = %self.name(), "{msg}");
+            self.ctx.status.set_error(msg);
+            return Ok(());
+        }
+        match self.sink.durability() {
+            Durability::Transactional => self.sink.set_position(to).await?,
+            Durability::AtLeastOnce => self.save_position(to).await?,
+        }
+        tracing::info!(sink = %self.name(), from = %self.next, to = %to, "sink moved (replay)");
+        self.set_committed(to);
+        self.memo.discards.clear();
+        Err(Flow::Restart {
+            after_durable: None,
+            why: format!("replay to {to}"),
+        })
+    }
+
+    async fn save_position(&self, p: Position) -> Result<(), Flow> {
+        let Some(f) = self.ctx.positions.clone() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || f.save(p))
+            .await
+            .map_err(|e| SinkError::new("position", p.seq, e.to_string()))?
+            .map_err(|e| SinkError::new("position", p.seq, e).into())
+    }
+
+    fn set_committed(&mut self, p: Position) {
+        self.next = p;
+        self.ctx.status.set_position(p);
+        self.ctx
+            .store
+            .set_reader_position(&self.ctx.name, p.applied_seq());
+        metrics::gauge!(APPLIED_SEQ, self.labels).set(p.applied_seq() as f64);
+    }
+
+    async fn run(&mut self) -> Result<Never, Flow> {
+        let from = self.load_position().await?;
+        self.set_committed(from);
+        if let Some(to) = self.ctx.status.take_replay() {
+            self.replay(to).await?;
+        }
+        self.ctx.status.set_up(true);
+        metrics::gauge!(UP, self.labels).set(1.0);
+        tracing::info!(sink = %self.name(), kind = self.sink.kind(), source = %self.ctx.source, position = %from,
+            "sink connected; resuming at {from}");
+        let mut src = RecordReader::new(self.ctx.store.clone(), from.seq);
+        let mut paused = self.ctx.status.subscribe_paused();
+        let mut replay = self.ctx.status.subscribe_replay();
+        let limits = self.sink.limits();
+        let mut idle_since: Option<Instant> = None;
+        // Records delivered since memory was last given back (see below).
+        let mut since_trim = 0u64;
+        // Only the first record read tells whether the store still starts where the sink
+        // does.
+        let mut start_checked = false;
+        loop {
+            if self.batch.is_none() {
+                if replay.has_changed().unwrap_or(false) {
+                    replay.borrow_and_update();
+                    if let Some(to) = self.ctx.status.take_replay() {
+                        self.replay(to).await?;
+                    }
+                }
+                if *paused.borrow_and_update() {
+                    self.pause(&mut paused, &mut replay).await?;
+                    continue;
+                }
+                self.ctx.status.set_state(State::Running);
+            }
+            match src.try_next().await? {
+                Some((seq, rec)) => {
+                    idle_since = None;
+                    since_trim += 1;
+                    if seq < self.next.seq {
+                        continue;
+                    }
+                    if !std::mem::replace(&mut start_checked, true) && seq > self.next.seq.max(1) {
+                        self.report_gap(seq);
+                    }
+                    self.record(seq, rec).await?;
+                    let careful = seq <= self.memo.careful_until;
+                    let full = self.batch.as_ref().is_some_and(|b| {
+                        b.info.records >= limits.max_records
+                            || b.info.events >= limits.max_events
+                            || self.sink.pending_bytes() >= limits.max_bytes
+                    });
+                    if !self.src_open && (careful || full) {
+                        self.commit().await?;
+                    }
+                }
+                None => {
+                    let mut wait = IDLE_CHECK;
+                    if !self.src_open {
+                        if let Some(b) = &self.batch {
+                            let age = b.started.elapsed();
+                            if age >= limits.max_delay {
+                                self.commit().await?;
+                                continue;
+                            }
+                            wait = limits.max_delay - age;
+                        }
+                    }
+                    let durable = src.durable();
+                    metrics::gauge!(LAG_RECORDS, self.labels)
+                        .set(durable.saturating_sub(self.next.applied_seq()) as f64);
+                    self.sink.idle(self.batch.is_some()).await?;
+                    if self.batch.is_none() && since_trim >= TRIM_AFTER_RECORDS {
+                        // Caught up after a burst (a large transaction): once nothing new
+                        // came for TRIM_IDLE (the statements' and the receiver's buffers
+                        // are freed by then), give the memory back to the kernel instead
+                        // of keeping it resident while idle.
+                        let since = *idle_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= TRIM_IDLE {
+                            since_trim = 0;
+                            routy_ops::malloc::release_free();
+                        } else {
+                            wait = wait.min(TRIM_IDLE.saturating_sub(since.elapsed()));
+                        }
+                    }
+                    if self.src_open {
+                        // Inside a source transaction whose rest has not arrived.
+                        let since = *idle_since.get_or_insert_with(Instant::now);
+                        let left = IDLE_TXN.saturating_sub(since.elapsed());
+                        if left.is_zero() {
+                            return Err(Flow::Restart {
+                                after_durable: Some(durable),
+                                why: format!(
+                                    "no new records for {}s inside the source transaction begun at {}; \
+                                     gave up the batch until more arrive",
+                                    IDLE_TXN.as_secs(),
+                                    self.src_begin
+                                ),
+                            });
+                        }
+                        wait = wait.min(left);
+                    }
+                    tokio::select! {
+                        _ = src.changed() => {}
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = paused.changed(), if self.batch.is_none() => {}
+                        _ = replay.changed(), if self.batch.is_none() => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Paused: holds the connection, delivers nothing, until resumed (or a replay).
+    async fn pause(
+        &mut self,
+        paused: &mut watch::Receiver<bool>,
+        replay: &mut watch::Receiver<Option<Position>>,
+    ) -> Result<(), Flow> {
+        tracing::info!(sink = %self.name(), position = %self.next, "sink paused");
+        self.ctx.status.set_state(State::Paused);
+        metrics::gauge!(PAUSED, self.labels).set(1.0);
+        loop {
+            tokio::select! {
+                r = paused.changed() => {
+                    if r.is_err() || !*paused.borrow_and_update() {
+                        break;
+                    }
+                }
+                _ = replay.changed() => {
+                    if let Some(to) = self.ctx.status.take_replay() {
+                        // Takes effect now; the sink stays paused.
+                        self.replay(to).await?;
+                    }
+                }
+                _ = tokio::time::sleep(IDLE_CHECK) => self.sink.idle(false).await?,
+            }
+        }
+        metrics::gauge!(PAUSED, self.labels).set(0.0);
+        tracing::info!(sink = %self.name(), "sink resumed");
+        Ok(())
+    }
+
+    /// A sink starting at the store's oldest record, or past the store's end, misses
+    /// what came before it (initial copies among it). Logged once, shown as the status'
+    /// last error and counted; the sink goes on.
+    fn report_gap(&mut self, first: u64) {
+        if std::mem::replace(&mut self.memo.gap_reported, true) {
+            return;
+        }
+        let from = self.next.seq.max(1);
+        let missing = if first == from + 1 {
+            format!("record {from} is")
+        } else {
+            format!("records {from}..{} are", first - 1)
+        };
+        let msg = format!(
+            "sink {} starts at the store's oldest record, seq {first}: {missing} no longer in \
+             the store (removed by retention, or the store joined the stream later); tables \
+             copied before that are missing in the target: re-copy the source with \
+             `relay-inner cdc drop-slot` and a restart of relay-inner",
+            self.name()
+        );
+        tracing::error!(sink = %self.name(), first_seq = first, "{msg}");
+        metrics::counter!(ERRORS, "sink" => self.ctx.name.clone(), "kind" => self.sink.kind(), "reason" => "gap")
+            .increment(1);
+        self.ctx.status.set_error(format!("seq {first}: {msg}"));
+    }
+
+    async fn record(&mut self, seq: u64, rec: Record) -> Result<(), Flow> {
+        self.seq = seq;
+        if self.batch.is_none() {
+            self.sink.begin(self.next).await?;
+            self.batch = Some(Open {
+                info: BatchInfo {
+                    first: Position::new(seq, 0),
+                    ..BatchInfo::default()
+                },
+                started: Instant::now(),
+            });
+        }
+        for (i, ev) in rec.events.into_iter().enumerate() {
+            let at = Position::new(seq, i as u32);
+            // A relation only describes a table (records are read on their own, so the
+            // ones in a discarded range come again where they are used): it is kept, also
+            // because the event that ends a partial transaction may follow its own
+            // relations in the same record.
+            if let Event::Relation(_) = &ev {
+                self.rels.observe(&ev);
+            } else if at < self.next || self.memo.discarded(at) {
+                continue;
+            }
+            // A Begin while a source transaction is open means the open one was cut off
+            // (a crash on the source side) and comes again whole; so does an event that
+            // only occurs outside transactions (a table's initial copy, a
+            // non-transactional message). Discard the partial one, up to this event, and
+            // deliver this event normally when reading again.
+            if self.src_open
+                && matches!(
+                    ev,
+                    Event::Begin { .. }
+                        | Event::Snapshot { .. }
+                        | Event::Message {
+                            transactional: false,
+                            ..
+                        }
+                )
+            {
+                let start = self.src_begin;
+                tracing::warn!(sink = %self.name(), seq, event = ev.kind(),
+                    "a transaction begun at {start} was cut off before its commit (source crash): \
+                     a {} at seq {seq} cannot be inside it; discarding the partial transaction",
+                    ev.kind());
+                self.memo.discards.push((start, at));
+                return Err(Flow::Restart {
+                    after_durable: None,
+                    why: "discarded a partial source transaction".into(),
+                });
+            }
+            let b = &mut self.batch.as_mut().expect("opened above").info;
+            match &ev {
+                Event::Begin { .. } => {
+                    self.src_open = true;
+                    self.src_begin = at;
+                }
+                Event::Commit {
+                    end_lsn,
+                    commit_time,
+                    ..
+                } => {
+                    self.src_open = false;
+                    b.lsn = Some(*end_lsn);
+                    b.commit_time = Some(*commit_time);
+                }
+                Event::Message {
+                    transactional: false,
+                    prefix,
+                    content,
+                    ..
+                } if prefix == relay_proto::cdc::LOST_PREFIX => {
+                    tracing::error!(sink = %self.ctx.name, seq, lost = %String::from_utf8_lossy(content),
+                        "the store holds a marker for a record lost to corruption (cdc salvage): \
+                         the changes it held are missing from the target; copy the tables they touched again");
+                    metrics::counter!(LOST_RECORDS, self.labels).increment(1);
+                }
+                _ => {}
+            }
+            let Some(ev) = self.ctx.filter.apply(ev, &self.rels) else {
+                continue;
+            };
+            match &ev {
+                Event::Insert { .. } => b.ops[0] += 1,
+                Event::Update { .. } => b.ops[1] += 1,
+                Event::Delete { .. } => b.ops[2] += 1,
+                Event::Truncate { rels, .. } => b.ops[3] += rels.len() as u64,
+                _ => {}
+            }
+            if !matches!(ev, Event::Relation(_)) {
+                b.events += 1;
+                b.last_written = Some(at);
+            }
+            self.sink.write(at, ev, &self.rels).await?;
+        }
+        let b = &mut self.batch.as_mut().expect("opened above").info;
+        if rec.lsn != 0 {
+            b.lsn = Some(rec.lsn);
+        }
+        b.records += 1;
+        b.last_seq = seq;
+        Ok(())
+    }
+
+    async fn commit(&mut self) -> Result<(), Flow> {
+        let Some(open) = self.batch.take() else {
+            return Ok(());
+        };
+        let mut info = open.info;
+        info.next = Position::after_record(info.last_seq);
+        self.sink.commit(&info).await?;
+        if self.sink.durability() == Durability::AtLeastOnce {
+            self.save_position(info.next).await?;
+        }
+        self.set_committed(info.next);
+        self.ctx.status.set_up(true);
+        self.memo.progressed = true;
+        let next = self.next;
+        self.memo.discards.retain(|(_, end)| *end > next);
+        metrics::gauge!(UP, self.labels).set(1.0);
+        metrics::counter!(BATCHES, self.labels).increment(1);
+        let durable = self.ctx.store.synced_seq();
+        metrics::gauge!(LAG_RECORDS, self.labels)
+            .set(durable.saturating_sub(self.next.applied_seq()) as f64);
+        for (i, n) in info.ops.iter().enumerate() {
+            if *n > 0 {
+                metrics::counter!(ROWS, "sink" => self.ctx.name.clone(), "kind" => self.sink.kind(), "op" => OP_NAMES[i])
+                    .increment(*n);
+            }
+        }
+        if let Some(t) = info.commit_time {
+            let src_us = t + relay_proto::cdc::PG_EPOCH_UNIX_SECS * 1_000_000;
+            let now_us = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros() as i64)
+                .unwrap_or(0);
+            let secs = (now_us - src_us).max(0) as f64 / 1e6;
+            metrics::histogram!(COMMIT_LATENCY, self.labels).record(secs);
+            metrics::gauge!(LAST_COMMIT_TIME, self.labels).set(src_us as f64 / 1e6);
+            self.ctx.status.set_last_commit(src_us);
+        }
+        tracing::debug!(sink = %self.name(), seq = info.last_seq, events = info.events, "committed");
+        Ok(())
+    }
+}
