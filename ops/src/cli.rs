@@ -49,27 +49,25 @@ where
         .block_on(f)
 }
 
-/// Binds the admin endpoint, serves `handler` on it until `drain` stops, keeps the
+/// Binds the admin endpoint, serves `app` on it until `drain` stops, keeps the
 /// Prometheus histograms fresh, and tells systemd the relay is ready (and keeps its
 /// watchdog fed while the runtime is responsive).
-pub async fn start_admin<F>(
+pub async fn start_admin(
     listen: std::net::SocketAddr,
-    handler: F,
+    app: axum::Router,
     prom: metrics_exporter_prometheus::PrometheusHandle,
     drain: crate::drain::Drain,
-) -> Result<(), std::io::Error>
-where
-    F: Fn(&str) -> crate::admin::Response + Send + Sync + 'static,
-{
+) -> Result<(), std::io::Error> {
     let sock = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
         std::io::Error::new(e.kind(), format!("admin.listen: cannot bind {listen}: {e}"))
     })?;
     let addr = sock.local_addr().unwrap_or(listen);
     tracing::info!(listen = %addr, "admin endpoint ready (/metrics /healthz /readyz /status)");
-    tokio::spawn(crate::admin::serve(
+    tokio::spawn(crate::http::serve(
         sock,
-        std::sync::Arc::new(handler),
+        app,
         drain,
+        crate::http::Limits::default(),
     ));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));

@@ -2,7 +2,8 @@
 //!
 //! - [`cli`]: the common command-line skeleton (run, check-config, reload, signals).
 //! - [`config_file`], [`units`]: loading a YAML configuration, durations, sizes, paths.
-//! - [`admin`], [`metrics`]: the admin HTTP endpoint and every metric's name.
+//! - [`http`], [`metrics`]: the HTTP server (admin endpoint, consumer API) and every
+//!   metric's name.
 //! - [`sdnotify`], [`logging`], [`drain`]: systemd notification, log setup, graceful stop.
 //! - [`malloc`]: allocator tuning; [`backoff`]: retry delays with jitter.
 //!
@@ -10,11 +11,11 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod admin;
 pub mod backoff;
 pub mod cli;
 pub mod config_file;
 pub mod drain;
+pub mod http;
 pub mod logging;
 #[allow(unsafe_code)] // one libc call: mallopt (see the module)
 pub mod malloc;

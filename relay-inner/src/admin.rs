@@ -2,16 +2,37 @@
 //! from the running relay (tunnel endpoints, services, CDC). It sits above the tunnel and
 //! CDC modules and is the only place that joins their views.
 
-/// Answers one admin request: `/metrics`, `/healthz`, `/readyz`, `/status`.
-pub fn handle(
-    relay: &std::sync::Arc<crate::relay::InnerRelay>,
-    prom: &metrics_exporter_prometheus::PrometheusHandle,
-    path: &str,
-) -> routy_ops::admin::Response {
-    use routy_ops::admin::Response;
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use routy_ops::http::{json, text};
+
+use crate::relay::InnerRelay;
+
+/// The admin endpoint's routes: `/metrics`, `/healthz`, `/readyz`, `/status`.
+pub fn router(relay: Arc<InnerRelay>, prom: PrometheusHandle) -> Router {
+    let r = Router::new()
+        .route("/metrics", get(move || async move { routy_ops::http::prometheus(prom.render()) }))
+        .route("/healthz", get(|| async { text(StatusCode::OK, "ok\n") }));
+    let ready = relay.clone();
+    let r = r
+        .route("/readyz", get(move || async move { page(&ready, "/readyz") }))
+        .route("/status", get(move || async move { page(&relay, "/status") }))
+        .fallback(|| async {
+            text(
+                StatusCode::NOT_FOUND,
+                "not found: try /metrics, /healthz, /readyz, /status\n",
+            )
+        });
+    routy_ops::http::with_deadline(r, routy_ops::http::DEFAULT_DEADLINE)
+}
+
+fn page(relay: &Arc<InnerRelay>, path: &str) -> Response {
     match path {
-        "/metrics" => Response::prometheus(prom.render()),
-        "/healthz" => Response::text(200, "ok\n".into()),
         "/readyz" => {
             // Ready when every configured relay-outer has a live session (with
             // `connections` above 1: at least one of them).
@@ -22,11 +43,14 @@ pub fn handle(
                 .filter_map(|conns| conns.first().map(|e| e.addr.clone()))
                 .collect();
             if relay.drain.is_stopping() {
-                Response::text(503, "shutting down\n".into())
+                text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
             } else if down.is_empty() {
-                Response::text(200, "ready\n".into())
+                text(StatusCode::OK, "ready\n")
             } else {
-                Response::text(503, format!("no session to: {}\n", down.join(", ")))
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("no session to: {}\n", down.join(", ")),
+                )
             }
         }
         "/status" => {
@@ -48,11 +72,8 @@ pub fn handle(
                 "open_streams": relay.drain.active(),
                 "cdc": relay.cdc.as_ref().map(|c| c.to_json()),
             });
-            Response::json(200, body.to_string())
+            json(StatusCode::OK, &body)
         }
-        _ => Response::text(
-            404,
-            "not found: try /metrics, /healthz, /readyz, /status\n".into(),
-        ),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

@@ -157,11 +157,8 @@ async fn serve(path: PathBuf, cfg: Config, tls: rustls::ClientConfig) -> anyhow:
     let admin_listen = cfg.admin_listen;
     let prom = routy_ops::metrics::install().map_err(anyhow::Error::msg)?;
     let relay = relay::InnerRelay::start(path, cfg, tls)?;
-    let handler = {
-        let (relay, prom) = (relay.clone(), prom.clone());
-        move |path: &str| admin::handle(&relay, &prom, path)
-    };
-    start_admin(admin_listen, handler, prom, relay.drain.clone()).await?;
+    let app = admin::router(relay.clone(), prom.clone());
+    start_admin(admin_listen, app, prom, relay.drain.clone()).await?;
     let r = relay.clone();
     routy_ops::cli::run_until_stopped(
         || {

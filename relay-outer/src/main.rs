@@ -87,6 +87,52 @@ enum CdcCmd {
         #[arg(long)]
         limit: Option<u64>,
     },
+    /// List the running relay's sinks: kind, source, position, lag in records and
+    /// seconds, state (running, retrying, paused, stopped), last error. Asks the admin
+    /// endpoint (admin.listen).
+    Sinks {
+        /// Configuration file (YAML) of the running relay.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print the JSON the admin endpoint answers.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause a sink on the running relay (after its current batch).
+    Pause {
+        /// Configuration file (YAML) of the running relay.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Sink name.
+        #[arg(long)]
+        sink: String,
+    },
+    /// Resume a paused sink on the running relay.
+    Resume {
+        /// Configuration file (YAML) of the running relay.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Sink name.
+        #[arg(long)]
+        sink: String,
+    },
+    /// Move a sink of the running relay back (or forward) to a position or a time; it
+    /// re-delivers from there. For a PostgreSQL sink this rewrites its row in
+    /// _routy.sink_offsets in the target.
+    Replay {
+        /// Configuration file (YAML) of the running relay.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Sink name.
+        #[arg(long)]
+        sink: String,
+        /// Position (SEQ or SEQ.INDEX, as events' ids and `cdc sinks` show them).
+        #[arg(long, required_unless_present = "since", conflicts_with = "since")]
+        from: Option<String>,
+        /// The first transaction committed at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+    },
     /// Repair a source's store that holds corrupt records relay-inner can no longer send
     /// again: put the part set aside at start back, keep every valid record, and put a
     /// marker in place of each unreadable one. Stop relay-outer first.
@@ -205,6 +251,15 @@ fn check(path: &Path) -> anyhow::Result<()> {
 
 fn cdc_cmd(cmd: CdcCmd) -> anyhow::Result<()> {
     match cmd {
+        CdcCmd::Sinks { config, json } => cdc::sinks_cli::sinks(&config, json),
+        CdcCmd::Pause { config, sink } => cdc::sinks_cli::pause(&config, &sink, true),
+        CdcCmd::Resume { config, sink } => cdc::sinks_cli::pause(&config, &sink, false),
+        CdcCmd::Replay {
+            config,
+            sink,
+            from,
+            since,
+        } => cdc::sinks_cli::replay(&config, &sink, from.as_deref(), since.as_deref()),
         CdcCmd::Salvage { config, source } => {
             let cfg = Config::load(&config)?;
             let cdc = cfg.cdc.ok_or_else(|| {
@@ -287,11 +342,8 @@ async fn serve(path: PathBuf, cfg: Config, tls: rustls::ServerConfig) -> anyhow:
     let prom = routy_ops::metrics::install().map_err(anyhow::Error::msg)?;
     cdc::describe_metrics();
     let relay = server::OuterRelay::start(path, cfg, tls).await?;
-    let handler = {
-        let (relay, prom) = (relay.clone(), prom.clone());
-        move |path: &str| admin::handle(&relay, &prom, path)
-    };
-    start_admin(admin_listen, handler, prom, relay.drain.clone()).await?;
+    let app = admin::router(relay.clone(), prom.clone());
+    start_admin(admin_listen, app, prom, relay.drain.clone()).await?;
     let r = relay.clone();
     routy_ops::cli::run_until_stopped(
         || {

@@ -5,8 +5,10 @@
 //! `tunnel/source`, opened at start for every source a sink reads and on the first
 //! shipping stream for the others; the sinks; and a retention task per store.
 
+pub mod manage;
 pub mod receiver;
 pub mod sink;
+pub mod sinks_cli;
 pub mod store;
 pub mod tail;
 

@@ -511,7 +511,7 @@ fn read_secret(path: &std::path::Path) -> Result<String, SinkError> {
 }
 
 /// The TLS client configuration: the given CA file, or the system's roots.
-fn client_tls(ca: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+pub(crate) fn client_tls(ca: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
     match ca {
         Some(path) => {
