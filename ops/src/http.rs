@@ -213,7 +213,10 @@ mod tests {
         });
         with_deadline(
             Router::new()
-                .route("/status", get(|| async { json(StatusCode::OK, &serde_json::json!({"ok": true})) }))
+                .route(
+                    "/status",
+                    get(|| async { json(StatusCode::OK, &serde_json::json!({"ok": true})) }),
+                )
                 .route("/slow", slow)
                 .fallback(|| async { text(StatusCode::NOT_FOUND, "not found\n") }),
             Duration::from_millis(300),
@@ -240,22 +243,61 @@ mod tests {
     #[tokio::test]
     async fn pages_methods_and_garbage() {
         let (addr, _stop, _h) = start(Limits::default()).await;
-        let ok = exchange(addr, b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+        let ok = exchange(
+            addr,
+            b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
         assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
-        assert!(ok.contains("application/json") && ok.ends_with("{\"ok\":true}"), "{ok}");
-        let head = exchange(addr, b"HEAD /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
-        assert!(head.starts_with("HTTP/1.1 200") && !head.contains("{\"ok\""), "{head}");
-        let nf = exchange(addr, b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+        assert!(
+            ok.contains("application/json") && ok.ends_with("{\"ok\":true}"),
+            "{ok}"
+        );
+        let head = exchange(
+            addr,
+            b"HEAD /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(
+            head.starts_with("HTTP/1.1 200") && !head.contains("{\"ok\""),
+            "{head}"
+        );
+        let nf = exchange(
+            addr,
+            b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
         assert!(nf.starts_with("HTTP/1.1 404"), "{nf}");
-        let post = exchange(addr, b"POST /status HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+        let post = exchange(
+            addr,
+            b"POST /status HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+        .await;
         assert!(post.starts_with("HTTP/1.1 405"), "{post}");
-        assert!(post.to_ascii_lowercase().contains("allow: get,head"), "{post}");
-        let garbage = exchange(addr, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n").await;
-        assert!(garbage.is_empty() || garbage.starts_with("HTTP/1.1 400"), "{garbage}");
-        let big = format!("GET /status HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(MAX_HEAD_LEN + 10));
+        assert!(
+            post.to_ascii_lowercase().contains("allow: get,head"),
+            "{post}"
+        );
+        let garbage = exchange(
+            addr,
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n",
+        )
+        .await;
+        assert!(
+            garbage.is_empty() || garbage.starts_with("HTTP/1.1 400"),
+            "{garbage}"
+        );
+        let big = format!(
+            "GET /status HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(MAX_HEAD_LEN + 10)
+        );
         let r = exchange(addr, big.as_bytes()).await;
         assert!(r.is_empty() || r.starts_with("HTTP/1.1 431"), "{r}");
-        let slow = exchange(addr, b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+        let slow = exchange(
+            addr,
+            b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
         assert!(slow.starts_with("HTTP/1.1 503"), "{slow}");
     }
 
@@ -269,12 +311,19 @@ mod tests {
         let mut silent = TcpStream::connect(addr).await.unwrap();
         let mut trickle = TcpStream::connect(addr).await.unwrap();
         trickle.write_all(b"GET /sta").await.unwrap();
-        let ok = exchange(addr, b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+        let ok = exchange(
+            addr,
+            b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
         assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
         for s in [&mut silent, &mut trickle] {
             let mut buf = Vec::new();
             let r = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut buf)).await;
-            assert!(r.is_ok(), "a client without a whole head is closed after the deadline");
+            assert!(
+                r.is_ok(),
+                "a client without a whole head is closed after the deadline"
+            );
         }
     }
 

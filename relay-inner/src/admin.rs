@@ -16,12 +16,21 @@ use crate::relay::InnerRelay;
 /// The admin endpoint's routes: `/metrics`, `/healthz`, `/readyz`, `/status`.
 pub fn router(relay: Arc<InnerRelay>, prom: PrometheusHandle) -> Router {
     let r = Router::new()
-        .route("/metrics", get(move || async move { routy_ops::http::prometheus(prom.render()) }))
+        .route(
+            "/metrics",
+            get(move || async move { routy_ops::http::prometheus(prom.render()) }),
+        )
         .route("/healthz", get(|| async { text(StatusCode::OK, "ok\n") }));
     let ready = relay.clone();
     let r = r
-        .route("/readyz", get(move || async move { page(&ready, "/readyz") }))
-        .route("/status", get(move || async move { page(&relay, "/status") }))
+        .route(
+            "/readyz",
+            get(move || async move { page(&ready, "/readyz") }),
+        )
+        .route(
+            "/status",
+            get(move || async move { page(&relay, "/status") }),
+        )
         .fallback(|| async {
             text(
                 StatusCode::NOT_FOUND,

@@ -47,6 +47,9 @@ pub struct RigOpts {
     /// Extra lines for relay-inner's `cdc` section (indented 2 spaces), e.g.
     /// `  batch: { ack_timeout: 1s }`.
     pub inner_cdc_extra: String,
+    /// More `cdc.sinks` entries on relay-outer (list items indented 4 spaces), after
+    /// the PostgreSQL sink `replica`.
+    pub extra_sinks: String,
 }
 
 impl Default for RigOpts {
@@ -68,6 +71,7 @@ impl Default for RigOpts {
             store_tmpfs: None,
             retention: "1h".into(),
             inner_cdc_extra: String::new(),
+            extra_sinks: String::new(),
         }
     }
 }
@@ -234,10 +238,11 @@ impl CdcRig {
             )
         };
         let outer_extra = format!(
-            "{}cdc:\n  dir: {}\n  retention: {}\n  sinks:\n    - name: {SINK}\n      source: {SOURCE}\n      postgres: {{ dsn: \"{sink_dsn}\", create_tables: true }}\n      retry: {{ initial: 100ms, max: 1s }}\n",
+            "{}cdc:\n  dir: {}\n  retention: {}\n  sinks:\n    - name: {SINK}\n      source: {SOURCE}\n      postgres: {{ dsn: \"{sink_dsn}\", create_tables: true }}\n      retry: {{ initial: 100ms, max: 1s }}\n{}",
             opts.relay_extra,
             store_dir.display(),
             opts.retention,
+            opts.extra_sinks,
         );
         let outer_yaml = outer_yaml(
             &pki,
@@ -364,6 +369,24 @@ impl CdcRig {
                 .is_some_and(|r| r.count("streaming changes") > 0)
         });
         r.unwrap_or_else(|e| panic!("{e}\n{}", self.inner().proc.log()));
+    }
+
+    /// Runs `relay-outer cdc ARGS --config <the running relay-outer's config>`; returns
+    /// whether it succeeded and what it printed (stdout then stderr).
+    pub fn outer_cdc(&self, args: &[&str]) -> (bool, String) {
+        let mut cmd = Command::new(crate::bin("relay-outer"));
+        cmd.arg("cdc")
+            .args(args)
+            .arg("--config")
+            .arg(&self.outer().config);
+        let out = crate::run_timeout(&mut cmd, None, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("relay-outer cdc {args:?}: {e}"));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
     }
 
     /// What `relay-outer cdc tail --source SOURCE` prints (JSON lines, the store's whole

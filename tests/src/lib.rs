@@ -12,6 +12,7 @@
 pub mod cdc;
 pub mod chaos;
 pub mod fake;
+pub mod hooks;
 mod net;
 mod pg;
 mod proc;

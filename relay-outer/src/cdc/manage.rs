@@ -75,9 +75,9 @@ impl Cdc {
         let st = self
             .sink(name)
             .ok_or_else(|| ManageError::UnknownSink(name.to_string()))?;
-        let src = self
-            .get(&cfg.source)
-            .ok_or_else(|| ManageError::Store(format!("the store of {} is not open", cfg.source)))?;
+        let src = self.get(&cfg.source).ok_or_else(|| {
+            ManageError::Store(format!("the store of {} is not open", cfg.source))
+        })?;
         let to = match (from, since_us) {
             (Some(p), None) => p,
             (None, Some(t)) => {

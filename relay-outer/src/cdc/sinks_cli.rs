@@ -104,7 +104,14 @@ pub fn sinks(config: &Path, json: bool) -> anyhow::Result<()> {
         })
         .collect();
     let head = [
-        "NAME", "KIND", "SOURCE", "POSITION", "LAG", "LAG_S", "STATE", "LAST_ERROR",
+        "NAME",
+        "KIND",
+        "SOURCE",
+        "POSITION",
+        "LAG",
+        "LAG_S",
+        "STATE",
+        "LAST_ERROR",
     ];
     let mut width = head.map(str::len);
     for r in &rows {

@@ -529,6 +529,11 @@ impl SinkStatus {
     }
 
     fn take_replay(&self) -> Option<Position> {
-        self.replay.send_replace(None)
+        let mut out = None;
+        self.replay.send_if_modified(|v| {
+            out = v.take();
+            out.is_some()
+        });
+        out
     }
 }

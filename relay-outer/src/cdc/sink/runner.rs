@@ -111,7 +111,7 @@ pub async fn run<S: Sink>(mut sink: S, ctx: RunCtx) {
                 if let Some(seen) = after_durable {
                     tokio::select! {
                         _ = durable_rx.wait_for(|d| *d > seen) => {}
-                        _ = replay_rx.changed() => {}
+                        _ = replay_rx.wait_for(Option::is_some) => {}
                         _ = ctx.stop.stopping() => break,
                     }
                 }
@@ -129,7 +129,7 @@ pub async fn run<S: Sink>(mut sink: S, ctx: RunCtx) {
                          `relay-outer cdc replay`", e.msg);
                     ctx.status.set_state(State::Stopped);
                     tokio::select! {
-                        _ = replay_rx.changed() => continue,
+                        _ = replay_rx.wait_for(Option::is_some) => continue,
                         _ = ctx.stop.stopping() => break,
                     }
                 }
@@ -145,7 +145,7 @@ pub async fn run<S: Sink>(mut sink: S, ctx: RunCtx) {
                 );
                 tokio::select! {
                     _ = tokio::time::sleep(sleep) => {}
-                    _ = replay_rx.changed() => {}
+                    _ = replay_rx.wait_for(Option::is_some) => {}
                     _ = ctx.stop.stopping() => break,
                 }
             }
@@ -297,8 +297,7 @@ impl<S: Sink> Session<'_, S> {
         let mut start_checked = false;
         loop {
             if self.batch.is_none() {
-                if replay.has_changed().unwrap_or(false) {
-                    replay.borrow_and_update();
+                if replay.borrow_and_update().is_some() {
                     if let Some(to) = self.ctx.status.take_replay() {
                         self.replay(to).await?;
                     }
