@@ -50,8 +50,34 @@ struct RawConfig {
 struct RawCdc {
     dir: Option<PathBuf>,
     retention: Option<Dur>,
+    segment_bytes: Option<routy_ops::units::Size>,
     #[serde(default)]
     sinks: Vec<RawSink>,
+    consumers: Option<RawConsumers>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsumers {
+    listen: String,
+    tls: Option<RawCertKey>,
+    #[serde(default)]
+    tokens: Vec<RawToken>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertKey {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawToken {
+    name: String,
+    token_file: PathBuf,
+    sources: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -167,8 +193,34 @@ pub struct CdcConfig {
     pub dir: PathBuf,
     /// Records are removed once every sink applied them and they are older than this.
     pub retention: Duration,
+    /// Size of the store's segment files (retention removes whole segments).
+    pub segment_bytes: u64,
     /// Sinks, each of one kind.
     pub sinks: Vec<SinkConfig>,
+    /// The consumer endpoint (Server-Sent Events and pages), if configured.
+    pub consumers: Option<ConsumersConfig>,
+}
+
+/// `cdc.consumers`: the HTTP endpoint consumers read change logs from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumersConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Certificate and key for HTTPS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Who may read what.
+    pub tokens: Vec<TokenSpec>,
+}
+
+/// One consumer token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSpec {
+    /// Its name (logs, metrics).
+    pub name: String,
+    /// File holding the token (16 characters or more).
+    pub token_file: PathBuf,
+    /// Sources (`tunnel/source`, or `*` for all) it may read.
+    pub sources: Vec<String>,
 }
 
 impl CdcConfig {
@@ -375,6 +427,12 @@ fn validate_cdc(c: RawCdc, base: &Path) -> Result<CdcConfig, String> {
     if retention.is_zero() {
         return Err("cdc.retention: must be longer than 0".into());
     }
+    let segment_bytes = c
+        .segment_bytes
+        .map_or(routy_log::segment_log::DEFAULT_SEGMENT_BYTES, |s| s.0);
+    if !(1 << 20..=1 << 30).contains(&segment_bytes) {
+        return Err("cdc.segment_bytes: must be 1MiB to 1GiB".into());
+    }
     let mut sinks: Vec<SinkConfig> = Vec::new();
     for (i, s) in c.sinks.into_iter().enumerate() {
         let f = format!("cdc.sinks[{i}]");
@@ -463,10 +521,63 @@ fn validate_cdc(c: RawCdc, base: &Path) -> Result<CdcConfig, String> {
             retry_max,
         });
     }
+    let consumers = c
+        .consumers
+        .map(|k| validate_consumers(k, base))
+        .transpose()?;
     Ok(CdcConfig {
         dir,
         retention,
+        segment_bytes,
         sinks,
+        consumers,
+    })
+}
+
+fn validate_consumers(k: RawConsumers, base: &Path) -> Result<ConsumersConfig, String> {
+    let f = "cdc.consumers";
+    let listen: SocketAddr = k.listen.parse().map_err(|_| {
+        format!(
+            "{f}.listen: {:?} is not an address like \"127.0.0.1:9470\"",
+            k.listen
+        )
+    })?;
+    if k.tokens.is_empty() {
+        return Err(format!(
+            "{f}.tokens: at least one token (every request needs one): [{{ name, token_file, sources }}]"
+        ));
+    }
+    let mut tokens: Vec<TokenSpec> = Vec::new();
+    for (i, t) in k.tokens.into_iter().enumerate() {
+        if !valid_sink_name(&t.name) {
+            return Err(format!(
+                "{f}.tokens[{i}].name: {:?}: 1-255 characters of letters, digits, '-', '_', '.'",
+                t.name
+            ));
+        }
+        if tokens.iter().any(|o| o.name == t.name) {
+            return Err(format!("{f}.tokens[{i}].name: {:?} is used twice", t.name));
+        }
+        if t.sources.is_empty() {
+            return Err(format!(
+                "{f}.tokens[{i}].sources: name the sources it may read (tunnel/source, or \"*\")"
+            ));
+        }
+        for s in &t.sources {
+            if s != "*" {
+                validate_full_source(s).map_err(|e| format!("{f}.tokens[{i}].sources: {e}"))?;
+            }
+        }
+        tokens.push(TokenSpec {
+            name: t.name,
+            token_file: resolve(base, &t.token_file),
+            sources: t.sources,
+        });
+    }
+    Ok(ConsumersConfig {
+        listen,
+        tls: k.tls.map(|t| (resolve(base, &t.cert), resolve(base, &t.key))),
+        tokens,
     })
 }
 

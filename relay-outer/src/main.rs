@@ -226,10 +226,17 @@ fn check(path: &Path) -> anyhow::Result<()> {
             let sinks: Vec<String> = c
                 .sinks
                 .iter()
-                .map(|s| format!("{} <- {}", s.name, s.source))
+                .map(|s| format!("{} ({}) <- {}", s.name, s.kind.key(), s.source))
                 .collect();
+            let consumers = match &c.consumers {
+                None => String::new(),
+                Some(k) => {
+                    let tokens = cdc::consumers::load_tokens(&k.tokens).map_err(anyhow::Error::msg)?;
+                    format!(", consumer endpoint {} with {} token(s)", k.listen, tokens.len())
+                }
+            };
             format!(
-                ", cdc store {} with {} sink(s){}",
+                ", cdc store {} with {} sink(s){}{consumers}",
                 c.dir.display(),
                 c.sinks.len(),
                 if sinks.is_empty() {
@@ -378,6 +385,7 @@ mod readme_metrics {
             relay_inner::cdc::METRICS,
             crate::cdc::METRICS,
             crate::cdc::sink::METRICS,
+            crate::cdc::consumers::METRICS,
         ]
         .into_iter()
         .flatten()

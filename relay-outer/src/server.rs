@@ -181,11 +181,24 @@ impl OuterRelay {
         let new_settings = settings(&new, tls).map_err(|e| format!("{e:#}"))?;
         restart_needed("admin.listen", &old.admin_listen, &new.admin_listen)?;
         restart_needed("threads", &old.threads, &new.threads)?;
-        if new.cdc != old.cdc {
+        // Consumer tokens are read again; anything else in the cdc section needs a
+        // restart.
+        let without_tokens = |c: &Option<crate::config::CdcConfig>| {
+            c.clone().map(|mut c| {
+                if let Some(k) = c.consumers.as_mut() {
+                    k.tokens.clear();
+                }
+                c
+            })
+        };
+        if without_tokens(&new.cdc) != without_tokens(&old.cdc) {
             return Err(
-                "the cdc section changed: that needs a restart (stores and sinks are set up at start)"
+                "the cdc section changed: that needs a restart (stores, sinks and the consumer endpoint are set up at start; only consumer tokens are reloaded)"
                     .to_string(),
             );
+        }
+        if let (Some(cdc), Some(c)) = (&self.cdc, &new.cdc) {
+            cdc.reload_tokens(c)?;
         }
         let running = self.listeners();
         // Bind what is new or moved before changing anything.

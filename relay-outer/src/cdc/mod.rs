@@ -5,6 +5,8 @@
 //! `tunnel/source`, opened at start for every source a sink reads and on the first
 //! shipping stream for the others; the sinks; and a retention task per store.
 
+pub mod changes;
+pub mod consumers;
 pub mod manage;
 pub mod receiver;
 pub mod sink;
@@ -85,6 +87,7 @@ pub const METRICS: &[(&str, &str)] = &[
 pub fn describe_metrics() {
     routy_ops::metrics::describe(METRICS);
     routy_ops::metrics::describe(sink::METRICS);
+    routy_ops::metrics::describe(consumers::METRICS);
 }
 
 /// How often retention runs (it also runs once when a store opens).
@@ -170,6 +173,7 @@ pub struct Cdc {
     next_stream: AtomicU64,
     sinks: Mutex<Vec<(String, JoinHandle<()>)>>,
     sink_status: Mutex<HashMap<String, Arc<sink::SinkStatus>>>,
+    consumers: Mutex<Option<Arc<consumers::Consumers>>>,
 }
 
 impl std::fmt::Debug for Cdc {
@@ -192,6 +196,7 @@ impl Cdc {
             next_stream: AtomicU64::new(0),
             sinks: Mutex::new(Vec::new()),
             sink_status: Mutex::new(HashMap::new()),
+            consumers: Mutex::new(None),
         });
         for name in cfg.sources() {
             cdc.source(&name).await.with_context(|| {
@@ -217,7 +222,21 @@ impl Cdc {
             handles.push((sink.name.clone(), h));
         }
         *cdc.sinks.lock().unwrap_or_else(|p| p.into_inner()) = handles;
+        if let Some(k) = &cfg.consumers {
+            let c = consumers::Consumers::start(cdc.clone(), k, drain.clone()).await?;
+            *cdc.consumers.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
+        }
         Ok(cdc)
+    }
+
+    /// A reload: the consumer tokens are read again (the rest of the cdc section needs a
+    /// restart). Returns how many tokens are in force.
+    pub fn reload_tokens(&self, cfg: &CdcConfig) -> Result<usize, String> {
+        let running = self.consumers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match (running, &cfg.consumers) {
+            (Some(c), Some(k)) => c.reload_tokens(&k.tokens),
+            _ => Ok(0),
+        }
     }
 
     /// The status and controls of the sink `name`, if configured.
@@ -261,8 +280,8 @@ impl Cdc {
         if let Some(s) = self.get(name) {
             return Ok(s);
         }
-        let (root, n) = (self.cfg.dir.clone(), name.to_string());
-        let store = tokio::task::spawn_blocking(move || Store::open(&root, &n))
+        let (root, n, seg) = (self.cfg.dir.clone(), name.to_string(), self.cfg.segment_bytes);
+        let store = tokio::task::spawn_blocking(move || Store::open_with(&root, &n, seg))
             .await
             .map_err(|e| StoreError::Task(e.to_string()))??;
         let src = Arc::new(Source::new(store));
@@ -431,7 +450,9 @@ mod tests {
         let cfg = CdcConfig {
             dir: dir.path().join("store"),
             retention: Duration::from_secs(3600),
+            segment_bytes: routy_log::segment_log::DEFAULT_SEGMENT_BYTES,
             sinks: vec![],
+            consumers: None,
         };
         let cdc = Cdc::start(cfg, Drain::new()).await.unwrap();
         let a = cdc.source("t/a").await.unwrap();

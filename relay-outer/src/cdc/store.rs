@@ -143,7 +143,9 @@ fn read_spool_id(dir: &Path) -> Result<Option<u64>, StoreError> {
 }
 
 impl Store {
-    /// Opens (creating) the store of `name` (`tunnel/source`) under `root`.
+    /// Opens (creating) the store of `name` (`tunnel/source`) under `root`, with the
+    /// default segment size.
+    #[cfg(test)]
     pub fn open(root: &Path, name: &str) -> Result<Arc<Store>, StoreError> {
         Self::open_with(root, name, segment_log::DEFAULT_SEGMENT_BYTES)
     }

@@ -22,7 +22,7 @@
 pub mod filter;
 pub mod pg;
 pub mod position;
-mod reader;
+pub(crate) mod reader;
 pub mod runner;
 pub mod webhook;
 
