@@ -576,7 +576,9 @@ fn validate_consumers(k: RawConsumers, base: &Path) -> Result<ConsumersConfig, S
     }
     Ok(ConsumersConfig {
         listen,
-        tls: k.tls.map(|t| (resolve(base, &t.cert), resolve(base, &t.key))),
+        tls: k
+            .tls
+            .map(|t| (resolve(base, &t.cert), resolve(base, &t.key))),
         tokens,
     })
 }

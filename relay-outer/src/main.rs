@@ -231,8 +231,13 @@ fn check(path: &Path) -> anyhow::Result<()> {
             let consumers = match &c.consumers {
                 None => String::new(),
                 Some(k) => {
-                    let tokens = cdc::consumers::load_tokens(&k.tokens).map_err(anyhow::Error::msg)?;
-                    format!(", consumer endpoint {} with {} token(s)", k.listen, tokens.len())
+                    let tokens =
+                        cdc::consumers::load_tokens(&k.tokens).map_err(anyhow::Error::msg)?;
+                    format!(
+                        ", consumer endpoint {} with {} token(s)",
+                        k.listen,
+                        tokens.len()
+                    )
                 }
             };
             format!(

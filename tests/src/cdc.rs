@@ -50,6 +50,9 @@ pub struct RigOpts {
     /// More `cdc.sinks` entries on relay-outer (list items indented 4 spaces), after
     /// the PostgreSQL sink `replica`.
     pub extra_sinks: String,
+    /// Extra lines for relay-outer's `cdc` section (indented 2 spaces), e.g. a
+    /// `consumers:` block.
+    pub outer_cdc_extra: String,
 }
 
 impl Default for RigOpts {
@@ -72,6 +75,7 @@ impl Default for RigOpts {
             retention: "1h".into(),
             inner_cdc_extra: String::new(),
             extra_sinks: String::new(),
+            outer_cdc_extra: String::new(),
         }
     }
 }
@@ -238,10 +242,11 @@ impl CdcRig {
             )
         };
         let outer_extra = format!(
-            "{}cdc:\n  dir: {}\n  retention: {}\n  sinks:\n    - name: {SINK}\n      source: {SOURCE}\n      postgres: {{ dsn: \"{sink_dsn}\", create_tables: true }}\n      retry: {{ initial: 100ms, max: 1s }}\n{}",
+            "{}cdc:\n  dir: {}\n  retention: {}\n{}  sinks:\n    - name: {SINK}\n      source: {SOURCE}\n      postgres: {{ dsn: \"{sink_dsn}\", create_tables: true }}\n      retry: {{ initial: 100ms, max: 1s }}\n{}",
             opts.relay_extra,
             store_dir.display(),
             opts.retention,
+            opts.outer_cdc_extra,
             opts.extra_sinks,
         );
         let outer_yaml = outer_yaml(

@@ -99,7 +99,11 @@ impl std::fmt::Debug for Consumers {
 /// Reads every token file (for `check-config`): the token names and how many sources
 /// each may read; the error names the token and the file.
 pub fn load_tokens(specs: &[TokenSpec]) -> Result<Vec<(String, usize)>, String> {
-    read_tokens(specs).map(|t| t.iter().map(|t| (t.name.clone(), t.sources.len())).collect())
+    read_tokens(specs).map(|t| {
+        t.iter()
+            .map(|t| (t.name.clone(), t.sources.len()))
+            .collect()
+    })
 }
 
 fn read_tokens(specs: &[TokenSpec]) -> Result<Vec<Token>, String> {
@@ -155,7 +159,9 @@ impl Consumers {
         };
         let sock = tokio::net::TcpListener::bind(cfg.listen)
             .await
-            .map_err(|e| anyhow::anyhow!("cdc.consumers.listen: cannot bind {}: {e}", cfg.listen))?;
+            .map_err(|e| {
+                anyhow::anyhow!("cdc.consumers.listen: cannot bind {}: {e}", cfg.listen)
+            })?;
         let addr = sock.local_addr().unwrap_or(cfg.listen);
         let me = Arc::new(Consumers {
             cdc,
@@ -200,7 +206,7 @@ impl Consumers {
     }
 
     /// The token a request carries, checked against `source`.
-    fn authorize(&self, headers: &HeaderMap, source: &str) -> Result<String, Response> {
+    fn authorize(&self, headers: &HeaderMap, source: &str) -> Result<String, Refusal> {
         let given = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -240,16 +246,43 @@ fn sha256(b: &[u8]) -> Vec<u8> {
         .to_vec()
 }
 
-fn refuse(status: StatusCode, reason: &'static str, msg: &str) -> Response {
-    metrics::counter!(REFUSED, "reason" => reason).increment(1);
-    let mut r = json(status, &json!({ "error": msg }));
-    if status == StatusCode::UNAUTHORIZED {
-        r.headers_mut().insert(
-            axum::http::header::WWW_AUTHENTICATE,
-            axum::http::HeaderValue::from_static("Bearer"),
-        );
+/// A refused request: its status, `reason` label and message.
+#[derive(Debug)]
+struct Refusal {
+    status: StatusCode,
+    reason: &'static str,
+    msg: String,
+    /// For a 410: the oldest position held.
+    oldest: Option<String>,
+}
+
+fn refuse(status: StatusCode, reason: &'static str, msg: &str) -> Refusal {
+    Refusal {
+        status,
+        reason,
+        msg: msg.to_string(),
+        oldest: None,
     }
-    r
+}
+
+impl axum::response::IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        metrics::counter!(REFUSED, "reason" => self.reason).increment(1);
+        let mut r = json(self.status, &json!({ "error": self.msg }));
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        if let Some(v) = self
+            .oldest
+            .and_then(|o| axum::http::HeaderValue::from_str(&o).ok())
+        {
+            r.headers_mut().insert("routy-oldest-position", v);
+        }
+        r
+    }
 }
 
 /// The source of a request, authorized, with its store open.
@@ -258,7 +291,7 @@ fn open_source(
     headers: &HeaderMap,
     tunnel: &str,
     source: &str,
-) -> Result<(String, String, Arc<super::Source>), Response> {
+) -> Result<(String, String, Arc<super::Source>), Refusal> {
     let full = format!("{tunnel}/{source}");
     let token = c.authorize(headers, &full)?;
     match c.cdc.get(&full) {
@@ -272,21 +305,22 @@ fn open_source(
 }
 
 /// `tables=a.b,c.d` and `ops=insert,update` from the query.
-fn filter_from(q: &HashMap<String, String>) -> Result<Filter, Response> {
+fn filter_from(q: &HashMap<String, String>) -> Result<Filter, Refusal> {
     let mut f = Filter::default();
     if let Some(t) = q.get("tables").filter(|t| !t.is_empty()) {
         f.tables = Some(t.split(',').map(|s| s.trim().to_string()).collect());
     }
     if let Some(o) = q.get("ops").filter(|o| !o.is_empty()) {
         let list: Vec<String> = o.split(',').map(|s| s.trim().to_string()).collect();
-        f.ops = Some(Filter::parse_ops(&list).map_err(|e| {
-            refuse(StatusCode::BAD_REQUEST, "bad_request", &format!("ops: {e}"))
-        })?);
+        f.ops =
+            Some(Filter::parse_ops(&list).map_err(|e| {
+                refuse(StatusCode::BAD_REQUEST, "bad_request", &format!("ops: {e}"))
+            })?);
     }
     Ok(f)
 }
 
-fn parse_pos(what: &str, v: &str) -> Result<Position, Response> {
+fn parse_pos(what: &str, v: &str) -> Result<Position, Refusal> {
     v.parse().map_err(|e| {
         refuse(
             StatusCode::BAD_REQUEST,
@@ -297,7 +331,7 @@ fn parse_pos(what: &str, v: &str) -> Result<Position, Response> {
 }
 
 /// 410 when `seq` is older than what the store holds.
-fn check_held(store: &super::store::Store, at: Position) -> Result<(), Response> {
+fn check_held(store: &super::store::Store, at: Position) -> Result<(), Refusal> {
     let first = store.first_seq();
     if at.seq != 0 && at.seq < first {
         let mut r = refuse(
@@ -307,9 +341,7 @@ fn check_held(store: &super::store::Store, at: Position) -> Result<(), Response>
                 "position {at} was removed by retention; the oldest position held is {first}.0"
             ),
         );
-        if let Ok(v) = axum::http::HeaderValue::from_str(&format!("{first}.0")) {
-            r.headers_mut().insert("routy-oldest-position", v);
-        }
+        r.oldest = Some(format!("{first}.0"));
         return Err(r);
     }
     Ok(())
@@ -321,55 +353,43 @@ async fn changes(
     Path((tunnel, source)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
-) -> Response {
-    let (full, token, src) = match open_source(&c, &headers, &tunnel, &source) {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    let filter = match filter_from(&q) {
-        Ok(f) => f,
-        Err(r) => return r,
-    };
+) -> Result<Response, Refusal> {
+    let (full, token, src) = open_source(&c, &headers, &tunnel, &source)?;
+    let filter = filter_from(&q)?;
     let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
         None => PAGE_DEFAULT,
         Some(Ok(n)) if (1..=PAGE_MAX).contains(&n) => n,
         _ => {
-            return refuse(
+            return Err(refuse(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
                 &format!("limit: 1 to {PAGE_MAX}"),
-            )
+            ))
         }
     };
-    let after = match q.get("after") {
-        None => None,
-        Some(a) => match parse_pos("after", a) {
-            Ok(p) => Some(p),
-            Err(r) => return r,
-        },
-    };
-    let start = after.map_or(Position::START, |p| Position::new(p.seq, p.idx.saturating_add(1)));
-    if let Err(r) = check_held(&src.store, after.unwrap_or(Position::START)) {
-        return r;
-    }
+    let after = q.get("after").map(|a| parse_pos("after", a)).transpose()?;
+    let start = after.map_or(Position::START, |p| {
+        Position::new(p.seq, p.idx.saturating_add(1))
+    });
+    check_held(&src.store, after.unwrap_or(Position::START))?;
     let mut stream = ChangeStream::new(src.store.clone(), start, filter);
     let page = match stream.next_batch(limit).await {
         Ok(p) => p,
         Err(e) => {
-            // Retention removed the records between the check and the read.
-            if src.store.first_seq() > start.seq {
-                return check_held(&src.store, start).err().unwrap_or_else(|| {
-                    json(StatusCode::INTERNAL_SERVER_ERROR, &json!({"error": e.msg}))
-                });
-            }
-            return json(StatusCode::INTERNAL_SERVER_ERROR, &json!({ "error": e.msg }));
+            // Retention may have removed the records between the check and the read.
+            check_held(&src.store, start)?;
+            return Ok(json(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &json!({ "error": e.msg }),
+            ));
         }
     };
     let next = page
         .last()
         .map(|c| c.at.to_string())
         .or_else(|| after.map(|p| p.to_string()));
-    metrics::counter!(EVENTS, "source" => full.clone(), "token" => token).increment(page.len() as u64);
+    metrics::counter!(EVENTS, "source" => full.clone(), "token" => token)
+        .increment(page.len() as u64);
     let mut body = String::with_capacity(64 + page.iter().map(|c| c.json.len() + 1).sum::<usize>());
     body.push_str("{\"source\":");
     body.push_str(&serde_json::Value::from(full).to_string());
@@ -382,12 +402,16 @@ async fn changes(
     }
     body.push_str("],\"next\":");
     body.push_str(&serde_json::to_string(&next).unwrap_or_else(|_| "null".into()));
-    body.push_str(&format!(",\"oldest\":\"{}.0\",\"last_seq\":{}}}", src.store.first_seq(), src.store.synced_seq()));
-    Response::builder()
+    body.push_str(&format!(
+        ",\"oldest\":\"{}.0\",\"last_seq\":{}}}",
+        src.store.first_seq(),
+        src.store.synced_seq()
+    ));
+    Ok(Response::builder()
         .status(StatusCode::OK)
         .header(axum::http::header::CONTENT_TYPE, "application/json")
         .body(Body::from(body))
-        .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response"))
+        .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response")))
 }
 
 /// `GET /v1/sources/{tunnel}/{source}/events`: Server-Sent Events, `id:` = position.
@@ -396,56 +420,43 @@ async fn events(
     Path((tunnel, source)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
-) -> Response {
-    let (full, token, src) = match open_source(&c, &headers, &tunnel, &source) {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    let filter = match filter_from(&q) {
-        Ok(f) => f,
-        Err(r) => return r,
-    };
+) -> Result<Response, Refusal> {
+    let (full, token, src) = open_source(&c, &headers, &tunnel, &source)?;
+    let filter = filter_from(&q)?;
     let last_id = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.trim().is_empty());
     let start = if let Some(id) = last_id {
-        match parse_pos("Last-Event-ID", id) {
-            Ok(p) => {
-                if let Err(r) = check_held(&src.store, p) {
-                    return r;
-                }
-                Position::new(p.seq, p.idx.saturating_add(1))
-            }
-            Err(r) => return r,
-        }
+        let p = parse_pos("Last-Event-ID", id)?;
+        check_held(&src.store, p)?;
+        Position::new(p.seq, p.idx.saturating_add(1))
     } else if let Some(f) = q.get("from") {
-        match parse_pos("from", f) {
-            Ok(p) => {
-                if let Err(r) = check_held(&src.store, p) {
-                    return r;
-                }
-                p
-            }
-            Err(r) => return r,
-        }
+        let p = parse_pos("from", f)?;
+        check_held(&src.store, p)?;
+        p
     } else if let Some(s) = q.get("since") {
         let Some(t) = relay_proto::cdc::parse_time(s) else {
-            return refuse(
+            return Err(refuse(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
                 &format!("since: {s:?} is not a time like 2026-11-22T07:00:00Z"),
-            );
+            ));
         };
         let store = src.store.clone();
         match tokio::task::spawn_blocking(move || super::manage::position_since(&store, t)).await {
             Ok(Ok(p)) => p,
-            Ok(Err(e)) => return json(StatusCode::INTERNAL_SERVER_ERROR, &json!({ "error": e })),
+            Ok(Err(e)) => {
+                return Ok(json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &json!({ "error": e }),
+                ))
+            }
             Err(e) => {
-                return json(
+                return Ok(json(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     &json!({ "error": e.to_string() }),
-                )
+                ))
             }
         }
     } else {
@@ -458,13 +469,13 @@ async fn events(
     let body = Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
     }));
-    Response::builder()
+    Ok(Response::builder()
         .status(StatusCode::OK)
         .header(axum::http::header::CONTENT_TYPE, "text/event-stream")
         .header(axum::http::header::CACHE_CONTROL, "no-store")
         .header("x-accel-buffering", "no")
         .body(body)
-        .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response"))
+        .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response")))
 }
 
 /// Reads the store for one SSE consumer and queues its events; drops the consumer when
@@ -490,7 +501,10 @@ async fn feed(
         let batch: Vec<Change> = match stream.next_batch(STREAM_BATCH).await {
             Ok(b) => b,
             Err(e) => {
-                let _ = tx.try_send(bytes::Bytes::from(format!(": error: {}\n\n", e.msg.replace('\n', " "))));
+                let _ = tx.try_send(bytes::Bytes::from(format!(
+                    ": error: {}\n\n",
+                    e.msg.replace('\n', " ")
+                )));
                 break Some("store");
             }
         };

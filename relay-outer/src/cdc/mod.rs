@@ -232,7 +232,11 @@ impl Cdc {
     /// A reload: the consumer tokens are read again (the rest of the cdc section needs a
     /// restart). Returns how many tokens are in force.
     pub fn reload_tokens(&self, cfg: &CdcConfig) -> Result<usize, String> {
-        let running = self.consumers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let running = self
+            .consumers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         match (running, &cfg.consumers) {
             (Some(c), Some(k)) => c.reload_tokens(&k.tokens),
             _ => Ok(0),
@@ -280,7 +284,11 @@ impl Cdc {
         if let Some(s) = self.get(name) {
             return Ok(s);
         }
-        let (root, n, seg) = (self.cfg.dir.clone(), name.to_string(), self.cfg.segment_bytes);
+        let (root, n, seg) = (
+            self.cfg.dir.clone(),
+            name.to_string(),
+            self.cfg.segment_bytes,
+        );
         let store = tokio::task::spawn_blocking(move || Store::open_with(&root, &n, seg))
             .await
             .map_err(|e| StoreError::Task(e.to_string()))??;

@@ -288,7 +288,9 @@ mod tests {
         let cfg = CdcConfig {
             dir: dir.to_path_buf(),
             retention: Duration::from_secs(3600),
+            segment_bytes: routy_log::segment_log::DEFAULT_SEGMENT_BYTES,
             sinks: vec![],
+            consumers: None,
         };
         Cdc::start(cfg, Drain::new()).await.unwrap()
     }
@@ -541,7 +543,9 @@ mod tests {
         let cfg = CdcConfig {
             dir: dir.path().to_path_buf(),
             retention: Duration::from_secs(3600),
+            segment_bytes: routy_log::segment_log::DEFAULT_SEGMENT_BYTES,
             sinks: vec![],
+            consumers: None,
         };
         let drain = Drain::new();
         let cdc = Cdc::start(cfg.clone(), drain.clone()).await.unwrap();

@@ -1,0 +1,114 @@
+//! A consumer of relay-outer's consumer endpoint, as a microservice would be: a
+//! Server-Sent Events client that resumes with `Last-Event-ID`, and a page reader.
+
+use std::time::{Duration, Instant};
+
+/// One event as received: its id (`SEQ.INDEX`) and its JSON.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// The `id:` field.
+    pub id: String,
+    /// The `data:` field, parsed.
+    pub data: serde_json::Value,
+}
+
+impl Event {
+    /// The id as (seq, index), for ordering.
+    pub fn pos(&self) -> (u64, u32) {
+        let (a, b) = self.id.split_once('.').expect("id is SEQ.INDEX");
+        (a.parse().expect("seq"), b.parse().expect("index"))
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn client() -> reqwest::Client {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .no_proxy()
+        .build()
+        .expect("HTTP client")
+}
+
+/// GETs `url` with `token` (and `Last-Event-ID` when given); returns the status and,
+/// for a 200, up to `max` events read within `within` (the connection is then closed).
+pub fn sse(
+    url: &str,
+    token: Option<&str>,
+    last_id: Option<&str>,
+    max: usize,
+    within: Duration,
+) -> (u16, Vec<Event>) {
+    runtime().block_on(async {
+        let mut req = client().get(url).header("accept", "text/event-stream");
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(id) = last_id {
+            req = req.header("last-event-id", id);
+        }
+        let mut resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => panic!("GET {url}: {e}"),
+        };
+        let status = resp.status().as_u16();
+        if status != 200 {
+            return (status, Vec::new());
+        }
+        let deadline = Instant::now() + within;
+        let mut buf = String::new();
+        let mut out = Vec::new();
+        while out.len() < max {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let chunk = match tokio::time::timeout(left, resp.chunk()).await {
+                Ok(Ok(Some(c))) => c,
+                _ => break,
+            };
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buf.find("\n\n") {
+                let block: String = buf.drain(..end + 2).collect();
+                let (mut id, mut data) = (None, None);
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id: ") {
+                        id = Some(v.to_string());
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data = Some(serde_json::from_str(v).expect("data is JSON"));
+                    }
+                }
+                if let (Some(id), Some(data)) = (id, data) {
+                    out.push(Event { id, data });
+                    if out.len() >= max {
+                        break;
+                    }
+                }
+            }
+        }
+        (status, out)
+    })
+}
+
+/// GETs one page; returns the status and the JSON answer.
+pub fn page(url: &str, token: &str) -> (u16, serde_json::Value) {
+    runtime().block_on(async {
+        let resp = client()
+            .get(url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let status = resp.status().as_u16();
+        let body = resp.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&body).unwrap_or_default())
+    })
+}
