@@ -112,3 +112,83 @@ pub fn page(url: &str, token: &str) -> (u16, serde_json::Value) {
         (status, serde_json::from_str(&body).unwrap_or_default())
     })
 }
+
+/// Reads `url` as Server-Sent Events until `want` insert events arrived (or `within`
+/// passed); returns the events read (all kinds) and how long it took. Counts by text,
+/// without parsing, so the reader is not what is measured.
+pub async fn sse_count(url: String, token: String, want: u64, within: Duration) -> (u64, Duration) {
+    let t = Instant::now();
+    let mut resp = match client()
+        .get(&url)
+        .bearer_auth(&token)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+    {
+        Ok(r) if r.status().as_u16() == 200 => r,
+        Ok(r) => panic!("GET {url}: {}", r.status()),
+        Err(e) => panic!("GET {url}: {e}"),
+    };
+    let (mut events, mut inserts) = (0u64, 0u64);
+    // An event may straddle two chunks: keep the tail after the last separator.
+    let mut carry = String::new();
+    while inserts < want {
+        let left = within.saturating_sub(t.elapsed());
+        let chunk = match tokio::time::timeout(left, resp.chunk()).await {
+            Ok(Ok(Some(c))) => c,
+            _ => break,
+        };
+        carry.push_str(&String::from_utf8_lossy(&chunk));
+        if let Some(end) = carry.rfind("\n\n") {
+            let done: String = carry.drain(..end + 2).collect();
+            events += done.matches("\nid: ").count() as u64 + u64::from(done.starts_with("id: "));
+            inserts += done.matches("\"event\":\"insert\"").count() as u64;
+        }
+    }
+    (events, t.elapsed())
+}
+
+/// Reads `url` as Server-Sent Events until `stop` is set; for every insert event whose
+/// row has a `created_us` column, records (arrival − created_us) in milliseconds.
+pub async fn sse_latency(
+    url: String,
+    token: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<f64> {
+    let mut resp = client()
+        .get(&url)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let mut out = Vec::new();
+    let mut carry = String::new();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let chunk = match tokio::time::timeout(Duration::from_millis(200), resp.chunk()).await {
+            Ok(Ok(Some(c))) => c,
+            Ok(_) => break,
+            Err(_) => continue,
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0);
+        carry.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = carry.find("\n\n") {
+            let block: String = carry.drain(..end + 2).collect();
+            let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(data) else {
+                continue;
+            };
+            if v["event"] != "insert" {
+                continue;
+            }
+            if let Some(c) = v["new"]["created_us"].as_str().and_then(|c| c.parse::<i64>().ok()) {
+                out.push((now - c) as f64 / 1000.0);
+            }
+        }
+    }
+    out
+}

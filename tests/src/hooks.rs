@@ -45,6 +45,11 @@ pub struct Seen {
     pub signed_bad: u64,
     /// The headers of the last request (lowercase names).
     pub last_headers: HashMap<String, String>,
+    /// Insert events counted (every one, repeats included) when the receiver only
+    /// counts ([`Receiver::counting`]).
+    pub inserts_counted: u64,
+    /// Only count inserts, keep nothing (for benchmarks).
+    count_only: bool,
     /// Row key → id of the first event that carried it.
     keys: HashMap<String, (u64, u32)>,
 }
@@ -86,6 +91,13 @@ impl Receiver {
             mode,
             stop,
         }
+    }
+
+    /// A receiver that answers 200 and only counts insert events (a benchmark's sink).
+    pub fn counting() -> Receiver {
+        let r = Receiver::start(Mode::Accept, None);
+        r.seen.lock().unwrap().count_only = true;
+        r
     }
 
     /// `http://127.0.0.1:PORT/hook`.
@@ -208,6 +220,11 @@ fn serve(c: TcpStream, seen: &Mutex<Seen>, mode: &Mutex<Mode>, key: Option<&ring
 }
 
 fn take(s: &mut Seen, body: &[u8]) {
+    if s.count_only {
+        let text = String::from_utf8_lossy(body);
+        s.inserts_counted += text.matches("\"event\":\"insert\"").count() as u64;
+        return;
+    }
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
         return;
     };

@@ -1,6 +1,9 @@
 //! CDC benchmark: end-to-end rows per second and commit-to-apply latency through Routy,
 //! each next to what `pg_recvlogical` reads from the same source in the same run (the
-//! decoding ceiling). Starts everything itself on loopback (needs root, like the tests).
+//! decoding ceiling); in the same run, the webhook sink's delivery rate to a local
+//! receiver next to the PostgreSQL sink's, Server-Sent Events fan-out to 1 and to
+//! `--fanout` consumers, and a consumer's commit-to-event latency. Starts everything
+//! itself on loopback (needs root, like the tests).
 //!
 //! ```sh
 //! cargo build --release --workspace --bins
@@ -23,16 +26,20 @@ struct Args {
     txn_rows: u64,
     rate: u32,
     secs: u32,
+    fanout: u32,
     out: Option<String>,
 }
 
 const USAGE: &str = "\
-Usage: bench-cdc [--rows N] [--txn-rows N] [--rate TPS] [--secs N] [--out FILE]
+Usage: bench-cdc [--rows N] [--txn-rows N] [--rate TPS] [--secs N] [--fanout N] [--out FILE]
 
 CDC benchmark: end-to-end rows per second and commit-to-apply latency through Routy,
 each next to what pg_recvlogical reads from the same source in the same run (the
-decoding ceiling). Starts everything itself on loopback: a source and a target
-PostgreSQL, relay-inner and relay-outer. Prints a Markdown table.
+decoding ceiling). In the same run: the webhook sink's delivery rate to a local
+receiver next to the PostgreSQL sink's, Server-Sent Events fan-out to 1 and to N
+consumers, and an SSE consumer's commit-to-event latency. Starts everything itself on
+loopback: a source and a target PostgreSQL, relay-inner and relay-outer. Prints a
+Markdown table.
 
 Needs root: PostgreSQL runs as the postgres user.
 Build first: cargo build --release --workspace --bins
@@ -43,6 +50,7 @@ Options:
   --txn-rows N    rows per transaction in that backlog (default 100)
   --rate TPS      transactions per second of the latency run (pgbench -R; default 500)
   --secs N        length of the latency run in seconds (default 20)
+  --fanout N      Server-Sent Events consumers reading the backlog at once (default 50)
   --out FILE      also write the Markdown table to FILE
   -h, --help      print this text and exit
 
@@ -60,6 +68,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
         txn_rows: 100,
         rate: 500,
         secs: 20,
+        fanout: 50,
         out: None,
     };
     fn num<T: std::str::FromStr>(k: &str, v: Option<String>, what: &str) -> Result<T, String> {
@@ -76,6 +85,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
             "--txn-rows" => a.txn_rows = num(&k, it.next(), "N")?,
             "--rate" => a.rate = num(&k, it.next(), "TPS")?,
             "--secs" => a.secs = num(&k, it.next(), "N")?,
+            "--fanout" => a.fanout = num(&k, it.next(), "N")?,
             "--out" => a.out = Some(it.next().ok_or("--out needs a value (--out FILE)")?),
             _ => return Err(format!("unknown argument {k}")),
         }
@@ -85,6 +95,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
         ("--txn-rows", a.txn_rows),
         ("--rate", a.rate.into()),
         ("--secs", a.secs.into()),
+        ("--fanout", a.fanout.into()),
     ] {
         if v == 0 {
             return Err(format!("{name} must be at least 1"));
@@ -103,6 +114,9 @@ CREATE TABLE public.bench (id bigint PRIMARY KEY, v text NOT NULL);
 CREATE TABLE public.lat (id bigserial PRIMARY KEY, v text NOT NULL,
     created_us bigint NOT NULL DEFAULT (extract(epoch from clock_timestamp()) * 1000000)::bigint);
 ";
+
+/// The consumer endpoint's token in the benchmark.
+const TOKEN: &str = "bench-token-0123456789abcdef";
 
 fn now_us() -> i64 {
     std::time::SystemTime::now()
@@ -132,7 +146,22 @@ fn main() {
         eprintln!("bench-cdc runs PostgreSQL as the postgres user: run it as root");
         std::process::exit(2);
     }
+    // A webhook sink to a local receiver beside the PostgreSQL sink, and the consumer
+    // endpoint.
+    let hooks = routy_e2e::hooks::Receiver::counting();
+    let consumer_port = routy_e2e::free_port();
+    let token_dir = routy_e2e::tempdir();
+    let token_file = token_dir.path().join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token file");
     let mut rig = CdcRig::start(RigOpts {
+        extra_sinks: format!(
+            "    - name: hook\n      source: site-a/main\n      tables: [public.bench]\n      webhook: {{ url: \"{}\" }}\n",
+            hooks.url()
+        ),
+        outer_cdc_extra: format!(
+            "  consumers:\n    listen: \"127.0.0.1:{consumer_port}\"\n    tokens: [{{ name: bench, token_file: {}, sources: [\"*\"] }}]\n",
+            token_file.display()
+        ),
         setup_sql: SETUP.into(),
         tables: vec!["public.bench".into(), "public.lat".into()],
         source_conf: vec!["fsync = on".into(), "synchronous_commit = on".into()],
@@ -216,14 +245,59 @@ fn main() {
     let t = Instant::now();
     rig.start_inner();
     let want = a.rows.to_string();
-    try_wait_until(Duration::from_secs(900), "target has every row", || {
-        rig.target
-            .try_psql("SELECT count(*) FROM public.bench")
-            .is_ok_and(|c| c == want)
+    // Both sinks read the same store at once; each one's time is when it had every row.
+    let (mut pg_done, mut hook_done) = (None, None);
+    try_wait_until(Duration::from_secs(900), "both sinks have every row", || {
+        if pg_done.is_none()
+            && rig
+                .target
+                .try_psql("SELECT count(*) FROM public.bench")
+                .is_ok_and(|c| c == want)
+        {
+            pg_done = Some(t.elapsed().as_secs_f64());
+        }
+        if hook_done.is_none() && hooks.seen(|s| s.inserts_counted) >= a.rows {
+            hook_done = Some(t.elapsed().as_secs_f64());
+        }
+        pg_done.is_some() && hook_done.is_some()
     })
     .expect("catch up");
-    let routy_secs = t.elapsed().as_secs_f64();
+    let routy_secs = pg_done.expect("set");
+    let hook_secs = hook_done.expect("set");
     rig.wait_in_sync(&["public.bench"], Duration::from_secs(60));
+
+    // --- SSE fan-out: the backlog (rows plus a begin and a commit per transaction) read
+    // from the store by 1, then by N consumers at once.
+    let sse_url = format!(
+        "http://127.0.0.1:{consumer_port}/v1/sources/site-a/main/events?from=1&tables=public.bench"
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let fan = |n: u32| -> (u64, f64) {
+        rt.block_on(async {
+            let t = Instant::now();
+            let tasks: Vec<_> = (0..n)
+                .map(|_| {
+                    tokio::spawn(routy_e2e::consumer::sse_count(
+                        sse_url.clone(),
+                        TOKEN.to_string(),
+                        a.rows,
+                        Duration::from_secs(600),
+                    ))
+                })
+                .collect();
+            let mut events = 0;
+            for task in tasks {
+                events += task.await.expect("consumer").0;
+            }
+            (events, t.elapsed().as_secs_f64())
+        })
+    };
+    eprintln!("SSE fan-out: 1 consumer, then {}", a.fanout);
+    let (ev1, secs1) = fan(1);
+    let (evn, secsn) = fan(a.fanout);
 
     // --- latency at a steady rate: pgbench inserts, the target stamps the apply time;
     // pg_recvlogical (test_decoding) on its own slot timestamps each row as it arrives.
@@ -257,6 +331,13 @@ fn main() {
             }
         })
     };
+    let sse_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sse_lat = rt.spawn(routy_e2e::consumer::sse_latency(
+        format!("http://127.0.0.1:{consumer_port}/v1/sources/site-a/main/events?tables=public.lat"),
+        TOKEN.to_string(),
+        sse_stop.clone(),
+    ));
+    std::thread::sleep(Duration::from_millis(300));
     let st = Command::new(pg_bin("pgbench"))
         .args([
             "-n",
@@ -294,6 +375,9 @@ fn main() {
     })
     .expect("latency rows applied");
     std::thread::sleep(Duration::from_secs(1));
+    sse_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut sl = rt.block_on(sse_lat).expect("SSE latency reader");
+    sl.sort_by(|x, y| x.partial_cmp(y).unwrap());
     let _ = recv.kill();
     let _ = recv.wait();
     let _ = reader.join();
@@ -336,6 +420,37 @@ fn main() {
         lat.len(),
         rl.len(),
     );
+    let consumers = format!(
+        "\n| measure | webhook sink (local receiver) | PostgreSQL sink (same run) | ratio |\n\
+         | --- | --- | --- | --- |\n\
+         | backlog of {} rows, both sinks reading the store at once: rows/s | {:.0} ({:.1} s) | {:.0} ({:.1} s) | {:.2}x |\n\
+         \n| measure | Server-Sent Events |\n\
+         | --- | --- |\n\
+         | backlog read by 1 consumer: events/s | {:.0} ({} events, {:.1} s) |\n\
+         | backlog read by {} consumers at once: events/s, all together | {:.0} ({} events, {:.1} s) |\n\
+         | latency at {} tx/s (source commit to event received), median | {:.1} ms |\n\
+         | latency at {} tx/s, p99 | {:.1} ms |\n\
+         | events measured for latency | {} |\n",
+        a.rows,
+        rows / hook_secs,
+        hook_secs,
+        rows / routy_secs,
+        routy_secs,
+        routy_secs / hook_secs,
+        ev1 as f64 / secs1,
+        ev1,
+        secs1,
+        a.fanout,
+        evn as f64 / secsn,
+        evn,
+        secsn,
+        a.rate,
+        percentile(&sl, 0.5),
+        a.rate,
+        percentile(&sl, 0.99),
+        sl.len(),
+    );
+    let table = format!("{table}{consumers}");
     println!("{table}");
     if let Some(f) = a.out {
         std::fs::write(&f, &table).expect("write --out");
