@@ -327,3 +327,53 @@ fn pause_holds_a_sink_and_replay_since_a_time_delivers_again() {
     let (ok, said) = rig.outer_cdc(&["replay", "--sink", "hook", "--from", "999999"]);
     assert!(!ok && said.contains("past the end"), "{said}");
 }
+
+#[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
+fn a_sink_failing_for_a_minute_holds_back_no_other_and_catches_up() {
+    require_root();
+    let recv = Receiver::start(Mode::Refuse(503), None);
+    let rig = CdcRig::start(opts(hook("hook", &recv.url(), "")));
+    rig.wait_shipping();
+    let outer = rig.outer();
+    // For a minute the receiver answers 503 while the source takes writes: the
+    // PostgreSQL sink keeps up all along; the webhook sink retries with backoff.
+    let t0 = Instant::now();
+    let mut next = 0;
+    while t0.elapsed() < Duration::from_secs(60) {
+        insert_txs(&rig, next, next + 5);
+        next += 5;
+        rig.wait_in_sync(&[TABLE], Duration::from_secs(20));
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    let st = outer.status();
+    let hook_st = &st["cdc"]["sources"]["site-a/main"]["sinks"]["hook"];
+    assert!(
+        hook_st["state"] == "retrying" || hook_st["state"] == "starting",
+        "{hook_st}"
+    );
+    assert!(
+        hook_st["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("HTTP 503")),
+        "{hook_st}"
+    );
+    assert!(hook_st["lag_records"].as_u64().unwrap_or(0) > 0, "{hook_st}");
+    assert!(recv.inserted_ids(TABLE).is_empty());
+    assert!(
+        outer.metric(
+            "routy_cdc_sink_errors_total",
+            &[("sink", "hook"), ("reason", "http_status")]
+        ) >= 3.0
+    );
+    // The receiver comes back: the webhook sink catches up with everything.
+    recv.set_mode(Mode::Accept);
+    wait_received_all(&rig, &recv, "the failing sink catches up");
+    outer.wait_status("the sink is running", CATCH_UP, |st| {
+        st["cdc"]["sources"]["site-a/main"]["sinks"]["hook"]["state"] == "running"
+            && st["cdc"]["sources"]["site-a/main"]["sinks"]["hook"]["lag_records"] == 0
+    });
+}
