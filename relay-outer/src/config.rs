@@ -710,7 +710,7 @@ fn validate_webhook(
         max_bytes,
         max_delay,
         on_rejected,
-        dead_letter_dir: dir.join("dead-letter"),
+        dead_letter_dir: dir.join("_dead-letter"),
     })
 }
 
@@ -875,7 +875,7 @@ cdc:
         assert_eq!(w.on_rejected, OnRejected::DeadLetter);
         assert_eq!(
             w.dead_letter_dir,
-            PathBuf::from("/etc/routy/store/dead-letter")
+            PathBuf::from("/etc/routy/store/_dead-letter")
         );
         let plain = parse(&format!(
             "{GOOD}{CDC}    - {{ name: h2, source: site-a/orders, webhook: {{ url: \"http://127.0.0.1:9/x\" }} }}\n"

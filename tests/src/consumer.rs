@@ -185,7 +185,10 @@ pub async fn sse_latency(
             if v["event"] != "insert" {
                 continue;
             }
-            if let Some(c) = v["new"]["created_us"].as_str().and_then(|c| c.parse::<i64>().ok()) {
+            if let Some(c) = v["new"]["created_us"]
+                .as_str()
+                .and_then(|c| c.parse::<i64>().ok())
+            {
                 out.push((now - c) as f64 / 1000.0);
             }
         }

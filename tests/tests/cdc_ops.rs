@@ -441,6 +441,52 @@ fn bad_cdc_config_is_rejected_with_the_field() {
         &outer("main"),
         &["cdc.sinks[0].source", "tunnel/source"],
     );
+    // Exactly one kind key per sink, and the entry is named.
+    let two = good.replace(
+        "      postgres: {",
+        "      webhook: { url: \"http://127.0.0.1:9/\" }\n      postgres: {",
+    );
+    assert_fails(
+        "relay-outer",
+        &two,
+        &["cdc.sinks[0]", "\"replica\"", "postgres and webhook"],
+    );
+    let none = good.replace(
+        "      postgres: { dsn: \"host=127.0.0.1 user=postgres\" }\n",
+        "",
+    );
+    assert_fails(
+        "relay-outer",
+        &none,
+        &[
+            "cdc.sinks[0]",
+            "\"replica\"",
+            "exactly one kind key",
+            "none",
+        ],
+    );
+    let hook = good.replace(
+        "      postgres: { dsn: \"host=127.0.0.1 user=postgres\" }\n",
+        "      webhook: { url: \"http://127.0.0.1:9/\", on_rejected: skip }\n",
+    );
+    assert_fails(
+        "relay-outer",
+        &hook,
+        &["cdc.sinks[0].webhook.on_rejected", "dead_letter"],
+    );
+    // A consumer token file that is missing is named by check-config.
+    let consumers = good.replace(
+        "  sinks:\n",
+        &format!(
+            "  consumers:\n    listen: \"127.0.0.1:9470\"\n    tokens: [{{ name: app, token_file: {}/missing, sources: [site-a/main] }}]\n  sinks:\n",
+            pki.dir().display()
+        ),
+    );
+    assert_fails(
+        "relay-outer",
+        &consumers,
+        &["cdc.consumers.tokens (app)", "missing"],
+    );
 }
 
 /// A peer with a valid certificate opens CDC streams and sends garbage: a stream of

@@ -189,7 +189,7 @@ fn a_refused_batch_stops_the_sink_or_goes_to_the_dead_letter_file() {
             &[("sink", "stopper"), ("reason", "rejected")]
         ) >= 1.0
     );
-    let dead = rig.store_dir.join("dead-letter/dlq.jsonl");
+    let dead = rig.store_dir.join("_dead-letter/dlq.jsonl");
     // The refused batches are in the file, with the target's answer (the first holds
     // the initial copy's markers, later ones the inserts).
     let letters = || -> Vec<serde_json::Value> {
@@ -361,7 +361,10 @@ fn a_sink_failing_for_a_minute_holds_back_no_other_and_catches_up() {
             .is_some_and(|e| e.contains("HTTP 503")),
         "{hook_st}"
     );
-    assert!(hook_st["lag_records"].as_u64().unwrap_or(0) > 0, "{hook_st}");
+    assert!(
+        hook_st["lag_records"].as_u64().unwrap_or(0) > 0,
+        "{hook_st}"
+    );
     assert!(recv.inserted_ids(TABLE).is_empty());
     assert!(
         outer.metric(

@@ -8,8 +8,9 @@
 //! every reload (SIGHUP).
 //!
 //! Each consumer reads the store on its own, so no consumer slows the store, a sink or
-//! another consumer: a Server-Sent Events consumer that stops reading is dropped once
-//! [`SSE_BUFFER`] events wait for it, and resumes by `Last-Event-ID`. Consumers do not
+//! another consumer: a Server-Sent Events consumer is fed at the pace it reads; one that
+//! stops reading (its [`SSE_BUFFER`] events stay unread for [`STALL`]) is dropped, and
+//! resumes by `Last-Event-ID`. Consumers do not
 //! hold retention back: a position retention removed is answered 410 with the oldest
 //! position held.
 
@@ -56,8 +57,10 @@ pub const METRICS: &[(&str, &str)] = &[
     ),
 ];
 
-/// Events waiting for one Server-Sent Events consumer at most before it is dropped.
+/// Events queued for one Server-Sent Events consumer at most.
 pub const SSE_BUFFER: usize = 4096;
+/// A consumer whose queue stays full this long has stopped reading and is dropped.
+pub const STALL: Duration = Duration::from_secs(10);
 /// A comment line this often keeps idle streams open through proxies.
 pub const HEARTBEAT: Duration = Duration::from_secs(15);
 /// Events per `/changes` page by default, and at most.
@@ -478,8 +481,8 @@ async fn events(
         .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response")))
 }
 
-/// Reads the store for one SSE consumer and queues its events; drops the consumer when
-/// its queue is full.
+/// Reads the store for one SSE consumer and queues its events at the pace it reads;
+/// drops the consumer when its queue stays full for [`STALL`].
 async fn feed(
     mut stream: ChangeStream,
     tx: mpsc::Sender<bytes::Bytes>,
@@ -512,17 +515,15 @@ async fn feed(
             tokio::select! {
                 _ = stream.changed() => {}
                 _ = heartbeat.tick() => {
-                    if tx.try_send(bytes::Bytes::from_static(b": heartbeat\n\n")).is_err() && !tx.is_closed() {
-                        break Some("slow");
-                    }
+                    // A full queue needs no heartbeat: the consumer has data to read.
+                    let _ = tx.try_send(bytes::Bytes::from_static(b": heartbeat\n\n"));
                 }
                 _ = tx.closed() => break None,
                 _ = stop.stopping() => break None,
             }
             continue;
         }
-        let n = batch.len() as u64;
-        let mut full = false;
+        let mut stalled = false;
         for ch in batch {
             let mut s = String::with_capacity(ch.json.len() + 32);
             s.push_str("id: ");
@@ -530,19 +531,25 @@ async fn feed(
             s.push_str("\ndata: ");
             s.push_str(&ch.json);
             s.push_str("\n\n");
-            match tx.try_send(bytes::Bytes::from(s)) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    full = true;
-                    break;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => break,
+            let send = tx.send(bytes::Bytes::from(s));
+            tokio::select! {
+                r = tokio::time::timeout(STALL, send) => match r {
+                    Ok(Ok(())) => sent.increment(1),
+                    Ok(Err(_)) => break, // the consumer left
+                    Err(_) => {
+                        stalled = true;
+                        break;
+                    }
+                },
+                _ = stop.stopping() => break,
             }
         }
-        if full {
+        if stalled {
             break Some("slow");
         }
-        sent.increment(n);
+        if stop.is_stopping() {
+            break None;
+        }
         heartbeat.reset();
     };
     if let Some(reason) = why {

@@ -247,20 +247,24 @@ fn main() {
     let want = a.rows.to_string();
     // Both sinks read the same store at once; each one's time is when it had every row.
     let (mut pg_done, mut hook_done) = (None, None);
-    try_wait_until(Duration::from_secs(900), "both sinks have every row", || {
-        if pg_done.is_none()
-            && rig
-                .target
-                .try_psql("SELECT count(*) FROM public.bench")
-                .is_ok_and(|c| c == want)
-        {
-            pg_done = Some(t.elapsed().as_secs_f64());
-        }
-        if hook_done.is_none() && hooks.seen(|s| s.inserts_counted) >= a.rows {
-            hook_done = Some(t.elapsed().as_secs_f64());
-        }
-        pg_done.is_some() && hook_done.is_some()
-    })
+    try_wait_until(
+        Duration::from_secs(900),
+        "both sinks have every row",
+        || {
+            if pg_done.is_none()
+                && rig
+                    .target
+                    .try_psql("SELECT count(*) FROM public.bench")
+                    .is_ok_and(|c| c == want)
+            {
+                pg_done = Some(t.elapsed().as_secs_f64());
+            }
+            if hook_done.is_none() && hooks.seen(|s| s.inserts_counted) >= a.rows {
+                hook_done = Some(t.elapsed().as_secs_f64());
+            }
+            pg_done.is_some() && hook_done.is_some()
+        },
+    )
     .expect("catch up");
     let routy_secs = pg_done.expect("set");
     let hook_secs = hook_done.expect("set");

@@ -13,8 +13,9 @@
 //!   same transaction as the data, and read back from there on connect: each change takes
 //!   effect exactly once, whatever crashes.
 //! * **at-least-once** (webhook): the target confirms a batch, then relay-outer writes the
-//!   sink's position to `cdc.dir/sinks/NAME.position` (atomically, fsynced). A crash
-//!   between the two sends the batch again; every change carries a stable id, its
+//!   sink's position to `cdc.dir/_sinks/NAME.position` (atomically, fsynced; no tunnel
+//!   can be named `_sinks`). A crash between the two sends the batch again; every change
+//!   carries a stable id, its
 //!   [`Position`], so a receiver drops what it has seen.
 //!
 //! Either way, retention keeps every record a configured sink has not committed.

@@ -87,7 +87,7 @@ struct Stored {
     updated: String,
 }
 
-/// The durable position of one at-least-once sink: `DIR/sinks/NAME.position` (JSON,
+/// The durable position of one at-least-once sink: `DIR/_sinks/NAME.position` (JSON,
 /// replaced atomically and fsynced on every commit).
 #[derive(Debug, Clone)]
 pub struct PositionFile {
@@ -100,7 +100,7 @@ impl PositionFile {
     /// The file of sink `sink` reading `source`, under the store root `root`.
     pub fn new(root: &Path, sink: &str, source: &str) -> PositionFile {
         PositionFile {
-            path: root.join("sinks").join(format!("{sink}.position")),
+            path: root.join("_sinks").join(format!("{sink}.position")),
             sink: sink.to_string(),
             source: source.to_string(),
         }
@@ -194,7 +194,7 @@ mod tests {
         let other = PositionFile::new(dir.path(), "hook", "t/b");
         let e = other.load().unwrap_err();
         assert!(e.contains("t/a") && e.contains("t/b"), "{e}");
-        std::fs::write(dir.path().join("sinks/hook.position"), b"{not json").unwrap();
+        std::fs::write(dir.path().join("_sinks/hook.position"), b"{not json").unwrap();
         assert!(f.load().unwrap_err().contains("damaged"));
     }
 }

@@ -17,7 +17,7 @@
 //! Answers: 2xx delivered; 408, 429, 5xx and connection errors are retried with backoff,
 //! honouring `Retry-After` (seconds or an HTTP date); any other status means the target
 //! refuses this batch: the sink stops with that error (nothing is skipped), or with
-//! `on_rejected: dead_letter` the batch goes to `cdc.dir/dead-letter/SINK.jsonl` (one line
+//! `on_rejected: dead_letter` the batch goes to `cdc.dir/_dead-letter/SINK.jsonl` (one line
 //! per batch: time, status, the answer's start, the body) and the sink moves on.
 
 use std::io::Write;
@@ -96,7 +96,7 @@ pub struct WebhookConfig {
     pub max_delay: Duration,
     /// Refused batches.
     pub on_rejected: OnRejected,
-    /// Where dead letters go: `cdc.dir/dead-letter`.
+    /// Where dead letters go: `cdc.dir/_dead-letter`.
     pub dead_letter_dir: PathBuf,
 }
 
