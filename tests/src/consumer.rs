@@ -28,11 +28,22 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn client() -> reqwest::Client {
+    client_trusting(None)
+}
+
+/// A client that trusts the CA certificate in `ca` (none: no CA).
+fn client_trusting(ca: Option<&std::path::Path>) -> reqwest::Client {
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(ca) = ca {
+        for c in routy_tunnel::tls::load_certs(ca).expect("CA certificate") {
+            roots.add(c).expect("a CA certificate");
+        }
+    }
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("TLS versions")
-        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_root_certificates(roots)
         .with_no_client_auth();
     reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
@@ -100,8 +111,17 @@ pub fn sse(
 
 /// GETs one page; returns the status and the JSON answer.
 pub fn page(url: &str, token: &str) -> (u16, serde_json::Value) {
+    page_trusting(url, token, None)
+}
+
+/// [`page`] over https, trusting the CA certificate in `ca`.
+pub fn page_trusting(
+    url: &str,
+    token: &str,
+    ca: Option<&std::path::Path>,
+) -> (u16, serde_json::Value) {
     runtime().block_on(async {
-        let resp = client()
+        let resp = client_trusting(ca)
             .get(url)
             .bearer_auth(token)
             .send()

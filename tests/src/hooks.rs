@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -66,6 +66,15 @@ pub struct Receiver {
 impl Receiver {
     /// Starts a receiver; `secret` is the HMAC key requests must be signed with.
     pub fn start(mode: Mode, secret: Option<&str>) -> Receiver {
+        Receiver::start_tls(mode, secret, None)
+    }
+
+    /// Starts a receiver serving HTTPS with `tls` (when given).
+    pub fn start_tls(
+        mode: Mode,
+        secret: Option<&str>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Receiver {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind receiver");
         let port = l.local_addr().expect("addr").port();
         l.set_nonblocking(true).expect("nonblocking");
@@ -79,7 +88,20 @@ impl Receiver {
                 match l.accept() {
                     Ok((c, _)) => {
                         let (s, m, k) = (s2.clone(), m2.clone(), key.clone());
-                        std::thread::spawn(move || serve(c, &s, &m, k.as_ref()));
+                        let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
+                        let _ = c.set_nonblocking(false);
+                        match &tls {
+                            None => {
+                                std::thread::spawn(move || serve(c, &s, &m, k.as_ref()));
+                            }
+                            Some(cfg) => {
+                                let Ok(conn) = rustls::ServerConnection::new(cfg.clone()) else {
+                                    continue;
+                                };
+                                let stream = rustls::StreamOwned::new(conn, c);
+                                std::thread::spawn(move || serve(stream, &s, &m, k.as_ref()));
+                            }
+                        }
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
@@ -103,6 +125,11 @@ impl Receiver {
     /// `http://127.0.0.1:PORT/hook`.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}/hook", self.port)
+    }
+
+    /// `https://localhost:PORT/hook` (for a receiver started with TLS).
+    pub fn https_url(&self) -> String {
+        format!("https://localhost:{}/hook", self.port)
     }
 
     /// Changes how it answers from now on.
@@ -134,13 +161,12 @@ impl Drop for Receiver {
 }
 
 /// Serves one connection: requests until the client closes or a fault drops it.
-fn serve(c: TcpStream, seen: &Mutex<Seen>, mode: &Mutex<Mode>, key: Option<&ring::hmac::Key>) {
-    let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
-    let _ = c.set_nonblocking(false);
-    let mut w = match c.try_clone() {
-        Ok(w) => w,
-        Err(_) => return,
-    };
+fn serve<S: Read + Write>(
+    c: S,
+    seen: &Mutex<Seen>,
+    mode: &Mutex<Mode>,
+    key: Option<&ring::hmac::Key>,
+) {
     let mut r = BufReader::new(c);
     loop {
         let mut line = String::new();
@@ -200,7 +226,8 @@ fn serve(c: TcpStream, seen: &Mutex<Seen>, mode: &Mutex<Mode>, key: Option<&ring
                 let text = format!(
                     "HTTP/1.1 {code} Refused\r\nContent-Length: 11\r\nContent-Type: text/plain\r\n\r\nbad payload"
                 );
-                let _ = w.write_all(text.as_bytes());
+                let _ = r.get_mut().write_all(text.as_bytes());
+                let _ = r.get_mut().flush();
                 continue;
             }
             (_, Some(0)) => b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\noops",
@@ -213,7 +240,7 @@ fn serve(c: TcpStream, seen: &Mutex<Seen>, mode: &Mutex<Mode>, key: Option<&ring
                 b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
             }
         };
-        if w.write_all(answer).is_err() {
+        if r.get_mut().write_all(answer).is_err() || r.get_mut().flush().is_err() {
             return;
         }
     }
@@ -252,6 +279,22 @@ fn take(s: &mut Seen, body: &[u8]) {
 fn parse_id(s: &str) -> Option<(u64, u32)> {
     let (a, b) = s.split_once('.')?;
     Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// A server configuration from a PEM certificate chain and key (for
+/// [`Receiver::start_tls`]).
+pub fn server_tls(cert: &std::path::Path, key: &std::path::Path) -> Arc<rustls::ServerConfig> {
+    let certs = routy_tunnel::tls::load_certs(cert).expect("certificate");
+    let key = routy_tunnel::tls::load_key(key).expect("key");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("server config"),
+    )
 }
 
 /// Checks `Routy-Signature: t=T,v1=HEX` against HMAC-SHA256(secret, "T." + body), the

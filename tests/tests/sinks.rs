@@ -380,3 +380,101 @@ fn a_sink_failing_for_a_minute_holds_back_no_other_and_catches_up() {
             && st["cdc"]["sources"]["site-a/main"]["sinks"]["hook"]["lag_records"] == 0
     });
 }
+
+#[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
+fn filters_and_https_for_webhooks_and_consumers() {
+    require_root();
+    // The receiver and the consumer endpoint serve HTTPS with a certificate of a CA
+    // the relay is told to trust.
+    let web = routy_e2e::relays::Pki::new(&["localhost", "127.0.0.1"]);
+    let tls = routy_e2e::hooks::server_tls(&web.path("outer.crt"), &web.path("outer.key"));
+    let recv = Receiver::start_tls(Mode::Accept, None, Some(tls));
+    let dir = routy_e2e::tempdir();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "https-consumer-token-0123\n").unwrap();
+    let port = routy_e2e::free_port();
+    let sinks = format!(
+        "    - name: hook\n      source: site-a/main\n      tables: [public.t]\n      ops: [insert, delete]\n      webhook: {{ url: \"{}\", ca: {} }}\n",
+        recv.https_url(),
+        web.path("ca.crt").display()
+    );
+    let consumers = format!(
+        "  consumers:\n    listen: \"127.0.0.1:{port}\"\n    tls: {{ cert: {}, key: {} }}\n    tokens: [{{ name: app, token_file: {}, sources: [site-a/main] }}]\n",
+        web.path("outer.crt").display(),
+        web.path("outer.key").display(),
+        token.display()
+    );
+    let rig = CdcRig::start(RigOpts {
+        setup_sql:
+            "CREATE TABLE public.t (id bigint PRIMARY KEY, tx int NOT NULL, v text NOT NULL);
+                    CREATE TABLE public.u (id bigint PRIMARY KEY, v text NOT NULL);"
+                .into(),
+        tables: vec![TABLE.into(), "public.u".into()],
+        extra_sinks: sinks,
+        outer_cdc_extra: consumers,
+        ..RigOpts::default()
+    });
+    rig.wait_shipping();
+    rig.source.psql(
+        "INSERT INTO public.t VALUES (1, 0, 'a'), (2, 0, 'b');
+         INSERT INTO public.u VALUES (1, 'x');
+         UPDATE public.t SET v = 'c' WHERE id = 2;
+         BEGIN; INSERT INTO public.u VALUES (2, 'y'); DELETE FROM public.t WHERE id = 1; COMMIT;
+         INSERT INTO public.t VALUES (3, 1, 'z');",
+    );
+    rig.wait_in_sync(&[TABLE, "public.u"], CATCH_UP);
+    // The webhook got only public.t's inserts and deletes, in whole transactions; the
+    // transactions left empty (public.u alone, the update) are left out.
+    try_wait_until(CATCH_UP, "the filtered changes arrive over https", || {
+        recv.inserted_ids(TABLE).contains(&3)
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}", recv.seen(|s| s.requests)));
+    let kinds: Vec<(String, String)> = recv.seen(|s| {
+        s.events
+            .values()
+            .map(|e| {
+                (
+                    e["event"].as_str().unwrap_or("").to_string(),
+                    e["table"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    });
+    let changes: Vec<&(String, String)> = kinds
+        .iter()
+        .filter(|(k, _)| k != "begin" && k != "commit")
+        .filter(|(k, _)| !k.starts_with("snapshot"))
+        .collect();
+    assert!(
+        changes.iter().all(|(_, t)| t == "public.t"),
+        "only public.t: {kinds:?}"
+    );
+    let ops: Vec<&str> = changes.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(ops, ["insert", "insert", "delete", "insert"], "{kinds:?}");
+    let begins = kinds.iter().filter(|(k, _)| k == "begin").count();
+    assert_eq!(
+        begins, 3,
+        "three transactions touch public.t by insert or delete: {kinds:?}"
+    );
+    // The consumer endpoint over https, with the CA: both tables.
+    let (status, page) = routy_e2e::consumer::page_trusting(
+        &format!("https://localhost:{port}/v1/sources/site-a/main/changes"),
+        "https-consumer-token-0123",
+        Some(&web.path("ca.crt")),
+    );
+    assert_eq!(status, 200, "{page}");
+    let tables: std::collections::BTreeSet<&str> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["table"].as_str())
+        .collect();
+    assert!(
+        tables.contains("public.t") && tables.contains("public.u"),
+        "{page}"
+    );
+}
