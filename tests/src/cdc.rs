@@ -494,6 +494,16 @@ impl CdcRig {
         self.source.psql(&sql);
     }
 
+    /// Every `id` of `table` on the source (a bigint column).
+    pub fn source_ids(&self, table: &str) -> std::collections::BTreeSet<i64> {
+        self.source
+            .psql(&format!("SELECT string_agg(id::text, ',') FROM {table}"))
+            .trim()
+            .split(',')
+            .filter_map(|v| v.parse().ok())
+            .collect()
+    }
+
     /// Starts pgbench against the source with `script`, `clients` clients, for `secs`.
     pub fn pgbench(&self, script: &str, clients: u32, secs: u32) -> Load {
         let dir = crate::tempdir();

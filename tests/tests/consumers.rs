@@ -55,15 +55,6 @@ fn url(port: u16, path: &str) -> String {
     format!("http://127.0.0.1:{port}/v1/sources/{path}")
 }
 
-fn source_ids(rig: &CdcRig) -> BTreeSet<i64> {
-    rig.source
-        .psql("SELECT string_agg(id::text, ',') FROM public.t")
-        .trim()
-        .split(',')
-        .filter_map(|v| v.parse().ok())
-        .collect()
-}
-
 fn insert_ids(events: &[Event]) -> Vec<i64> {
     events
         .iter()
@@ -75,7 +66,7 @@ fn insert_ids(events: &[Event]) -> Vec<i64> {
 /// Reads the stream, resuming with the last id after each (short) connection, until
 /// every row of the source arrived.
 fn read_all(s: &Setup, got: &mut Vec<Event>, per_connection: usize) {
-    let want = source_ids(&s.rig);
+    let want = s.rig.source_ids(TABLE);
     let u = url(s.port, "site-a/main/events");
     let r = try_wait_until(CATCH_UP, "every change by SSE", || {
         let last = got.last().map(|e| e.id.clone());
@@ -122,7 +113,7 @@ fn sse_resumes_by_last_event_id_across_disconnects_and_a_restart() {
     let ids = insert_ids(&got);
     let unique: BTreeSet<i64> = ids.iter().copied().collect();
     assert_eq!(ids.len(), unique.len(), "no row twice");
-    assert_eq!(unique, source_ids(&s.rig));
+    assert_eq!(unique, s.rig.source_ids(TABLE));
     let begins = got.iter().filter(|e| e.data["event"] == "begin").count();
     let commits = got.iter().filter(|e| e.data["event"] == "commit").count();
     assert_eq!((begins, commits), (30, 30));
@@ -279,7 +270,7 @@ fn pages_walk_a_100k_row_history_without_a_gap_and_410_past_retention() {
     }
     assert_eq!(ids.len(), 100_000);
     let unique: BTreeSet<i64> = ids.iter().copied().collect();
-    assert_eq!(unique, source_ids(&s.rig));
+    assert_eq!(unique, s.rig.source_ids(TABLE));
     // Retention (1s, 1 MiB segments) removes what every sink applied once it is old:
     // restart relay-outer (retention runs when a store opens), then the oldest positions
     // are gone.

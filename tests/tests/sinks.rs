@@ -35,19 +35,9 @@ fn insert_txs(rig: &CdcRig, from: u64, to: u64) {
     rig.insert_txs(TABLE, from, to, TX_ROWS, "md5(g::text)");
 }
 
-/// Every row id the source holds.
-fn source_ids(rig: &CdcRig) -> std::collections::BTreeSet<i64> {
-    rig.source
-        .psql("SELECT string_agg(id::text, ',') FROM public.t")
-        .trim()
-        .split(',')
-        .filter_map(|v| v.parse().ok())
-        .collect()
-}
-
 /// Waits until the receiver holds an insert of every row the source holds.
 fn wait_received_all(rig: &CdcRig, r: &Receiver, what: &str) {
-    let want = source_ids(rig);
+    let want = rig.source_ids(TABLE);
     let res = try_wait_until(CATCH_UP, what, || r.inserted_ids(TABLE) == want);
     if let Err(e) = res {
         let got = r.inserted_ids(TABLE);
