@@ -5,7 +5,9 @@
 # on a free loopback port, puts relay-inner next to it and relay-outer in front of it,
 # queries the database through the tunnel, shows the change stream (CDC) of table `demo`
 # arriving through the tunnel in a target database (`cloud`, standing in for a cloud
-# PostgreSQL) and as JSON lines (`relay-outer cdc tail`), and checks both relays' admin
+# PostgreSQL), as JSON lines (`relay-outer cdc tail`) and as Server-Sent Events from the
+# consumer endpoint (with curl, when installed), lists the sinks (`relay-outer cdc sinks`),
+# and checks both relays' admin
 # endpoints (/readyz). Then it waits for Ctrl-C and removes everything it made.
 #
 # Environment:
@@ -178,7 +180,7 @@ say "work directory: $WORK"
 # Five distinct loopback ports that were free just now: PostgreSQL, the tunnel, the
 # listener, relay-outer's admin endpoint, relay-inner's admin endpoint.
 free_ports() {
-    local n=5
+    local n=6
     if command -v python3 >/dev/null; then
         python3 -c '
 import socket, sys
@@ -202,7 +204,7 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
     done
     echo "${ports[*]}"
 }
-read -r PG_PORT TUNNEL_PORT LISTEN_PORT OUTER_ADMIN_PORT INNER_ADMIN_PORT < <(free_ports)
+read -r PG_PORT TUNNEL_PORT LISTEN_PORT OUTER_ADMIN_PORT INNER_ADMIN_PORT CONSUMER_PORT < <(free_ports)
 
 # --- certificates --------------------------------------------------------------------------
 say "making a CA, relay-outer's certificate and the client certificate of tunnel site-a"
@@ -286,7 +288,13 @@ cdc:
     - name: cloud
       source: site-a/demo   # tunnel/source
       postgres: { dsn: "host=127.0.0.1 port=$PG_PORT user=postgres dbname=cloud", create_tables: true }
+  consumers:                # Server-Sent Events and JSON pages for microservices
+    listen: "127.0.0.1:$CONSUMER_PORT"
+    tokens: [{ name: demo, token_file: consumer.token, sources: [site-a/demo] }]
 EOF
+TOKEN=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
+printf '%s\n' "$TOKEN" >"$WORK/consumer.token"
+chmod 600 "$WORK/consumer.token"
 cat >"$WORK/relay-inner.yaml" <<EOF
 # relay-inner for the quick start: dials relay-outer, exposes the throwaway PostgreSQL.
 node: quickstart
@@ -412,6 +420,16 @@ say "the target database 'cloud' now holds the same rows (applied by relay-outer
 psql_at "$PG_PORT" "SELECT * FROM demo ORDER BY id" -d cloud
 say "the change stream as relay-outer stored it (relay-outer cdc tail --source site-a/demo):"
 "$OUTER_BIN" cdc tail --config "$WORK/relay-outer.yaml" --source site-a/demo | tail -n 8
+say "the sinks of the running relay-outer (relay-outer cdc sinks):"
+"$OUTER_BIN" cdc sinks --config "$WORK/relay-outer.yaml"
+if command -v curl >/dev/null; then
+    say "the same stream as Server-Sent Events from the consumer endpoint (first events):"
+    { curl -sN -m 3 -H "Authorization: Bearer $TOKEN" \
+        "http://127.0.0.1:$CONSUMER_PORT/v1/sources/site-a/demo/events?from=1" || true; } |
+        grep -m 6 '^data:' || true
+else
+    say "curl is not installed: skipping the Server-Sent Events example"
+fi
 
 if [ "$ONCE" = 1 ]; then
     say "ROUTY_QUICKSTART_ONCE=1: cleaning up"
@@ -434,6 +452,9 @@ Routy is running.
   Change data capture: write to table demo (port $PG_PORT, database postgres) and watch
   it arrive in database cloud, or follow the stream:
     $OUTER_BIN cdc tail --config $WORK/relay-outer.yaml --source site-a/demo --follow
+  or read it as a microservice would, as Server-Sent Events (resume with Last-Event-ID):
+    curl -N -H "Authorization: Bearer $TOKEN" http://127.0.0.1:$CONSUMER_PORT/v1/sources/site-a/demo/events
+  and see the sinks: $OUTER_BIN cdc sinks --config $WORK/relay-outer.yaml
 
   Admin endpoints (/metrics /healthz /readyz /status):
     curl http://127.0.0.1:$OUTER_ADMIN_PORT/status     # relay-outer: sessions, listeners
