@@ -215,3 +215,25 @@ pub async fn sse_latency(
     }
     out
 }
+
+/// Everything `url` sends as Server-Sent Events within `within` (comments included).
+pub fn sse_raw(url: &str, token: &str, within: Duration) -> String {
+    runtime().block_on(async {
+        let mut resp = client()
+            .get(url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let deadline = Instant::now() + within;
+        let mut out = String::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, resp.chunk()).await {
+                Ok(Ok(Some(c))) => out.push_str(&String::from_utf8_lossy(&c)),
+                _ => break,
+            }
+        }
+        out
+    })
+}

@@ -141,6 +141,11 @@ fn sse_resumes_by_last_event_id_across_disconnects_and_a_restart() {
 fn tokens_decide_who_reads_what_and_are_reloaded() {
     require_root();
     let mut s = setup("1h", "64MiB");
+    // An idle stream gets a heartbeat comment every 15 s (read beside the rest).
+    let idle = url(s.port, "site-a/main/events");
+    let heartbeat = std::thread::spawn(move || {
+        routy_e2e::consumer::sse_raw(&idle, TOKEN, Duration::from_secs(25))
+    });
     s.rig.insert_txs(TABLE, 0, 2, 5, "'x'");
     let u = url(s.port, "site-a/main/changes");
     let short = Duration::from_millis(300);
@@ -185,6 +190,9 @@ fn tokens_decide_who_reads_what_and_are_reloaded() {
     })
     .unwrap();
     assert_eq!(page(&u, TOKEN).0, 401);
+    let raw = heartbeat.join().unwrap();
+    assert!(raw.contains(": heartbeat\n\n"), "{raw:?}");
+    assert!(raw.starts_with("retry: "), "{raw:?}");
 }
 
 #[test]
