@@ -204,7 +204,7 @@ cdc:
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains("1 sink(s): replica <- site-a/orders"),
+        text.contains("1 sink(s): replica (postgres) <- site-a/orders"),
         "{text}"
     );
 

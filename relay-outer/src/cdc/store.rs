@@ -855,7 +855,7 @@ mod tests {
         assert_eq!(s.next_seq_for(40, 45).unwrap(), 40);
         assert_eq!(s.append_batch(40, &[rec(40)]).unwrap(), 40);
         drop(s);
-        let s = Store::open(dir.path(), "t/s").unwrap();
+        let s = reopen(dir.path(), segment_log::DEFAULT_SEGMENT_BYTES);
         assert_eq!(s.synced_seq(), 40);
         assert_eq!(s.next_seq_for(40, 45).unwrap(), 41);
         assert!(matches!(s.next_seq_for(50, 55), Err(StoreError::Gap(_))));
@@ -910,7 +910,7 @@ mod tests {
         assert_eq!(got[0], 1);
         // A restart rescans the log (here the records did reach the file).
         drop(s);
-        let s = Store::open(dir.path(), "t/s").unwrap();
+        let s = reopen(dir.path(), segment_log::DEFAULT_SEGMENT_BYTES);
         assert!(s.failure().is_none());
         assert_eq!(s.next_seq_for(1, 3).unwrap(), 4);
     }
@@ -925,6 +925,24 @@ mod tests {
         let e = s.next_seq_for(1, 2).unwrap_err();
         assert!(e.to_string().contains("never made durable"), "{e}");
         assert!(s.failure().is_some());
+    }
+
+    /// Opens the store `t/s` again after the test dropped it. Another test of this binary
+    /// that starts a process (PostgreSQL, psql) forks: until the child's exec closes it,
+    /// the child holds a copy of every descriptor, the lock file's among them, so the
+    /// lock may still be held for a moment.
+    fn reopen(dir: &Path, segment: u64) -> Arc<Store> {
+        let t0 = std::time::Instant::now();
+        loop {
+            match Store::open_with(dir, "t/s", segment) {
+                Err(StoreError::Log(LogError::Locked { .. }))
+                    if t0.elapsed() < std::time::Duration::from_secs(10) =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                r => return r.unwrap(),
+            }
+        }
     }
 
     /// A real poisoned log: the next segment is /dev/full, so a write fails and cannot
@@ -950,7 +968,7 @@ mod tests {
         assert!(e.to_string().contains("restarted"), "{e}");
         drop(s);
         std::fs::remove_file(&next).unwrap();
-        let s = Store::open_with(dir.path(), "t/s", 1).unwrap();
+        let s = reopen(dir.path(), 1);
         assert_eq!(s.next_seq_for(1, 3).unwrap(), 3);
         assert_eq!(s.append_batch(3, &[rec(3)]).unwrap(), 3);
     }
