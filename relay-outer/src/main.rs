@@ -233,11 +233,7 @@ fn check(path: &Path) -> anyhow::Result<()> {
                 Some(k) => {
                     let tokens =
                         cdc::consumers::load_tokens(&k.tokens).map_err(anyhow::Error::msg)?;
-                    format!(
-                        ", consumer endpoint {} with {} token(s)",
-                        k.listen,
-                        tokens.len()
-                    )
+                    format!(", consumer endpoint {} with {} token(s)", k.listen, tokens)
                 }
             };
             format!(

@@ -210,7 +210,7 @@ impl WebhookSink {
         })
     }
 
-    fn body(&self) -> Vec<u8> {
+    fn body(&self) -> bytes::Bytes {
         let first = self.first.map(|p| p.to_string()).unwrap_or_default();
         let last = self.last.map(|p| p.to_string()).unwrap_or_default();
         let head = serde_json::json!({
@@ -226,10 +226,10 @@ impl WebhookSink {
         body.extend_from_slice(b",\"events\":[");
         body.extend_from_slice(&self.events);
         body.extend_from_slice(b"]}");
-        body
+        body.into()
     }
 
-    async fn post(&self, seq: u64, body: &[u8]) -> Result<(), Post> {
+    async fn post(&self, seq: u64, body: &bytes::Bytes) -> Result<(), Post> {
         let ready = self.ready.as_ref().ok_or_else(|| {
             Post::Retry(
                 SinkError::new("connection", seq, "webhook not set up"),
@@ -265,7 +265,7 @@ impl WebhookSink {
                 .header("routy-timestamp", t.to_string())
                 .header("routy-signature", signature(key, t, body));
         }
-        let resp = req.body(body.to_vec()).send().await.map_err(|e| {
+        let resp = req.body(body.clone()).send().await.map_err(|e| {
             let what = if e.is_timeout() {
                 format!("no answer within {:?}", self.cfg.timeout)
             } else {
