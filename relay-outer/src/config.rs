@@ -12,6 +12,7 @@ use routy_tunnel::cidr::Cidr;
 use routy_tunnel::control::KeepaliveSpec;
 use serde::Deserialize;
 
+use crate::cdc::sink::clickhouse::{self, ClickHouseConfig};
 use crate::cdc::sink::pg::PgSinkConfig;
 use crate::cdc::sink::webhook::{self, Auth, OnRejected, WebhookConfig};
 use crate::cdc::sink::{Filter, SinkConfig, SinkKind, KINDS};
@@ -87,6 +88,7 @@ struct RawSink {
     source: String,
     postgres: Option<RawPgSink>,
     webhook: Option<RawWebhook>,
+    clickhouse: Option<RawClickHouse>,
     tables: Option<Vec<String>>,
     ops: Option<Vec<String>>,
     retry: Option<RawRetry>,
@@ -105,6 +107,27 @@ struct RawWebhook {
     timeout: Option<Dur>,
     batch: Option<RawBatch>,
     on_rejected: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClickHouse {
+    url: String,
+    database: Option<String>,
+    user: Option<String>,
+    password_file: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    create_tables: Option<bool>,
+    timeout: Option<Dur>,
+    batch: Option<RawRowBatch>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRowBatch {
+    max_rows: Option<usize>,
+    max_bytes: Option<routy_ops::units::Size>,
+    max_delay: Option<Dur>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -449,6 +472,7 @@ fn validate_cdc(c: RawCdc, base: &Path) -> Result<CdcConfig, String> {
         let given: Vec<&str> = [
             ("postgres", s.postgres.is_some()),
             ("webhook", s.webhook.is_some()),
+            ("clickhouse", s.clickhouse.is_some()),
         ]
         .iter()
         .filter(|(_, set)| *set)
@@ -468,9 +492,11 @@ fn validate_cdc(c: RawCdc, base: &Path) -> Result<CdcConfig, String> {
         }
         let kind = if let Some(pg) = s.postgres {
             SinkKind::Postgres(validate_pg_sink(&f, &s.name, &s.source, pg)?)
-        } else {
-            let w = s.webhook.expect("one kind key checked");
+        } else if let Some(w) = s.webhook {
             SinkKind::Webhook(validate_webhook(&f, &s.name, &s.source, w, &dir, base)?)
+        } else {
+            let c = s.clickhouse.expect("one kind key checked");
+            SinkKind::ClickHouse(validate_clickhouse(&f, &s.name, &s.source, c, base)?)
         };
         let mut filter = Filter::default();
         if let Some(tables) = s.tables {
@@ -607,6 +633,79 @@ fn validate_pg_sink(
         dsn: pg.dsn,
         create_tables: pg.create_tables.unwrap_or(false),
         schema: pg.schema,
+    })
+}
+
+/// An `http://` or `https://` URL with a host, or why not.
+fn http_url(url: &str) -> Option<&str> {
+    let url = url.trim();
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))?;
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    (!host.is_empty() && !host.contains(char::is_whitespace)).then_some(url)
+}
+
+fn validate_clickhouse(
+    f: &str,
+    name: &str,
+    source: &str,
+    c: RawClickHouse,
+    base: &Path,
+) -> Result<ClickHouseConfig, String> {
+    let Some(url) = http_url(&c.url).filter(|u| !u.contains(['?', '#'])) else {
+        return Err(format!(
+            "{f}.clickhouse.url: {:?} is not an http:// or https:// URL with a host (and no query), like http://clickhouse:8123",
+            c.url
+        ));
+    };
+    let word = |key: &str, v: &str| -> Result<(), String> {
+        if v.is_empty() || v.len() > 255 || v.chars().any(|c| c.is_control()) {
+            return Err(format!(
+                "{f}.clickhouse.{key}: {v:?} must be 1-255 characters without control characters"
+            ));
+        }
+        Ok(())
+    };
+    let database = c.database.unwrap_or_else(|| "default".into());
+    word("database", &database)?;
+    let user = c.user.unwrap_or_else(|| "default".into());
+    word("user", &user)?;
+    let timeout = c.timeout.map_or(clickhouse::DEFAULT_TIMEOUT, |d| d.0);
+    if timeout.is_zero() {
+        return Err(format!("{f}.clickhouse.timeout: must be longer than 0"));
+    }
+    let b = c.batch.as_ref();
+    let max_rows = b
+        .and_then(|b| b.max_rows)
+        .unwrap_or(clickhouse::DEFAULT_MAX_ROWS);
+    if max_rows == 0 {
+        return Err(format!("{f}.clickhouse.batch.max_rows: must be at least 1"));
+    }
+    let max_bytes = b
+        .and_then(|b| b.max_bytes)
+        .map_or(clickhouse::DEFAULT_MAX_BYTES, |s| s.0 as usize);
+    if max_bytes == 0 {
+        return Err(format!(
+            "{f}.clickhouse.batch.max_bytes: must be at least 1"
+        ));
+    }
+    let max_delay = b
+        .and_then(|b| b.max_delay)
+        .map_or(clickhouse::DEFAULT_MAX_DELAY, |d| d.0);
+    Ok(ClickHouseConfig {
+        name: name.to_string(),
+        source: source.to_string(),
+        url: url.to_string(),
+        database,
+        user,
+        password_file: c.password_file.map(|p| resolve(base, &p)),
+        ca: c.ca.map(|p| resolve(base, &p)),
+        create_tables: c.create_tables.unwrap_or(true),
+        timeout,
+        max_rows,
+        max_bytes,
+        max_delay,
     })
 }
 

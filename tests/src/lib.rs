@@ -11,6 +11,7 @@
 
 pub mod cdc;
 pub mod chaos;
+pub mod clickhouse;
 pub mod consumer;
 pub mod fake;
 pub mod hooks;

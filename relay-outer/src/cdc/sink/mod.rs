@@ -17,14 +17,20 @@
 //!   can be named `_sinks`). A crash between the two sends the batch again; every change
 //!   carries a stable id, its
 //!   [`Position`], so a receiver drops what it has seen.
+//! * **versioned** (ClickHouse): the target confirms a batch, then the sink writes its
+//!   position in the target; a crash between the two writes the batch again, with the
+//!   same versions, and the target's table engine collapses them.
 //!
 //! Either way, retention keeps every record a configured sink has not committed.
 
+pub mod clickhouse;
 pub mod filter;
 pub mod pg;
 pub mod position;
 pub(crate) mod reader;
 pub mod runner;
+#[cfg(test)]
+pub(crate) mod testkit;
 pub mod webhook;
 
 use std::future::Future;
@@ -132,10 +138,12 @@ pub enum SinkKind {
     Postgres(pg::PgSinkConfig),
     /// `webhook:`.
     Webhook(webhook::WebhookConfig),
+    /// `clickhouse:`.
+    ClickHouse(clickhouse::ClickHouseConfig),
 }
 
 /// The kind keys a `cdc.sinks` entry may have (exactly one).
-pub const KINDS: &[&str] = &["postgres", "webhook"];
+pub const KINDS: &[&str] = &["postgres", "webhook", "clickhouse"];
 
 impl SinkKind {
     /// The kind key.
@@ -143,6 +151,7 @@ impl SinkKind {
         match self {
             SinkKind::Postgres(_) => "postgres",
             SinkKind::Webhook(_) => "webhook",
+            SinkKind::ClickHouse(_) => "clickhouse",
         }
     }
 
@@ -151,6 +160,7 @@ impl SinkKind {
         match self {
             SinkKind::Postgres(_) => Durability::Transactional,
             SinkKind::Webhook(_) => Durability::AtLeastOnce,
+            SinkKind::ClickHouse(_) => Durability::Versioned,
         }
     }
 }
@@ -182,6 +192,9 @@ pub fn spawn(
         SinkKind::Webhook(c) => {
             tokio::spawn(runner::run(webhook::WebhookSink::new(c.clone()), ctx))
         }
+        SinkKind::ClickHouse(c) => {
+            tokio::spawn(runner::run(clickhouse::ClickHouseSink::new(c.clone()), ctx))
+        }
     };
     (status, task)
 }
@@ -194,6 +207,9 @@ pub enum Durability {
     /// The position is stored by relay-outer after the target confirmed: changes may
     /// come twice, each with the same id.
     AtLeastOnce,
+    /// The position is stored in the target after the data: changes may be written
+    /// twice, with the same version, and the target collapses them (ClickHouse).
+    Versioned,
 }
 
 impl Durability {
@@ -202,6 +218,7 @@ impl Durability {
         match self {
             Durability::Transactional => "transactional",
             Durability::AtLeastOnce => "at-least-once",
+            Durability::Versioned => "versioned",
         }
     }
 }

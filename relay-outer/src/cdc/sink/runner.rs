@@ -66,6 +66,8 @@ struct Memo {
     careful_until: u64,
     /// The missing start of the store was reported.
     gap_reported: bool,
+    /// The last failure happened in careful mode (its batch held one transaction).
+    failed_careful: bool,
 }
 
 impl Memo {
@@ -120,6 +122,14 @@ pub async fn run<S: Sink>(mut sink: S, ctx: RunCtx) {
                 metrics::counter!(ERRORS, "sink" => ctx.name.clone(), "kind" => sink.kind(), "reason" => e.reason)
                     .increment(1);
                 ctx.status.set_error(format!("seq {}: {}", e.seq, e.msg));
+                if e.rejected && !memo.failed_careful {
+                    // The refused batch may hold good transactions before the bad one:
+                    // read it again a transaction at a time, so they get through and the
+                    // refusal names the transaction it is about.
+                    tracing::info!(sink = %ctx.name, seq = e.seq,
+                        "the target refused a batch; sending it again a transaction at a time: {}", e.msg);
+                    continue;
+                }
                 if e.rejected {
                     // Retrying cannot help: stop until an operator moves the sink (a
                     // replay) or restarts relay-outer.
@@ -177,6 +187,7 @@ async fn session<S: Sink>(
     match s.run().await {
         Err(Flow::Fail(e)) => {
             let e = s.sink.fail(e).await;
+            s.memo.failed_careful = e.seq <= s.memo.careful_until;
             s.memo.careful_until = s.memo.careful_until.max(e.seq);
             Flow::Fail(e)
         }
@@ -244,7 +255,7 @@ impl<S: Sink> Session<'_, S> {
             return Ok(());
         }
         match self.sink.durability() {
-            Durability::Transactional => self.sink.set_position(to).await?,
+            Durability::Transactional | Durability::Versioned => self.sink.set_position(to).await?,
             Durability::AtLeastOnce => self.save_position(to).await?,
         }
         tracing::info!(sink = %self.name(), from = %self.next, to = %to, "sink moved (replay)");

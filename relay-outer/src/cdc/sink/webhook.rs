@@ -496,7 +496,7 @@ pub fn signature(key: &ring::hmac::Key, t: u64, body: &[u8]) -> String {
 }
 
 /// A secret file's contents without the trailing newline; it must not be empty.
-fn read_secret(path: &std::path::Path) -> Result<String, SinkError> {
+pub(crate) fn read_secret(path: &std::path::Path) -> Result<String, SinkError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| SinkError::new("config", 0, format!("reading {}: {e}", path.display())))?;
     let text = text.trim_end_matches(['\n', '\r']).to_string();

@@ -3,97 +3,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use relay_proto::cdc::{Column, Event, OldRow, Record, Relation, SnapshotPhase, Value};
+use relay_proto::cdc::{Event, OldRow, Record, SnapshotPhase, Value};
 use routy_e2e::{Pg, PgOpts};
-use routy_ops::drain::Drain;
 
 use super::PgSinkConfig;
-use crate::cdc::sink::{spawn, Filter, SinkConfig, SinkKind, SinkStatus};
+use crate::cdc::sink::testkit::*;
+use crate::cdc::sink::SinkKind;
 use crate::cdc::store::Store;
-
-fn t(s: &str) -> Value {
-    Value::Text(s.to_string())
-}
-
-fn rel(id: u32, name: &str, identity: u8, cols: &[(&str, &str, bool)]) -> Relation {
-    Relation {
-        id,
-        schema: "public".into(),
-        name: name.into(),
-        replica_identity: identity,
-        columns: cols
-            .iter()
-            .map(|(n, ty, key)| Column {
-                name: n.to_string(),
-                type_oid: 0,
-                type_modifier: -1,
-                type_name: ty.to_string(),
-                key: *key,
-            })
-            .collect(),
-    }
-}
-
-fn begin(xid: u32) -> Event {
-    Event::Begin {
-        xid,
-        commit_lsn: xid as u64 * 100,
-        commit_time: 0,
-    }
-}
-
-fn commit(xid: u32) -> Event {
-    Event::Commit {
-        commit_lsn: xid as u64 * 100,
-        end_lsn: xid as u64 * 100 + 8,
-        commit_time: 800_000_000_000_000,
-    }
-}
-
-/// One transaction in one record: relations, then the events.
-fn txn(xid: u32, rels: &[&Relation], events: Vec<Event>) -> Record {
-    let mut ev = vec![begin(xid)];
-    ev.extend(rels.iter().map(|r| Event::Relation((*r).clone())));
-    ev.extend(events);
-    ev.push(commit(xid));
-    Record {
-        lsn: xid as u64 * 100 + 8,
-        events: ev,
-    }
-}
-
-fn ins(rel: u32, vals: &[Option<&str>]) -> Event {
-    Event::Insert {
-        rel,
-        new: vals.iter().map(|v| v.map_or(Value::Null, t)).collect(),
-    }
-}
-
-struct Harness {
-    _dir: tempfile::TempDir,
-    store: Arc<Store>,
-    next: u64,
-}
-
-impl Harness {
-    fn new() -> Harness {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), "t/s").unwrap();
-        Harness {
-            _dir: dir,
-            store,
-            next: 1,
-        }
-    }
-
-    async fn push(&mut self, recs: Vec<Record>) -> u64 {
-        let n = recs.len() as u64;
-        let enc = recs.iter().map(Record::encode).collect();
-        self.store.append(self.next, enc).await.unwrap();
-        self.next += n;
-        self.next - 1
-    }
-}
 
 fn dsn_cfg(dsn: &str) -> PgSinkConfig {
     PgSinkConfig {
@@ -115,53 +31,9 @@ fn cfg(name: &str, pg: &Pg) -> PgSinkConfig {
     }
 }
 
-struct Running {
-    stop: Drain,
-    status: Arc<SinkStatus>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Running {
-    async fn stop(self) {
-        self.stop.stop();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("sink stops")
-            .unwrap();
-    }
-}
-
 fn start(cfg: PgSinkConfig, store: &Arc<Store>) -> Running {
-    let stop = Drain::new();
-    let sink = SinkConfig {
-        name: cfg.name.clone(),
-        source: cfg.source.clone(),
-        kind: SinkKind::Postgres(cfg),
-        filter: Filter::default(),
-        retry_initial: Duration::from_millis(50),
-        retry_max: Duration::from_millis(400),
-    };
     // A transactional sink keeps no position file: the root is never written.
-    let (status, task) = spawn(
-        &sink,
-        std::path::Path::new("/nonexistent"),
-        store.clone(),
-        stop.clone(),
-    );
-    Running { stop, status, task }
-}
-
-async fn wait_applied(status: &SinkStatus, seq: u64) {
-    let t0 = Instant::now();
-    while status.applied_seq() < seq {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "sink stuck at {} (want {seq}); last error: {:?}",
-            status.applied_seq(),
-            status.last_error()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    start_kind(&cfg.name.clone(), SinkKind::Postgres(cfg), store)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
