@@ -13,6 +13,7 @@ use routy_tunnel::control::KeepaliveSpec;
 use serde::Deserialize;
 
 use crate::cdc::sink::clickhouse::{self, ClickHouseConfig};
+use crate::cdc::sink::nats::{self, NatsAuth, NatsConfig, NatsTls, Per};
 use crate::cdc::sink::pg::PgSinkConfig;
 use crate::cdc::sink::webhook::{self, Auth, OnRejected, WebhookConfig};
 use crate::cdc::sink::{Filter, SinkConfig, SinkKind, KINDS};
@@ -89,6 +90,7 @@ struct RawSink {
     postgres: Option<RawPgSink>,
     webhook: Option<RawWebhook>,
     clickhouse: Option<RawClickHouse>,
+    nats: Option<RawNats>,
     tables: Option<Vec<String>>,
     ops: Option<Vec<String>>,
     retry: Option<RawRetry>,
@@ -120,6 +122,36 @@ struct RawClickHouse {
     create_tables: Option<bool>,
     timeout: Option<Dur>,
     batch: Option<RawRowBatch>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNats {
+    url: String,
+    credentials_file: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+    tls: Option<RawNatsTls>,
+    stream: String,
+    subject_prefix: String,
+    message: Option<String>,
+    create_stream: Option<bool>,
+    timeout: Option<Dur>,
+    batch: Option<RawMsgBatch>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNatsTls {
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMsgBatch {
+    max_messages: Option<usize>,
+    max_delay: Option<Dur>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -473,6 +505,7 @@ fn validate_cdc(c: RawCdc, base: &Path) -> Result<CdcConfig, String> {
             ("postgres", s.postgres.is_some()),
             ("webhook", s.webhook.is_some()),
             ("clickhouse", s.clickhouse.is_some()),
+            ("nats", s.nats.is_some()),
         ]
         .iter()
         .filter(|(_, set)| *set)
@@ -494,9 +527,11 @@ fn validate_cdc(c: RawCdc, base: &Path) -> Result<CdcConfig, String> {
             SinkKind::Postgres(validate_pg_sink(&f, &s.name, &s.source, pg)?)
         } else if let Some(w) = s.webhook {
             SinkKind::Webhook(validate_webhook(&f, &s.name, &s.source, w, &dir, base)?)
-        } else {
-            let c = s.clickhouse.expect("one kind key checked");
+        } else if let Some(c) = s.clickhouse {
             SinkKind::ClickHouse(validate_clickhouse(&f, &s.name, &s.source, c, base)?)
+        } else {
+            let n = s.nats.expect("one kind key checked");
+            SinkKind::Nats(validate_nats(&f, &s.name, &s.source, n, base)?)
         };
         let mut filter = Filter::default();
         if let Some(tables) = s.tables {
@@ -706,6 +741,114 @@ fn validate_clickhouse(
         max_rows,
         max_bytes,
         max_delay,
+    })
+}
+
+/// A NATS subject of literal tokens (no wildcards, no empty tokens).
+fn valid_subject(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('.').all(|t| {
+            !t.is_empty()
+                && t != "*"
+                && t != ">"
+                && !t.chars().any(|c| c.is_whitespace() || c.is_control())
+        })
+}
+
+fn validate_nats(
+    f: &str,
+    name: &str,
+    source: &str,
+    n: RawNats,
+    base: &Path,
+) -> Result<NatsConfig, String> {
+    let urls: Vec<&str> = n.url.split(',').map(str::trim).collect();
+    for u in &urls {
+        let ok = ["nats://", "tls://"].iter().any(|p| {
+            u.strip_prefix(p)
+                .is_some_and(|h| !h.is_empty() && !h.contains(['/', ' ']))
+        });
+        if !ok {
+            return Err(format!(
+                "{f}.nats.url: {u:?} is not a nats://host:port or tls://host:port URL (several: comma-separated)"
+            ));
+        }
+    }
+    let auth = match (n.credentials_file, n.token_file) {
+        (Some(_), Some(_)) => {
+            return Err(format!(
+                "{f}.nats: credentials_file and token_file exclude each other"
+            ))
+        }
+        (Some(c), None) => Some(NatsAuth::Credentials(resolve(base, &c))),
+        (None, Some(t)) => Some(NatsAuth::Token(resolve(base, &t))),
+        (None, None) => None,
+    };
+    let tls = match n.tls {
+        None => None,
+        Some(t) => {
+            if t.cert.is_some() != t.key.is_some() {
+                return Err(format!("{f}.nats.tls: cert and key go together"));
+            }
+            Some(NatsTls {
+                ca: t.ca.map(|p| resolve(base, &p)),
+                cert: t.cert.map(|p| resolve(base, &p)),
+                key: t.key.map(|p| resolve(base, &p)),
+            })
+        }
+    };
+    let stream_ok = !n.stream.is_empty()
+        && n.stream.len() <= 255
+        && !n.stream.chars().any(|c| {
+            matches!(c, '.' | '*' | '>' | '/' | '\\') || c.is_whitespace() || c.is_control()
+        });
+    if !stream_ok {
+        return Err(format!(
+            "{f}.nats.stream: {:?} is not a stream name (no '.', '*', '>', '/', '\\' or spaces)",
+            n.stream
+        ));
+    }
+    if !valid_subject(&n.subject_prefix) {
+        return Err(format!(
+            "{f}.nats.subject_prefix: {:?} is not a subject of literal tokens (like \"cdc\" or \"acme.cdc\")",
+            n.subject_prefix
+        ));
+    }
+    let per = match n.message.as_deref() {
+        None | Some("change") => Per::Change,
+        Some("transaction") => Per::Transaction,
+        Some(other) => {
+            return Err(format!(
+                "{f}.nats.message: {other:?}: one of change, transaction"
+            ))
+        }
+    };
+    let timeout = n.timeout.map_or(nats::DEFAULT_TIMEOUT, |d| d.0);
+    if timeout.is_zero() {
+        return Err(format!("{f}.nats.timeout: must be longer than 0"));
+    }
+    let b = n.batch.as_ref();
+    let max_messages = b
+        .and_then(|b| b.max_messages)
+        .unwrap_or(nats::DEFAULT_MAX_MESSAGES);
+    if max_messages == 0 {
+        return Err(format!("{f}.nats.batch.max_messages: must be at least 1"));
+    }
+    Ok(NatsConfig {
+        name: name.to_string(),
+        source: source.to_string(),
+        url: urls.join(","),
+        auth,
+        tls,
+        stream: n.stream,
+        subject_prefix: n.subject_prefix,
+        per,
+        create_stream: n.create_stream.unwrap_or(true),
+        timeout,
+        max_messages,
+        max_delay: b
+            .and_then(|b| b.max_delay)
+            .map_or(nats::DEFAULT_MAX_DELAY, |d| d.0),
     })
 }
 

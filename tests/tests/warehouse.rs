@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use routy_e2e::cdc::{CdcRig, RigOpts, CATCH_UP};
 use routy_e2e::clickhouse::ClickHouse;
+use routy_e2e::nats::NatsServer;
 use routy_e2e::{require_root, try_wait_until};
 
 const TABLE: &str = "public.t";
@@ -85,6 +86,86 @@ fn source_rows(rig: &CdcRig) -> String {
     ))
 }
 
+/// The source's rows as `id,tx,v,doc` lines (doc `-` when NULL).
+fn source_rows_full(rig: &CdcRig) -> String {
+    rig.source.psql(&format!(
+        "SELECT coalesce(string_agg(id || ',' || tx || ',' || v || ',' || coalesce(doc, '-'), E'\\n' ORDER BY id), '') FROM {TABLE}"
+    ))
+}
+
+/// Applies change events (`cdc tail` shape) in order to rows by id; what the table holds
+/// at the end as `id,tx,v,doc` lines.
+fn replay_changes<'a>(events: impl Iterator<Item = &'a serde_json::Value>) -> String {
+    use std::collections::BTreeMap;
+    let mut rows: BTreeMap<i64, serde_json::Map<String, serde_json::Value>> = BTreeMap::new();
+    let id_of = |v: &serde_json::Value| -> i64 {
+        v["id"].as_str().and_then(|s| s.parse().ok()).expect("id")
+    };
+    for e in events {
+        match e["event"].as_str() {
+            Some("insert") | Some("update") => {
+                let new = e["new"].as_object().expect("new").clone();
+                if let Some(old) = e.get("old").filter(|o| o.is_object()) {
+                    rows.remove(&id_of(old));
+                }
+                let id = id_of(&e["new"]);
+                let mut row = rows.remove(&id).unwrap_or_default();
+                for (k, v) in new {
+                    // An unchanged TOAST value keeps what the row had.
+                    if v.get("unchanged_toast").is_none() {
+                        row.insert(k, v);
+                    }
+                }
+                rows.insert(id, row);
+            }
+            Some("delete") => {
+                rows.remove(&id_of(&e["old"]));
+            }
+            Some("truncate") => rows.clear(),
+            _ => {}
+        }
+    }
+    let text =
+        |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).unwrap_or("-").to_string();
+    rows.iter()
+        .map(|(id, r)| {
+            format!(
+                "{id},{},{},{}",
+                text(r.get("tx")),
+                text(r.get("v")),
+                text(r.get("doc"))
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Panics with a short difference between two line lists.
+fn assert_same_rows(what: &str, got: &str, want: &str) {
+    if got.trim_end() == want.trim_end() {
+        return;
+    }
+    let (g, w): (Vec<&str>, Vec<&str>) = (got.lines().collect(), want.lines().collect());
+    let short = |l: &&str| l.chars().take(80).collect::<String>();
+    let missing: Vec<_> = w
+        .iter()
+        .filter(|l| !g.contains(l))
+        .take(5)
+        .map(short)
+        .collect();
+    let extra: Vec<_> = g
+        .iter()
+        .filter(|l| !w.contains(l))
+        .take(5)
+        .map(short)
+        .collect();
+    panic!(
+        "{what}: {} rows, the source {}; missing or different e.g. {missing:?}, extra e.g. {extra:?}",
+        g.len(),
+        w.len()
+    );
+}
+
 fn ch_sink(name: &str, ch: &ClickHouse) -> String {
     format!(
         "    - name: {name}\n      source: site-a/main\n      retry: {{ initial: 50ms, max: 500ms }}\n      clickhouse:\n        url: \"{}\"\n        database: analytics\n        timeout: 10s\n        batch: {{ max_rows: 500, max_delay: 50ms }}\n",
@@ -146,5 +227,64 @@ fn clickhouse_holds_the_source_rows_through_kills_and_a_restart() {
     assert!(
         sinks.contains("warehouse") && sinks.contains("clickhouse"),
         "{sinks}"
+    );
+}
+
+fn nats_sink(name: &str, server: &NatsServer) -> String {
+    format!(
+        "    - name: {name}\n      source: site-a/main\n      retry: {{ initial: 50ms, max: 500ms }}\n      nats:\n        url: \"{}\"\n        stream: CDC\n        subject_prefix: cdc\n        timeout: 2s\n        batch: {{ max_messages: 200, max_delay: 20ms }}\n",
+        server.url()
+    )
+}
+
+#[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
+fn nats_stream_replays_into_the_source_rows_through_kills_and_a_restart() {
+    require_root();
+    let mut server = NatsServer::start();
+    let mut rig = CdcRig::start(opts(nats_sink("stream", &server)));
+    rig.wait_shipping();
+    faulty_run(&mut rig, || server.restart());
+    rig.wait_in_sync(&[TABLE], CATCH_UP);
+    let want = source_rows_full(&rig);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut got = String::new();
+    let mut msgs = Vec::new();
+    let res = try_wait_until(
+        CATCH_UP,
+        "the NATS stream replays into the source's rows",
+        || {
+            msgs = rt.block_on(server.read_stream("CDC"));
+            let events: Vec<serde_json::Value> = msgs
+                .iter()
+                .map(|m| serde_json::from_slice(&m.payload).expect("JSON body"))
+                .collect();
+            got = replay_changes(events.iter());
+            got.trim_end() == want.trim_end()
+        },
+    );
+    if res.is_err() {
+        assert_same_rows("NATS replayed", &got, &want);
+    }
+    // Every change is in the stream once: re-sends were dropped by their message id.
+    let mut ids: Vec<&str> = msgs
+        .iter()
+        .filter_map(|m| m.header("Nats-Msg-Id"))
+        .collect();
+    let n = ids.len();
+    assert_eq!(n, msgs.len(), "every message has an id");
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "a change is in the stream twice");
+    eprintln!(
+        "nats: {n} messages; repeats the stream dropped since the last relay-outer start: {}",
+        rig.outer()
+            .metric("routy_cdc_sink_duplicates_total", &[("sink", "stream")])
     );
 }

@@ -140,6 +140,56 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// The sinks measured alone: (name, kind as the table shows it).
+const ALONE: &[(&str, &str)] = &[("warehouse", "ClickHouse")];
+
+/// The `cdc.sinks` entries of [`ALONE`].
+fn alone_sinks(ch: &routy_e2e::clickhouse::ClickHouse) -> String {
+    format!(
+        "    - name: warehouse\n      source: site-a/main\n      tables: [public.bench]\n      clickhouse: {{ url: \"{}\", database: bench }}\n",
+        ch.url()
+    )
+}
+
+/// Sink `name`'s applied seq, from `cdc sinks --json`.
+fn applied_seq(rig: &CdcRig, name: &str) -> u64 {
+    let (ok, out) = rig.outer_cdc(&["sinks", "--json"]);
+    assert!(ok, "cdc sinks: {out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("cdc sinks --json");
+    v.as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == name))
+        .and_then(|s| s["applied_seq"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Seconds sink `name` takes to deliver the store up to `end_seq` on its own: resumed
+/// (it was paused), or moved to the start (`replay`).
+fn sink_alone(rig: &CdcRig, name: &str, end_seq: u64, replay: bool) -> f64 {
+    let t = Instant::now();
+    let (ok, out) = if replay {
+        rig.outer_cdc(&["replay", "--sink", name, "--from", "0"])
+    } else {
+        rig.outer_cdc(&["resume", "--sink", name])
+    };
+    assert!(ok, "{name}: {out}");
+    if replay {
+        // The replay takes effect between batches: wait until it did.
+        try_wait_until(Duration::from_secs(60), "the replay started", || {
+            applied_seq(rig, name) < end_seq
+        })
+        .expect("replay");
+    }
+    try_wait_until(
+        Duration::from_secs(900),
+        &format!("sink {name} delivered the store"),
+        || applied_seq(rig, name) >= end_seq,
+    )
+    .expect("catch up");
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!("  {name}: {secs:.1} s");
+    secs
+}
+
 fn main() {
     let a = args();
     if !routy_e2e::is_root() {
@@ -153,10 +203,14 @@ fn main() {
     let token_dir = routy_e2e::tempdir();
     let token_file = token_dir.path().join("token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token file");
+    // The warehouse and stream sinks, paused until each reads the store alone.
+    let ch = routy_e2e::clickhouse::ClickHouse::start();
     let mut rig = CdcRig::start(RigOpts {
         extra_sinks: format!(
-            "    - name: hook\n      source: site-a/main\n      tables: [public.bench]\n      webhook: {{ url: \"{}\" }}\n",
-            hooks.url()
+            "    - name: hook\n      source: site-a/main\n      tables: [public.bench]\n      webhook: {{ url: \"{}\" }}\n\
+             {}",
+            hooks.url(),
+            alone_sinks(&ch),
         ),
         outer_cdc_extra: format!(
             "  consumers:\n    listen: \"127.0.0.1:{consumer_port}\"\n    tokens: [{{ name: bench, token_file: {}, sources: [\"*\"] }}]\n",
@@ -242,6 +296,10 @@ fn main() {
     rig.source
         .psql("SELECT pg_drop_replication_slot('bench_recv')");
 
+    for (name, _) in ALONE {
+        let (ok, out) = rig.outer_cdc(&["pause", "--sink", name]);
+        assert!(ok, "pause {name}: {out}");
+    }
     let t = Instant::now();
     rig.start_inner();
     let want = a.rows.to_string();
@@ -269,6 +327,19 @@ fn main() {
     let routy_secs = pg_done.expect("set");
     let hook_secs = hook_done.expect("set");
     rig.wait_in_sync(&["public.bench"], Duration::from_secs(60));
+
+    // --- each sink alone reading the whole backlog from the store: the PostgreSQL sink
+    // again (a replay from the start: upserts of the rows it has), then each paused one.
+    let end_seq = applied_seq(&rig, "replica");
+    eprintln!("sinks alone: the store to seq {end_seq}");
+    let pg_alone = sink_alone(&rig, "replica", end_seq, true);
+    let mut alone = Vec::new();
+    for (name, kind) in ALONE {
+        let secs = sink_alone(&rig, name, end_seq, false);
+        alone.push((kind, secs));
+    }
+    let ch_rows = ch.query("SELECT count() FROM bench.bench FINAL");
+    assert_eq!(ch_rows, want, "ClickHouse holds every row");
 
     // --- SSE fan-out: the backlog (rows plus a begin and a commit per transaction) read
     // from the store by 1, then by N consumers at once.
@@ -454,7 +525,24 @@ fn main() {
         percentile(&sl, 0.99),
         sl.len(),
     );
-    let table = format!("{table}{consumers}");
+    let mut sinks = format!(
+        "\n| measure | PostgreSQL sink |{}\n| --- | --- |{}\n\
+         | backlog of {} rows, each sink alone reading it from the store: rows/s | {:.0} ({:.1} s) |",
+        ALONE.iter().map(|(_, k)| format!(" {k} sink |")).collect::<String>(),
+        " --- |".repeat(ALONE.len()),
+        a.rows,
+        rows / pg_alone,
+        pg_alone,
+    );
+    for (_, secs) in &alone {
+        sinks.push_str(&format!(" {:.0} ({:.1} s) |", rows / secs, secs));
+    }
+    sinks.push_str("\n| ratio to the PostgreSQL sink | 1.00x |");
+    for (_, secs) in &alone {
+        sinks.push_str(&format!(" {:.2}x |", pg_alone / secs));
+    }
+    sinks.push('\n');
+    let table = format!("{table}{consumers}{sinks}");
     println!("{table}");
     if let Some(f) = a.out {
         std::fs::write(&f, &table).expect("write --out");

@@ -25,6 +25,7 @@
 
 pub mod clickhouse;
 pub mod filter;
+pub mod nats;
 pub mod pg;
 pub mod position;
 pub(crate) mod reader;
@@ -109,6 +110,10 @@ pub const METRICS: &[(&str, &str)] = &[
         "Updates and deletes that found no target row.",
     ),
     (
+        nats::DUPLICATES,
+        "Changes the target reported it already had (re-sends it dropped).",
+    ),
+    (
         webhook::DEAD_LETTERS,
         "Batches the target refused that were written to the dead-letter file.",
     ),
@@ -140,10 +145,12 @@ pub enum SinkKind {
     Webhook(webhook::WebhookConfig),
     /// `clickhouse:`.
     ClickHouse(clickhouse::ClickHouseConfig),
+    /// `nats:`.
+    Nats(nats::NatsConfig),
 }
 
 /// The kind keys a `cdc.sinks` entry may have (exactly one).
-pub const KINDS: &[&str] = &["postgres", "webhook", "clickhouse"];
+pub const KINDS: &[&str] = &["postgres", "webhook", "clickhouse", "nats"];
 
 impl SinkKind {
     /// The kind key.
@@ -152,6 +159,7 @@ impl SinkKind {
             SinkKind::Postgres(_) => "postgres",
             SinkKind::Webhook(_) => "webhook",
             SinkKind::ClickHouse(_) => "clickhouse",
+            SinkKind::Nats(_) => "nats",
         }
     }
 
@@ -161,6 +169,7 @@ impl SinkKind {
             SinkKind::Postgres(_) => Durability::Transactional,
             SinkKind::Webhook(_) => Durability::AtLeastOnce,
             SinkKind::ClickHouse(_) => Durability::Versioned,
+            SinkKind::Nats(_) => Durability::AtLeastOnce,
         }
     }
 }
@@ -195,6 +204,7 @@ pub fn spawn(
         SinkKind::ClickHouse(c) => {
             tokio::spawn(runner::run(clickhouse::ClickHouseSink::new(c.clone()), ctx))
         }
+        SinkKind::Nats(c) => tokio::spawn(runner::run(nats::NatsSink::new(c.clone()), ctx)),
     };
     (status, task)
 }

@@ -512,6 +512,14 @@ pub(crate) fn read_secret(path: &std::path::Path) -> Result<String, SinkError> {
 
 /// The TLS client configuration: the given CA file, or the system's roots.
 pub(crate) fn client_tls(ca: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+    client_tls_auth(ca, None)
+}
+
+/// [`client_tls`] presenting a client certificate (`cert`, `key` files) when given.
+pub(crate) fn client_tls_auth(
+    ca: Option<&std::path::Path>,
+    client: Option<(&std::path::Path, &std::path::Path)>,
+) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
     match ca {
         Some(path) => {
@@ -530,12 +538,20 @@ pub(crate) fn client_tls(ca: Option<&std::path::Path>) -> Result<rustls::ClientC
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS configuration: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(cfg)
+        .with_root_certificates(roots);
+    match client {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert, key)) => {
+            let certs = routy_tunnel::tls::load_certs(cert).map_err(|e| format!("cert: {e}"))?;
+            let key = routy_tunnel::tls::load_key(key).map_err(|e| format!("key: {e}"))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| format!("client certificate and key: {e}"))
+        }
+    }
 }
 
 /// `Retry-After`: delay-seconds or an HTTP date, capped.
