@@ -13,6 +13,7 @@ use routy_tunnel::control::KeepaliveSpec;
 use serde::Deserialize;
 
 use crate::cdc::sink::clickhouse::{self, ClickHouseConfig};
+use crate::cdc::sink::kafka::{self, KafkaConfig, KafkaTls, Sasl};
 use crate::cdc::sink::nats::{self, NatsAuth, NatsConfig, NatsTls, Per};
 use crate::cdc::sink::pg::PgSinkConfig;
 use crate::cdc::sink::webhook::{self, Auth, OnRejected, WebhookConfig};
@@ -91,6 +92,7 @@ struct RawSink {
     webhook: Option<RawWebhook>,
     clickhouse: Option<RawClickHouse>,
     nats: Option<RawNats>,
+    kafka: Option<RawKafka>,
     tables: Option<Vec<String>>,
     ops: Option<Vec<String>>,
     retry: Option<RawRetry>,
@@ -137,6 +139,30 @@ struct RawNats {
     create_stream: Option<bool>,
     timeout: Option<Dur>,
     batch: Option<RawMsgBatch>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKafka {
+    brokers: Vec<String>,
+    topic_prefix: String,
+    tls: Option<RawNatsTls>,
+    sasl: Option<RawSasl>,
+    acks: Option<String>,
+    create_topics: Option<bool>,
+    partitions: Option<i32>,
+    timeout: Option<Dur>,
+    batch: Option<RawMsgBatch>,
+    #[serde(default)]
+    properties: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSasl {
+    mechanism: String,
+    username: String,
+    password_file: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -506,6 +532,7 @@ fn validate_cdc(c: RawCdc, base: &Path) -> Result<CdcConfig, String> {
             ("webhook", s.webhook.is_some()),
             ("clickhouse", s.clickhouse.is_some()),
             ("nats", s.nats.is_some()),
+            ("kafka", s.kafka.is_some()),
         ]
         .iter()
         .filter(|(_, set)| *set)
@@ -529,9 +556,11 @@ fn validate_cdc(c: RawCdc, base: &Path) -> Result<CdcConfig, String> {
             SinkKind::Webhook(validate_webhook(&f, &s.name, &s.source, w, &dir, base)?)
         } else if let Some(c) = s.clickhouse {
             SinkKind::ClickHouse(validate_clickhouse(&f, &s.name, &s.source, c, base)?)
-        } else {
-            let n = s.nats.expect("one kind key checked");
+        } else if let Some(n) = s.nats {
             SinkKind::Nats(validate_nats(&f, &s.name, &s.source, n, base)?)
+        } else {
+            let k = s.kafka.expect("one kind key checked");
+            SinkKind::Kafka(validate_kafka(&f, &s.name, &s.source, k, base)?)
         };
         let mut filter = Filter::default();
         if let Some(tables) = s.tables {
@@ -849,6 +878,120 @@ fn validate_nats(
         max_delay: b
             .and_then(|b| b.max_delay)
             .map_or(nats::DEFAULT_MAX_DELAY, |d| d.0),
+    })
+}
+
+fn validate_kafka(
+    f: &str,
+    name: &str,
+    source: &str,
+    k: RawKafka,
+    base: &Path,
+) -> Result<KafkaConfig, String> {
+    if !kafka::BUILT {
+        return Err(format!(
+            "{f}.kafka: this relay-outer was built without the Kafka sink; build it with `cargo build --release --features relay-outer/kafka` (needs make, a C compiler, libssl-dev and zlib1g-dev)"
+        ));
+    }
+    if k.brokers.is_empty() {
+        return Err(format!("{f}.kafka.brokers: give at least one host:port"));
+    }
+    for b in &k.brokers {
+        let ok = b.rsplit_once(':').is_some_and(|(h, p)| {
+            !h.is_empty() && !h.contains([' ', ',', '/']) && p.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !ok {
+            return Err(format!("{f}.kafka.brokers: {b:?} is not host:port"));
+        }
+    }
+    let prefix_ok = !k.topic_prefix.is_empty()
+        && k.topic_prefix.len() <= 200
+        && k.topic_prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-');
+    if !prefix_ok {
+        return Err(format!(
+            "{f}.kafka.topic_prefix: {:?} must be 1-200 of letters, digits, '.', '_', '-'",
+            k.topic_prefix
+        ));
+    }
+    match k.acks.as_deref() {
+        None | Some("all") | Some("-1") => {}
+        Some(other) => {
+            return Err(format!(
+                "{f}.kafka.acks: {other:?}: only `all` (the idempotent producer needs every in-sync replica's ack)"
+            ))
+        }
+    }
+    let tls = match k.tls {
+        None => None,
+        Some(t) => {
+            if t.cert.is_some() != t.key.is_some() {
+                return Err(format!("{f}.kafka.tls: cert and key go together"));
+            }
+            Some(KafkaTls {
+                ca: t.ca.map(|p| resolve(base, &p)),
+                cert: t.cert.map(|p| resolve(base, &p)),
+                key: t.key.map(|p| resolve(base, &p)),
+            })
+        }
+    };
+    let sasl = match k.sasl {
+        None => None,
+        Some(s) => {
+            if !["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"].contains(&s.mechanism.as_str()) {
+                return Err(format!(
+                    "{f}.kafka.sasl.mechanism: {:?}: one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512",
+                    s.mechanism
+                ));
+            }
+            if s.username.is_empty() {
+                return Err(format!("{f}.kafka.sasl.username: must not be empty"));
+            }
+            Some(Sasl {
+                mechanism: s.mechanism,
+                username: s.username,
+                password_file: resolve(base, &s.password_file),
+            })
+        }
+    };
+    let partitions = k.partitions.unwrap_or(1);
+    if partitions < 1 {
+        return Err(format!("{f}.kafka.partitions: must be at least 1"));
+    }
+    let timeout = k.timeout.map_or(kafka::DEFAULT_TIMEOUT, |d| d.0);
+    if timeout < std::time::Duration::from_millis(10) {
+        return Err(format!("{f}.kafka.timeout: must be at least 10ms"));
+    }
+    for key in k.properties.keys() {
+        if kafka::OWN_PROPERTIES.contains(&key.as_str()) {
+            return Err(format!(
+                "{f}.kafka.properties: {key:?} is set by the sink (use brokers, tls, sasl, timeout)"
+            ));
+        }
+    }
+    let b = k.batch.as_ref();
+    let max_messages = b
+        .and_then(|b| b.max_messages)
+        .unwrap_or(kafka::DEFAULT_MAX_MESSAGES);
+    if max_messages == 0 {
+        return Err(format!("{f}.kafka.batch.max_messages: must be at least 1"));
+    }
+    Ok(KafkaConfig {
+        name: name.to_string(),
+        source: source.to_string(),
+        brokers: k.brokers,
+        topic_prefix: k.topic_prefix,
+        tls,
+        sasl,
+        create_topics: k.create_topics.unwrap_or(true),
+        partitions,
+        timeout,
+        max_messages,
+        max_delay: b
+            .and_then(|b| b.max_delay)
+            .map_or(kafka::DEFAULT_MAX_DELAY, |d| d.0),
+        properties: k.properties.into_iter().collect(),
     })
 }
 

@@ -15,6 +15,7 @@ pub mod clickhouse;
 pub mod consumer;
 pub mod fake;
 pub mod hooks;
+pub mod kafka;
 pub mod nats;
 mod net;
 mod pg;

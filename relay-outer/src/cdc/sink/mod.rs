@@ -25,6 +25,8 @@
 
 pub mod clickhouse;
 pub mod filter;
+pub mod kafka;
+pub mod message;
 pub mod nats;
 pub mod pg;
 pub mod position;
@@ -147,10 +149,12 @@ pub enum SinkKind {
     ClickHouse(clickhouse::ClickHouseConfig),
     /// `nats:`.
     Nats(nats::NatsConfig),
+    /// `kafka:` (runs only in a build with the cargo feature `kafka`).
+    Kafka(kafka::KafkaConfig),
 }
 
 /// The kind keys a `cdc.sinks` entry may have (exactly one).
-pub const KINDS: &[&str] = &["postgres", "webhook", "clickhouse", "nats"];
+pub const KINDS: &[&str] = &["postgres", "webhook", "clickhouse", "nats", "kafka"];
 
 impl SinkKind {
     /// The kind key.
@@ -160,6 +164,7 @@ impl SinkKind {
             SinkKind::Webhook(_) => "webhook",
             SinkKind::ClickHouse(_) => "clickhouse",
             SinkKind::Nats(_) => "nats",
+            SinkKind::Kafka(_) => "kafka",
         }
     }
 
@@ -169,7 +174,7 @@ impl SinkKind {
             SinkKind::Postgres(_) => Durability::Transactional,
             SinkKind::Webhook(_) => Durability::AtLeastOnce,
             SinkKind::ClickHouse(_) => Durability::Versioned,
-            SinkKind::Nats(_) => Durability::AtLeastOnce,
+            SinkKind::Nats(_) | SinkKind::Kafka(_) => Durability::AtLeastOnce,
         }
     }
 }
@@ -205,6 +210,16 @@ pub fn spawn(
             tokio::spawn(runner::run(clickhouse::ClickHouseSink::new(c.clone()), ctx))
         }
         SinkKind::Nats(c) => tokio::spawn(runner::run(nats::NatsSink::new(c.clone()), ctx)),
+        #[cfg(feature = "kafka")]
+        SinkKind::Kafka(c) => tokio::spawn(runner::run(kafka::KafkaSink::new(c.clone()), ctx)),
+        // The configuration refuses a kafka sink in a build without it.
+        #[cfg(not(feature = "kafka"))]
+        SinkKind::Kafka(c) => {
+            let name = c.name.clone();
+            tokio::spawn(async move {
+                tracing::error!(sink = %name, "this relay-outer was built without the Kafka sink (cargo feature kafka)");
+            })
+        }
     };
     (status, task)
 }

@@ -30,7 +30,7 @@ use std::time::Duration;
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
-use relay_proto::cdc::{event_json, format_lsn, format_pg_time, Event, Relations};
+use relay_proto::cdc::{format_lsn, format_pg_time, Event, Relations};
 
 use super::{BatchInfo, BatchLimits, Durability, Flow, Position, Sink, SinkError};
 
@@ -456,25 +456,13 @@ impl Sink for NatsSink {
             }
             _ => {}
         }
-        let mut v = event_json(at.seq, &ev, rels);
-        v["id"] = at.to_string().into();
-        if let Some((lsn, time)) = self.commit {
-            v["commit_lsn"] = format_lsn(lsn).into();
-            v["commit_time"] = format_pg_time(time).into();
-        }
+        let v = super::message::change_json(at, &ev, rels, self.commit);
         if let Some(t) = self.txn.as_mut() {
             t.events.push(v);
             return Ok(());
         }
         // One message per table the event is about.
-        let ids: Vec<u32> = match &ev {
-            Event::Insert { rel, .. }
-            | Event::Update { rel, .. }
-            | Event::Delete { rel, .. }
-            | Event::Snapshot { rel, .. } => vec![*rel],
-            Event::Truncate { rels: ids, .. } => ids.clone(),
-            _ => Vec::new(),
-        };
+        let ids = super::message::tables_of(&ev);
         for (n, id) in ids.iter().enumerate() {
             let (schema, table) = rels
                 .get(*id)
