@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use routy_e2e::cdc::{CdcRig, RigOpts, CATCH_UP};
 use routy_e2e::clickhouse::ClickHouse;
+use routy_e2e::kafka::{read_topic, Tansu};
 use routy_e2e::nats::NatsServer;
 use routy_e2e::{require_root, try_wait_until};
 
@@ -287,4 +288,70 @@ fn nats_stream_replays_into_the_source_rows_through_kills_and_a_restart() {
         rig.outer()
             .metric("routy_cdc_sink_duplicates_total", &[("sink", "stream")])
     );
+}
+
+fn kafka_sink(name: &str, broker: &Tansu) -> String {
+    format!(
+        "    - name: {name}\n      source: site-a/main\n      retry: {{ initial: 50ms, max: 500ms }}\n      kafka:\n        brokers: [\"{}\"]\n        topic_prefix: cdc\n        partitions: 3\n        timeout: 2s\n        batch: {{ max_messages: 200, max_delay: 20ms }}\n",
+        broker.broker()
+    )
+}
+
+/// `SEQ.INDEX` as a pair, to compare.
+fn position(p: &str) -> (u64, u32) {
+    let (s, i) = p.split_once('.').unwrap_or((p, "0"));
+    (s.parse().unwrap_or(0), i.parse().unwrap_or(0))
+}
+
+#[test]
+#[cfg_attr(
+    any(routy_e2e_skip, not(feature = "kafka")),
+    ignore = "end-to-end: needs root, ROUTY_E2E=1 and the feature kafka; run tests/run"
+)]
+fn kafka_topic_replays_into_the_source_rows_through_kills_and_an_outage() {
+    require_root();
+    let broker = Tansu::start();
+    let mut rig = CdcRig::start(opts(kafka_sink("log", &broker)));
+    rig.wait_shipping();
+    // Tansu keeps its data in memory: the broker is made unreachable for a while
+    // (stopped, then continued) rather than restarted.
+    faulty_run(&mut rig, || broker.pause(Duration::from_secs(4)));
+    rig.wait_in_sync(&[TABLE], CATCH_UP);
+    let want = source_rows_full(&rig);
+    let mut got = String::new();
+    let mut dropped = 0;
+    let res = try_wait_until(CATCH_UP, "the Kafka topic replays into the source's rows", || {
+        let msgs = read_topic(&broker.broker(), "cdc.public.t", Duration::from_secs(2));
+        // Per partition in offset order (a row's changes are all in one), dropping a
+        // message whose position is not past the last one applied (a re-send).
+        let mut lines: Vec<(i64, String)> = Vec::new();
+        dropped = 0;
+        let parts: std::collections::BTreeSet<i32> = msgs.iter().map(|m| m.partition).collect();
+        for p in parts {
+            let mut ms: Vec<_> = msgs.iter().filter(|m| m.partition == p).collect();
+            ms.sort_by_key(|m| m.offset);
+            let mut last = None;
+            let mut events = Vec::new();
+            for m in ms {
+                let pos = position(&m.header("routy-position").expect("routy-position"));
+                if last.is_some_and(|l| pos <= l) {
+                    dropped += 1;
+                    continue;
+                }
+                last = Some(pos);
+                events.push(serde_json::from_slice::<serde_json::Value>(&m.payload).expect("JSON"));
+            }
+            for l in replay_changes(events.iter()).lines().filter(|l| !l.is_empty()) {
+                let id = l.split(',').next().and_then(|x| x.parse().ok()).unwrap_or(0);
+                lines.push((id, l.to_string()));
+            }
+        }
+        lines.sort();
+        got = lines.into_iter().map(|(_, l)| l).collect::<Vec<_>>().join("\n");
+        got.trim_end() == want.trim_end()
+    });
+    if res.is_err() {
+        assert_same_rows("Kafka replayed", &got, &want);
+    }
+    eprintln!("kafka: re-sent messages dropped by their position: {dropped}");
 }
