@@ -1291,8 +1291,205 @@ cdc:
         let e = parse(&none).unwrap_err();
         assert!(e.contains("\"second\"") && e.contains("none"), "{e}");
         let unknown =
-            format!("{GOOD}{CDC}").replace("postgres: { dsn: \"host=db2\" }", "kafka: {}");
-        assert!(parse(&unknown).unwrap_err().contains("kafka"));
+            format!("{GOOD}{CDC}").replace("postgres: { dsn: \"host=db2\" }", "kinesis: {}");
+        assert!(parse(&unknown).unwrap_err().contains("kinesis"));
+    }
+
+    const WAREHOUSE: &str = r#"
+    - name: wh
+      source: site-a/orders
+      clickhouse:
+        url: "http://clickhouse:8123"
+        database: analytics
+        user: routy
+        password_file: ch.password
+        timeout: 5s
+        batch: { max_rows: 5000, max_bytes: 8MiB, max_delay: 200ms }
+    - name: js
+      source: site-a/orders
+      nats:
+        url: "nats://n1:4222, nats://n2:4222"
+        token_file: nats.token
+        tls: { ca: ca.crt }
+        stream: ORDERS
+        subject_prefix: acme.cdc
+        message: transaction
+        batch: { max_messages: 100, max_delay: 5ms }
+"#;
+    const KAFKA: &str = r#"
+    - name: log
+      source: site-a/orders
+      kafka:
+        brokers: ["k1:9092", "k2:9093"]
+        topic_prefix: cdc
+        sasl: { mechanism: SCRAM-SHA-512, username: routy, password_file: k.pw }
+        partitions: 6
+        properties: { compression.type: lz4 }
+"#;
+
+    #[test]
+    fn warehouse_and_stream_sinks_load() {
+        let c = parse(&format!("{GOOD}{CDC}{WAREHOUSE}")).unwrap();
+        let cdc = c.cdc.unwrap();
+        let SinkKind::ClickHouse(ch) = &cdc.sinks[2].kind else {
+            panic!("{:?}", cdc.sinks[2].kind)
+        };
+        assert_eq!(ch.url, "http://clickhouse:8123");
+        assert_eq!(
+            (ch.database.as_str(), ch.user.as_str()),
+            ("analytics", "routy")
+        );
+        assert_eq!(
+            ch.password_file,
+            Some(PathBuf::from("/etc/routy/ch.password"))
+        );
+        assert!(ch.create_tables);
+        assert_eq!((ch.max_rows, ch.max_bytes), (5000, 8 << 20));
+        assert_eq!(ch.max_delay, Duration::from_millis(200));
+        let SinkKind::Nats(n) = &cdc.sinks[3].kind else {
+            panic!("{:?}", cdc.sinks[3].kind)
+        };
+        assert_eq!(n.url, "nats://n1:4222,nats://n2:4222");
+        assert_eq!(
+            n.auth,
+            Some(NatsAuth::Token(PathBuf::from("/etc/routy/nats.token")))
+        );
+        assert_eq!(
+            n.tls.as_ref().and_then(|t| t.ca.clone()),
+            Some(PathBuf::from("/etc/routy/ca.crt"))
+        );
+        assert_eq!(
+            (n.stream.as_str(), n.subject_prefix.as_str()),
+            ("ORDERS", "acme.cdc")
+        );
+        assert_eq!(n.per, Per::Transaction);
+        assert_eq!(n.max_messages, 100);
+        let k = parse(&format!("{GOOD}{CDC}{KAFKA}"));
+        if kafka::BUILT {
+            let cdc = k.unwrap().cdc.unwrap();
+            let SinkKind::Kafka(k) = &cdc.sinks[2].kind else {
+                panic!("{:?}", cdc.sinks[2].kind)
+            };
+            assert_eq!(k.brokers, ["k1:9092", "k2:9093"]);
+            assert_eq!(k.partitions, 6);
+            assert_eq!(
+                k.sasl.as_ref().map(|s| s.mechanism.as_str()),
+                Some("SCRAM-SHA-512")
+            );
+            assert_eq!(
+                k.properties,
+                [("compression.type".to_string(), "lz4".to_string())]
+            );
+        } else {
+            let e = k.unwrap_err();
+            assert!(
+                e.contains("cdc.sinks[2].kafka") && e.contains("built without the Kafka sink"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn warehouse_and_stream_mistakes_name_the_field() {
+        let base = format!("{GOOD}{CDC}{WAREHOUSE}");
+        let mut cases = vec![
+            (
+                base.replace("http://clickhouse:8123", "clickhouse:8123"),
+                "cdc.sinks[2].clickhouse.url",
+            ),
+            (
+                base.replace("http://clickhouse:8123", "http://ch:8123/?database=x"),
+                "cdc.sinks[2].clickhouse.url",
+            ),
+            (
+                base.replace("database: analytics", "database: \"\""),
+                "cdc.sinks[2].clickhouse.database",
+            ),
+            (
+                base.replace("max_rows: 5000", "max_rows: 0"),
+                "cdc.sinks[2].clickhouse.batch.max_rows",
+            ),
+            (
+                base.replace("max_rows: 5000", "max_events: 5000"),
+                "max_events",
+            ),
+            (
+                base.replace("password_file: ch.password", "pasword_file: ch.password"),
+                "pasword_file",
+            ),
+            (
+                base.replace("nats://n1:4222", "http://n1:4222"),
+                "cdc.sinks[3].nats.url",
+            ),
+            (
+                base.replace(
+                    "token_file: nats.token",
+                    "token_file: t\n        credentials_file: c",
+                ),
+                "cdc.sinks[3].nats",
+            ),
+            (
+                base.replace("stream: ORDERS", "stream: ORD.ERS"),
+                "cdc.sinks[3].nats.stream",
+            ),
+            (
+                base.replace("subject_prefix: acme.cdc", "subject_prefix: acme.*"),
+                "cdc.sinks[3].nats.subject_prefix",
+            ),
+            (
+                base.replace("subject_prefix: acme.cdc", "subject_prefix: acme..cdc"),
+                "cdc.sinks[3].nats.subject_prefix",
+            ),
+            (
+                base.replace("message: transaction", "message: batch"),
+                "cdc.sinks[3].nats.message",
+            ),
+            (
+                base.replace("tls: { ca: ca.crt }", "tls: { cert: c.crt }"),
+                "cdc.sinks[3].nats.tls",
+            ),
+            (
+                base.replace("max_messages: 100", "max_messages: 0"),
+                "cdc.sinks[3].nats.batch.max_messages",
+            ),
+        ];
+        if kafka::BUILT {
+            let k = format!("{GOOD}{CDC}{KAFKA}");
+            cases.extend([
+                (
+                    k.replace("\"k2:9093\"", "\"k2\""),
+                    "cdc.sinks[2].kafka.brokers",
+                ),
+                (
+                    k.replace("brokers: [\"k1:9092\", \"k2:9093\"]", "brokers: []"),
+                    "cdc.sinks[2].kafka.brokers",
+                ),
+                (
+                    k.replace("topic_prefix: cdc", "topic_prefix: \"c d\""),
+                    "cdc.sinks[2].kafka.topic_prefix",
+                ),
+                (
+                    k.replace("partitions: 6", "partitions: 6\n        acks: 1"),
+                    "cdc.sinks[2].kafka.acks",
+                ),
+                (
+                    k.replace("partitions: 6", "partitions: 0"),
+                    "cdc.sinks[2].kafka.partitions",
+                ),
+                (
+                    k.replace("SCRAM-SHA-512", "GSSAPI"),
+                    "cdc.sinks[2].kafka.sasl.mechanism",
+                ),
+                (
+                    k.replace("compression.type: lz4", "acks: \"1\""),
+                    "cdc.sinks[2].kafka.properties",
+                ),
+            ]);
+        }
+        for (yaml, field) in cases {
+            let err = parse(&yaml).unwrap_err();
+            assert!(err.contains(field), "{field}: {err}");
+        }
     }
 
     #[test]

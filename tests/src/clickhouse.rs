@@ -153,6 +153,11 @@ impl ClickHouse {
         }
     }
 
+    /// Its process id (0 while stopped).
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().map_or(0, |p| p.pid())
+    }
+
     /// The front's log.
     pub fn log(&self) -> String {
         self.proc.as_ref().map(|p| p.log()).unwrap_or_default()

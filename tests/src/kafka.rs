@@ -90,6 +90,11 @@ impl Tansu {
         let _ = Command::new("kill").args(["-CONT", &pid]).status();
     }
 
+    /// Its process id (0 while stopped).
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
     /// The broker's log.
     pub fn log(&self) -> String {
         self.proc.log()

@@ -62,6 +62,21 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// CPU time (user + system) process `pid` has used, in seconds (0 if unknown).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command (which may hold spaces) in parentheses.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after ")".
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 /// Returns a TCP port on 127.0.0.1 that was free just now and not handed out before by this process.
 pub fn free_port() -> u16 {
     static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();

@@ -104,6 +104,11 @@ impl NatsServer {
         self.launch();
     }
 
+    /// Its process id (0 while stopped).
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().map_or(0, |p| p.pid())
+    }
+
     /// The server's log.
     pub fn log(&self) -> String {
         self.proc.as_ref().map(|p| p.log()).unwrap_or_default()

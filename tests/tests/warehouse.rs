@@ -320,36 +320,53 @@ fn kafka_topic_replays_into_the_source_rows_through_kills_and_an_outage() {
     let want = source_rows_full(&rig);
     let mut got = String::new();
     let mut dropped = 0;
-    let res = try_wait_until(CATCH_UP, "the Kafka topic replays into the source's rows", || {
-        let msgs = read_topic(&broker.broker(), "cdc.public.t", Duration::from_secs(2));
-        // Per partition in offset order (a row's changes are all in one), dropping a
-        // message whose position is not past the last one applied (a re-send).
-        let mut lines: Vec<(i64, String)> = Vec::new();
-        dropped = 0;
-        let parts: std::collections::BTreeSet<i32> = msgs.iter().map(|m| m.partition).collect();
-        for p in parts {
-            let mut ms: Vec<_> = msgs.iter().filter(|m| m.partition == p).collect();
-            ms.sort_by_key(|m| m.offset);
-            let mut last = None;
-            let mut events = Vec::new();
-            for m in ms {
-                let pos = position(&m.header("routy-position").expect("routy-position"));
-                if last.is_some_and(|l| pos <= l) {
-                    dropped += 1;
-                    continue;
+    let res = try_wait_until(
+        CATCH_UP,
+        "the Kafka topic replays into the source's rows",
+        || {
+            let msgs = read_topic(&broker.broker(), "cdc.public.t", Duration::from_secs(2));
+            // Per partition in offset order (a row's changes are all in one), dropping a
+            // message whose position is not past the last one applied (a re-send).
+            let mut lines: Vec<(i64, String)> = Vec::new();
+            dropped = 0;
+            let parts: std::collections::BTreeSet<i32> = msgs.iter().map(|m| m.partition).collect();
+            for p in parts {
+                let mut ms: Vec<_> = msgs.iter().filter(|m| m.partition == p).collect();
+                ms.sort_by_key(|m| m.offset);
+                let mut last = None;
+                let mut events = Vec::new();
+                for m in ms {
+                    let pos = position(&m.header("routy-position").expect("routy-position"));
+                    if last.is_some_and(|l| pos <= l) {
+                        dropped += 1;
+                        continue;
+                    }
+                    last = Some(pos);
+                    events.push(
+                        serde_json::from_slice::<serde_json::Value>(&m.payload).expect("JSON"),
+                    );
                 }
-                last = Some(pos);
-                events.push(serde_json::from_slice::<serde_json::Value>(&m.payload).expect("JSON"));
+                for l in replay_changes(events.iter())
+                    .lines()
+                    .filter(|l| !l.is_empty())
+                {
+                    let id = l
+                        .split(',')
+                        .next()
+                        .and_then(|x| x.parse().ok())
+                        .unwrap_or(0);
+                    lines.push((id, l.to_string()));
+                }
             }
-            for l in replay_changes(events.iter()).lines().filter(|l| !l.is_empty()) {
-                let id = l.split(',').next().and_then(|x| x.parse().ok()).unwrap_or(0);
-                lines.push((id, l.to_string()));
-            }
-        }
-        lines.sort();
-        got = lines.into_iter().map(|(_, l)| l).collect::<Vec<_>>().join("\n");
-        got.trim_end() == want.trim_end()
-    });
+            lines.sort();
+            got = lines
+                .into_iter()
+                .map(|(_, l)| l)
+                .collect::<Vec<_>>()
+                .join("\n");
+            got.trim_end() == want.trim_end()
+        },
+    );
     if res.is_err() {
         assert_same_rows("Kafka replayed", &got, &want);
     }

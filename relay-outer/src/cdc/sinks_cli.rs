@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 
+use crate::cdc::sink::clickhouse::http::percent_encode as encode;
 use crate::config::Config;
 
 /// How long the relay gets to answer.
@@ -174,17 +175,4 @@ pub fn replay(
         v["position"].as_str().unwrap_or("?")
     );
     Ok(())
-}
-
-/// Percent-encodes everything but unreserved characters.
-fn encode(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }

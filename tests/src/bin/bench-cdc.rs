@@ -140,15 +140,48 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// The sinks measured alone: (name, kind as the table shows it).
-const ALONE: &[(&str, &str)] = &[("warehouse", "ClickHouse")];
+/// The sinks measured alone: (name, kind as the table shows it). Kafka only in a build
+/// with the feature `kafka` (`--features relay-outer/kafka,routy-e2e/kafka`).
+const ALONE: &[(&str, &str)] = if cfg!(feature = "kafka") {
+    &[
+        ("warehouse", "ClickHouse"),
+        ("stream", "NATS JetStream, a message per change"),
+        ("stream-tx", "NATS JetStream, a message per transaction"),
+        ("log", "Kafka"),
+    ]
+} else {
+    &[
+        ("warehouse", "ClickHouse"),
+        ("stream", "NATS JetStream, a message per change"),
+        ("stream-tx", "NATS JetStream, a message per transaction"),
+    ]
+};
 
-/// The `cdc.sinks` entries of [`ALONE`].
-fn alone_sinks(ch: &routy_e2e::clickhouse::ClickHouse) -> String {
-    format!(
-        "    - name: warehouse\n      source: site-a/main\n      tables: [public.bench]\n      clickhouse: {{ url: \"{}\", database: bench }}\n",
-        ch.url()
-    )
+/// The targets of [`ALONE`].
+struct Targets {
+    ch: routy_e2e::clickhouse::ClickHouse,
+    nats: routy_e2e::nats::NatsServer,
+    kafka: Option<routy_e2e::kafka::Tansu>,
+}
+
+/// The `cdc.sinks` entries of [`ALONE`]. ClickHouse's `max_delay` is 50 ms (its default,
+/// 1 s, would add up to a second at the end of the backlog, which is not throughput).
+fn alone_sinks(t: &Targets) -> String {
+    let mut s = format!(
+        "    - name: warehouse\n      source: site-a/main\n      tables: [public.bench]\n      clickhouse: {{ url: \"{}\", database: bench, batch: {{ max_delay: 50ms }} }}\n\
+         \x20   - name: stream\n      source: site-a/main\n      tables: [public.bench]\n      nats: {{ url: \"{}\", stream: BENCH, subject_prefix: bench }}\n\
+         \x20   - name: stream-tx\n      source: site-a/main\n      tables: [public.bench]\n      nats: {{ url: \"{}\", stream: BENCHTX, subject_prefix: benchtx, message: transaction }}\n",
+        t.ch.url(),
+        t.nats.url(),
+        t.nats.url()
+    );
+    if let Some(k) = &t.kafka {
+        s.push_str(&format!(
+            "    - name: log\n      source: site-a/main\n      tables: [public.bench]\n      kafka: {{ brokers: [\"{}\"], topic_prefix: bench }}\n",
+            k.broker()
+        ));
+    }
+    s
 }
 
 /// Sink `name`'s applied seq, from `cdc sinks --json`.
@@ -162,9 +195,28 @@ fn applied_seq(rig: &CdcRig, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// What one sink took alone.
+struct Alone {
+    secs: f64,
+    /// CPU seconds relay-outer used meanwhile.
+    outer_cpu: f64,
+    /// CPU seconds the target's server process used (None: not one process).
+    target_cpu: Option<f64>,
+}
+
 /// Seconds sink `name` takes to deliver the store up to `end_seq` on its own: resumed
-/// (it was paused), or moved to the start (`replay`).
-fn sink_alone(rig: &CdcRig, name: &str, end_seq: u64, replay: bool) -> f64 {
+/// (it was paused), or moved to the start (`replay`); with the CPU time relay-outer and
+/// the target (`target_pid`) used meanwhile.
+fn sink_alone(
+    rig: &CdcRig,
+    name: &str,
+    end_seq: u64,
+    replay: bool,
+    target_pid: Option<u32>,
+) -> Alone {
+    let outer_pid = rig.outer().proc.pid();
+    let cpu0 = routy_e2e::cpu_seconds(outer_pid);
+    let tcpu0 = target_pid.map(routy_e2e::cpu_seconds);
     let t = Instant::now();
     let (ok, out) = if replay {
         rig.outer_cdc(&["replay", "--sink", name, "--from", "0"])
@@ -186,8 +238,16 @@ fn sink_alone(rig: &CdcRig, name: &str, end_seq: u64, replay: bool) -> f64 {
     )
     .expect("catch up");
     let secs = t.elapsed().as_secs_f64();
-    eprintln!("  {name}: {secs:.1} s");
-    secs
+    let outer_cpu = routy_e2e::cpu_seconds(outer_pid) - cpu0;
+    let target_cpu = target_pid
+        .zip(tcpu0)
+        .map(|(p, c0)| routy_e2e::cpu_seconds(p) - c0);
+    eprintln!("  {name}: {secs:.1} s, relay-outer CPU {outer_cpu:.1} s, target CPU {target_cpu:?}");
+    Alone {
+        secs,
+        outer_cpu,
+        target_cpu,
+    }
 }
 
 fn main() {
@@ -204,13 +264,17 @@ fn main() {
     let token_file = token_dir.path().join("token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token file");
     // The warehouse and stream sinks, paused until each reads the store alone.
-    let ch = routy_e2e::clickhouse::ClickHouse::start();
+    let targets = Targets {
+        ch: routy_e2e::clickhouse::ClickHouse::start(),
+        nats: routy_e2e::nats::NatsServer::start(),
+        kafka: cfg!(feature = "kafka").then(routy_e2e::kafka::Tansu::start),
+    };
     let mut rig = CdcRig::start(RigOpts {
         extra_sinks: format!(
             "    - name: hook\n      source: site-a/main\n      tables: [public.bench]\n      webhook: {{ url: \"{}\" }}\n\
              {}",
             hooks.url(),
-            alone_sinks(&ch),
+            alone_sinks(&targets),
         ),
         outer_cdc_extra: format!(
             "  consumers:\n    listen: \"127.0.0.1:{consumer_port}\"\n    tokens: [{{ name: bench, token_file: {}, sources: [\"*\"] }}]\n",
@@ -332,13 +396,17 @@ fn main() {
     // again (a replay from the start: upserts of the rows it has), then each paused one.
     let end_seq = applied_seq(&rig, "replica");
     eprintln!("sinks alone: the store to seq {end_seq}");
-    let pg_alone = sink_alone(&rig, "replica", end_seq, true);
+    let pg_alone = sink_alone(&rig, "replica", end_seq, true, None);
     let mut alone = Vec::new();
     for (name, kind) in ALONE {
-        let secs = sink_alone(&rig, name, end_seq, false);
-        alone.push((kind, secs));
+        let pid = match *name {
+            "warehouse" => Some(targets.ch.pid()),
+            "stream" | "stream-tx" => Some(targets.nats.pid()),
+            _ => targets.kafka.as_ref().map(|k| k.pid()),
+        };
+        alone.push((kind, sink_alone(&rig, name, end_seq, false, pid)));
     }
-    let ch_rows = ch.query("SELECT count() FROM bench.bench FINAL");
+    let ch_rows = targets.ch.query("SELECT count() FROM bench.bench FINAL");
     assert_eq!(ch_rows, want, "ClickHouse holds every row");
 
     // --- SSE fan-out: the backlog (rows plus a begin and a commit per transaction) read
@@ -531,15 +599,26 @@ fn main() {
         ALONE.iter().map(|(_, k)| format!(" {k} sink |")).collect::<String>(),
         " --- |".repeat(ALONE.len()),
         a.rows,
-        rows / pg_alone,
-        pg_alone,
+        rows / pg_alone.secs,
+        pg_alone.secs,
     );
-    for (_, secs) in &alone {
-        sinks.push_str(&format!(" {:.0} ({:.1} s) |", rows / secs, secs));
+    for (_, x) in &alone {
+        sinks.push_str(&format!(" {:.0} ({:.1} s) |", rows / x.secs, x.secs));
     }
     sinks.push_str("\n| ratio to the PostgreSQL sink | 1.00x |");
-    for (_, secs) in &alone {
-        sinks.push_str(&format!(" {:.2}x |", pg_alone / secs));
+    for (_, x) in &alone {
+        sinks.push_str(&format!(" {:.2}x |", pg_alone.secs / x.secs));
+    }
+    sinks.push_str(&format!(
+        "\n| CPU seconds: relay-outer / the target's server | {:.1} / (several processes) |",
+        pg_alone.outer_cpu
+    ));
+    for (_, x) in &alone {
+        sinks.push_str(&format!(
+            " {:.1} / {} |",
+            x.outer_cpu,
+            x.target_cpu.map_or("-".to_string(), |c| format!("{c:.1}"))
+        ));
     }
     sinks.push('\n');
     let table = format!("{table}{consumers}{sinks}");

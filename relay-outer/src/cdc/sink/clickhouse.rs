@@ -227,23 +227,9 @@ impl ClickHouseSink {
     }
 
     fn setup(&self) -> Result<Client, SinkError> {
-        let config = |msg: String| SinkError::new("config", 0, msg);
-        let tls = super::webhook::client_tls(self.cfg.ca.as_deref()).map_err(config)?;
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .timeout(self.cfg.timeout)
-            .connect_timeout(self.cfg.timeout.min(Duration::from_secs(10)))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("routy/", env!("CARGO_PKG_VERSION")))
-            .pool_idle_timeout(Duration::from_secs(30))
-            .no_proxy()
-            .build()
-            .map_err(|e| {
-                config(format!(
-                    "ClickHouse client: {}",
-                    routy_pg::tls::error_chain(&e)
-                ))
-            })?;
+        let http =
+            super::webhook::http_client(self.cfg.ca.as_deref(), self.cfg.timeout, "ClickHouse")
+                .map_err(|e| SinkError::new("config", 0, e))?;
         let key = match &self.cfg.password_file {
             None => None,
             Some(p) => Some(super::webhook::read_secret(p)?),

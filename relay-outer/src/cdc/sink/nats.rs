@@ -7,10 +7,9 @@
 //! `<subject_prefix>.transactions` for a whole transaction. Bodies: the event in
 //! `relay-outer cdc tail`'s shape with its `id` (the position, `SEQ.INDEX`), and the
 //! transaction's `commit_lsn` and `commit_time`; a transaction message is
-//! `{"id", "xid", "commit_lsn", "commit_time", "events": [...]}`. Headers:
+//! `{"id", "source", "xid", "commit_lsn", "commit_time", "events": [...]}`. Headers:
 //! `Nats-Msg-Id: <source>/<id>` (a TRUNCATE of several tables sends one message per
-//! table, the later ones with `/<n>` appended), `Routy-Source`, `Routy-Position`,
-//! `Routy-Table`, `Routy-Op`.
+//! table, the later ones with `/<n>` appended) and `Routy-Op`.
 //!
 //! Publishes are pipelined (up to [`MAX_ACK_INFLIGHT`] unacknowledged); the sink's
 //! position advances once every message of a batch was acknowledged by the stream.
@@ -128,7 +127,7 @@ pub struct NatsSink {
     ready: Option<Ready>,
     acks: Vec<(Position, PublishAckFuture)>,
     /// The open transaction's commit LSN and time (for change messages).
-    commit: Option<(u64, i64)>,
+    commit: Option<super::message::Commit>,
     txn: Option<TxnMsg>,
     bytes: usize,
 }
@@ -348,7 +347,6 @@ impl NatsSink {
         at: Position,
         n: usize,
         subject: String,
-        table: Option<&str>,
         op: &str,
         body: Vec<u8>,
     ) -> Result<(), Flow> {
@@ -357,11 +355,6 @@ impl NatsSink {
             id.push_str(&format!("/{n}"));
         }
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Routy-Source", self.cfg.source.as_str());
-        headers.insert("Routy-Position", at.to_string().as_str());
-        if let Some(t) = table {
-            headers.insert("Routy-Table", t);
-        }
         headers.insert("Routy-Op", op);
         self.bytes += body.len();
         let msg = PublishMessage::build()
@@ -424,7 +417,7 @@ impl Sink for NatsSink {
                 commit_lsn,
                 commit_time,
             } => {
-                self.commit = Some((*commit_lsn, *commit_time));
+                self.commit = Some(super::message::Commit::new(*commit_lsn, *commit_time));
                 if self.cfg.per == Per::Transaction {
                     self.txn = Some(TxnMsg {
                         id: at,
@@ -449,44 +442,48 @@ impl Sink for NatsSink {
                     });
                     let subject = format!("{}.transactions", self.cfg.subject_prefix);
                     let body = serde_json::to_vec(&body).expect("JSON into a Vec");
-                    self.publish(t.id, 0, subject, None, "transaction", body)
-                        .await?;
+                    self.publish(t.id, 0, subject, "transaction", body).await?;
                 }
                 return Ok(());
             }
             _ => {}
         }
-        let v = super::message::change_json(at, &ev, rels, self.commit);
         if let Some(t) = self.txn.as_mut() {
-            t.events.push(v);
+            let c = self.commit.as_ref().map(|_| (t.commit_lsn, t.commit_time));
+            t.events.push(super::message::change_json(at, &ev, rels, c));
             return Ok(());
         }
         // One message per table the event is about.
         let ids = super::message::tables_of(&ev);
+        let single = ids.len() == 1;
+        let mut body = Vec::with_capacity(256);
+        if single {
+            super::message::write_change(&mut body, at, &ev, rels, self.commit.as_ref());
+        }
         for (n, id) in ids.iter().enumerate() {
-            let (schema, table) = rels
-                .get(*id)
-                .map(|r| (r.schema.clone(), r.name.clone()))
-                .ok_or_else(|| {
-                    SinkError::new(
-                        "schema",
-                        at.seq,
-                        format!("a change of relation {id}, whose schema was not seen"),
-                    )
-                })?;
+            let rel = rels.get(*id).ok_or_else(|| {
+                SinkError::new(
+                    "schema",
+                    at.seq,
+                    format!("a change of relation {id}, whose schema was not seen"),
+                )
+            })?;
             let subject = format!(
                 "{}.{}.{}",
                 self.cfg.subject_prefix,
-                token(&schema),
-                token(&table)
+                token(&rel.schema),
+                token(&rel.name)
             );
-            let mut v = v.clone();
-            if ids.len() > 1 {
-                v["table"] = format!("{schema}.{table}").into();
+            if !single {
+                let mut v = super::message::change_json(at, &ev, rels, None);
+                if let Some(c) = &self.commit {
+                    v["commit_lsn"] = c.lsn.clone().into();
+                    v["commit_time"] = c.time.clone().into();
+                }
+                v["table"] = rel.qualified().into();
+                body = serde_json::to_vec(&v).expect("JSON into a Vec");
             }
-            let body = serde_json::to_vec(&v).expect("JSON into a Vec");
-            let qualified = format!("{schema}.{table}");
-            self.publish(at, n, subject, Some(&qualified), ev.kind(), body)
+            self.publish(at, n, subject, ev.kind(), std::mem::take(&mut body))
                 .await?;
         }
         Ok(())

@@ -148,3 +148,33 @@ pub(crate) async fn wait_applied(status: &SinkStatus, seq: u64) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Waits until the sink reports an error; returns it.
+pub(crate) async fn wait_error(status: &SinkStatus) -> String {
+    let t0 = Instant::now();
+    loop {
+        if let Some(e) = status.last_error() {
+            return e;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no error: {:?}",
+            status.view()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the sink stopped (a refused batch); returns its last error.
+pub(crate) async fn wait_stopped(status: &SinkStatus) -> String {
+    let t0 = Instant::now();
+    while status.state() != super::State::Stopped {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "sink did not stop: {:?}",
+            status.view()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    status.last_error().unwrap_or_default()
+}

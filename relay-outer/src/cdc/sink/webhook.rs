@@ -165,23 +165,8 @@ impl WebhookSink {
     }
 
     fn setup(&self) -> Result<Ready, SinkError> {
-        let config = |msg: String| SinkError::new("config", 0, msg);
-        let tls = client_tls(self.cfg.ca.as_deref()).map_err(config)?;
-        let client = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .timeout(self.cfg.timeout)
-            .connect_timeout(self.cfg.timeout.min(Duration::from_secs(10)))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("routy/", env!("CARGO_PKG_VERSION")))
-            .pool_idle_timeout(Duration::from_secs(30))
-            .no_proxy()
-            .build()
-            .map_err(|e| {
-                config(format!(
-                    "webhook client: {}",
-                    routy_pg::tls::error_chain(&e)
-                ))
-            })?;
+        let client = http_client(self.cfg.ca.as_deref(), self.cfg.timeout, "webhook")
+            .map_err(|e| SinkError::new("config", 0, e))?;
         let authorization = match &self.cfg.auth {
             None => None,
             Some(Auth::Bearer(f)) => Some(format!("Bearer {}", read_secret(f)?)),
@@ -508,6 +493,26 @@ pub(crate) fn read_secret(path: &std::path::Path) -> Result<String, SinkError> {
         ));
     }
     Ok(text)
+}
+
+/// An HTTP client for a sink: our rustls configuration (`ca`, or the system's roots),
+/// `timeout` on each request, no redirects, no proxy from the environment.
+pub(crate) fn http_client(
+    ca: Option<&std::path::Path>,
+    timeout: Duration,
+    what: &str,
+) -> Result<reqwest::Client, String> {
+    let tls = client_tls(ca)?;
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("routy/", env!("CARGO_PKG_VERSION")))
+        .pool_idle_timeout(Duration::from_secs(30))
+        .no_proxy()
+        .build()
+        .map_err(|e| format!("{what} client: {}", routy_pg::tls::error_chain(&e)))
 }
 
 /// The TLS client configuration: the given CA file, or the system's roots.

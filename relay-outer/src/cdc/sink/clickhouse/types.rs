@@ -21,7 +21,7 @@
 //! ClickHouse's range (before 1900-01-01, after 2299-12-31, `-infinity`, `infinity`, BC)
 //! are written as the range's ends.
 
-use std::fmt::Write as _;
+use std::io::Write as _;
 
 /// How one column's values are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,41 +125,7 @@ impl std::fmt::Display for BadValue {
     }
 }
 
-/// Appends `"..."` with JSON escapes; bytes of 0x80 and above are written as they are
-/// (ClickHouse strings are bytes; valid UTF-8 stays valid).
-pub fn json_str(out: &mut Vec<u8>, s: &[u8]) {
-    out.push(b'"');
-    let mut start = 0;
-    for (i, &b) in s.iter().enumerate() {
-        let esc: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0..=0x1f => b"",
-            _ => continue,
-        };
-        out.extend_from_slice(&s[start..i]);
-        if esc.is_empty() {
-            let _ = write!(Hex(out), "\\u{:04x}", b);
-        } else {
-            out.extend_from_slice(esc);
-        }
-        start = i + 1;
-    }
-    out.extend_from_slice(&s[start..]);
-    out.push(b'"');
-}
-
-struct Hex<'a>(&'a mut Vec<u8>);
-
-impl std::fmt::Write for Hex<'_> {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        self.0.extend_from_slice(s.as_bytes());
-        Ok(())
-    }
-}
+pub use super::super::message::json_str;
 
 /// Appends one non-NULL value of `conv` (a scalar, or an array element).
 pub fn write_scalar(out: &mut Vec<u8>, conv: Conv, text: &str) -> Result<(), BadValue> {
@@ -285,7 +251,7 @@ fn date(out: &mut Vec<u8>, text: &str) -> Result<(), BadValue> {
     } else if y > 2299 {
         out.extend_from_slice(MAX_DATE.as_bytes());
     } else {
-        let _ = write!(Hex(out), "{y:04}-{m:02}-{dd:02}");
+        let _ = write!(out, "{y:04}-{m:02}-{dd:02}");
     }
     Ok(())
 }
@@ -373,7 +339,7 @@ pub fn timestamp(out: &mut Vec<u8>, text: &str) -> Result<(), BadValue> {
         out.extend_from_slice(MAX_TS.as_bytes());
     } else {
         let _ = write!(
-            Hex(out),
+            out,
             "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:06}",
             utc.year(),
             u8::from(utc.month()),

