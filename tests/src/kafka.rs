@@ -26,15 +26,27 @@ pub fn tansu_bin() -> PathBuf {
 
 /// A running broker.
 pub struct Tansu {
-    /// Its port on 127.0.0.1.
+    /// Its port on 127.0.0.1 (behind TLS: stunnel's).
     pub port: u16,
     proc: Proc,
+    /// stunnel in front, terminating TLS (Tansu 0.6 speaks no TLS itself).
+    tls: Option<Proc>,
     _dir: tempfile::TempDir,
 }
 
 impl Tansu {
     /// Starts a broker.
     pub fn start() -> Tansu {
+        Self::launch(None)
+    }
+
+    /// Starts a broker reached through TLS: stunnel on [`Tansu::port`] with this
+    /// certificate and key, forwarding to the broker, which advertises stunnel's port.
+    pub fn start_tls(cert: &Path, key: &Path) -> Tansu {
+        Self::launch(Some((cert, key)))
+    }
+
+    fn launch(tls: Option<(&Path, &Path)>) -> Tansu {
         let bin = tansu_bin();
         assert!(
             bin.exists(),
@@ -42,37 +54,57 @@ impl Tansu {
             bin.display()
         );
         let port = crate::free_port();
+        let inner = if tls.is_some() {
+            crate::free_port()
+        } else {
+            port
+        };
         // Tansu reads a `.env` in its working directory: give it an empty one.
         let dir = tempfile::Builder::new()
             .prefix("routy-tansu-")
             .tempdir()
             .expect("tansu dir");
-        let url = format!("tcp://127.0.0.1:{port}");
+        let listen = format!("tcp://127.0.0.1:{inner}");
+        let advertised = format!("tcp://127.0.0.1:{port}");
         let mut cmd = Command::new(&bin);
         cmd.current_dir(dir.path())
             .env_clear()
             .env("PATH", "/usr/bin:/bin")
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
+            .args(["broker", "--listener-url", &listen])
+            .args(["--advertised-listener-url", &advertised])
             .args(["--storage-engine", "memory://tansu/"]);
         let proc = Proc::spawn("tansu", cmd);
+        let tls = tls.map(|(cert, key)| {
+            let conf = dir.path().join("stunnel.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "foreground = yes\npid =\n[kafka]\naccept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{inner}\ncert = {}\nkey = {}\n",
+                    cert.display(),
+                    key.display()
+                ),
+            )
+            .expect("stunnel.conf");
+            let mut cmd = Command::new("stunnel4");
+            cmd.arg(&conf);
+            Proc::spawn("stunnel", cmd)
+        });
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "tansu did not start: {}",
-                proc.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        for p in [inner, port] {
+            while std::net::TcpStream::connect(("127.0.0.1", p)).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "tansu (or stunnel) did not start: {}{}",
+                    proc.log(),
+                    tls.as_ref().map(|t| t.log()).unwrap_or_default()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
         Tansu {
             port,
             proc,
+            tls,
             _dir: dir,
         }
     }
@@ -95,9 +127,13 @@ impl Tansu {
         self.proc.pid()
     }
 
-    /// The broker's log.
+    /// The broker's log (and stunnel's).
     pub fn log(&self) -> String {
-        self.proc.log()
+        let mut l = self.proc.log();
+        if let Some(t) = &self.tls {
+            l.push_str(&t.log());
+        }
+        l
     }
 }
 

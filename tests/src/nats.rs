@@ -1,7 +1,7 @@
 //! NATS for the tests: Debian's `nats-server` with JetStream on 127.0.0.1, its store in a
 //! directory that outlives restarts; and a reader that replays a stream's messages.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,8 @@ pub struct NatsServer {
     pub port: u16,
     dir: tempfile::TempDir,
     token: Option<String>,
+    /// `--tls` arguments, when it speaks TLS.
+    tls: Vec<String>,
     proc: Option<Proc>,
 }
 
@@ -64,6 +66,39 @@ impl NatsServer {
             port: crate::free_port(),
             dir,
             token: token.map(str::to_string),
+            tls: Vec::new(),
+            proc: None,
+        };
+        s.launch();
+        s
+    }
+
+    /// Starts a server that speaks only TLS with this certificate and key, and with
+    /// `client_ca` verifies client certificates.
+    pub fn start_tls(cert: &Path, key: &Path, client_ca: Option<&Path>) -> NatsServer {
+        let dir = tempfile::Builder::new()
+            .prefix("routy-nats-")
+            .tempdir()
+            .expect("NATS store dir");
+        let mut tls = vec![
+            "--tls".to_string(),
+            "--tlscert".to_string(),
+            cert.display().to_string(),
+            "--tlskey".to_string(),
+            key.display().to_string(),
+        ];
+        if let Some(ca) = client_ca {
+            tls.extend([
+                "--tlsverify".to_string(),
+                "--tlscacert".to_string(),
+                ca.display().to_string(),
+            ]);
+        }
+        let mut s = NatsServer {
+            port: crate::free_port(),
+            dir,
+            token: None,
+            tls,
             proc: None,
         };
         s.launch();
@@ -78,6 +113,7 @@ impl NatsServer {
         if let Some(t) = &self.token {
             cmd.args(["--auth", t]);
         }
+        cmd.args(&self.tls);
         let p = Proc::spawn("nats-server", cmd);
         let deadline = Instant::now() + Duration::from_secs(30);
         while !p.log().contains("Server is ready") {

@@ -29,7 +29,7 @@ use std::time::Duration;
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
-use relay_proto::cdc::{format_lsn, format_pg_time, Event, Relations};
+use relay_proto::cdc::{Event, Relations};
 
 use super::{BatchInfo, BatchLimits, Durability, Flow, Position, Sink, SinkError};
 
@@ -115,10 +115,10 @@ struct Ready {
 /// The open transaction, with `message: transaction`.
 struct TxnMsg {
     id: Position,
-    xid: u32,
-    commit_lsn: u64,
-    commit_time: i64,
-    events: Vec<serde_json::Value>,
+    /// The message so far: its head and the events written, comma-separated.
+    body: Vec<u8>,
+    /// Events in it.
+    events: usize,
 }
 
 /// The NATS JetStream sink.
@@ -417,40 +417,45 @@ impl Sink for NatsSink {
                 commit_lsn,
                 commit_time,
             } => {
-                self.commit = Some(super::message::Commit::new(*commit_lsn, *commit_time));
+                let c = super::message::Commit::new(*commit_lsn, *commit_time);
                 if self.cfg.per == Per::Transaction {
+                    let mut body = Vec::with_capacity(4096);
+                    body.extend_from_slice(format!("{{\"id\":\"{at}\",\"source\":").as_bytes());
+                    super::message::json_str(&mut body, self.cfg.source.as_bytes());
+                    body.extend_from_slice(
+                        format!(
+                            ",\"xid\":{xid},\"commit_lsn\":\"{}\",\"commit_time\":\"{}\",\"events\":[",
+                            c.lsn, c.time
+                        )
+                        .as_bytes(),
+                    );
                     self.txn = Some(TxnMsg {
                         id: at,
-                        xid: *xid,
-                        commit_lsn: *commit_lsn,
-                        commit_time: *commit_time,
-                        events: Vec::new(),
+                        body,
+                        events: 0,
                     });
                 }
+                self.commit = Some(c);
                 return Ok(());
             }
             Event::Commit { .. } => {
                 self.commit = None;
-                if let Some(t) = self.txn.take().filter(|t| !t.events.is_empty()) {
-                    let body = serde_json::json!({
-                        "id": t.id.to_string(),
-                        "source": self.cfg.source,
-                        "xid": t.xid,
-                        "commit_lsn": format_lsn(t.commit_lsn),
-                        "commit_time": format_pg_time(t.commit_time),
-                        "events": t.events,
-                    });
+                if let Some(mut t) = self.txn.take().filter(|t| t.events > 0) {
+                    t.body.extend_from_slice(b"]}");
                     let subject = format!("{}.transactions", self.cfg.subject_prefix);
-                    let body = serde_json::to_vec(&body).expect("JSON into a Vec");
-                    self.publish(t.id, 0, subject, "transaction", body).await?;
+                    self.publish(t.id, 0, subject, "transaction", t.body)
+                        .await?;
                 }
                 return Ok(());
             }
             _ => {}
         }
         if let Some(t) = self.txn.as_mut() {
-            let c = self.commit.as_ref().map(|_| (t.commit_lsn, t.commit_time));
-            t.events.push(super::message::change_json(at, &ev, rels, c));
+            if t.events > 0 {
+                t.body.push(b',');
+            }
+            t.events += 1;
+            super::message::write_change(&mut t.body, at, &ev, rels, self.commit.as_ref());
             return Ok(());
         }
         // One message per table the event is about.

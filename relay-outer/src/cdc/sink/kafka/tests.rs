@@ -185,3 +185,35 @@ async fn a_missing_topic_with_create_topics_off_is_a_clear_error() {
     );
     s.run.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_brokers() {
+    // Tansu 0.6 speaks no TLS: stunnel terminates it in front of the broker.
+    let pki = tempfile::tempdir().unwrap();
+    crate::certs::init(pki.path(), &["127.0.0.1".to_string()], false).unwrap();
+    let p = |f: &str| pki.path().join(f);
+    let broker = Tansu::start_tls(&p("outer.crt"), &p("outer.key"));
+    let mut h = Harness::new();
+    let r = rel(1, "secure", b'd', &[("id", "integer", true)]);
+    let last = h
+        .push(vec![txn(1, &[&r], vec![ins(1, &[Some("1")])])])
+        .await;
+    let mut c = cfg("tls", &broker);
+    c.tls = Some(super::KafkaTls {
+        ca: Some(p("ca.crt")),
+        cert: None,
+        key: None,
+    });
+    let s = start(c.clone(), &h);
+    wait_applied(&s.run.status, last).await;
+    s.run.stop().await;
+    // Plaintext to the TLS port: an error that says Kafka, nothing committed.
+    c.name = "plain".into();
+    c.tls = None;
+    c.timeout = Duration::from_secs(2);
+    let s = start(c, &h);
+    let err = wait_error(&s.run.status).await;
+    assert!(err.contains("Kafka"), "{err}");
+    assert_eq!(s.run.status.applied_seq(), 0);
+    s.run.stop().await;
+}

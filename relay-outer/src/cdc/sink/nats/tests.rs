@@ -224,3 +224,38 @@ async fn a_stream_that_does_not_take_the_subjects_is_a_clear_error() {
     assert!(err.contains("\"NOPE\" does not exist"), "{err}");
     s.run.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_to_the_server() {
+    let pki = tempfile::tempdir().unwrap();
+    crate::certs::init(pki.path(), &["127.0.0.1".to_string()], false).unwrap();
+    crate::certs::issue(pki.path(), "routy-sink", false).unwrap();
+    let p = |f: &str| pki.path().join(f);
+    let server = NatsServer::start_tls(&p("outer.crt"), &p("outer.key"), Some(&p("ca.crt")));
+    let mut h = Harness::new();
+    let r = rel(1, "orders", b'd', &[("id", "integer", true)]);
+    let last = h
+        .push(vec![txn(1, &[&r], vec![ins(1, &[Some("1")])])])
+        .await;
+    let mut c = cfg("tls", &server);
+    c.tls = Some(NatsTls {
+        ca: Some(p("ca.crt")),
+        cert: Some(p("routy-sink.crt")),
+        key: Some(p("routy-sink.key")),
+    });
+    let s = start(c.clone(), &h);
+    wait_applied(&s.run.status, last).await;
+    s.run.stop().await;
+    // Without a client certificate the server refuses the sink, which says so and retries.
+    c.name = "tls-anon".into();
+    c.tls = Some(NatsTls {
+        ca: Some(p("ca.crt")),
+        cert: None,
+        key: None,
+    });
+    let s = start(c, &h);
+    let err = wait_error(&s.run.status).await;
+    assert!(err.contains("NATS"), "{err}");
+    assert_eq!(s.run.status.applied_seq(), 0);
+    s.run.stop().await;
+}
