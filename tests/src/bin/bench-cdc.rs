@@ -2,11 +2,15 @@
 //! each next to what `pg_recvlogical` reads from the same source in the same run (the
 //! decoding ceiling); in the same run, the webhook sink's delivery rate to a local
 //! receiver next to the PostgreSQL sink's, Server-Sent Events fan-out to 1 and to
-//! `--fanout` consumers, and a consumer's commit-to-event latency. Starts everything
-//! itself on loopback (needs root, like the tests).
+//! `--fanout` consumers, and a consumer's commit-to-event latency; then each sink alone
+//! reading the whole backlog from the store (the PostgreSQL sink again, ClickHouse, NATS
+//! JetStream per change and per transaction, and Kafka in a build with the feature
+//! `kafka`), with the CPU time relay-outer and the target's server used. Starts
+//! everything itself on loopback (needs root, like the tests, and the test servers
+//! `tests/install-deps` installs).
 //!
 //! ```sh
-//! cargo build --release --workspace --bins
+//! cargo build --release --workspace --bins --features relay-outer/kafka,routy-e2e/kafka
 //! target/release/bench-cdc [--rows 200000] [--txn-rows 100] [--rate 500] [--secs 20]
 //! ```
 //!
@@ -37,12 +41,15 @@ CDC benchmark: end-to-end rows per second and commit-to-apply latency through Ro
 each next to what pg_recvlogical reads from the same source in the same run (the
 decoding ceiling). In the same run: the webhook sink's delivery rate to a local
 receiver next to the PostgreSQL sink's, Server-Sent Events fan-out to 1 and to N
-consumers, and an SSE consumer's commit-to-event latency. Starts everything itself on
-loopback: a source and a target PostgreSQL, relay-inner and relay-outer. Prints a
-Markdown table.
+consumers, an SSE consumer's commit-to-event latency, and each sink alone reading the
+backlog from the store (PostgreSQL, ClickHouse, NATS JetStream, Kafka). Starts
+everything itself on loopback: a source and a target PostgreSQL, relay-inner,
+relay-outer, and the sinks' test servers (chdb, nats-server, Tansu). Prints a Markdown
+table.
 
 Needs root: PostgreSQL runs as the postgres user.
-Build first: cargo build --release --workspace --bins
+Build first: cargo build --release --workspace --bins --features relay-outer/kafka,routy-e2e/kafka
+(without the features, the Kafka sink is left out of the run).
 
 Options:
   --rows N        rows written while relay-inner is stopped, then read by Routy end to
@@ -144,16 +151,16 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// with the feature `kafka` (`--features relay-outer/kafka,routy-e2e/kafka`).
 const ALONE: &[(&str, &str)] = if cfg!(feature = "kafka") {
     &[
-        ("warehouse", "ClickHouse"),
-        ("stream", "NATS JetStream, a message per change"),
-        ("stream-tx", "NATS JetStream, a message per transaction"),
-        ("log", "Kafka"),
+        ("warehouse", "ClickHouse sink"),
+        ("stream", "NATS JetStream sink, a message per change"),
+        ("stream-tx", "NATS JetStream sink, a message per transaction"),
+        ("log", "Kafka sink"),
     ]
 } else {
     &[
-        ("warehouse", "ClickHouse"),
-        ("stream", "NATS JetStream, a message per change"),
-        ("stream-tx", "NATS JetStream, a message per transaction"),
+        ("warehouse", "ClickHouse sink"),
+        ("stream", "NATS JetStream sink, a message per change"),
+        ("stream-tx", "NATS JetStream sink, a message per transaction"),
     ]
 };
 
@@ -596,7 +603,7 @@ fn main() {
     let mut sinks = format!(
         "\n| measure | PostgreSQL sink |{}\n| --- | --- |{}\n\
          | backlog of {} rows, each sink alone reading it from the store: rows/s | {:.0} ({:.1} s) |",
-        ALONE.iter().map(|(_, k)| format!(" {k} sink |")).collect::<String>(),
+        ALONE.iter().map(|(_, k)| format!(" {k} |")).collect::<String>(),
         " --- |".repeat(ALONE.len()),
         a.rows,
         rows / pg_alone.secs,
