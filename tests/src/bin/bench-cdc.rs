@@ -153,14 +153,20 @@ const ALONE: &[(&str, &str)] = if cfg!(feature = "kafka") {
     &[
         ("warehouse", "ClickHouse sink"),
         ("stream", "NATS JetStream sink, a message per change"),
-        ("stream-tx", "NATS JetStream sink, a message per transaction"),
+        (
+            "stream-tx",
+            "NATS JetStream sink, a message per transaction",
+        ),
         ("log", "Kafka sink"),
     ]
 } else {
     &[
         ("warehouse", "ClickHouse sink"),
         ("stream", "NATS JetStream sink, a message per change"),
-        ("stream-tx", "NATS JetStream sink, a message per transaction"),
+        (
+            "stream-tx",
+            "NATS JetStream sink, a message per transaction",
+        ),
     ]
 };
 
