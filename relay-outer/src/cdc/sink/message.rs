@@ -108,13 +108,7 @@ pub fn write_change(
         _ => (None, ""),
     };
     let Some(rel) = rel else {
-        let c = commit.map(|c| (c.lsn.clone(), c.time.clone()));
-        let mut v = event_json(at.seq, ev, rels);
-        v["id"] = at.to_string().into();
-        if let Some((lsn, time)) = c {
-            v["commit_lsn"] = lsn.into();
-            v["commit_time"] = time.into();
-        }
+        let v = change_json(at, ev, rels, commit);
         serde_json::to_writer(out, &v).expect("JSON into a Vec");
         return;
     };
@@ -166,15 +160,29 @@ pub fn change_json(
     at: Position,
     ev: &Event,
     rels: &Relations,
-    commit: Option<(u64, i64)>,
+    commit: Option<&Commit>,
 ) -> serde_json::Value {
     let mut v = event_json(at.seq, ev, rels);
     v["id"] = at.to_string().into();
-    if let Some((lsn, time)) = commit {
-        v["commit_lsn"] = format_lsn(lsn).into();
-        v["commit_time"] = format_pg_time(time).into();
+    if let Some(c) = commit {
+        v["commit_lsn"] = c.lsn.clone().into();
+        v["commit_time"] = c.time.clone().into();
     }
     v
+}
+
+/// The message about one table of a change that is about several (a TRUNCATE): the
+/// change with `table` set to that table.
+pub fn table_change(
+    at: Position,
+    ev: &Event,
+    rels: &Relations,
+    commit: Option<&Commit>,
+    rel: &Relation,
+) -> Vec<u8> {
+    let mut v = change_json(at, ev, rels, commit);
+    v["table"] = rel.qualified().into();
+    serde_json::to_vec(&v).expect("JSON into a Vec")
 }
 
 /// The relations a change is about: one, or each table of a TRUNCATE; none for events
@@ -246,12 +254,13 @@ mod tests {
             },
         ];
         let commit = Commit::new(0x1_0000_0010, 812_345_678_901_234);
+        assert_eq!(commit.lsn, "1/10");
         for ev in &events {
             let at = Position::new(42, 3);
             let mut out = Vec::new();
             write_change(&mut out, at, ev, &rels, Some(&commit));
             let got: serde_json::Value = serde_json::from_slice(&out).unwrap();
-            let want = change_json(at, ev, &rels, Some((0x1_0000_0010, 812_345_678_901_234)));
+            let want = change_json(at, ev, &rels, Some(&commit));
             assert_eq!(got, want, "{}", String::from_utf8_lossy(&out));
         }
         let mut k = Vec::new();

@@ -340,11 +340,19 @@ pub trait Sink: Send + 'static {
 
     /// Nothing to read for now: check the connection, and with a batch open, surface
     /// errors of work in flight.
-    fn idle(&mut self, in_batch: bool) -> impl Future<Output = Result<(), Flow>> + Send;
+    /// Nothing to check by default.
+    fn idle(&mut self, in_batch: bool) -> impl Future<Output = Result<(), Flow>> + Send {
+        let _ = in_batch;
+        async { Ok(()) }
+    }
 
-    /// Moves the position stored in the target (replay), outside any batch. Only
-    /// transactional sinks are asked.
-    fn set_position(&mut self, pos: Position) -> impl Future<Output = Result<(), Flow>> + Send;
+    /// Moves the position stored in the target (replay), outside any batch. Only sinks
+    /// that keep their position in the target (transactional, versioned) are asked; the
+    /// default does nothing.
+    fn set_position(&mut self, pos: Position) -> impl Future<Output = Result<(), Flow>> + Send {
+        let _ = pos;
+        async { Ok(()) }
+    }
 }
 
 /// A failure: what it was about (`reason` label), the store seq being delivered, the text.

@@ -480,13 +480,7 @@ impl Sink for NatsSink {
                 token(&rel.name)
             );
             if !single {
-                let mut v = super::message::change_json(at, &ev, rels, None);
-                if let Some(c) = &self.commit {
-                    v["commit_lsn"] = c.lsn.clone().into();
-                    v["commit_time"] = c.time.clone().into();
-                }
-                v["table"] = rel.qualified().into();
-                body = serde_json::to_vec(&v).expect("JSON into a Vec");
+                body = super::message::table_change(at, &ev, rels, self.commit.as_ref(), rel);
             }
             self.publish(at, n, subject, ev.kind(), std::mem::take(&mut body))
                 .await?;
@@ -526,14 +520,6 @@ impl Sink for NatsSink {
         // A new connection on the next session (the old one may be half broken).
         self.ready = None;
         e
-    }
-
-    async fn idle(&mut self, _in_batch: bool) -> Result<(), Flow> {
-        Ok(())
-    }
-
-    async fn set_position(&mut self, _pos: Position) -> Result<(), Flow> {
-        Ok(())
     }
 }
 

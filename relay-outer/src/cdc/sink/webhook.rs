@@ -456,14 +456,6 @@ impl Sink for WebhookSink {
         }
         e
     }
-
-    async fn idle(&mut self, _in_batch: bool) -> Result<(), Flow> {
-        Ok(())
-    }
-
-    async fn set_position(&mut self, _pos: Position) -> Result<(), Flow> {
-        Ok(())
-    }
 }
 
 /// `t=T,v1=HEX`: HMAC-SHA256 over `T.body`.

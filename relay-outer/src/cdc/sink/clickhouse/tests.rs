@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use relay_proto::cdc::{Event, OldRow, Record, Value};
+use relay_proto::cdc::{Event, OldRow, Value};
 use routy_e2e::clickhouse::ClickHouse;
 
 use super::ClickHouseConfig;
@@ -428,8 +428,6 @@ async fn a_refused_batch_stops_the_sink_with_the_reason() {
         "{err}"
     );
     s.stop().await;
-    let _ = last;
-    let _ = Record::default();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

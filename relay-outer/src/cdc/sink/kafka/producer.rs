@@ -77,7 +77,6 @@ impl KafkaSink {
     }
 
     fn client_config(&self) -> Result<ClientConfig, SinkError> {
-        let config = |msg: String| SinkError::new("config", 0, msg);
         let mut c = ClientConfig::new();
         for (k, v) in &self.cfg.properties {
             c.set(k, v);
@@ -119,7 +118,6 @@ impl KafkaSink {
                 .set("sasl.username", &s.username)
                 .set("sasl.password", pw);
         }
-        let _ = config;
         Ok(c)
     }
 
@@ -400,13 +398,8 @@ impl Sink for KafkaSink {
                 _ => {}
             }
             if !single {
-                let mut v = super::super::message::change_json(at, &ev, rels, None);
-                if let Some(c) = &self.commit {
-                    v["commit_lsn"] = c.lsn.clone().into();
-                    v["commit_time"] = c.time.clone().into();
-                }
-                v["table"] = rel.qualified().into();
-                body = serde_json::to_vec(&v).expect("JSON into a Vec");
+                body =
+                    super::super::message::table_change(at, &ev, rels, self.commit.as_ref(), rel);
             }
             if !key.is_empty() {
                 self.send(at, &name, None, Some(&key), ev.kind(), &body)
@@ -444,13 +437,5 @@ impl Sink for KafkaSink {
         // A new producer (and producer id) on the next session.
         self.ready = None;
         e
-    }
-
-    async fn idle(&mut self, _in_batch: bool) -> Result<(), Flow> {
-        Ok(())
-    }
-
-    async fn set_position(&mut self, _pos: Position) -> Result<(), Flow> {
-        Ok(())
     }
 }
