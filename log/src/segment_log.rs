@@ -1320,12 +1320,25 @@ fn lock_dir(dir: &Path) -> Result<File> {
         .truncate(false)
         .open(&path)
         .map_err(io_err(&path))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(fs::TryLockError::WouldBlock) => Err(LogError::Locked { path }),
-        Err(fs::TryLockError::Error(e)) => Err(LogError::Io { path, source: e }),
+    // A lock can be held for a moment by no one who uses the log: a child process
+    // forked by another thread inherits every descriptor, this one included, until it
+    // runs exec (close-on-exec closes it only then), and a holder that just dropped its
+    // log may still be closing. So a refusal is reported only after a short grace.
+    let deadline = std::time::Instant::now() + LOCK_GRACE;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            Err(fs::TryLockError::WouldBlock) => return Err(LogError::Locked { path }),
+            Err(fs::TryLockError::Error(e)) => return Err(LogError::Io { path, source: e }),
+        }
     }
 }
+
+/// How long [`lock_dir`] waits for a held lock before it reports [`LogError::Locked`].
+const LOCK_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LogError + '_ {
     move |source| LogError::Io {
