@@ -63,6 +63,10 @@ pub struct Column {
     pub type_name: String,
     /// Part of the replica identity key.
     pub key: bool,
+    /// The column's number in its table on the source (`attnum`); 0 when unknown. It
+    /// survives a rename and is never reused, so it tells a renamed column from a
+    /// dropped one and a new one.
+    pub attnum: u16,
 }
 
 /// A table's schema as the source publishes it.
@@ -263,6 +267,8 @@ const TAG_DELETE: u8 = 6;
 const TAG_TRUNCATE: u8 = 7;
 const TAG_MESSAGE: u8 = 8;
 const TAG_SNAPSHOT: u8 = 9;
+/// A relation whose columns carry their `attnum` (after the key flag).
+const TAG_RELATION_ATTNUM: u8 = 10;
 
 const VAL_NULL: u8 = 0;
 const VAL_UNCHANGED: u8 = 1;
@@ -403,7 +409,14 @@ fn encode_event(ev: &Event, out: &mut Vec<u8>) {
             out.extend_from_slice(&commit_time.to_le_bytes());
         }
         Event::Relation(rel) => {
-            out.push(TAG_RELATION);
+            // Written with attnums only when one is known, so a relation without them
+            // stays readable by a relay-outer that predates them.
+            let attnums = rel.columns.iter().any(|c| c.attnum != 0);
+            out.push(if attnums {
+                TAG_RELATION_ATTNUM
+            } else {
+                TAG_RELATION
+            });
             out.extend_from_slice(&rel.id.to_le_bytes());
             put_bytes(out, rel.schema.as_bytes());
             put_bytes(out, rel.name.as_bytes());
@@ -415,6 +428,9 @@ fn encode_event(ev: &Event, out: &mut Vec<u8>) {
                 out.extend_from_slice(&c.type_modifier.to_le_bytes());
                 put_bytes(out, c.type_name.as_bytes());
                 out.push(c.key as u8);
+                if attnums {
+                    out.extend_from_slice(&c.attnum.to_le_bytes());
+                }
             }
         }
         Event::Insert { rel, new } => {
@@ -494,6 +510,10 @@ impl<'a> Rd<'a> {
     fn bool(&mut self, f: &'static str) -> Result<bool, CdcError> {
         Ok(self.u8(f)? != 0)
     }
+    fn u16(&mut self, f: &'static str) -> Result<u16, CdcError> {
+        let b = self.take(2, f)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
     fn u32(&mut self, f: &'static str) -> Result<u32, CdcError> {
         let b = self.take(4, f)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -568,7 +588,7 @@ fn decode_event(r: &mut Rd<'_>) -> Result<Event, CdcError> {
             end_lsn: r.u64("end_lsn")?,
             commit_time: r.i64("commit_time")?,
         },
-        TAG_RELATION => {
+        tag @ (TAG_RELATION | TAG_RELATION_ATTNUM) => {
             let id = r.u32("rel")?;
             let schema = r.string("schema")?;
             let name = r.string("name")?;
@@ -585,6 +605,11 @@ fn decode_event(r: &mut Rd<'_>) -> Result<Event, CdcError> {
                     type_modifier: r.i32("column.type_modifier")?,
                     type_name: r.string("column.type_name")?,
                     key: r.bool("column.key")?,
+                    attnum: if tag == TAG_RELATION_ATTNUM {
+                        r.u16("column.attnum")?
+                    } else {
+                        0
+                    },
                 });
             }
             Event::Relation(Relation {
@@ -959,6 +984,7 @@ mod tests {
                     type_modifier: -1,
                     type_name: "integer".into(),
                     key: true,
+                    attnum: 0,
                 },
                 Column {
                     name: "note".into(),
@@ -966,6 +992,7 @@ mod tests {
                     type_modifier: -1,
                     type_name: "text".into(),
                     key: false,
+                    attnum: 0,
                 },
             ],
         };
@@ -1031,6 +1058,29 @@ mod tests {
         // Every strict prefix is an error, not a panic.
         for n in 0..enc.len() {
             assert!(Record::decode(&enc[..n]).is_err());
+        }
+    }
+
+    #[test]
+    fn column_numbers_round_trip_and_records_without_them_still_read() {
+        let plain = sample();
+        let plain_len = plain.encode().len();
+        let mut numbered = sample();
+        for ev in &mut numbered.events {
+            if let Event::Relation(r) = ev {
+                r.columns[0].attnum = 1;
+                r.columns[1].attnum = 3;
+            }
+        }
+        let bytes = numbered.encode();
+        // Unnumbered relations keep the old encoding; numbered ones add 2 bytes a column.
+        assert_eq!(bytes.len(), plain_len + 4);
+        let back = Record::decode(&bytes).unwrap();
+        assert_eq!(back, numbered);
+        // Cut inside a column number: an error, not a panic.
+        let tail = bytes.len() - 1;
+        for cut in 1..tail {
+            let _ = Record::decode(&bytes[..cut]);
         }
     }
 

@@ -48,12 +48,19 @@ impl Cdc {
         serde_json::Value::Array(out)
     }
 
-    /// Pauses (or resumes) sink `name`; it takes effect between batches.
+    /// Pauses (or resumes) sink `name`; it takes effect between batches. Resuming a sink
+    /// that stopped because the target refused a batch or a schema change makes it try
+    /// again (and accept the target's table as the operator left it).
     pub fn set_paused(&self, name: &str, paused: bool) -> Result<(), ManageError> {
         let st = self
             .sink(name)
             .ok_or_else(|| ManageError::UnknownSink(name.to_string()))?;
         st.set_paused(paused);
+        if !paused && st.state() == super::sink::State::Stopped {
+            // A sink the target refused (a batch, a schema change): the operator fixed
+            // the target; try again.
+            st.request_retry();
+        }
         tracing::info!(sink = %name, paused, "sink {} by an operator", if paused { "paused" } else { "resumed" });
         Ok(())
     }

@@ -175,6 +175,7 @@ mod tests {
                 type_modifier: -1,
                 type_name: "integer".into(),
                 key: true,
+                attnum: 0,
             }],
         };
         let t = i * 1_000_000;

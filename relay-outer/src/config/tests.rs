@@ -1,4 +1,3 @@
-
 use super::*;
 use crate::cdc::sink::kafka;
 use crate::cdc::sink::nats::{NatsAuth, Per};

@@ -343,6 +343,34 @@ impl Db {
     /// The relation as pgoutput would describe it, from the catalog (inside the current
     /// snapshot): published columns in attnum order without dropped or generated ones, key
     /// flags from the replica identity.
+    /// The `attnum` of each of `rel`'s columns, by name and type as the catalog has them
+    /// now; 0 for a column the catalog no longer has under that name and type (a later
+    /// DDL already changed it: the sinks then go by name).
+    pub(crate) async fn attnums(&self, rel: &Relation) -> Result<Vec<u16>, SourceError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT attname::text, atttypid, atttypmod, attnum FROM pg_attribute \
+                 WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped",
+                &[&rel.id],
+            )
+            .await?;
+        Ok(rel
+            .columns
+            .iter()
+            .map(|c| {
+                rows.iter()
+                    .find(|r| {
+                        r.get::<_, String>(0) == c.name
+                            && r.get::<_, u32>(1) == c.type_oid
+                            && r.get::<_, i32>(2) == c.type_modifier
+                    })
+                    .and_then(|r| u16::try_from(r.get::<_, i16>(3)).ok())
+                    .unwrap_or(0)
+            })
+            .collect())
+    }
+
     pub(crate) async fn relation(
         &self,
         t: &Table,
@@ -353,7 +381,7 @@ impl Db {
             .query(
                 "SELECT n.nspname::text, c.relname::text, c.relreplident::text, a.attname::text, a.atttypid, a.atttypmod, \
                    format_type(a.atttypid, a.atttypmod), \
-                   c.relreplident = 'f' OR COALESCE(a.attnum = ANY(i.indkey), false) \
+                   c.relreplident = 'f' OR COALESCE(a.attnum = ANY(i.indkey), false), a.attnum \
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
                  JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
                  LEFT JOIN pg_index i ON i.indrelid = c.oid AND \
@@ -399,6 +427,7 @@ impl Db {
                 type_modifier: r.get(5),
                 type_name: r.get(6),
                 key: r.get(7),
+                attnum: u16::try_from(r.get::<_, i16>(8)).unwrap_or(0),
             });
         }
         Ok(rel)

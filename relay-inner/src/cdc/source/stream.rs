@@ -564,9 +564,10 @@ impl Streamer<'_> {
                         type_modifier: c.type_modifier,
                         type_name: self.type_name(c.type_oid, c.type_modifier).await?,
                         key: c.is_key(),
+                        attnum: 0,
                     });
                 }
-                let rel = Relation {
+                let mut rel = Relation {
                     id: r.rel_id,
                     schema: if r.namespace.is_empty() {
                         "pg_catalog".into()
@@ -593,6 +594,19 @@ impl Streamer<'_> {
                     tracing::warn!(source = %self.ctx.cfg.name, table = %rel.qualified(),
                         publication = %self.ctx.cfg.publication,
                         "the publication publishes a table that postgres.tables does not list: its changes are not forwarded");
+                } else {
+                    // pgoutput does not send attnums; the sinks need them to tell a
+                    // renamed column from a dropped one and a new one.
+                    let db = self.db;
+                    let nums = bounded(
+                        &ctx.cfg,
+                        "reading the table's column numbers",
+                        db.attnums(&rel),
+                    )
+                    .await?;
+                    for (c, n) in rel.columns.iter_mut().zip(nums) {
+                        c.attnum = n;
+                    }
                 }
                 // A changed schema: send it again before the next use in this record.
                 self.included.remove(&rel.id);

@@ -28,6 +28,7 @@
 //! sent as soon as they are read (up to [`MAX_INFLIGHT`] at a time) while the batch goes
 //! on; a batch commits when all of its inserts were acknowledged.
 
+mod ddl;
 pub mod http;
 pub mod types;
 
@@ -39,7 +40,7 @@ use std::time::Duration;
 use relay_proto::cdc::{Event, Relation, Relations, SnapshotPhase, Value};
 use tokio::task::JoinSet;
 
-use super::{BatchInfo, BatchLimits, Durability, Flow, Position, Sink, SinkError};
+use super::{BatchInfo, BatchLimits, Durability, Flow, Position, SchemaChange, Sink, SinkError};
 use http::{ChError, Client};
 use types::{ident, json_str, literal, map_type, write_value, ColType};
 
@@ -1093,6 +1094,10 @@ impl Sink for ClickHouseSink {
             }
         }
         Ok(())
+    }
+
+    async fn schema(&mut self, at: Position, change: &SchemaChange) -> Result<(), Flow> {
+        self.schema_change(at.seq, change).await
     }
 
     async fn set_position(&mut self, pos: Position) -> Result<(), Flow> {

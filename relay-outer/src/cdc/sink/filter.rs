@@ -38,6 +38,13 @@ impl Filter {
         self.tables.is_none() && self.ops.is_none()
     }
 
+    /// Whether the sink gets the changes of table `rel`.
+    pub fn passes(&self, rel: &relay_proto::cdc::Relation) -> bool {
+        self.tables
+            .as_ref()
+            .is_none_or(|list| list.iter().any(|t| names(t, &rel.schema, &rel.name)))
+    }
+
     fn table_ok(&self, rels: &Relations, rel: u32) -> bool {
         match &self.tables {
             None => true,
@@ -117,6 +124,7 @@ mod tests {
                 type_modifier: -1,
                 type_name: "int4".into(),
                 key: true,
+                attnum: 0,
             }],
         }
     }

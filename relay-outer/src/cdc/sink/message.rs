@@ -211,6 +211,7 @@ mod tests {
             type_modifier: -1,
             type_name: "text".into(),
             key,
+            attnum: 0,
         };
         let rel = Relation {
             id: 7,

@@ -32,6 +32,7 @@ pub mod pg;
 pub mod position;
 pub(crate) mod reader;
 pub mod runner;
+pub mod schema;
 #[cfg(test)]
 pub(crate) mod testkit;
 pub mod webhook;
@@ -51,6 +52,7 @@ use super::store::Store;
 
 pub use filter::Filter;
 pub use position::Position;
+pub use schema::SchemaChange;
 
 /// Gauge: the store seq the sink has committed (every record through it delivered), by
 /// `sink` and `kind`.
@@ -198,6 +200,7 @@ pub fn spawn(
         retry_max: cfg.retry_max,
         positions: (durability == Durability::AtLeastOnce)
             .then(|| position::PositionFile::new(root, &cfg.name, &cfg.source)),
+        schema_file: Some(schema::Known::path(root, &cfg.name)),
         stop,
         status: status.clone(),
     };
@@ -320,6 +323,21 @@ pub trait Sink: Send + 'static {
         ev: Event,
         rels: &Relations,
     ) -> impl Future<Output = Result<(), Flow>> + Send;
+
+    /// A table's definition changed (the runner tells what, before the table's new
+    /// relation and the events that use it, inside the batch). A sink that keeps tables
+    /// applies it to the target, or refuses it with a `rejected` error that names the
+    /// table and the change (the runner then stops the sink until an operator resumes
+    /// it, with [`SchemaChange::accepted`] set). Message sinks carry the new names in
+    /// their messages and need nothing: the default does nothing.
+    fn schema(
+        &mut self,
+        at: Position,
+        change: &SchemaChange,
+    ) -> impl Future<Output = Result<(), Flow>> + Send {
+        let _ = (at, change);
+        async { Ok(()) }
+    }
 
     /// Bytes held for the open batch (for [`BatchLimits::max_bytes`]).
     fn pending_bytes(&self) -> usize {
@@ -451,6 +469,8 @@ pub struct SinkStatus {
     last_commit_us: AtomicI64,
     paused: watch::Sender<bool>,
     replay: watch::Sender<Option<Position>>,
+    /// Bumped by an operator's resume: a stopped sink tries again.
+    retry: watch::Sender<u64>,
 }
 
 /// A copy of a [`SinkStatus`] at one moment.
@@ -489,6 +509,7 @@ impl SinkStatus {
             last_commit_us: AtomicI64::new(i64::MIN),
             paused: watch::channel(false).0,
             replay: watch::channel(None).0,
+            retry: watch::channel(0).0,
         }
     }
 
@@ -528,6 +549,16 @@ impl SinkStatus {
     /// Pauses (true) or resumes (false) delivery; takes effect between batches.
     pub fn set_paused(&self, paused: bool) {
         self.paused.send_replace(paused);
+    }
+
+    /// Asks a sink that stopped (the target refused a batch or a schema change) to try
+    /// again: the operator fixed the target.
+    pub fn request_retry(&self) {
+        self.retry.send_modify(|n| *n += 1);
+    }
+
+    fn subscribe_retry(&self) -> watch::Receiver<u64> {
+        self.retry.subscribe()
     }
 
     /// Asks the runner to move the sink to `pos` (it re-delivers from there).

@@ -55,7 +55,7 @@ use std::time::Duration;
 use relay_proto::cdc::{Event, Relations};
 use routy_pg::tls::PgTls;
 
-use super::{BatchInfo, BatchLimits, Durability, Flow, Position, Sink, SinkError};
+use super::{BatchInfo, BatchLimits, Durability, Flow, Position, SchemaChange, Sink, SinkError};
 use apply::Conn;
 
 /// Counter: updates and deletes that found no target row, by `sink` and `kind`.
@@ -151,6 +151,10 @@ impl Sink for PgSink {
             .as_mut()
             .ok_or_else(|| SinkError::new("connection", at.seq, "not connected to the target"))?;
         c.event(at.seq, ev, per_row).await
+    }
+
+    async fn schema(&mut self, at: Position, change: &SchemaChange) -> Result<(), Flow> {
+        self.conn()?.schema(at.seq, change).await
     }
 
     async fn commit(&mut self, batch: &BatchInfo) -> Result<(), Flow> {

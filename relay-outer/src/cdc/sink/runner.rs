@@ -6,12 +6,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use relay_proto::cdc::{Event, Record, Relations};
+use relay_proto::cdc::{Event, Record, Relation, Relations};
 use routy_ops::drain::Drain;
 use tokio::sync::watch;
 
 use super::position::PositionFile;
 use super::reader::RecordReader;
+use super::schema::{self, Known, SchemaChange};
 use super::{
     BatchInfo, Durability, Filter, Flow, Position, Sink, SinkError, SinkStatus, State, APPLIED_SEQ,
     BATCHES, COMMIT_LATENCY, ERRORS, LAG_RECORDS, LAST_COMMIT_TIME, LOST_RECORDS, OP_NAMES, PAUSED,
@@ -46,6 +47,8 @@ pub struct RunCtx {
     pub retry_max: Duration,
     /// Where an at-least-once sink's position is kept.
     pub positions: Option<PositionFile>,
+    /// Where the table definitions the sink committed are kept (see [`schema`]).
+    pub schema_file: Option<std::path::PathBuf>,
     /// Shutdown.
     pub stop: Drain,
     /// Status and controls.
@@ -68,6 +71,12 @@ struct Memo {
     gap_reported: bool,
     /// The last failure happened in careful mode (its batch held one transaction).
     failed_careful: bool,
+    /// Table definitions committed (see [`schema`]).
+    known: Known,
+    /// The table whose schema change the sink stopped on.
+    schema_stop: Option<String>,
+    /// An operator resumed the sink after it stopped on this table's schema change.
+    accept: Option<String>,
 }
 
 impl Memo {
@@ -93,9 +102,18 @@ pub async fn run<S: Sink>(mut sink: S, ctx: RunCtx) {
     metrics::gauge!(UP, &labels).set(0.0);
     metrics::gauge!(PAUSED, &labels).set(0.0);
     let mut memo = Memo::default();
+    match Known::load(ctx.schema_file.clone(), &ctx.name, &ctx.source) {
+        Ok(k) => memo.known = k,
+        Err(e) => {
+            // Without it the sink goes by the target's tables as they are.
+            tracing::warn!(sink = %ctx.name, "table definitions not read: {e}");
+            memo.known = Known::load(None, &ctx.name, &ctx.source).unwrap_or_default();
+        }
+    }
     let mut backoff = routy_ops::backoff::Backoff::new(ctx.retry_initial, ctx.retry_max);
     let mut durable_rx: watch::Receiver<u64> = ctx.store.subscribe();
     let mut replay_rx = ctx.status.subscribe_replay();
+    let mut retry_rx = ctx.status.subscribe_retry();
     while !ctx.stop.is_stopping() {
         ctx.status.set_state(State::Starting);
         let outcome = tokio::select! {
@@ -135,11 +153,18 @@ pub async fn run<S: Sink>(mut sink: S, ctx: RunCtx) {
                     // replay) or restarts relay-outer.
                     tracing::error!(sink = %ctx.name, seq = e.seq, reason = e.reason,
                         "the target refused a batch; the sink stops here (nothing is skipped): {}; \
-                         fix the target or the data and restart relay-outer, or move the sink on with \
+                         fix the target or the data and `relay-outer cdc resume`, or move the sink on with \
                          `relay-outer cdc replay`", e.msg);
                     ctx.status.set_state(State::Stopped);
+                    retry_rx.borrow_and_update();
                     tokio::select! {
                         _ = replay_rx.wait_for(Option::is_some) => continue,
+                        _ = retry_rx.changed() => {
+                            memo.accept = memo.schema_stop.take();
+                            memo.failed_careful = false;
+                            tracing::info!(sink = %ctx.name, accept = ?memo.accept, "resumed by an operator; trying again");
+                            continue;
+                        }
                         _ = ctx.stop.stopping() => break,
                     }
                 }
@@ -172,12 +197,16 @@ async fn session<S: Sink>(
     labels: &[(&'static str, String); 2],
     memo: &mut Memo,
 ) -> Flow {
+    let known = memo.known.clone();
     let mut s = Session {
         sink,
         ctx,
         labels,
         memo,
         rels: Relations::default(),
+        known,
+        known_dirty: false,
+        accept_used: false,
         next: Position::START,
         batch: None,
         src_open: false,
@@ -212,6 +241,12 @@ struct Session<'a, S: Sink> {
     labels: &'a [(&'static str, String); 2],
     memo: &'a mut Memo,
     rels: Relations,
+    /// Table definitions as of the open batch (the memo's once committed).
+    known: Known,
+    /// `known` changed in the open batch.
+    known_dirty: bool,
+    /// The open batch applied a schema change an operator accepted.
+    accept_used: bool,
     /// The committed position: the next event to deliver.
     next: Position,
     batch: Option<Open>,
@@ -471,11 +506,18 @@ impl<S: Sink> Session<'_, S> {
             // ones in a discarded range come again where they are used): it is kept, also
             // because the event that ends a partial transaction may follow its own
             // relations in the same record.
-            if let Event::Relation(_) = &ev {
-                self.rels.observe(&ev);
-            } else if at < self.next || self.memo.discarded(at) {
-                continue;
-            }
+            let ev = match ev {
+                Event::Relation(r) => {
+                    let ev = Event::Relation(self.schema_step(at, r).await?);
+                    self.rels.observe(&ev);
+                    ev
+                }
+                ev if at < self.next || self.memo.discarded(at) => {
+                    let _ = ev;
+                    continue;
+                }
+                ev => ev,
+            };
             // A Begin while a source transaction is open means the open one was cut off
             // (a crash on the source side) and comes again whole; so does an event that
             // only occurs outside transactions (a table's initial copy, a
@@ -556,6 +598,69 @@ impl<S: Sink> Session<'_, S> {
         Ok(())
     }
 
+    /// A table's relation: what changed since the definition the sink committed, handed
+    /// to the sink; the relation comes back with today's column names when it is older
+    /// than that definition (a replay).
+    async fn schema_step(&mut self, at: Position, mut r: Relation) -> Result<Relation, Flow> {
+        if !self.ctx.filter.passes(&r) {
+            return Ok(r);
+        }
+        let table = r.qualified();
+        let Some((seen, old)) = self.known.get(&table).cloned() else {
+            // First sight: the sink checks the target table against it.
+            self.known.set(at.seq, r.clone());
+            self.known_dirty = true;
+            return Ok(r);
+        };
+        if at.seq <= seen {
+            schema::map_names(&old, &mut r);
+            return Ok(r);
+        }
+        if old == r {
+            return Ok(r);
+        }
+        let accepted = self.memo.accept.as_deref() == Some(table.as_str());
+        let changes = match schema::diff(&old, &r) {
+            Ok(c) => c,
+            Err(_) if accepted => Vec::new(),
+            Err(why) => {
+                self.memo.schema_stop = Some(table.clone());
+                let mut e = SinkError::new(
+                    "schema",
+                    at.seq,
+                    format!(
+                        "{table}: {why}. The sink stops here: make the target table match the \
+                         source by hand, then run `relay-outer cdc resume {}` (the sink then \
+                         takes the target table as it is)",
+                        self.ctx.name
+                    ),
+                );
+                e.rejected = true;
+                return Err(e.into());
+            }
+        };
+        for kind in changes {
+            let change = SchemaChange {
+                table: table.clone(),
+                schema: r.schema.clone(),
+                name: r.name.clone(),
+                kind,
+                accepted,
+            };
+            tracing::info!(sink = %self.ctx.name, seq = at.seq, "schema change: {change}");
+            if let Err(f) = self.sink.schema(at, &change).await {
+                if matches!(&f, Flow::Fail(e) if e.rejected) {
+                    self.memo.schema_stop = Some(table.clone());
+                }
+                return Err(f);
+            }
+        }
+        self.accept_used |= accepted;
+        self.known.set(at.seq, r.clone());
+        self.known_dirty = true;
+        Ok(r)
+    }
+
     async fn commit(&mut self) -> Result<(), Flow> {
         let Some(open) = self.batch.take() else {
             return Ok(());
@@ -565,6 +670,21 @@ impl<S: Sink> Session<'_, S> {
         self.sink.commit(&info).await?;
         if self.sink.durability() == Durability::AtLeastOnce {
             self.save_position(info.next).await?;
+        }
+        if std::mem::take(&mut self.known_dirty) {
+            self.memo.known = self.known.clone();
+            let k = self.known.clone();
+            // Not fatal: a sink applies a change again harmlessly (it checks the target).
+            match tokio::task::spawn_blocking(move || k.save()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(sink = %self.ctx.name, "table definitions not saved: {e}")
+                }
+                Err(e) => tracing::warn!(sink = %self.ctx.name, "table definitions not saved: {e}"),
+            }
+        }
+        if std::mem::take(&mut self.accept_used) {
+            self.memo.accept = None;
         }
         self.set_committed(info.next);
         self.ctx.status.set_up(true);

@@ -28,6 +28,7 @@ pub(crate) fn rel(id: u32, name: &str, identity: u8, cols: &[(&str, &str, bool)]
                 type_modifier: -1,
                 type_name: ty.to_string(),
                 key: *key,
+                attnum: 0,
             })
             .collect(),
     }

@@ -17,6 +17,8 @@ use super::table::{
 use super::{pg_error, target_config, PgSinkConfig, MISSING_ROWS};
 use crate::cdc::sink::{Flow, Position, SinkError};
 
+mod ddl;
+
 /// Rows per batched insert statement.
 const CHUNK_ROWS: usize = 2000;
 /// Text bytes per batched insert statement.

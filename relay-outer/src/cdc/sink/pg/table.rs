@@ -461,6 +461,7 @@ mod tests {
             type_modifier: -1,
             type_name: ty.into(),
             key,
+            attnum: 0,
         }
     }
 
