@@ -630,7 +630,7 @@ impl<S: Sink> Session<'_, S> {
                     at.seq,
                     format!(
                         "{table}: {why}. The sink stops here: make the target table match the \
-                         source by hand, then run `relay-outer cdc resume {}` (the sink then \
+                         source by hand, then run `relay-outer cdc resume --sink {}` (the sink then \
                          takes the target table as it is)",
                         self.ctx.name
                     ),

@@ -33,7 +33,7 @@ impl ClickHouseSink {
                 seq,
                 format!(
                     "{ch}: {why}. The sink stops here: fix the ClickHouse table {db}.{name}, then \
-                     run `relay-outer cdc resume {sink}`"
+                     run `relay-outer cdc resume --sink {sink}`"
                 ),
             );
             e.rejected = true;
@@ -109,7 +109,7 @@ impl ClickHouseSink {
             let mut e = SinkError {
                 msg: format!(
                     "{ch}: {sql}: {}. The sink stops here: fix the ClickHouse table, then run \
-                     `relay-outer cdc resume {sink}`",
+                     `relay-outer cdc resume --sink {sink}`",
                     e.msg
                 ),
                 ..e

@@ -60,7 +60,7 @@ impl Conn {
                 seq,
                 format!(
                     "{ch}: {why}. The sink stops here: fix the target table {schema}.{name}, \
-                     then run `relay-outer cdc resume {sink}`"
+                     then run `relay-outer cdc resume --sink {sink}`"
                 ),
             );
             e.rejected = true;
@@ -186,7 +186,7 @@ impl Conn {
             let mut e = self.pg_err(&format!("{ch}: {sql}"), &e);
             e.msg.push_str(&format!(
                 ". The sink stops here: fix the target table (or its rows), then run \
-                 `relay-outer cdc resume {}`",
+                 `relay-outer cdc resume --sink {}`",
                 self.cfg.name
             ));
             // A refusal by the target; a lost connection is retried as usual.
