@@ -10,6 +10,9 @@ use routy_ops::units::{resolve_path, Dur, Size};
 use routy_tunnel::control::{Keepalive, KeepaliveSpec};
 use serde::Deserialize;
 
+mod tables;
+pub use tables::{identifiers, Mask, TableFilter};
+
 /// Default first reconnect delay ceiling.
 pub const DEFAULT_RECONNECT_INITIAL: Duration = Duration::from_millis(100);
 /// Default largest reconnect delay.
@@ -89,7 +92,8 @@ struct RawPgSource {
     dsn: String,
     slot: Option<String>,
     publication: Option<String>,
-    tables: Vec<String>,
+    tables: Vec<tables::RawTable>,
+    mask_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -234,6 +238,10 @@ pub struct SourceConfig {
     pub publication: String,
     /// Published tables, `schema.table`.
     pub tables: Vec<String>,
+    /// What of a table may leave the source, for tables with a filter.
+    pub filters: BTreeMap<String, TableFilter>,
+    /// The secret key of `hash` masks.
+    pub mask_key_file: Option<PathBuf>,
     /// Initial copy or not.
     pub snapshot: SnapshotMode,
     /// Emit a heartbeat message when nothing was decoded for this long (0: never).
@@ -470,26 +478,26 @@ fn validate_cdc(c: RawCdc, base: &Path) -> Result<CdcConfig, String> {
                 "{f}.postgres.tables: list at least one table (schema.table)"
             ));
         }
-        let mut tables = Vec::new();
-        for (j, t) in s.postgres.tables.iter().enumerate() {
-            let ok = t.split_once('.').is_some_and(|(a, b)| {
-                let part = |p: &str| {
-                    !p.is_empty()
-                        && p.len() <= 63
-                        && p.chars()
-                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
-                };
-                part(a) && part(b)
-            });
-            if !ok {
-                return Err(format!(
-                    "{f}.postgres.tables[{j}]: {t:?} is not schema.table (plain identifiers)"
-                ));
-            }
-            if tables.contains(t) {
+        let mut tables: Vec<String> = Vec::new();
+        let mut filters = BTreeMap::new();
+        for (j, t) in s.postgres.tables.into_iter().enumerate() {
+            let (t, filter) = tables::validate(&format!("{f}.postgres.tables[{j}]"), t)?;
+            if tables.contains(&t) {
                 return Err(format!("{f}.postgres.tables[{j}]: {t:?} is listed twice"));
             }
-            tables.push(t.clone());
+            if !filter.is_empty() {
+                filters.insert(t.clone(), filter);
+            }
+            tables.push(t);
+        }
+        let hashes = filters
+            .values()
+            .any(|t: &TableFilter| t.mask.values().any(Mask::is_hash));
+        let mask_key_file = s.postgres.mask_key_file.map(|p| resolve_path(base, &p));
+        if hashes && mask_key_file.is_none() {
+            return Err(format!(
+                "{f}.postgres.mask_key_file: required by a `hash` mask (a file with the secret key of the hash)"
+            ));
         }
         let snapshot = match s.snapshot.as_deref() {
             None | Some("initial") => SnapshotMode::Initial,
@@ -512,6 +520,8 @@ fn validate_cdc(c: RawCdc, base: &Path) -> Result<CdcConfig, String> {
             slot,
             publication,
             tables,
+            filters,
+            mask_key_file,
             snapshot,
             heartbeat: s.heartbeat.map_or(DEFAULT_HEARTBEAT, |d| d.0),
             status_interval,
@@ -622,6 +632,40 @@ services:
             let y = y.replace(bad, field);
             let e = parse(&y).unwrap_err();
             assert!(e.contains("cdc") || e.contains("tabels"), "{field}: {e}");
+        }
+    }
+
+    #[test]
+    fn table_entries_take_filters_and_name_their_mistakes() {
+        let src = |tables: &str, extra: &str| {
+            format!(
+                "{GOOD}cdc:\n  spool: {{ dir: spool }}\n  sources:\n    - name: crm\n      postgres:\n        dsn: \"host=db\"\n{extra}        tables:\n{tables}"
+            )
+        };
+        let good = "          - public.orders\n          - name: public.customers\n            exclude_columns: [notes]\n            where: \"region = 'eu'\"\n            mask: { email: hash, ssn: null, name: \"REDACTED\" }\n";
+        let c = parse(&src(good, "        mask_key_file: mask.key\n")).unwrap();
+        let s = &c.cdc.unwrap().sources[0];
+        assert_eq!(s.tables, vec!["public.orders", "public.customers"]);
+        assert_eq!(s.mask_key_file, Some(PathBuf::from("/etc/routy/mask.key")));
+        let f = &s.filters["public.customers"];
+        assert_eq!(f.exclude_columns, vec!["notes"]);
+        assert_eq!(f.where_.as_deref(), Some("region = 'eu'"));
+        assert_eq!(f.mask["email"], Mask::Hash);
+        assert_eq!(f.mask["ssn"], Mask::Null);
+        assert_eq!(f.mask["name"], Mask::Literal("REDACTED".into()));
+        assert!(!s.filters.contains_key("public.orders"));
+        for (tables, extra, want) in [
+            (good, "", "postgres.mask_key_file: required"),
+            ("          - name: public.c\n            colums: [a]\n", "", "colums"),
+            ("          - name: public.c\n            columns: [a]\n            exclude_columns: [b]\n", "", "tables[0]: give columns or exclude_columns"),
+            ("          - name: c\n", "", "tables[0]: \"c\" is not schema.table"),
+            ("          - name: public.c\n            where: \"a = 1; drop table x\"\n", "", "tables[0].where"),
+            ("          - name: public.c\n            exclude_columns: [a]\n            mask: { a: hash }\n", "        mask_key_file: k\n", "tables[0].mask.a: the column is not sent"),
+            ("          - name: public.c\n            columns: []\n", "", "tables[0].columns: empty"),
+            ("          - public.c\n          - name: public.c\n", "", "tables[1]: \"public.c\" is listed twice"),
+        ] {
+            let e = parse(&src(tables, extra)).unwrap_err();
+            assert!(e.contains(want), "{want:?} not in {e}");
         }
     }
 

@@ -57,6 +57,8 @@ fn source_cfg(dsn: &str, name: &str, tables: &[&str]) -> SourceConfig {
         slot: format!("routy_{name}"),
         publication: format!("routy_{name}"),
         tables: tables.iter().map(|t| t.to_string()).collect(),
+        filters: Default::default(),
+        mask_key_file: None,
         snapshot: SnapshotMode::Initial,
         heartbeat: Duration::ZERO,
         status_interval: Duration::from_secs(1),

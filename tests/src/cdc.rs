@@ -25,6 +25,9 @@ pub struct RigOpts {
     pub target_conf: Vec<String>,
     /// Extra lines for the source's `cdc.sources[0]` (indented 6 spaces), e.g. `heartbeat: 1s`.
     pub source_extra: String,
+    /// Extra lines for the source's `postgres` block (indented 8 spaces), e.g.
+    /// `mask_key_file: /path`.
+    pub pg_extra: String,
     /// Extra postgresql.conf lines for the source.
     pub source_conf: Vec<String>,
     /// Extra top-level YAML for both relays.
@@ -66,6 +69,7 @@ impl Default for RigOpts {
             url_dsn: false,
             target_conf: Vec::new(),
             source_extra: String::new(),
+            pg_extra: String::new(),
             source_conf: Vec::new(),
             relay_extra: "shutdown_grace: 2s\n".into(),
             spool_max: "1GiB".into(),
@@ -258,12 +262,13 @@ impl CdcRig {
         );
         let tables = opts.tables.join(", ");
         let inner_extra = format!(
-            "{}{}cdc:\n  spool: {{ dir: {}, max_bytes: {} }}\n{}  sources:\n    - name: main\n      postgres:\n        dsn: \"{source_dsn}\"\n        tables: [{tables}]\n{}",
+            "{}{}cdc:\n  spool: {{ dir: {}, max_bytes: {} }}\n{}  sources:\n    - name: main\n      postgres:\n        dsn: \"{source_dsn}\"\n        tables: [{tables}]\n{}{}",
             opts.relay_extra,
             opts.inner_extra,
             spool_dir.display(),
             opts.spool_max,
             opts.inner_cdc_extra,
+            opts.pg_extra,
             opts.source_extra,
         );
         let server_name = if opts.netns {

@@ -5,6 +5,7 @@ use relay_proto::cdc::{Column, Relation};
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
+use super::shape::{Pushdown, TableInfo};
 use super::SourceError;
 use crate::cdc::replication::{self, ReplicationConfig};
 use crate::config::SourceConfig;
@@ -278,6 +279,94 @@ impl Db {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The server's version number (`server_version_num`).
+    pub(crate) fn server_version(&self) -> i32 {
+        self.server_version
+    }
+
+    /// The table's replica identity, columns (not generated) and replica identity
+    /// columns, for planning its filter.
+    pub(crate) async fn table_info(&self, t: &Table) -> Result<TableInfo, SourceError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT c.relreplident::text, a.attname::text, \
+                   COALESCE(a.attnum = ANY(i.indkey), false) \
+                 FROM pg_class c \
+                 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
+                 LEFT JOIN pg_index i ON i.indrelid = c.oid AND \
+                   CASE c.relreplident WHEN 'd' THEN i.indisprimary WHEN 'i' THEN i.indisreplident ELSE false END \
+                 WHERE c.oid = $1 ORDER BY a.attnum",
+                &[&t.oid],
+            )
+            .await?;
+        let replident = rows.first().map_or(b'd', |r| {
+            r.get::<_, String>(0).bytes().next().unwrap_or(b'd')
+        });
+        Ok(TableInfo {
+            replident,
+            columns: rows.iter().map(|r| r.get(1)).collect(),
+            keys: if replident == b'f' || replident == b'n' {
+                Vec::new()
+            } else {
+                rows.iter()
+                    .filter(|r| r.get::<_, bool>(2))
+                    .map(|r| r.get(1))
+                    .collect()
+            },
+        })
+    }
+
+    /// Puts `push` (a column list and row filter) on the table in the publication: the
+    /// table is dropped from it and added back with them, in one transaction, so from that
+    /// commit on the walsender sends only what they let through.
+    pub(crate) async fn set_pushdown(
+        &self,
+        publication: &str,
+        t: &Table,
+        push: &Pushdown,
+    ) -> Result<(), SourceError> {
+        let name = format!("{}.{}", ident(&t.schema), ident(&t.table));
+        let cols = push.columns.as_ref().map_or(String::new(), |c| {
+            format!(
+                " ({})",
+                c.iter().map(|c| ident(c)).collect::<Vec<_>>().join(", ")
+            )
+        });
+        let filter = push
+            .where_
+            .as_ref()
+            .map_or(String::new(), |w| format!(" WHERE ({w})"));
+        let present = self
+            .client
+            .query_opt(
+                "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+                &[&publication, &t.schema, &t.table],
+            )
+            .await?
+            .is_some();
+        let p = ident(publication);
+        let sql = format!(
+            "BEGIN; {}ALTER PUBLICATION {p} ADD TABLE {name}{cols}{filter}; COMMIT",
+            if present {
+                format!("ALTER PUBLICATION {p} DROP TABLE {name}; ")
+            } else {
+                String::new()
+            }
+        );
+        if let Err(e) = self.client.batch_execute(&sql).await {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+            let e = SourceError::from(e);
+            return Err(SourceError::Fatal(format!(
+                "cannot put the filter of {} into publication {publication}: {e}",
+                t.name
+            )));
+        }
+        tracing::info!(publication, table = %t.name, columns = ?push.columns, filter = ?push.where_,
+            "set the table's column list and row filter in the publication");
         Ok(())
     }
 

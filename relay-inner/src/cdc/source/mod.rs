@@ -32,6 +32,7 @@ use crate::config::{SnapshotMode, SourceConfig};
 use routy_ops::backoff::Backoff;
 
 mod catalog;
+mod shape;
 pub mod slot_watch;
 pub mod snapshot;
 pub mod stream;
@@ -399,8 +400,14 @@ async fn session(ctx: &Ctx) -> Result<(), SourceError> {
     })
     .await?;
 
-    let mut repl = ReplicationClient::connect(&ctx.rcfg).await?;
     let mut state = SnapshotState::load(ctx.spool.dir(), &cfg.slot)?;
+    let filters = stream::bounded(
+        cfg,
+        "setting up the table filters",
+        plan_filters(ctx, &db, &tables, &mut state),
+    )
+    .await?;
+    let mut repl = ReplicationClient::connect(&ctx.rcfg).await?;
     let slot = stream::bounded(cfg, "reading the slot", db.slot_info(&cfg.slot)).await?;
     let mut exported = None;
     let confirmed_floor;
@@ -456,7 +463,7 @@ async fn session(ctx: &Ctx) -> Result<(), SourceError> {
                 }
             };
             let finished =
-                snapshot::copy_tables(ctx, &db, &mut state, &pending, &name, lsn).await?;
+                snapshot::copy_tables(ctx, &db, &mut state, &pending, &name, lsn, &filters).await?;
             drop(_tmp_conn);
             ctx.status.set_snapshot(None, 0);
             if !finished {
@@ -465,11 +472,62 @@ async fn session(ctx: &Ctx) -> Result<(), SourceError> {
         }
     }
     drop(exported);
-    let filters = state.filters(&tables);
+    let copied = state.filters(&tables);
     ctx.status.set_phase("streaming");
     ctx.status.set_error(None);
     let wanted = stream::Wanted::new(&tables);
-    stream::stream(ctx, &db, repl, filters, wanted, confirmed_floor).await
+    stream::stream(
+        ctx,
+        &db,
+        repl,
+        copied,
+        wanted,
+        filters.shaper,
+        confirmed_floor,
+    )
+    .await
+}
+
+/// Plans each table's filter ([`shape`]): puts what PostgreSQL can do into the
+/// publication (when it changed since relay-inner last did) and returns the rest.
+async fn plan_filters(
+    ctx: &Ctx,
+    db: &Db,
+    tables: &[catalog::Table],
+    state: &mut SnapshotState,
+) -> Result<shape::Filters, SourceError> {
+    let cfg = &ctx.cfg;
+    let mut local = std::collections::HashMap::new();
+    let mut wheres = std::collections::HashMap::new();
+    let plain = shape::Pushdown::default().fingerprint();
+    for t in tables {
+        let push = match cfg.filters.get(&t.name) {
+            Some(f) => {
+                let info = db.table_info(t).await?;
+                let (push, l) = shape::plan(&t.name, f, &info, db.server_version())?;
+                local.insert(t.name.clone(), l);
+                push
+            }
+            None => shape::Pushdown::default(),
+        };
+        let fp = push.fingerprint();
+        let changed = match state.published(&t.name) {
+            Some(r) => r != fp,
+            None => fp != plain,
+        };
+        if changed && db.server_version() >= 150000 {
+            db.set_pushdown(&cfg.publication, t, &push).await?;
+            state.set_published(&t.name, fp);
+            state.save()?;
+        }
+        if let Some(w) = push.where_ {
+            wheres.insert(t.name.clone(), w);
+        }
+    }
+    Ok(shape::Filters {
+        shaper: shape::Shaper::new(cfg, local)?,
+        wheres,
+    })
 }
 
 /// Drops the source's slot and resets its snapshot state (the next start copies every

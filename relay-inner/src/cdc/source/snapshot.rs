@@ -31,6 +31,7 @@ use relay_proto::cdc::{Event, Record, Relation, SnapshotPhase};
 use serde::{Deserialize, Serialize};
 
 use super::catalog::{ident, Db, Table};
+use super::shape::Filters;
 use super::stream::{bounded, relation_size, values_size};
 use super::{Ctx, SourceError, RECORD_TARGET_BYTES, SNAPSHOT_ROWS_TOTAL};
 use crate::cdc::replication::{format_lsn, parse_lsn, QUERY_TIMEOUT};
@@ -57,6 +58,10 @@ struct StateFile {
     slot: String,
     #[serde(default)]
     tables: BTreeMap<String, TableState>,
+    /// What filter relay-inner last put into the publication, per table
+    /// ([`super::shape::Pushdown::fingerprint`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    published: BTreeMap<String, String>,
 }
 
 /// The snapshot progress of one source, kept in [`STATE_FILE`].
@@ -106,11 +111,24 @@ impl SnapshotState {
 
     /// Forgets every table's progress (a new slot: everything is copied again).
     pub fn reset(&mut self, slot: &str) {
+        // What the publication holds does not depend on the slot.
+        let published = std::mem::take(&mut self.file.published);
         self.file = StateFile {
             version: 1,
             slot: slot.to_string(),
             tables: BTreeMap::new(),
+            published,
         };
+    }
+
+    /// The filter last put into the publication for `table`.
+    pub(crate) fn published(&self, table: &str) -> Option<&str> {
+        self.file.published.get(table).map(String::as_str)
+    }
+
+    /// Records the filter put into the publication for `table`.
+    pub(crate) fn set_published(&mut self, table: &str, fingerprint: String) {
+        self.file.published.insert(table.to_string(), fingerprint);
     }
 
     /// Whether the table's copy is complete.
@@ -180,6 +198,7 @@ pub(crate) async fn copy_tables(
     tables: &[Table],
     snapshot: &str,
     lsn: u64,
+    filters: &Filters,
 ) -> Result<bool, SourceError> {
     if snapshot.contains('\'') {
         return Err(SourceError::Transient(format!(
@@ -197,7 +216,7 @@ pub(crate) async fn copy_tables(
         if ctx.stop.is_stopping() {
             return Ok(false);
         }
-        let rows = copy_table(ctx, db, t, lsn).await?;
+        let rows = copy_table(ctx, db, t, lsn, filters).await?;
         state.mark(t, true, lsn, rows);
         state.save()?;
         if ctx.hooks.stop_after_tables.is_some_and(|n| i + 1 >= n) {
@@ -212,28 +231,43 @@ pub(crate) async fn copy_tables(
 }
 
 /// Copies one table; returns its row count once its Done record is durable.
-async fn copy_table(ctx: &Ctx, db: &Db, t: &Table, lsn: u64) -> Result<u64, SourceError> {
-    let rel = bounded(
+async fn copy_table(
+    ctx: &Ctx,
+    db: &Db,
+    t: &Table,
+    lsn: u64,
+    filters: &Filters,
+) -> Result<u64, SourceError> {
+    let src_rel = bounded(
         &ctx.cfg,
         "reading the table's columns",
         db.relation(t, &ctx.cfg.publication),
     )
     .await?;
+    // Masks and excluded columns: the copy leaves relay-inner as the stream does.
+    let (plan, rel) = match filters.shaper.plan(&src_rel) {
+        Some((p, out)) => (Some(p), out),
+        None => (None, src_rel.clone()),
+    };
     let rel_bytes = relation_size(&rel);
     let name = ctx.label();
     ctx.status.set_snapshot(Some(t.name.clone()), 0);
     tracing::info!(source = %name, table = %t.name, snapshot_lsn = %format_lsn(lsn), "copying table");
     snapshot_marker(ctx, &rel, SnapshotPhase::Start, lsn).await?;
-    let cols: Vec<String> = rel.columns.iter().map(|c| ident(&c.name)).collect();
+    let cols: Vec<String> = src_rel.columns.iter().map(|c| ident(&c.name)).collect();
     let sql = format!(
-        "COPY (SELECT {} FROM {}.{}) TO STDOUT",
+        "COPY (SELECT {} FROM {}.{}{}) TO STDOUT",
         if cols.is_empty() {
             String::new()
         } else {
             cols.join(", ")
         },
         ident(&t.schema),
-        ident(&t.table)
+        ident(&t.table),
+        filters
+            .wheres
+            .get(&t.name)
+            .map_or(String::new(), |w| format!(" WHERE ({w})"))
     );
     let copy = bounded(&ctx.cfg, "starting the COPY", async {
         Ok(db.client.copy_out(sql.as_str()).await?)
@@ -275,14 +309,20 @@ async fn copy_table(ctx: &Ctx, db: &Db, t: &Table, lsn: u64) -> Result<u64, Sour
             start += nl + 1;
             let values = parse_copy_line(line)
                 .map_err(|e| SourceError::Fatal(format!("copying {}: {e}", t.name)))?;
-            if values.len() != rel.columns.len() && !(rel.columns.is_empty() && line.is_empty()) {
+            if values.len() != src_rel.columns.len()
+                && !(src_rel.columns.is_empty() && line.is_empty())
+            {
                 return Err(SourceError::Fatal(format!(
                     "copying {}: a row has {} values for {} columns",
                     t.name,
                     values.len(),
-                    rel.columns.len()
+                    src_rel.columns.len()
                 )));
             }
+            let values = match &plan {
+                Some(p) => filters.shaper.apply(p, values),
+                None => values,
+            };
             let size = values_size(&values) + 8;
             if size + rel_bytes + 64 > MAX_RECORD {
                 return Err(SourceError::Fatal(format!(

@@ -29,6 +29,7 @@ use futures::FutureExt;
 use relay_proto::cdc::{self, Event, OldRow, Record, Relation, Value};
 
 use super::catalog::{lost_slot, Db, Table};
+use super::shape::{RelPlan, Shaper};
 use super::{
     Ctx, SourceError, CONFIRMED_LSN, EVENTS_TOTAL, HEARTBEATS_TOTAL, RECORD_MAX_BYTES,
     RECORD_TARGET_BYTES, TRANSACTIONS_TOTAL,
@@ -208,6 +209,10 @@ struct Streamer<'a> {
     filters: HashMap<u32, u64>,
     /// What `postgres.tables` lists; nothing else leaves the source (see [`Wanted`]).
     wanted: Wanted,
+    /// Masks and excluded columns, done before the spool.
+    shaper: Shaper,
+    /// Relation id → what the shaper does to its rows.
+    plans: HashMap<u32, RelPlan>,
     /// Transactions committed before this are in the spool already.
     skip_before: u64,
     txn: Option<Txn>,
@@ -235,6 +240,7 @@ pub(crate) async fn stream(
     repl: ReplicationClient,
     filters: HashMap<u32, u64>,
     wanted: Wanted,
+    shaper: Shaper,
     floor: u64,
 ) -> Result<(), SourceError> {
     let cfg = &ctx.cfg;
@@ -262,6 +268,8 @@ pub(crate) async fn stream(
         types: HashMap::new(),
         filters,
         wanted,
+        shaper,
+        plans: HashMap::new(),
         skip_before: durable,
         txn: None,
         events: Vec::new(),
@@ -608,6 +616,17 @@ impl Streamer<'_> {
                         c.attnum = n;
                     }
                 }
+                // Excluded columns and masks: from here on the relation and its rows are
+                // as they leave relay-inner.
+                match self.shaper.plan(&rel) {
+                    Some((plan, out)) => {
+                        self.plans.insert(rel.id, plan);
+                        rel = out;
+                    }
+                    None => {
+                        self.plans.remove(&rel.id);
+                    }
+                }
                 // A changed schema: send it again before the next use in this record.
                 self.included.remove(&rel.id);
                 self.rels.insert(rel.id, rel);
@@ -617,7 +636,7 @@ impl Streamer<'_> {
                 let Some(rel) = self.row_rel(i.rel_id)? else {
                     return Ok(());
                 };
-                let new = convert_values(i.new, &rel)?;
+                let new = self.shape(rel.id, convert_values(i.new, &rel)?);
                 self.row(s, &rel, Event::Insert { rel: rel.id, new })
                     .await?;
             }
@@ -628,15 +647,15 @@ impl Streamer<'_> {
                 let old = match (u.key, u.old) {
                     (_, Some(o)) => Some(OldRow {
                         key_only: false,
-                        values: convert_values(o, &rel)?,
+                        values: self.shape(rel.id, convert_values(o, &rel)?),
                     }),
                     (Some(k), None) => Some(OldRow {
                         key_only: true,
-                        values: convert_values(k, &rel)?,
+                        values: self.shape(rel.id, convert_values(k, &rel)?),
                     }),
                     (None, None) => None,
                 };
-                let new = convert_values(u.new, &rel)?;
+                let new = self.shape(rel.id, convert_values(u.new, &rel)?);
                 self.row(
                     s,
                     &rel,
@@ -654,7 +673,7 @@ impl Streamer<'_> {
                 };
                 let old = OldRow {
                     key_only: d.which == OldKind::Key,
-                    values: convert_values(d.key_or_old, &rel)?,
+                    values: self.shape(rel.id, convert_values(d.key_or_old, &rel)?),
                 };
                 self.row(s, &rel, Event::Delete { rel: rel.id, old })
                     .await?;
@@ -745,6 +764,14 @@ impl Streamer<'_> {
             None => Err(SourceError::Transient(format!(
                 "row change for relation {id} before its schema in the replication stream"
             ))),
+        }
+    }
+
+    /// A row of relation `id` as it leaves relay-inner (masks, excluded columns).
+    fn shape(&self, id: u32, vals: Vec<Value>) -> Vec<Value> {
+        match self.plans.get(&id) {
+            Some(p) => self.shaper.apply(p, vals),
+            None => vals,
         }
     }
 
