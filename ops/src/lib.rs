@@ -11,6 +11,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin_client;
 pub mod backoff;
 pub mod cli;
 pub mod config_file;

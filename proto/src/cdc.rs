@@ -40,7 +40,7 @@ pub const PG_EPOCH_UNIX_SECS: i64 = 946_684_800;
 pub const HEARTBEAT_PREFIX: &str = "routy.heartbeat";
 
 /// One column value, in PostgreSQL's text format.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Value {
     /// SQL NULL.
     Null,
@@ -113,6 +113,10 @@ pub enum SnapshotPhase {
     Start,
     /// Every row of the table was copied.
     Done,
+    /// A copy of the table again while the stream goes on (a resync, a table added to the
+    /// source, a chunked initial copy): rows follow as inserts, chunk by chunk, each chunk
+    /// closed by an [`Event::Chunk`]; the target is not emptied.
+    Resync,
 }
 
 /// One change event.
@@ -181,6 +185,20 @@ pub enum Event {
         /// Payload.
         content: Vec<u8>,
     },
+    /// A chunk of a resync is complete: of the table's rows whose key is above `lo`
+    /// (`None`: from the first) and at most `hi` (`None`: to the last), the source has
+    /// exactly those whose key is in `keys` (each the key columns' values, in column
+    /// order); a sink that keeps rows deletes the others. Outside transactions.
+    Chunk {
+        /// Relation id.
+        rel: u32,
+        /// The key the chunk starts after.
+        lo: Option<Vec<Value>>,
+        /// The last key the chunk covers.
+        hi: Option<Vec<Value>>,
+        /// The keys the source has in the range.
+        keys: Vec<Vec<Value>>,
+    },
     /// A table's initial copy starts or ends; rows in between are `Insert`s.
     Snapshot {
         /// Relation id.
@@ -212,6 +230,11 @@ impl Event {
                 phase: SnapshotPhase::Done,
                 ..
             } => "snapshot_done",
+            Event::Snapshot {
+                phase: SnapshotPhase::Resync,
+                ..
+            } => "resync_start",
+            Event::Chunk { .. } => "resync_chunk",
         }
     }
 }
@@ -269,6 +292,7 @@ const TAG_MESSAGE: u8 = 8;
 const TAG_SNAPSHOT: u8 = 9;
 /// A relation whose columns carry their `attnum` (after the key flag).
 const TAG_RELATION_ATTNUM: u8 = 10;
+const TAG_CHUNK: u8 = 11;
 
 const VAL_NULL: u8 = 0;
 const VAL_UNCHANGED: u8 = 1;
@@ -485,8 +509,26 @@ fn encode_event(ev: &Event, out: &mut Vec<u8>) {
             out.push(match phase {
                 SnapshotPhase::Start => 0,
                 SnapshotPhase::Done => 1,
+                SnapshotPhase::Resync => 2,
             });
             out.extend_from_slice(&value.to_le_bytes());
+        }
+        Event::Chunk { rel, lo, hi, keys } => {
+            out.push(TAG_CHUNK);
+            out.extend_from_slice(&rel.to_le_bytes());
+            for bound in [lo, hi] {
+                match bound {
+                    None => out.push(0),
+                    Some(v) => {
+                        out.push(1);
+                        put_values(out, v);
+                    }
+                }
+            }
+            put_u32(out, keys.len());
+            for k in keys {
+                put_values(out, k);
+            }
         }
     }
 }
@@ -665,6 +707,7 @@ fn decode_event(r: &mut Rd<'_>) -> Result<Event, CdcError> {
             let phase = match r.u8("snapshot.phase")? {
                 0 => SnapshotPhase::Start,
                 1 => SnapshotPhase::Done,
+                2 => SnapshotPhase::Resync,
                 _ => return Err(CdcError::Malformed("snapshot phase")),
             };
             Event::Snapshot {
@@ -672,6 +715,24 @@ fn decode_event(r: &mut Rd<'_>) -> Result<Event, CdcError> {
                 phase,
                 value: r.u64("snapshot.value")?,
             }
+        }
+        TAG_CHUNK => {
+            let rel = r.u32("rel")?;
+            let bound = |r: &mut Rd<'_>| -> Result<Option<Vec<Value>>, CdcError> {
+                Ok(match r.u8("chunk.bound")? {
+                    0 => None,
+                    1 => Some(r.values()?),
+                    _ => return Err(CdcError::Malformed("chunk bound")),
+                })
+            };
+            let lo = bound(r)?;
+            let hi = bound(r)?;
+            let n = r.count("chunk.keys", 4)?;
+            let mut keys = Vec::with_capacity(n);
+            for _ in 0..n {
+                keys.push(r.values()?);
+            }
+            Event::Chunk { rel, lo, hi, keys }
         }
         t => return Err(CdcError::UnknownTag(t)),
     })
@@ -850,7 +911,21 @@ pub fn event_json(seq: u64, ev: &Event, rels: &Relations) -> serde_json::Value {
                 json!({"table": table_name(rels, *rel), "snapshot_lsn": format_lsn(*value)})
             }
             SnapshotPhase::Done => json!({"table": table_name(rels, *rel), "rows": value}),
+            SnapshotPhase::Resync => json!({"table": table_name(rels, *rel)}),
         },
+        Event::Chunk { rel, lo, hi, keys } => {
+            let key = |v: &Option<Vec<Value>>| {
+                v.as_ref().map(|v| {
+                    v.iter()
+                        .map(|x| match x {
+                            Value::Text(t) => serde_json::Value::String(t.clone()),
+                            _ => serde_json::Value::Null,
+                        })
+                        .collect::<Vec<_>>()
+                })
+            };
+            json!({"table": table_name(rels, *rel), "after": key(lo), "through": key(hi), "keys": keys.len()})
+        }
     };
     v["seq"] = seq.into();
     v["event"] = ev.kind().into();

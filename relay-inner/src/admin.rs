@@ -6,7 +6,10 @@ use std::sync::Arc;
 
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::get;
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query};
+use axum::routing::{get, post};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use routy_ops::http::{json, text};
@@ -22,6 +25,7 @@ pub fn router(relay: Arc<InnerRelay>, prom: PrometheusHandle) -> Router {
         )
         .route("/healthz", get(|| async { text(StatusCode::OK, "ok\n") }));
     let ready = relay.clone();
+    let resync_relay = relay.clone();
     let r = r
         .route(
             "/readyz",
@@ -29,15 +33,55 @@ pub fn router(relay: Arc<InnerRelay>, prom: PrometheusHandle) -> Router {
         )
         .route(
             "/status",
-            get(move || async move { page(&relay, "/status") }),
+            get(move || {
+                let relay = relay.clone();
+                async move { page(&relay, "/status") }
+            }),
+        )
+        .route(
+            "/v1/cdc/sources/{name}/resync",
+            post(
+                move |Path(name): Path<String>, Query(q): Query<HashMap<String, String>>| async move {
+                    resync(&resync_relay, &name, q.get("table").map(String::as_str))
+                },
+            ),
         )
         .fallback(|| async {
             text(
                 StatusCode::NOT_FOUND,
-                "not found: try /metrics, /healthz, /readyz, /status\n",
+                "not found: try /metrics, /healthz, /readyz, /status, POST /v1/cdc/sources/NAME/resync?table=T\n",
             )
         });
     routy_ops::http::with_deadline(r, routy_ops::http::DEFAULT_DEADLINE)
+}
+
+/// `POST /v1/cdc/sources/{name}/resync?table=schema.table`.
+fn resync(relay: &InnerRelay, source: &str, table: Option<&str>) -> Response {
+    let Some(table) = table.filter(|t| !t.is_empty()) else {
+        return json(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({"error": "give the table: ?table=schema.table"}),
+        );
+    };
+    let Some(cdc) = &relay.cdc else {
+        return json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": "this relay-inner has no cdc section"}),
+        );
+    };
+    match cdc.request_resync(source, table) {
+        Ok(()) => json(
+            StatusCode::ACCEPTED,
+            &serde_json::json!({"source": source, "table": table, "resync": "requested"}),
+        ),
+        Err(e) => {
+            let status = match e {
+                relay_inner::cdc::ResyncRefused::Unknown(_) => StatusCode::NOT_FOUND,
+                relay_inner::cdc::ResyncRefused::NotRunning(_) => StatusCode::CONFLICT,
+            };
+            json(status, &serde_json::json!({"error": e.to_string()}))
+        }
+    }
 }
 
 fn page(relay: &Arc<InnerRelay>, path: &str) -> Response {

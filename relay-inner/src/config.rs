@@ -84,6 +84,7 @@ struct RawSource {
     heartbeat: Option<Dur>,
     status_interval: Option<Dur>,
     receive_timeout: Option<Dur>,
+    resync_chunk_rows: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -251,7 +252,12 @@ pub struct SourceConfig {
     /// Nothing received on the replication connection for this long: it is dead, drop it
     /// and reconnect; after half of it a keepalive is requested (0: never).
     pub receive_timeout: Duration,
+    /// Rows a resync reads per chunk.
+    pub resync_chunk_rows: usize,
 }
+
+/// Default rows a resync reads per chunk.
+pub const DEFAULT_RESYNC_CHUNK_ROWS: usize = 10_000;
 
 /// One relay-outer to keep a session with.
 #[derive(Debug, Clone)]
@@ -514,6 +520,12 @@ fn validate_cdc(c: RawCdc, base: &Path) -> Result<CdcConfig, String> {
                 "{f}.receive_timeout: {receive_timeout:?} is too short: use 0s (off) or at least {MIN_RECEIVE_TIMEOUT:?}"
             ));
         }
+        let resync_chunk_rows = s.resync_chunk_rows.unwrap_or(DEFAULT_RESYNC_CHUNK_ROWS);
+        if !(1..=1_000_000).contains(&resync_chunk_rows) {
+            return Err(format!(
+                "{f}.resync_chunk_rows: {resync_chunk_rows} is not between 1 and 1000000"
+            ));
+        }
         sources.push(SourceConfig {
             name: s.name,
             dsn: s.postgres.dsn,
@@ -526,6 +538,7 @@ fn validate_cdc(c: RawCdc, base: &Path) -> Result<CdcConfig, String> {
             heartbeat: s.heartbeat.map_or(DEFAULT_HEARTBEAT, |d| d.0),
             status_interval,
             receive_timeout,
+            resync_chunk_rows,
         });
     }
     let b = c.batch.as_ref();

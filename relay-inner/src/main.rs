@@ -65,6 +65,21 @@ enum CdcCmd {
         #[arg(long)]
         source: String,
     },
+    /// Copy one table of a source again while streaming goes on (on the running relay,
+    /// through its admin endpoint): in chunks by key, watermark-style; the sinks replace
+    /// the table's rows without emptying it. Progress: `/status` and
+    /// routy_cdc_source_resync_rows_total. Resumes after a restart.
+    Resync {
+        /// Configuration file (YAML) of the running relay-inner.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Source name (cdc.sources[].name).
+        #[arg(long)]
+        source: String,
+        /// The table, schema.table, as postgres.tables lists it.
+        #[arg(long)]
+        table: String,
+    },
     /// Repair a corrupt spool (relay-inner refuses to start a source whose spool has a
     /// damaged record followed by valid ones): keep every valid record, put a marker in
     /// place of each unreadable one. Stop relay-inner first.
@@ -90,7 +105,47 @@ fn main() -> ExitCode {
         Cmd::Cdc {
             cmd: CdcCmd::Salvage { config, source },
         } => salvage(&config, &source),
+        Cmd::Cdc {
+            cmd:
+                CdcCmd::Resync {
+                    config,
+                    source,
+                    table,
+                },
+        } => resync(&config, &source, &table),
     })
+}
+
+fn resync(path: &Path, name: &str, table: &str) -> anyhow::Result<()> {
+    let cfg = Config::load(path)?;
+    let (_, src) = cdc_source(&cfg, path, name)?;
+    if !src.tables.iter().any(|t| t == table) {
+        anyhow::bail!(
+            "source {name} does not forward table {table:?} (postgres.tables: {:?})",
+            src.tables
+        );
+    }
+    let addr = routy_ops::admin_client::local(cfg.admin_listen);
+    let path = format!(
+        "/v1/cdc/sources/{}/resync?table={}",
+        routy_ops::admin_client::percent_encode(name),
+        routy_ops::admin_client::percent_encode(table)
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (status, body) = rt
+        .block_on(routy_ops::admin_client::request(addr, "POST", &path))
+        .map_err(anyhow::Error::msg)?;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
+    if !(200..300).contains(&status) {
+        let why = v["error"].as_str().map_or(body.trim(), |s| s);
+        anyhow::bail!("relay-inner refused ({status}): {why}");
+    }
+    println!(
+        "resync of {table} (source {name}) requested; follow it in /status (cdc.sources[].source.resync)          or routy_cdc_source_resync_rows_total"
+    );
+    Ok(())
 }
 
 fn salvage(path: &Path, name: &str) -> anyhow::Result<()> {

@@ -25,6 +25,8 @@ pub const METRICS: &[(&str, &str)] = &[
     (source::TRANSACTIONS_TOTAL, "Source transactions spooled."),
     (source::SNAPSHOT_ROWS_TOTAL, "Rows copied by the initial snapshot, by table."),
     (source::HEARTBEATS_TOTAL, "Heartbeat messages emitted on the source while its published tables were idle."),
+    (source::stream::RESYNC_ROWS_TOTAL, "Rows copied by resyncs, by table."),
+    (source::stream::RESYNC_CHUNKS_TOTAL, "Resync chunks done, by table."),
     (source::ERRORS_TOTAL, "Source failures, by reason (fatal; transient; receive_timeout: nothing heard from the source within receive_timeout)."),
     (spool::SPOOL_FULL_WAITS, "Times reading from the source paused because the spool was full."),
     (SPOOL_BYTES, "Bytes in the spool on disk."),
@@ -34,6 +36,17 @@ pub const METRICS: &[(&str, &str)] = &[
     (shipper::UNACKED_RECORDS, "Records durable in the spool that relay-outer has not acknowledged yet."),
     (shipper::SHIP_ERRORS, "Shipping streams that failed, by reason."),
 ];
+
+/// Why a resync request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ResyncRefused {
+    /// No such source, or the source does not forward the table.
+    #[error("{0}")]
+    Unknown(String),
+    /// The source is not running.
+    #[error("{0}")]
+    NotRunning(String),
+}
 
 /// Gauge: bytes in each source's spool.
 pub const SPOOL_BYTES: &str = "routy_cdc_spool_bytes";
@@ -165,6 +178,36 @@ impl Cdc {
                 .unwrap_or_else(|p| p.into_inner())
                 .retain(|st| st.endpoint != key);
         }
+    }
+
+    /// Asks source `source` to copy `table` again while it streams (a resync).
+    pub fn request_resync(&self, source: &str, table: &str) -> Result<(), ResyncRefused> {
+        let Some(s) = self.sources.iter().find(|s| s.cfg.name == source) else {
+            if self.refused.iter().any(|(n, _)| n == source) {
+                return Err(ResyncRefused::NotRunning(format!(
+                    "source {source} is not running (its spool is damaged)"
+                )));
+            }
+            let known: Vec<&str> = self.sources.iter().map(|s| s.cfg.name.as_str()).collect();
+            return Err(ResyncRefused::Unknown(format!(
+                "no cdc source named {source:?} (sources: {known:?})"
+            )));
+        };
+        if !s.cfg.tables.iter().any(|t| t == table) {
+            return Err(ResyncRefused::Unknown(format!(
+                "source {source} does not forward table {table:?} (postgres.tables: {:?})",
+                s.cfg.tables
+            )));
+        }
+        if s.status.phase() == "failed" {
+            return Err(ResyncRefused::NotRunning(format!(
+                "source {source} has stopped: {}",
+                s.status.last_error().unwrap_or_default()
+            )));
+        }
+        info!(source, table, "resync requested through the admin endpoint");
+        s.status.request_resync(table);
+        Ok(())
     }
 
     /// `/status` view.

@@ -96,6 +96,7 @@ impl ChangeStream {
             ev,
             Event::Begin { .. }
                 | Event::Snapshot { .. }
+                | Event::Chunk { .. }
                 | Event::Message {
                     transactional: false,
                     ..

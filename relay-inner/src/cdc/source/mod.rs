@@ -168,12 +168,18 @@ struct StatusInner {
     wal_status: Option<String>,
     slot_checked: Option<std::time::SystemTime>,
     slot: String,
+    /// Resyncs asked for and not taken by the stream yet.
+    resync_requests: Vec<String>,
+    /// Resyncs waiting or running, as `/status` shows them.
+    resyncs: Vec<serde_json::Value>,
 }
 
 /// What a source is doing, for `/status` (shared with the admin endpoint).
 #[derive(Debug, Default)]
 pub struct SourceStatus {
     inner: Mutex<StatusInner>,
+    /// Wakes the stream when a resync is asked for.
+    resync_asked: tokio::sync::Notify,
 }
 
 impl SourceStatus {
@@ -193,6 +199,20 @@ impl SourceStatus {
         let mut s = self.lock();
         s.snapshot_table = table;
         s.snapshot_rows = rows;
+    }
+
+    /// Asks the running source to copy `table` again (see `stream::resync`).
+    pub fn request_resync(&self, table: &str) {
+        self.lock().resync_requests.push(table.to_string());
+        self.resync_asked.notify_one();
+    }
+
+    fn take_resync_requests(&self) -> Vec<String> {
+        std::mem::take(&mut self.lock().resync_requests)
+    }
+
+    fn set_resyncs(&self, list: Vec<serde_json::Value>) {
+        self.lock().resyncs = list;
     }
 
     fn set_confirmed(&self, lsn: u64) {
@@ -248,6 +268,7 @@ impl SourceStatus {
             "slot": s.slot,
             "last_error": s.last_error,
             "snapshot": s.snapshot_table.as_ref().map(|t| serde_json::json!({"table": t, "rows": s.snapshot_rows})),
+            "resync": s.resyncs,
             "confirmed_lsn": replication::format_lsn(s.confirmed_lsn),
             "retained_wal_bytes": s.retained_wal_bytes,
             "wal_status": s.wal_status,
@@ -476,13 +497,20 @@ async fn session(ctx: &Ctx) -> Result<(), SourceError> {
     ctx.status.set_phase("streaming");
     ctx.status.set_error(None);
     let wanted = stream::Wanted::new(&tables);
+    let pending = state.pending_resyncs();
     stream::stream(
         ctx,
         &db,
         repl,
-        copied,
-        wanted,
-        filters.shaper,
+        stream::Setup {
+            copied,
+            wanted,
+            shaper: filters.shaper,
+            wheres: filters.wheres,
+            state,
+            tables,
+            resyncs: pending,
+        },
         confirmed_floor,
     )
     .await

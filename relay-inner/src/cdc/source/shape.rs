@@ -114,9 +114,11 @@ pub(crate) fn plan(
             )));
         }
         match filter.mask.get(k) {
-            Some(Mask::Null) | Some(Mask::Literal(_)) => return Err(fatal(format!(
+            Some(Mask::Null) | Some(Mask::Literal(_)) => {
+                return Err(fatal(format!(
                 "key column {k} can only be masked with hash (null or a literal would merge rows)"
-            ))),
+            )))
+            }
             _ => {}
         }
     }
@@ -215,6 +217,11 @@ impl Shaper {
                 .collect(),
             key,
         })
+    }
+
+    /// The masks of `table`, if any.
+    pub(crate) fn masks(&self, table: &str) -> Option<&BTreeMap<String, Mask>> {
+        self.tables.get(table).map(|l| &l.mask)
     }
 
     /// What to do to `rel`'s rows, and the relation as it leaves relay-inner; None when

@@ -62,6 +62,24 @@ struct StateFile {
     /// ([`super::shape::Pushdown::fingerprint`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     published: BTreeMap<String, String>,
+    /// Resyncs waiting or running, with their progress.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    resync: BTreeMap<String, ResyncProgress>,
+}
+
+/// How far a table's resync got: chunks done, and the last key copied.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct ResyncProgress {
+    /// The last key copied (the key columns' values as text); None before the first chunk.
+    #[serde(default)]
+    pub(crate) after: Option<Vec<Option<String>>>,
+    #[serde(default)]
+    pub(crate) rows: u64,
+    #[serde(default)]
+    pub(crate) chunks: u64,
+    /// The resync's start was spooled.
+    #[serde(default)]
+    pub(crate) started: bool,
 }
 
 /// The snapshot progress of one source, kept in [`STATE_FILE`].
@@ -118,7 +136,35 @@ impl SnapshotState {
             slot: slot.to_string(),
             tables: BTreeMap::new(),
             published,
+            resync: BTreeMap::new(),
         };
+    }
+
+    /// Starts (or starts over) a resync of `table`.
+    pub(crate) fn start_resync(&mut self, table: &str) {
+        self.file
+            .resync
+            .insert(table.to_string(), ResyncProgress::default());
+    }
+
+    /// A resync's progress.
+    pub(crate) fn resync(&self, table: &str) -> Option<&ResyncProgress> {
+        self.file.resync.get(table)
+    }
+
+    /// Records a resync's progress.
+    pub(crate) fn set_resync(&mut self, table: &str, p: ResyncProgress) {
+        self.file.resync.insert(table.to_string(), p);
+    }
+
+    /// A resync is done (or refused).
+    pub(crate) fn finish_resync(&mut self, table: &str) {
+        self.file.resync.remove(table);
+    }
+
+    /// Resyncs not done yet, in name order.
+    pub(crate) fn pending_resyncs(&self) -> Vec<String> {
+        self.file.resync.keys().cloned().collect()
     }
 
     /// The filter last put into the publication for `table`.

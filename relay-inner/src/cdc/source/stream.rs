@@ -30,6 +30,7 @@ use relay_proto::cdc::{self, Event, OldRow, Record, Relation, Value};
 
 use super::catalog::{lost_slot, Db, Table};
 use super::shape::{RelPlan, Shaper};
+use super::snapshot::SnapshotState;
 use super::{
     Ctx, SourceError, CONFIRMED_LSN, EVENTS_TOTAL, HEARTBEATS_TOTAL, RECORD_MAX_BYTES,
     RECORD_TARGET_BYTES, TRANSACTIONS_TOTAL,
@@ -211,6 +212,14 @@ struct Streamer<'a> {
     wanted: Wanted,
     /// Masks and excluded columns, done before the spool.
     shaper: Shaper,
+    /// Row filters (a resync's chunks read with them).
+    wheres: HashMap<String, String>,
+    /// The state file (resync progress).
+    state: SnapshotState,
+    /// The configured tables, resolved.
+    resync_tables: Vec<Table>,
+    /// Resyncs.
+    resync: resync::Driver,
     /// Relation id → what the shaper does to its rows.
     plans: HashMap<u32, RelPlan>,
     /// Transactions committed before this are in the spool already.
@@ -233,16 +242,41 @@ struct Streamer<'a> {
     next_slot_check: Instant,
 }
 
+/// What a streaming session starts from.
+pub(crate) struct Setup {
+    /// Relation id → LSN of the snapshot it was copied in.
+    pub(crate) copied: HashMap<u32, u64>,
+    /// The configured tables.
+    pub(crate) wanted: Wanted,
+    /// Masks and excluded columns.
+    pub(crate) shaper: Shaper,
+    /// `schema.table` → row filter.
+    pub(crate) wheres: HashMap<String, String>,
+    /// The source's state file (resync progress).
+    pub(crate) state: SnapshotState,
+    /// The configured tables, resolved.
+    pub(crate) tables: Vec<Table>,
+    /// Resyncs to go on with.
+    pub(crate) resyncs: Vec<String>,
+}
+
 /// Streams from the slot until stopped (`Ok`) or failed.
 pub(crate) async fn stream(
     ctx: &Ctx,
     db: &Db,
     repl: ReplicationClient,
-    filters: HashMap<u32, u64>,
-    wanted: Wanted,
-    shaper: Shaper,
+    setup: Setup,
     floor: u64,
 ) -> Result<(), SourceError> {
+    let Setup {
+        copied: filters,
+        wanted,
+        shaper,
+        wheres,
+        state,
+        tables,
+        resyncs,
+    } = setup;
     let cfg = &ctx.cfg;
     // What an earlier session appended is in the log: make it durable so its transactions
     // count as spooled and are not appended a second time.
@@ -270,6 +304,10 @@ pub(crate) async fn stream(
         wanted,
         shaper,
         plans: HashMap::new(),
+        wheres,
+        state,
+        resync_tables: tables,
+        resync: resync::Driver::new(resyncs),
         skip_before: durable,
         txn: None,
         events: Vec::new(),
@@ -286,8 +324,15 @@ pub(crate) async fn stream(
         next_slot_check: now + cfg.status_interval,
     };
     st.send_status(&mut s, false).await?;
+    st.publish_resyncs();
     let mut silence = Silence::new(cfg.receive_timeout);
     loop {
+        if st.txn.is_none() {
+            st.take_resync_requests()?;
+            if st.resync.wants_chunk() {
+                st.start_chunk().await?;
+            }
+        }
         if ctx.stop.is_stopping() {
             st.sync(&mut s).await?;
             return Ok(());
@@ -342,6 +387,7 @@ pub(crate) async fn stream(
                     biased;
                     r = s.next() => r,
                     _ = ctx.stop.stopping() => continue,
+                    _ = ctx.status.resync_asked.notified() => continue,
                     _ = tokio::time::sleep_until(wake.into()) => {
                         silence.waited(since.elapsed());
                         continue;
@@ -705,11 +751,13 @@ impl Streamer<'_> {
                         }
                     }
                 }
-                self.push(Event::Truncate {
+                let ev = Event::Truncate {
                     rels,
                     cascade: t.options.cascade(),
                     restart_identity: t.options.restart_identity(),
-                });
+                };
+                self.resync_touch(&ev);
+                self.push(ev);
             }
             Message::Message(m) => {
                 if m.transactional {
@@ -726,6 +774,10 @@ impl Streamer<'_> {
                     }
                 } else if m.prefix == cdc::HEARTBEAT_PREFIX {
                     self.on_idle_position(m.lsn.0 + 1);
+                } else if m.prefix == resync::WATERMARK_PREFIX {
+                    if m.lsn.0 >= self.skip_before {
+                        self.on_watermark(s, &m.content).await?;
+                    }
                 } else if m.lsn.0 >= self.skip_before {
                     if !self.events.is_empty() {
                         // Not expected (pgoutput sends transactions whole), but keep order.
@@ -813,6 +865,7 @@ impl Streamer<'_> {
                 rel_size
             };
         self.maybe_cut_before(s, need).await?;
+        self.resync_touch(&ev);
         if !self.included.contains(&rel.id) {
             self.push(Event::Relation(rel.clone()));
             self.included.insert(rel.id);
@@ -861,6 +914,9 @@ impl Streamer<'_> {
         Ok(())
     }
 }
+
+mod resync;
+pub use resync::{RESYNC_CHUNKS_TOTAL, RESYNC_ROWS_TOTAL, WATERMARK_PREFIX};
 
 #[cfg(test)]
 mod tests {

@@ -1037,6 +1037,10 @@ impl Sink for ClickHouseSink {
                 .await?;
             }
             Event::Truncate { rels, .. } => self.truncate(&rels).await?,
+            Event::Chunk { rel, lo, hi, keys } => {
+                let t = self.table_of(rel)?;
+                self.chunk_end(t, version, lo, hi, keys).await?
+            }
             Event::Snapshot {
                 rel,
                 phase: SnapshotPhase::Start,

@@ -71,6 +71,8 @@ impl Filter {
             Event::Update { rel, .. } => self.op_ok(1) && self.table_ok(rels, *rel),
             Event::Delete { rel, .. } => self.op_ok(2) && self.table_ok(rels, *rel),
             Event::Snapshot { rel, .. } => self.op_ok(0) && self.table_ok(rels, *rel),
+            // A resync chunk's end deletes what the source no longer has.
+            Event::Chunk { rel, .. } => self.op_ok(2) && self.table_ok(rels, *rel),
             Event::Truncate {
                 rels: ids,
                 cascade,

@@ -192,7 +192,8 @@ pub fn tables_of(ev: &Event) -> Vec<u32> {
         Event::Insert { rel, .. }
         | Event::Update { rel, .. }
         | Event::Delete { rel, .. }
-        | Event::Snapshot { rel, .. } => vec![*rel],
+        | Event::Snapshot { rel, .. }
+        | Event::Chunk { rel, .. } => vec![*rel],
         Event::Truncate { rels, .. } => rels.clone(),
         _ => Vec::new(),
     }

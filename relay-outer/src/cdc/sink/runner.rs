@@ -528,6 +528,7 @@ impl<S: Sink> Session<'_, S> {
                     ev,
                     Event::Begin { .. }
                         | Event::Snapshot { .. }
+                        | Event::Chunk { .. }
                         | Event::Message {
                             transactional: false,
                             ..

@@ -6,8 +6,10 @@
 //! table (for a new key: recreated it with the new `ORDER BY`) and runs
 //! `relay-outer cdc resume`.
 
-use super::types::{ident, map_type};
-use super::{target_name, ClickHouseSink};
+use relay_proto::cdc::Value;
+
+use super::types::{ident, literal, map_type, write_value};
+use super::{target_name, ClickHouseSink, DELETED_COL, VERSION_COL};
 use crate::cdc::sink::schema::{Change, SchemaChange};
 use crate::cdc::sink::{Flow, SinkError};
 
@@ -120,6 +122,96 @@ impl ClickHouseSink {
         }
         // The plan is made again from the new relation.
         self.known.remove(&name);
+        Ok(())
+    }
+}
+
+impl ClickHouseSink {
+    /// A resync's chunk end: for the keys in `(lo, hi]` the target has and the source no
+    /// longer has, a deleted version at `version` (one `INSERT … SELECT` in ClickHouse;
+    /// keys compare in the columns' own types, String byte-wise as relay-inner ordered
+    /// them).
+    pub(super) async fn chunk_end(
+        &mut self,
+        t: usize,
+        version: u64,
+        lo: Option<Vec<Value>>,
+        hi: Option<Vec<Value>>,
+        keys: Vec<Vec<Value>>,
+    ) -> Result<(), Flow> {
+        // The chunk's rows go first.
+        self.dispatch(t).await?;
+        self.drain().await?;
+        let table = self.tables[t].clone();
+        if table.keys.is_empty() {
+            return Ok(());
+        }
+        let full = table.rel.replica_identity == b'f';
+        let structure: Vec<String> = table
+            .keys
+            .iter()
+            .map(|&i| format!("{} {}", table.cols[i].sql, table.cols[i].ty.ddl(!full)))
+            .collect();
+        let structure = literal(&structure.join(", "));
+        let seq = self.seq;
+        let rows = |vals: &[Vec<Value>]| -> Result<String, SinkError> {
+            let mut data = Vec::new();
+            for k in vals {
+                data.push(b'{');
+                for (n, &i) in table.keys.iter().enumerate() {
+                    if n > 0 {
+                        data.push(b',');
+                    }
+                    data.extend_from_slice(&table.cols[i].prefix);
+                    let text = match k.get(n) {
+                        Some(Value::Text(s)) => Some(s.as_str()),
+                        _ => None,
+                    };
+                    write_value(&mut data, &table.cols[i].ty, text).map_err(|e| {
+                        SinkError::new(
+                            "data",
+                            seq,
+                            format!("a resync key of {}: {e}", table.target),
+                        )
+                    })?;
+                }
+                data.extend_from_slice(b"}\n");
+            }
+            Ok(literal(&String::from_utf8_lossy(&data)))
+        };
+        let key_list: Vec<&str> = table
+            .keys
+            .iter()
+            .map(|&i| table.cols[i].sql.as_str())
+            .collect();
+        let keys_sql = key_list.join(", ");
+        let mut conds = Vec::new();
+        for (bound, op) in [(&lo, ">"), (&hi, "<=")] {
+            if let Some(b) = bound {
+                conds.push(format!(
+                    "({keys_sql}) {op} (SELECT {keys_sql} FROM format(JSONEachRow, {structure}, {}))",
+                    rows(std::slice::from_ref(b))?
+                ));
+            }
+        }
+        if !keys.is_empty() {
+            conds.push(format!(
+                "({keys_sql}) NOT IN (SELECT {keys_sql} FROM format(JSONEachRow, {structure}, {}))",
+                rows(&keys)?
+            ));
+        }
+        let sql = format!(
+            "INSERT INTO {} ({keys_sql}, {VERSION_COL}, {DELETED_COL}) SELECT {keys_sql}, {version}, 1 \
+             FROM {} FINAL{}",
+            table.target,
+            table.target,
+            if conds.is_empty() {
+                String::new()
+            } else {
+                format!(" WHERE {}", conds.join(" AND "))
+            }
+        );
+        self.query(&sql).await?;
         Ok(())
     }
 }

@@ -158,18 +158,7 @@ impl Client {
     }
 }
 
-/// `s` for a URL's query string: unreserved characters as they are, the rest as `%XX`.
-pub fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() * 3 / 2);
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+pub use routy_ops::admin_client::percent_encode;
 
 /// The `N` of `Code: N.` in an exception text.
 pub fn exception_code(text: &str) -> Option<u32> {

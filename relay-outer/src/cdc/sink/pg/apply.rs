@@ -18,6 +18,7 @@ use super::{pg_error, target_config, PgSinkConfig, MISSING_ROWS};
 use crate::cdc::sink::{Flow, Position, SinkError};
 
 mod ddl;
+mod resync;
 
 /// Rows per batched insert statement.
 const CHUNK_ROWS: usize = 2000;
@@ -482,6 +483,7 @@ impl Conn {
                     tracing::debug!(sink = %self.cfg.name, seq, transactional, prefix = %prefix,
                         bytes = content.len(), "logical message ignored");
                 }
+                Event::Chunk { rel, lo, hi, keys } => self.chunk(rel, lo, hi, keys).await?,
                 Event::Snapshot { rel, phase, value } => {
                     self.flush().await?;
                     self.ensure_table(rel).await?;
@@ -492,6 +494,10 @@ impl Conn {
                                 "initial copy starts; emptying the target table");
                             let sql = format!("TRUNCATE {}", t.ident);
                             self.send_simple(&sql, "emptying the table for its initial copy");
+                        }
+                        SnapshotPhase::Resync => {
+                            tracing::info!(sink = %self.cfg.name, seq, table = %t.display,
+                                "resync starts: rows are replaced chunk by chunk, the table is not emptied");
                         }
                         SnapshotPhase::Done => {
                             tracing::info!(sink = %self.cfg.name, seq, table = %t.display,

@@ -1,0 +1,494 @@
+//! Resync: one table copied again while the stream goes on, in chunks by key, with
+//! watermarks (the approach of DBLog and of Debezium's incremental snapshots).
+//!
+//! For each chunk relay-inner writes a low watermark into the WAL (a non-transactional
+//! logical message), reads the next `resync_chunk_rows` rows after the last key copied
+//! (ordinary connection, READ COMMITTED), and writes a high watermark. The stream brings
+//! the watermarks back in WAL order, with every transaction that committed between them:
+//! a row such a transaction touched is newer in the stream than in the chunk, so it is
+//! dropped from the chunk. At the high watermark the rest of the chunk is spooled as
+//! inserts, then an [`Event::Chunk`] naming the key range and every key the source has
+//! in it, so a sink that keeps rows deletes the ones the source no longer has: the
+//! target's table ends as the source's without ever being emptied. Only then does the
+//! chunk count as done (the state file keeps the last key copied): a restart goes on
+//! with the next chunk.
+
+use std::collections::{HashMap, VecDeque};
+
+use relay_proto::cdc::{Event, Record, Relation, SnapshotPhase, Value};
+
+use super::super::catalog::ident;
+use super::super::snapshot::ResyncProgress;
+use super::super::{SourceError, RECORD_TARGET_BYTES};
+use super::{bounded, relation_size, values_size, ReplicationStream, Streamer};
+
+/// Prefix of the watermark messages relay-inner writes into the source's WAL.
+pub const WATERMARK_PREFIX: &str = "routy.resync";
+/// Counter: rows copied by resyncs, by `source` and `table`.
+pub const RESYNC_ROWS_TOTAL: &str = "routy_cdc_source_resync_rows_total";
+/// Counter: resync chunks done, by `source` and `table`.
+pub const RESYNC_CHUNKS_TOTAL: &str = "routy_cdc_source_resync_chunks_total";
+
+/// A chunk read and waiting for its watermarks to come back in the stream.
+struct Window {
+    n: u64,
+    table: String,
+    /// The relation as the chunk leaves relay-inner.
+    rel: Relation,
+    /// Key column indexes in `rel`.
+    keys: Vec<usize>,
+    /// Whether a sink may delete by range (no key column masked).
+    ranged: bool,
+    /// The chunk's rows, as they leave relay-inner.
+    rows: Vec<Vec<Value>>,
+    /// The last key of the chunk as the source has it (where the next chunk starts).
+    last: Option<Vec<Value>>,
+    /// Fewer rows than asked for: the table's end.
+    end: bool,
+    low_seen: bool,
+    /// Keys the stream changed between the watermarks: present after the change or not.
+    touched: HashMap<Vec<Value>, bool>,
+    /// The table was truncated between the watermarks.
+    truncated: bool,
+}
+
+/// The resyncs of one source.
+pub(crate) struct Driver {
+    /// `schema.table` waiting or running, in order.
+    jobs: VecDeque<String>,
+    window: Option<Window>,
+    /// Distinguishes this session's watermarks from earlier ones read again.
+    nonce: u32,
+    next_n: u64,
+}
+
+impl Driver {
+    /// A driver that goes on with the resyncs `pending` (from the state file).
+    pub(crate) fn new(pending: Vec<String>) -> Driver {
+        Driver {
+            jobs: pending.into(),
+            window: None,
+            nonce: rand::random(),
+            next_n: 0,
+        }
+    }
+
+    /// Whether a chunk should be started now.
+    pub(crate) fn wants_chunk(&self) -> bool {
+        self.window.is_none() && !self.jobs.is_empty()
+    }
+
+    /// The tables being resynced or waiting.
+    pub(crate) fn tables(&self) -> impl Iterator<Item = &String> {
+        self.jobs.iter()
+    }
+}
+
+fn text(v: &Value) -> Option<&str> {
+    match v {
+        Value::Text(t) => Some(t),
+        _ => None,
+    }
+}
+
+/// `'text'` as an SQL literal.
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+impl Streamer<'_> {
+    /// Takes new resync requests (from the admin endpoint) into the state file.
+    pub(super) fn take_resync_requests(&mut self) -> Result<(), SourceError> {
+        let asked = self.ctx.status.take_resync_requests();
+        if asked.is_empty() {
+            return Ok(());
+        }
+        for table in asked {
+            if self.resync.jobs.contains(&table) {
+                tracing::info!(source = %self.ctx.cfg.name, table = %table, "a resync of the table is already running");
+                continue;
+            }
+            tracing::info!(source = %self.ctx.cfg.name, table = %table, "resync requested");
+            self.state.start_resync(&table);
+            self.resync.jobs.push_back(table);
+        }
+        self.state.save()?;
+        self.publish_resyncs();
+        Ok(())
+    }
+
+    /// Shows the resyncs in `/status`.
+    pub(super) fn publish_resyncs(&self) {
+        let list = self
+            .resync
+            .tables()
+            .map(|t| {
+                let p = self.state.resync(t).cloned().unwrap_or_default();
+                serde_json::json!({
+                    "table": t,
+                    "state": if self.resync.window.as_ref().is_some_and(|w| &w.table == t) { "copying" } else { "waiting" },
+                    "rows": p.rows,
+                    "chunks": p.chunks,
+                })
+            })
+            .collect();
+        self.ctx.status.set_resyncs(list);
+    }
+
+    /// Reads the next chunk of the first resync between two watermarks.
+    pub(super) async fn start_chunk(&mut self) -> Result<(), SourceError> {
+        let Some(name) = self.resync.jobs.front().cloned() else {
+            return Ok(());
+        };
+        let cfg = &self.ctx.cfg;
+        let db = self.db;
+        let Some(t) = self.resync_tables.iter().find(|t| t.name == name).cloned() else {
+            return self.drop_resync(&name, "the table is not in postgres.tables");
+        };
+        let src = bounded(cfg, "reading the table's columns", async {
+            let mut r = db.relation(&t, &cfg.publication).await?;
+            let nums = db.attnums(&r).await?;
+            for (c, n) in r.columns.iter_mut().zip(nums) {
+                c.attnum = n;
+            }
+            Ok(r)
+        })
+        .await?;
+        let keys: Vec<usize> = src
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.key)
+            .map(|(i, _)| i)
+            .collect();
+        if keys.is_empty() || src.replica_identity == b'f' || src.replica_identity == b'n' {
+            return self.drop_resync(
+                &name,
+                "a resync reads the table in key order: it needs a primary key (or a replica identity index)",
+            );
+        }
+        let (plan, rel) = match self.shaper.plan(&src) {
+            Some((p, out)) => (Some(p), out),
+            None => (None, src.clone()),
+        };
+        let ranged = keys.iter().all(|&i| {
+            !self
+                .shaper
+                .masks(&name)
+                .is_some_and(|m| m.contains_key(&src.columns[i].name))
+        });
+        let progress = self.state.resync(&name).cloned().unwrap_or_default();
+        let n = self.resync.next_n;
+        self.resync.next_n += 1;
+        let wm = format!("{:08x}:{n}", self.resync.nonce);
+        // Key order as relay-outer compares: strings byte-wise.
+        let order = |i: usize| {
+            let c = &src.columns[i];
+            let col = ident(&c.name);
+            if c.type_name == "text" || c.type_name.starts_with("character") {
+                format!("{col} COLLATE \"C\"")
+            } else {
+                col
+            }
+        };
+        let key_sql: Vec<String> = keys.iter().map(|&i| order(i)).collect();
+        let mut conds = Vec::new();
+        if let Some(after) = &progress.after {
+            let vals: Vec<String> = keys
+                .iter()
+                .zip(after)
+                .map(|(&i, v)| {
+                    let c = &src.columns[i];
+                    let lit = format!("{}::{}", literal(v.as_deref().unwrap_or("")), c.type_name);
+                    if c.type_name == "text" || c.type_name.starts_with("character") {
+                        format!("{lit} COLLATE \"C\"")
+                    } else {
+                        lit
+                    }
+                })
+                .collect();
+            conds.push(format!("({}) > ({})", key_sql.join(", "), vals.join(", ")));
+        }
+        if let Some(w) = self.wheres.get(&name) {
+            conds.push(format!("({w})"));
+        }
+        let cols: Vec<String> = src.columns.iter().map(|c| ident(&c.name)).collect();
+        let limit = cfg.resync_chunk_rows;
+        let sql = format!(
+            "SELECT {} FROM {}.{}{} ORDER BY {} LIMIT {limit}",
+            cols.join(", "),
+            ident(&t.schema),
+            ident(&t.table),
+            if conds.is_empty() {
+                String::new()
+            } else {
+                format!(" WHERE {}", conds.join(" AND "))
+            },
+            key_sql.join(", ")
+        );
+        let emit = |what: &'static str| {
+            let content = format!("{wm}:{what}");
+            async move {
+                db.client
+                    .execute(
+                        "SELECT pg_logical_emit_message(false, $1::text, $2::text)",
+                        &[&WATERMARK_PREFIX, &content],
+                    )
+                    .await?;
+                Ok(())
+            }
+        };
+        bounded(cfg, "writing a resync's low watermark", emit("low")).await?;
+        let got = bounded(cfg, "reading a resync chunk", async {
+            Ok(db.client.simple_query(&sql).await?)
+        })
+        .await?;
+        bounded(cfg, "writing a resync's high watermark", emit("high")).await?;
+        let mut raw_rows = Vec::new();
+        for m in got {
+            if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                let vals: Vec<Value> = (0..src.columns.len())
+                    .map(|i| match r.get(i) {
+                        Some(s) => Value::Text(s.to_string()),
+                        None => Value::Null,
+                    })
+                    .collect();
+                raw_rows.push(vals);
+            }
+        }
+        let end = raw_rows.len() < limit;
+        let last = raw_rows
+            .last()
+            .map(|r| keys.iter().map(|&i| r[i].clone()).collect::<Vec<_>>());
+        let rows: Vec<Vec<Value>> = raw_rows
+            .into_iter()
+            .map(|r| match &plan {
+                Some(p) => self.shaper.apply(p, r),
+                None => r,
+            })
+            .collect();
+        // Key positions in the relation as it leaves relay-inner.
+        let out_keys: Vec<usize> = rel
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.key)
+            .map(|(i, _)| i)
+            .collect();
+        tracing::debug!(source = %cfg.name, table = %name, chunk = n, rows = rows.len(), "resync chunk read");
+        self.resync.window = Some(Window {
+            n,
+            table: name,
+            rel,
+            keys: out_keys,
+            ranged,
+            rows,
+            last,
+            end,
+            low_seen: false,
+            touched: HashMap::new(),
+            truncated: false,
+        });
+        self.publish_resyncs();
+        Ok(())
+    }
+
+    fn drop_resync(&mut self, table: &str, why: &str) -> Result<(), SourceError> {
+        tracing::error!(source = %self.ctx.cfg.name, table, "resync refused: {why}");
+        self.ctx
+            .status
+            .set_error(Some(format!("resync of {table} refused: {why}")));
+        self.resync.jobs.retain(|t| t != table);
+        self.state.finish_resync(table);
+        self.state.save()?;
+        self.publish_resyncs();
+        Ok(())
+    }
+
+    /// A row change between a chunk's watermarks supersedes the chunk's copy of the row.
+    pub(super) fn resync_touch(&mut self, ev: &Event) {
+        let Some(w) = self.resync.window.as_mut() else {
+            return;
+        };
+        if !w.low_seen {
+            return;
+        }
+        let (rel, rows): (u32, Vec<(&[Value], bool)>) = match ev {
+            Event::Insert { rel, new } => (*rel, vec![(new, true)]),
+            Event::Update { rel, old, new } => {
+                let mut v = vec![(new.as_slice(), true)];
+                if let Some(o) = old {
+                    v.insert(0, (o.values.as_slice(), false));
+                }
+                (*rel, v)
+            }
+            Event::Delete { rel, old } => (*rel, vec![(old.values.as_slice(), false)]),
+            Event::Truncate { rels, .. } => {
+                if rels.contains(&w.rel.id) {
+                    w.truncated = true;
+                    w.touched.clear();
+                }
+                return;
+            }
+            _ => return,
+        };
+        if rel != w.rel.id {
+            return;
+        }
+        for (vals, present) in rows {
+            let key: Vec<Value> = w
+                .keys
+                .iter()
+                .map(|&i| vals.get(i).cloned().unwrap_or(Value::Null))
+                .collect();
+            w.touched.insert(key, present);
+        }
+    }
+
+    /// A watermark came back in the stream.
+    pub(super) async fn on_watermark(
+        &mut self,
+        s: &mut ReplicationStream,
+        content: &[u8],
+    ) -> Result<(), SourceError> {
+        let content = String::from_utf8_lossy(content);
+        let Some(w) = self.resync.window.as_mut() else {
+            return Ok(());
+        };
+        let me = format!("{:08x}:{}", self.resync.nonce, w.n);
+        match content.strip_prefix(&me) {
+            Some(":low") => {
+                w.low_seen = true;
+                Ok(())
+            }
+            Some(":high") if w.low_seen => self.finish_chunk(s).await,
+            // A watermark of an earlier chunk or session, read again.
+            _ => Ok(()),
+        }
+    }
+
+    /// Spools what is left of the chunk, its end, and records the progress.
+    async fn finish_chunk(&mut self, s: &mut ReplicationStream) -> Result<(), SourceError> {
+        let Some(w) = self.resync.window.take() else {
+            return Ok(());
+        };
+        if !self.events.is_empty() {
+            // Not expected between transactions; keep the order.
+            self.cut(s, 0).await?;
+        }
+        let mut progress = self.state.resync(&w.table).cloned().unwrap_or_default();
+        let rel_bytes = relation_size(&w.rel);
+        let spool = self.ctx.spool.clone();
+        if !progress.started {
+            spool
+                .append(&Record {
+                    lsn: 0,
+                    events: vec![
+                        Event::Relation(w.rel.clone()),
+                        Event::Snapshot {
+                            rel: w.rel.id,
+                            phase: SnapshotPhase::Resync,
+                            value: 0,
+                        },
+                    ],
+                })
+                .await?;
+            progress.started = true;
+        }
+        let key_of = |r: &[Value]| -> Vec<Value> {
+            w.keys
+                .iter()
+                .map(|&i| r.get(i).cloned().unwrap_or(Value::Null))
+                .collect()
+        };
+        let mut live: Vec<Vec<Value>> = Vec::new();
+        let mut events = vec![Event::Relation(w.rel.clone())];
+        let mut bytes = rel_bytes;
+        let mut sent = 0u64;
+        for r in &w.rows {
+            let k = key_of(r);
+            if w.truncated || w.touched.contains_key(&k) {
+                continue;
+            }
+            live.push(k);
+            bytes += values_size(r) + 8;
+            events.push(Event::Insert {
+                rel: w.rel.id,
+                new: r.clone(),
+            });
+            sent += 1;
+            if bytes >= RECORD_TARGET_BYTES {
+                let evs = std::mem::replace(&mut events, vec![Event::Relation(w.rel.clone())]);
+                spool
+                    .append(&Record {
+                        lsn: 0,
+                        events: evs,
+                    })
+                    .await?;
+                bytes = rel_bytes;
+            }
+        }
+        live.extend(
+            w.touched
+                .iter()
+                .filter(|(_, present)| **present)
+                .map(|(k, _)| k.clone()),
+        );
+        if w.ranged {
+            let lo = progress.after.as_ref().map(|a| {
+                a.iter()
+                    .map(|v| v.clone().map_or(Value::Null, Value::Text))
+                    .collect()
+            });
+            events.push(Event::Chunk {
+                rel: w.rel.id,
+                lo,
+                hi: if w.end { None } else { w.last.clone() },
+                keys: live,
+            });
+        }
+        progress.rows += sent;
+        progress.chunks += 1;
+        if w.end {
+            events.push(Event::Snapshot {
+                rel: w.rel.id,
+                phase: SnapshotPhase::Done,
+                value: progress.rows,
+            });
+        }
+        if events.len() > 1 {
+            spool.append(&Record { lsn: 0, events }).await?;
+        }
+        spool.sync().await?;
+        let label = self.ctx.label();
+        metrics::counter!(RESYNC_ROWS_TOTAL, "source" => label.clone(), "table" => w.table.clone())
+            .increment(sent);
+        metrics::counter!(RESYNC_CHUNKS_TOTAL, "source" => label, "table" => w.table.clone())
+            .increment(1);
+        if let Some(last) = &w.last {
+            progress.after = Some(last.iter().map(|v| text(v).map(str::to_string)).collect());
+        }
+        if w.end {
+            tracing::info!(source = %self.ctx.cfg.name, table = %w.table, rows = progress.rows,
+                chunks = progress.chunks, "resync done");
+            self.resync.jobs.retain(|t| t != &w.table);
+            self.state.finish_resync(&w.table);
+        } else {
+            self.state.set_resync(&w.table, progress);
+        }
+        self.state.save()?;
+        self.publish_resyncs();
+        Ok(())
+    }
+}
+
+impl Default for ResyncProgress {
+    fn default() -> Self {
+        ResyncProgress {
+            after: None,
+            rows: 0,
+            chunks: 0,
+            started: false,
+        }
+    }
+}
