@@ -914,17 +914,21 @@ pub fn event_json(seq: u64, ev: &Event, rels: &Relations) -> serde_json::Value {
             SnapshotPhase::Resync => json!({"table": table_name(rels, *rel)}),
         },
         Event::Chunk { rel, lo, hi, keys } => {
-            let key = |v: &Option<Vec<Value>>| {
-                v.as_ref().map(|v| {
-                    v.iter()
-                        .map(|x| match x {
-                            Value::Text(t) => serde_json::Value::String(t.clone()),
-                            _ => serde_json::Value::Null,
-                        })
-                        .collect::<Vec<_>>()
-                })
+            // Keys as arrays of the key columns' values (text), in column order.
+            let key = |v: &[Value]| {
+                v.iter()
+                    .map(|x| match x {
+                        Value::Text(t) => serde_json::Value::String(t.clone()),
+                        _ => serde_json::Value::Null,
+                    })
+                    .collect::<Vec<_>>()
             };
-            json!({"table": table_name(rels, *rel), "after": key(lo), "through": key(hi), "keys": keys.len()})
+            json!({
+                "table": table_name(rels, *rel),
+                "after": lo.as_deref().map(key),
+                "through": hi.as_deref().map(key),
+                "keys": keys.iter().map(|k| key(k)).collect::<Vec<_>>(),
+            })
         }
     };
     v["seq"] = seq.into();
@@ -1157,6 +1161,42 @@ mod tests {
         for cut in 1..tail {
             let _ = Record::decode(&bytes[..cut]);
         }
+    }
+
+    #[test]
+    fn resync_events_round_trip() {
+        let t = |s: &str| Value::Text(s.into());
+        let rec = Record {
+            lsn: 0,
+            events: vec![
+                Event::Snapshot {
+                    rel: 7,
+                    phase: SnapshotPhase::Resync,
+                    value: 0,
+                },
+                Event::Chunk {
+                    rel: 7,
+                    lo: None,
+                    hi: Some(vec![t("10"), t("b")]),
+                    keys: vec![vec![t("1"), t("a")], vec![t("10"), t("b")]],
+                },
+                Event::Chunk {
+                    rel: 7,
+                    lo: Some(vec![t("10"), t("b")]),
+                    hi: None,
+                    keys: Vec::new(),
+                },
+            ],
+        };
+        let enc = rec.encode();
+        assert_eq!(Record::decode(&enc).unwrap(), rec);
+        for n in 0..enc.len() {
+            assert!(Record::decode(&enc[..n]).is_err());
+        }
+        let j = event_json(3, &rec.events[1], &Relations::default());
+        assert_eq!(j["event"], "resync_chunk");
+        assert_eq!(j["through"], serde_json::json!(["10", "b"]));
+        assert_eq!(j["keys"][0], serde_json::json!(["1", "a"]));
     }
 
     #[test]

@@ -141,3 +141,90 @@ fn resync_replaces_a_drifted_table_while_writes_go_on_and_resumes_after_a_kill()
             >= 1.0
     );
 }
+
+#[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
+fn resync_replaces_clickhouse_rows_and_tells_stream_consumers() {
+    require_root();
+    let ch = routy_e2e::clickhouse::ClickHouse::start();
+    let nats = routy_e2e::nats::NatsServer::start();
+    let sinks = format!(
+        "    - name: warehouse\n      source: site-a/main\n      clickhouse:\n        url: \"{}\"\n        database: analytics\n        batch: {{ max_rows: 2000, max_delay: 50ms }}\n\
+         \x20   - name: stream\n      source: site-a/main\n      nats:\n        url: \"{}\"\n        stream: CDC\n        subject_prefix: cdc\n        message: transaction\n",
+        ch.url(),
+        nats.url()
+    );
+    let rig = CdcRig::start(RigOpts {
+        setup_sql: "CREATE TABLE public.r (id int PRIMARY KEY, v text, n int);\
+                    INSERT INTO public.r SELECT g * 2, md5(g::text), 0 FROM generate_series(1, 3000) g;"
+            .into(),
+        tables: vec![TABLE.into()],
+        source_extra: "      resync_chunk_rows: 250\n".into(),
+        extra_sinks: sinks,
+        ..RigOpts::default()
+    });
+    rig.wait_in_sync(&[TABLE], CATCH_UP);
+    let rows = "SELECT coalesce(string_agg(id || ',' || v || ',' || n, E'\\n' ORDER BY id), '') FROM public.r";
+    let ch_rows = "SELECT concat(toString(id), ',', v, ',', toString(n)) FROM analytics.r FINAL ORDER BY id FORMAT TSVRaw";
+    let want = rig.source.psql(rows);
+    try_wait_until(CATCH_UP, "ClickHouse has the table", || {
+        ch.try_query(ch_rows)
+            .is_ok_and(|g| g.trim_end() == want.trim_end())
+    })
+    .unwrap();
+    // ClickHouse drifts (versions below any the sink writes): rows it should not have,
+    // one gone, one wrong.
+    ch.query("INSERT INTO analytics.r (id, v, n, _routy_version, _routy_deleted) VALUES (3, 'extra', 0, 1, 0), (99999, 'extra', 0, 1, 0)");
+    ch.query("INSERT INTO analytics.r (id, v, n, _routy_version, _routy_deleted) VALUES (4, '', 0, 1, 1)");
+    ch.query("INSERT INTO analytics.r (id, v, n, _routy_version, _routy_deleted) VALUES (6, 'wrong', 0, 1, 0)");
+    let load = rig.pgbench(
+        LOAD.replace("30000", "3000")
+            .replace("40000", "4000")
+            .as_str(),
+        1,
+        5,
+    );
+    let (ok, said) = resync(&rig, TABLE);
+    assert!(ok, "{said}");
+    let out = load.finish();
+    assert!(out.contains("number of failed transactions: 0"), "{out}");
+    try_wait_until(CATCH_UP, "the resync is done", || {
+        resync_status(&rig).as_array().is_some_and(|a| a.is_empty())
+    })
+    .unwrap();
+    rig.wait_in_sync(&[TABLE], CATCH_UP);
+    let want = rig.source.psql(rows);
+    try_wait_until(CATCH_UP, "ClickHouse equals the source again", || {
+        ch.try_query(ch_rows)
+            .is_ok_and(|g| g.trim_end() == want.trim_end())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", rig.outer().status()));
+    // Stream consumers are told too: the start, each chunk with its keys, the end.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let msgs = rt.block_on(nats.read_stream("CDC"));
+    let events: Vec<serde_json::Value> = msgs
+        .iter()
+        .map(|m| serde_json::from_slice(&m.payload).expect("JSON body"))
+        .collect();
+    let kinds = |k: &str| events.iter().filter(|e| e["event"] == k).count();
+    assert_eq!(kinds("resync_start"), 1);
+    assert!(
+        kinds("resync_chunk") >= 12,
+        "{} chunks",
+        kinds("resync_chunk")
+    );
+    let last = events
+        .iter()
+        .rfind(|e| e["event"] == "resync_chunk")
+        .unwrap();
+    assert!(
+        last["through"].is_null() && last["keys"].is_array(),
+        "{last}"
+    );
+}
