@@ -163,12 +163,19 @@ impl InnerRelay {
         let old = self.config();
         restart_needed("admin.listen", &old.admin_listen, &new.admin_listen)?;
         restart_needed("threads", &old.threads, &new.threads)?;
-        if new.cdc != old.cdc {
-            return Err(
-                "the cdc section changed: that needs a restart (sources, spool and shipping are set up at start)"
-                    .into(),
-            );
-        }
+        let cdc_reload = match (&old.cdc, &new.cdc, &self.cdc) {
+            (a, b, _) if a == b => None,
+            (Some(_), Some(b), Some(cdc)) => {
+                cdc.reloadable(b)?;
+                Some(b.clone())
+            }
+            _ => {
+                return Err(
+                    "the cdc section changed: that needs a restart (sources, spool and shipping are set up at start)"
+                        .into(),
+                )
+            }
+        };
         self.services
             .replace(ServiceTable::new(&new.node, &new.services));
         let wanted: HashMap<String, OuterEndpoint> =
@@ -204,8 +211,13 @@ impl InnerRelay {
         }
         let old_services: Vec<&String> = old.services.keys().collect();
         info!(?old_services, new_services = ?services, "service table replaced");
+        let mut restarted = Vec::new();
+        if let (Some(c), Some(cdc)) = (cdc_reload, &self.cdc) {
+            restarted = cdc.reload(&c, &self.drain);
+            info!(sources = ?restarted, "CDC sources restarted with their new tables and filters");
+        }
         Ok(format!(
-            "services {services:?}; endpoints added {added:?}, removed {removed:?}"
+            "services {services:?}; endpoints added {added:?}, removed {removed:?}; cdc sources restarted {restarted:?}"
         ))
     }
 }

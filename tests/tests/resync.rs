@@ -228,3 +228,105 @@ fn resync_replaces_clickhouse_rows_and_tells_stream_consumers() {
         "{last}"
     );
 }
+
+#[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
+fn a_table_added_by_reload_is_copied_then_streamed_and_a_removed_one_stops() {
+    require_root();
+    let mut rig = CdcRig::start(RigOpts {
+        setup_sql: "CREATE TABLE public.a (id int PRIMARY KEY, v int);\
+                    INSERT INTO public.a SELECT g, 0 FROM generate_series(1, 500) g;\
+                    CREATE TABLE public.b (id int PRIMARY KEY, v int);\
+                    INSERT INTO public.b SELECT g, 0 FROM generate_series(1, 5000) g;"
+            .into(),
+        tables: vec!["public.a".into()],
+        source_extra: "      resync_chunk_rows: 500\n".into(),
+        ..RigOpts::default()
+    });
+    rig.wait_in_sync(&["public.a"], CATCH_UP);
+    let load = rig.pgbench(
+        "\\set i random(1, 6000)\n\
+         INSERT INTO public.b VALUES (:i, 1) ON CONFLICT (id) DO UPDATE SET v = b.v + 1;\n\
+         \\set j random(1, 500)\n\
+         UPDATE public.a SET v = v + 1 WHERE id = :j;\n\\sleep 2 ms\n",
+        2,
+        8,
+    );
+    reload(
+        &mut rig,
+        "tables: [public.a]",
+        "tables: [public.a, public.b]",
+    );
+    let out = load.finish();
+    assert!(out.contains("number of failed transactions: 0"), "{out}");
+    let rows = "SELECT coalesce(string_agg(id || '=' || v, ',' ORDER BY id), '') FROM public.b";
+    if try_wait_until(CATCH_UP, "public.b identical", || {
+        rig.target.try_psql(rows).ok() == rig.source.try_psql(rows).ok()
+    })
+    .is_err()
+    {
+        let (src, dst) = (rig.source.psql(rows), rig.target.psql(rows));
+        let (s, d): (Vec<&str>, Vec<&str>) = (src.split(',').collect(), dst.split(',').collect());
+        let missing: Vec<_> = s.iter().filter(|x| !d.contains(x)).take(10).collect();
+        let extra: Vec<_> = d.iter().filter(|x| !s.contains(x)).take(10).collect();
+        panic!(
+            "public.b differs: source has {missing:?}, target {extra:?}\n{}",
+            routy_e2e::log_tail(&rig.inner().proc.log(), 80)
+        );
+    }
+    rig.wait_in_sync(&["public.a", "public.b"], CATCH_UP);
+    assert!(
+        rig.inner().metric(
+            "routy_cdc_source_resync_rows_total",
+            &[("table", "public.b")]
+        ) > 0.0,
+        "public.b was copied by a resync"
+    );
+    // Removed: out of the publication, its changes no longer reach the target.
+    reload(
+        &mut rig,
+        "tables: [public.a, public.b]",
+        "tables: [public.b]",
+    );
+    try_wait_until(CATCH_UP, "public.a leaves the publication", || {
+        rig.source
+            .psql("SELECT count(*) FROM pg_publication_tables WHERE pubname = 'routy_main' AND tablename = 'a'")
+            == "0"
+    })
+    .unwrap();
+    rig.source
+        .psql("UPDATE public.a SET v = -1; INSERT INTO public.b VALUES (100000, 7)");
+    try_wait_until(CATCH_UP, "public.b still streams", || {
+        rig.target
+            .try_psql("SELECT v FROM public.b WHERE id = 100000")
+            .is_ok_and(|v| v == "7")
+    })
+    .unwrap();
+    assert_eq!(
+        rig.target
+            .psql("SELECT count(*) FROM public.a WHERE v = -1"),
+        "0",
+        "a removed table's changes still arrive"
+    );
+}
+
+/// Rewrites relay-inner's config (`from` → `to`) and reloads it by SIGHUP.
+fn reload(rig: &mut CdcRig, from: &str, to: &str) {
+    let path = rig.inner().config.clone();
+    let cfg = std::fs::read_to_string(&path).unwrap();
+    assert!(cfg.contains(from), "{cfg}");
+    std::fs::write(&path, cfg.replace(from, to)).unwrap();
+    let ok = |rig: &CdcRig| {
+        rig.inner()
+            .metric("routy_config_reloads_total", &[("result", "ok")])
+    };
+    let before = ok(rig);
+    rig.inner.as_mut().unwrap().proc.signal(libc::SIGHUP);
+    try_wait_until(Duration::from_secs(20), "the reload is done", || {
+        ok(rig) > before
+    })
+    .unwrap();
+}

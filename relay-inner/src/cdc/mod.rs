@@ -53,10 +53,51 @@ pub const SPOOL_BYTES: &str = "routy_cdc_spool_bytes";
 
 /// One source at run time.
 struct SourceRt {
+    /// The configuration as started (tables and filters change by reload: `current`).
     cfg: SourceConfig,
+    /// The configuration the running task has.
+    current: Mutex<SourceConfig>,
     spool: Arc<Spool>,
     status: Arc<SourceStatus>,
     ships: Mutex<Vec<Arc<ShipStatus>>>,
+    /// Stops the running task (for a reload that restarts it).
+    task: Mutex<Option<(Drain, tokio::task::JoinHandle<()>)>>,
+}
+
+impl SourceRt {
+    fn current(&self) -> SourceConfig {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Starts the source task with `cfg`; it stops on `drain` or on its own stop.
+    fn spawn(&self, cfg: SourceConfig, drain: &Drain) {
+        let stop = Drain::new();
+        let (spool, status) = (self.spool.clone(), self.status.clone());
+        info!(source = %cfg.name, slot = %cfg.slot, tables = ?cfg.tables, "CDC source starting");
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = cfg.clone();
+        let (own, all) = (stop.clone(), drain.clone());
+        let task = tokio::spawn(async move {
+            let name = cfg.name.clone();
+            let both = Drain::new();
+            let b = both.clone();
+            // Stops on relay-inner's drain or on this source's own stop (a reload).
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = own.stopping() => {}
+                    _ = all.stopping() => {}
+                }
+                b.stop();
+            });
+            // The source logs its own fatal error with what to do.
+            if let Err(e) = source::run(cfg, spool, both, status).await {
+                debug!(source = %name, "CDC source task ended: {e}");
+            }
+        });
+        *self.task.lock().unwrap_or_else(|p| p.into_inner()) = Some((stop, task));
+    }
 }
 
 /// Every source of the forwarder.
@@ -93,26 +134,15 @@ impl Cdc {
             };
             sources.push(SourceRt {
                 cfg: s.clone(),
+                current: Mutex::new(s.clone()),
                 spool,
                 status: Arc::new(SourceStatus::default()),
                 ships: Mutex::new(Vec::new()),
+                task: Mutex::new(None),
             });
         }
         for s in &sources {
-            let (cfg, spool, status, stop) = (
-                s.cfg.clone(),
-                s.spool.clone(),
-                s.status.clone(),
-                drain.clone(),
-            );
-            info!(source = %cfg.name, slot = %cfg.slot, tables = ?cfg.tables, "CDC source starting");
-            tokio::spawn(async move {
-                let name = cfg.name.clone();
-                // The source logs its own fatal error with what to do.
-                if let Err(e) = source::run(cfg, spool, stop, status).await {
-                    debug!(source = %name, "CDC source task ended: {e}");
-                }
-            });
+            s.spawn(s.cfg.clone(), drain);
         }
         let cdc = Arc::new(Cdc {
             cfg: cfg.clone(),
@@ -193,10 +223,10 @@ impl Cdc {
                 "no cdc source named {source:?} (sources: {known:?})"
             )));
         };
-        if !s.cfg.tables.iter().any(|t| t == table) {
+        let tables = s.current().tables;
+        if !tables.iter().any(|t| t == table) {
             return Err(ResyncRefused::Unknown(format!(
-                "source {source} does not forward table {table:?} (postgres.tables: {:?})",
-                s.cfg.tables
+                "source {source} does not forward table {table:?} (postgres.tables: {tables:?})"
             )));
         }
         if s.status.phase() == "failed" {
@@ -208,6 +238,60 @@ impl Cdc {
         info!(source, table, "resync requested through the admin endpoint");
         s.status.request_resync(table);
         Ok(())
+    }
+
+    /// Whether `new` differs from the running configuration only in what a reload can
+    /// apply: the sources' tables, filters, masks and resync chunk size (each changed
+    /// source restarts; a table added is copied by a resync, then streamed).
+    pub fn reloadable(&self, new: &CdcConfig) -> Result<(), String> {
+        let fixed = |c: &CdcConfig| {
+            let mut c = c.clone();
+            for s in &mut c.sources {
+                s.tables.clear();
+                s.filters.clear();
+                s.mask_key_file = None;
+                s.resync_chunk_rows = 0;
+            }
+            c
+        };
+        if fixed(&self.cfg) != fixed(new) {
+            return Err(
+                "the cdc section changed beyond the sources' tables, filters and resync_chunk_rows: \
+                 that needs a restart (sources, spool and shipping are set up at start)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Restarts each source whose tables, filters or resync chunk size changed in `new`
+    /// (checked with [`Cdc::reloadable`] first); returns the sources restarted.
+    pub fn reload(self: &Arc<Self>, new: &CdcConfig, drain: &Drain) -> Vec<String> {
+        let mut restarted = Vec::new();
+        for (i, s) in self.sources.iter().enumerate() {
+            let Some(n) = new.sources.iter().find(|n| n.name == s.cfg.name) else {
+                continue;
+            };
+            if *n == s.current() {
+                continue;
+            }
+            *s.current.lock().unwrap_or_else(|p| p.into_inner()) = n.clone();
+            let old = s.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+            restarted.push(n.name.clone());
+            let (cdc, n, drain) = (self.clone(), n.clone(), drain.clone());
+            // The old task stops (it syncs and confirms) and ends before the new one
+            // starts: one task at a time writes the spool and uses the slot.
+            tokio::spawn(async move {
+                if let Some((stop, task)) = old {
+                    stop.stop();
+                    let _ = task.await;
+                }
+                if !drain.is_stopping() {
+                    cdc.sources[i].spawn(n, &drain);
+                }
+            });
+        }
+        restarted
     }
 
     /// `/status` view.

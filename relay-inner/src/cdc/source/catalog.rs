@@ -282,6 +282,41 @@ impl Db {
         Ok(())
     }
 
+    /// Takes `table` (`schema.table`) out of the publication, if it is in it.
+    pub(crate) async fn drop_from_publication(
+        &self,
+        publication: &str,
+        table: &str,
+    ) -> Result<(), SourceError> {
+        let Some((schema, name)) = table.split_once('.') else {
+            return Ok(());
+        };
+        let present = self
+            .client
+            .query_opt(
+                "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+                &[&publication, &schema, &name],
+            )
+            .await?
+            .is_some();
+        if present {
+            self.client
+                .batch_execute(&format!(
+                    "ALTER PUBLICATION {} DROP TABLE {}.{}",
+                    ident(publication),
+                    ident(schema),
+                    ident(name)
+                ))
+                .await?;
+            tracing::info!(
+                publication,
+                table,
+                "took a table no longer configured out of the publication"
+            );
+        }
+        Ok(())
+    }
+
     /// The server's version number (`server_version_num`).
     pub(crate) fn server_version(&self) -> i32 {
         self.server_version

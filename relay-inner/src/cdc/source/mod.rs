@@ -422,6 +422,19 @@ async fn session(ctx: &Ctx) -> Result<(), SourceError> {
     .await?;
 
     let mut state = SnapshotState::load(ctx.spool.dir(), &cfg.slot)?;
+    // Tables a reload removed: out of the publication (the sinks keep what they have).
+    let gone = state.forget_removed(&cfg.tables);
+    if !gone.is_empty() {
+        for t in &gone {
+            stream::bounded(
+                cfg,
+                "changing the publication",
+                db.drop_from_publication(&cfg.publication, t),
+            )
+            .await?;
+        }
+        state.save()?;
+    }
     let filters = stream::bounded(
         cfg,
         "setting up the table filters",
@@ -460,7 +473,17 @@ async fn session(ctx: &Ctx) -> Result<(), SourceError> {
             .filter(|t| !state.is_done(&t.name))
             .cloned()
             .collect();
-        if !pending.is_empty() {
+        if !pending.is_empty() && exported.is_none() {
+            // The slot exists: these tables were added to a running source (a reload, or
+            // a restart with a longer list) or their copy was cut off. They are copied by
+            // a resync while the stream goes on.
+            for t in &pending {
+                tracing::info!(source = %cfg.name, table = %t.name,
+                    "table not copied yet: copying it by a resync while streaming");
+                state.copy_by_resync(t);
+            }
+            state.save()?;
+        } else if !pending.is_empty() {
             ctx.status.set_phase("snapshot");
             // Keep the temporary slot's connection open until the copy is done: its
             // snapshot lives only as long as it.

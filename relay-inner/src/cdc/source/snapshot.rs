@@ -167,6 +167,30 @@ impl SnapshotState {
         self.file.resync.keys().cloned().collect()
     }
 
+    /// Marks `table` as copied by a resync (started now, while streaming): no streamed
+    /// change of it is dropped.
+    pub(crate) fn copy_by_resync(&mut self, table: &Table) {
+        self.mark(table, true, 0, 0);
+        self.start_resync(&table.name);
+    }
+
+    /// Forgets the tables no longer in `configured` (a reload removed them); returns them.
+    pub(crate) fn forget_removed(&mut self, configured: &[String]) -> Vec<String> {
+        let gone: Vec<String> = self
+            .file
+            .tables
+            .keys()
+            .filter(|t| !configured.contains(t))
+            .cloned()
+            .collect();
+        for t in &gone {
+            self.file.tables.remove(t);
+            self.file.resync.remove(t);
+            self.file.published.remove(t);
+        }
+        gone
+    }
+
     /// The filter last put into the publication for `table`.
     pub(crate) fn published(&self, table: &str) -> Option<&str> {
         self.file.published.get(table).map(String::as_str)

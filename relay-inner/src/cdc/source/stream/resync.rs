@@ -5,9 +5,11 @@
 //! logical message), reads the next `resync_chunk_rows` rows after the last key copied
 //! (ordinary connection, READ COMMITTED), and writes a high watermark. The stream brings
 //! the watermarks back in WAL order, with every transaction that committed between them:
-//! a row such a transaction touched is newer in the stream than in the chunk, so it is
-//! dropped from the chunk. At the high watermark the rest of the chunk is spooled as
-//! inserts, then an [`Event::Chunk`] naming the key range and every key the source has
+//! a row such a transaction touched is newer in the stream than in the chunk, so the
+//! chunk sends the row as those changes left it (over the chunk's copy, for values an
+//! update left unchanged), or nothing if it was deleted: a sink may not have had the row
+//! before, so the update alone would not put it there. At the high watermark the chunk is
+//! spooled as inserts, then an [`Event::Chunk`] naming the key range and every key the source has
 //! in it, so a sink that keeps rows deletes the ones the source no longer has: the
 //! target's table ends as the source's without ever being emptied. Only then does the
 //! chunk count as done (the state file keeps the last key copied): a restart goes on
@@ -46,8 +48,11 @@ struct Window {
     /// Fewer rows than asked for: the table's end.
     end: bool,
     low_seen: bool,
-    /// Keys the stream changed between the watermarks: present after the change or not.
-    touched: HashMap<Vec<Value>, bool>,
+    /// Keys the stream changed between the watermarks: the row as the changes leave it
+    /// (over the chunk's copy, for values a change left unchanged), or None once deleted.
+    touched: HashMap<Vec<Value>, Option<Vec<Value>>>,
+    /// Key → index in `rows`.
+    by_key: HashMap<Vec<Value>, usize>,
     /// The table was truncated between the watermarks.
     truncated: bool,
 }
@@ -275,6 +280,17 @@ impl Streamer<'_> {
             .filter(|(_, c)| c.key)
             .map(|(i, _)| i)
             .collect();
+        let by_key = rows
+            .iter()
+            .enumerate()
+            .map(|(n, r)| {
+                let k: Vec<Value> = out_keys
+                    .iter()
+                    .map(|&i| r.get(i).cloned().unwrap_or(Value::Null))
+                    .collect();
+                (k, n)
+            })
+            .collect();
         tracing::debug!(source = %cfg.name, table = %name, chunk = n, rows = rows.len(), "resync chunk read");
         self.resync.window = Some(Window {
             n,
@@ -287,6 +303,7 @@ impl Streamer<'_> {
             end,
             low_seen: false,
             touched: HashMap::new(),
+            by_key,
             truncated: false,
         });
         self.publish_resyncs();
@@ -305,7 +322,9 @@ impl Streamer<'_> {
         Ok(())
     }
 
-    /// A row change between a chunk's watermarks supersedes the chunk's copy of the row.
+    /// A row change between a chunk's watermarks supersedes the chunk's copy of the row:
+    /// the row as the window's changes leave it is what the chunk sends (a sink may not
+    /// have the row yet, so an update alone would not put it there).
     pub(super) fn resync_touch(&mut self, ev: &Event) {
         let Some(w) = self.resync.window.as_mut() else {
             return;
@@ -313,35 +332,47 @@ impl Streamer<'_> {
         if !w.low_seen {
             return;
         }
-        let (rel, rows): (u32, Vec<(&[Value], bool)>) = match ev {
-            Event::Insert { rel, new } => (*rel, vec![(new, true)]),
-            Event::Update { rel, old, new } => {
-                let mut v = vec![(new.as_slice(), true)];
-                if let Some(o) = old {
-                    v.insert(0, (o.values.as_slice(), false));
-                }
-                (*rel, v)
-            }
-            Event::Delete { rel, old } => (*rel, vec![(old.values.as_slice(), false)]),
-            Event::Truncate { rels, .. } => {
-                if rels.contains(&w.rel.id) {
-                    w.truncated = true;
-                    w.touched.clear();
-                }
-                return;
-            }
-            _ => return,
-        };
-        if rel != w.rel.id {
-            return;
-        }
-        for (vals, present) in rows {
-            let key: Vec<Value> = w
-                .keys
-                .iter()
+        let key_of = |keys: &[usize], vals: &[Value]| -> Vec<Value> {
+            keys.iter()
                 .map(|&i| vals.get(i).cloned().unwrap_or(Value::Null))
-                .collect();
-            w.touched.insert(key, present);
+                .collect()
+        };
+        match ev {
+            Event::Insert { rel, new } if *rel == w.rel.id => {
+                w.touched.insert(key_of(&w.keys, new), Some(new.clone()));
+            }
+            Event::Update { rel, old, new } if *rel == w.rel.id => {
+                let k = key_of(&w.keys, new);
+                if let Some(o) = old {
+                    let ok = key_of(&w.keys, &o.values);
+                    if ok != k {
+                        w.touched.insert(ok, None);
+                    }
+                }
+                // Values the change left unchanged (TOAST) come from the row before it.
+                let base: Option<Vec<Value>> = match w.touched.get(&k) {
+                    Some(b) => b.clone(),
+                    None if w.truncated => None,
+                    None => w.by_key.get(&k).map(|&n| w.rows[n].clone()),
+                };
+                let mut row = new.clone();
+                if let Some(b) = base {
+                    for (v, o) in row.iter_mut().zip(b) {
+                        if matches!(v, Value::Unchanged) {
+                            *v = o;
+                        }
+                    }
+                }
+                w.touched.insert(k, Some(row));
+            }
+            Event::Delete { rel, old } if *rel == w.rel.id => {
+                w.touched.insert(key_of(&w.keys, &old.values), None);
+            }
+            Event::Truncate { rels, .. } if rels.contains(&w.rel.id) => {
+                w.truncated = true;
+                w.touched.clear();
+            }
+            _ => {}
         }
     }
 
@@ -405,11 +436,20 @@ impl Streamer<'_> {
         let mut events = vec![Event::Relation(w.rel.clone())];
         let mut bytes = rel_bytes;
         let mut sent = 0u64;
-        for r in &w.rows {
+        // The chunk's rows the window did not touch, then the rows it touched as it left
+        // them (whole rows only: one with a value left unchanged and no copy to take it
+        // from is outside the chunk, and the target has it already).
+        let untouched = w
+            .rows
+            .iter()
+            .filter(|r| !w.truncated && !w.touched.contains_key(&key_of(r)));
+        let changed = w
+            .touched
+            .values()
+            .flatten()
+            .filter(|r| !r.iter().any(|v| matches!(v, Value::Unchanged)));
+        for r in untouched.chain(changed) {
             let k = key_of(r);
-            if w.truncated || w.touched.contains_key(&k) {
-                continue;
-            }
             live.push(k);
             bytes += values_size(r) + 8;
             events.push(Event::Insert {
@@ -431,7 +471,10 @@ impl Streamer<'_> {
         live.extend(
             w.touched
                 .iter()
-                .filter(|(_, present)| **present)
+                .filter(|(_, row)| {
+                    row.as_ref()
+                        .is_some_and(|r| r.iter().any(|v| matches!(v, Value::Unchanged)))
+                })
                 .map(|(k, _)| k.clone()),
         );
         if w.ranged {
