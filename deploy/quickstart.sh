@@ -17,6 +17,8 @@
 #   ROUTY_QUICKSTART_ONCE=1  run the query through the tunnel, check /readyz on both
 #                          relays, clean up and exit 0 (no waiting for Ctrl-C; used by
 #                          tests and CI)
+#   ROUTY_QUICKSTART_PROFILE=dev  build and run the debug binaries instead of release ones
+#                          (CI: `tests/run` has built them already)
 #   ROUTY_PG_BIN_DIR       PostgreSQL bin directory; default: the highest
 #                          /usr/lib/postgresql/*/bin
 #   RUST_LOG               log filter for both relays (default: info)
@@ -146,15 +148,21 @@ if [ -z "$PGBIN" ] || [ ! -x "$PGBIN/postgres" ]; then
 fi
 
 # --- build ---------------------------------------------------------------------------------
-say "building relay-outer and relay-inner (cargo build --release --bins)"
+PROFILE_DIR=release
+PROFILE_ARGS=(--release)
+if [ "${ROUTY_QUICKSTART_PROFILE:-release}" = dev ]; then
+    PROFILE_DIR=debug
+    PROFILE_ARGS=()
+fi
+say "building relay-outer and relay-inner (cargo build ${PROFILE_ARGS[*]} --bins)"
 cd "$ROOT"
-cargo build --release --bins --quiet
+cargo build "${PROFILE_ARGS[@]}" --bins --quiet
 TARGET=${CARGO_TARGET_DIR:-target}
 case $TARGET in /*) ;; *) TARGET=$ROOT/$TARGET ;; esac
-OUTER_BIN=$TARGET/release/relay-outer
-INNER_BIN=$TARGET/release/relay-inner
+OUTER_BIN=$TARGET/$PROFILE_DIR/relay-outer
+INNER_BIN=$TARGET/$PROFILE_DIR/relay-inner
 if [ ! -x "$OUTER_BIN" ] || [ ! -x "$INNER_BIN" ]; then
-    die "binaries not found in $TARGET/release"
+    die "binaries not found in $TARGET/$PROFILE_DIR"
 fi
 
 # --- work directory ------------------------------------------------------------------------
