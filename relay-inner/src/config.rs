@@ -85,6 +85,7 @@ struct RawSource {
     status_interval: Option<Dur>,
     receive_timeout: Option<Dur>,
     resync_chunk_rows: Option<usize>,
+    snapshot_parallelism: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -254,7 +255,12 @@ pub struct SourceConfig {
     pub receive_timeout: Duration,
     /// Rows a resync reads per chunk.
     pub resync_chunk_rows: usize,
+    /// Connections that copy one large table at once in the initial snapshot.
+    pub snapshot_parallelism: usize,
 }
+
+/// Default connections per large table in the initial copy.
+pub const DEFAULT_SNAPSHOT_PARALLELISM: usize = 4;
 
 /// Default rows a resync reads per chunk.
 pub const DEFAULT_RESYNC_CHUNK_ROWS: usize = 10_000;
@@ -526,6 +532,14 @@ fn validate_cdc(c: RawCdc, base: &Path) -> Result<CdcConfig, String> {
                 "{f}.resync_chunk_rows: {resync_chunk_rows} is not between 1 and 1000000"
             ));
         }
+        let snapshot_parallelism = s
+            .snapshot_parallelism
+            .unwrap_or(DEFAULT_SNAPSHOT_PARALLELISM);
+        if !(1..=64).contains(&snapshot_parallelism) {
+            return Err(format!(
+                "{f}.snapshot_parallelism: {snapshot_parallelism} is not between 1 and 64"
+            ));
+        }
         sources.push(SourceConfig {
             name: s.name,
             dsn: s.postgres.dsn,
@@ -539,6 +553,7 @@ fn validate_cdc(c: RawCdc, base: &Path) -> Result<CdcConfig, String> {
             status_interval,
             receive_timeout,
             resync_chunk_rows,
+            snapshot_parallelism,
         });
     }
     let b = c.batch.as_ref();

@@ -64,6 +64,7 @@ fn source_cfg(dsn: &str, name: &str, tables: &[&str]) -> SourceConfig {
         status_interval: Duration::from_secs(1),
         receive_timeout: relay_inner::config::DEFAULT_RECEIVE_TIMEOUT,
         resync_chunk_rows: relay_inner::config::DEFAULT_RESYNC_CHUNK_ROWS,
+        snapshot_parallelism: relay_inner::config::DEFAULT_SNAPSHOT_PARALLELISM,
     }
 }
 

@@ -215,6 +215,16 @@ impl SourceStatus {
         self.lock().resyncs = list;
     }
 
+    /// More rows of `table`'s copy are spooled (workers of a parallel copy add theirs).
+    fn add_snapshot_rows(&self, table: &str, n: u64) {
+        let mut s = self.lock();
+        if s.snapshot_table.as_deref() != Some(table) {
+            s.snapshot_table = Some(table.to_string());
+            s.snapshot_rows = 0;
+        }
+        s.snapshot_rows += n;
+    }
+
     fn set_confirmed(&self, lsn: u64) {
         self.lock().confirmed_lsn = lsn;
     }

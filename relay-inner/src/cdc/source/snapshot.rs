@@ -286,7 +286,7 @@ pub(crate) async fn copy_tables(
         if ctx.stop.is_stopping() {
             return Ok(false);
         }
-        let rows = copy_table(ctx, db, t, lsn, filters).await?;
+        let rows = copy_table(ctx, db, t, lsn, filters, snapshot).await?;
         state.mark(t, true, lsn, rows);
         state.save()?;
         if ctx.hooks.stop_after_tables.is_some_and(|n| i + 1 >= n) {
@@ -300,13 +300,17 @@ pub(crate) async fn copy_tables(
     Ok(true)
 }
 
-/// Copies one table; returns its row count once its Done record is durable.
+/// Copies one table; returns its row count once its Done record is durable. A large
+/// table is read in `snapshot_parallelism` ranges of its pages (`ctid`) at once, each on
+/// a connection of its own in the same exported snapshot; the rows are synced to the
+/// spool as they come, so they are shipped while the copy runs.
 async fn copy_table(
     ctx: &Ctx,
     db: &Db,
     t: &Table,
     lsn: u64,
     filters: &Filters,
+    snapshot: &str,
 ) -> Result<u64, SourceError> {
     let src_rel = bounded(
         &ctx.cfg,
@@ -319,28 +323,135 @@ async fn copy_table(
         Some((p, out)) => (Some(p), out),
         None => (None, src_rel.clone()),
     };
-    let rel_bytes = relation_size(&rel);
     let name = ctx.label();
     ctx.status.set_snapshot(Some(t.name.clone()), 0);
     tracing::info!(source = %name, table = %t.name, snapshot_lsn = %format_lsn(lsn), "copying table");
     snapshot_marker(ctx, &rel, SnapshotPhase::Start, lsn).await?;
     let cols: Vec<String> = src_rel.columns.iter().map(|c| ident(&c.name)).collect();
-    let sql = format!(
-        "COPY (SELECT {} FROM {}.{}{}) TO STDOUT",
-        if cols.is_empty() {
-            String::new()
-        } else {
-            cols.join(", ")
-        },
-        ident(&t.schema),
-        ident(&t.table),
-        filters
-            .wheres
-            .get(&t.name)
-            .map_or(String::new(), |w| format!(" WHERE ({w})"))
-    );
+    let pages: i64 = bounded(&ctx.cfg, "reading the table's size", async {
+        Ok(db
+            .client
+            .query_one(
+                "SELECT (pg_relation_size($1::oid) / current_setting('block_size')::int8)::int8",
+                &[&t.oid],
+            )
+            .await?
+            .get(0))
+    })
+    .await?;
+    let workers = ctx
+        .cfg
+        .snapshot_parallelism
+        .min((pages / PAGES_PER_WORKER).max(1) as usize)
+        .max(1);
+    let query = |range: Option<(i64, Option<i64>)>| {
+        let mut conds = Vec::new();
+        if let Some((a, b)) = range {
+            conds.push(format!("ctid >= '({a},0)'::tid"));
+            if let Some(b) = b {
+                conds.push(format!("ctid < '({b},0)'::tid"));
+            }
+        }
+        if let Some(w) = filters.wheres.get(&t.name) {
+            conds.push(format!("({w})"));
+        }
+        format!(
+            "COPY (SELECT {} FROM {}.{}{}) TO STDOUT",
+            cols.join(", "),
+            ident(&t.schema),
+            ident(&t.table),
+            if conds.is_empty() {
+                String::new()
+            } else {
+                format!(" WHERE {}", conds.join(" AND "))
+            }
+        )
+    };
+    let shape = Shape {
+        t,
+        src_rel: &src_rel,
+        rel: &rel,
+        plan: plan.as_ref(),
+        filters,
+    };
+    let rows = if workers <= 1 {
+        copy_range(ctx, &db.client, &query(None), &shape).await?
+    } else {
+        // Ranges of pages; the last one is open, for pages added since the size was read.
+        let per = pages / workers as i64 + 1;
+        let ranges: Vec<(i64, Option<i64>)> = (0..workers as i64)
+            .map(|i| (i * per, (i + 1 < workers as i64).then_some((i + 1) * per)))
+            .collect();
+        tracing::info!(source = %name, table = %t.name, pages, workers, "copying the table in parallel ranges");
+        let mut conns = Vec::with_capacity(workers - 1);
+        for _ in 1..workers {
+            let c = Db::connect(&ctx.rcfg).await?;
+            let begin = format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{snapshot}'"
+            );
+            bounded(&ctx.cfg, "joining the snapshot", async {
+                Ok(c.client.batch_execute(&begin).await?)
+            })
+            .await?;
+            conns.push(c);
+        }
+        let clients: Vec<&tokio_postgres::Client> = std::iter::once(&db.client)
+            .chain(conns.iter().map(|c| &c.client))
+            .collect();
+        let jobs = clients
+            .iter()
+            .zip(&ranges)
+            .map(|(c, r)| {
+                let sql = query(Some(*r));
+                let shape = &shape;
+                async move { copy_range(ctx, c, &sql, shape).await }
+            })
+            .collect::<Vec<_>>();
+        let done = futures::future::try_join_all(jobs).await?;
+        for c in &conns {
+            let _ = c.client.batch_execute("COMMIT").await;
+        }
+        done.iter().sum()
+    };
+    snapshot_marker(ctx, &rel, SnapshotPhase::Done, rows).await?;
+    ctx.spool.sync().await?;
+    ctx.status.set_snapshot(Some(t.name.clone()), rows);
+    tracing::info!(source = %name, table = %t.name, rows, "table copied");
+    Ok(rows)
+}
+
+/// Pages per worker below which a table is not split (8 KiB pages: 8 MiB).
+const PAGES_PER_WORKER: i64 = 1024;
+/// The copy syncs the spool (so the shipper sends the rows) at least this often.
+const COPY_SYNC_BYTES: usize = 8 << 20;
+
+/// What a copy's rows are checked and shaped with.
+struct Shape<'a> {
+    t: &'a Table,
+    src_rel: &'a Relation,
+    rel: &'a Relation,
+    plan: Option<&'a super::shape::RelPlan>,
+    filters: &'a Filters,
+}
+
+/// Runs one `COPY ... TO STDOUT` and spools its rows; returns how many.
+async fn copy_range(
+    ctx: &Ctx,
+    client: &tokio_postgres::Client,
+    sql: &str,
+    shape: &Shape<'_>,
+) -> Result<u64, SourceError> {
+    let Shape {
+        t,
+        src_rel,
+        rel,
+        plan,
+        filters,
+    } = *shape;
+    let name = ctx.label();
+    let rel_bytes = relation_size(rel);
     let copy = bounded(&ctx.cfg, "starting the COPY", async {
-        Ok(db.client.copy_out(sql.as_str()).await?)
+        Ok(client.copy_out(sql).await?)
     })
     .await?;
     futures::pin_mut!(copy);
@@ -355,6 +466,7 @@ async fn copy_table(
     let mut rows = 0u64;
     let mut events: Vec<Event> = vec![Event::Relation(rel.clone())];
     let mut bytes = rel_bytes;
+    let mut unsynced = 0usize;
     let counter =
         metrics::counter!(SNAPSHOT_ROWS_TOTAL, "source" => name.clone(), "table" => t.name.clone());
     let mut pending_rows = 0u64;
@@ -389,7 +501,7 @@ async fn copy_table(
                     src_rel.columns.len()
                 )));
             }
-            let values = match &plan {
+            let values = match plan {
                 Some(p) => filters.shaper.apply(p, values),
                 None => values,
             };
@@ -401,7 +513,8 @@ async fn copy_table(
                 )));
             }
             if events.len() > 1 && bytes + size > super::RECORD_MAX_BYTES {
-                flush_rows(ctx, &rel, &mut events, &mut bytes, rel_bytes).await?;
+                unsynced += bytes;
+                flush_rows(ctx, rel, &mut events, &mut bytes, rel_bytes).await?;
             }
             events.push(Event::Insert {
                 rel: rel.id,
@@ -415,10 +528,16 @@ async fn copy_table(
             rows += 1;
             pending_rows += 1;
             if bytes >= RECORD_TARGET_BYTES {
-                flush_rows(ctx, &rel, &mut events, &mut bytes, rel_bytes).await?;
+                unsynced += bytes;
+                flush_rows(ctx, rel, &mut events, &mut bytes, rel_bytes).await?;
                 counter.increment(pending_rows);
+                ctx.status.add_snapshot_rows(&t.name, pending_rows);
                 pending_rows = 0;
-                ctx.status.set_snapshot(Some(t.name.clone()), rows);
+                if unsynced >= COPY_SYNC_BYTES {
+                    // Durable rows are shipped: the target fills while the copy runs.
+                    ctx.spool.sync().await?;
+                    unsynced = 0;
+                }
             }
         }
         buf.drain(..start);
@@ -433,13 +552,10 @@ async fn copy_table(
         )));
     }
     if events.len() > 1 {
-        flush_rows(ctx, &rel, &mut events, &mut bytes, rel_bytes).await?;
+        flush_rows(ctx, rel, &mut events, &mut bytes, rel_bytes).await?;
     }
     counter.increment(pending_rows);
-    snapshot_marker(ctx, &rel, SnapshotPhase::Done, rows).await?;
-    ctx.spool.sync().await?;
-    ctx.status.set_snapshot(Some(t.name.clone()), rows);
-    tracing::info!(source = %name, table = %t.name, rows, "table copied");
+    ctx.status.add_snapshot_rows(&t.name, pending_rows);
     Ok(rows)
 }
 
