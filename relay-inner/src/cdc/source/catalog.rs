@@ -21,6 +21,160 @@ pub(crate) struct Table {
     pub(crate) oid: u32,
 }
 
+/// One row of `pg_attribute`, as [`resolve_attnums`] needs it.
+#[derive(Debug, Clone)]
+pub(crate) struct CatalogColumn {
+    pub(crate) attnum: u16,
+    pub(crate) name: String,
+    pub(crate) type_oid: u32,
+    pub(crate) type_modifier: i32,
+    pub(crate) dropped: bool,
+    pub(crate) generated: bool,
+}
+
+/// The `attnum` of each of `rel`'s columns, from the catalog as it is now (`catalog`,
+/// every column, in attnum order); 0 where it cannot be told.
+///
+/// pgoutput sends no attnums, and the catalog may already be newer than the relation
+/// (relay-inner reads it when the relation arrives, and further DDL may have run since).
+/// A column still there under its name and type is found by them. Then each run of
+/// columns not found between two that were (pgoutput lists columns in attnum order) is
+/// matched by position to the catalog's columns between those two that no other column
+/// took, when they are exactly as many and none is generated or of another type: that
+/// finds a column renamed since, or dropped since.
+pub(crate) fn resolve_attnums(rel: &Relation, catalog: &[CatalogColumn]) -> Vec<u16> {
+    let live = |c: &CatalogColumn| !c.dropped && !c.generated;
+    let mut out: Vec<u16> = rel
+        .columns
+        .iter()
+        .map(|c| {
+            catalog
+                .iter()
+                .find(|k| {
+                    live(k)
+                        && k.name == c.name
+                        && k.type_oid == c.type_oid
+                        && k.type_modifier == c.type_modifier
+                })
+                .map_or(0, |k| k.attnum)
+        })
+        .collect();
+    let taken: Vec<u16> = out.iter().copied().filter(|&n| n != 0).collect();
+    let mut i = 0;
+    while i < out.len() {
+        if out[i] != 0 {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < out.len() && out[i] == 0 {
+            i += 1;
+        }
+        let lo = if start == 0 { 0 } else { out[start - 1] };
+        let hi = out.get(i).copied().unwrap_or(u16::MAX);
+        let cands: Vec<&CatalogColumn> = catalog
+            .iter()
+            .filter(|k| k.attnum > lo && k.attnum < hi && !taken.contains(&k.attnum))
+            .collect();
+        if cands.len() != i - start {
+            continue;
+        }
+        let fits = cands.iter().zip(&rel.columns[start..i]).all(|(k, c)| {
+            !k.generated
+                && (k.dropped || (k.type_oid == c.type_oid && k.type_modifier == c.type_modifier))
+        });
+        if fits {
+            for (j, k) in cands.iter().enumerate() {
+                out[start + j] = k.attnum;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod attnum_tests {
+    use super::*;
+    use relay_proto::cdc::Column;
+
+    fn col(name: &str, oid: u32) -> Column {
+        Column {
+            name: name.into(),
+            type_oid: oid,
+            type_modifier: -1,
+            type_name: String::new(),
+            key: false,
+            attnum: 0,
+        }
+    }
+
+    fn cat(attnum: u16, name: &str, oid: u32, dropped: bool) -> CatalogColumn {
+        CatalogColumn {
+            attnum,
+            name: name.into(),
+            type_oid: if dropped { 0 } else { oid },
+            type_modifier: -1,
+            dropped,
+            generated: false,
+        }
+    }
+
+    fn rel(cols: Vec<Column>) -> Relation {
+        Relation {
+            id: 1,
+            schema: "public".into(),
+            name: "t".into(),
+            replica_identity: b'd',
+            columns: cols,
+        }
+    }
+
+    #[test]
+    fn columns_changed_since_are_found_by_position() {
+        // The relation still says a, b, c; since then a was renamed to a2 and c dropped,
+        // and d added.
+        let r = rel(vec![
+            col("id", 23),
+            col("a", 25),
+            col("b", 25),
+            col("c", 25),
+        ]);
+        let now = vec![
+            cat(1, "id", 23, false),
+            cat(2, "a2", 25, false),
+            cat(3, "b", 25, false),
+            cat(4, "........pg.dropped.4........", 0, true),
+            cat(5, "d", 25, false),
+        ];
+        // a: the one candidate between id and b. c: two candidates after b (the
+        // dropped column and the new one): not told.
+        assert_eq!(resolve_attnums(&r, &now), vec![1, 2, 3, 0]);
+        // Without d, c is the dropped column.
+        assert_eq!(resolve_attnums(&r, &now[..4]), vec![1, 2, 3, 4]);
+        // A candidate of another type is not taken.
+        let other = vec![
+            cat(1, "id", 23, false),
+            cat(2, "a2", 23, false),
+            cat(3, "b", 25, false),
+        ];
+        assert_eq!(
+            resolve_attnums(&rel(r.columns[..3].to_vec()), &other),
+            vec![1, 0, 3]
+        );
+        // A column dropped long ago between two found ones makes it ambiguous.
+        let old_drop = vec![
+            cat(1, "id", 23, false),
+            cat(2, "........pg.dropped.2........", 0, true),
+            cat(3, "a2", 25, false),
+            cat(4, "b", 25, false),
+        ];
+        assert_eq!(
+            resolve_attnums(&rel(r.columns[..3].to_vec()), &old_drop),
+            vec![1, 0, 4]
+        );
+    }
+}
+
 /// Quotes an SQL identifier.
 pub(crate) fn ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
@@ -464,37 +618,35 @@ impl Db {
         Ok(())
     }
 
-    /// The relation as pgoutput would describe it, from the catalog (inside the current
-    /// snapshot): published columns in attnum order without dropped or generated ones, key
-    /// flags from the replica identity.
-    /// The `attnum` of each of `rel`'s columns, by name and type as the catalog has them
-    /// now; 0 for a column the catalog no longer has under that name and type (a later
-    /// DDL already changed it: the sinks then go by name).
+    /// The `attnum` of each of `rel`'s columns (see [`resolve_attnums`]).
     pub(crate) async fn attnums(&self, rel: &Relation) -> Result<Vec<u16>, SourceError> {
         let rows = self
             .client
             .query(
-                "SELECT attname::text, atttypid, atttypmod, attnum FROM pg_attribute \
-                 WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped",
+                "SELECT attnum, attname::text, atttypid, atttypmod, attisdropped, attgenerated <> '' \
+                 FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 ORDER BY attnum",
                 &[&rel.id],
             )
             .await?;
-        Ok(rel
-            .columns
+        let catalog: Vec<CatalogColumn> = rows
             .iter()
-            .map(|c| {
-                rows.iter()
-                    .find(|r| {
-                        r.get::<_, String>(0) == c.name
-                            && r.get::<_, u32>(1) == c.type_oid
-                            && r.get::<_, i32>(2) == c.type_modifier
-                    })
-                    .and_then(|r| u16::try_from(r.get::<_, i16>(3)).ok())
-                    .unwrap_or(0)
+            .filter_map(|r| {
+                Some(CatalogColumn {
+                    attnum: u16::try_from(r.get::<_, i16>(0)).ok()?,
+                    name: r.get(1),
+                    type_oid: r.get(2),
+                    type_modifier: r.get(3),
+                    dropped: r.get(4),
+                    generated: r.get(5),
+                })
             })
-            .collect())
+            .collect();
+        Ok(resolve_attnums(rel, &catalog))
     }
 
+    /// The relation as pgoutput would describe it, from the catalog (inside the current
+    /// snapshot): published columns in attnum order without dropped or generated ones, key
+    /// flags from the replica identity.
     pub(crate) async fn relation(
         &self,
         t: &Table,
