@@ -20,7 +20,9 @@ INSERT INTO public.types VALUES
  (1, 1, 2, 3, 12345.678901, 'héllo wörld ✓ 日本', '\x00ff10', '{"a": [1, 2]}', '{"b": {"c": null}}',
   '{1,2,NULL}', '{"x y","z,\"q\""}', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '2026-11-22 07:00:00.123456+00',
   '2026-11-22', true, repeat('toast', 100000)),
- (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
+ (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+ (5, 0, 0, 0, 0, E'tab\there\nnew line\\back slash\rcr \\N', '\x5c6e', '"\\t"', '{"k": "a\tb"}',
+  '{}', '{"a\\b","\\N",""}', NULL, NULL, NULL, false, E'\\');
 "#;
 
 /// Every common type survives snapshot and streaming; an unchanged TOAST value is kept.

@@ -24,6 +24,8 @@ mod resync;
 const CHUNK_ROWS: usize = 2000;
 /// Text bytes per batched insert statement.
 const CHUNK_BYTES: usize = 4 << 20;
+/// Bytes of an initial copy's rows sent in one `COPY`.
+const COPY_BYTES: usize = 4 << 20;
 /// Statements sent and not yet answered at most.
 const MAX_INFLIGHT: usize = 256;
 /// Parameter bytes of batched inserts sent and not yet answered at most: a large
@@ -101,6 +103,11 @@ pub(crate) struct Conn {
     tx_open: bool,
     /// Store seq being applied.
     pub(crate) seq: u64,
+    /// Tables between their initial copy's start (the target table emptied) and its end,
+    /// as seen in this session: their rows go in with `COPY` (no key can be there yet).
+    copying: HashSet<u32>,
+    /// Rows for `COPY` into a table of `copying`, in COPY's text format.
+    copy_buf: Option<(u32, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -162,6 +169,8 @@ impl Conn {
             committed: Position::START,
             tx_open: false,
             seq: 0,
+            copying: HashSet::new(),
+            copy_buf: None,
         })
     }
 
@@ -494,12 +503,14 @@ impl Conn {
                                 "initial copy starts; emptying the target table");
                             let sql = format!("TRUNCATE {}", t.ident);
                             self.send_simple(&sql, "emptying the table for its initial copy");
+                            self.copying.insert(rel);
                         }
                         SnapshotPhase::Resync => {
                             tracing::info!(sink = %self.cfg.name, seq, table = %t.display,
                                 "resync starts: rows are replaced chunk by chunk, the table is not emptied");
                         }
                         SnapshotPhase::Done => {
+                            self.copying.remove(&rel);
                             tracing::info!(sink = %self.cfg.name, seq, table = %t.display,
                                 rows = value, "initial copy applied");
                         }
@@ -728,6 +739,9 @@ impl Conn {
     ) -> Result<(), Flow> {
         self.ensure_table(rel).await?;
         self.check_len(rel, new.len())?;
+        if self.copying.contains(&rel) && !new.iter().any(|v| matches!(v, Value::Unchanged)) {
+            return self.copy_row(rel, new).await;
+        }
         let mask: Vec<u8> = new
             .iter()
             .map(|v| u8::from(!matches!(v, Value::Unchanged)))
@@ -798,8 +812,55 @@ impl Conn {
         Ok(())
     }
 
-    /// Sends the pending batched insert.
+    /// Adds a row of an initial copy to the `COPY` buffer (sent at [`COPY_BYTES`]).
+    async fn copy_row(&mut self, rel: u32, new: Vec<Value>) -> Result<(), Flow> {
+        if self.copy_buf.as_ref().is_some_and(|(r, _)| *r != rel) || self.batch.is_some() {
+            self.flush().await?;
+        }
+        let (_, buf) = self
+            .copy_buf
+            .get_or_insert_with(|| (rel, Vec::with_capacity(COPY_BYTES + 4096)));
+        for (i, v) in new.iter().enumerate() {
+            if i > 0 {
+                buf.push(b'\t');
+            }
+            match v {
+                Value::Text(s) => copy_escape(buf, s),
+                _ => buf.extend_from_slice(b"\\N"),
+            }
+        }
+        buf.push(b'\n');
+        if buf.len() >= COPY_BYTES {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the buffered rows of an initial copy with `COPY ... FROM STDIN` (after every
+    /// statement in flight: the target applies in order).
+    async fn flush_copy(&mut self) -> Result<(), Flow> {
+        let Some((rel, buf)) = self.copy_buf.take() else {
+            return Ok(());
+        };
+        self.drain().await?;
+        let t = &self.tables[&rel];
+        let cols: Vec<&str> = t.cols.iter().map(|c| c.name.as_str()).collect();
+        let sql = format!("COPY {} ({}) FROM STDIN", t.ident, cols.join(", "));
+        let what = format!("copying rows into {}", t.display);
+        let res = async {
+            let sink = self.client.copy_in::<_, bytes::Bytes>(sql.as_str()).await?;
+            futures::pin_mut!(sink);
+            use futures::SinkExt;
+            sink.send(bytes::Bytes::from(buf)).await?;
+            sink.as_mut().finish().await
+        }
+        .await;
+        res.map(|_| ()).map_err(|e| self.pg_err(&what, &e).into())
+    }
+
+    /// Sends the pending batched insert (or copy).
     async fn flush(&mut self) -> Result<(), Flow> {
+        self.flush_copy().await?;
         let Some(b) = self.batch.take() else {
             return Ok(());
         };
@@ -1037,5 +1098,19 @@ fn to_offset(p: Position) -> (u64, u32) {
         (0, 0)
     } else {
         (p.applied_seq(), p.idx)
+    }
+}
+
+/// Appends `s` in `COPY`'s text format (backslash, tab, newline and carriage return
+/// escaped).
+fn copy_escape(out: &mut Vec<u8>, s: &str) {
+    for b in s.bytes() {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            _ => out.push(b),
+        }
     }
 }
