@@ -68,7 +68,7 @@ struct StateFile {
 }
 
 /// How far a table's resync got: chunks done, and the last key copied.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub(crate) struct ResyncProgress {
     /// The last key copied (the key columns' values as text); None before the first chunk.
     #[serde(default)]

@@ -147,11 +147,11 @@ pub fn diff(old: &Relation, new: &Relation) -> Result<Vec<Change>, String> {
         .filter(|&i| matched[i].is_none())
         .collect();
     let numbered = |c: &Column| same_table && c.attnum != 0;
-    if !gone.is_empty()
-        && !new_cols.is_empty()
-        && !(gone.iter().all(|&j| numbered(&old.columns[j]))
-            && new_cols.iter().all(|&i| numbered(&new.columns[i])))
-    {
+    // Columns gone and columns new: without numbers on all of them, a rename cannot be
+    // told from a drop and an add.
+    let told = gone.iter().all(|&j| numbered(&old.columns[j]))
+        && new_cols.iter().all(|&i| numbered(&new.columns[i]));
+    if !gone.is_empty() && !new_cols.is_empty() && !told {
         let names = |cols: &[Column], idx: &[usize]| {
             idx.iter()
                 .map(|&k| cols[k].name.as_str())

@@ -20,7 +20,6 @@ use std::collections::{HashMap, VecDeque};
 use relay_proto::cdc::{Event, Record, Relation, SnapshotPhase, Value};
 
 use super::super::catalog::ident;
-use super::super::snapshot::ResyncProgress;
 use super::super::{SourceError, RECORD_TARGET_BYTES};
 use super::{bounded, relation_size, values_size, ReplicationStream, Streamer};
 
@@ -522,16 +521,5 @@ impl Streamer<'_> {
         self.state.save()?;
         self.publish_resyncs();
         Ok(())
-    }
-}
-
-impl Default for ResyncProgress {
-    fn default() -> Self {
-        ResyncProgress {
-            after: None,
-            rows: 0,
-            chunks: 0,
-            started: false,
-        }
     }
 }
