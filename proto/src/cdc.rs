@@ -94,6 +94,16 @@ impl Relation {
     pub fn has_key(&self) -> bool {
         self.columns.iter().any(|c| c.key)
     }
+
+    /// The indexes of the key columns, in column order.
+    pub fn key_indexes(&self) -> Vec<usize> {
+        self.columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.key)
+            .map(|(i, _)| i)
+            .collect()
+    }
 }
 
 /// The old row an update or delete carries.

@@ -175,6 +175,22 @@ mod attnum_tests {
     }
 }
 
+/// `SELECT` of `rel`'s columns from table `t`, with the conditions `conds` (ANDed).
+pub(crate) fn select_sql(t: &Table, rel: &Relation, conds: &[String]) -> String {
+    let cols: Vec<String> = rel.columns.iter().map(|c| ident(&c.name)).collect();
+    format!(
+        "SELECT {} FROM {}.{}{}",
+        cols.join(", "),
+        ident(&t.schema),
+        ident(&t.table),
+        if conds.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conds.join(" AND "))
+        }
+    )
+}
+
 /// Quotes an SQL identifier.
 pub(crate) fn ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))

@@ -30,7 +30,7 @@ use futures::StreamExt;
 use relay_proto::cdc::{Event, Record, Relation, SnapshotPhase};
 use serde::{Deserialize, Serialize};
 
-use super::catalog::{ident, Db, Table};
+use super::catalog::{select_sql, Db, Table};
 use super::shape::Filters;
 use super::stream::{bounded, relation_size, values_size};
 use super::{Ctx, SourceError, RECORD_TARGET_BYTES, SNAPSHOT_ROWS_TOTAL};
@@ -327,7 +327,6 @@ async fn copy_table(
     ctx.status.set_snapshot(Some(t.name.clone()), 0);
     tracing::info!(source = %name, table = %t.name, snapshot_lsn = %format_lsn(lsn), "copying table");
     snapshot_marker(ctx, &rel, SnapshotPhase::Start, lsn).await?;
-    let cols: Vec<String> = src_rel.columns.iter().map(|c| ident(&c.name)).collect();
     let pages: i64 = bounded(&ctx.cfg, "reading the table's size", async {
         Ok(db
             .client
@@ -355,17 +354,7 @@ async fn copy_table(
         if let Some(w) = filters.wheres.get(&t.name) {
             conds.push(format!("({w})"));
         }
-        format!(
-            "COPY (SELECT {} FROM {}.{}{}) TO STDOUT",
-            cols.join(", "),
-            ident(&t.schema),
-            ident(&t.table),
-            if conds.is_empty() {
-                String::new()
-            } else {
-                format!(" WHERE {}", conds.join(" AND "))
-            }
-        )
+        format!("COPY ({}) TO STDOUT", select_sql(t, &src_rel, &conds))
     };
     let shape = Shape {
         t,

@@ -19,7 +19,7 @@ use std::collections::{HashMap, VecDeque};
 
 use relay_proto::cdc::{Event, Record, Relation, SnapshotPhase, Value};
 
-use super::super::catalog::ident;
+use super::super::catalog::{ident, select_sql};
 use super::super::{SourceError, RECORD_TARGET_BYTES};
 use super::{bounded, relation_size, values_size, ReplicationStream, Streamer};
 
@@ -158,13 +158,7 @@ impl Streamer<'_> {
             Ok(r)
         })
         .await?;
-        let keys: Vec<usize> = src
-            .columns
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.key)
-            .map(|(i, _)| i)
-            .collect();
+        let keys = src.key_indexes();
         if keys.is_empty() || src.replica_identity == b'f' || src.replica_identity == b'n' {
             return self.drop_resync(
                 &name,
@@ -216,18 +210,10 @@ impl Streamer<'_> {
         if let Some(w) = self.wheres.get(&name) {
             conds.push(format!("({w})"));
         }
-        let cols: Vec<String> = src.columns.iter().map(|c| ident(&c.name)).collect();
         let limit = cfg.resync_chunk_rows;
         let sql = format!(
-            "SELECT {} FROM {}.{}{} ORDER BY {} LIMIT {limit}",
-            cols.join(", "),
-            ident(&t.schema),
-            ident(&t.table),
-            if conds.is_empty() {
-                String::new()
-            } else {
-                format!(" WHERE {}", conds.join(" AND "))
-            },
+            "{} ORDER BY {} LIMIT {limit}",
+            select_sql(&t, &src, &conds),
             key_sql.join(", ")
         );
         let emit = |what: &'static str| {
@@ -272,13 +258,7 @@ impl Streamer<'_> {
             })
             .collect();
         // Key positions in the relation as it leaves relay-inner.
-        let out_keys: Vec<usize> = rel
-            .columns
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.key)
-            .map(|(i, _)| i)
-            .collect();
+        let out_keys = rel.key_indexes();
         let by_key = rows
             .iter()
             .enumerate()
