@@ -220,6 +220,8 @@ struct Streamer<'a> {
     resync_tables: Vec<Table>,
     /// Resyncs.
     resync: resync::Driver,
+    /// A resync watermark seen in the open transaction (acted on at its commit).
+    watermark: Option<Vec<u8>>,
     /// Relation id → what the shaper does to its rows.
     plans: HashMap<u32, RelPlan>,
     /// Transactions committed before this are in the spool already.
@@ -308,6 +310,7 @@ pub(crate) async fn stream(
         state,
         resync_tables: tables,
         resync: resync::Driver::new(resyncs),
+        watermark: None,
         skip_before: durable,
         txn: None,
         events: Vec::new(),
@@ -601,13 +604,28 @@ impl Streamer<'_> {
                 if txn.skip {
                     return Ok(());
                 }
-                self.push(Event::Commit {
-                    commit_lsn: c.commit_lsn.0,
-                    end_lsn: c.end_lsn.0,
-                    commit_time: c.commit_time,
-                });
-                self.cut(s, c.end_lsn.0).await?;
-                metrics::counter!(TRANSACTIONS_TOTAL, "source" => self.ctx.label()).increment(1);
+                let watermark = self.watermark.take();
+                if watermark.is_some()
+                    && self.events.len() == 1
+                    && matches!(self.events[0], Event::Begin { .. })
+                {
+                    // The watermark's own transaction: nothing to spool.
+                    self.events.clear();
+                    self.bytes = 0;
+                    self.on_idle_position(c.end_lsn.0);
+                } else {
+                    self.push(Event::Commit {
+                        commit_lsn: c.commit_lsn.0,
+                        end_lsn: c.end_lsn.0,
+                        commit_time: c.commit_time,
+                    });
+                    self.cut(s, c.end_lsn.0).await?;
+                    metrics::counter!(TRANSACTIONS_TOTAL, "source" => self.ctx.label())
+                        .increment(1);
+                }
+                if let Some(w) = watermark {
+                    self.on_watermark(s, &w).await?;
+                }
             }
             Message::Relation(r) => {
                 let mut columns = Vec::with_capacity(r.columns.len());
@@ -760,7 +778,13 @@ impl Streamer<'_> {
                 self.push(ev);
             }
             Message::Message(m) => {
-                if m.transactional {
+                if m.transactional && m.prefix == resync::WATERMARK_PREFIX {
+                    // A resync's watermark: acted on at its transaction's commit, never
+                    // spooled.
+                    if self.txn.as_ref().is_some_and(|t| !t.skip) {
+                        self.watermark = Some(m.content);
+                    }
+                } else if m.transactional {
                     if self.txn.as_ref().is_some_and(|t| !t.skip) {
                         let content = bounded_message(&m.prefix, m.content);
                         let ev = Event::Message {

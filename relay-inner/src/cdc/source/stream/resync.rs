@@ -219,11 +219,15 @@ impl Streamer<'_> {
         let emit = |what: &'static str| {
             let content = format!("{wm}:{what}");
             async move {
+                // In a transaction of its own: its commit flushes the WAL, so the walsender
+                // sends it at once (a non-transactional message can sit unflushed on an idle
+                // server), and it arrives in commit order with the changes around it.
                 db.client
-                    .execute(
-                        "SELECT pg_logical_emit_message(false, $1::text, $2::text)",
-                        &[&WATERMARK_PREFIX, &content],
-                    )
+                    .batch_execute(&format!(
+                        "BEGIN; SELECT pg_logical_emit_message(true, {}, {}); COMMIT",
+                        literal(WATERMARK_PREFIX),
+                        literal(&content)
+                    ))
                     .await?;
                 Ok(())
             }

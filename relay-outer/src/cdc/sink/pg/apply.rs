@@ -464,7 +464,14 @@ impl Conn {
         self.seq = seq;
         {
             match ev {
-                Event::Begin { .. } | Event::Commit { .. } => {}
+                // Copy rows come outside source transactions: a transaction means no copy
+                // runs now (the stream starts after a copy's end, or a cut-off copy was
+                // given up and its table is resynced).
+                Event::Begin { .. } => {
+                    self.flush().await?;
+                    self.copying.clear();
+                }
+                Event::Commit { .. } => {}
                 Event::Relation(r) => self.observe(r).await?,
                 Event::Insert { rel, new } => self.insert(rel, new, per_row).await?,
                 Event::Update { rel, old, new } => {
@@ -506,6 +513,9 @@ impl Conn {
                             self.copying.insert(rel);
                         }
                         SnapshotPhase::Resync => {
+                            // A resync's rows are upserts: the table was not emptied (a
+                            // copy cut off before may have left rows behind).
+                            self.copying.remove(&rel);
                             tracing::info!(sink = %self.cfg.name, seq, table = %t.display,
                                 "resync starts: rows are replaced chunk by chunk, the table is not emptied");
                         }
