@@ -1,8 +1,9 @@
 //! Resync: one table copied again while the stream goes on, in chunks by key, with
 //! watermarks (the approach of DBLog and of Debezium's incremental snapshots).
 //!
-//! For each chunk relay-inner writes a low watermark into the WAL (a non-transactional
-//! logical message), reads the next `resync_chunk_rows` rows after the last key copied
+//! For each chunk relay-inner writes a low watermark into the WAL (a logical message in a
+//! transaction of its own, whose commit flushes the WAL so the walsender sends it at
+//! once), reads the next `resync_chunk_rows` rows after the last key copied
 //! (ordinary connection, READ COMMITTED), and writes a high watermark. The stream brings
 //! the watermarks back in WAL order, with every transaction that committed between them:
 //! a row such a transaction touched is newer in the stream than in the chunk, so the
