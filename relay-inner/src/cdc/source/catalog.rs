@@ -452,6 +452,23 @@ impl Db {
         Ok(())
     }
 
+    /// Whether `schema.name` is in the publication.
+    async fn in_publication(
+        &self,
+        publication: &str,
+        schema: &str,
+        name: &str,
+    ) -> Result<bool, SourceError> {
+        Ok(self
+            .client
+            .query_opt(
+                "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+                &[&publication, &schema, &name],
+            )
+            .await?
+            .is_some())
+    }
+
     /// Takes `table` (`schema.table`) out of the publication, if it is in it.
     pub(crate) async fn drop_from_publication(
         &self,
@@ -461,14 +478,7 @@ impl Db {
         let Some((schema, name)) = table.split_once('.') else {
             return Ok(());
         };
-        let present = self
-            .client
-            .query_opt(
-                "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
-                &[&publication, &schema, &name],
-            )
-            .await?
-            .is_some();
+        let present = self.in_publication(publication, schema, name).await?;
         if present {
             self.client
                 .batch_execute(&format!(
@@ -546,13 +556,8 @@ impl Db {
             .as_ref()
             .map_or(String::new(), |w| format!(" WHERE ({w})"));
         let present = self
-            .client
-            .query_opt(
-                "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
-                &[&publication, &t.schema, &t.table],
-            )
-            .await?
-            .is_some();
+            .in_publication(publication, &t.schema, &t.table)
+            .await?;
         let p = ident(publication);
         let sql = format!(
             "BEGIN; {}ALTER PUBLICATION {p} ADD TABLE {name}{cols}{filter}; COMMIT",

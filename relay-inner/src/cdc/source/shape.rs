@@ -182,10 +182,19 @@ pub(crate) struct RelPlan {
 }
 
 /// The masks and exclusions of one source, with the hash key.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub(crate) struct Shaper {
     tables: HashMap<String, Local>,
-    key: Vec<u8>,
+    /// The `hash` masks' key, made once (not per value).
+    key: Option<ring::hmac::Key>,
+}
+
+impl std::fmt::Debug for Shaper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shaper")
+            .field("tables", &self.tables)
+            .finish()
+    }
 }
 
 impl Shaper {
@@ -206,9 +215,9 @@ impl Shaper {
                         p.display()
                     )));
                 }
-                k
+                Some(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &k))
             }
-            _ => Vec::new(),
+            _ => None,
         };
         Ok(Shaper {
             tables: local
@@ -270,11 +279,15 @@ impl Shaper {
 
     /// HMAC-SHA256 of `value` under the key, as hex.
     fn hash(&self, value: &str) -> String {
-        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.key);
-        let tag = ring::hmac::sign(&key, value.as_bytes());
+        use std::fmt::Write as _;
+        // A hash mask makes the shaper read the key (Shaper::new): it is there.
+        let Some(key) = &self.key else {
+            return String::new();
+        };
+        let tag = ring::hmac::sign(key, value.as_bytes());
         let mut s = String::with_capacity(64);
         for b in tag.as_ref() {
-            s.push_str(&format!("{b:02x}"));
+            let _ = write!(s, "{b:02x}");
         }
         s
     }
@@ -378,7 +391,10 @@ mod tests {
             .insert("region".into(), Mask::Literal("x".into()));
         let sh = Shaper {
             tables: [("public.c".to_string(), local)].into(),
-            key: b"0123456789abcdef".to_vec(),
+            key: Some(ring::hmac::Key::new(
+                ring::hmac::HMAC_SHA256,
+                b"0123456789abcdef",
+            )),
         };
         let (p, out) = sh.plan(&rel).unwrap();
         assert_eq!(out.columns.len(), 3);

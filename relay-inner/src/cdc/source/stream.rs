@@ -798,10 +798,6 @@ impl Streamer<'_> {
                     }
                 } else if m.prefix == cdc::HEARTBEAT_PREFIX {
                     self.on_idle_position(m.lsn.0 + 1);
-                } else if m.prefix == resync::WATERMARK_PREFIX {
-                    if m.lsn.0 >= self.skip_before {
-                        self.on_watermark(s, &m.content).await?;
-                    }
                 } else if m.lsn.0 >= self.skip_before {
                     if !self.events.is_empty() {
                         // Not expected (pgoutput sends transactions whole), but keep order.

@@ -607,19 +607,22 @@ impl<S: Sink> Session<'_, S> {
             return Ok(r);
         }
         let table = r.qualified();
-        let Some((seen, old)) = self.known.get(&table).cloned() else {
-            // First sight: the sink checks the target table against it.
-            self.known.set(at.seq, r.clone());
-            self.known_dirty = true;
-            return Ok(r);
+        // Every record carries its relations: the usual case (nothing changed) costs a
+        // comparison, no copy.
+        let old = match self.known.get(&table) {
+            None => {
+                // First sight: the sink checks the target table against it.
+                self.known.set(at.seq, r.clone());
+                self.known_dirty = true;
+                return Ok(r);
+            }
+            Some((seen, old)) if at.seq <= *seen => {
+                schema::map_names(old, &mut r);
+                return Ok(r);
+            }
+            Some((_, old)) if *old == r => return Ok(r),
+            Some((_, old)) => old.clone(),
         };
-        if at.seq <= seen {
-            schema::map_names(&old, &mut r);
-            return Ok(r);
-        }
-        if old == r {
-            return Ok(r);
-        }
         let accepted = self.memo.accept.as_deref() == Some(table.as_str());
         let changes = match schema::diff(&old, &r) {
             Ok(c) => c,
