@@ -240,8 +240,10 @@ impl Spool {
                     {
                         // Seal what the active segment holds, so acknowledgements can
                         // remove it and free the space (best effort: the disk is full).
-                        if let Err(e) = st.log.seal() {
-                            tracing::debug!(error = %e, "cannot seal the active segment yet");
+                        let freed = self.make_room(&mut st);
+                        drop(st);
+                        if freed {
+                            self.space.notify_waiters();
                         }
                         Ok(Err(Full::Disk(format!("{}: {source}", path.display()))))
                     }
@@ -376,26 +378,43 @@ impl Spool {
                 Some(v) => *v = (*v).max(seq),
                 None => return Ok(false),
             }
-            let min = st.acked.values().copied().min().unwrap_or(0);
-            if !st.log.segments_removable(min) {
-                return Ok(false);
-            }
-            // The records about to go may be the last ones that show the durable LSN.
-            // On a full disk too: removing segments is what frees space.
-            let lsn = self.durable_lsn();
-            write_small_even_when_full(
-                &self.dir.join(LSN_FILE),
-                format!("{lsn:016x}\n").as_bytes(),
-            )
-            .map_err(|e| SpoolError::File(self.dir.join(LSN_FILE), e))?;
-            let before = st.log.first_seq();
-            st.log.truncate_front(min)?;
-            Ok::<_, SpoolError>(st.log.first_seq() != before)
+            self.remove_acked(&mut st)
         })?;
         if removed {
             self.space.notify_waiters();
         }
         Ok(())
+    }
+
+    /// Removes the sealed segments every endpoint acknowledged; whether any went.
+    fn remove_acked(&self, st: &mut State) -> Result<bool, SpoolError> {
+        let min = st.acked.values().copied().min().unwrap_or(0);
+        if !st.log.segments_removable(min) {
+            return Ok(false);
+        }
+        // The records about to go may be the last ones that show the durable LSN.
+        // On a full disk too: removing segments is what frees space.
+        let lsn = self.durable_lsn();
+        write_small_even_when_full(&self.dir.join(LSN_FILE), format!("{lsn:016x}\n").as_bytes())
+            .map_err(|e| SpoolError::File(self.dir.join(LSN_FILE), e))?;
+        let before = st.log.first_seq();
+        st.log.truncate_front(min)?;
+        Ok(st.log.first_seq() != before)
+    }
+
+    /// On a full disk: seals the active segment (best effort: the new segment may not be
+    /// creatable either) and removes what is acknowledged. The acknowledgements of the
+    /// records in the active segment may all have arrived already, while it could not be
+    /// removed: no later acknowledgement would come to remove it (nothing new can be
+    /// appended), so this is the moment. Whether space was freed.
+    fn make_room(&self, st: &mut State) -> bool {
+        if let Err(e) = st.log.seal() {
+            tracing::debug!(error = %e, "cannot seal the active segment yet");
+        }
+        self.remove_acked(st).unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "cannot remove acknowledged segments yet");
+            false
+        })
     }
 
     /// The lowest seq every endpoint acknowledged.
@@ -583,6 +602,35 @@ mod tests {
         let s = Spool::open(dir.path(), 8 << 20).unwrap();
         assert_eq!(s.durable_lsn(), 500);
         assert_eq!(s.id(), id);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_a_full_disk_records_acknowledged_before_the_seal_are_removed() {
+        // The acknowledgements of the active segment's records arrive while it cannot be
+        // removed; then the disk fills and the segment is sealed. No acknowledgement will
+        // come after (nothing new can be appended): sealing must remove it at once, or
+        // the spool stays full for good.
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path(), 1 << 30).unwrap();
+        s.set_endpoints(["a".to_string()]);
+        let mut last = 0;
+        for i in 1..=5 {
+            last = s.append(&rec(i, 1000)).await.unwrap();
+        }
+        s.sync().await.unwrap();
+        s.ack("a", last).unwrap();
+        assert_eq!(s.first_seq(), 1, "the active segment is not removed");
+        let freed = {
+            let mut st = s.lock();
+            s.make_room(&mut st)
+        };
+        assert!(freed);
+        assert_eq!(s.first_seq(), last + 1);
+        assert_eq!(s.size_bytes(), 0);
+        drop(s);
+        let s = Spool::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(s.durable_lsn(), 5, "the durable LSN outlives its records");
+        assert_eq!(s.append(&rec(9, 10)).await.unwrap(), last + 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
