@@ -51,7 +51,7 @@ pub struct RigOpts {
     /// `  batch: { ack_timeout: 1s }`.
     pub inner_cdc_extra: String,
     /// More `cdc.sinks` entries on relay-outer (list items indented 4 spaces), after
-    /// the PostgreSQL sink `replica`.
+    /// the PostgreSQL sink `replica`; `{target_dsn}` stands for the target's DSN.
     pub extra_sinks: String,
     /// Extra lines for relay-outer's `cdc` section (indented 2 spaces), e.g. a
     /// `consumers:` block.
@@ -251,7 +251,7 @@ impl CdcRig {
             store_dir.display(),
             opts.retention,
             opts.outer_cdc_extra,
-            opts.extra_sinks,
+            opts.extra_sinks.replace("{target_dsn}", &sink_dsn),
         );
         let outer_yaml = outer_yaml(
             &pki,

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use routy_e2e::cdc::{CdcRig, RigOpts, CATCH_UP, SOURCE};
-use routy_e2e::{bin, require_root, run_timeout, try_wait_until};
+use routy_e2e::{bin, log_tail, require_root, run_timeout, try_wait_until};
 
 /// Rows per source transaction: small enough that each transaction is one spool record.
 const TX_ROWS: u64 = 200;
@@ -500,11 +500,20 @@ fn a_large_transaction_does_not_grow_relay_outer_with_its_size() {
     require_root();
     // A target that takes 50 ms per insert statement: statements queue in relay-outer
     // unless it bounds them.
+    let hook = routy_e2e::hooks::Receiver::counting();
     let rig = CdcRig::start(RigOpts {
         target_setup_sql: "CREATE TABLE public.t (id bigint PRIMARY KEY, tx int NOT NULL, v text NOT NULL);
             CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.05); RETURN NULL; END $$;
             CREATE TRIGGER slow AFTER INSERT ON public.t FOR EACH STATEMENT EXECUTE FUNCTION slow();"
             .into(),
+        // Two more sinks: a webhook, which would hold the whole transaction unless its
+        // batches end inside it, and a PostgreSQL sink applying it in chunks.
+        extra_sinks: format!(
+            "    - name: hook\n      source: site-a/main\n      webhook:\n        url: \"{}\"\n\
+             \x20   - name: chunked\n      source: site-a/main\n      postgres: {{ dsn: \"{{target_dsn}}\", \
+             create_tables: true, schema: chunked, transaction_chunk_rows: 50000 }}\n",
+            hook.url(),
+        ),
         ..rig_opts("64GiB")
     });
     rig.wait_shipping();
@@ -516,6 +525,21 @@ fn a_large_transaction_does_not_grow_relay_outer_with_its_size() {
         "INSERT INTO public.t SELECT g, 0, repeat(md5(g::text), 10) FROM generate_series(1, 500000) g",
     );
     rig.wait_in_sync(&[TABLE], CATCH_UP);
+    let r = try_wait_until(
+        CATCH_UP,
+        "the webhook and the chunked sink have every row",
+        || {
+            hook.seen(|s| s.inserts_counted) >= 500_000
+                && rig.target.psql("SELECT count(*) FROM chunked.t") == "500000"
+        },
+    );
+    r.unwrap_or_else(|e| {
+        panic!(
+            "{e}: webhook {} inserts\n{}",
+            hook.seen(|s| s.inserts_counted),
+            log_tail(&rig.outer().proc.log(), 30)
+        )
+    });
     let (_, peak) = routy_e2e::proc_memory(outer);
     let (_, inner_peak) = routy_e2e::proc_memory(inner);
     let grew = peak.saturating_sub(before);
@@ -531,6 +555,14 @@ fn a_large_transaction_does_not_grow_relay_outer_with_its_size() {
         inner_grew < 80_000_000,
         "relay-inner grew by {inner_grew} bytes through one transaction of 165 MB"
     );
+    // Their batches ended inside the transaction; the other PostgreSQL sink's did not.
+    let splits = |sink: &str| {
+        rig.outer()
+            .metric("routy_cdc_sink_split_batches_total", &[("sink", sink)])
+    };
+    assert!(splits("hook") >= 10.0, "{}", splits("hook"));
+    assert!(splits("chunked") >= 9.0, "{}", splits("chunked"));
+    assert_eq!(splits("replica"), 0.0);
 }
 
 /// A relay-outer that stops acknowledging (SIGSTOP, shorter than the keepalive timeout,

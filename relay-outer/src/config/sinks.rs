@@ -143,6 +143,7 @@ struct RawPgSink {
     dsn: String,
     create_tables: Option<bool>,
     schema: Option<String>,
+    transaction_chunk_rows: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -256,6 +257,9 @@ pub(super) fn validate_sink(
     })
 }
 
+/// Largest `transaction_chunk_rows`.
+const MAX_TRANSACTION_CHUNK_ROWS: u64 = 100_000_000;
+
 fn validate_pg_sink(
     f: &str,
     name: &str,
@@ -274,12 +278,23 @@ fn validate_pg_sink(
             ));
         }
     }
+    let transaction_chunk_rows = match pg.transaction_chunk_rows {
+        None => None,
+        Some(n @ 1..=MAX_TRANSACTION_CHUNK_ROWS) => Some(n as usize),
+        Some(n) => {
+            return Err(format!(
+            "{f}.postgres.transaction_chunk_rows: {n} must be 1 to {MAX_TRANSACTION_CHUNK_ROWS} \
+                 (leave it out to apply each source transaction as one target transaction)"
+        ))
+        }
+    };
     Ok(PgSinkConfig {
         name: name.to_string(),
         source: source.to_string(),
         dsn: pg.dsn,
         create_tables: pg.create_tables.unwrap_or(false),
         schema: pg.schema,
+        transaction_chunk_rows,
     })
 }
 

@@ -77,7 +77,7 @@ cdc:
       retry: { initial: 50ms, max: 5s }
     - name: second
       source: site-a/orders
-      postgres: { dsn: "host=db2" }
+      postgres: { dsn: "host=db2", transaction_chunk_rows: 50000 }
 "#;
 
 #[test]
@@ -104,6 +104,7 @@ fn cdc_section_loads_with_defaults() {
     };
     assert!(!p.create_tables);
     assert_eq!(p.schema, None);
+    assert_eq!(p.transaction_chunk_rows, Some(50_000));
     assert_eq!(d.retry_initial, DEFAULT_SINK_RETRY_INITIAL);
     assert_eq!(d.retry_max, DEFAULT_SINK_RETRY_MAX);
     assert_eq!(cdc.sources(), vec!["site-a/orders", "site-b/orders"]);
@@ -178,8 +179,8 @@ fn a_webhook_sink_with_filters_loads() {
 #[test]
 fn a_sink_needs_exactly_one_kind() {
     let two = format!("{GOOD}{CDC}").replace(
-        "postgres: { dsn: \"host=db2\" }",
-        "postgres: { dsn: \"host=db2\" }\n      webhook: { url: \"http://h/\" }",
+        "postgres: { dsn: \"host=db2\", transaction_chunk_rows: 50000 }",
+        "postgres: { dsn: \"host=db2\", transaction_chunk_rows: 50000 }\n      webhook: { url: \"http://h/\" }",
     );
     let e = parse(&two).unwrap_err();
     assert!(
@@ -188,10 +189,16 @@ fn a_sink_needs_exactly_one_kind() {
             && e.contains("postgres and webhook"),
         "{e}"
     );
-    let none = format!("{GOOD}{CDC}").replace("      postgres: { dsn: \"host=db2\" }\n", "");
+    let none = format!("{GOOD}{CDC}").replace(
+        "      postgres: { dsn: \"host=db2\", transaction_chunk_rows: 50000 }\n",
+        "",
+    );
     let e = parse(&none).unwrap_err();
     assert!(e.contains("\"second\"") && e.contains("none"), "{e}");
-    let unknown = format!("{GOOD}{CDC}").replace("postgres: { dsn: \"host=db2\" }", "kinesis: {}");
+    let unknown = format!("{GOOD}{CDC}").replace(
+        "postgres: { dsn: \"host=db2\", transaction_chunk_rows: 50000 }",
+        "kinesis: {}",
+    );
     assert!(parse(&unknown).unwrap_err().contains("kinesis"));
 }
 
@@ -442,12 +449,19 @@ fn cdc_mistakes_name_the_field() {
             "cdc.sinks[0].postgres.schema",
         ),
         (
-            full.replace("      postgres: { dsn: \"host=db2\" }\n", ""),
+            full.replace(
+                "      postgres: { dsn: \"host=db2\", transaction_chunk_rows: 50000 }\n",
+                "",
+            ),
             "cdc.sinks[1]",
         ),
         (
             full.replace("create_tables", "create_table"),
             "create_table",
+        ),
+        (
+            full.replace("transaction_chunk_rows: 50000", "transaction_chunk_rows: 0"),
+            "cdc.sinks[1].postgres.transaction_chunk_rows: 0 must be 1 to",
         ),
         (
             full.replace("  sinks:", "  retention: 0s\n  sinks:"),

@@ -40,7 +40,9 @@ use std::time::Duration;
 use relay_proto::cdc::{Event, Relation, Relations, SnapshotPhase, Value};
 use tokio::task::JoinSet;
 
-use super::{BatchInfo, BatchLimits, Durability, Flow, Position, SchemaChange, Sink, SinkError};
+use super::{
+    BatchInfo, BatchLimits, Durability, Flow, Position, SchemaChange, Sink, SinkError, Split,
+};
 use http::{ChError, Client};
 use types::{ident, json_str, literal, map_type, write_value, ColType};
 
@@ -916,6 +918,7 @@ impl Sink for ClickHouseSink {
             max_events: self.cfg.max_rows,
             max_bytes: self.cfg.max_bytes,
             max_delay: self.cfg.max_delay,
+            split: Split::FromBegin,
         }
     }
 

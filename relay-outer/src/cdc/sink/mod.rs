@@ -72,6 +72,9 @@ pub const PAUSED: &str = "routy_cdc_sink_paused";
 pub const ROWS: &str = "routy_cdc_sink_rows_total";
 /// Counter: batches committed, by `sink` and `kind`.
 pub const BATCHES: &str = "routy_cdc_sink_batches_total";
+/// Counter: batches that ended inside a source transaction too big for one batch, by
+/// `sink` and `kind` (see [`Split`]).
+pub const SPLITS: &str = "routy_cdc_sink_split_batches_total";
 /// Counter: failures (each followed by a retry, unless the sink stops), by `sink`,
 /// `kind` and `reason`.
 pub const ERRORS: &str = "routy_cdc_sink_errors_total";
@@ -100,6 +103,10 @@ pub const METRICS: &[(&str, &str)] = &[
     (PAUSED, "1 while the sink is paused."),
     (ROWS, "Changes committed to the target, by op."),
     (BATCHES, "Batches committed to the target."),
+    (
+        SPLITS,
+        "Batches that ended inside a source transaction too big for one batch.",
+    ),
     (ERRORS, "Sink failures, by reason."),
     (
         LOST_RECORDS,
@@ -251,7 +258,26 @@ impl Durability {
     }
 }
 
-/// When the runner ends a batch (always between source transactions).
+/// Whether a batch that is full inside a source transaction ends there, and where the
+/// sink then resumes after a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Split {
+    /// Never: a source transaction is one batch, whatever its size (the sink streams it
+    /// to the target without holding it, like the PostgreSQL sink).
+    #[default]
+    Never,
+    /// At the batch's end, the position written after it: the target shows the
+    /// transaction's applied part until the rest comes (the PostgreSQL sink with
+    /// `transaction_chunk_rows`).
+    Exact,
+    /// At the batch's end, the position kept at the transaction's `Begin`: after a
+    /// restart the whole transaction is delivered again (at-least-once and versioned
+    /// sinks, which would otherwise hold the whole transaction in memory).
+    FromBegin,
+}
+
+/// When the runner ends a batch (between source transactions, or inside one as
+/// [`BatchLimits::split`] allows).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchLimits {
     /// Store records at most.
@@ -263,6 +289,10 @@ pub struct BatchLimits {
     /// How long a batch may wait for more records once the store has no more
     /// (zero: commit as soon as the store is read to its end).
     pub max_delay: Duration,
+    /// Whether a full batch ends inside a source transaction. The batch after it starts
+    /// with the transaction's `Begin` again (at its own position), so a sink always
+    /// knows the transaction its changes belong to.
+    pub split: Split,
 }
 
 /// What the runner knows of the batch it commits.

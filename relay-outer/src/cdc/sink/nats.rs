@@ -31,7 +31,7 @@ use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
 use relay_proto::cdc::{Event, Relations};
 
-use super::{BatchInfo, BatchLimits, Durability, Flow, Position, Sink, SinkError};
+use super::{BatchInfo, BatchLimits, Durability, Flow, Position, Sink, SinkError, Split};
 
 /// Counter: changes the target reported it already had (a re-send it dropped), by `sink`
 /// and `kind`.
@@ -393,6 +393,12 @@ impl Sink for NatsSink {
             max_events: self.cfg.max_messages,
             max_bytes: 64 << 20,
             max_delay: self.cfg.max_delay,
+            // One message per transaction holds the transaction whole.
+            split: if self.cfg.per == Per::Transaction {
+                Split::Never
+            } else {
+                Split::FromBegin
+            },
         }
     }
 

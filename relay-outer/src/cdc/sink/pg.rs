@@ -55,7 +55,9 @@ use std::time::Duration;
 use relay_proto::cdc::{Event, Relations};
 use routy_pg::tls::PgTls;
 
-use super::{BatchInfo, BatchLimits, Durability, Flow, Position, SchemaChange, Sink, SinkError};
+use super::{
+    BatchInfo, BatchLimits, Durability, Flow, Position, SchemaChange, Sink, SinkError, Split,
+};
 use apply::Conn;
 
 /// Counter: updates and deletes that found no target row, by `sink` and `kind`.
@@ -79,6 +81,11 @@ pub struct PgSinkConfig {
     pub create_tables: bool,
     /// Write every table into this schema instead of the source's schema name.
     pub schema: Option<String>,
+    /// Apply a source transaction with more row changes than this in several target
+    /// transactions of this many, the position written with each (readers of the target
+    /// see the part applied so far). `None`: one target transaction per source
+    /// transaction, whatever its size.
+    pub transaction_chunk_rows: Option<usize>,
 }
 
 /// The PostgreSQL sink: one connection at a time, and what outlives it.
@@ -118,11 +125,22 @@ impl Sink for PgSink {
     }
 
     fn limits(&self) -> BatchLimits {
-        BatchLimits {
-            max_records: GROUP_RECORDS,
-            max_events: GROUP_ROWS,
-            max_bytes: usize::MAX,
-            max_delay: Duration::ZERO,
+        match self.cfg.transaction_chunk_rows {
+            None => BatchLimits {
+                max_records: GROUP_RECORDS,
+                max_events: GROUP_ROWS,
+                max_bytes: usize::MAX,
+                max_delay: Duration::ZERO,
+                split: Split::Never,
+            },
+            // Counted in rows only, so a chunk holds what the operator asked for.
+            Some(rows) => BatchLimits {
+                max_records: usize::MAX,
+                max_events: rows,
+                max_bytes: usize::MAX,
+                max_delay: Duration::ZERO,
+                split: Split::Exact,
+            },
         }
     }
 

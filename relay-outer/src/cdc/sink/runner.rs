@@ -14,9 +14,9 @@ use super::position::PositionFile;
 use super::reader::RecordReader;
 use super::schema::{self, Known, SchemaChange};
 use super::{
-    BatchInfo, Durability, Filter, Flow, Position, Sink, SinkError, SinkStatus, State, APPLIED_SEQ,
-    BATCHES, COMMIT_LATENCY, ERRORS, LAG_RECORDS, LAST_COMMIT_TIME, LOST_RECORDS, OP_NAMES, PAUSED,
-    ROWS, UP,
+    BatchInfo, Durability, Filter, Flow, Position, Sink, SinkError, SinkStatus, Split, State,
+    APPLIED_SEQ, BATCHES, COMMIT_LATENCY, ERRORS, LAG_RECORDS, LAST_COMMIT_TIME, LOST_RECORDS,
+    OP_NAMES, PAUSED, ROWS, SPLITS, UP,
 };
 use crate::cdc::store::Store;
 
@@ -211,6 +211,8 @@ async fn session<S: Sink>(
         batch: None,
         src_open: false,
         src_begin: Position::START,
+        src_begin_ev: None,
+        continues: false,
         seq: 0,
     };
     match s.run().await {
@@ -252,6 +254,11 @@ struct Session<'a, S: Sink> {
     batch: Option<Open>,
     src_open: bool,
     src_begin: Position,
+    /// The open source transaction's `Begin`, given again to the batch that continues it
+    /// after a split.
+    src_begin_ev: Option<Event>,
+    /// The last batch ended inside the open source transaction (a split).
+    continues: bool,
     seq: u64,
 }
 
@@ -373,6 +380,10 @@ impl<S: Sink> Session<'_, S> {
                     });
                     if !self.src_open && (careful || full) {
                         self.commit().await?;
+                    } else if self.src_open && full && limits.split != Split::Never {
+                        // A transaction bigger than a batch: end the batch inside it rather
+                        // than hold it all (see `Split`).
+                        self.split(limits.split).await?;
                     }
                 }
                 None => {
@@ -499,6 +510,15 @@ impl<S: Sink> Session<'_, S> {
                 },
                 started: Instant::now(),
             });
+            if std::mem::take(&mut self.continues) && self.src_open {
+                // The batch continues a split transaction: its Begin first, as the sink
+                // saw it in the batch before.
+                if let Some(ev) = self.src_begin_ev.clone() {
+                    if let Some(ev) = self.ctx.filter.apply(ev, &self.rels) {
+                        self.sink.write(self.src_begin, ev, &self.rels).await?;
+                    }
+                }
+            }
         }
         for (i, ev) in rec.events.into_iter().enumerate() {
             let at = Position::new(seq, i as u32);
@@ -551,6 +571,7 @@ impl<S: Sink> Session<'_, S> {
                 Event::Begin { .. } => {
                     self.src_open = true;
                     self.src_begin = at;
+                    self.src_begin_ev = Some(ev.clone());
                 }
                 Event::Commit {
                     end_lsn,
@@ -666,11 +687,33 @@ impl<S: Sink> Session<'_, S> {
     }
 
     async fn commit(&mut self) -> Result<(), Flow> {
+        self.commit_to(None).await
+    }
+
+    /// Ends the batch inside the open source transaction; the next batch continues it.
+    async fn split(&mut self, how: Split) -> Result<(), Flow> {
+        let next = match how {
+            Split::Never => return Ok(()),
+            Split::Exact => None,
+            Split::FromBegin => Some(self.src_begin),
+        };
+        if let Some(b) = &self.batch {
+            tracing::debug!(sink = %self.name(), seq = b.info.last_seq, events = b.info.events,
+                begun = %self.src_begin, "a batch ends inside a large source transaction");
+        }
+        self.commit_to(next).await?;
+        self.continues = true;
+        metrics::counter!(SPLITS, self.labels).increment(1);
+        Ok(())
+    }
+
+    /// Commits the open batch; the sink resumes at `next`, by default after the batch.
+    async fn commit_to(&mut self, next: Option<Position>) -> Result<(), Flow> {
         let Some(open) = self.batch.take() else {
             return Ok(());
         };
         let mut info = open.info;
-        info.next = Position::after_record(info.last_seq);
+        info.next = next.unwrap_or_else(|| Position::after_record(info.last_seq));
         self.sink.commit(&info).await?;
         if self.sink.durability() == Durability::AtLeastOnce {
             self.save_position(info.next).await?;
@@ -719,5 +762,199 @@ impl<S: Sink> Session<'_, S> {
         }
         tracing::debug!(sink = %self.name(), seq = info.last_seq, events = info.events, "committed");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::super::testkit::{begin, commit, ins, rel, Harness};
+    use super::super::{BatchLimits, SinkStatus};
+    use super::*;
+
+    /// What the recording sink saw: one line per batch, its events' kinds and positions,
+    /// and where the runner said it resumes.
+    #[derive(Clone, Default)]
+    struct Log(Arc<Mutex<Vec<String>>>);
+
+    impl Log {
+        fn lines(&self) -> Vec<String> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    struct Recorder {
+        split: Split,
+        log: Log,
+        open: String,
+    }
+
+    impl Sink for Recorder {
+        fn kind(&self) -> &'static str {
+            "recorder"
+        }
+        fn durability(&self) -> Durability {
+            Durability::AtLeastOnce
+        }
+        fn limits(&self) -> BatchLimits {
+            BatchLimits {
+                max_records: usize::MAX,
+                max_events: 4,
+                max_bytes: usize::MAX,
+                max_delay: Duration::ZERO,
+                split: self.split,
+            }
+        }
+        async fn connect(&mut self) -> Result<Option<Position>, Flow> {
+            Ok(None)
+        }
+        async fn begin(&mut self, _from: Position) -> Result<(), Flow> {
+            self.open.clear();
+            Ok(())
+        }
+        async fn write(&mut self, at: Position, ev: Event, _rels: &Relations) -> Result<(), Flow> {
+            let k = match ev {
+                Event::Begin { .. } => "B",
+                Event::Commit { .. } => "C",
+                Event::Insert { .. } => "i",
+                Event::Relation(_) => return Ok(()),
+                _ => "?",
+            };
+            self.open.push_str(&format!("{k}{at} "));
+            Ok(())
+        }
+        async fn commit(&mut self, batch: &BatchInfo) -> Result<(), Flow> {
+            let line = format!("{}-> {}", self.open, batch.next);
+            self.log.0.lock().unwrap().push(line);
+            Ok(())
+        }
+        async fn abort(&mut self) {}
+        async fn fail(&mut self, e: SinkError) -> SinkError {
+            e
+        }
+    }
+
+    fn start(
+        split: Split,
+        h: &Harness,
+        root: &std::path::Path,
+    ) -> (Log, Drain, tokio::task::JoinHandle<()>) {
+        let log = Log::default();
+        let stop = Drain::new();
+        let ctx = RunCtx {
+            name: "rec".into(),
+            source: "t/s".into(),
+            store: h.store.clone(),
+            filter: Filter::default(),
+            retry_initial: Duration::from_millis(50),
+            retry_max: Duration::from_millis(100),
+            positions: Some(PositionFile::new(root, "rec", "t/s")),
+            schema_file: None,
+            stop: stop.clone(),
+            status: Arc::new(SinkStatus::new("recorder", Durability::AtLeastOnce)),
+        };
+        let sink = Recorder {
+            split,
+            log: log.clone(),
+            open: String::new(),
+        };
+        (log, stop, tokio::spawn(run(sink, ctx)))
+    }
+
+    async fn wait_lines(log: &Log, n: usize) -> Vec<String> {
+        let t0 = Instant::now();
+        while log.lines().len() < n {
+            assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", log.lines());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        log.lines()
+    }
+
+    /// A transaction of 10 inserts in 4 records, the last with its commit.
+    fn big_txn() -> Vec<Record> {
+        let r = rel(1, "t", b'd', &[("id", "int", true)]);
+        let i = |n: u32| ins(1, &[Some(&n.to_string())]);
+        vec![
+            Record {
+                lsn: 0,
+                events: vec![begin(5), Event::Relation(r), i(1), i(2), i(3)],
+            },
+            Record {
+                lsn: 0,
+                events: vec![i(4), i(5), i(6)],
+            },
+            Record {
+                lsn: 0,
+                events: vec![i(7), i(8), i(9)],
+            },
+            Record {
+                lsn: 508,
+                events: vec![i(10), commit(5)],
+            },
+        ]
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_transaction_bigger_than_a_batch_is_split_and_each_part_begins_with_its_begin() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut h = Harness::new();
+        h.push(big_txn()[..3].to_vec()).await;
+        let (log, stop, task) = start(Split::FromBegin, &h, dir.path());
+        // The commit has not arrived: the parts so far are delivered, each resuming at
+        // the Begin, and the second starts with the Begin again.
+        let lines = wait_lines(&log, 2).await;
+        assert_eq!(
+            lines,
+            [
+                "B1.0 i1.2 i1.3 i1.4 -> 1.0",
+                "B1.0 i2.0 i2.1 i2.2 i3.0 i3.1 i3.2 -> 1.0",
+            ]
+        );
+        stop.stop();
+        task.await.unwrap();
+        // After a restart the whole transaction comes again (at-least-once), and the
+        // commit moves the position past it.
+        h.push(big_txn()[3..].to_vec()).await;
+        let (log, stop, task) = start(Split::FromBegin, &h, dir.path());
+        let lines = wait_lines(&log, 3).await;
+        assert_eq!(
+            lines,
+            [
+                "B1.0 i1.2 i1.3 i1.4 -> 1.0",
+                "B1.0 i2.0 i2.1 i2.2 i3.0 i3.1 i3.2 -> 1.0",
+                "B1.0 i4.0 C4.1 -> 5.0",
+            ]
+        );
+        stop.stop();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_exact_split_resumes_after_the_part_and_never_splits_without_leave() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut h = Harness::new();
+        h.push(big_txn()).await;
+        let (log, stop, task) = start(Split::Exact, &h, dir.path());
+        let lines = wait_lines(&log, 3).await;
+        assert_eq!(
+            lines,
+            [
+                "B1.0 i1.2 i1.3 i1.4 -> 2.0",
+                "B1.0 i2.0 i2.1 i2.2 i3.0 i3.1 i3.2 -> 4.0",
+                "B1.0 i4.0 C4.1 -> 5.0",
+            ]
+        );
+        stop.stop();
+        task.await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (log, stop, task) = start(Split::Never, &h, dir.path());
+        let lines = wait_lines(&log, 1).await;
+        assert_eq!(
+            lines,
+            ["B1.0 i1.2 i1.3 i1.4 i2.0 i2.1 i2.2 i3.0 i3.1 i3.2 i4.0 C4.1 -> 5.0"]
+        );
+        stop.stop();
+        task.await.unwrap();
     }
 }

@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime};
 
 use relay_proto::cdc::{event_json, Event, Relations};
 
-use super::{BatchInfo, BatchLimits, Durability, Flow, Position, Sink, SinkError};
+use super::{BatchInfo, BatchLimits, Durability, Flow, Position, Sink, SinkError, Split};
 
 /// Counter: batches the target refused that went to the dead-letter file, by `sink` and
 /// `kind`.
@@ -349,6 +349,7 @@ impl Sink for WebhookSink {
             max_events: self.cfg.max_events,
             max_bytes: self.cfg.max_bytes,
             max_delay: self.cfg.max_delay,
+            split: Split::FromBegin,
         }
     }
 

@@ -12,7 +12,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use relay_proto::cdc::{Event, Relations};
 
-use super::super::{BatchInfo, BatchLimits, Durability, Flow, Position, Sink, SinkError};
+use super::super::{BatchInfo, BatchLimits, Durability, Flow, Position, Sink, SinkError, Split};
 use super::{topic, KafkaConfig};
 
 struct Ready {
@@ -322,6 +322,7 @@ impl Sink for KafkaSink {
             max_events: self.cfg.max_messages,
             max_bytes: 64 << 20,
             max_delay: self.cfg.max_delay,
+            split: Split::FromBegin,
         }
     }
 

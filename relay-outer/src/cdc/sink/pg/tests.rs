@@ -18,6 +18,7 @@ fn dsn_cfg(dsn: &str) -> PgSinkConfig {
         dsn: dsn.into(),
         create_tables: true,
         schema: None,
+        transaction_chunk_rows: None,
     }
 }
 
@@ -28,6 +29,7 @@ fn cfg(name: &str, pg: &Pg) -> PgSinkConfig {
         dsn: pg.conninfo(),
         create_tables: true,
         schema: None,
+        transaction_chunk_rows: None,
     }
 }
 
@@ -892,4 +894,86 @@ async fn two_processes_running_one_sink_apply_each_transaction_once() {
         pg.psql("SELECT count(*), count(DISTINCT xid) FROM public.log"),
         "200|200"
     );
+}
+
+/// A source transaction of 1000 rows in 10 records: with `transaction_chunk_rows` the
+/// target shows its applied part and the offset row points inside it before the commit
+/// has arrived; a restart resumes after the last part, and every row is there once.
+/// Without the key, nothing shows until the commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_transaction_is_applied_in_chunks_when_configured() {
+    let pg = Pg::start(PgOpts::default());
+    let mut h = Harness::new();
+    let r = rel(
+        1,
+        "big",
+        b'd',
+        &[("id", "bigint", true), ("v", "text", false)],
+    );
+    let recs: Vec<Record> = (0..10u32)
+        .map(|k| {
+            let mut events = Vec::new();
+            if k == 0 {
+                events.push(begin(9));
+            }
+            // Every record describes the tables it uses.
+            events.push(Event::Relation(r.clone()));
+            for n in k * 100..(k + 1) * 100 {
+                events.push(ins(1, &[Some(&n.to_string()), Some("x")]));
+            }
+            if k == 9 {
+                events.push(commit(9));
+            }
+            Record {
+                lsn: if k == 9 { 908 } else { 0 },
+                events,
+            }
+        })
+        .collect();
+    let mid = h.push(recs[..6].to_vec()).await;
+    let mut c = cfg("chunked", &pg);
+    c.transaction_chunk_rows = Some(250);
+    let s = start(c.clone(), &h.store);
+    let t0 = Instant::now();
+    // Parts end at a record's end once 250 rows are in: after records 3 and 6.
+    // The offset row holds the last seq applied.
+    let at_6 = "SELECT count(*) FROM _routy.sink_offsets WHERE sink = 'chunked' AND seq = 6";
+    while pg.psql("SELECT to_regclass('_routy.sink_offsets') IS NOT NULL") != "t"
+        || pg.psql(at_6) != "1"
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            s.status.view()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(mid, 6);
+    assert_eq!(pg.psql("SELECT count(*) FROM public.big"), "600");
+    s.stop().await;
+    let whole = cfg("whole", &pg);
+    let mut whole = whole;
+    whole.schema = Some("w".into());
+    let w = start(whole.clone(), &h.store);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'w' AND tablename = 'big'"),
+        "0",
+        "one target transaction: nothing before the commit"
+    );
+    let last = h.push(recs[6..].to_vec()).await;
+    wait_applied(&w.status, last).await;
+    assert_eq!(pg.psql("SELECT count(*) FROM w.big"), "1000");
+    w.stop().await;
+    let s = start(c, &h.store);
+    wait_applied(&s.status, last).await;
+    assert_eq!(
+        pg.psql("SELECT count(*), count(DISTINCT id), min(id), max(id) FROM public.big"),
+        "1000|1000|0|999"
+    );
+    assert_eq!(
+        pg.psql("SELECT seq, lsn FROM _routy.sink_offsets WHERE sink = 'chunked'"),
+        "10|0/38C"
+    );
+    s.stop().await;
 }
