@@ -126,6 +126,9 @@ pub struct WebhookSink {
     count: usize,
     /// The open transaction (to drop it when the filters left it empty).
     txn: Option<OpenTxn>,
+    /// Position of the last `Begin` seen: seen again, it starts the next part of a
+    /// transaction split over batches (kept across batches).
+    begun: Option<Position>,
     first: Option<Position>,
     last: Option<Position>,
 }
@@ -148,6 +151,7 @@ impl WebhookSink {
             events: Vec::new(),
             count: 0,
             txn: None,
+            begun: None,
             first: None,
             last: None,
         }
@@ -370,11 +374,15 @@ impl Sink for WebhookSink {
             // Tables are named in each event; relations are left out.
             Event::Relation(_) => return Ok(()),
             Event::Begin { .. } => {
+                // The part of a split transaction is kept even without changes of its
+                // own: it carries the commit.
+                let continues = self.begun == Some(at);
+                self.begun = Some(at);
                 self.txn = Some(OpenTxn {
                     bytes: self.events.len(),
                     count: self.count,
                     last: self.last,
-                    changes: 0,
+                    changes: usize::from(continues),
                 })
             }
             Event::Commit { .. } => {
@@ -621,6 +629,52 @@ mod tests {
         let expect = ring::hmac::sign(&key, b"17.{}");
         let hex: String = expect.as_ref().iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(s, format!("t=17,v1={hex}"));
+    }
+
+    #[tokio::test]
+    async fn the_last_part_of_a_split_transaction_keeps_its_commit() {
+        let mut sink = WebhookSink::new(WebhookConfig {
+            name: "h".into(),
+            source: "t/s".into(),
+            url: "http://127.0.0.1:9/".into(),
+            headers: Vec::new(),
+            auth: None,
+            hmac_secret_file: None,
+            ca: None,
+            timeout: Duration::from_secs(1),
+            max_events: 2,
+            max_bytes: 1 << 20,
+            max_delay: Duration::ZERO,
+            on_rejected: OnRejected::Stop,
+            dead_letter_dir: PathBuf::from("/nonexistent"),
+        });
+        let rels = Relations::default();
+        let begin = Event::Begin {
+            xid: 7,
+            commit_lsn: 700,
+            commit_time: 0,
+        };
+        let commit = Event::Commit {
+            commit_lsn: 700,
+            end_lsn: 708,
+            commit_time: 0,
+        };
+        let at = |seq, idx| Position::new(seq, idx);
+        // A transaction the filters left empty is left out.
+        sink.begin(at(1, 0)).await.unwrap();
+        sink.write(at(1, 0), begin.clone(), &rels).await.unwrap();
+        sink.write(at(1, 1), commit.clone(), &rels).await.unwrap();
+        assert_eq!(sink.count, 0);
+        // The part of a split transaction with only its commit (the runner gives the
+        // Begin again) is not.
+        sink.begin(at(2, 0)).await.unwrap();
+        sink.write(at(2, 0), begin.clone(), &rels).await.unwrap();
+        sink.clear();
+        sink.write(at(2, 0), begin, &rels).await.unwrap();
+        sink.write(at(3, 0), commit, &rels).await.unwrap();
+        assert_eq!(sink.count, 2);
+        let body = String::from_utf8(sink.events.clone()).unwrap();
+        assert!(body.contains("\"id\":\"3.0\""), "{body}");
     }
 
     #[test]
