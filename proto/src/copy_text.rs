@@ -11,6 +11,15 @@ pub fn parse_copy_line(line: &[u8]) -> Result<Vec<Value>, String> {
             out.push(Value::Null);
             continue;
         }
+        if !field.contains(&b'\\') {
+            // Nothing escaped (most values): the field as it is.
+            out.push(Value::Text(
+                std::str::from_utf8(field)
+                    .map_err(|_| "COPY value is not UTF-8".to_string())?
+                    .to_owned(),
+            ));
+            continue;
+        }
         let mut v = Vec::with_capacity(field.len());
         let mut i = 0;
         while i < field.len() {

@@ -24,8 +24,8 @@ mod resync;
 const CHUNK_ROWS: usize = 2000;
 /// Text bytes per batched insert statement.
 const CHUNK_BYTES: usize = 4 << 20;
-/// Bytes of an initial copy's rows sent in one `COPY`.
-const COPY_BYTES: usize = 4 << 20;
+/// Bytes of an initial copy's rows handed to the open `COPY` at a time.
+const COPY_PIECE: usize = 256 << 10;
 /// Statements sent and not yet answered at most.
 const MAX_INFLIGHT: usize = 256;
 /// Parameter bytes of batched inserts sent and not yet answered at most: a large
@@ -106,8 +106,18 @@ pub(crate) struct Conn {
     /// Tables between their initial copy's start (the target table emptied) and its end,
     /// as seen in this session: their rows go in with `COPY` (no key can be there yet).
     copying: HashSet<u32>,
-    /// Rows for `COPY` into a table of `copying`, in COPY's text format.
-    copy_buf: Option<(u32, Vec<u8>)>,
+    /// The `COPY ... FROM STDIN` into a table of `copying` that rows go to, kept open
+    /// while they come, so the target works on them while the sink reads on.
+    copy: Option<CopyIn>,
+}
+
+/// An initial copy's rows on their way to the target.
+struct CopyIn {
+    rel: u32,
+    /// Rows not handed over yet, in COPY's text format.
+    buf: Vec<u8>,
+    /// The open statement (`None` until the first piece is sent).
+    sink: Option<std::pin::Pin<Box<tokio_postgres::CopyInSink<bytes::Bytes>>>>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -170,7 +180,7 @@ impl Conn {
             tx_open: false,
             seq: 0,
             copying: HashSet::new(),
-            copy_buf: None,
+            copy: None,
         })
     }
 
@@ -330,6 +340,8 @@ impl Conn {
 
     /// Best-effort rollback before a restart on the same connection's way out.
     pub(crate) async fn rollback(&mut self) {
+        // A COPY dropped unfinished is aborted (CopyFail).
+        self.copy = None;
         // Bounded: a target that stopped answering must not hold a restart or a shutdown
         // up; the connection is dropped afterwards anyway, which rolls back too.
         let grace = Duration::from_secs(5);
@@ -403,8 +415,13 @@ impl Conn {
         Ok(())
     }
 
-    /// Waits for every outstanding statement.
+    /// Ends an open COPY and waits for every outstanding statement.
     pub(crate) async fn drain(&mut self) -> Result<(), Flow> {
+        self.flush_copy().await?;
+        self.drain_statements().await
+    }
+
+    async fn drain_statements(&mut self) -> Result<(), Flow> {
         while let Some(f) = self.inflight.pop_front() {
             self.finish(f).await?;
         }
@@ -536,7 +553,9 @@ impl Conn {
         if self.tables.get(&r.id).is_some_and(|t| t.rel == r) {
             return Ok(());
         }
-        if self.batch.as_ref().is_some_and(|b| b.rel == r.id) {
+        if self.batch.as_ref().is_some_and(|b| b.rel == r.id)
+            || self.copy.as_ref().is_some_and(|c| c.rel == r.id)
+        {
             self.flush().await?;
         }
         if self.tables.contains_key(&r.id) {
@@ -822,50 +841,84 @@ impl Conn {
         Ok(())
     }
 
-    /// Adds a row of an initial copy to the `COPY` buffer (sent at [`COPY_BYTES`]).
+    /// Adds a row of an initial copy to the open `COPY` (handed over in pieces of
+    /// [`COPY_PIECE`] bytes).
     async fn copy_row(&mut self, rel: u32, new: Vec<Value>) -> Result<(), Flow> {
-        if self.copy_buf.as_ref().is_some_and(|(r, _)| *r != rel) || self.batch.is_some() {
+        if self.copy.as_ref().is_some_and(|c| c.rel != rel) || self.batch.is_some() {
             self.flush().await?;
         }
-        let (_, buf) = self
-            .copy_buf
-            .get_or_insert_with(|| (rel, Vec::with_capacity(COPY_BYTES + 4096)));
+        let c = self.copy.get_or_insert_with(|| CopyIn {
+            rel,
+            buf: Vec::with_capacity(COPY_PIECE + 4096),
+            sink: None,
+        });
         for (i, v) in new.iter().enumerate() {
             if i > 0 {
-                buf.push(b'\t');
+                c.buf.push(b'\t');
             }
             match v {
-                Value::Text(s) => copy_escape(buf, s),
-                _ => buf.extend_from_slice(b"\\N"),
+                Value::Text(s) => copy_escape(&mut c.buf, s),
+                _ => c.buf.extend_from_slice(b"\\N"),
             }
         }
-        buf.push(b'\n');
-        if buf.len() >= COPY_BYTES {
-            self.flush().await?;
+        c.buf.push(b'\n');
+        if c.buf.len() >= COPY_PIECE {
+            self.send_copy_piece().await?;
         }
         Ok(())
     }
 
-    /// Sends the buffered rows of an initial copy with `COPY ... FROM STDIN` (after every
-    /// statement in flight: the target applies in order).
-    async fn flush_copy(&mut self) -> Result<(), Flow> {
-        let Some((rel, buf)) = self.copy_buf.take() else {
+    /// Hands the buffered rows to the COPY, opening it first (after every statement in
+    /// flight: the target applies in order).
+    async fn send_copy_piece(&mut self) -> Result<(), Flow> {
+        if self.copy.as_ref().is_some_and(|c| c.sink.is_none()) {
+            self.drain_statements().await?;
+        }
+        let Some(c) = self.copy.as_mut() else {
             return Ok(());
         };
-        self.drain().await?;
-        let t = &self.tables[&rel];
-        let cols: Vec<&str> = t.cols.iter().map(|c| c.name.as_str()).collect();
-        let sql = format!("COPY {} ({}) FROM STDIN", t.ident, cols.join(", "));
+        let t = &self.tables[&c.rel];
         let what = format!("copying rows into {}", t.display);
+        let piece = bytes::Bytes::from(std::mem::replace(
+            &mut c.buf,
+            Vec::with_capacity(COPY_PIECE + 4096),
+        ));
         let res = async {
-            let sink = self.client.copy_in::<_, bytes::Bytes>(sql.as_str()).await?;
-            futures::pin_mut!(sink);
+            if c.sink.is_none() {
+                let cols: Vec<&str> = t.cols.iter().map(|col| col.name.as_str()).collect();
+                let sql = format!("COPY {} ({}) FROM STDIN", t.ident, cols.join(", "));
+                c.sink = Some(Box::pin(self.client.copy_in(sql.as_str()).await?));
+            }
             use futures::SinkExt;
-            sink.send(bytes::Bytes::from(buf)).await?;
-            sink.as_mut().finish().await
+            match c.sink.as_mut() {
+                Some(sink) => sink.send(piece).await,
+                None => Ok(()),
+            }
         }
         .await;
-        res.map(|_| ()).map_err(|e| self.pg_err(&what, &e).into())
+        res.map_err(|e| self.pg_err(&what, &e).into())
+    }
+
+    /// Ends the open COPY: sends what is buffered and waits for the target's answer.
+    async fn flush_copy(&mut self) -> Result<(), Flow> {
+        if self
+            .copy
+            .as_ref()
+            .is_none_or(|c| c.buf.is_empty() && c.sink.is_none())
+        {
+            self.copy = None;
+            return Ok(());
+        }
+        self.send_copy_piece().await?;
+        let Some(c) = self.copy.take() else {
+            return Ok(());
+        };
+        let what = format!("copying rows into {}", self.tables[&c.rel].display);
+        let res = match c.sink {
+            Some(mut sink) => sink.as_mut().finish().await.map(|_| ()),
+            None => Ok(()),
+        };
+        res.map_err(|e| self.pg_err(&what, &e).into())
     }
 
     /// Sends the pending batched insert (or copy).
@@ -1114,13 +1167,48 @@ fn to_offset(p: Position) -> (u64, u32) {
 /// Appends `s` in `COPY`'s text format (backslash, tab, newline and carriage return
 /// escaped).
 fn copy_escape(out: &mut Vec<u8>, s: &str) {
-    for b in s.bytes() {
-        match b {
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            _ => out.push(b),
+    // Runs without a byte to escape are copied whole (most values have none).
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let esc: &[u8] = match b {
+            b'\\' => b"\\\\",
+            b'\t' => b"\\t",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        out.extend_from_slice(esc);
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+}
+
+#[cfg(test)]
+mod copy_tests {
+    use super::*;
+
+    #[test]
+    fn copy_escape_round_trips_through_the_copy_parser() {
+        let values = [
+            "plain",
+            "",
+            "tab\there",
+            "new\nline\r\n",
+            "back\\slash\\",
+            "\\N",
+            "ünïcødé\t\\",
+        ];
+        let mut line = Vec::new();
+        for (i, v) in values.iter().enumerate() {
+            if i > 0 {
+                line.push(b'\t');
+            }
+            copy_escape(&mut line, v);
         }
+        let back = relay_proto::copy_text::parse_copy_line(&line).unwrap();
+        let want: Vec<Value> = values.iter().map(|v| Value::Text(v.to_string())).collect();
+        assert_eq!(back, want);
     }
 }
