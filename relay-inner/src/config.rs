@@ -86,6 +86,7 @@ struct RawSource {
     receive_timeout: Option<Dur>,
     resync_chunk_rows: Option<usize>,
     snapshot_parallelism: Option<usize>,
+    snapshot_chunk_rows: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -257,6 +258,8 @@ pub struct SourceConfig {
     pub resync_chunk_rows: usize,
     /// Connections that copy one large table at once in the initial snapshot.
     pub snapshot_parallelism: usize,
+    /// Rows per chunk of an initial copy in key order (its progress is kept per chunk).
+    pub snapshot_chunk_rows: usize,
 }
 
 /// Default connections per large table in the initial copy.
@@ -264,6 +267,8 @@ pub const DEFAULT_SNAPSHOT_PARALLELISM: usize = 4;
 
 /// Default rows a resync reads per chunk.
 pub const DEFAULT_RESYNC_CHUNK_ROWS: usize = 10_000;
+/// Default `snapshot_chunk_rows`.
+pub const DEFAULT_SNAPSHOT_CHUNK_ROWS: usize = 50_000;
 
 /// One relay-outer to keep a session with.
 #[derive(Debug, Clone)]
@@ -540,6 +545,12 @@ fn validate_cdc(c: RawCdc, base: &Path) -> Result<CdcConfig, String> {
                 "{f}.snapshot_parallelism: {snapshot_parallelism} is not between 1 and 64"
             ));
         }
+        let snapshot_chunk_rows = s.snapshot_chunk_rows.unwrap_or(DEFAULT_SNAPSHOT_CHUNK_ROWS);
+        if !(1..=10_000_000).contains(&snapshot_chunk_rows) {
+            return Err(format!(
+                "{f}.snapshot_chunk_rows: {snapshot_chunk_rows} is not between 1 and 10000000"
+            ));
+        }
         sources.push(SourceConfig {
             name: s.name,
             dsn: s.postgres.dsn,
@@ -554,6 +565,7 @@ fn validate_cdc(c: RawCdc, base: &Path) -> Result<CdcConfig, String> {
             receive_timeout,
             resync_chunk_rows,
             snapshot_parallelism,
+            snapshot_chunk_rows,
         });
     }
     let b = c.batch.as_ref();
@@ -727,6 +739,39 @@ services:
         ))
         .unwrap_err();
         assert!(e.contains("receive_timeout"), "{e}");
+    }
+
+    #[test]
+    fn copy_chunk_sizes_are_bounded() {
+        let src = |extra: &str| {
+            format!(
+                "{GOOD}cdc:\n  spool: {{ dir: spool }}\n  sources:\n    - name: orders\n      postgres: {{ dsn: \"host=db user=routy\", tables: [public.orders] }}\n{extra}"
+            )
+        };
+        let s = |extra: &str| parse(&src(extra)).map(|c| c.cdc.unwrap().sources[0].clone());
+        let d = s("").unwrap();
+        assert_eq!(d.snapshot_chunk_rows, DEFAULT_SNAPSHOT_CHUNK_ROWS);
+        assert_eq!(d.resync_chunk_rows, DEFAULT_RESYNC_CHUNK_ROWS);
+        assert_eq!(
+            s("      snapshot_chunk_rows: 5000\n")
+                .unwrap()
+                .snapshot_chunk_rows,
+            5000
+        );
+        for (bad, want) in [
+            (
+                "      snapshot_chunk_rows: 0\n",
+                "cdc.sources[0].snapshot_chunk_rows: 0 is not between",
+            ),
+            (
+                "      resync_chunk_rows: 0\n",
+                "cdc.sources[0].resync_chunk_rows: 0 is not between",
+            ),
+            ("      snapshot_chunk_row: 10\n", "unknown field"),
+        ] {
+            let e = s(bad).unwrap_err();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
     }
 
     #[test]

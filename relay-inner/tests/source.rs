@@ -65,6 +65,7 @@ fn source_cfg(dsn: &str, name: &str, tables: &[&str]) -> SourceConfig {
         receive_timeout: relay_inner::config::DEFAULT_RECEIVE_TIMEOUT,
         resync_chunk_rows: relay_inner::config::DEFAULT_RESYNC_CHUNK_ROWS,
         snapshot_parallelism: relay_inner::config::DEFAULT_SNAPSHOT_PARALLELISM,
+        snapshot_chunk_rows: relay_inner::config::DEFAULT_SNAPSHOT_CHUNK_ROWS,
     }
 }
 

@@ -338,31 +338,55 @@ fn reload(rig: &mut CdcRig, from: &str, to: &str) {
 )]
 fn a_large_table_is_copied_in_parallel_ranges_of_one_snapshot() {
     require_root();
-    // About 45 MB: split into 4 ranges of pages, each on its own connection.
+    // About 45 MB with a bigint key: 4 key ranges read in chunks of 20 000 rows, each
+    // range on its own connection. About 26 MB with a text key: 3 ranges of pages.
     let rig = CdcRig::start(RigOpts {
         setup_sql: "CREATE TABLE public.big (id bigint PRIMARY KEY, pad text);\
                     INSERT INTO public.big SELECT g, repeat(md5(g::text), 3) FROM generate_series(1, 300000) g;\
+                    CREATE TABLE public.named (k text PRIMARY KEY, pad text);\
+                    INSERT INTO public.named SELECT 'k' || g, repeat(md5(g::text), 2) FROM generate_series(1, 250000) g;\
                     CREATE TABLE public.small (id int PRIMARY KEY);\
                     INSERT INTO public.small SELECT generate_series(1, 10);"
             .into(),
-        tables: vec!["public.big".into(), "public.small".into()],
-        source_extra: "      snapshot_parallelism: 4\n".into(),
+        tables: vec![
+            "public.big".into(),
+            "public.named".into(),
+            "public.small".into(),
+        ],
+        source_extra: "      snapshot_parallelism: 4\n      snapshot_chunk_rows: 20000\n".into(),
         ..RigOpts::default()
     });
     // Writes while the copy runs: the stream meets the copy exactly.
-    rig.source
-        .psql("UPDATE public.big SET pad = 'changed' WHERE id % 1000 = 0; DELETE FROM public.big WHERE id % 777 = 0");
-    rig.wait_in_sync(&["public.big", "public.small"], CATCH_UP);
-    rig.inner().wait_count(
-        "copying the table in parallel ranges",
+    rig.source.psql(
+        "UPDATE public.big SET pad = 'changed' WHERE id % 1000 = 0; DELETE FROM public.big WHERE id % 777 = 0;\
+         UPDATE public.named SET pad = 'changed' WHERE right(k, 3) = '500'; DELETE FROM public.named WHERE right(k, 2) = '77'",
+    );
+    rig.wait_in_sync(&["public.big", "public.named", "public.small"], CATCH_UP);
+    let inner = rig.inner();
+    inner.wait_count(
+        "copying the table in key order, in parallel ranges source=main table=public.big pages=",
         1,
         Duration::from_secs(1),
     );
-    assert_eq!(
-        rig.inner().metric(
-            "routy_cdc_source_snapshot_rows_total",
-            &[("table", "public.big")]
-        ),
-        300_000.0
+    inner.wait_count(
+        "copying the table in parallel ranges source=main table=public.named",
+        1,
+        Duration::from_secs(1),
     );
+    let log = inner.proc.log();
+    assert!(
+        log.contains("table=public.big pages=") && log.contains(" ranges=4"),
+        "{}",
+        routy_e2e::log_tail(&log, 20)
+    );
+    for (t, n) in [("public.big", 300_000.0), ("public.named", 250_000.0)] {
+        assert_eq!(
+            inner.metric("routy_cdc_source_snapshot_rows_total", &[("table", t)]),
+            n,
+            "{t}"
+        );
+    }
+    // Done: no range is left in the state file.
+    let state = std::fs::read_to_string(rig.spool_dir.join("main/source-state.json")).unwrap();
+    assert!(!state.contains("\"copying\""), "{state}");
 }

@@ -1,5 +1,7 @@
 //! The initial copy: each table read with `COPY … TO STDOUT` inside an exported snapshot,
-//! and the state file that makes the copy resumable per table.
+//! and the state file that makes the copy resumable: per table, and for a large table
+//! with a key that is not a string, per chunk (its key ranges not copied yet are kept in
+//! `"copying"`; a copy cut off goes on over them as a resync).
 //!
 //! State file `<spool dir of the source>/source-state.json`, written atomically (temporary
 //! file, fsync, rename, fsync of the directory):
@@ -30,8 +32,9 @@ use futures::StreamExt;
 use relay_proto::cdc::{Event, Record, Relation, SnapshotPhase};
 use serde::{Deserialize, Serialize};
 
-use super::catalog::{select_sql, Db, Table};
+use super::catalog::{ident, select_sql, Db, Table};
 use super::shape::Filters;
+use super::stream::resync::{key_cmp_sql, key_order_sql};
 use super::stream::{bounded, relation_size, values_size};
 use super::{Ctx, SourceError, RECORD_TARGET_BYTES, SNAPSHOT_ROWS_TOTAL};
 use crate::cdc::replication::{format_lsn, parse_lsn, QUERY_TIMEOUT};
@@ -65,6 +68,21 @@ struct StateFile {
     /// Resyncs waiting or running, with their progress.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     resync: BTreeMap<String, ResyncProgress>,
+    /// Copies in key order under way: the key ranges not copied yet, per table. A copy
+    /// cut off goes on from there as a resync.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    copying: BTreeMap<String, Vec<KeyRange>>,
+}
+
+/// A range of keys (as text, in key order: strings byte-wise) not copied yet.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub(crate) struct KeyRange {
+    /// The rows with a key above this one (None: from the first key).
+    #[serde(default)]
+    pub(crate) after: Option<Vec<Option<String>>>,
+    /// Up to this key, included (None: to the table's end).
+    #[serde(default)]
+    pub(crate) upto: Option<Vec<Option<String>>>,
 }
 
 /// How far a table's resync got: chunks done, and the last key copied.
@@ -73,6 +91,13 @@ pub(crate) struct ResyncProgress {
     /// The last key copied (the key columns' values as text); None before the first chunk.
     #[serde(default)]
     pub(crate) after: Option<Vec<Option<String>>>,
+    /// The current range's last key, included (a resync that continues a copy in key
+    /// order); None: the table's end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) upto: Option<Vec<Option<String>>>,
+    /// Ranges after the current one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) more: Vec<KeyRange>,
     #[serde(default)]
     pub(crate) rows: u64,
     #[serde(default)]
@@ -137,6 +162,7 @@ impl SnapshotState {
             tables: BTreeMap::new(),
             published,
             resync: BTreeMap::new(),
+            copying: BTreeMap::new(),
         };
     }
 
@@ -170,8 +196,27 @@ impl SnapshotState {
     /// Marks `table` as copied by a resync (started now, while streaming): no streamed
     /// change of it is dropped.
     pub(crate) fn copy_by_resync(&mut self, table: &Table) {
+        // A copy in key order cut off: only the ranges it had not copied.
+        let mut left = self.file.copying.remove(&table.name).unwrap_or_default();
         self.mark(table, true, 0, 0);
         self.start_resync(&table.name);
+        if !left.is_empty() {
+            let first = left.remove(0);
+            self.set_resync(
+                &table.name,
+                ResyncProgress {
+                    after: first.after,
+                    upto: first.upto,
+                    more: left,
+                    ..ResyncProgress::default()
+                },
+            );
+        }
+    }
+
+    /// Records the key ranges a copy in key order has not copied yet.
+    pub(crate) fn set_copy_left(&mut self, table: &str, left: Vec<KeyRange>) {
+        self.file.copying.insert(table.to_string(), left);
     }
 
     /// Forgets the tables no longer in `configured` (a reload removed them); returns them.
@@ -186,6 +231,7 @@ impl SnapshotState {
         for t in &gone {
             self.file.tables.remove(t);
             self.file.resync.remove(t);
+            self.file.copying.remove(t);
             self.file.published.remove(t);
         }
         gone
@@ -218,6 +264,9 @@ impl SnapshotState {
     }
 
     fn mark(&mut self, table: &Table, done: bool, lsn: u64, rows: u64) {
+        if done {
+            self.file.copying.remove(&table.name);
+        }
         self.file.tables.insert(
             table.name.clone(),
             TableState {
@@ -286,7 +335,7 @@ pub(crate) async fn copy_tables(
         if ctx.stop.is_stopping() {
             return Ok(false);
         }
-        let rows = copy_table(ctx, db, t, lsn, filters, snapshot).await?;
+        let rows = copy_table(ctx, db, state, t, lsn, filters, snapshot).await?;
         state.mark(t, true, lsn, rows);
         state.save()?;
         if ctx.hooks.stop_after_tables.is_some_and(|n| i + 1 >= n) {
@@ -301,12 +350,15 @@ pub(crate) async fn copy_tables(
 }
 
 /// Copies one table; returns its row count once its Done record is durable. A large
-/// table is read in `snapshot_parallelism` ranges of its pages (`ctid`) at once, each on
-/// a connection of its own in the same exported snapshot; the rows are synced to the
-/// spool as they come, so they are shipped while the copy runs.
+/// table is read in up to `snapshot_parallelism` ranges at once, each on a connection of
+/// its own in the same exported snapshot: key ranges read in key order, chunk by chunk,
+/// each chunk's progress kept in `state`, when the key allows it; ranges of pages
+/// (`ctid`) otherwise. The rows are synced to the spool as they come, so they are shipped
+/// while the copy runs.
 async fn copy_table(
     ctx: &Ctx,
     db: &Db,
+    state: &mut SnapshotState,
     t: &Table,
     lsn: u64,
     filters: &Filters,
@@ -363,8 +415,111 @@ async fn copy_table(
         plan: plan.as_ref(),
         filters,
     };
-    let rows = if workers <= 1 {
-        copy_range(ctx, &db.client, &query(None), &shape).await?
+    let keys = src_rel.key_indexes();
+    // A large table with a key that is not a string is copied in key order, chunk by
+    // chunk, each range's progress kept in the state file: a copy cut off goes on as a
+    // resync from where it got. (String keys would need the byte-wise order relay-outer
+    // compares in, which an index in another collation cannot give: a sort per chunk.)
+    let by_key = pages >= PAGES_PER_WORKER
+        && !keys.is_empty()
+        && src_rel.replica_identity != b'f'
+        && src_rel.replica_identity != b'n'
+        && keys.iter().all(|&i| {
+            let ty = &src_rel.columns[i].type_name;
+            ty != "text" && !ty.starts_with("character")
+        });
+    let mut conns = Vec::new();
+    for _ in 1..workers {
+        let c = Db::connect(&ctx.rcfg).await?;
+        let begin = format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{snapshot}'"
+        );
+        bounded(&ctx.cfg, "joining the snapshot", async {
+            Ok(c.client.batch_execute(&begin).await?)
+        })
+        .await?;
+        conns.push(c);
+    }
+    let clients: Vec<&tokio_postgres::Client> = std::iter::once(&db.client)
+        .chain(conns.iter().map(|c| &c.client))
+        .collect();
+    let rows = if by_key {
+        let bounds = if workers > 1 {
+            key_bounds(ctx, db, t, &src_rel, &keys, pages, workers).await?
+        } else {
+            Vec::new()
+        };
+        let mut ranges = Vec::with_capacity(bounds.len() + 1);
+        let mut after = None;
+        for b in bounds {
+            ranges.push(Some(KeyRange {
+                after: after.replace(b.clone()),
+                upto: Some(b),
+            }));
+        }
+        ranges.push(Some(KeyRange { after, upto: None }));
+        tracing::info!(source = %name, table = %t.name, pages, ranges = ranges.len(),
+            "copying the table in key order, in parallel ranges");
+        state.set_copy_left(&t.name, ranges.iter().flatten().cloned().collect());
+        state.save()?;
+        let progress = std::sync::Mutex::new((state, ranges));
+        let key_sql = key_order_sql(&src_rel, &keys).join(", ");
+        let jobs = clients
+            .iter()
+            .enumerate()
+            .take(progress.lock().map(|g| g.1.len()).unwrap_or(0))
+            .map(|(i, c)| {
+                let (shape, keys, key_sql, progress) = (&shape, &keys, &key_sql, &progress);
+                async move {
+                    let mut total = 0u64;
+                    loop {
+                        let r = {
+                            let g = progress.lock().unwrap_or_else(|p| p.into_inner());
+                            g.1[i].clone().unwrap_or_default()
+                        };
+                        let mut conds = Vec::new();
+                        if let Some(a) = &r.after {
+                            conds.push(key_cmp_sql(src_rel_of(shape), keys, a, ">"));
+                        }
+                        if let Some(u) = &r.upto {
+                            conds.push(key_cmp_sql(src_rel_of(shape), keys, u, "<="));
+                        }
+                        if let Some(w) = filters.wheres.get(&t.name) {
+                            conds.push(format!("({w})"));
+                        }
+                        let limit = ctx.cfg.snapshot_chunk_rows;
+                        let sql = format!(
+                            "COPY ({} ORDER BY {key_sql} LIMIT {limit}) TO STDOUT",
+                            select_sql(t, src_rel_of(shape), &conds)
+                        );
+                        let (n, last) = copy_range(ctx, c, &sql, shape, Some(keys)).await?;
+                        tracing::debug!(source = %ctx.cfg.name, table = %t.name, range = i, rows = n,
+                            after = ?last, "copy chunk done");
+                        total += n;
+                        // The chunk is durable before its progress is.
+                        ctx.spool.sync().await?;
+                        let done = n < limit as u64;
+                        let mut g = progress.lock().unwrap_or_else(|p| p.into_inner());
+                        if done {
+                            g.1[i] = None;
+                        } else if let Some(r) = g.1[i].as_mut() {
+                            r.after = last;
+                        }
+                        let left = g.1.iter().flatten().cloned().collect();
+                        g.0.set_copy_left(&t.name, left);
+                        g.0.save()?;
+                        if done {
+                            return Ok::<u64, SourceError>(total);
+                        }
+                    }
+                }
+            })
+            .collect::<Vec<_>>();
+        futures::future::try_join_all(jobs).await?.iter().sum()
+    } else if workers <= 1 {
+        copy_range(ctx, &db.client, &query(None), &shape, None)
+            .await?
+            .0
     } else {
         // Ranges of pages; the last one is open, for pages added since the size was read.
         let per = pages / workers as i64 + 1;
@@ -372,36 +527,20 @@ async fn copy_table(
             .map(|i| (i * per, (i + 1 < workers as i64).then_some((i + 1) * per)))
             .collect();
         tracing::info!(source = %name, table = %t.name, pages, workers, "copying the table in parallel ranges");
-        let mut conns = Vec::with_capacity(workers - 1);
-        for _ in 1..workers {
-            let c = Db::connect(&ctx.rcfg).await?;
-            let begin = format!(
-                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{snapshot}'"
-            );
-            bounded(&ctx.cfg, "joining the snapshot", async {
-                Ok(c.client.batch_execute(&begin).await?)
-            })
-            .await?;
-            conns.push(c);
-        }
-        let clients: Vec<&tokio_postgres::Client> = std::iter::once(&db.client)
-            .chain(conns.iter().map(|c| &c.client))
-            .collect();
         let jobs = clients
             .iter()
             .zip(&ranges)
             .map(|(c, r)| {
                 let sql = query(Some(*r));
                 let shape = &shape;
-                async move { copy_range(ctx, c, &sql, shape).await }
+                async move { copy_range(ctx, c, &sql, shape, None).await.map(|r| r.0) }
             })
             .collect::<Vec<_>>();
-        let done = futures::future::try_join_all(jobs).await?;
-        for c in &conns {
-            let _ = c.client.batch_execute("COMMIT").await;
-        }
-        done.iter().sum()
+        futures::future::try_join_all(jobs).await?.iter().sum()
     };
+    for c in &conns {
+        let _ = c.client.batch_execute("COMMIT").await;
+    }
     snapshot_marker(ctx, &rel, SnapshotPhase::Done, rows).await?;
     ctx.spool.sync().await?;
     ctx.status.set_snapshot(Some(t.name.clone()), rows);
@@ -411,6 +550,62 @@ async fn copy_table(
 
 /// Pages per worker below which a table is not split (8 KiB pages: 8 MiB).
 const PAGES_PER_WORKER: i64 = 1024;
+
+fn src_rel_of<'a>(shape: &Shape<'a>) -> &'a Relation {
+    shape.src_rel
+}
+
+/// `workers - 1` keys that split the table into ranges of about equal size, from a
+/// sample of its pages (fewer when the sample has fewer distinct keys).
+async fn key_bounds(
+    ctx: &Ctx,
+    db: &Db,
+    t: &Table,
+    src: &Relation,
+    keys: &[usize],
+    pages: i64,
+    workers: usize,
+) -> Result<Vec<Vec<Option<String>>>, SourceError> {
+    // Named apart from the columns: ORDER BY a column's name would take the text.
+    let cols: Vec<String> = keys
+        .iter()
+        .enumerate()
+        .map(|(n, &i)| format!("{}::text AS routy_k{n}", ident(&src.columns[i].name)))
+        .collect();
+    // About 200 pages: enough rows for quantiles, cheap on any size.
+    let pct = (100.0 * 200.0 / pages.max(1) as f64).clamp(0.0001, 100.0);
+    let sql = format!(
+        "SELECT {} FROM {}.{} TABLESAMPLE SYSTEM ({pct}) ORDER BY {}",
+        cols.join(", "),
+        ident(&t.schema),
+        ident(&t.table),
+        key_order_sql(src, keys).join(", ")
+    );
+    let got = bounded(&ctx.cfg, "sampling the table's keys", async {
+        Ok(db.client.simple_query(&sql).await?)
+    })
+    .await?;
+    let sample: Vec<Vec<Option<String>>> = got
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                (0..keys.len())
+                    .map(|i| r.get(i).map(str::to_string))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect();
+    let mut bounds: Vec<Vec<Option<String>>> = Vec::new();
+    for w in 1..workers {
+        if let Some(k) = sample.get(w * sample.len() / workers) {
+            if bounds.last() != Some(k) {
+                bounds.push(k.clone());
+            }
+        }
+    }
+    Ok(bounds)
+}
 /// The copy syncs the spool (so the shipper sends the rows) at least this often.
 const COPY_SYNC_BYTES: usize = 8 << 20;
 
@@ -424,12 +619,14 @@ struct Shape<'a> {
 }
 
 /// Runs one `COPY ... TO STDOUT` and spools its rows; returns how many.
+/// With `keys`, also the last row's key as the source has it (a copy in key order).
 async fn copy_range(
     ctx: &Ctx,
     client: &tokio_postgres::Client,
     sql: &str,
     shape: &Shape<'_>,
-) -> Result<u64, SourceError> {
+    keys: Option<&[usize]>,
+) -> Result<(u64, Option<Vec<Option<String>>>), SourceError> {
     let Shape {
         t,
         src_rel,
@@ -459,6 +656,7 @@ async fn copy_range(
     let counter =
         metrics::counter!(SNAPSHOT_ROWS_TOTAL, "source" => name.clone(), "table" => t.name.clone());
     let mut pending_rows = 0u64;
+    let mut last_key = None;
     loop {
         let chunk = match tokio::time::timeout(idle, copy.next()).await {
             Ok(c) => c.transpose()?,
@@ -489,6 +687,16 @@ async fn copy_range(
                     values.len(),
                     src_rel.columns.len()
                 )));
+            }
+            if let Some(k) = keys {
+                last_key = Some(
+                    k.iter()
+                        .map(|&i| match values.get(i) {
+                            Some(relay_proto::cdc::Value::Text(s)) => Some(s.clone()),
+                            _ => None,
+                        })
+                        .collect(),
+                );
             }
             let values = match plan {
                 Some(p) => filters.shaper.apply(p, values),
@@ -545,7 +753,7 @@ async fn copy_range(
     }
     counter.increment(pending_rows);
     ctx.status.add_snapshot_rows(&t.name, pending_rows);
-    Ok(rows)
+    Ok((rows, last_key))
 }
 
 /// Spools the start (`value`: the snapshot's LSN) or the end (`value`: rows copied) of a

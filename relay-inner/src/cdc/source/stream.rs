@@ -935,7 +935,7 @@ impl Streamer<'_> {
     }
 }
 
-mod resync;
+pub(crate) mod resync;
 pub use resync::{RESYNC_CHUNKS_TOTAL, RESYNC_ROWS_TOTAL, WATERMARK_PREFIX};
 
 #[cfg(test)]

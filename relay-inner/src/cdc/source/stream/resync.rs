@@ -101,6 +101,52 @@ fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
+/// Whether a column's values are strings (compared byte-wise, `COLLATE "C"`).
+fn is_string(c: &relay_proto::cdc::Column) -> bool {
+    c.type_name == "text" || c.type_name.starts_with("character")
+}
+
+/// The key columns of `src` in key order as relay-outer compares: strings byte-wise.
+pub(crate) fn key_order_sql(src: &Relation, keys: &[usize]) -> Vec<String> {
+    keys.iter()
+        .map(|&i| {
+            let c = &src.columns[i];
+            if is_string(c) {
+                format!("{} COLLATE \"C\"", ident(&c.name))
+            } else {
+                ident(&c.name)
+            }
+        })
+        .collect()
+}
+
+/// `(key columns) OP (values)`, in the order of [`key_order_sql`].
+pub(crate) fn key_cmp_sql(
+    src: &Relation,
+    keys: &[usize],
+    vals: &[Option<String>],
+    op: &str,
+) -> String {
+    let lits: Vec<String> = keys
+        .iter()
+        .zip(vals)
+        .map(|(&i, v)| {
+            let c = &src.columns[i];
+            let lit = format!("{}::{}", literal(v.as_deref().unwrap_or("")), c.type_name);
+            if is_string(c) {
+                format!("{lit} COLLATE \"C\"")
+            } else {
+                lit
+            }
+        })
+        .collect();
+    format!(
+        "({}) {op} ({})",
+        key_order_sql(src, keys).join(", "),
+        lits.join(", ")
+    )
+}
+
 impl Streamer<'_> {
     /// Takes new resync requests (from the admin endpoint) into the state file.
     pub(super) fn take_resync_requests(&mut self) -> Result<(), SourceError> {
@@ -180,33 +226,14 @@ impl Streamer<'_> {
         let n = self.resync.next_n;
         self.resync.next_n += 1;
         let wm = format!("{:08x}:{n}", self.resync.nonce);
-        // Key order as relay-outer compares: strings byte-wise.
-        let order = |i: usize| {
-            let c = &src.columns[i];
-            let col = ident(&c.name);
-            if c.type_name == "text" || c.type_name.starts_with("character") {
-                format!("{col} COLLATE \"C\"")
-            } else {
-                col
-            }
-        };
-        let key_sql: Vec<String> = keys.iter().map(|&i| order(i)).collect();
+        let key_sql = key_order_sql(&src, &keys);
         let mut conds = Vec::new();
         if let Some(after) = &progress.after {
-            let vals: Vec<String> = keys
-                .iter()
-                .zip(after)
-                .map(|(&i, v)| {
-                    let c = &src.columns[i];
-                    let lit = format!("{}::{}", literal(v.as_deref().unwrap_or("")), c.type_name);
-                    if c.type_name == "text" || c.type_name.starts_with("character") {
-                        format!("{lit} COLLATE \"C\"")
-                    } else {
-                        lit
-                    }
-                })
-                .collect();
-            conds.push(format!("({}) > ({})", key_sql.join(", "), vals.join(", ")));
+            conds.push(key_cmp_sql(&src, &keys, after, ">"));
+        }
+        // The copy this resync continues left ranges behind: the current one ends here.
+        if let Some(upto) = &progress.upto {
+            conds.push(key_cmp_sql(&src, &keys, upto, "<="));
         }
         if let Some(w) = self.wheres.get(&name) {
             conds.push(format!("({w})"));
@@ -461,22 +488,31 @@ impl Streamer<'_> {
                 })
                 .map(|(k, _)| k.clone()),
         );
+        let as_values = |k: &Vec<Option<String>>| -> Vec<Value> {
+            k.iter()
+                .map(|v| v.clone().map_or(Value::Null, Value::Text))
+                .collect()
+        };
         if w.ranged {
-            let lo = progress.after.as_ref().map(|a| {
-                a.iter()
-                    .map(|v| v.clone().map_or(Value::Null, Value::Text))
-                    .collect()
-            });
             events.push(Event::Chunk {
                 rel: w.rel.id,
-                lo,
-                hi: if w.end { None } else { w.last.clone() },
+                lo: progress.after.as_ref().map(as_values),
+                // At a range's end, the range's end: the rows after it are another
+                // range's (the copy this resync continues may have copied them).
+                hi: if w.end {
+                    progress.upto.as_ref().map(as_values)
+                } else {
+                    w.last.clone()
+                },
                 keys: live,
             });
         }
+        // The end of a range that is not the last one: on with the next.
+        let next_range = (w.end && !progress.more.is_empty()).then(|| progress.more.remove(0));
+        let end = w.end && next_range.is_none();
         progress.rows += sent;
         progress.chunks += 1;
-        if w.end {
+        if end {
             events.push(Event::Snapshot {
                 rel: w.rel.id,
                 phase: SnapshotPhase::Done,
@@ -492,10 +528,13 @@ impl Streamer<'_> {
             .increment(sent);
         metrics::counter!(RESYNC_CHUNKS_TOTAL, "source" => label, "table" => w.table.clone())
             .increment(1);
-        if let Some(last) = &w.last {
+        if let Some(r) = next_range {
+            progress.after = r.after;
+            progress.upto = r.upto;
+        } else if let Some(last) = &w.last {
             progress.after = Some(last.iter().map(|v| text(v).map(str::to_string)).collect());
         }
-        if w.end {
+        if end {
             tracing::info!(source = %self.ctx.cfg.name, table = %w.table, rows = progress.rows,
                 chunks = progress.chunks, "resync done");
             self.resync.jobs.retain(|t| t != &w.table);
