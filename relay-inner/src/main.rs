@@ -143,7 +143,8 @@ fn resync(path: &Path, name: &str, table: &str) -> anyhow::Result<()> {
         anyhow::bail!("relay-inner refused ({status}): {why}");
     }
     println!(
-        "resync of {table} (source {name}) requested; follow it in /status (cdc.sources[].source.resync)          or routy_cdc_source_resync_rows_total"
+        "resync of {table} (source {name}) requested; follow it in /status \
+         (cdc.sources[].source.resync) or routy_cdc_source_resync_rows_total"
     );
     Ok(())
 }

@@ -224,6 +224,22 @@ fn a_spool_damaged_in_the_middle_is_refused_then_salvaged() {
         !log.contains("cutting torn tail"),
         "nothing may be cut:\n{log}"
     );
+    // A resync of a refused source is refused in turn (409), saying why.
+    let out = Command::new(bin("relay-inner"))
+        .args(["cdc", "resync", "--config"])
+        .arg(&inner.config)
+        .args(["--source", "main", "--table", TABLE])
+        .output()
+        .expect("relay-inner cdc resync");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success() && said.contains("409") && said.contains("its spool is damaged"),
+        "{said}"
+    );
     // The tunnel still serves its services (once relay-inner, just started, has it up).
     try_wait_until(
         Duration::from_secs(30),
