@@ -21,7 +21,7 @@ use super::{
 use crate::cdc::store::Store;
 
 /// An open source transaction whose rest does not arrive for this long is rolled back
-/// in the target (its locks released) until more records come.
+/// in a transactional sink's target (its locks released) until more records come.
 const IDLE_TXN: Duration = Duration::from_secs(60);
 /// After a burst of this many records, memory is given back once idle for [`TRIM_IDLE`].
 const TRIM_AFTER_RECORDS: u64 = 64;
@@ -415,8 +415,11 @@ impl<S: Sink> Session<'_, S> {
                             wait = wait.min(TRIM_IDLE.saturating_sub(since.elapsed()));
                         }
                     }
-                    if self.src_open {
-                        // Inside a source transaction whose rest has not arrived.
+                    if self.src_open && self.sink.durability() == Durability::Transactional {
+                        // Inside a source transaction whose rest has not arrived: its
+                        // target transaction holds locks. (Other kinds hold none; giving
+                        // up their batch would only deliver again the parts of a split
+                        // transaction they already delivered.)
                         let since = *idle_since.get_or_insert_with(Instant::now);
                         let left = IDLE_TXN.saturating_sub(since.elapsed());
                         if left.is_zero() {
