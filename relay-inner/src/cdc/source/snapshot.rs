@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use super::catalog::{ident, select_sql, Db, Table};
 use super::shape::Filters;
-use super::stream::resync::{key_cmp_sql, key_order_sql};
+use super::stream::resync::{is_string, key_cmp_sql, key_order_sql};
 use super::stream::{bounded, relation_size, values_size};
 use super::{Ctx, SourceError, RECORD_TARGET_BYTES, SNAPSHOT_ROWS_TOTAL};
 use crate::cdc::replication::{format_lsn, parse_lsn, QUERY_TIMEOUT};
@@ -424,10 +424,7 @@ async fn copy_table(
         && !keys.is_empty()
         && src_rel.replica_identity != b'f'
         && src_rel.replica_identity != b'n'
-        && keys.iter().all(|&i| {
-            let ty = &src_rel.columns[i].type_name;
-            ty != "text" && !ty.starts_with("character")
-        });
+        && keys.iter().all(|&i| !is_string(&src_rel.columns[i]));
     let mut conns = Vec::new();
     for _ in 1..workers {
         let c = Db::connect(&ctx.rcfg).await?;
@@ -462,12 +459,14 @@ async fn copy_table(
             "copying the table in key order, in parallel ranges");
         state.set_copy_left(&t.name, ranges.iter().flatten().cloned().collect());
         state.save()?;
+        let n_ranges = ranges.len();
         let progress = std::sync::Mutex::new((state, ranges));
         let key_sql = key_order_sql(&src_rel, &keys).join(", ");
+        let src_rel = &src_rel;
         let jobs = clients
             .iter()
             .enumerate()
-            .take(progress.lock().map(|g| g.1.len()).unwrap_or(0))
+            .take(n_ranges)
             .map(|(i, c)| {
                 let (shape, keys, key_sql, progress) = (&shape, &keys, &key_sql, &progress);
                 async move {
@@ -479,10 +478,10 @@ async fn copy_table(
                         };
                         let mut conds = Vec::new();
                         if let Some(a) = &r.after {
-                            conds.push(key_cmp_sql(src_rel_of(shape), keys, a, ">"));
+                            conds.push(key_cmp_sql(src_rel, keys, a, ">"));
                         }
                         if let Some(u) = &r.upto {
-                            conds.push(key_cmp_sql(src_rel_of(shape), keys, u, "<="));
+                            conds.push(key_cmp_sql(src_rel, keys, u, "<="));
                         }
                         if let Some(w) = filters.wheres.get(&t.name) {
                             conds.push(format!("({w})"));
@@ -490,7 +489,7 @@ async fn copy_table(
                         let limit = ctx.cfg.snapshot_chunk_rows;
                         let sql = format!(
                             "COPY ({} ORDER BY {key_sql} LIMIT {limit}) TO STDOUT",
-                            select_sql(t, src_rel_of(shape), &conds)
+                            select_sql(t, src_rel, &conds)
                         );
                         let (n, last) = copy_range(ctx, c, &sql, shape, Some(keys)).await?;
                         tracing::debug!(source = %ctx.cfg.name, table = %t.name, range = i, rows = n,
@@ -550,10 +549,6 @@ async fn copy_table(
 
 /// Pages per worker below which a table is not split (8 KiB pages: 8 MiB).
 const PAGES_PER_WORKER: i64 = 1024;
-
-fn src_rel_of<'a>(shape: &Shape<'a>) -> &'a Relation {
-    shape.src_rel
-}
 
 /// `workers - 1` keys that split the table into ranges of about equal size, from a
 /// sample of its pages (fewer when the sample has fewer distinct keys).
@@ -656,7 +651,7 @@ async fn copy_range(
     let counter =
         metrics::counter!(SNAPSHOT_ROWS_TOTAL, "source" => name.clone(), "table" => t.name.clone());
     let mut pending_rows = 0u64;
-    let mut last_key = None;
+    let mut last_line: Vec<u8> = Vec::new();
     loop {
         let chunk = match tokio::time::timeout(idle, copy.next()).await {
             Ok(c) => c.transpose()?,
@@ -673,8 +668,10 @@ async fn copy_range(
             buf.extend_from_slice(&c);
         }
         let mut start = 0;
+        let mut last = None;
         while let Some(nl) = buf[start..].iter().position(|&b| b == b'\n') {
             let line = &buf[start..start + nl];
+            last = Some(start..start + nl);
             start += nl + 1;
             let values = parse_copy_line(line)
                 .map_err(|e| SourceError::Fatal(format!("copying {}: {e}", t.name)))?;
@@ -687,16 +684,6 @@ async fn copy_range(
                     values.len(),
                     src_rel.columns.len()
                 )));
-            }
-            if let Some(k) = keys {
-                last_key = Some(
-                    k.iter()
-                        .map(|&i| match values.get(i) {
-                            Some(relay_proto::cdc::Value::Text(s)) => Some(s.clone()),
-                            _ => None,
-                        })
-                        .collect(),
-                );
             }
             let values = match plan {
                 Some(p) => filters.shaper.apply(p, values),
@@ -737,6 +724,11 @@ async fn copy_range(
                 }
             }
         }
+        if let (Some(_), Some(r)) = (keys, last) {
+            // Only the last row's key is needed: kept as its line, once per piece read.
+            last_line.clear();
+            last_line.extend_from_slice(&buf[r]);
+        }
         buf.drain(..start);
         if end {
             break;
@@ -753,6 +745,22 @@ async fn copy_range(
     }
     counter.increment(pending_rows);
     ctx.status.add_snapshot_rows(&t.name, pending_rows);
+    let last_key = match keys {
+        Some(k) if rows > 0 => {
+            // Parsed without error above.
+            let values = parse_copy_line(&last_line)
+                .map_err(|e| SourceError::Fatal(format!("copying {}: {e}", t.name)))?;
+            Some(
+                k.iter()
+                    .map(|&i| match values.get(i) {
+                        Some(relay_proto::cdc::Value::Text(s)) => Some(s.clone()),
+                        _ => None,
+                    })
+                    .collect(),
+            )
+        }
+        _ => None,
+    };
     Ok((rows, last_key))
 }
 

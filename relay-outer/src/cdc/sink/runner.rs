@@ -212,7 +212,6 @@ async fn session<S: Sink>(
         src_open: false,
         src_begin: Position::START,
         src_begin_ev: None,
-        continues: false,
         seq: 0,
     };
     match s.run().await {
@@ -257,8 +256,6 @@ struct Session<'a, S: Sink> {
     /// The open source transaction's `Begin`, given again to the batch that continues it
     /// after a split.
     src_begin_ev: Option<Event>,
-    /// The last batch ended inside the open source transaction (a split).
-    continues: bool,
     seq: u64,
 }
 
@@ -513,9 +510,9 @@ impl<S: Sink> Session<'_, S> {
                 },
                 started: Instant::now(),
             });
-            if std::mem::take(&mut self.continues) && self.src_open {
-                // The batch continues a split transaction: its Begin first, as the sink
-                // saw it in the batch before.
+            if self.src_open {
+                // A batch that opens inside a source transaction continues a split one:
+                // its Begin first, as the sink saw it in the batch before.
                 if let Some(ev) = self.src_begin_ev.clone() {
                     if let Some(ev) = self.ctx.filter.apply(ev, &self.rels) {
                         self.sink.write(self.src_begin, ev, &self.rels).await?;
@@ -693,7 +690,8 @@ impl<S: Sink> Session<'_, S> {
         self.commit_to(None).await
     }
 
-    /// Ends the batch inside the open source transaction; the next batch continues it.
+    /// Ends the batch inside the open source transaction; the next batch continues it
+    /// (a batch is only ever opened inside one after this).
     async fn split(&mut self, how: Split) -> Result<(), Flow> {
         let next = match how {
             Split::Never => return Ok(()),
@@ -705,7 +703,6 @@ impl<S: Sink> Session<'_, S> {
                 begun = %self.src_begin, "a batch ends inside a large source transaction");
         }
         self.commit_to(next).await?;
-        self.continues = true;
         metrics::counter!(SPLITS, self.labels).increment(1);
         Ok(())
     }

@@ -102,7 +102,7 @@ fn literal(s: &str) -> String {
 }
 
 /// Whether a column's values are strings (compared byte-wise, `COLLATE "C"`).
-fn is_string(c: &relay_proto::cdc::Column) -> bool {
+pub(crate) fn is_string(c: &relay_proto::cdc::Column) -> bool {
     c.type_name == "text" || c.type_name.starts_with("character")
 }
 

@@ -878,7 +878,6 @@ impl Conn {
             return Ok(());
         };
         let t = &self.tables[&c.rel];
-        let what = format!("copying rows into {}", t.display);
         let piece = bytes::Bytes::from(std::mem::replace(
             &mut c.buf,
             Vec::with_capacity(COPY_PIECE + 4096),
@@ -896,7 +895,17 @@ impl Conn {
             }
         }
         .await;
-        res.map_err(|e| self.pg_err(&what, &e).into())
+        res.map_err(|e| self.copy_err(&e))
+    }
+
+    /// A failed COPY, naming its table.
+    fn copy_err(&self, e: &tokio_postgres::Error) -> Flow {
+        let table = self
+            .copy
+            .as_ref()
+            .and_then(|c| self.tables.get(&c.rel))
+            .map_or("?", |t| t.display.as_str());
+        self.pg_err(&format!("copying rows into {table}"), e).into()
     }
 
     /// Ends the open COPY: sends what is buffered and waits for the target's answer.
@@ -910,15 +919,13 @@ impl Conn {
             return Ok(());
         }
         self.send_copy_piece().await?;
-        let Some(c) = self.copy.take() else {
-            return Ok(());
-        };
-        let what = format!("copying rows into {}", self.tables[&c.rel].display);
-        let res = match c.sink {
-            Some(mut sink) => sink.as_mut().finish().await.map(|_| ()),
+        let res = match self.copy.as_mut().and_then(|c| c.sink.as_mut()) {
+            Some(sink) => sink.as_mut().finish().await.map(|_| ()),
             None => Ok(()),
         };
-        res.map_err(|e| self.pg_err(&what, &e).into())
+        let res = res.map_err(|e| self.copy_err(&e));
+        self.copy = None;
+        res
     }
 
     /// Sends the pending batched insert (or copy).

@@ -977,3 +977,64 @@ async fn a_huge_transaction_is_applied_in_chunks_when_configured() {
     );
     s.stop().await;
 }
+
+/// An initial copy the target refuses in the middle of its open COPY (a row breaks a
+/// constraint, after several pieces were handed over): the error names the table, the
+/// whole batch is rolled back, and once the target is fixed the copy goes in whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_refused_midway_is_rolled_back_and_applied_once_fixed() {
+    let pg = Pg::start(PgOpts::default());
+    let mut h = Harness::new();
+    let r = rel(
+        1,
+        "copied",
+        b'd',
+        &[("id", "bigint", true), ("pad", "text", false)],
+    );
+    pg.psql("CREATE TABLE public.copied (id bigint PRIMARY KEY, pad text CHECK (pad <> 'bad'))");
+    let snap = |phase, value| Event::Snapshot {
+        rel: 1,
+        phase,
+        value,
+    };
+    // 20 000 rows of about 70 bytes: several 256 KiB pieces before the bad row.
+    let mut recs = vec![Record {
+        lsn: 0,
+        events: vec![Event::Relation(r.clone()), snap(SnapshotPhase::Start, 0)],
+    }];
+    for c in 0..20u32 {
+        let mut ev = vec![Event::Relation(r.clone())];
+        for i in c * 1000..(c + 1) * 1000 {
+            let pad = if i == 19_990 {
+                "bad".to_string()
+            } else {
+                format!("{i:064}")
+            };
+            ev.push(ins(1, &[Some(&i.to_string()), Some(&pad)]));
+        }
+        recs.push(Record { lsn: 0, events: ev });
+    }
+    recs.push(Record {
+        lsn: 0,
+        events: vec![
+            Event::Relation(r.clone()),
+            snap(SnapshotPhase::Done, 20_000),
+        ],
+    });
+    let last = h.push(recs).await;
+    let s = start(cfg("copy", &pg), &h.store);
+    let err = wait_error(&s.status).await;
+    assert!(
+        err.contains("copying rows into public.copied") && err.contains("copied_pad_check"),
+        "{err}"
+    );
+    assert_eq!(s.status.applied_seq(), 0);
+    assert_eq!(pg.psql("SELECT count(*) FROM public.copied"), "0");
+    pg.psql("ALTER TABLE public.copied DROP CONSTRAINT copied_pad_check");
+    wait_applied(&s.status, last).await;
+    assert_eq!(
+        pg.psql("SELECT count(*), count(DISTINCT id), count(*) FILTER (WHERE pad = 'bad') FROM public.copied"),
+        "20000|20000|1"
+    );
+    s.stop().await;
+}
