@@ -209,7 +209,21 @@ pub enum Event {
         /// The keys the source has in the range.
         keys: Vec<Vec<Value>>,
     },
-    /// A table's initial copy starts or ends; rows in between are `Insert`s.
+    /// Rows of a table's initial copy or resync as the source's `COPY` wrote them
+    /// (PostgreSQL's text format, one `\n`-terminated line of the relation's columns
+    /// per row), carried unparsed from the source to a sink that hands them to a `COPY`
+    /// of its own. It stands for `rows` [`Event::Insert`]s and takes their `rows`
+    /// positions in its record. Only [`Record::decode_rows`] hands it out;
+    /// [`Record::decode`] gives the inserts.
+    Rows {
+        /// Relation id.
+        rel: u32,
+        /// Lines in `data`.
+        rows: u32,
+        /// The lines.
+        data: Vec<u8>,
+    },
+    /// A table's initial copy starts or ends; rows in between are `Insert`s (or `Rows`).
     Snapshot {
         /// Relation id.
         rel: u32,
@@ -221,13 +235,21 @@ pub enum Event {
 }
 
 impl Event {
+    /// Positions the event takes in its record: `rows` for [`Event::Rows`], else 1.
+    pub fn positions(&self) -> u64 {
+        match self {
+            Event::Rows { rows, .. } => u64::from(*rows),
+            _ => 1,
+        }
+    }
+
     /// Short lowercase name, as `cdc tail` prints it.
     pub fn kind(&self) -> &'static str {
         match self {
             Event::Begin { .. } => "begin",
             Event::Commit { .. } => "commit",
             Event::Relation(_) => "relation",
-            Event::Insert { .. } => "insert",
+            Event::Insert { .. } | Event::Rows { .. } => "insert",
             Event::Update { .. } => "update",
             Event::Delete { .. } => "delete",
             Event::Truncate { .. } => "truncate",
@@ -303,6 +325,7 @@ const TAG_SNAPSHOT: u8 = 9;
 /// A relation whose columns carry their `attnum` (after the key flag).
 const TAG_RELATION_ATTNUM: u8 = 10;
 const TAG_CHUNK: u8 = 11;
+const TAG_ROWS: u8 = 12;
 
 const VAL_NULL: u8 = 0;
 const VAL_UNCHANGED: u8 = 1;
@@ -366,8 +389,20 @@ impl Record {
         }
     }
 
-    /// Decodes a record; total.
+    /// Decodes a record; total. Copy rows carried as [`Event::Rows`] come out as one
+    /// [`Event::Insert`] each.
     pub fn decode(buf: &[u8]) -> Result<Record, CdcError> {
+        Record::decode_with(buf, true)
+    }
+
+    /// Decodes a record keeping copy rows as [`Event::Rows`] (checked: each holds
+    /// `rows` lines that [`Record::decode`] reads as rows of its relation, described
+    /// earlier in the record); total.
+    pub fn decode_rows(buf: &[u8]) -> Result<Record, CdcError> {
+        Record::decode_with(buf, false)
+    }
+
+    fn decode_with(buf: &[u8], expand: bool) -> Result<Record, CdcError> {
         let mut r = Rd { buf };
         let v = r.u8("version")?;
         if v != RECORD_VERSION {
@@ -377,7 +412,21 @@ impl Record {
         let n = r.count("events", 2)?;
         let mut events = Vec::with_capacity(n.min(1024));
         for _ in 0..n {
-            events.push(decode_event(&mut r)?);
+            match decode_event(&mut r)? {
+                Event::Rows { rel, rows, data } => {
+                    let ncols = width_of(&events, rel)?;
+                    if expand {
+                        crate::copy_text::each_copy_row(&data, rows, ncols, |new| {
+                            events.push(Event::Insert { rel, new })
+                        })
+                    } else {
+                        crate::copy_text::check_copy_rows(&data, rows, ncols)
+                            .map(|()| events.push(Event::Rows { rel, rows, data }))
+                    }
+                    .map_err(CdcError::Malformed)?;
+                }
+                ev => events.push(ev),
+            }
         }
         if !r.buf.is_empty() {
             return Err(CdcError::TrailingBytes(r.buf.len()));
@@ -385,10 +434,46 @@ impl Record {
         Ok(Record { lsn, events })
     }
 
+    /// The events with each [`Event::Rows`] block read as its inserts (as
+    /// [`Record::decode`] gives them).
+    pub fn expand_rows(events: Vec<Event>) -> Result<Vec<Event>, CdcError> {
+        let mut out = Vec::with_capacity(events.len());
+        for ev in events {
+            match ev {
+                Event::Rows { rel, rows, data } => {
+                    let ncols = width_of(&out, rel)?;
+                    crate::copy_text::each_copy_row(&data, rows, ncols, |new| {
+                        out.push(Event::Insert { rel, new })
+                    })
+                    .map_err(CdcError::Malformed)?;
+                }
+                ev => out.push(ev),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Positions the record's events take: one each, `rows` for [`Event::Rows`].
+    pub fn positions(&self) -> u64 {
+        self.events.iter().map(Event::positions).sum()
+    }
+
     /// Whether the record ends a transaction (its last event is a commit).
     pub fn ends_transaction(&self) -> bool {
         matches!(self.events.last(), Some(Event::Commit { .. }))
     }
+}
+
+/// Columns of relation `rel` as described last among `events` (copy rows need it).
+fn width_of(events: &[Event], rel: u32) -> Result<usize, CdcError> {
+    events
+        .iter()
+        .rev()
+        .find_map(|e| match e {
+            Event::Relation(r) if r.id == rel => Some(r.columns.len()),
+            _ => None,
+        })
+        .ok_or(CdcError::Malformed("copy rows before their relation"))
 }
 
 fn put_u32(out: &mut Vec<u8>, n: usize) {
@@ -466,6 +551,12 @@ fn encode_event(ev: &Event, out: &mut Vec<u8>) {
                     out.extend_from_slice(&c.attnum.to_le_bytes());
                 }
             }
+        }
+        Event::Rows { rel, rows, data } => {
+            out.push(TAG_ROWS);
+            out.extend_from_slice(&rel.to_le_bytes());
+            out.extend_from_slice(&rows.to_le_bytes());
+            put_bytes(out, data);
         }
         Event::Insert { rel, new } => {
             out.push(TAG_INSERT);
@@ -672,6 +763,11 @@ fn decode_event(r: &mut Rd<'_>) -> Result<Event, CdcError> {
                 columns,
             })
         }
+        TAG_ROWS => Event::Rows {
+            rel: r.u32("rel")?,
+            rows: r.u32("rows.count")?,
+            data: r.bytes("rows.data")?.to_vec(),
+        },
         TAG_INSERT => Event::Insert {
             rel: r.u32("rel")?,
             new: r.values()?,
@@ -888,6 +984,8 @@ pub fn event_json(seq: u64, ev: &Event, rels: &Relations) -> serde_json::Value {
         Event::Insert { rel, new } => {
             json!({"table": table_name(rels, *rel), "new": values_json(rels.get(*rel), new)})
         }
+        // Decoded for `cdc tail` as inserts; only a count if one is passed as it is.
+        Event::Rows { rel, rows, .. } => json!({"table": table_name(rels, *rel), "rows": rows}),
         Event::Update { rel, old, new } => {
             let mut o =
                 json!({"table": table_name(rels, *rel), "new": values_json(rels.get(*rel), new)});
@@ -1135,6 +1233,89 @@ mod tests {
                     commit_time: 1,
                 },
             ],
+        }
+    }
+
+    /// Copy rows carried unparsed: `decode` reads them as inserts (escapes undone, NULLs
+    /// kept), `decode_rows` keeps the block, and a block that does not match its relation
+    /// or its count is refused either way.
+    #[test]
+    fn copy_rows_decode_as_inserts_or_as_they_are() {
+        let rel = match &sample().events[1] {
+            Event::Relation(r) => r.clone(),
+            _ => unreachable!("sample's second event is its relation"),
+        };
+        let rec = |rows: u32, data: &[u8]| Record {
+            lsn: 0,
+            events: vec![
+                Event::Relation(rel.clone()),
+                Event::Rows {
+                    rel: rel.id,
+                    rows,
+                    data: data.to_vec(),
+                },
+                Event::Snapshot {
+                    rel: rel.id,
+                    phase: SnapshotPhase::Done,
+                    value: 3,
+                },
+            ],
+        };
+        let data = b"1\ta\\tb\n2\t\\N\n3\tgr\xc3\xbc\\101\n";
+        let enc = rec(3, data).encode();
+        let t = |s: &str| Value::Text(s.into());
+        let back = Record::decode(&enc).unwrap();
+        assert_eq!(back.events.len(), 5);
+        assert_eq!(
+            back.events[1..4],
+            [
+                Event::Insert {
+                    rel: rel.id,
+                    new: vec![t("1"), t("a\tb")]
+                },
+                Event::Insert {
+                    rel: rel.id,
+                    new: vec![t("2"), Value::Null]
+                },
+                Event::Insert {
+                    rel: rel.id,
+                    new: vec![t("3"), t("grüA")]
+                },
+            ]
+        );
+        assert_eq!(back.positions(), 5);
+        let raw = Record::decode_rows(&enc).unwrap();
+        assert_eq!(raw, rec(3, data));
+        assert_eq!(raw.positions(), 5);
+        for (rows, bad) in [
+            (2, &data[..]),
+            (4, &data[..]),
+            (3, &data[..data.len() - 1]),
+            (1, &b"1\ta\tb\n"[..]),
+            (1, &b"1\n"[..]),
+            (1, &b"1\t\xff\n"[..]),
+            (1, &b"1\t\\377\n"[..]),
+            (1, &b"1\ta\\\n"[..]),
+        ] {
+            let enc = rec(rows, bad).encode();
+            assert!(Record::decode(&enc).is_err(), "{rows} {bad:?}");
+            assert!(Record::decode_rows(&enc).is_err(), "{rows} {bad:?}");
+        }
+        let orphan = Record {
+            lsn: 0,
+            events: vec![Event::Rows {
+                rel: 1,
+                rows: 1,
+                data: b"1\ta\n".to_vec(),
+            }],
+        }
+        .encode();
+        assert_eq!(
+            Record::decode_rows(&orphan),
+            Err(CdcError::Malformed("copy rows before their relation"))
+        );
+        for n in 0..enc.len() {
+            assert!(Record::decode_rows(&enc[..n]).is_err());
         }
     }
 

@@ -76,6 +76,95 @@ pub fn parse_copy_line(line: &[u8]) -> Result<Vec<Value>, String> {
     Ok(out)
 }
 
+/// Calls `f` with the values of each of the `rows` lines of `data` (each ending in
+/// `\n`, with `ncols` fields): how a block of copy rows is read back as rows.
+pub fn each_copy_row(
+    data: &[u8],
+    rows: u32,
+    ncols: usize,
+    mut f: impl FnMut(Vec<Value>),
+) -> Result<(), &'static str> {
+    let mut n = 0u32;
+    for line in lines(data)? {
+        n = n.checked_add(1).ok_or(TOO_MANY)?;
+        if n > rows {
+            return Err(TOO_MANY);
+        }
+        let values = if ncols == 0 && line.is_empty() {
+            Vec::new()
+        } else {
+            parse_copy_line(line).map_err(|_| BAD_ROW)?
+        };
+        if values.len() != ncols {
+            return Err(WRONG_WIDTH);
+        }
+        f(values);
+    }
+    if n != rows {
+        return Err(TOO_FEW);
+    }
+    Ok(())
+}
+
+/// Checks what [`each_copy_row`] would read without building values: `rows` lines of
+/// `ncols` fields, UTF-8 once unescaped.
+pub fn check_copy_rows(data: &[u8], rows: u32, ncols: usize) -> Result<(), &'static str> {
+    // Escapes other than octal and hex ones give ASCII, so valid UTF-8 stays valid; a
+    // line with those is parsed whole.
+    std::str::from_utf8(data).map_err(|_| BAD_ROW)?;
+    let mut n = 0u32;
+    for line in lines(data)? {
+        n = n.checked_add(1).ok_or(TOO_MANY)?;
+        if n > rows {
+            return Err(TOO_MANY);
+        }
+        let mut fields = if ncols == 0 && line.is_empty() { 0 } else { 1 };
+        let mut i = 0;
+        let mut numeric_escape = false;
+        while let Some(off) = line[i..].iter().position(|&b| b == b'\t' || b == b'\\') {
+            let at = i + off;
+            if line[at] == b'\t' {
+                fields += 1;
+                i = at + 1;
+                continue;
+            }
+            match line.get(at + 1) {
+                None => return Err(BAD_ROW),
+                Some(b'0'..=b'7' | b'x') => numeric_escape = true,
+                Some(_) => {}
+            }
+            i = at + 2;
+        }
+        if fields != ncols {
+            return Err(WRONG_WIDTH);
+        }
+        if numeric_escape {
+            parse_copy_line(line).map_err(|_| BAD_ROW)?;
+        }
+    }
+    if n != rows {
+        return Err(TOO_FEW);
+    }
+    Ok(())
+}
+
+const TOO_MANY: &str = "copy rows: more lines than the block says";
+const TOO_FEW: &str = "copy rows: fewer lines than the block says";
+const BAD_ROW: &str = "copy rows: a line is not COPY text of UTF-8 values";
+const WRONG_WIDTH: &str = "copy rows: a line's values do not match its relation's columns";
+
+/// The `\n`-terminated lines of `data`, without their newlines.
+fn lines(data: &[u8]) -> Result<impl Iterator<Item = &[u8]>, &'static str> {
+    let body = match data.split_last() {
+        None => data,
+        Some((b'\n', body)) => body,
+        Some(_) => return Err("copy rows: the last line does not end in a newline"),
+    };
+    // An empty block has no lines (splitting "" would give one empty line).
+    let skip = usize::from(data.is_empty());
+    Ok(body.split(|&b| b == b'\n').skip(skip))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

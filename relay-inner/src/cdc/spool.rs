@@ -475,7 +475,7 @@ fn last_lsn(log: &SegmentLog) -> Result<u64, SpoolError> {
         let mut best = 0;
         for r in log.read_from(seg.first_seq)? {
             let (seq, payload) = r?;
-            let rec = Record::decode(&payload).map_err(|e| SpoolError::BadRecord {
+            let rec = Record::decode_rows(&payload).map_err(|e| SpoolError::BadRecord {
                 seq,
                 reason: e.to_string(),
             })?;

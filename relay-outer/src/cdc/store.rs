@@ -483,7 +483,7 @@ impl Store {
                     ),
                 });
             }
-            if let Err(e) = Record::decode(payload) {
+            if let Err(e) = Record::decode_rows(payload) {
                 return Err(StoreError::BadRecord {
                     seq,
                     reason: e.to_string(),

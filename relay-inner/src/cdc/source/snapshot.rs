@@ -652,6 +652,12 @@ async fn copy_range(
         metrics::counter!(SNAPSHOT_ROWS_TOTAL, "source" => name.clone(), "table" => t.name.clone());
     let mut pending_rows = 0u64;
     let mut last_line: Vec<u8> = Vec::new();
+    // Rows nothing is done to in relay-inner travel as the source wrote them: lines of
+    // COPY text in one `Rows` event per record, parsed only by a sink that needs values.
+    let raw =
+        plan.is_none() && !src_rel.columns.is_empty() && src_rel.columns.len() == rel.columns.len();
+    let mut block: Vec<u8> = Vec::new();
+    let mut block_rows = 0u32;
     loop {
         let chunk = match tokio::time::timeout(idle, copy.next()).await {
             Ok(c) => c.transpose()?,
@@ -672,6 +678,43 @@ async fn copy_range(
         while let Some(nl) = buf[start..].iter().position(|&b| b == b'\n') {
             let line = &buf[start..start + nl];
             last = Some(start..start + nl);
+            if raw {
+                let fields = 1 + line.iter().filter(|&&b| b == b'\t').count();
+                if fields != src_rel.columns.len() {
+                    return Err(SourceError::Fatal(format!(
+                        "copying {}: a row has {fields} values for {} columns",
+                        t.name,
+                        src_rel.columns.len()
+                    )));
+                }
+                if nl + rel_bytes + 64 > MAX_RECORD {
+                    return Err(SourceError::Fatal(format!(
+                        "copying {}: a row of {nl} bytes exceeds the spool's record limit of {MAX_RECORD} bytes",
+                        t.name
+                    )));
+                }
+                if block_rows > 0 && rel_bytes + block.len() + nl + 1 > super::RECORD_MAX_BYTES {
+                    unsynced += block.len();
+                    flush_block(ctx, rel, &mut block, &mut block_rows).await?;
+                }
+                block.extend_from_slice(&buf[start..=start + nl]);
+                start += nl + 1;
+                block_rows += 1;
+                rows += 1;
+                pending_rows += 1;
+                if rel_bytes + block.len() >= RECORD_TARGET_BYTES {
+                    unsynced += block.len();
+                    flush_block(ctx, rel, &mut block, &mut block_rows).await?;
+                    counter.increment(pending_rows);
+                    ctx.status.add_snapshot_rows(&t.name, pending_rows);
+                    pending_rows = 0;
+                    if unsynced >= COPY_SYNC_BYTES {
+                        ctx.spool.sync().await?;
+                        unsynced = 0;
+                    }
+                }
+                continue;
+            }
             start += nl + 1;
             let values = parse_copy_line(line)
                 .map_err(|e| SourceError::Fatal(format!("copying {}: {e}", t.name)))?;
@@ -743,6 +786,9 @@ async fn copy_range(
     if events.len() > 1 {
         flush_rows(ctx, rel, &mut events, &mut bytes, rel_bytes).await?;
     }
+    if block_rows > 0 {
+        flush_block(ctx, rel, &mut block, &mut block_rows).await?;
+    }
     counter.increment(pending_rows);
     ctx.status.add_snapshot_rows(&t.name, pending_rows);
     let last_key = match keys {
@@ -781,6 +827,28 @@ async fn snapshot_marker(
         },
     ];
     ctx.spool.append(&Record { lsn: 0, events }).await?;
+    Ok(())
+}
+
+/// Spools a block of copy rows as the source wrote them.
+async fn flush_block(
+    ctx: &Ctx,
+    rel: &Relation,
+    block: &mut Vec<u8>,
+    rows: &mut u32,
+) -> Result<(), SourceError> {
+    let n = std::mem::take(rows);
+    let events = vec![
+        Event::Relation(rel.clone()),
+        Event::Rows {
+            rel: rel.id,
+            rows: n,
+            data: std::mem::take(block),
+        },
+    ];
+    ctx.spool.append(&Record { lsn: 0, events }).await?;
+    metrics::counter!(super::EVENTS_TOTAL, "source" => ctx.label(), "kind" => "insert")
+        .increment(u64::from(n));
     Ok(())
 }
 

@@ -950,6 +950,14 @@ impl Sink for ClickHouseSink {
         let version = version(at);
         match ev {
             Event::Relation(r) => self.relation(&r).await?,
+            Event::Rows { .. } => {
+                return Err(SinkError::new(
+                    "store",
+                    at.seq,
+                    format!("event {at}: copy rows reached the ClickHouse sink as a block (only sinks that take blocks get them)"),
+                )
+                .into())
+            }
             Event::Insert { rel, new } => {
                 let t = self.table_of(rel)?;
                 self.push(

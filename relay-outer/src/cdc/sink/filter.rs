@@ -67,7 +67,9 @@ impl Filter {
         }
         let keep = match &ev {
             Event::Relation(r) => self.table_ok(rels, r.id),
-            Event::Insert { rel, .. } => self.op_ok(0) && self.table_ok(rels, *rel),
+            Event::Insert { rel, .. } | Event::Rows { rel, .. } => {
+                self.op_ok(0) && self.table_ok(rels, *rel)
+            }
             Event::Update { rel, .. } => self.op_ok(1) && self.table_ok(rels, *rel),
             Event::Delete { rel, .. } => self.op_ok(2) && self.table_ok(rels, *rel),
             Event::Snapshot { rel, .. } => self.op_ok(0) && self.table_ok(rels, *rel),

@@ -369,6 +369,13 @@ pub trait Sink: Send + 'static {
         async { Ok(()) }
     }
 
+    /// Whether the sink takes a copy's rows as one [`Event::Rows`] block (written at the
+    /// block's first position) instead of one [`Event::Insert`] each. A block is passed
+    /// only whole, outside source transactions; the default takes inserts.
+    fn takes_rows(&self) -> bool {
+        false
+    }
+
     /// Bytes held for the open batch (for [`BatchLimits::max_bytes`]).
     fn pending_bytes(&self) -> usize {
         0

@@ -124,6 +124,11 @@ impl Sink for PgSink {
         Durability::Transactional
     }
 
+    fn takes_rows(&self) -> bool {
+        // An initial copy's rows go to the target's COPY as the source wrote them.
+        true
+    }
+
     fn limits(&self) -> BatchLimits {
         match self.cfg.transaction_chunk_rows {
             None => BatchLimits {

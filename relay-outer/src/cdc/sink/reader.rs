@@ -29,6 +29,8 @@ pub struct RecordReader {
     /// Seq of the last record read from the reader.
     read_upto: Option<u64>,
     buf: VecDeque<(u64, Vec<u8>)>,
+    /// Copy rows are handed out as blocks ([`Record::decode_rows`]).
+    rows: bool,
 }
 
 impl RecordReader {
@@ -42,7 +44,14 @@ impl RecordReader {
             last: None,
             read_upto: None,
             buf: VecDeque::new(),
+            rows: false,
         }
+    }
+
+    /// Hands copy rows out as [`relay_proto::cdc::Event::Rows`] blocks.
+    pub fn with_rows(mut self, rows: bool) -> RecordReader {
+        self.rows = rows;
+        self
     }
 
     /// Newest durable seq (and marks it seen for [`RecordReader::changed`]).
@@ -77,7 +86,12 @@ impl RecordReader {
             }
         }
         self.last = Some(seq);
-        let rec = Record::decode(&payload).map_err(|e| {
+        let decode = if self.rows {
+            Record::decode_rows
+        } else {
+            Record::decode
+        };
+        let rec = decode(&payload).map_err(|e| {
             SinkError::store(
                 seq,
                 format!("record {seq} in the store does not decode: {e}"),

@@ -83,6 +83,13 @@ impl Memo {
     fn discarded(&self, at: Position) -> bool {
         self.discards.iter().any(|(a, b)| at >= *a && at < *b)
     }
+
+    /// Whether a discarded range reaches into record `seq`.
+    fn discards_in(&self, seq: u64) -> bool {
+        self.discards
+            .iter()
+            .any(|(a, b)| a.seq <= seq && *b > Position::new(seq, 0))
+    }
 }
 
 /// Runs `sink` until `ctx.stop`.
@@ -335,7 +342,8 @@ impl<S: Sink> Session<'_, S> {
         metrics::gauge!(UP, self.labels).set(1.0);
         tracing::info!(sink = %self.name(), kind = self.sink.kind(), source = %self.ctx.source, position = %from,
             "sink connected; resuming at {from}");
-        let mut src = RecordReader::new(self.ctx.store.clone(), from.seq);
+        let mut src =
+            RecordReader::new(self.ctx.store.clone(), from.seq).with_rows(self.sink.takes_rows());
         let mut paused = self.ctx.status.subscribe_paused();
         let mut replay = self.ctx.status.subscribe_replay();
         let limits = self.sink.limits();
@@ -520,8 +528,25 @@ impl<S: Sink> Session<'_, S> {
                 }
             }
         }
-        for (i, ev) in rec.events.into_iter().enumerate() {
-            let at = Position::new(seq, i as u32);
+        // Copy rows go as a block only whole and outside transactions; else as inserts,
+        // each at its own position.
+        let events = if rec.events.iter().any(|e| matches!(e, Event::Rows { .. }))
+            && (self.src_open || self.next > Position::new(seq, 0) || self.memo.discards_in(seq))
+        {
+            Record::expand_rows(rec.events).map_err(|e| {
+                SinkError::store(
+                    seq,
+                    format!("record {seq} in the store does not decode: {e}"),
+                )
+            })?
+        } else {
+            rec.events
+        };
+        let mut idx = 0u64;
+        for ev in events {
+            let at = Position::new(seq, u32::try_from(idx).unwrap_or(u32::MAX));
+            let width = ev.positions();
+            idx += width;
             // A relation only describes a table (records are read on their own, so the
             // ones in a discarded range come again where they are used): it is kept, also
             // because the event that ends a partial transaction may follow its own
@@ -600,14 +625,15 @@ impl<S: Sink> Session<'_, S> {
             };
             match &ev {
                 Event::Insert { .. } => b.ops[0] += 1,
+                Event::Rows { rows, .. } => b.ops[0] += u64::from(*rows),
                 Event::Update { .. } => b.ops[1] += 1,
                 Event::Delete { .. } => b.ops[2] += 1,
                 Event::Truncate { rels, .. } => b.ops[3] += rels.len() as u64,
                 _ => {}
             }
             if !matches!(ev, Event::Relation(_)) {
-                b.events += 1;
-                b.last_written = Some(at);
+                b.events += width as usize;
+                b.last_written = Some(Position::new(at.seq, at.idx + (width - 1) as u32));
             }
             self.sink.write(at, ev, &self.rels).await?;
         }

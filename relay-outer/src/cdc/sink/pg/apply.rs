@@ -491,6 +491,7 @@ impl Conn {
                 Event::Commit { .. } => {}
                 Event::Relation(r) => self.observe(r).await?,
                 Event::Insert { rel, new } => self.insert(rel, new, per_row).await?,
+                Event::Rows { rel, rows, data } => self.copy_rows(rel, rows, data, per_row).await?,
                 Event::Update { rel, old, new } => {
                     self.flush().await?;
                     self.update(rel, old, new).await?;
@@ -519,7 +520,11 @@ impl Conn {
                 Event::Chunk { rel, lo, hi, keys } => self.chunk(rel, lo, hi, keys).await?,
                 Event::Snapshot { rel, phase, value } => {
                     self.flush().await?;
-                    self.ensure_table(rel).await?;
+                    self.ensure_table_for(rel, phase == SnapshotPhase::Start)
+                        .await?;
+                    if phase != SnapshotPhase::Start {
+                        self.ensure_key(rel).await?;
+                    }
                     let t = &self.tables[&rel];
                     match phase {
                         SnapshotPhase::Start => {
@@ -614,6 +619,14 @@ impl Conn {
 
     /// Checks (and with `create_tables`, creates) the target table of `rel`.
     async fn ensure_table(&mut self, rel: u32) -> Result<(), Flow> {
+        self.ensure_table_for(rel, false).await
+    }
+
+    /// Checks (and creates, with `create_tables`) the target table. Created for an
+    /// initial copy (`copy`), a keyed table gets its primary key once the copy's rows
+    /// are in (see [`Conn::ensure_key`]); found without a unique index on the key (a copy
+    /// cut off by a restart of this sink), it gets it before the first write that needs it.
+    async fn ensure_table_for(&mut self, rel: u32, copy: bool) -> Result<(), Flow> {
         let t = self.table(rel)?;
         if t.ready {
             return Ok(());
@@ -621,6 +634,7 @@ impl Conn {
         let (schema, name, tdisp) = (t.schema.clone(), t.rel.name.clone(), t.display.clone());
         let mut cols = self.target_columns(&schema, &name).await?;
         let create = self.cfg.create_tables;
+        let mut created = false;
         if cols.is_empty() {
             if !create {
                 return Err(SinkError::new(
@@ -649,10 +663,11 @@ impl Conn {
             }
             let all: Vec<usize> = (0..self.tables[&rel].rel.columns.len()).collect();
             self.warn_replaced_types(rel, &all);
-            let sql = self.tables[&rel].create_sql();
+            let sql = self.tables[&rel].create_sql(copy);
             self.send_simple(&sql, "creating the target table");
             tracing::info!(sink = %self.cfg.name, table = %tdisp, "creating the target table: {sql}");
             cols = self.target_columns(&schema, &name).await?;
+            created = true;
         }
         let t = &self.tables[&rel];
         let missing: Vec<usize> = t
@@ -688,7 +703,27 @@ impl Conn {
             }
             cols = self.target_columns(&schema, &name).await?;
         }
+        let t = &self.tables[&rel];
+        let key_deferred = if !create || !t.keyed || t.key_idx.is_empty() {
+            false
+        } else if created {
+            copy
+        } else {
+            let key: Vec<String> = t
+                .key_idx
+                .iter()
+                .map(|&i| t.rel.columns[i].name.clone())
+                .collect();
+            self.drain().await?;
+            let row = self
+                .client
+                .query_one(ddl::UNIQUE_SQL, &[&schema, &name, &key])
+                .await
+                .map_err(|e| self.pg_err("looking for the target table's key index", &e))?;
+            !row.get::<_, bool>(0)
+        };
         let t = self.tables.get_mut(&rel).expect("checked");
+        t.key_deferred = key_deferred;
         let mut out = Vec::with_capacity(t.rel.columns.len());
         for c in &t.rel.columns {
             let Some((ty, has_eq)) = cols.get(&c.name) else {
@@ -708,6 +743,26 @@ impl Conn {
         t.cols = out;
         t.stmts.clear();
         t.ready = true;
+        Ok(())
+    }
+
+    /// Adds the primary key a table created for its initial copy was created without,
+    /// after the rows sent so far: before the first write that needs a key, or when the
+    /// copy is done.
+    async fn ensure_key(&mut self, rel: u32) -> Result<(), Flow> {
+        if !self.tables.get(&rel).is_some_and(|t| t.key_deferred) {
+            return Ok(());
+        }
+        self.flush().await?;
+        let t = self.tables.get_mut(&rel).expect("checked");
+        t.key_deferred = false;
+        let sql = t.add_key_sql();
+        tracing::info!(sink = %self.cfg.name, table = %t.display,
+            "building the target table's primary key after its initial copy: {sql}");
+        self.send_simple(
+            &sql,
+            "adding the primary key after the initial copy (duplicate keys in the target?)",
+        );
         Ok(())
     }
 
@@ -771,6 +826,7 @@ impl Conn {
         if self.copying.contains(&rel) && !new.iter().any(|v| matches!(v, Value::Unchanged)) {
             return self.copy_row(rel, new).await;
         }
+        self.ensure_key(rel).await?;
         let mask: Vec<u8> = new
             .iter()
             .map(|v| u8::from(!matches!(v, Value::Unchanged)))
@@ -841,6 +897,48 @@ impl Conn {
         Ok(())
     }
 
+    /// Rows of a copy as the source's `COPY` wrote them (checked when the store took
+    /// them: lines of the relation's columns): into the open `COPY` as they are during a
+    /// table's initial copy, else (a resync's rows, or a copy after a restart of this
+    /// sink) as inserts.
+    async fn copy_rows(
+        &mut self,
+        rel: u32,
+        rows: u32,
+        data: Vec<u8>,
+        per_row: &HashSet<String>,
+    ) -> Result<(), Flow> {
+        self.ensure_table(rel).await?;
+        if !self.copying.contains(&rel) {
+            let ncols = self.table(rel)?.rel.columns.len();
+            let mut inserts = Vec::with_capacity(rows as usize);
+            relay_proto::copy_text::each_copy_row(&data, rows, ncols, |new| inserts.push(new))
+                .map_err(|e| SinkError::store(self.seq, format!("record {}: {e}", self.seq)))?;
+            for new in inserts {
+                self.insert(rel, new, per_row).await?;
+            }
+            return Ok(());
+        }
+        if self.copy.as_ref().is_some_and(|c| c.rel != rel) || self.batch.is_some() {
+            self.flush().await?;
+        }
+        let c = self.copy.get_or_insert_with(|| CopyIn {
+            rel,
+            buf: Vec::new(),
+            sink: None,
+        });
+        if c.buf.is_empty() {
+            // Handed over as it came, without a copy.
+            c.buf = data;
+        } else {
+            c.buf.extend_from_slice(&data);
+        }
+        if c.buf.len() >= COPY_PIECE {
+            self.send_copy_piece().await?;
+        }
+        Ok(())
+    }
+
     /// Adds a row of an initial copy to the open `COPY` (handed over in pieces of
     /// [`COPY_PIECE`] bytes).
     async fn copy_row(&mut self, rel: u32, new: Vec<Value>) -> Result<(), Flow> {
@@ -878,10 +976,7 @@ impl Conn {
             return Ok(());
         };
         let t = &self.tables[&c.rel];
-        let piece = bytes::Bytes::from(std::mem::replace(
-            &mut c.buf,
-            Vec::with_capacity(COPY_PIECE + 4096),
-        ));
+        let piece = bytes::Bytes::from(std::mem::replace(&mut c.buf, Vec::new()));
         let res = async {
             if c.sink.is_none() {
                 let cols: Vec<&str> = t.cols.iter().map(|col| col.name.as_str()).collect();
@@ -960,6 +1055,7 @@ impl Conn {
 
     async fn update(&mut self, rel: u32, old: Option<OldRow>, new: Vec<Value>) -> Result<(), Flow> {
         self.ensure_table(rel).await?;
+        self.ensure_key(rel).await?;
         self.check_len(rel, new.len())?;
         if let Some(o) = &old {
             self.check_len(rel, o.values.len())?;
@@ -1025,6 +1121,7 @@ impl Conn {
 
     async fn delete(&mut self, rel: u32, old: OldRow) -> Result<(), Flow> {
         self.ensure_table(rel).await?;
+        self.ensure_key(rel).await?;
         self.check_len(rel, old.values.len())?;
         let t = &self.tables[&rel];
         let Some((filter, fvals)) = self.filter(t, Some(&old.values), &old.values) else {

@@ -206,6 +206,10 @@ pub struct Table {
     pub ready: bool,
     /// Prepared statements.
     pub stmts: HashMap<StmtKey, Statement>,
+    /// The target has no unique index on the key yet: the sink created the table for an
+    /// initial copy without its primary key, added once the copy's rows are in (an index
+    /// built once is cheaper than one kept up to date row by row).
+    pub key_deferred: bool,
 }
 
 impl Table {
@@ -235,6 +239,7 @@ impl Table {
             cols: Vec::new(),
             ready: false,
             stmts: HashMap::new(),
+            key_deferred: false,
         }
     }
 
@@ -259,8 +264,9 @@ impl Table {
             .collect()
     }
 
-    /// `CREATE TABLE IF NOT EXISTS` from the relation.
-    pub fn create_sql(&self) -> String {
+    /// `CREATE TABLE IF NOT EXISTS` from the relation, with its primary key unless
+    /// `without_key` (see [`Table::key_deferred`]).
+    pub fn create_sql(&self, without_key: bool) -> String {
         let mut s = format!("CREATE TABLE IF NOT EXISTS {} (", self.ident);
         for (i, c) in self.rel.columns.iter().enumerate() {
             if i > 0 {
@@ -268,13 +274,22 @@ impl Table {
             }
             let _ = write!(s, "{} {}", quote_ident(&c.name), self.source_type(i));
         }
-        if self.keyed && !self.key_idx.is_empty() {
+        if self.keyed && !self.key_idx.is_empty() && !without_key {
             s.push_str(", PRIMARY KEY (");
             s.push_str(&self.col_list(&self.key_idx));
             s.push(')');
         }
         s.push(')');
         s
+    }
+
+    /// `ALTER TABLE ... ADD PRIMARY KEY` on the key columns.
+    pub fn add_key_sql(&self) -> String {
+        format!(
+            "ALTER TABLE {} ADD PRIMARY KEY ({})",
+            self.ident,
+            self.col_list(&self.key_idx)
+        )
     }
 
     /// `ALTER TABLE ... ADD COLUMN IF NOT EXISTS` for source column `i`.
@@ -497,7 +512,7 @@ mod tests {
         let t = table(b'd');
         assert_eq!(t.ident, "\"pub\"\"lic\".\"Orders\"");
         assert_eq!(
-            t.create_sql(),
+            t.create_sql(false),
             "CREATE TABLE IF NOT EXISTS \"pub\"\"lic\".\"Orders\" (\"id\" integer, \"note\" text, PRIMARY KEY (\"id\"))"
         );
     }
@@ -581,7 +596,7 @@ mod tests {
             None,
         );
         assert_eq!(
-            t.create_sql(),
+            t.create_sql(false),
             "CREATE TABLE IF NOT EXISTS \"s\".\"t\" (\"id\" text, \"n\" numeric(12,2), PRIMARY KEY (\"id\"))"
         );
         assert_eq!(

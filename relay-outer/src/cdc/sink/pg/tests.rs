@@ -1038,3 +1038,118 @@ async fn a_copy_refused_midway_is_rolled_back_and_applied_once_fixed() {
     );
     s.stop().await;
 }
+
+/// A table the sink creates for its initial copy gets its primary key once the copy's
+/// rows are in (built once, not kept up to date row by row); a copy cut off by a restart
+/// of the sink gets the key before the first row that needs it (the rows after a restart
+/// are upserts), and the key then holds rows to one per id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_created_for_its_copy_gets_its_key_after_the_rows() {
+    let pg = Pg::start(PgOpts::default());
+    let mut h = Harness::new();
+    let rels: Vec<_> = [(1, "fresh"), (2, "cut")]
+        .iter()
+        .map(|&(id, name)| {
+            rel(
+                id,
+                name,
+                b'd',
+                &[("id", "bigint", true), ("pad", "text", false)],
+            )
+        })
+        .collect();
+    let snap = |rel, phase, value| Event::Snapshot { rel, phase, value };
+    // Blocks of COPY text as relay-inner carries a copy's rows (a tab escaped, every
+    // tenth pad NULL).
+    let rows = |r: &relay_proto::cdc::Relation, from: u32, to: u32| {
+        let mut data = Vec::new();
+        for i in from..to {
+            if i % 10 == 0 {
+                data.extend_from_slice(format!("{i}\t\\N\n").as_bytes());
+            } else {
+                data.extend_from_slice(format!("{i}\trow\\t{i}\n").as_bytes());
+            }
+        }
+        Record {
+            lsn: 0,
+            events: vec![
+                Event::Relation(r.clone()),
+                Event::Rows {
+                    rel: r.id,
+                    rows: to - from,
+                    data,
+                },
+            ],
+        }
+    };
+    let marker = |r: &relay_proto::cdc::Relation, phase, value| Record {
+        lsn: 0,
+        events: vec![Event::Relation(r.clone()), snap(r.id, phase, value)],
+    };
+    let has_key = |t: &str| {
+        pg.psql(&format!(
+            "SELECT count(*) FILTER (WHERE indisprimary) FROM pg_index WHERE indrelid = 'public.{t}'::regclass"
+        ))
+    };
+    // fresh: copied whole; cut: half of its copy, then the sink stops.
+    let mut recs = vec![marker(&rels[0], SnapshotPhase::Start, 0)];
+    recs.extend((0..4).map(|c| rows(&rels[0], c * 500, (c + 1) * 500)));
+    recs.push(marker(&rels[0], SnapshotPhase::Done, 2000));
+    recs.push(marker(&rels[1], SnapshotPhase::Start, 0));
+    recs.extend((0..2).map(|c| rows(&rels[1], c * 500, (c + 1) * 500)));
+    let half = h.push(recs).await;
+    let c = cfg("keys", &pg);
+    let s = start(c.clone(), &h.store);
+    wait_applied(&s.status, half).await;
+    s.stop().await;
+    assert_eq!(pg.psql("SELECT count(*) FROM public.fresh"), "2000");
+    assert_eq!(
+        has_key("fresh"),
+        "1",
+        "the key is built when the copy is done"
+    );
+    assert_eq!(pg.psql("SELECT count(*) FROM public.cut"), "1000");
+    assert_eq!(has_key("cut"), "0", "no key while the copy runs");
+    // The rest of cut's copy after the restart (the first 500 rows again: upserts), then
+    // a transaction that inserts an id both tables already have.
+    let mut recs: Vec<Record> = (1..4)
+        .map(|c| rows(&rels[1], c * 500, (c + 1) * 500))
+        .collect();
+    recs.push(marker(&rels[1], SnapshotPhase::Done, 2000));
+    let mut tx = Record {
+        lsn: 0,
+        events: vec![
+            begin(9),
+            Event::Relation(rels[0].clone()),
+            ins(1, &[Some("7"), Some("row\t7")]),
+        ],
+    };
+    tx.events.push(Event::Relation(rels[1].clone()));
+    tx.events.push(ins(2, &[Some("7"), Some("seven")]));
+    tx.events.push(commit(9));
+    recs.push(tx);
+    let last = h.push(recs).await;
+    let s = start(c, &h.store);
+    wait_applied(&s.status, last).await;
+    s.stop().await;
+    assert_eq!(has_key("cut"), "1", "the key is built before the upserts");
+    assert_eq!(
+        pg.psql("SELECT count(*), count(DISTINCT id), min(id), max(id) FROM public.cut"),
+        "2000|2000|0|1999"
+    );
+    assert_eq!(pg.psql("SELECT pad FROM public.cut WHERE id = 7"), "seven");
+    for t in ["fresh", "cut"] {
+        assert_eq!(
+            pg.psql(&format!(
+                "SELECT count(*), count(DISTINCT id), count(*) FILTER (WHERE pad IS NULL), \
+                 count(*) FILTER (WHERE pad = 'row' || chr(9) || id) FROM public.{t}"
+            )),
+            if t == "cut" {
+                "2000|2000|200|1799"
+            } else {
+                "2000|2000|200|1800"
+            },
+            "{t}"
+        );
+    }
+}

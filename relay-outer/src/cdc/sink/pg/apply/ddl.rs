@@ -29,7 +29,7 @@ ORDER BY k.ord";
 
 /// Whether a unique index of the target covers exactly these columns (ON CONFLICT needs
 /// one).
-const UNIQUE_SQL: &str = "\
+pub(super) const UNIQUE_SQL: &str = "\
 SELECT EXISTS (SELECT 1 FROM pg_index i \
 JOIN pg_class c ON c.oid = i.indrelid \
 JOIN pg_namespace n ON n.oid = c.relnamespace \

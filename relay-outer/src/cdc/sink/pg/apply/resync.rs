@@ -23,6 +23,7 @@ impl Conn {
     ) -> Result<(), Flow> {
         self.flush().await?;
         self.ensure_table(rel).await?;
+        self.ensure_key(rel).await?;
         let t = &self.tables[&rel];
         if !t.keyed || t.key_idx.is_empty() {
             return Ok(());
