@@ -675,11 +675,11 @@ async fn copy_range(
         }
         let mut start = 0;
         let mut last = None;
-        while let Some(nl) = buf[start..].iter().position(|&b| b == b'\n') {
+        while let Some(nl) = memchr::memchr(b'\n', &buf[start..]) {
             let line = &buf[start..start + nl];
             last = Some(start..start + nl);
             if raw {
-                let fields = 1 + line.iter().filter(|&&b| b == b'\t').count();
+                let fields = 1 + memchr::memchr_iter(b'\t', line).count();
                 if fields != src_rel.columns.len() {
                     return Err(SourceError::Fatal(format!(
                         "copying {}: a row has {fields} values for {} columns",

@@ -798,6 +798,7 @@ mod tests {
     use super::super::testkit::{begin, commit, ins, rel, Harness};
     use super::super::{BatchLimits, SinkStatus};
     use super::*;
+    use relay_proto::cdc::SnapshotPhase;
 
     /// What the recording sink saw: one line per batch, its events' kinds and positions,
     /// and where the runner said it resumes.
@@ -814,6 +815,7 @@ mod tests {
         split: Split,
         log: Log,
         open: String,
+        rows: bool,
     }
 
     impl Sink for Recorder {
@@ -822,6 +824,9 @@ mod tests {
         }
         fn durability(&self) -> Durability {
             Durability::AtLeastOnce
+        }
+        fn takes_rows(&self) -> bool {
+            self.rows
         }
         fn limits(&self) -> BatchLimits {
             BatchLimits {
@@ -844,6 +849,11 @@ mod tests {
                 Event::Begin { .. } => "B",
                 Event::Commit { .. } => "C",
                 Event::Insert { .. } => "i",
+                Event::Rows { rows, .. } => {
+                    self.open.push_str(&format!("r{at}x{rows} "));
+                    return Ok(());
+                }
+                Event::Snapshot { .. } => "S",
                 Event::Relation(_) => return Ok(()),
                 _ => "?",
             };
@@ -866,6 +876,16 @@ mod tests {
         h: &Harness,
         root: &std::path::Path,
     ) -> (Log, Drain, tokio::task::JoinHandle<()>) {
+        start_with(split, h, root, false, None)
+    }
+
+    fn start_with(
+        split: Split,
+        h: &Harness,
+        root: &std::path::Path,
+        rows: bool,
+        replay: Option<Position>,
+    ) -> (Log, Drain, tokio::task::JoinHandle<()>) {
         let log = Log::default();
         let stop = Drain::new();
         let ctx = RunCtx {
@@ -880,10 +900,14 @@ mod tests {
             stop: stop.clone(),
             status: Arc::new(SinkStatus::new("recorder", Durability::AtLeastOnce)),
         };
+        if let Some(p) = replay {
+            ctx.status.request_replay(p);
+        }
         let sink = Recorder {
             split,
             log: log.clone(),
             open: String::new(),
+            rows,
         };
         (log, stop, tokio::spawn(run(sink, ctx)))
     }
@@ -919,6 +943,43 @@ mod tests {
                 events: vec![i(10), commit(5)],
             },
         ]
+    }
+
+    /// A block of copy rows takes one position per row: a sink that takes blocks gets it
+    /// whole at its first row's position, one that does not (or a replay from inside the
+    /// block) gets the rows as inserts at the same positions.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn copy_rows_take_a_position_each_as_a_block_or_as_inserts() {
+        let r = rel(1, "t", b'd', &[("id", "int", true)]);
+        let recs = vec![Record {
+            lsn: 0,
+            events: vec![
+                Event::Relation(r),
+                Event::Rows {
+                    rel: 1,
+                    rows: 3,
+                    data: b"1\n2\n3\n".to_vec(),
+                },
+                Event::Snapshot {
+                    rel: 1,
+                    phase: SnapshotPhase::Done,
+                    value: 3,
+                },
+            ],
+        }];
+        for (rows, replay, want) in [
+            (true, None, "r1.1x3 S1.4 -> 2.0"),
+            (false, None, "i1.1 i1.2 i1.3 S1.4 -> 2.0"),
+            (true, Some(Position::new(1, 2)), "i1.2 i1.3 S1.4 -> 2.0"),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut h = Harness::new();
+            h.push(recs.clone()).await;
+            let (log, stop, task) = start_with(Split::Never, &h, dir.path(), rows, replay);
+            assert_eq!(wait_lines(&log, 1).await, [want]);
+            stop.stop();
+            task.await.unwrap();
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
