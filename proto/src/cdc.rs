@@ -22,7 +22,9 @@
 //! [`Value::Unchanged`], never NULL.
 //!
 //! Record encoding (little-endian): `version u8 | lsn u64 | count u32 | events`, each event
-//! a tag byte and its fields; strings and byte strings are `u32 length | bytes`.
+//! a tag byte and its fields; strings and byte strings are `u32 length | bytes`. A block
+//! of copy rows ([`Event::Rows`]) is `rel u32 | rows u32 | bytes` of `COPY` text lines;
+//! it takes `rows` positions.
 //! Decoding is total: any bytes give a record or a [`CdcError`], never a panic.
 
 use std::collections::HashMap;

@@ -17,7 +17,7 @@ use routy_e2e::cdc::{CdcRig, RigOpts};
 use routy_e2e::{pg_bin, try_wait_until};
 
 const USAGE: &str = "\
-Usage: bench-copy [--rows N] [--parallelism N] [--out FILE]
+Usage: bench-copy [--rows N] [--parallelism N] [--relay-tmpfs SIZE] [--out FILE]
 
 First-copy benchmark: a table of N rows (about 250 bytes each) copied by Routy's
 snapshot: initial (parallel ranges, spool, TLS tunnel, store, PostgreSQL sink) next to
@@ -28,6 +28,10 @@ postgres user). Build first: cargo build --release --workspace --bins
 Options:
   --rows N         rows in the table (default 2000000)
   --parallelism N  relay-inner's snapshot_parallelism (default 4)
+  --relay-tmpfs SIZE
+                   put the spool and the store on tmpfs filesystems of SIZE each
+                   (e.g. 8g), as if the relays had disks of their own: here both
+                   databases and both relays share one disk
   --out FILE       also write the Markdown table to FILE
   -h, --help       print this text and exit
 ";
@@ -35,6 +39,7 @@ Options:
 struct Args {
     rows: u64,
     parallelism: u32,
+    relay_tmpfs: Option<String>,
     out: Option<String>,
 }
 
@@ -42,6 +47,7 @@ fn args() -> Args {
     let mut a = Args {
         rows: 2_000_000,
         parallelism: 4,
+        relay_tmpfs: None,
         out: None,
     };
     let mut it = std::env::args().skip(1);
@@ -55,7 +61,7 @@ fn args() -> Args {
                 print!("{USAGE}");
                 std::process::exit(0)
             }
-            "--rows" | "--parallelism" | "--out" => {
+            "--rows" | "--parallelism" | "--relay-tmpfs" | "--out" => {
                 let v = it
                     .next()
                     .unwrap_or_else(|| fail(format!("{k} needs a value")));
@@ -70,6 +76,7 @@ fn args() -> Args {
                             fail(format!("--parallelism: {v:?} is not a number"))
                         })
                     }
+                    "--relay-tmpfs" => a.relay_tmpfs = Some(v),
                     _ => a.out = Some(v),
                 }
             }
@@ -145,6 +152,8 @@ fn main() {
         ),
         tables: vec!["public.big".into()],
         source_extra: format!("      snapshot_parallelism: {}\n", a.parallelism),
+        spool_tmpfs: a.relay_tmpfs.clone(),
+        store_tmpfs: a.relay_tmpfs.clone(),
         ..RigOpts::default()
     });
     // The rig starts the relays once the table is loaded: the copy starts now. The end:
@@ -213,8 +222,13 @@ fn main() {
         bytes / 1e6,
         row(
             &format!(
-                "Routy snapshot: initial (snapshot_parallelism {}, through spool, TLS tunnel, store, PostgreSQL sink)",
-                a.parallelism
+                "Routy snapshot: initial (snapshot_parallelism {}, through spool, TLS tunnel, store, PostgreSQL sink{})",
+                a.parallelism,
+                if a.relay_tmpfs.is_some() {
+                    "; spool and store on tmpfs"
+                } else {
+                    ""
+                }
             ),
             routy
         ),

@@ -470,6 +470,19 @@ async fn copy_table(
             .map(|(i, c)| {
                 let (shape, keys, key_sql, progress) = (&shape, &keys, &key_sql, &progress);
                 async move {
+                    // Each chunk must walk the key's index from where the last one ended.
+                    // On a table without statistics (just loaded, never analyzed) the
+                    // planner took a range with both ends for small and read all of it
+                    // (bitmap scan) and sorted it for every chunk: a range's copy cost
+                    // grew with the square of its chunks.
+                    bounded(&ctx.cfg, "preparing the copy in key order", async {
+                        Ok(c.batch_execute(
+                            "SET LOCAL enable_bitmapscan = off; SET LOCAL enable_sort = off; \
+                             SET LOCAL enable_seqscan = off",
+                        )
+                        .await?)
+                    })
+                    .await?;
                     let mut total = 0u64;
                     loop {
                         let r = {
