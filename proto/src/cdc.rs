@@ -416,6 +416,10 @@ impl Record {
         for _ in 0..n {
             match decode_event(&mut r)? {
                 Event::Rows { rel, rows, data } => {
+                    if rows == 0 {
+                        // Every event takes a position; a block of none would not.
+                        return Err(CdcError::Malformed("an empty block of copy rows"));
+                    }
                     let ncols = width_of(&events, rel)?;
                     if expand {
                         crate::copy_text::each_copy_row(&data, rows, ncols, |new| {
@@ -1290,6 +1294,7 @@ mod tests {
         assert_eq!(raw, rec(3, data));
         assert_eq!(raw.positions(), 5);
         for (rows, bad) in [
+            (0, &b""[..]),
             (2, &data[..]),
             (4, &data[..]),
             (3, &data[..data.len() - 1]),

@@ -633,7 +633,8 @@ impl<S: Sink> Session<'_, S> {
             }
             if !matches!(ev, Event::Relation(_)) {
                 b.events += width as usize;
-                b.last_written = Some(Position::new(at.seq, at.idx + (width - 1) as u32));
+                let last = u32::try_from(width.saturating_sub(1)).unwrap_or(u32::MAX);
+                b.last_written = Some(Position::new(at.seq, at.idx.saturating_add(last)));
             }
             self.sink.write(at, ev, &self.rels).await?;
         }

@@ -976,7 +976,7 @@ impl Conn {
             return Ok(());
         };
         let t = &self.tables[&c.rel];
-        let piece = bytes::Bytes::from(std::mem::replace(&mut c.buf, Vec::new()));
+        let piece = bytes::Bytes::from(std::mem::take(&mut c.buf));
         let res = async {
             if c.sink.is_none() {
                 let cols: Vec<&str> = t.cols.iter().map(|col| col.name.as_str()).collect();
