@@ -700,12 +700,7 @@ async fn copy_range(
                         src_rel.columns.len()
                     )));
                 }
-                if nl + rel_bytes + 64 > MAX_RECORD {
-                    return Err(SourceError::Fatal(format!(
-                        "copying {}: a row of {nl} bytes exceeds the spool's record limit of {MAX_RECORD} bytes",
-                        t.name
-                    )));
-                }
+                row_fits(&t.name, nl + rel_bytes)?;
                 if block_rows > 0 && rel_bytes + block.len() + nl + 1 > super::RECORD_MAX_BYTES {
                     unsynced += block.len();
                     flush_block(ctx, rel, &mut block, &mut block_rows).await?;
@@ -718,13 +713,7 @@ async fn copy_range(
                 if rel_bytes + block.len() >= RECORD_TARGET_BYTES {
                     unsynced += block.len();
                     flush_block(ctx, rel, &mut block, &mut block_rows).await?;
-                    counter.increment(pending_rows);
-                    ctx.status.add_snapshot_rows(&t.name, pending_rows);
-                    pending_rows = 0;
-                    if unsynced >= COPY_SYNC_BYTES {
-                        ctx.spool.sync().await?;
-                        unsynced = 0;
-                    }
+                    rows_spooled(ctx, &t.name, &counter, &mut pending_rows, &mut unsynced).await?;
                 }
                 continue;
             }
@@ -746,12 +735,7 @@ async fn copy_range(
                 None => values,
             };
             let size = values_size(&values) + 8;
-            if size + rel_bytes + 64 > MAX_RECORD {
-                return Err(SourceError::Fatal(format!(
-                    "copying {}: a row of {size} bytes exceeds the spool's record limit of {MAX_RECORD} bytes",
-                    t.name
-                )));
-            }
+            row_fits(&t.name, size + rel_bytes)?;
             if events.len() > 1 && bytes + size > super::RECORD_MAX_BYTES {
                 unsynced += bytes;
                 flush_rows(ctx, rel, &mut events, &mut bytes, rel_bytes).await?;
@@ -770,14 +754,7 @@ async fn copy_range(
             if bytes >= RECORD_TARGET_BYTES {
                 unsynced += bytes;
                 flush_rows(ctx, rel, &mut events, &mut bytes, rel_bytes).await?;
-                counter.increment(pending_rows);
-                ctx.status.add_snapshot_rows(&t.name, pending_rows);
-                pending_rows = 0;
-                if unsynced >= COPY_SYNC_BYTES {
-                    // Durable rows are shipped: the target fills while the copy runs.
-                    ctx.spool.sync().await?;
-                    unsynced = 0;
-                }
+                rows_spooled(ctx, &t.name, &counter, &mut pending_rows, &mut unsynced).await?;
             }
         }
         if let (Some(_), Some(r)) = (keys, last) {
@@ -840,6 +817,36 @@ async fn snapshot_marker(
         },
     ];
     ctx.spool.append(&Record { lsn: 0, events }).await?;
+    Ok(())
+}
+
+/// A row (with its record's relation: `bytes`) must fit in a spool record.
+fn row_fits(table: &str, bytes: usize) -> Result<(), SourceError> {
+    if bytes + 64 > MAX_RECORD {
+        return Err(SourceError::Fatal(format!(
+            "copying {table}: a row of {bytes} bytes (with its table's description) exceeds \
+             the spool's record limit of {MAX_RECORD} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// A record of a copy's rows went to the spool: counts them, and syncs the spool every
+/// [`COPY_SYNC_BYTES`] (durable rows are shipped: the target fills while the copy runs).
+async fn rows_spooled(
+    ctx: &Ctx,
+    table: &str,
+    counter: &metrics::Counter,
+    pending: &mut u64,
+    unsynced: &mut usize,
+) -> Result<(), SourceError> {
+    let n = std::mem::take(pending);
+    counter.increment(n);
+    ctx.status.add_snapshot_rows(table, n);
+    if *unsynced >= COPY_SYNC_BYTES {
+        ctx.spool.sync().await?;
+        *unsynced = 0;
+    }
     Ok(())
 }
 
