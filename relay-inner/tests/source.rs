@@ -783,12 +783,19 @@ async fn a_stalled_walsender_is_noticed_and_replaced_without_loss() {
     assert_eq!(walsender_pid(&pg, "routy_stall").await, first);
 
     // Stalled: noticed within about the timeout.
+    let seen = run.status.recent_errors().len();
+    assert!(
+        seen < relay_inner::cdc::source::RECENT_ERRORS - 2,
+        "{seen} errors before"
+    );
     let stopped = Stopped::new(first);
     let stalled_at = Instant::now();
     pg.psql("INSERT INTO w SELECT g, 'during' FROM generate_series(101, 200) g;");
+    // The stall's error, also when the retry's (the stopped walsender still holds the
+    // slot) already replaced it as the last one.
     let err = loop {
-        if let Some(e) = run.status.last_error() {
-            break e;
+        if let Some(e) = run.status.recent_errors().get(seen) {
+            break e.clone();
         }
         assert!(
             stalled_at.elapsed() < timeout * 4,

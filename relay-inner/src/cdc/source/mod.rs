@@ -157,10 +157,16 @@ impl From<SpoolError> for SourceError {
     }
 }
 
+/// Errors `/status` keeps per source.
+pub const RECENT_ERRORS: usize = 8;
+
 #[derive(Debug, Default)]
 struct StatusInner {
     phase: &'static str,
     last_error: Option<String>,
+    /// The last few errors, oldest first (a retry's error soon replaces the one that
+    /// caused it as the last).
+    recent_errors: std::collections::VecDeque<String>,
     snapshot_table: Option<String>,
     snapshot_rows: u64,
     confirmed_lsn: u64,
@@ -192,7 +198,14 @@ impl SourceStatus {
     }
 
     fn set_error(&self, e: Option<String>) {
-        self.lock().last_error = e;
+        let mut s = self.lock();
+        if let Some(e) = &e {
+            if s.recent_errors.len() >= RECENT_ERRORS {
+                s.recent_errors.pop_front();
+            }
+            s.recent_errors.push_back(e.clone());
+        }
+        s.last_error = e;
     }
 
     fn set_snapshot(&self, table: Option<String>, rows: u64) {
@@ -254,6 +267,11 @@ impl SourceStatus {
         self.lock().last_error.clone()
     }
 
+    /// The last [`RECENT_ERRORS`] errors, oldest first.
+    pub fn recent_errors(&self) -> Vec<String> {
+        self.lock().recent_errors.iter().cloned().collect()
+    }
+
     /// The LSN last confirmed to the source.
     pub fn confirmed_lsn(&self) -> u64 {
         self.lock().confirmed_lsn
@@ -277,6 +295,7 @@ impl SourceStatus {
             "phase": match s.phase { "" => "connecting", p => p },
             "slot": s.slot,
             "last_error": s.last_error,
+            "recent_errors": s.recent_errors,
             "snapshot": s.snapshot_table.as_ref().map(|t| serde_json::json!({"table": t, "rows": s.snapshot_rows})),
             "resync": s.resyncs,
             "confirmed_lsn": replication::format_lsn(s.confirmed_lsn),

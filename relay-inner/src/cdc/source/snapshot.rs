@@ -108,7 +108,7 @@ pub(crate) struct ResyncProgress {
 }
 
 /// The snapshot progress of one source, kept in [`STATE_FILE`].
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct SnapshotState {
     path: PathBuf,
     file: StateFile,
@@ -460,7 +460,9 @@ async fn copy_table(
         state.set_copy_left(&t.name, ranges.iter().flatten().cloned().collect());
         state.save()?;
         let n_ranges = ranges.len();
-        let progress = std::sync::Mutex::new((state, ranges));
+        // The ranges' progress in memory, with a version per change; the version saved last.
+        let progress = std::sync::Mutex::new((state, ranges, 0u64));
+        let saved = std::sync::Arc::new(std::sync::Mutex::new(0u64));
         let key_sql = key_order_sql(&src_rel, &keys).join(", ");
         let src_rel = &src_rel;
         let jobs = clients
@@ -468,7 +470,8 @@ async fn copy_table(
             .enumerate()
             .take(n_ranges)
             .map(|(i, c)| {
-                let (shape, keys, key_sql, progress) = (&shape, &keys, &key_sql, &progress);
+                let (shape, keys, key_sql, progress, saved) =
+                    (&shape, &keys, &key_sql, &progress, &saved);
                 async move {
                     // Each chunk must walk the key's index from where the last one ended.
                     // On a table without statistics (just loaded, never analyzed) the
@@ -484,6 +487,8 @@ async fn copy_table(
                     })
                     .await?;
                     let mut total = 0u64;
+                    // A chunk's progress is made durable while the next chunk is read.
+                    let mut durable: Option<DurableProgress<'_>> = None;
                     loop {
                         let r = {
                             let g = progress.lock().unwrap_or_else(|p| p.into_inner());
@@ -504,25 +509,35 @@ async fn copy_table(
                             "COPY ({} ORDER BY {key_sql} LIMIT {limit}) TO STDOUT",
                             select_sql(t, src_rel, &conds)
                         );
-                        let (n, last) = copy_range(ctx, c, &sql, shape, Some(keys)).await?;
+                        let copy = copy_range(ctx, c, &sql, shape, Some(keys));
+                        let (copied, before) = match durable.take() {
+                            Some(d) => tokio::join!(copy, d),
+                            None => (copy.await, Ok(())),
+                        };
+                        before?;
+                        let (n, last) = copied?;
                         tracing::debug!(source = %ctx.cfg.name, table = %t.name, range = i, rows = n,
                             after = ?last, "copy chunk done");
                         total += n;
-                        // The chunk is durable before its progress is.
-                        ctx.spool.sync().await?;
                         let done = n < limit as u64;
-                        let mut g = progress.lock().unwrap_or_else(|p| p.into_inner());
+                        let (state, version) = {
+                            let mut g = progress.lock().unwrap_or_else(|p| p.into_inner());
+                            if done {
+                                g.1[i] = None;
+                            } else if let Some(r) = g.1[i].as_mut() {
+                                r.after = last;
+                            }
+                            let left = g.1.iter().flatten().cloned().collect();
+                            g.0.set_copy_left(&t.name, left);
+                            g.2 += 1;
+                            ((*g.0).clone(), g.2)
+                        };
+                        let d = Box::pin(save_progress(ctx, state, version, saved.clone()));
                         if done {
-                            g.1[i] = None;
-                        } else if let Some(r) = g.1[i].as_mut() {
-                            r.after = last;
-                        }
-                        let left = g.1.iter().flatten().cloned().collect();
-                        g.0.set_copy_left(&t.name, left);
-                        g.0.save()?;
-                        if done {
+                            d.await?;
                             return Ok::<u64, SourceError>(total);
                         }
+                        durable = Some(d);
                     }
                 }
             })
@@ -818,6 +833,33 @@ async fn snapshot_marker(
     ];
     ctx.spool.append(&Record { lsn: 0, events }).await?;
     Ok(())
+}
+
+/// A range's progress being made durable.
+type DurableProgress<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), SourceError>> + Send + 'a>>;
+
+/// Makes the chunks a copy's progress `state` counts durable, then the progress: syncs
+/// the spool (every chunk counted was appended before), then saves `state` unless a
+/// later version was saved already (ranges save concurrently; an older version would
+/// only make a resumed copy do more).
+async fn save_progress(
+    ctx: &Ctx,
+    state: SnapshotState,
+    version: u64,
+    saved: std::sync::Arc<std::sync::Mutex<u64>>,
+) -> Result<(), SourceError> {
+    ctx.spool.sync().await?;
+    tokio::task::spawn_blocking(move || {
+        let mut last = saved.lock().unwrap_or_else(|p| p.into_inner());
+        if version > *last {
+            state.save()?;
+            *last = version;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| SourceError::Fatal(format!("saving the copy's progress: {e}")))?
 }
 
 /// A row (with its record's relation: `bytes`) must fit in a spool record.
