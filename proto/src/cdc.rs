@@ -394,17 +394,17 @@ impl Record {
     /// Decodes a record; total. Copy rows carried as [`Event::Rows`] come out as one
     /// [`Event::Insert`] each.
     pub fn decode(buf: &[u8]) -> Result<Record, CdcError> {
-        Record::decode_with(buf, true)
+        let rec = Record::decode_rows(buf)?;
+        Ok(Record {
+            lsn: rec.lsn,
+            events: Record::expand_rows(rec.events)?,
+        })
     }
 
     /// Decodes a record keeping copy rows as [`Event::Rows`] (checked: each holds
     /// `rows` lines that [`Record::decode`] reads as rows of its relation, described
     /// earlier in the record); total.
     pub fn decode_rows(buf: &[u8]) -> Result<Record, CdcError> {
-        Record::decode_with(buf, false)
-    }
-
-    fn decode_with(buf: &[u8], expand: bool) -> Result<Record, CdcError> {
         let mut r = Rd { buf };
         let v = r.u8("version")?;
         if v != RECORD_VERSION {
@@ -414,25 +414,16 @@ impl Record {
         let n = r.count("events", 2)?;
         let mut events = Vec::with_capacity(n.min(1024));
         for _ in 0..n {
-            match decode_event(&mut r)? {
-                Event::Rows { rel, rows, data } => {
-                    if rows == 0 {
-                        // Every event takes a position; a block of none would not.
-                        return Err(CdcError::Malformed("an empty block of copy rows"));
-                    }
-                    let ncols = width_of(&events, rel)?;
-                    if expand {
-                        crate::copy_text::each_copy_row(&data, rows, ncols, |new| {
-                            events.push(Event::Insert { rel, new })
-                        })
-                    } else {
-                        crate::copy_text::check_copy_rows(&data, rows, ncols)
-                            .map(|()| events.push(Event::Rows { rel, rows, data }))
-                    }
-                    .map_err(CdcError::Malformed)?;
+            let ev = decode_event(&mut r)?;
+            if let Event::Rows { rel, rows, data } = &ev {
+                if *rows == 0 {
+                    // Every event takes a position; a block of none would not.
+                    return Err(CdcError::Malformed("an empty block of copy rows"));
                 }
-                ev => events.push(ev),
+                crate::copy_text::check_copy_rows(data, *rows, width_of(&events, *rel)?)
+                    .map_err(CdcError::Malformed)?;
             }
+            events.push(ev);
         }
         if !r.buf.is_empty() {
             return Err(CdcError::TrailingBytes(r.buf.len()));
@@ -457,11 +448,6 @@ impl Record {
             }
         }
         Ok(out)
-    }
-
-    /// Positions the record's events take: one each, `rows` for [`Event::Rows`].
-    pub fn positions(&self) -> u64 {
-        self.events.iter().map(Event::positions).sum()
     }
 
     /// Whether the record ends a transaction (its last event is a commit).
@@ -1289,10 +1275,11 @@ mod tests {
                 },
             ]
         );
-        assert_eq!(back.positions(), 5);
+        let positions = |r: &Record| r.events.iter().map(Event::positions).sum::<u64>();
+        assert_eq!(positions(&back), 5);
         let raw = Record::decode_rows(&enc).unwrap();
         assert_eq!(raw, rec(3, data));
-        assert_eq!(raw.positions(), 5);
+        assert_eq!(positions(&raw), 5);
         for (rows, bad) in [
             (0, &b""[..]),
             (2, &data[..]),

@@ -755,6 +755,42 @@ mod tests {
             Err(StoreError::BadRecord { seq: 6, .. })
         ));
         assert_eq!(s.lock().last_seq(), 4);
+        // A block of copy rows that does not match its relation is refused with why.
+        let rel = relay_proto::cdc::Relation {
+            id: 1,
+            schema: "public".into(),
+            name: "t".into(),
+            replica_identity: b'd',
+            columns: vec![relay_proto::cdc::Column {
+                name: "id".into(),
+                type_oid: 23,
+                type_modifier: -1,
+                type_name: "integer".into(),
+                key: true,
+                attnum: 0,
+            }],
+        };
+        let block = |data: &[u8]| {
+            Record {
+                lsn: 0,
+                events: vec![
+                    Event::Relation(rel.clone()),
+                    Event::Rows {
+                        rel: 1,
+                        rows: 2,
+                        data: data.to_vec(),
+                    },
+                ],
+            }
+            .encode()
+        };
+        match s.append_batch(5, &[block(b"1\n2\tx\n")]) {
+            Err(StoreError::BadRecord { seq: 5, reason }) => {
+                assert!(reason.contains("relation's columns"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.lock().last_seq(), 4);
         assert!(matches!(
             s.append_batch(0, &[rec(1)]),
             Err(StoreError::Gap(_))

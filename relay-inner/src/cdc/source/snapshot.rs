@@ -892,7 +892,8 @@ async fn rows_spooled(
     Ok(())
 }
 
-/// Spools a block of copy rows as the source wrote them.
+/// Spools a block of copy rows as the source wrote them; `block` comes back empty, its
+/// buffer kept for the next one (the spool encodes a copy of the record).
 async fn flush_block(
     ctx: &Ctx,
     rel: &Relation,
@@ -900,15 +901,23 @@ async fn flush_block(
     rows: &mut u32,
 ) -> Result<(), SourceError> {
     let n = std::mem::take(rows);
-    let events = vec![
-        Event::Relation(rel.clone()),
-        Event::Rows {
-            rel: rel.id,
-            rows: n,
-            data: std::mem::take(block),
-        },
-    ];
-    ctx.spool.append(&Record { lsn: 0, events }).await?;
+    let mut rec = Record {
+        lsn: 0,
+        events: vec![
+            Event::Relation(rel.clone()),
+            Event::Rows {
+                rel: rel.id,
+                rows: n,
+                data: std::mem::take(block),
+            },
+        ],
+    };
+    let appended = ctx.spool.append(&rec).await;
+    if let Some(Event::Rows { mut data, .. }) = rec.events.pop() {
+        data.clear();
+        *block = data;
+    }
+    appended?;
     metrics::counter!(super::EVENTS_TOTAL, "source" => ctx.label(), "kind" => "insert")
         .increment(u64::from(n));
     Ok(())

@@ -919,6 +919,39 @@ impl Conn {
             }
             return Ok(());
         }
+        let buf = self.copy_buf(rel).await?;
+        if buf.is_empty() {
+            // Handed over as it came, without a copy.
+            *buf = data;
+        } else {
+            buf.extend_from_slice(&data);
+        }
+        self.send_copy_piece_if_full().await
+    }
+
+    /// Adds a row of an initial copy to the open `COPY` (handed over in pieces of
+    /// [`COPY_PIECE`] bytes).
+    async fn copy_row(&mut self, rel: u32, new: Vec<Value>) -> Result<(), Flow> {
+        let buf = self.copy_buf(rel).await?;
+        if buf.capacity() == 0 {
+            // One piece's room, not grown row by row (a piece sent leaves an empty buffer).
+            buf.reserve(COPY_PIECE + 4096);
+        }
+        for (i, v) in new.iter().enumerate() {
+            if i > 0 {
+                buf.push(b'\t');
+            }
+            match v {
+                Value::Text(s) => copy_escape(buf, s),
+                _ => buf.extend_from_slice(b"\\N"),
+            }
+        }
+        buf.push(b'\n');
+        self.send_copy_piece_if_full().await
+    }
+
+    /// The buffer of the open `COPY` into `rel` (other work pending is sent first).
+    async fn copy_buf(&mut self, rel: u32) -> Result<&mut Vec<u8>, Flow> {
         if self.copy.as_ref().is_some_and(|c| c.rel != rel) || self.batch.is_some() {
             self.flush().await?;
         }
@@ -927,40 +960,15 @@ impl Conn {
             buf: Vec::new(),
             sink: None,
         });
-        if c.buf.is_empty() {
-            // Handed over as it came, without a copy.
-            c.buf = data;
-        } else {
-            c.buf.extend_from_slice(&data);
-        }
-        if c.buf.len() >= COPY_PIECE {
-            self.send_copy_piece().await?;
-        }
-        Ok(())
+        Ok(&mut c.buf)
     }
 
-    /// Adds a row of an initial copy to the open `COPY` (handed over in pieces of
-    /// [`COPY_PIECE`] bytes).
-    async fn copy_row(&mut self, rel: u32, new: Vec<Value>) -> Result<(), Flow> {
-        if self.copy.as_ref().is_some_and(|c| c.rel != rel) || self.batch.is_some() {
-            self.flush().await?;
-        }
-        let c = self.copy.get_or_insert_with(|| CopyIn {
-            rel,
-            buf: Vec::with_capacity(COPY_PIECE + 4096),
-            sink: None,
-        });
-        for (i, v) in new.iter().enumerate() {
-            if i > 0 {
-                c.buf.push(b'\t');
-            }
-            match v {
-                Value::Text(s) => copy_escape(&mut c.buf, s),
-                _ => c.buf.extend_from_slice(b"\\N"),
-            }
-        }
-        c.buf.push(b'\n');
-        if c.buf.len() >= COPY_PIECE {
+    async fn send_copy_piece_if_full(&mut self) -> Result<(), Flow> {
+        if self
+            .copy
+            .as_ref()
+            .is_some_and(|c| c.buf.len() >= COPY_PIECE)
+        {
             self.send_copy_piece().await?;
         }
         Ok(())
