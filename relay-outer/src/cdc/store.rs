@@ -756,20 +756,7 @@ mod tests {
         ));
         assert_eq!(s.lock().last_seq(), 4);
         // A block of copy rows that does not match its relation is refused with why.
-        let rel = relay_proto::cdc::Relation {
-            id: 1,
-            schema: "public".into(),
-            name: "t".into(),
-            replica_identity: b'd',
-            columns: vec![relay_proto::cdc::Column {
-                name: "id".into(),
-                type_oid: 23,
-                type_modifier: -1,
-                type_name: "integer".into(),
-                key: true,
-                attnum: 0,
-            }],
-        };
+        let rel = crate::cdc::sink::testkit::rel(1, "t", b'd', &[("id", "integer", true)]);
         let block = |data: &[u8]| {
             Record {
                 lsn: 0,
