@@ -422,6 +422,25 @@ impl CdcRig {
         ))
     }
 
+    /// The first rows of `table` that differ between source and target, one per line
+    /// (`-` only on the source, `+` only on the target), for a failure message.
+    pub fn row_diff(&self, table: &str) -> String {
+        let rows = |pg: &Pg| -> std::collections::BTreeSet<String> {
+            pg.try_psql(&format!("SELECT t::text FROM {table} t"))
+                .map(|s| s.lines().map(str::to_owned).collect())
+                .unwrap_or_default()
+        };
+        let (a, b) = (rows(&self.source), rows(&self.target));
+        let mut out = String::new();
+        for r in a.difference(&b).take(20) {
+            out.push_str(&format!("  - {r}\n"));
+        }
+        for r in b.difference(&a).take(20) {
+            out.push_str(&format!("  + {r}\n"));
+        }
+        out
+    }
+
     /// Whether every table has the same contents on source and target now.
     pub fn in_sync(&self, tables: &[&str]) -> bool {
         tables.iter().all(|t| {
@@ -447,6 +466,7 @@ impl CdcRig {
                     CdcRig::digest(&self.source, t),
                     CdcRig::digest(&self.target, t)
                 ));
+                msg.push_str(&self.row_diff(t));
             }
             for r in [&self.inner, &self.outer].into_iter().flatten() {
                 msg.push_str(&format!(

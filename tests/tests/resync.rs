@@ -147,6 +147,85 @@ fn resync_replaces_a_drifted_table_while_writes_go_on_and_resumes_after_a_kill()
     routy_e2e_skip,
     ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
 )]
+fn a_chunk_never_overwrites_a_commit_its_read_could_not_see_yet() {
+    require_root();
+    let rig = CdcRig::start(RigOpts {
+        setup_sql: "CREATE TABLE public.r (id int PRIMARY KEY, v text);\
+            INSERT INTO public.r SELECT g, 'old' FROM generate_series(1, 300) g;"
+            .into(),
+        tables: vec![TABLE.into()],
+        source_extra: "      resync_chunk_rows: 100\n".into(),
+        ..RigOpts::default()
+    });
+    rig.wait_in_sync(&[TABLE], CATCH_UP);
+    // A commit that waits for a synchronous standby that never answers is in the WAL, and
+    // so in the stream and on the target, but invisible on the source until the wait is
+    // cancelled: the widest form of the gap between a commit's record and its visibility.
+    // The relay's own transactions do not wait (synchronous_commit local).
+    rig.source.psql(
+        "ALTER SYSTEM SET synchronous_commit = local; \
+         ALTER SYSTEM SET synchronous_standby_names = 'routy_nobody'; SELECT pg_reload_conf()",
+    );
+    let (host, port) = (rig.source.host().to_string(), rig.source.port());
+    let late = std::thread::spawn(move || {
+        routy_e2e::psql_at(
+            &host,
+            port,
+            "SET synchronous_commit = on; UPDATE public.r SET v = 'late' WHERE id = 150",
+        )
+    });
+    let on_target = || rig.target.psql("SELECT v FROM public.r WHERE id = 150");
+    try_wait_until(CATCH_UP, "the waiting commit reached the target", || {
+        on_target() == "late"
+    })
+    .unwrap();
+    assert_eq!(
+        rig.source.psql("SELECT v FROM public.r WHERE id = 150"),
+        "old",
+        "the commit should still be invisible on the source"
+    );
+    let (ok, said) = resync(&rig, TABLE);
+    assert!(ok, "{said}");
+    // Every chunk's snapshot misses that commit, which the stream brought already: the
+    // chunks are read again, and the target keeps the newer row.
+    // (A relay that let a chunk overwrite the row would get chunks done instead.)
+    let chunks_done = || {
+        rig.inner()
+            .metric("routy_cdc_source_resync_chunks_total", &[("table", TABLE)])
+    };
+    try_wait_until(CATCH_UP, "chunks read again, or chunks done", || {
+        resync_status(&rig)[0]["rereads"]
+            .as_u64()
+            .is_some_and(|n| n >= 3)
+            || chunks_done() > 0.0
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", resync_status(&rig)));
+    assert_eq!(
+        (on_target().as_str(), chunks_done()),
+        ("late", 0.0),
+        "a chunk overwrote a newer row"
+    );
+    rig.source
+        .psql("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE wait_event = 'SyncRep'");
+    let out = late.join().unwrap();
+    assert!(out.is_ok(), "{out:?}");
+    rig.source.psql(
+        "ALTER SYSTEM RESET synchronous_standby_names; ALTER SYSTEM RESET synchronous_commit; \
+         SELECT pg_reload_conf()",
+    );
+    try_wait_until(CATCH_UP, "the resync is done", || {
+        resync_status(&rig).as_array().is_some_and(|a| a.is_empty())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", resync_status(&rig)));
+    rig.wait_in_sync(&[TABLE], CATCH_UP);
+    assert_eq!(on_target(), "late");
+}
+
+#[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
 fn resync_replaces_clickhouse_rows_and_tells_stream_consumers() {
     require_root();
     let ch = routy_e2e::clickhouse::ClickHouse::start();

@@ -142,6 +142,7 @@ impl Wanted {
 
 struct Txn {
     final_lsn: u64,
+    xid: u32,
     skip: bool,
 }
 
@@ -384,6 +385,9 @@ pub(crate) async fn stream(
                 if let Some(w) = silence.wake(since) {
                     wake = wake.min(w);
                 }
+                if let Some(t) = st.resync.retry_at() {
+                    wake = wake.min(t);
+                }
                 // Biased: a message already there wins over a timer due at the same time,
                 // so a wait cut short by the timers never counts as silence wrongly.
                 tokio::select! {
@@ -585,6 +589,7 @@ impl Streamer<'_> {
                 let skip = b.final_lsn.0 < self.skip_before;
                 self.txn = Some(Txn {
                     final_lsn: b.final_lsn.0,
+                    xid: b.xid,
                     skip,
                 });
                 if !skip {
@@ -601,6 +606,7 @@ impl Streamer<'_> {
                         "commit without a transaction in the replication stream".into(),
                     ));
                 };
+                self.resync.committed(txn.xid);
                 if txn.skip {
                     return Ok(());
                 }

@@ -15,8 +15,18 @@
 //! target's table ends as the source's without ever being emptied. Only then does the
 //! chunk count as done (the state file keeps the last key copied): a restart goes on
 //! with the next chunk.
+//!
+//! PostgreSQL's order of commits in the WAL is not quite the order in which they become
+//! visible: a transaction writes its commit record, flushes it (and waits for a
+//! synchronous standby) and only then leaves the list of running transactions. One that
+//! committed just before the low watermark can thus still be invisible to the chunk's
+//! read, while the stream has passed it already: the chunk would send the row as it was
+//! before that transaction. So the chunk is read in a REPEATABLE READ transaction that
+//! also returns its snapshot's running transactions (`pg_current_snapshot()`), and when
+//! one of them is among the transactions the stream brought before the low watermark,
+//! the chunk is thrown away and read again.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use relay_proto::cdc::{Event, Record, Relation, SnapshotPhase, Value};
 
@@ -55,7 +65,13 @@ struct Window {
     by_key: HashMap<Vec<Value>, usize>,
     /// The table was truncated between the watermarks.
     truncated: bool,
+    /// Transactions running when the chunk's snapshot was taken (low 32 bits of their ids).
+    xip: Vec<u32>,
 }
+
+/// How many of the stream's last committed transactions are remembered, to tell whether
+/// one the chunk's snapshot did not see committed before the low watermark.
+const RECENT_XIDS: usize = 1 << 16;
 
 /// The resyncs of one source.
 pub(crate) struct Driver {
@@ -65,6 +81,17 @@ pub(crate) struct Driver {
     /// Distinguishes this session's watermarks from earlier ones read again.
     nonce: u32,
     next_n: u64,
+    /// The ids of the stream's last [`RECENT_XIDS`] committed transactions, oldest first,
+    /// and the same as a set.
+    recent: VecDeque<u32>,
+    recent_set: HashSet<u32>,
+    /// Chunks read again because their snapshot missed a transaction committed before
+    /// their low watermark.
+    rereads: u64,
+    /// Rereads in a row, and when the next read may start (the transaction the snapshot
+    /// missed may take a while to become visible: a synchronous standby's answer).
+    rereads_in_row: u32,
+    retry_at: Option<std::time::Instant>,
 }
 
 impl Driver {
@@ -75,18 +102,53 @@ impl Driver {
             window: None,
             nonce: rand::random(),
             next_n: 0,
+            recent: VecDeque::new(),
+            recent_set: HashSet::new(),
+            rereads: 0,
+            rereads_in_row: 0,
+            retry_at: None,
+        }
+    }
+
+    /// When a chunk read again may start, if one waits.
+    pub(crate) fn retry_at(&self) -> Option<std::time::Instant> {
+        self.retry_at.filter(|_| self.window.is_none())
+    }
+
+    /// The stream brought the commit of transaction `xid`.
+    pub(crate) fn committed(&mut self, xid: u32) {
+        if self.recent_set.insert(xid) {
+            self.recent.push_back(xid);
+            if self.recent.len() > RECENT_XIDS {
+                if let Some(old) = self.recent.pop_front() {
+                    self.recent_set.remove(&old);
+                }
+            }
         }
     }
 
     /// Whether a chunk should be started now.
     pub(crate) fn wants_chunk(&self) -> bool {
-        self.window.is_none() && !self.jobs.is_empty()
+        self.window.is_none()
+            && !self.jobs.is_empty()
+            && self.retry_at.is_none_or(|t| std::time::Instant::now() >= t)
     }
 
     /// The tables being resynced or waiting.
     pub(crate) fn tables(&self) -> impl Iterator<Item = &String> {
         self.jobs.iter()
     }
+}
+
+/// The running transactions of a `pg_current_snapshot()` (`xmin:xmax:xip,...`), low 32
+/// bits of each (the xid pgoutput sends); None if it is not one.
+fn running_xids(snapshot: &str) -> Option<Vec<u32>> {
+    let mut parts = snapshot.trim().splitn(3, ':');
+    let (_, _, xip) = (parts.next()?, parts.next()?, parts.next()?);
+    xip.split(',')
+        .filter(|x| !x.is_empty())
+        .map(|x| x.parse::<u64>().ok().map(|x| x as u32))
+        .collect()
 }
 
 fn text(v: &Value) -> Option<&str> {
@@ -180,6 +242,7 @@ impl Streamer<'_> {
                     "state": if self.resync.window.as_ref().is_some_and(|w| &w.table == t) { "copying" } else { "waiting" },
                     "rows": p.rows,
                     "chunks": p.chunks,
+                    "rereads": self.resync.rereads,
                 })
             })
             .collect();
@@ -261,14 +324,36 @@ impl Streamer<'_> {
             }
         };
         bounded(cfg, "writing a resync's low watermark", emit("low")).await?;
+        // One snapshot for both: the chunk's rows and the transactions it did not see.
         let got = bounded(cfg, "reading a resync chunk", async {
-            Ok(db.client.simple_query(&sql).await?)
+            let read = db
+                .client
+                .simple_query(&format!(
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
+                     SELECT pg_current_snapshot()::text; {sql}; COMMIT"
+                ))
+                .await;
+            if read.is_err() {
+                // A failed statement leaves the transaction open and aborted.
+                let _ = db.client.batch_execute("ROLLBACK").await;
+            }
+            Ok(read?)
         })
         .await?;
         bounded(cfg, "writing a resync's high watermark", emit("high")).await?;
         let mut raw_rows = Vec::new();
+        let mut xip = None;
         for m in got {
             if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                if xip.is_none() {
+                    xip = Some(running_xids(r.get(0).unwrap_or_default()).ok_or_else(|| {
+                        SourceError::Transient(format!(
+                            "pg_current_snapshot() returned {:?}, not xmin:xmax:xip",
+                            r.get(0)
+                        ))
+                    })?);
+                    continue;
+                }
                 let vals: Vec<Value> = (0..src.columns.len())
                     .map(|i| match r.get(i) {
                         Some(s) => Value::Text(s.to_string()),
@@ -316,6 +401,7 @@ impl Streamer<'_> {
             touched: HashMap::new(),
             by_key,
             truncated: false,
+            xip: xip.unwrap_or_default(),
         });
         self.publish_resyncs();
         Ok(())
@@ -400,7 +486,24 @@ impl Streamer<'_> {
         let me = format!("{:08x}:{}", self.resync.nonce, w.n);
         match content.strip_prefix(&me) {
             Some(":low") => {
+                let missed = w.xip.iter().find(|x| self.resync.recent_set.contains(x));
+                if let Some(x) = missed {
+                    // See the module's documentation: the chunk's copy is older than what
+                    // the stream applied already.
+                    tracing::debug!(source = %self.ctx.cfg.name, table = %w.table, chunk = w.n, xid = x,
+                        "the chunk's snapshot missed a transaction committed before its low watermark; reading the chunk again");
+                    self.resync.window = None;
+                    self.resync.rereads += 1;
+                    self.resync.rereads_in_row += 1;
+                    let wait = std::time::Duration::from_millis(10)
+                        * 2u32.pow(self.resync.rereads_in_row.min(7));
+                    self.resync.retry_at = Some(std::time::Instant::now() + wait);
+                    self.publish_resyncs();
+                    return Ok(());
+                }
                 w.low_seen = true;
+                self.resync.rereads_in_row = 0;
+                self.resync.retry_at = None;
                 Ok(())
             }
             Some(":high") if w.low_seen => self.finish_chunk(s).await,
@@ -545,5 +648,34 @@ impl Streamer<'_> {
         self.state.save()?;
         self.publish_resyncs();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_gives_its_running_transactions() {
+        assert_eq!(running_xids("740:745:740,742"), Some(vec![740, 742]));
+        assert_eq!(running_xids("745:745:"), Some(vec![]));
+        // xid8 beyond the first epoch: pgoutput sends the low 32 bits.
+        assert_eq!(
+            running_xids("4294967300:4294967301:4294967300"),
+            Some(vec![4])
+        );
+        assert_eq!(running_xids("garbage"), None);
+        assert_eq!(running_xids("1:2:x"), None);
+    }
+
+    #[test]
+    fn the_stream_remembers_a_bounded_number_of_commits() {
+        let mut d = Driver::new(Vec::new());
+        for x in 0..(RECENT_XIDS as u32 + 10) {
+            d.committed(x);
+        }
+        assert_eq!(d.recent.len(), RECENT_XIDS);
+        assert_eq!(d.recent_set.len(), RECENT_XIDS);
+        assert!(!d.recent_set.contains(&9) && d.recent_set.contains(&10));
     }
 }
