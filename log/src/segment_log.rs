@@ -625,7 +625,14 @@ pub struct Reader {
     /// Set when a later segment exists, so the current one is sealed and its end final.
     next_segment: Option<u64>,
     failed: bool,
+    /// Drop the pages read from the cache ([`Reader::drop_behind`]), and the offset in the
+    /// current segment below which they were.
+    drop_behind: bool,
+    dropped_to: u64,
 }
+
+/// A reader that drops what it read from the cache does so in steps of this many bytes.
+const DROP_BEHIND_STEP: u64 = 8 << 20;
 
 impl Reader {
     fn new(dir: &Path, seg: &Segment, from_seq: u64, max_record: usize) -> Result<Reader> {
@@ -642,7 +649,26 @@ impl Reader {
             offset: 0,
             next_segment: None,
             failed: false,
+            drop_behind: false,
+            dropped_to: 0,
         })
+    }
+
+    /// Drops the pages of what was read from the page cache, in steps of 8 MiB: for the
+    /// reader that follows a log's end right behind its writer (relay-inner's shipper, a
+    /// sink reading the store), so the gigabytes of a first copy do not stay in the cache
+    /// after use and push out the database's pages. Another reader further behind reads
+    /// those records from the disk.
+    pub fn drop_behind(&mut self) {
+        self.drop_behind = true;
+        self.dropped_to = self.offset;
+    }
+
+    fn drop_read(&mut self) {
+        if let Some(f) = &self.file {
+            drop_cached(f.get_ref(), self.dropped_to, self.offset);
+        }
+        self.dropped_to = self.offset;
     }
 
     fn corrupt(&self, damage: Damage) -> LogError {
@@ -726,6 +752,9 @@ impl Reader {
                     self.offset += HEADER_BYTES + payload.len() as u64;
                     self.next_seq += 1;
                     self.next_segment = None;
+                    if self.drop_behind && self.offset - self.dropped_to >= DROP_BEHIND_STEP {
+                        self.drop_read();
+                    }
                     if seq >= self.from_seq {
                         return Ok(Some((seq, payload)));
                     }
@@ -777,13 +806,37 @@ impl Reader {
             });
         }
         let (file, max_len) = open_for_read(&path, self.max_record)?;
+        if self.drop_behind {
+            self.drop_read();
+        }
         self.file = Some(BufReader::new(file));
         self.max_len = max_len;
         self.path = path;
         self.seg_first = first_seq;
         self.offset = 0;
+        self.dropped_to = 0;
         self.next_segment = None;
         Ok(())
+    }
+}
+
+/// Asks the kernel to drop `file`'s cached pages in `from..to` (read, so written and
+/// synced: clean). Only advice: an error changes nothing that matters.
+#[allow(unsafe_code)]
+fn drop_cached(file: &File, from: u64, to: u64) {
+    use std::os::fd::AsRawFd;
+    if to <= from {
+        return;
+    }
+    let (Ok(off), Ok(len)) = (
+        libc::off_t::try_from(from),
+        libc::off_t::try_from(to - from),
+    ) else {
+        return;
+    };
+    // SAFETY: a plain system call on a descriptor `file` owns; it reads no memory of ours.
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), off, len, libc::POSIX_FADV_DONTNEED);
     }
 }
 
@@ -1383,6 +1436,32 @@ mod tests {
             .unwrap()
             .collect::<Result<Vec<_>>>()
             .unwrap()
+    }
+
+    #[test]
+    fn a_reader_that_drops_what_it_read_reads_the_same_records() {
+        let dir = tempfile::tempdir().unwrap();
+        // Segments of 20 MiB, records of 1 MiB: drops within segments and at their ends.
+        let mut log = SegmentLog::open(
+            dir.path(),
+            LogOptions {
+                segment_bytes: 20 << 20,
+                max_record: 2 << 20,
+            },
+        )
+        .unwrap();
+        for seq in 1..=50u64 {
+            log.append(&payload(seq, 1 << 20)).unwrap();
+        }
+        log.sync().unwrap();
+        let mut r = log.read_from(3).unwrap();
+        r.drop_behind();
+        let got: Vec<(u64, Vec<u8>)> = r.by_ref().collect::<Result<_>>().unwrap();
+        assert_eq!(got, read_all(&log, 3));
+        // It goes on with what is appended later.
+        log.append(b"late").unwrap();
+        log.sync().unwrap();
+        assert_eq!(r.next().unwrap().unwrap(), (51, b"late".to_vec()));
     }
 
     /// 100-byte payloads: 116-byte records, three per 348-byte segment.

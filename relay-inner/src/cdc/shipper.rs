@@ -296,6 +296,9 @@ impl Shipper {
             Ok(r) => r,
             Err(e) => return spool_err(format!("spool read from {next}: {e}")),
         };
+        // What was shipped is read again only after a reconnect: leave the page cache to
+        // the database next to relay-inner.
+        reader.drop_behind();
         let mut next_seq = next;
         // Last time an acknowledgement arrived or nothing was in flight.
         let mut progress = tokio::time::Instant::now();

@@ -108,15 +108,21 @@ impl RecordReader {
         }
         let mut reader = match self.reader.take() {
             Some(r) => r,
-            None => self.store.reader(next).map_err(|e| {
-                SinkError::store(
-                    next,
-                    format!(
-                        "cannot read the store {} from seq {next}: {e}",
-                        self.store.name
-                    ),
-                )
-            })?,
+            None => {
+                let mut r = self.store.reader(next).map_err(|e| {
+                    SinkError::store(
+                        next,
+                        format!(
+                            "cannot read the store {} from seq {next}: {e}",
+                            self.store.name
+                        ),
+                    )
+                })?;
+                // What a sink read is not read again soon: keep the page cache for the
+                // databases (see `Reader::drop_behind`).
+                r.drop_behind();
+                r
+            }
         };
         let max = if next == 0 {
             READ_BATCH
