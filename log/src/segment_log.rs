@@ -664,11 +664,13 @@ impl Reader {
         self.dropped_to = self.offset;
     }
 
+    /// Drops what was read of the current segment since the last drop. With the file
+    /// closed (released at the end) the range waits for the next drop.
     fn drop_read(&mut self) {
         if let Some(f) = &self.file {
             drop_cached(f.get_ref(), self.dropped_to, self.offset);
+            self.dropped_to = self.offset;
         }
-        self.dropped_to = self.offset;
     }
 
     fn corrupt(&self, damage: Damage) -> LogError {

@@ -26,7 +26,7 @@
 //! one of them is among the transactions the stream brought before the low watermark,
 //! the chunk is thrown away and read again.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use relay_proto::cdc::{Event, Record, Relation, SnapshotPhase, Value};
 
@@ -81,10 +81,10 @@ pub(crate) struct Driver {
     /// Distinguishes this session's watermarks from earlier ones read again.
     nonce: u32,
     next_n: u64,
-    /// The ids of the stream's last [`RECENT_XIDS`] committed transactions, oldest first,
-    /// and the same as a set.
-    recent: VecDeque<u32>,
-    recent_set: HashSet<u32>,
+    /// The ids of the stream's last [`RECENT_XIDS`] committed transactions, a ring whose
+    /// next slot is `recent_at`: one store per commit; searched once per chunk.
+    recent: Vec<u32>,
+    recent_at: usize,
     /// Chunks read again because their snapshot missed a transaction committed before
     /// their low watermark.
     rereads: u64,
@@ -102,8 +102,8 @@ impl Driver {
             window: None,
             nonce: rand::random(),
             next_n: 0,
-            recent: VecDeque::new(),
-            recent_set: HashSet::new(),
+            recent: Vec::new(),
+            recent_at: 0,
             rereads: 0,
             rereads_in_row: 0,
             retry_at: None,
@@ -117,14 +117,12 @@ impl Driver {
 
     /// The stream brought the commit of transaction `xid`.
     pub(crate) fn committed(&mut self, xid: u32) {
-        if self.recent_set.insert(xid) {
-            self.recent.push_back(xid);
-            if self.recent.len() > RECENT_XIDS {
-                if let Some(old) = self.recent.pop_front() {
-                    self.recent_set.remove(&old);
-                }
-            }
+        if self.recent.len() < RECENT_XIDS {
+            self.recent.push(xid);
+        } else {
+            self.recent[self.recent_at] = xid;
         }
+        self.recent_at = (self.recent_at + 1) % RECENT_XIDS;
     }
 
     /// Whether a chunk should be started now.
@@ -342,7 +340,7 @@ impl Streamer<'_> {
         .await?;
         bounded(cfg, "writing a resync's high watermark", emit("high")).await?;
         let mut raw_rows = Vec::new();
-        let mut xip = None;
+        let mut xip: Option<Vec<u32>> = None;
         for m in got {
             if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
                 if xip.is_none() {
@@ -363,6 +361,9 @@ impl Streamer<'_> {
                 raw_rows.push(vals);
             }
         }
+        let xip = xip.ok_or_else(|| {
+            SourceError::Transient("a resync chunk's read returned no pg_current_snapshot()".into())
+        })?;
         let end = raw_rows.len() < limit;
         let last = raw_rows
             .last()
@@ -401,7 +402,7 @@ impl Streamer<'_> {
             touched: HashMap::new(),
             by_key,
             truncated: false,
-            xip: xip.unwrap_or_default(),
+            xip,
         });
         self.publish_resyncs();
         Ok(())
@@ -486,7 +487,7 @@ impl Streamer<'_> {
         let me = format!("{:08x}:{}", self.resync.nonce, w.n);
         match content.strip_prefix(&me) {
             Some(":low") => {
-                let missed = w.xip.iter().find(|x| self.resync.recent_set.contains(x));
+                let missed = w.xip.iter().find(|x| self.resync.recent.contains(x));
                 if let Some(x) = missed {
                     // See the module's documentation: the chunk's copy is older than what
                     // the stream applied already.
@@ -675,7 +676,7 @@ mod tests {
             d.committed(x);
         }
         assert_eq!(d.recent.len(), RECENT_XIDS);
-        assert_eq!(d.recent_set.len(), RECENT_XIDS);
-        assert!(!d.recent_set.contains(&9) && d.recent_set.contains(&10));
+        assert!(!d.recent.contains(&9) && d.recent.contains(&10));
+        assert!(d.recent.contains(&(RECENT_XIDS as u32 + 9)));
     }
 }
