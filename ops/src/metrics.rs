@@ -33,6 +33,9 @@ pub const STREAM_OPEN_LATENCY: &str = "routy_stream_open_seconds";
 /// Counter: clients refused by a listener, by `reason` (`no_session`, `not_allowed`,
 /// `over_limit`).
 pub const LISTENER_REFUSED: &str = "routy_listener_refused_total";
+/// Counter: relay-inner's tunnel connections that failed at its proxy, by `outer`, `proxy`
+/// and `reason` (`connect`, `auth`, `forbidden`, `refused`, `protocol`).
+pub const PROXY_FAILURES: &str = "routy_proxy_failures_total";
 /// Counter: configuration reloads, by `result`.
 pub const CONFIG_RELOADS: &str = "routy_config_reloads_total";
 
@@ -61,6 +64,10 @@ pub const ALL: &[(&str, &str)] = &[
     (
         LISTENER_REFUSED,
         "Clients refused by a listener, by reason.",
+    ),
+    (
+        PROXY_FAILURES,
+        "Tunnel connections that failed at the proxy on the way out, by reason.",
     ),
     (CONFIG_RELOADS, "Configuration reloads, by result."),
 ];

@@ -8,6 +8,7 @@ use std::time::Duration;
 use routy_ops::config_file::{self, AdminSpec, ConfigError};
 use routy_ops::units::{resolve_path, Dur, Size};
 use routy_tunnel::control::{Keepalive, KeepaliveSpec};
+pub use routy_tunnel::proxy::{Proxy, Source as ProxySource};
 use serde::Deserialize;
 
 mod tables;
@@ -104,6 +105,8 @@ struct RawPgSource {
 struct RawOuter {
     addr: String,
     server_name: Option<String>,
+    proxy: Option<String>,
+    proxy_credentials_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -275,8 +278,89 @@ pub const DEFAULT_SNAPSHOT_CHUNK_ROWS: usize = 50_000;
 pub struct OuterEndpoint {
     /// `host:port` to dial.
     pub addr: String,
+    /// The host part of `addr` (without brackets).
+    pub host: String,
+    /// The port part of `addr`.
+    pub port: u16,
     /// Name relay-outer's certificate must carry.
     pub server_name: rustls::pki_types::ServerName<'static>,
+    /// The proxy to dial through, from `proxy` or the environment.
+    pub proxy: Option<ProxyUse>,
+}
+
+/// A proxy an endpoint is dialed through, and where the setting came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyUse {
+    /// The proxy.
+    pub proxy: Proxy,
+    /// `config` or the environment variable.
+    pub from: ProxySource,
+}
+
+/// `outer[].proxy` (or the environment) for one endpoint; `env` looks variables up.
+fn outer_proxy(
+    f: &str,
+    o: &RawOuter,
+    host: &str,
+    base: &Path,
+    transport: Transport,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<ProxyUse>, String> {
+    let from_config = match o.proxy.as_deref().map(str::trim) {
+        Some("none") => {
+            if o.proxy_credentials_file.is_some() {
+                return Err(format!(
+                    "{f}.proxy_credentials_file: set, but proxy is none"
+                ));
+            }
+            return Ok(None);
+        }
+        Some(url) => {
+            let p = Proxy::parse(url).map_err(|e| format!("{f}.proxy: {e}"))?;
+            if transport == Transport::Quic {
+                return Err(format!(
+                    "{f}.proxy: QUIC (transport: quic) cannot go through an HTTP or SOCKS5 proxy; \
+                     use transport: tls, or auto (which then uses TLS through the proxy)"
+                ));
+            }
+            Some(ProxyUse {
+                proxy: p,
+                from: ProxySource::Config,
+            })
+        }
+        None => None,
+    };
+    let found = match from_config {
+        Some(p) => Some(p),
+        // The environment's proxies are for TCP: QUIC goes direct.
+        None if transport == Transport::Quic => None,
+        None => routy_tunnel::proxy::from_env(host, env)
+            .map_err(|e| {
+                format!("{f}: {e} (set {f}.proxy: none to dial without the environment's proxy)")
+            })?
+            .map(|(proxy, from)| ProxyUse { proxy, from }),
+    };
+    let (Some(mut found), Some(file)) = (found.clone(), &o.proxy_credentials_file) else {
+        return Ok(found);
+    };
+    let path = resolve_path(base, file);
+    if found.proxy.auth.is_some() {
+        return Err(format!(
+            "{f}.proxy_credentials_file: the proxy URL ({}) has credentials already; give them in one place",
+            found.from
+        ));
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        format!(
+            "{f}.proxy_credentials_file: cannot read {}: {e}",
+            path.display()
+        )
+    })?;
+    found.proxy = found
+        .proxy
+        .with_credentials_text(&text)
+        .map_err(|e| format!("{f}.proxy_credentials_file {}: {e}", path.display()))?;
+    Ok(Some(found))
 }
 
 /// Reconnect backoff settings.
@@ -334,18 +418,29 @@ impl Config {
         if raw.outer.is_empty() {
             return Err("outer: list at least one relay-outer endpoint".into());
         }
+        let transport = match raw.transport.as_deref() {
+            None | Some("tls") => Transport::Tls,
+            Some("quic") => Transport::Quic,
+            Some("auto") => Transport::Auto,
+            Some(o) => return Err(format!("transport: {o:?} is not one of: tls, quic, auto")),
+        };
+        let env = |k: &str| std::env::var(k).ok();
         let mut outer = Vec::new();
         for (i, o) in raw.outer.into_iter().enumerate() {
             let f = format!("outer[{i}]");
-            let (host, _) = host_port(&o.addr, &format!("{f}.addr"))?;
-            let name = o.server_name.unwrap_or(host);
+            let (host, port) = host_port(&o.addr, &format!("{f}.addr"))?;
+            let proxy = outer_proxy(&f, &o, &host, base, transport, &env)?;
+            let name = o.server_name.unwrap_or_else(|| host.clone());
             let server_name =
                 rustls::pki_types::ServerName::try_from(name.clone()).map_err(|_| {
                     format!("{f}.server_name: {name:?} is not a DNS name or IP address")
                 })?;
             outer.push(OuterEndpoint {
                 addr: o.addr,
+                host,
+                port,
                 server_name,
+                proxy,
             });
         }
         let r = raw.reconnect;
@@ -387,12 +482,6 @@ impl Config {
             Some(n) if !n.is_empty() && n.len() <= 255 => n,
             Some(_) => return Err("node: must be 1 to 255 characters".into()),
             None => hostname(),
-        };
-        let transport = match raw.transport.as_deref() {
-            None | Some("tls") => Transport::Tls,
-            Some("quic") => Transport::Quic,
-            Some("auto") => Transport::Auto,
-            Some(o) => return Err(format!("transport: {o:?} is not one of: tls, quic, auto")),
         };
         let quic_retry = raw.quic_retry.map_or(DEFAULT_QUIC_RETRY, |d| d.0);
         if quic_retry.is_zero() {
@@ -637,6 +726,145 @@ services:
         assert_eq!(
             c.keepalive.interval,
             routy_tunnel::control::DEFAULT_KEEPALIVE_INTERVAL
+        );
+    }
+
+    fn raw_outer(yaml: &str) -> RawOuter {
+        serde_saphyr::from_str(yaml).unwrap()
+    }
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn an_outer_proxy_from_the_config() {
+        let y = GOOD.replace(
+            "{ addr: \"relay.example.com:7443\" }",
+            "{ addr: \"relay.example.com:7443\", proxy: \"http://u:p%40ss@proxy.corp:3128\" }",
+        );
+        let c = parse(&y).unwrap();
+        let p = c.outer[0].proxy.as_ref().unwrap();
+        assert_eq!(p.proxy.to_string(), "http://u@proxy.corp:3128");
+        assert_eq!(p.proxy.auth, Some(("u".into(), "p@ss".into())));
+        assert_eq!(p.from, ProxySource::Config);
+        assert_eq!(
+            (c.outer[0].host.as_str(), c.outer[0].port),
+            ("relay.example.com", 7443)
+        );
+        assert_eq!((c.outer[1].host.as_str(), c.outer[1].port), ("::1", 7443));
+
+        let quic = format!("{y}transport: quic\n");
+        let e = parse(&quic).unwrap_err();
+        assert!(e.contains("outer[0].proxy: QUIC"), "{e}");
+        let auto = format!("{y}transport: auto\n");
+        assert!(parse(&auto).unwrap().outer[0].proxy.is_some());
+
+        for (bad, want) in [
+            ("proxy: \"https://p:1\"", "outer[0].proxy: https:// proxies"),
+            (
+                "proxy: \"p:3128\"",
+                "outer[0].proxy: \"p:3128\" is not a proxy URL",
+            ),
+            (
+                "proxy: none, proxy_credentials_file: creds",
+                "outer[0].proxy_credentials_file: set, but proxy is none",
+            ),
+            (
+                "proxy: \"http://u:pw@p:1\", proxy_credentials_file: creds",
+                "has credentials already",
+            ),
+            (
+                "proxy: \"http://p:1\", proxy_credentials_file: /nonexistent/creds",
+                "cannot read /nonexistent/creds",
+            ),
+            ("proxi: \"http://p:1\"", "unknown field"),
+        ] {
+            let y = GOOD.replace(
+                "{ addr: \"relay.example.com:7443\" }",
+                &format!("{{ addr: \"relay.example.com:7443\", {bad} }}"),
+            );
+            let e = parse(&y).unwrap_err();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn proxy_credentials_come_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("creds"), "alice:s3cr:et\n").unwrap();
+        let o = raw_outer(
+            "{ addr: \"r:1\", proxy: \"socks5://p:1080\", proxy_credentials_file: creds }",
+        );
+        let p = outer_proxy("outer[0]", &o, "r", dir.path(), Transport::Tls, &no_env)
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.proxy.auth, Some(("alice".into(), "s3cr:et".into())));
+        std::fs::write(dir.path().join("creds"), "no colon\n").unwrap();
+        let e = outer_proxy("outer[0]", &o, "r", dir.path(), Transport::Tls, &no_env).unwrap_err();
+        assert!(e.contains("user:password"), "{e}");
+    }
+
+    #[test]
+    fn the_environment_proxy_applies_unless_none_or_quic() {
+        let env = |k: &str| match k {
+            "HTTPS_PROXY" => Some("http://envproxy:8080".to_string()),
+            "NO_PROXY" => Some("localhost,.internal".to_string()),
+            _ => None,
+        };
+        let base = Path::new("/etc/routy");
+        let o = raw_outer("{ addr: \"relay.example.com:7443\" }");
+        let p = outer_proxy(
+            "outer[0]",
+            &o,
+            "relay.example.com",
+            base,
+            Transport::Auto,
+            &env,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(p.from, ProxySource::Env("HTTPS_PROXY"));
+        assert_eq!(p.from.to_string(), "HTTPS_PROXY");
+        assert!(outer_proxy(
+            "outer[0]",
+            &o,
+            "relay.example.com",
+            base,
+            Transport::Quic,
+            &env
+        )
+        .unwrap()
+        .is_none());
+        assert!(
+            outer_proxy("outer[0]", &o, "db.internal", base, Transport::Tls, &env)
+                .unwrap()
+                .is_none()
+        );
+        let none = raw_outer("{ addr: \"relay.example.com:7443\", proxy: none }");
+        assert!(outer_proxy(
+            "outer[0]",
+            &none,
+            "relay.example.com",
+            base,
+            Transport::Tls,
+            &env
+        )
+        .unwrap()
+        .is_none());
+        let bad = |k: &str| (k == "ALL_PROXY").then(|| "ftp://x".to_string());
+        let e = outer_proxy(
+            "outer[0]",
+            &o,
+            "relay.example.com",
+            base,
+            Transport::Tls,
+            &bad,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("ALL_PROXY") && e.contains("outer[0].proxy: none"),
+            "{e}"
         );
     }
 

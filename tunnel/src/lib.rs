@@ -5,7 +5,8 @@
 //! [`control`] (the keepalive and control loop), [`wbuf`] and [`session`] (a TLS
 //! connection carrying yamux streams), [`quic`] (the same over QUIC), [`lanes`]
 //! (data-path threads), [`splice`] (a client stream joined to a tunnel stream),
-//! [`ship`] (CDC shipping messages over a stream), [`cidr`] (source allowlists).
+//! [`ship`] (CDC shipping messages over a stream), [`cidr`] (source allowlists), [`proxy`]
+//! (HTTP CONNECT and SOCKS5 proxies on the way out).
 //! The frames themselves are defined, sans-IO, in `relay-proto`. See
 //! `docs/architecture.md`.
 #![deny(unsafe_code)]
@@ -17,6 +18,7 @@ pub mod control;
 pub mod handshake;
 pub mod lanes;
 pub mod net;
+pub mod proxy;
 pub mod quic;
 pub mod session;
 pub mod ship;

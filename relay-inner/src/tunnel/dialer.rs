@@ -15,6 +15,7 @@ use relay_proto::frame::Hello;
 use routy_ops::drain::Drain;
 use routy_tunnel::control::{self, ControlCommand, ControlEnd, ControlEvent};
 use routy_tunnel::handshake::{self, HandshakeError, PROTOCOL_VERSION};
+use routy_tunnel::proxy::{self, ProxyError};
 use routy_tunnel::session::{self, Role, Session, SessionHandle, Stream};
 use routy_tunnel::{net, quic, tls};
 use tokio::net::TcpStream;
@@ -168,6 +169,18 @@ impl Dialer {
                     self.connect_failed("connect", &e);
                     warn!(reason = %e, "cannot connect to relay-outer")
                 }
+                Ok(Err(ConnectError::Proxy(e))) => {
+                    let text = e.to_string();
+                    self.connect_failed("proxy", &text);
+                    let proxy = self.endpoint(&cur).proxy.map(|p| p.proxy.to_string());
+                    let labels = [
+                        ("outer", self.endpoint.addr.clone()),
+                        ("proxy", proxy.unwrap_or_default()),
+                        ("reason", e.reason().to_string()),
+                    ];
+                    metrics::counter!(m::PROXY_FAILURES, &labels).increment(1);
+                    warn!(reason = %text, "cannot connect to relay-outer through the proxy")
+                }
                 Err(_) => {
                     self.connect_failed("timeout", "timed out");
                     warn!(timeout = ?cur.cfg.dial_timeout, "cannot connect to relay-outer: timed out")
@@ -183,15 +196,30 @@ impl Dialer {
         }
     }
 
+    /// This endpoint as the current configuration has it (a reload may have changed its
+    /// proxy; its address and server name are what identify it).
+    fn endpoint(&self, cur: &Current) -> OuterEndpoint {
+        cur.cfg
+            .outer
+            .iter()
+            .find(|e| e.addr == self.endpoint.addr && e.server_name == self.endpoint.server_name)
+            .unwrap_or(&self.endpoint)
+            .clone()
+    }
+
     /// One connection attempt with the configured transport.
     async fn dial(&self, cur: &Current) -> Result<Connected, ConnectError> {
+        let proxy = self.endpoint(cur).proxy;
+        self.status.set_proxy(proxy.as_ref());
         match cur.cfg.transport {
             Transport::Tls => self.connect(cur, Kind::Tls).await,
+            // QUIC cannot go through an HTTP or SOCKS5 proxy.
+            Transport::Auto if proxy.is_some() => self.connect(cur, Kind::Tls).await,
             Transport::Quic => self.connect(cur, Kind::Quic).await,
             Transport::Auto => match self.probe_quic(cur).await {
                 Ok(c) => Ok(c),
                 Err(ConnectError::Refused(e)) => Err(ConnectError::Refused(e)),
-                Err(ConnectError::Other(e)) => {
+                Err(e) => {
                     info!(reason = %e, "QUIC did not get through; falling back to TLS over TCP");
                     self.connect(cur, Kind::Tls).await
                 }
@@ -226,9 +254,15 @@ impl Dialer {
         let other = |m: String| ConnectError::Other(m);
         let session = match kind {
             Kind::Tls => {
-                let tcp = TcpStream::connect(&self.endpoint.addr)
-                    .await
-                    .map_err(|e| other(format!("TCP connect: {e}")))?;
+                let ep = self.endpoint(cur);
+                let tcp = match &ep.proxy {
+                    Some(p) => proxy::connect(&p.proxy, &ep.host, ep.port, cur.cfg.dial_timeout)
+                        .await
+                        .map_err(ConnectError::Proxy)?,
+                    None => TcpStream::connect(&self.endpoint.addr)
+                        .await
+                        .map_err(|e| other(format!("TCP connect: {e}")))?,
+                };
                 let ka = cur.cfg.keepalive;
                 net::tune_tunnel_socket(&tcp, ka);
                 let tls = cur
@@ -335,14 +369,16 @@ impl Dialer {
         let mut ctl = tokio::spawn(control::run(ctrl, keepalive, cmd_rx, ev_tx));
         let mut goaway_sent = false;
         let rtt_hist = metrics::histogram!(m::KEEPALIVE_RTT, &self.labels());
-        let try_quic = cur.cfg.transport == Transport::Auto && handle.transport() == "tls";
+        let try_quic = cur.cfg.transport == Transport::Auto
+            && handle.transport() == "tls"
+            && self.endpoint(cur).proxy.is_none();
         let retry = cur.cfg.quic_retry;
         let upgrade = async {
             loop {
                 tokio::time::sleep(retry).await;
                 match self.probe_quic(cur).await {
                     Ok(c) => return c,
-                    Err(ConnectError::Refused(e) | ConnectError::Other(e)) => {
+                    Err(e) => {
                         debug!(reason = %e, "QUIC still does not get through; staying on TLS");
                     }
                 }
@@ -468,4 +504,15 @@ enum ConnectError {
     Refused(String),
     /// The network or TLS failed.
     Other(String),
+    /// The proxy on the way failed or said no.
+    Proxy(ProxyError),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Refused(e) | ConnectError::Other(e) => f.write_str(e),
+            ConnectError::Proxy(e) => write!(f, "{e}"),
+        }
+    }
 }

@@ -14,6 +14,9 @@ pub struct EndpointStatus {
     session: tokio::sync::watch::Sender<Option<routy_tunnel::session::SessionHandle>>,
     /// Which of the endpoint's connections this is (index, count).
     connection: std::sync::atomic::AtomicU64,
+    /// The proxy the last attempt went through (URL without password, and where the
+    /// setting came from).
+    proxy: Mutex<Option<(String, String)>>,
 }
 
 #[derive(Debug, Default)]
@@ -40,7 +43,14 @@ impl EndpointStatus {
             state: Mutex::default(),
             session: tokio::sync::watch::channel(None).0,
             connection: std::sync::atomic::AtomicU64::new(1),
+            proxy: Mutex::new(None),
         }
+    }
+
+    /// Records the proxy connections go through (none: direct).
+    pub fn set_proxy(&self, p: Option<&relay_inner::config::ProxyUse>) {
+        let v = p.map(|p| (p.proxy.to_string(), p.from.to_string()));
+        *self.proxy.lock().unwrap_or_else(|p| p.into_inner()) = v;
     }
 
     /// Records that this is connection `i` of `n` to its endpoint.
@@ -120,6 +130,12 @@ impl EndpointStatus {
                 serde_json::json!({ "seconds_ago": ago, "reason": e })
             });
             let c = self.connection.load(std::sync::atomic::Ordering::Relaxed);
+            let proxy = self
+                .proxy
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .map(|(url, from)| serde_json::json!({ "url": url, "from": from }));
             serde_json::json!({
                 "addr": self.addr,
                 "connection": c >> 32,
@@ -127,6 +143,7 @@ impl EndpointStatus {
                 "up": s.session.is_some(),
                 "session": session,
                 "connects": s.connects,
+                "proxy": proxy,
                 "last_error": last_error,
             })
         })
