@@ -56,6 +56,14 @@ pub struct RigOpts {
     /// Extra lines for relay-outer's `cdc` section (indented 2 spaces), e.g. a
     /// `consumers:` block.
     pub outer_cdc_extra: String,
+    /// Extra keys for relay-inner's `outer` entry (e.g. `proxy: "http://{out_ip}:3128"`);
+    /// `{out_ip}` stands for relay-outer's address.
+    pub outer_entry_extra: String,
+    /// Environment variables for relay-inner (`{out_ip}` as above).
+    pub inner_env: Vec<(String, String)>,
+    /// Do not start relay-inner: the test calls [`CdcRig::start_inner`] (after setting up
+    /// what relay-inner needs on its way out, such as a proxy).
+    pub defer_inner: bool,
 }
 
 impl Default for RigOpts {
@@ -80,6 +88,9 @@ impl Default for RigOpts {
             inner_cdc_extra: String::new(),
             extra_sinks: String::new(),
             outer_cdc_extra: String::new(),
+            outer_entry_extra: String::new(),
+            inner_env: Vec::new(),
+            defer_inner: false,
         }
     }
 }
@@ -162,6 +173,8 @@ pub struct CdcRig {
     _dirs: tempfile::TempDir,
     /// The namespaces, when used.
     pub pair: Option<NetPair>,
+    /// relay-inner's environment variables.
+    inner_env: Vec<(String, String)>,
 }
 
 /// `tunnel/source` of the rig's source.
@@ -276,7 +289,7 @@ impl CdcRig {
         } else {
             "localhost"
         };
-        let inner_yaml = inner_yaml(
+        let mut inner_yaml = inner_yaml(
             &pki,
             "site-a",
             &[(format!("{out_ip}:{tunnel_port}"), server_name)],
@@ -284,10 +297,35 @@ impl CdcRig {
             ka,
             &inner_extra,
         );
+        if !opts.outer_entry_extra.is_empty() {
+            let entry_end = format!("server_name: \"{server_name}\" }}");
+            let extra = opts.outer_entry_extra.replace("{out_ip}", &out_ip);
+            inner_yaml = inner_yaml.replacen(
+                &entry_end,
+                &format!("server_name: \"{server_name}\", {extra} }}"),
+                1,
+            );
+        }
+        let inner_env: Vec<(String, String)> = opts
+            .inner_env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.replace("{out_ip}", &out_ip)))
+            .collect();
         let outer = Relay::outer(&outer_yaml, out_ns.as_deref());
-        let inner = Relay::inner("relay-inner", &inner_yaml, in_ns.as_deref());
+        let inner = (!opts.defer_inner).then(|| {
+            let r = Relay::start_env(
+                "relay-inner",
+                "relay-inner",
+                &inner_yaml,
+                in_ns.as_deref(),
+                &inner_env,
+            );
+            r.proc.wait_for_log("tunnel up", READY);
+            r
+        });
         CdcRig {
-            inner: Some(inner),
+            inner,
+            inner_env,
             outer: Some(outer),
             source,
             target,
@@ -327,11 +365,12 @@ impl CdcRig {
 
     /// Starts relay-inner again (after a kill), same config and spool.
     pub fn start_inner(&mut self) {
-        let r = Relay::start(
+        let r = Relay::start_env(
             "relay-inner",
             "relay-inner",
             &self.inner_yaml,
             self.in_ns().map(str::to_owned).as_deref(),
+            &self.inner_env,
         );
         self.inner = Some(r);
     }

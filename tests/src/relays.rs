@@ -179,6 +179,19 @@ impl Relay {
     /// Writes `yaml` to a file and starts `relay-outer run` or `relay-inner run` with it
     /// (inside `netns` if given), at debug log level for our crates.
     pub fn start(which: &str, name: &str, yaml: &str, netns: Option<&str>) -> Relay {
+        Relay::start_env(which, name, yaml, netns, &[])
+    }
+
+    /// [`Relay::start`] with environment variables set. The proxy variables
+    /// (`HTTPS_PROXY` and the like) of the test's own environment are never passed on:
+    /// a relay sees only those in `env`.
+    pub fn start_env(
+        which: &str,
+        name: &str,
+        yaml: &str,
+        netns: Option<&str>,
+        env: &[(String, String)],
+    ) -> Relay {
         let dir = crate::tempdir();
         let config = dir.path().join(format!("{which}.yaml"));
         std::fs::write(&config, yaml).expect("write config");
@@ -197,6 +210,17 @@ impl Relay {
         cmd.arg("--config")
             .arg(&config)
             .args(["--log-level", "info,relay_outer=debug,relay_inner=debug"]);
+        for v in [
+            "https_proxy",
+            "HTTPS_PROXY",
+            "all_proxy",
+            "ALL_PROXY",
+            "no_proxy",
+            "NO_PROXY",
+        ] {
+            cmd.env_remove(v);
+        }
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         let admin_port = yaml
             .split("admin: { listen: \"127.0.0.1:")
             .nth(1)

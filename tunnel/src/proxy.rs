@@ -330,7 +330,8 @@ pub enum ProxyError {
         /// What the proxy said (its status line, its `Proxy-Authenticate`, or the SOCKS
         /// reply's meaning).
         answer: String,
-        /// Metric label: `auth`, `forbidden` or `refused`.
+        /// Metric label: `auth` (HTTP 407 or 401, a SOCKS5 credentials failure), `forbidden`
+        /// (HTTP 403, SOCKS5 "not allowed by ruleset") or `refused`.
         reason: &'static str,
     },
     /// The proxy's answer is not the protocol, or the connection broke.
@@ -477,7 +478,7 @@ pub enum ConnectAnswer {
     Refused {
         /// The status line, and the `Proxy-Authenticate` header for a 407.
         answer: String,
-        /// `auth` (407), `forbidden` (403) or `refused`.
+        /// `auth` (407, or 401), `forbidden` (403) or `refused`.
         reason: &'static str,
     },
 }
@@ -510,7 +511,8 @@ pub fn parse_connect_answer(head: &[u8]) -> Result<ConnectAnswer, String> {
         }
     }
     let reason = match code {
-        407 => "auth",
+        // tinyproxy answers wrong credentials with a 401.
+        401 | 407 => "auth",
         403 => "forbidden",
         _ => "refused",
     };
