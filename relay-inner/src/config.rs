@@ -107,6 +107,8 @@ struct RawOuter {
     server_name: Option<String>,
     proxy: Option<String>,
     proxy_credentials_file: Option<PathBuf>,
+    websocket_url: Option<String>,
+    websocket_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -184,6 +186,9 @@ pub enum Transport {
     Quic,
     /// QUIC when UDP gets through, TLS otherwise; keeps trying QUIC in the background.
     Auto,
+    /// The TLS tunnel inside a WebSocket (HTTP/1.1 Upgrade), for networks that pass only
+    /// HTTP.
+    WebSocket,
 }
 
 /// Default bound on the spool's size on disk.
@@ -278,14 +283,74 @@ pub const DEFAULT_SNAPSHOT_CHUNK_ROWS: usize = 50_000;
 pub struct OuterEndpoint {
     /// `host:port` to dial.
     pub addr: String,
-    /// The host part of `addr` (without brackets).
+    /// The host connected to (without brackets): `addr`'s, or the WebSocket URL's.
     pub host: String,
-    /// The port part of `addr`.
+    /// The port connected to.
     pub port: u16,
     /// Name relay-outer's certificate must carry.
     pub server_name: rustls::pki_types::ServerName<'static>,
     /// The proxy to dial through, from `proxy` or the environment.
     pub proxy: Option<ProxyUse>,
+    /// With `transport: websocket`, where the WebSocket goes.
+    pub websocket: Option<WebSocketTarget>,
+}
+
+/// The WebSocket an endpoint's tunnel runs in (`transport: websocket`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebSocketTarget {
+    /// `ws://host:port/path` or `wss://…`.
+    pub url: String,
+    /// `wss://`: TLS under the WebSocket.
+    pub tls: bool,
+    /// Host of the URL.
+    pub host: String,
+    /// Port of the URL (80 or 443 when it names none).
+    pub port: u16,
+    /// CA (bundle) the `wss://` server's certificate is checked against.
+    pub ca: PathBuf,
+    /// Name that certificate must carry.
+    pub server_name: rustls::pki_types::ServerName<'static>,
+}
+
+/// `DEFAULT_WEBSOCKET_PATH` on relay-outer's tunnel address, over TLS.
+pub const DEFAULT_WEBSOCKET_PATH: &str = "/routy";
+
+/// Parses `ws://host[:port][/path]` or `wss://…`.
+fn websocket_url(url: &str) -> Result<(bool, String, u16), String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("wss://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("ws://") {
+        (false, r)
+    } else {
+        return Err(format!("{url:?} is not a ws:// or wss:// URL"));
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.contains('@') {
+        return Err(format!("{url:?}: no credentials in the WebSocket URL"));
+    }
+    let default_port = if tls { 443 } else { 80 };
+    let (host, port) = if authority.starts_with('[') {
+        let (h, after) = authority[1..]
+            .split_once(']')
+            .ok_or_else(|| format!("{url:?}: bad IPv6 address"))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().map_err(|_| format!("{url:?}: bad port"))?,
+            None => default_port,
+        };
+        (h.to_owned(), port)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (
+                h.to_owned(),
+                p.parse().map_err(|_| format!("{url:?}: bad port"))?,
+            ),
+            None => (authority.to_owned(), default_port),
+        }
+    };
+    if host.is_empty() || port == 0 {
+        return Err(format!("{url:?}: no host or port"));
+    }
+    Ok((tls, host, port))
 }
 
 /// A proxy an endpoint is dialed through, and where the setting came from.
@@ -422,25 +487,80 @@ impl Config {
             None | Some("tls") => Transport::Tls,
             Some("quic") => Transport::Quic,
             Some("auto") => Transport::Auto,
-            Some(o) => return Err(format!("transport: {o:?} is not one of: tls, quic, auto")),
+            Some("websocket") => Transport::WebSocket,
+            Some(o) => {
+                return Err(format!(
+                    "transport: {o:?} is not one of: tls, quic, auto, websocket"
+                ))
+            }
         };
         let env = |k: &str| std::env::var(k).ok();
         let mut outer = Vec::new();
         for (i, o) in raw.outer.into_iter().enumerate() {
             let f = format!("outer[{i}]");
             let (host, port) = host_port(&o.addr, &format!("{f}.addr"))?;
-            let proxy = outer_proxy(&f, &o, &host, base, transport, &env)?;
-            let name = o.server_name.unwrap_or_else(|| host.clone());
+            let name = o.server_name.clone().unwrap_or_else(|| host.clone());
             let server_name =
                 rustls::pki_types::ServerName::try_from(name.clone()).map_err(|_| {
                     format!("{f}.server_name: {name:?} is not a DNS name or IP address")
                 })?;
+            let websocket = match (transport, &o.websocket_url) {
+                (Transport::WebSocket, url) => {
+                    let url = url
+                        .clone()
+                        .unwrap_or_else(|| format!("wss://{}{DEFAULT_WEBSOCKET_PATH}", o.addr));
+                    let (tls, ws_host, ws_port) =
+                        websocket_url(&url).map_err(|e| format!("{f}.websocket_url: {e}"))?;
+                    // The certificate of relay-outer itself unless the URL names
+                    // another host (a load balancer in front).
+                    let ws_name = if ws_host == host {
+                        name.clone()
+                    } else {
+                        ws_host.clone()
+                    };
+                    let ws_server_name = rustls::pki_types::ServerName::try_from(ws_name.clone())
+                        .map_err(|_| {
+                        format!("{f}.websocket_url: {ws_name:?} is not a DNS name or IP address")
+                    })?;
+                    let ca = o.websocket_ca.as_ref().map_or_else(
+                        || resolve_path(base, &raw.tls.ca),
+                        |c| resolve_path(base, c),
+                    );
+                    Some(WebSocketTarget {
+                        url,
+                        tls,
+                        host: ws_host,
+                        port: ws_port,
+                        ca,
+                        server_name: ws_server_name,
+                    })
+                }
+                (_, Some(_)) => {
+                    return Err(format!(
+                        "{f}.websocket_url: set, but transport is not websocket"
+                    ))
+                }
+                (_, None) => None,
+            };
+            if o.websocket_ca.is_some() && !websocket.as_ref().is_some_and(|w| w.tls) {
+                return Err(format!(
+                    "{f}.websocket_ca: set, but this endpoint has no wss:// WebSocket"
+                ));
+            }
+            // Through a proxy the connection goes to the WebSocket's host.
+            let (dial_host, dial_port) = match &websocket {
+                Some(w) => (w.host.clone(), w.port),
+                None => (host, port),
+            };
+            let proxy = outer_proxy(&f, &o, &dial_host, base, transport, &env)?;
+            let (host, port) = (dial_host, dial_port);
             outer.push(OuterEndpoint {
                 addr: o.addr,
                 host,
                 port,
                 server_name,
                 proxy,
+                websocket,
             });
         }
         let r = raw.reconnect;

@@ -90,6 +90,7 @@ struct RawTunnel {
     handshake_timeout: Option<Dur>,
     max_streams_per_session: Option<usize>,
     quic: Option<bool>,
+    websocket: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -196,6 +197,8 @@ pub struct TunnelConfig {
     pub max_streams_per_session: usize,
     /// Also accept QUIC tunnel connections on the same port over UDP.
     pub quic: bool,
+    /// Also accept the tunnel inside a WebSocket (`ws://` or `wss://`) on the same port.
+    pub websocket: bool,
 }
 
 /// One client-facing port spliced to a service inside.
@@ -248,6 +251,7 @@ impl Config {
                 "tunnel.max_streams_per_session",
             )?,
             quic: t.quic.unwrap_or(true),
+            websocket: t.websocket.unwrap_or(true),
         };
         let mut names = HashSet::new();
         let mut binds = HashSet::new();

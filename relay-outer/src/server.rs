@@ -57,8 +57,17 @@ fn settings(cfg: &Config, tls: rustls::ServerConfig) -> anyhow::Result<Settings>
     } else {
         None
     };
+    let websocket = if cfg.tunnel.websocket {
+        Some(Arc::new(
+            routy_tunnel::tls::websocket_server_config(&cfg.tunnel.cert, &cfg.tunnel.key)
+                .context("tunnel.tls (for WebSocket over TLS)")?,
+        ))
+    } else {
+        None
+    };
     Ok(Settings {
         cfg: cfg.tunnel.clone(),
+        websocket,
         acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
         quic,
         tunnels: cfg.tunnels(),

@@ -9,7 +9,8 @@
 //!    the tunnel heals by itself, CDC going on.
 //! 2. A wrong password: refused with the proxy's answer (401) in the log, counted; the
 //!    file fixed and the config reloaded, the tunnel comes up.
-//! 3. SOCKS5: a wrong password is named; the proxy from `ALL_PROXY` (the config's key
+//! 3. The WebSocket transport through tinyproxy (no password): CDC passes.
+//! 4. SOCKS5: a wrong password is named; the proxy from `ALL_PROXY` (the config's key
 //!    removed by a reload) gets through microsocks; a reload to dante without
 //!    credentials, and the next connection goes through dante.
 
@@ -28,7 +29,13 @@ const SETUP_SQL: &str = "CREATE TABLE t (id int PRIMARY KEY, v text); \
 
 /// A CDC rig split over two namespaces, relay-inner not started yet.
 fn rig(outer_entry_extra: &str, env: &[(&str, &str)]) -> CdcRig {
+    rig_with(outer_entry_extra, env, "")
+}
+
+/// [`rig`] with extra top-level YAML for relay-inner.
+fn rig_with(outer_entry_extra: &str, env: &[(&str, &str)], inner_extra: &str) -> CdcRig {
     CdcRig::start(RigOpts {
+        inner_extra: inner_extra.into(),
         netns: true,
         setup_sql: SETUP_SQL.into(),
         tables: vec!["public.t".into()],
@@ -412,5 +419,40 @@ fn socks5_proxies_with_a_password_from_all_proxy_and_without_one_from_the_config
         dante.log().contains(&format!("{}.{}", t.ip(), t.port())),
         "dante carried the tunnel:\n{}",
         dante.log()
+    );
+}
+
+#[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
+fn the_websocket_transport_goes_through_an_http_proxy_with_cdc() {
+    require_root();
+    let dir = routy_e2e::tempdir();
+    let port = free_port();
+    let mut rig = rig_with(
+        &format!("proxy: \"http://{{out_ip}}:{port}\""),
+        &[],
+        "transport: websocket\n",
+    );
+    let tunnel = rig.tunnel_addr;
+    let proxy = tinyproxy(pair(&rig), dir.path(), port, tunnel.port(), None);
+    only_through(pair(&rig), &[port]);
+    rig.start_inner();
+    rig.inner().proc.wait_for_log("tunnel up", WAIT);
+    assert!(
+        proxy.log().contains(&format!("CONNECT {tunnel} HTTP/1.1")),
+        "the WebSocket went through the proxy:\n{}",
+        proxy.log()
+    );
+    let ep = endpoint_status(&rig);
+    assert_eq!(ep["session"]["transport"], "websocket", "{ep}");
+    rig.source
+        .psql("INSERT INTO t SELECT g, 'ws ' || g FROM generate_series(101, 2000) g");
+    rig.wait_in_sync(&["public.t"], WAIT);
+    assert_eq!(
+        sql_via_relay(&rig, "SELECT count(*) FROM t").unwrap(),
+        "2000"
     );
 }

@@ -6,7 +6,8 @@
 //! connection carrying yamux streams), [`quic`] (the same over QUIC), [`lanes`]
 //! (data-path threads), [`splice`] (a client stream joined to a tunnel stream),
 //! [`ship`] (CDC shipping messages over a stream), [`cidr`] (source allowlists), [`proxy`]
-//! (HTTP CONNECT and SOCKS5 proxies on the way out).
+//! (HTTP CONNECT and SOCKS5 proxies on the way out), [`websocket`] (the tunnel inside a
+//! WebSocket).
 //! The frames themselves are defined, sans-IO, in `relay-proto`. See
 //! `docs/architecture.md`.
 #![deny(unsafe_code)]
@@ -25,3 +26,4 @@ pub mod ship;
 pub mod splice;
 pub mod tls;
 pub mod wbuf;
+pub mod websocket;

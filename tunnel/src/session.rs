@@ -152,6 +152,8 @@ enum Transport {
     Yamux {
         open_tx: mpsc::Sender<OpenReply>,
         kill: Arc<KillSwitch>,
+        /// `tls`, or `websocket` for TLS inside a WebSocket.
+        label: &'static str,
     },
     /// A QUIC connection: quinn is already multiplexed and clonable.
     Quic(quinn::Connection),
@@ -219,7 +221,7 @@ impl SessionHandle {
     /// Which transport carries the session: `"tls"` (yamux over TLS) or `"quic"`.
     pub fn transport(&self) -> &'static str {
         match self.transport {
-            Transport::Yamux { .. } => "tls",
+            Transport::Yamux { label, .. } => label,
             Transport::Quic(_) => "quic",
         }
     }
@@ -292,6 +294,15 @@ pub fn yamux<T>(io: T, role: Role) -> Session
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    yamux_as(io, role, "tls")
+}
+
+/// [`yamux`] for a session whose transport is called `label` (`websocket`: the TLS
+/// runs inside a WebSocket).
+pub fn yamux_as<T>(io: T, role: Role, label: &'static str) -> Session
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     // Frames stay at yamux's 16 KiB split: 64 KiB frames measured no faster.
     let mut cfg = yamux::Config::default();
     cfg.set_max_connection_receive_window(Some(STREAM_WINDOW * MAX_STREAMS + WINDOW_GROWTH));
@@ -322,7 +333,11 @@ where
     ));
     Session {
         handle: SessionHandle {
-            transport: Transport::Yamux { open_tx, kill },
+            transport: Transport::Yamux {
+                open_tx,
+                kill,
+                label,
+            },
             closed: closed_rx,
             streams,
             ended,

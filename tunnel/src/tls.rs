@@ -90,6 +90,40 @@ pub fn server_config(cert: &Path, key: &Path, client_ca: &Path) -> Result<Server
     Ok(cfg)
 }
 
+/// ALPN of the outer TLS under a WebSocket (`wss://`): plain HTTP/1.1, what a load
+/// balancer or proxy in between expects.
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+
+/// Server side of the outer TLS under a WebSocket (`wss://` to relay-outer's tunnel
+/// port): our certificate, no client certificate at this layer (a load balancer in
+/// front may have terminated the client's TLS), ALPN `http/1.1`. Inside the WebSocket the
+/// tunnel's own mutual TLS ([`server_config`]) authenticates relay-inner.
+pub fn websocket_server_config(cert: &Path, key: &Path) -> Result<ServerConfig, TlsError> {
+    let chain = load_certs(cert)?;
+    let key = load_key(key)?;
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Config(format!("{} with its key: {e}", cert.display())))?;
+    cfg.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    Ok(cfg)
+}
+
+/// Client side of the outer TLS under a WebSocket (`wss://`): the server (relay-outer,
+/// or a load balancer in front of it) verified against `ca`, no client certificate,
+/// ALPN `http/1.1`.
+pub fn websocket_client_config(ca: &Path) -> Result<ClientConfig, TlsError> {
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots(ca)?)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    Ok(cfg)
+}
+
 /// Client side (relay-inner): our certificate, and the server verified against `ca`.
 pub fn client_config(cert: &Path, key: &Path, ca: &Path) -> Result<ClientConfig, TlsError> {
     let chain = load_certs(cert)?;

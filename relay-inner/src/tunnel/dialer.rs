@@ -17,7 +17,7 @@ use routy_tunnel::control::{self, ControlCommand, ControlEnd, ControlEvent};
 use routy_tunnel::handshake::{self, HandshakeError, PROTOCOL_VERSION};
 use routy_tunnel::proxy::{self, ProxyError};
 use routy_tunnel::session::{self, Role, Session, SessionHandle, Stream};
-use routy_tunnel::{net, quic, tls};
+use routy_tunnel::{net, quic, tls, websocket};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
@@ -47,7 +47,12 @@ pub const QUIC_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 enum Kind {
     Tls,
     Quic,
+    WebSocket,
 }
+
+/// A byte stream the tunnel's TLS can run over (a WebSocket over TCP or over TLS).
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 /// A session that completed its handshake.
 struct Connected {
@@ -213,6 +218,7 @@ impl Dialer {
         self.status.set_proxy(proxy.as_ref());
         match cur.cfg.transport {
             Transport::Tls => self.connect(cur, Kind::Tls).await,
+            Transport::WebSocket => self.connect(cur, Kind::WebSocket).await,
             // QUIC cannot go through an HTTP or SOCKS5 proxy.
             Transport::Auto if proxy.is_some() => self.connect(cur, Kind::Tls).await,
             Transport::Quic => self.connect(cur, Kind::Quic).await,
@@ -265,22 +271,39 @@ impl Dialer {
                 };
                 let ka = cur.cfg.keepalive;
                 net::tune_tunnel_socket(&tcp, ka);
-                let tls = cur
-                    .connector
-                    .connect(self.endpoint.server_name.clone(), net::ReadAhead::new(tcp))
-                    .await
-                    .map_err(|e| {
-                        let text = format!("TLS handshake: {e}");
-                        if tls::alert_received(&e) {
-                            refused_by_tls(&text)
-                        } else {
-                            other(text)
-                        }
-                    })?;
-                if tls.get_ref().1.alpn_protocol() != Some(tls::ALPN) {
-                    return Err(other("relay-outer did not negotiate ALPN routy/1".into()));
-                }
+                let tls = self.mutual_tls(cur, net::ReadAhead::new(tcp)).await?;
                 session::yamux(tls, Role::Client)
+            }
+            Kind::WebSocket => {
+                let ep = self.endpoint(cur);
+                let Some(ws) = ep.websocket.clone() else {
+                    return Err(other("no WebSocket URL for this endpoint".into()));
+                };
+                let tcp = match &ep.proxy {
+                    Some(p) => proxy::connect(&p.proxy, &ws.host, ws.port, cur.cfg.dial_timeout)
+                        .await
+                        .map_err(ConnectError::Proxy)?,
+                    None => TcpStream::connect((ws.host.as_str(), ws.port))
+                        .await
+                        .map_err(|e| other(format!("TCP connect to {}: {e}", ws.url)))?,
+                };
+                net::tune_tunnel_socket(&tcp, cur.cfg.keepalive);
+                let io: Box<dyn Io> = if ws.tls {
+                    let cfg = tls::websocket_client_config(&ws.ca)
+                        .map_err(|e| other(format!("TLS under the WebSocket: {e}")))?;
+                    let outer = TlsConnector::from(Arc::new(cfg))
+                        .connect(ws.server_name.clone(), net::ReadAhead::new(tcp))
+                        .await
+                        .map_err(|e| other(format!("TLS handshake with {}: {e}", ws.url)))?;
+                    Box::new(outer)
+                } else {
+                    Box::new(net::ReadAhead::new(tcp))
+                };
+                let io = websocket::connect(io, &ws.url, cur.cfg.dial_timeout)
+                    .await
+                    .map_err(other)?;
+                let tls = self.mutual_tls(cur, io).await?;
+                session::yamux_as(tls, Role::Client, "websocket")
             }
             Kind::Quic => {
                 let addr = tokio::net::lookup_host(&self.endpoint.addr)
@@ -351,6 +374,35 @@ impl Dialer {
                 }
             }
         }
+    }
+
+    /// The tunnel's mutual TLS with relay-outer over `io`, ALPN routy/1 checked.
+    async fn mutual_tls<T>(
+        &self,
+        cur: &Current,
+        io: T,
+    ) -> Result<tokio_rustls::client::TlsStream<T>, ConnectError>
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let tls = cur
+            .connector
+            .connect(self.endpoint.server_name.clone(), io)
+            .await
+            .map_err(|e| {
+                let text = format!("TLS handshake: {e}");
+                if tls::alert_received(&e) {
+                    refused_by_tls(&text)
+                } else {
+                    ConnectError::Other(text)
+                }
+            })?;
+        if tls.get_ref().1.alpn_protocol() != Some(tls::ALPN) {
+            return Err(ConnectError::Other(
+                "relay-outer did not negotiate ALPN routy/1".into(),
+            ));
+        }
+        Ok(tls)
     }
 
     /// Serves the session until its control loop ends; on shutdown tells relay-outer

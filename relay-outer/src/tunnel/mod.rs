@@ -21,10 +21,10 @@ use routy_tunnel::control::{self, ControlEnd, ControlEvent};
 use routy_tunnel::handshake;
 use routy_tunnel::lanes;
 use routy_tunnel::session::{self, Role, Session};
-use routy_tunnel::{net, quic, tls};
+use routy_tunnel::{net, quic, tls, websocket};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::cdc::{receiver, Cdc};
@@ -41,6 +41,9 @@ pub struct Settings {
     pub cfg: TunnelConfig,
     /// TLS with client authentication (certificates re-read on reload).
     pub acceptor: TlsAcceptor,
+    /// The outer TLS of `wss://` (no client certificate, ALPN http/1.1), when
+    /// `tunnel.websocket` is on.
+    pub websocket: Option<Arc<rustls::ServerConfig>>,
     /// The same identity for QUIC, when `tunnel.quic` is on.
     pub quic: Option<quinn::ServerConfig>,
     /// Tunnel names that some listener uses; others are refused.
@@ -192,11 +195,104 @@ impl TunnelServer {
         let settings = self.settings();
         let ka = settings.cfg.keepalive;
         net::tune_tunnel_socket(&tcp, ka);
-        let accept = settings
-            .acceptor
-            .accept(net::ReadAhead::new(tcp))
+        let limit = settings.cfg.handshake_timeout;
+        let deadline = tokio::time::Instant::now() + limit;
+        // What the first bytes say: a TLS ClientHello, or an HTTP request (a WebSocket
+        // upgrade without TLS of its own). Anything else fails the TLS handshake below.
+        let mut first = [0u8; 4];
+        let peeked = tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await;
+        let http = matches!(peeked, Ok(Ok(4))) && &first == b"GET ";
+        if http && settings.websocket.is_some() {
+            let ws = match tokio::time::timeout_at(
+                deadline,
+                websocket::accept(net::ReadAhead::new(tcp)),
+            )
+            .await
+            {
+                Ok(Ok(ws)) => ws,
+                Ok(Err(e)) => {
+                    handshake_failed("websocket");
+                    warn!(reason = %e, "tunnel connection refused: WebSocket upgrade failed");
+                    return;
+                }
+                Err(_) => {
+                    handshake_failed("tls_timeout");
+                    warn!(timeout = ?limit, "tunnel connection refused: WebSocket upgrade timed out");
+                    return;
+                }
+            };
+            return self
+                .tls_session(ws, peer, &settings, deadline, "websocket")
+                .await;
+        }
+        let hello = LazyConfigAcceptor::new(
+            rustls::server::Acceptor::default(),
+            net::ReadAhead::new(tcp),
+        );
+        let start = match tokio::time::timeout_at(deadline, hello).await {
+            Ok(Ok(start)) => start,
+            Ok(Err(e)) => {
+                handshake_failed("tls");
+                warn!(reason = %e, "tunnel connection refused: TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                handshake_failed("tls_timeout");
+                warn!(timeout = ?limit, "tunnel connection refused: TLS handshake timed out");
+                return;
+            }
+        };
+        let wants_http = start
+            .client_hello()
+            .alpn()
+            .is_some_and(|mut a| a.any(|p| p == tls::ALPN_HTTP1))
+            && !start
+                .client_hello()
+                .alpn()
+                .is_some_and(|mut a| a.any(|p| p == tls::ALPN));
+        if let (true, Some(ws_tls)) = (wants_http, settings.websocket.clone()) {
+            // wss://: TLS without a client certificate, then the upgrade, then the
+            // tunnel's mutual TLS inside.
+            let outer = match tokio::time::timeout_at(
+                deadline,
+                start.into_stream(ws_tls).into_fallible(),
+            )
+            .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err((e, tcp))) => {
+                    handshake_failed("tls");
+                    warn!(reason = %e, "tunnel connection refused: TLS handshake (WebSocket) failed");
+                    linger_close(tcp.into_inner()).await;
+                    return;
+                }
+                Err(_) => {
+                    handshake_failed("tls_timeout");
+                    warn!(timeout = ?limit, "tunnel connection refused: TLS handshake timed out");
+                    return;
+                }
+            };
+            let ws = match tokio::time::timeout_at(deadline, websocket::accept(outer)).await {
+                Ok(Ok(ws)) => ws,
+                Ok(Err(e)) => {
+                    handshake_failed("websocket");
+                    warn!(reason = %e, "tunnel connection refused: WebSocket upgrade failed");
+                    return;
+                }
+                Err(_) => {
+                    handshake_failed("tls_timeout");
+                    warn!(timeout = ?limit, "tunnel connection refused: WebSocket upgrade timed out");
+                    return;
+                }
+            };
+            return self
+                .tls_session(ws, peer, &settings, deadline, "websocket")
+                .await;
+        }
+        let accept = start
+            .into_stream(settings.acceptor.config().clone())
             .into_fallible();
-        let tls = match tokio::time::timeout(settings.cfg.handshake_timeout, accept).await {
+        let tls = match tokio::time::timeout_at(deadline, accept).await {
             Ok(Ok(s)) => s,
             Ok(Err((e, tcp))) => {
                 handshake_failed("tls");
@@ -206,10 +302,58 @@ impl TunnelServer {
             }
             Err(_) => {
                 handshake_failed("tls_timeout");
-                warn!(timeout = ?settings.cfg.handshake_timeout, "tunnel connection refused: TLS handshake timed out");
+                warn!(timeout = ?limit, "tunnel connection refused: TLS handshake timed out");
                 return;
             }
         };
+        self.authenticated(tls, peer, &settings, "tls").await;
+    }
+
+    /// The tunnel's mutual TLS over `io` (a WebSocket), then the session.
+    async fn tls_session<T>(
+        &self,
+        io: T,
+        peer: SocketAddr,
+        settings: &Settings,
+        deadline: tokio::time::Instant,
+        label: &'static str,
+    ) where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let accept = settings.acceptor.accept(io).into_fallible();
+        let tls = match tokio::time::timeout_at(deadline, accept).await {
+            Ok(Ok(s)) => s,
+            Ok(Err((e, mut io))) => {
+                handshake_failed("tls");
+                warn!(reason = %e, transport = label, "tunnel connection refused: TLS handshake failed");
+                // Let the alert reach the peer.
+                let _ = tokio::time::timeout(
+                    REFUSAL_LINGER,
+                    tokio::io::AsyncWriteExt::shutdown(&mut io),
+                )
+                .await;
+                return;
+            }
+            Err(_) => {
+                handshake_failed("tls_timeout");
+                warn!(timeout = ?settings.cfg.handshake_timeout, transport = label, "tunnel connection refused: TLS handshake timed out");
+                return;
+            }
+        };
+        self.authenticated(tls, peer, settings, label).await;
+    }
+
+    /// A finished mutual TLS handshake: checks ALPN and the client's identity, then serves
+    /// the session.
+    async fn authenticated<T>(
+        &self,
+        tls: tokio_rustls::server::TlsStream<T>,
+        peer: SocketAddr,
+        settings: &Settings,
+        label: &'static str,
+    ) where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (_, conn) = tls.get_ref();
         if conn.alpn_protocol() != Some(tls::ALPN) {
             handshake_failed("alpn");
@@ -230,10 +374,10 @@ impl TunnelServer {
         };
         let span = tracing::info_span!("session", tunnel = %tunnel_name);
         self.session(
-            session::yamux(tls, Role::Server),
+            session::yamux_as(tls, Role::Server, label),
             peer,
             tunnel_name,
-            &settings,
+            settings,
         )
         .instrument(span)
         .await;
