@@ -9,7 +9,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Gauge: live tunnel sessions (`tunnel` on relay-outer, `outer` on relay-inner).
 pub const SESSIONS_UP: &str = "routy_sessions_up";
-/// Gauge: live tunnel sessions by `transport` (`tls` or `quic`).
+/// Gauge: live tunnel sessions by `transport` (`tls`, `quic` or `websocket`).
 pub const SESSION_TRANSPORT: &str = "routy_session_transport";
 /// Counter: sessions established.
 pub const SESSION_CONNECTS: &str = "routy_session_connects_total";
@@ -44,7 +44,7 @@ pub const ALL: &[(&str, &str)] = &[
     (SESSIONS_UP, "Live tunnel sessions."),
     (
         SESSION_TRANSPORT,
-        "Live tunnel sessions by transport (tls or quic).",
+        "Live tunnel sessions by transport (tls, quic or websocket).",
     ),
     (SESSION_CONNECTS, "Tunnel sessions established."),
     (SESSION_DISCONNECTS, "Tunnel sessions ended, by reason."),

@@ -329,8 +329,8 @@ fn websocket_url(url: &str) -> Result<(bool, String, u16), String> {
         return Err(format!("{url:?}: no credentials in the WebSocket URL"));
     }
     let default_port = if tls { 443 } else { 80 };
-    let (host, port) = if authority.starts_with('[') {
-        let (h, after) = authority[1..]
+    let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+        let (h, after) = bracketed
             .split_once(']')
             .ok_or_else(|| format!("{url:?}: bad IPv6 address"))?;
         let port = match after.strip_prefix(':') {
@@ -907,6 +907,65 @@ services:
             let e = parse(&y).unwrap_err();
             assert!(e.contains(want), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn websocket_urls() {
+        let y = format!("{GOOD}transport: websocket\n");
+        let c = parse(&y).unwrap();
+        let w = c.outer[0].websocket.as_ref().unwrap();
+        assert_eq!(w.url, "wss://relay.example.com:7443/routy");
+        assert!(w.tls);
+        assert_eq!(
+            (c.outer[0].host.as_str(), c.outer[0].port),
+            ("relay.example.com", 7443)
+        );
+        assert_eq!(w.ca, PathBuf::from("/etc/routy/ca.crt"));
+        // [::1]:7443 with server_name localhost: the certificate name is the server name.
+        assert_eq!(
+            c.outer[1].websocket.as_ref().unwrap().server_name.to_str(),
+            "localhost"
+        );
+        let lb = GOOD.replace(
+            "{ addr: \"relay.example.com:7443\" }",
+            "{ addr: \"relay.example.com:7443\", websocket_url: \"wss://lb.example.com/t\", websocket_ca: public.pem }",
+        );
+        let c = parse(&format!("{lb}transport: websocket\n")).unwrap();
+        let w = c.outer[0].websocket.as_ref().unwrap();
+        assert_eq!(
+            (w.host.as_str(), w.port, w.server_name.to_str().as_ref()),
+            ("lb.example.com", 443, "lb.example.com")
+        );
+        assert_eq!(w.ca, PathBuf::from("/etc/routy/public.pem"));
+        assert_eq!(
+            (c.outer[0].host.as_str(), c.outer[0].port),
+            ("lb.example.com", 443)
+        );
+        let e = parse(&lb).unwrap_err();
+        assert!(
+            e.contains("outer[0].websocket_url: set, but transport is not websocket"),
+            "{e}"
+        );
+        for (url, want) in [
+            ("http://x/", "is not a ws:// or wss:// URL"),
+            ("ws://u:p@x/", "no credentials"),
+            ("ws://x:0/", "no host or port"),
+            ("ws://x:y/", "bad port"),
+            ("ws:///", "no host or port"),
+        ] {
+            let y = GOOD.replace(
+                "{ addr: \"relay.example.com:7443\" }",
+                &format!("{{ addr: \"relay.example.com:7443\", websocket_url: \"{url}\" }}"),
+            );
+            let e = parse(&format!("{y}transport: websocket\n")).unwrap_err();
+            assert!(e.contains(want), "{url}: {e}");
+        }
+        let ws_ca = GOOD.replace(
+            "{ addr: \"relay.example.com:7443\" }",
+            "{ addr: \"relay.example.com:7443\", websocket_url: \"ws://x/\", websocket_ca: a.pem }",
+        );
+        let e = parse(&format!("{ws_ca}transport: websocket\n")).unwrap_err();
+        assert!(e.contains("no wss:// WebSocket"), "{e}");
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! 2. What is not a tunnel gets a clear answer: an HTTP request without the tunnel's
 //!    subprotocol gets 400 saying why; a WebSocket whose inner TLS has no client
 //!    certificate is refused at the TLS handshake; both are counted.
+//! 3. Behind nginx terminating the client's TLS (`wss://` to nginx, plain WebSocket on
+//!    to relay-outer): the tunnel's own mutual TLS inside still authenticates it.
 //!
 //! Through an HTTP CONNECT proxy, with CDC: `tests/proxy.rs`.
 
@@ -193,4 +195,76 @@ fn what_is_not_a_websocket_tunnel_is_refused_with_why() {
         Duration::from_secs(20),
     );
     assert_eq!(outer.sessions_up(), 0);
+}
+
+#[test]
+fn behind_a_tls_terminating_reverse_proxy_the_tunnels_own_mtls_still_decides() {
+    let nginx = ["/usr/sbin/nginx", "/sbin/nginx"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("nginx is missing: run tests/install-deps");
+    let pg = Pg::start(PgOpts::default());
+    pg.psql("CREATE TABLE w (id int PRIMARY KEY, v text); INSERT INTO w VALUES (1, 'via nginx');");
+    let pki = Pki::new(&["localhost", "127.0.0.1"]);
+    pki.issue("site-a");
+    let tunnel_port = free_port();
+    let (outer, ports) = outer(&pki, tunnel_port);
+    // nginx terminates the client's TLS with its own certificate (here one of the same
+    // CA, for the name localhost) and passes the upgrade on to relay-outer as plain
+    // HTTP: relay-outer sees a ws:// WebSocket, with the tunnel's TLS inside.
+    let dir = routy_e2e::tempdir();
+    let lb_port = free_port();
+    let d = dir.path().display();
+    let conf = dir.path().join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nmaster_process off;\nerror_log stderr info;\npid {d}/nginx.pid;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{\n access_log {d}/access.log;\n client_body_temp_path {d}/body;\n\
+             proxy_temp_path {d}/proxy;\n fastcgi_temp_path {d}/fastcgi;\n uwsgi_temp_path {d}/uwsgi;\n\
+             scgi_temp_path {d}/scgi;\n\
+             server {{\n  listen 127.0.0.1:{lb_port} ssl;\n  ssl_certificate {};\n  ssl_certificate_key {};\n\
+             location /routy {{\n   proxy_pass http://127.0.0.1:{tunnel_port};\n   proxy_http_version 1.1;\n\
+             proxy_set_header Upgrade $http_upgrade;\n   proxy_set_header Connection \"upgrade\";\n\
+             proxy_read_timeout 1h;\n   proxy_send_timeout 1h;\n  }}\n }}\n}}\n",
+            pki.path("outer.crt").display(),
+            pki.path("outer.key").display(),
+        ),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(nginx);
+    cmd.arg("-c")
+        .arg(&conf)
+        .arg("-p")
+        .arg(dir.path())
+        .args(["-e", "stderr"]);
+    let _lb = routy_e2e::Proc::spawn("nginx", cmd);
+    routy_e2e::try_wait_until(Duration::from_secs(20), "nginx listens", || {
+        TcpStream::connect(("127.0.0.1", lb_port)).is_ok()
+    })
+    .unwrap();
+    let inner = inner(
+        &pki,
+        "site-a",
+        tunnel_port,
+        &pg,
+        "transport: websocket\n",
+        &format!(", websocket_url: \"wss://localhost:{lb_port}/routy\""),
+    );
+    outer.wait_count("tunnel up", 1, READY);
+    assert_eq!(
+        psql_at("127.0.0.1", ports[0], "SELECT v FROM w").unwrap(),
+        "via nginx"
+    );
+    let st = outer.status();
+    assert_eq!(st["sessions"][0]["tunnel"], "site-a", "{st}");
+    assert_eq!(st["sessions"][0]["transport"], "websocket", "{st}");
+    // nginx logs the upgraded request when it ends.
+    drop(inner);
+    let log = dir.path().join("access.log");
+    routy_e2e::try_wait_until(Duration::from_secs(20), "nginx logged the upgrade", || {
+        std::fs::read_to_string(&log).is_ok_and(|a| a.contains("\"GET /routy HTTP/1.1\" 101"))
+    })
+    .unwrap();
 }

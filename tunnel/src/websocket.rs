@@ -290,6 +290,8 @@ where
         head: Bytes::from(head),
         io,
     };
+    // The callback's type is tungstenite's.
+    #[allow(clippy::result_large_err)]
     let check = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         let asks = req
             .headers()
