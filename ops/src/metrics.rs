@@ -36,6 +36,11 @@ pub const LISTENER_REFUSED: &str = "routy_listener_refused_total";
 /// Counter: relay-inner's tunnel connections that failed at its proxy, by `outer`, `proxy`
 /// and `reason` (`connect`, `auth`, `forbidden`, `refused`, `protocol`).
 pub const PROXY_FAILURES: &str = "routy_proxy_failures_total";
+/// Gauge: a bandwidth limit in bytes per second (0: none), by `listener`, `service` or
+/// `outer`, and `direction`.
+pub const BANDWIDTH_LIMIT: &str = "routy_bandwidth_limit_bytes_per_second";
+/// Counter: microseconds streams waited under a bandwidth limit, same labels.
+pub const BANDWIDTH_THROTTLED: &str = "routy_bandwidth_throttled_microseconds_total";
 /// Counter: configuration reloads, by `result`.
 pub const CONFIG_RELOADS: &str = "routy_config_reloads_total";
 
@@ -68,6 +73,14 @@ pub const ALL: &[(&str, &str)] = &[
     (
         PROXY_FAILURES,
         "Tunnel connections that failed at the proxy on the way out, by reason.",
+    ),
+    (
+        BANDWIDTH_LIMIT,
+        "Bandwidth limit in bytes per second (0: none), by direction.",
+    ),
+    (
+        BANDWIDTH_THROTTLED,
+        "Microseconds streams waited under a bandwidth limit, by direction.",
     ),
     (CONFIG_RELOADS, "Configuration reloads, by result."),
 ];

@@ -109,6 +109,7 @@ struct RawOuter {
     proxy_credentials_file: Option<PathBuf>,
     websocket_url: Option<String>,
     websocket_ca: Option<PathBuf>,
+    max_bandwidth: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,6 +133,7 @@ struct RawReconnect {
 struct RawService {
     target: String,
     connect_timeout: Option<Dur>,
+    max_bandwidth: Option<String>,
 }
 
 /// The validated configuration.
@@ -293,6 +295,8 @@ pub struct OuterEndpoint {
     pub proxy: Option<ProxyUse>,
     /// With `transport: websocket`, where the WebSocket goes.
     pub websocket: Option<WebSocketTarget>,
+    /// Bytes per second in each direction over all streams of this endpoint (0: none).
+    pub max_bandwidth: u64,
 }
 
 /// The WebSocket an endpoint's tunnel runs in (`transport: websocket`).
@@ -446,6 +450,16 @@ pub struct Service {
     pub target: String,
     /// Bound on the dial.
     pub connect_timeout: Duration,
+    /// Bytes per second in each direction, shared by the service's streams (0: none).
+    pub max_bandwidth: u64,
+}
+
+/// A `max_bandwidth` value: bytes per second, 0 when absent.
+fn bandwidth(v: Option<&str>, field: &str) -> Result<u64, String> {
+    v.map(routy_tunnel::throttle::parse_rate)
+        .transpose()
+        .map_err(|e| format!("{field}: {e}"))
+        .map(|r| r.unwrap_or(0))
 }
 
 fn host_port(s: &str, field: &str) -> Result<(String, u16), String> {
@@ -554,7 +568,10 @@ impl Config {
             };
             let proxy = outer_proxy(&f, &o, &dial_host, base, transport, &env)?;
             let (host, port) = (dial_host, dial_port);
+            let max_bandwidth =
+                bandwidth(o.max_bandwidth.as_deref(), &format!("{f}.max_bandwidth"))?;
             outer.push(OuterEndpoint {
+                max_bandwidth,
                 addr: o.addr,
                 host,
                 port,
@@ -595,6 +612,10 @@ impl Config {
                 Service {
                     target: s.target,
                     connect_timeout: s.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
+                    max_bandwidth: bandwidth(
+                        s.max_bandwidth.as_deref(),
+                        &format!("{f}.max_bandwidth"),
+                    )?,
                 },
             );
         }
@@ -966,6 +987,31 @@ services:
         );
         let e = parse(&format!("{ws_ca}transport: websocket\n")).unwrap_err();
         assert!(e.contains("no wss:// WebSocket"), "{e}");
+    }
+
+    #[test]
+    fn bandwidth_limits() {
+        let y = GOOD
+            .replace(
+                "{ addr: \"relay.example.com:7443\" }",
+                "{ addr: \"relay.example.com:7443\", max_bandwidth: 8MiB/s }",
+            )
+            .replace(
+                "other: { target: \"db.internal:5432\" }",
+                "other: { target: \"db.internal:5432\", max_bandwidth: 500KB/s }",
+            );
+        let c = parse(&y).unwrap();
+        assert_eq!(c.outer[0].max_bandwidth, 8 << 20);
+        assert_eq!(c.outer[1].max_bandwidth, 0);
+        assert_eq!(c.services["other"].max_bandwidth, 500_000);
+        assert_eq!(c.services["orders-pg"].max_bandwidth, 0);
+        let e = parse(&y.replace("500KB/s", "500KB")).unwrap_err();
+        assert!(
+            e.contains("services.other.max_bandwidth") && e.contains("not a rate"),
+            "{e}"
+        );
+        let e = parse(&y.replace("8MiB/s", "lots/s")).unwrap_err();
+        assert!(e.contains("outer[0].max_bandwidth"), "{e}");
     }
 
     #[test]

@@ -105,8 +105,9 @@ impl InnerRelay {
         let stop = Drain::new();
         let k = key(&endpoint);
         let mut statuses = Vec::with_capacity(n);
+        let bandwidth = EndpointStatus::bandwidth_limits(&endpoint.addr, endpoint.max_bandwidth);
         for i in 0..n {
-            let status = Arc::new(EndpointStatus::new(&endpoint.addr));
+            let status = Arc::new(EndpointStatus::new(&endpoint.addr, bandwidth.clone()));
             status.set_connection(i, n);
             let d = Dialer {
                 current: self.current.clone(),
@@ -191,6 +192,9 @@ impl InnerRelay {
             if !keep {
                 r.stop.stop();
                 removed.push(k.clone());
+            } else if let (Some(e), Some(s)) = (wanted.get(k), r.statuses.first()) {
+                // Streams already running follow a changed max_bandwidth.
+                s.set_bandwidth(e.max_bandwidth);
             }
             keep
         });

@@ -110,6 +110,7 @@ struct RawListener {
     service: String,
     allow: Option<Vec<String>>,
     max_connections: Option<usize>,
+    max_bandwidth: Option<String>,
     open_timeout: Option<Dur>,
 }
 
@@ -216,6 +217,8 @@ pub struct ListenerConfig {
     pub allow: Vec<Cidr>,
     /// Client connections at once.
     pub max_connections: usize,
+    /// Bytes per second in each direction, shared by the listener's clients (0: none).
+    pub max_bandwidth: u64,
     /// Bound on relay-inner reaching the service.
     pub open_timeout: Duration,
 }
@@ -290,6 +293,13 @@ impl Config {
                 service: l.service,
                 allow,
                 max_connections,
+                max_bandwidth: l
+                    .max_bandwidth
+                    .as_deref()
+                    .map(routy_tunnel::throttle::parse_rate)
+                    .transpose()
+                    .map_err(|e| format!("{f}.max_bandwidth: {e}"))?
+                    .unwrap_or(0),
                 open_timeout: l.open_timeout.map_or(DEFAULT_OPEN_TIMEOUT, |d| d.0),
             });
         }

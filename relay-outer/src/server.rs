@@ -295,5 +295,6 @@ fn same_listener(a: &crate::config::ListenerConfig, b: &crate::config::ListenerC
         && a.service == b.service
         && a.allow == b.allow
         && a.max_connections == b.max_connections
+        && a.max_bandwidth == b.max_bandwidth
         && a.open_timeout == b.open_timeout
 }

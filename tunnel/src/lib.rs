@@ -7,7 +7,7 @@
 //! (data-path threads), [`splice`] (a client stream joined to a tunnel stream),
 //! [`ship`] (CDC shipping messages over a stream), [`cidr`] (source allowlists), [`proxy`]
 //! (HTTP CONNECT and SOCKS5 proxies on the way out), [`websocket`] (the tunnel inside a
-//! WebSocket).
+//! WebSocket), [`throttle`] (bandwidth limits).
 //! The frames themselves are defined, sans-IO, in `relay-proto`. See
 //! `docs/architecture.md`.
 #![deny(unsafe_code)]
@@ -24,6 +24,7 @@ pub mod quic;
 pub mod session;
 pub mod ship;
 pub mod splice;
+pub mod throttle;
 pub mod tls;
 pub mod wbuf;
 pub mod websocket;

@@ -490,7 +490,8 @@ impl Dialer {
             tokio::spawn(Services::refuse_over_limit(s, max_streams));
         } else {
             let services = self.services.clone();
-            tokio::spawn(services.serve(s).in_current_span());
+            let limits = self.status.bandwidth.clone();
+            tokio::spawn(services.serve(s, limits).in_current_span());
         }
     }
 
@@ -507,6 +508,7 @@ impl Dialer {
         grace: Duration,
     ) {
         let services = self.services.clone();
+        let limits = self.status.bandwidth.clone();
         let stop = self.stop.clone();
         tokio::spawn(
             async move {
@@ -520,7 +522,7 @@ impl Dialer {
                                 tokio::spawn(Services::refuse_over_limit(s, max_streams));
                             }
                             Some(s) => {
-                                tokio::spawn(services.clone().serve(s).in_current_span());
+                                tokio::spawn(services.clone().serve(s, limits.clone()).in_current_span());
                             }
                             None => break,
                         },

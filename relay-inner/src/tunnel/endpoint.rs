@@ -1,7 +1,9 @@
 //! What relay-inner knows about each relay-outer endpoint (for `/readyz` and `/status`),
 //! and where its dialer publishes the live session for the CDC shippers to subscribe to.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use routy_tunnel::throttle::Limit;
 use std::time::{Duration, Instant, SystemTime};
 
 /// State of one endpoint's session.
@@ -17,6 +19,9 @@ pub struct EndpointStatus {
     /// The proxy the last attempt went through (URL without password, and where the
     /// setting came from).
     proxy: Mutex<Option<(String, String)>>,
+    /// `outer[].max_bandwidth` toward the service and toward the client, over every
+    /// stream of this endpoint's sessions.
+    pub bandwidth: Arc<[Arc<Limit>; 2]>,
 }
 
 #[derive(Debug, Default)]
@@ -36,14 +41,35 @@ struct Live {
 }
 
 impl EndpointStatus {
-    /// A new, not yet connected endpoint.
-    pub fn new(addr: &str) -> Self {
+    /// A new, not yet connected endpoint; its connections share `bandwidth` (see
+    /// [`EndpointStatus::bandwidth_limits`]).
+    pub fn new(addr: &str, bandwidth: Arc<[Arc<Limit>; 2]>) -> Self {
         EndpointStatus {
             addr: addr.to_owned(),
             state: Mutex::default(),
             session: tokio::sync::watch::channel(None).0,
             connection: std::sync::atomic::AtomicU64::new(1),
             proxy: Mutex::new(None),
+            bandwidth,
+        }
+    }
+
+    /// The limits of an endpoint's `max_bandwidth` (bytes per second, 0: none), to share
+    /// between its connections.
+    pub fn bandwidth_limits(addr: &str, rate: u64) -> Arc<[Arc<Limit>; 2]> {
+        let labels = [("outer", addr.to_owned())];
+        Arc::new([
+            Arc::new(Limit::registered(rate, &labels, "to_service")),
+            Arc::new(Limit::registered(rate, &labels, "to_client")),
+        ])
+    }
+
+    /// Sets the endpoint's `max_bandwidth` (0: none).
+    pub fn set_bandwidth(&self, rate: u64) {
+        for l in self.bandwidth.iter() {
+            if l.rate() != rate {
+                l.set_rate(rate);
+            }
         }
     }
 

@@ -13,6 +13,7 @@ use routy_tunnel::codec::{read_frame, write_frame};
 use routy_tunnel::net;
 use routy_tunnel::session::Stream;
 use routy_tunnel::splice::{splice, ByteCounters};
+use routy_tunnel::throttle::{Limit, Throttled};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn, Instrument};
 
@@ -56,6 +57,9 @@ impl ServiceTable {
 /// What every stream needs.
 pub struct Services {
     table: RwLock<Arc<ServiceTable>>,
+    /// Each service's `max_bandwidth` toward it and back, kept across reloads (which
+    /// change the rate of streams already running).
+    bandwidth: std::sync::Mutex<BTreeMap<String, Arc<[Arc<Limit>; 2]>>>,
     /// Shutdown signal and in-flight streams.
     pub drain: Drain,
 }
@@ -63,10 +67,26 @@ pub struct Services {
 impl Services {
     /// Serves `table` until it is replaced.
     pub fn new(table: ServiceTable, drain: Drain) -> Self {
-        Services {
-            table: RwLock::new(Arc::new(table)),
+        let s = Services {
+            table: RwLock::new(Arc::new(ServiceTable {
+                node: String::new(),
+                map: BTreeMap::new(),
+                bytes: BTreeMap::new(),
+            })),
+            bandwidth: Default::default(),
             drain,
-        }
+        };
+        s.replace(table);
+        s
+    }
+
+    /// The bandwidth limits of `service`.
+    fn bandwidth(&self, service: &str) -> Option<Arc<[Arc<Limit>; 2]>> {
+        self.bandwidth
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(service)
+            .cloned()
     }
 
     /// The services in force.
@@ -76,6 +96,21 @@ impl Services {
 
     /// Puts a new table in force for streams opened from now on; spliced streams go on.
     pub fn replace(&self, table: ServiceTable) {
+        {
+            let mut limits = self.bandwidth.lock().unwrap_or_else(|p| p.into_inner());
+            for (name, svc) in &table.map {
+                let l = limits.entry(name.clone()).or_insert_with(|| {
+                    let labels = [("service", name.clone())];
+                    Arc::new([
+                        Arc::new(Limit::registered(0, &labels, "to_service")),
+                        Arc::new(Limit::registered(0, &labels, "to_client")),
+                    ])
+                });
+                for d in l.iter() {
+                    d.set_rate(svc.max_bandwidth);
+                }
+            }
+        }
         *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
     }
 
@@ -87,7 +122,7 @@ impl Services {
     }
 
     /// Serves one stream opened by relay-outer, to its end.
-    pub async fn serve(self: Arc<Self>, mut stream: Stream) {
+    pub async fn serve(self: Arc<Self>, mut stream: Stream, endpoint: Arc<[Arc<Limit>; 2]>) {
         let _guard = self.drain.guard();
         let (service, client) = match read_frame(&mut stream, OPEN_READ_TIMEOUT).await {
             Ok(Frame::Open { service, client }) => (service, client),
@@ -105,10 +140,10 @@ impl Services {
             }
         };
         let span = tracing::info_span!("stream", %service, %client);
-        self.open(stream, service).instrument(span).await;
+        self.open(stream, service, endpoint).instrument(span).await;
     }
 
-    async fn open(&self, mut stream: Stream, service: String) {
+    async fn open(&self, mut stream: Stream, service: String, endpoint: Arc<[Arc<Limit>; 2]>) {
         let started = Instant::now();
         if self.drain.is_stopping() {
             failed(&service, "shutting_down");
@@ -171,6 +206,15 @@ impl Services {
         let active = metrics::gauge!(m::STREAMS_ACTIVE, &labels);
         active.increment(1.0);
         debug!(target = %svc.target, "stream open");
+        // Toward the service: what is read from the tunnel; toward the client: what is
+        // read from the service. Each under the endpoint's limit and the service's.
+        let mut up = vec![endpoint[0].clone()];
+        let mut down = vec![endpoint[1].clone()];
+        if let Some(b) = self.bandwidth(&service) {
+            up.push(b[0].clone());
+            down.push(b[1].clone());
+        }
+        let (stream, tcp) = (Throttled::new(stream, up), Throttled::new(tcp, down));
         match splice(stream, tcp, bytes.clone()).await {
             Ok(m) => info!(
                 to_service = m.to_service,

@@ -44,6 +44,25 @@ fn a_good_file_loads_with_defaults_and_resolved_paths() {
 }
 
 #[test]
+fn websocket_and_bandwidth_settings() {
+    let c = parse(GOOD).unwrap();
+    assert!(c.tunnel.websocket, "WebSocket is on by default");
+    assert_eq!(c.listeners[0].max_bandwidth, 0, "no limit by default");
+    let off = parse(&GOOD.replace("  keepalive:", "  websocket: false\n  keepalive:")).unwrap();
+    assert!(!off.tunnel.websocket);
+    let limited = format!("{GOOD}    max_bandwidth: 20MiB/s\n");
+    assert_eq!(
+        parse(&limited).unwrap().listeners[0].max_bandwidth,
+        20 << 20
+    );
+    let e = parse(&format!("{GOOD}    max_bandwidth: 20MiB\n")).unwrap_err();
+    assert!(
+        e.contains("listeners[0].max_bandwidth") && e.contains("not a rate"),
+        "{e}"
+    );
+}
+
+#[test]
 fn mistakes_name_the_field() {
     let typo = GOOD.replace("max_connections", "max_conections");
     assert!(parse(&typo).unwrap_err().contains("max_conections"));

@@ -19,6 +19,7 @@ use routy_tunnel::codec::write_frame;
 use routy_tunnel::lanes::MovingTcp;
 use routy_tunnel::net;
 use routy_tunnel::splice::{splice, ByteCounters};
+use routy_tunnel::throttle::{Limit, Throttled};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, error, info, warn, Instrument};
 
@@ -74,6 +75,9 @@ pub struct Listener {
     pub drain: Drain,
     /// Bounds concurrent clients.
     pub slots: Arc<Slots>,
+    /// `max_bandwidth` toward the service and toward the client, shared by every client
+    /// (and kept across reloads, which change the rate of streams already running).
+    pub bandwidth: Arc<[Arc<Limit>; 2]>,
 }
 
 impl Listener {
@@ -86,6 +90,19 @@ impl Listener {
         previous: Option<&Listener>,
     ) -> Self {
         let slots = previous.map_or_else(Default::default, |p| p.slots.clone());
+        let bandwidth = previous.map_or_else(
+            || {
+                let labels = [("listener", cfg.name.clone())];
+                Arc::new([
+                    Arc::new(Limit::registered(cfg.max_bandwidth, &labels, "to_service")),
+                    Arc::new(Limit::registered(cfg.max_bandwidth, &labels, "to_client")),
+                ])
+            },
+            |p| p.bandwidth.clone(),
+        );
+        for l in bandwidth.iter() {
+            l.set_rate(cfg.max_bandwidth);
+        }
         let bytes = Arc::new(ByteCounters::registered(&[
             ("listener", cfg.name.clone()),
             ("tunnel", cfg.tunnel.clone()),
@@ -97,6 +114,7 @@ impl Listener {
             bytes,
             drain,
             slots,
+            bandwidth,
         }
     }
 }
@@ -314,7 +332,13 @@ impl Listener {
             })
         };
         let mut stream = AwaitAnswer::new(stream, cfg.open_timeout, on_open);
-        let result = splice(client, &mut stream, self.bytes.clone()).await;
+        let [up, down] = &*self.bandwidth;
+        let result = splice(
+            Throttled::new(client, vec![up.clone()]),
+            Throttled::new(&mut stream, vec![down.clone()]),
+            self.bytes.clone(),
+        )
+        .await;
         if let Some(refusal) = stream.refusal() {
             self.failed(refusal.reason());
             match refusal {

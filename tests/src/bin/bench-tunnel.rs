@@ -72,7 +72,8 @@ Options:
   --install-rathole  cargo install rathole --root /tmp/rathole when it is not found
   --paths W,..       only the paths whose name contains one of the words, e.g.
                      --paths tls,ssh (direct always runs; names: Routy TLS, Routy QUIC,
-                     ssh -R, rathole, 2x socat, plain TCP)
+                     Routy WebSocket, Routy TLS via HTTP proxy, ssh -R, rathole, 2x socat,
+                     plain TCP)
   --rows KEY,..      only these rows: mem conn bulk1_up bulk1_down bulk8_up bulk8_down
                      pg1 pg16
   --secs N           each bulk and new-connection measurement (and pgbench) takes N s
@@ -349,6 +350,20 @@ fn main() {
                 "Routy over QUIC skipped: relay-inner check-config refuses `transport: quic` ({}).",
                 why.lines().last().unwrap_or("").trim()
             )),
+        }
+    }
+    if a.wants_path("Routy WebSocket") {
+        eprintln!("starting Routy over a WebSocket (wss://)");
+        match paths::routy("Routy WebSocket", &pki, &targets, Some("websocket"), None) {
+            Ok(p) => all.push(p),
+            Err(e) => notes.push(format!("Routy over a WebSocket skipped: {e}")),
+        }
+    }
+    if a.wants_path("Routy TLS via HTTP proxy") {
+        eprintln!("starting Routy over TLS through tinyproxy (HTTP CONNECT)");
+        match paths::routy_via("Routy TLS via HTTP proxy", &pki, &targets, None, true, None) {
+            Ok(p) => all.push(p),
+            Err(e) => notes.push(format!("Routy through an HTTP proxy skipped: {e}")),
         }
     }
     if a.wants_path("ssh -R") {
@@ -644,6 +659,40 @@ fn render(
             let _ = write!(md, " {cell} |");
         }
         md.push('\n');
+    }
+
+    // Routy's other ways out, against Routy over TLS in this run.
+    let others: Vec<usize> = ["Routy WebSocket", "Routy TLS via HTTP proxy"]
+        .iter()
+        .filter_map(|n| names.iter().position(|x| x == n))
+        .collect();
+    if let (Some(tls), false) = (
+        names.iter().position(|x| x == "Routy TLS"),
+        others.is_empty(),
+    ) {
+        let _ = writeln!(
+            md,
+            "\n### Routy's other ways out against Routy TLS (ratios in this run)\n"
+        );
+        let _ = write!(md, "| |");
+        for &i in &others {
+            let _ = write!(md, " {} |", names[i]);
+        }
+        let _ = writeln!(md, "\n|---|{}", "---:|".repeat(others.len()));
+        for r in rows.iter().filter(|r| r.ratio) {
+            let _ = write!(md, "| {} |", r.label);
+            for &i in &others {
+                let cell = match (
+                    r.values.get(i).copied().flatten(),
+                    r.values.get(tls).copied().flatten(),
+                ) {
+                    (Some(v), Some(t)) if t > 0.0 => fmt_ratio(v / t),
+                    _ => "—".into(),
+                };
+                let _ = write!(md, " {cell} |");
+            }
+            md.push('\n');
+        }
     }
 
     // Targets of issue 5, for each Routy column.

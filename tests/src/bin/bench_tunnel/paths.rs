@@ -121,8 +121,50 @@ pub fn routy(
     transport: Option<&str>,
     bin_dir: Option<&FsPath>,
 ) -> Result<Path, String> {
+    routy_via(name, pki, t, transport, false, bin_dir)
+}
+
+/// tinyproxy on loopback letting CONNECT through to `tunnel_port` only.
+fn tinyproxy(dir: &FsPath, tunnel_port: u16) -> Result<(Proc, u16), String> {
+    let exe = which("tinyproxy").ok_or("tinyproxy is not installed (apt-get install tinyproxy)")?;
+    let port = free_port();
+    let conf = dir.join("tinyproxy.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "Port {port}\nListen 127.0.0.1\nTimeout 600\nLogLevel Warning\nMaxClients 100\nConnectPort {tunnel_port}\n"
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("-d").arg("-c").arg(&conf);
+    let p = Proc::spawn("tinyproxy", cmd);
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok((p, port));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(format!("tinyproxy did not listen:\n{}", tail(&p.log(), 10)))
+}
+
+/// [`routy`], with relay-inner dialing through an HTTP CONNECT proxy (tinyproxy on
+/// loopback) when `via_proxy`.
+pub fn routy_via(
+    name: &str,
+    pki: &Pki,
+    t: &Targets,
+    transport: Option<&str>,
+    via_proxy: bool,
+    bin_dir: Option<&FsPath>,
+) -> Result<Path, String> {
     let dir = routy_e2e::tempdir();
     let tunnel_port = free_port();
+    let proxy = if via_proxy {
+        Some(tinyproxy(dir.path(), tunnel_port)?)
+    } else {
+        None
+    };
     let (bench_port, pg_port) = (free_port(), free_port());
     let limits = "    max_connections: 20000\n";
     let mut lb = ListenerSpec::new(
@@ -148,7 +190,14 @@ pub fn routy(
         1,
     );
     let outer = relay("relay-outer", bin_dir, dir.path(), &oy, "tunnel port ready")?;
-    let iy = inner_cfg(pki, tunnel_port, t, transport);
+    let mut iy = inner_cfg(pki, tunnel_port, t, transport);
+    if let Some((_, port)) = &proxy {
+        iy = iy.replacen(
+            "server_name: \"localhost\" }",
+            &format!("server_name: \"localhost\", proxy: \"http://127.0.0.1:{port}\" }}"),
+            1,
+        );
+    }
     let inner = relay("relay-inner", bin_dir, dir.path(), &iy, "tunnel up")?;
     if !load::wait_ready(bench_port, Duration::from_secs(20)) {
         return Err(format!(
@@ -156,12 +205,19 @@ pub fn routy(
             tail(&inner.log(), 20)
         ));
     }
+    let mut procs = vec![outer.pid(), inner.pid()];
+    let mut keep: Vec<Box<dyn std::any::Any>> = vec![Box::new(outer), Box::new(inner)];
+    if let Some((p, _)) = proxy {
+        procs.push(p.pid());
+        keep.push(Box::new(p));
+    }
+    keep.push(Box::new(dir));
     Ok(Path {
         name: name.into(),
         bench_port,
         pg_port,
-        procs: vec![outer.pid(), inner.pid()],
-        _keep: vec![Box::new(outer), Box::new(inner), Box::new(dir)],
+        procs,
+        _keep: keep,
     })
 }
 
