@@ -84,6 +84,7 @@ fn received(v: &serde_json::Value) -> f64 {
 }
 
 fn assert_near(got: f64, want: f64, what: &str) {
+    eprintln!("{what}: {got:.3} MiB/s (limit {want})");
     assert!(
         (got - want).abs() <= want * 0.10,
         "{what}: {got:.2} MiB/s, want {want} MiB/s ±10 %"
