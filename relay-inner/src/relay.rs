@@ -122,7 +122,8 @@ impl InnerRelay {
         }
         if let Some(cdc) = &self.cdc {
             let sessions = statuses.iter().map(|s| s.session()).collect();
-            cdc.attach(&k, sessions, &self.drain, &stop);
+            // Shipping goes toward relay-outer: the endpoint's to_client limit.
+            cdc.attach(&k, sessions, &self.drain, &stop, Some(bandwidth[1].clone()));
         }
         self.lock_dialers().push((k, Running { stop, statuses }));
     }

@@ -91,6 +91,7 @@ struct RawTunnel {
     max_streams_per_session: Option<usize>,
     quic: Option<bool>,
     websocket: Option<bool>,
+    max_bandwidth: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -200,6 +201,8 @@ pub struct TunnelConfig {
     pub quic: bool,
     /// Also accept the tunnel inside a WebSocket (`ws://` or `wss://`) on the same port.
     pub websocket: bool,
+    /// Bytes per second in each direction over every listener's clients (0: none).
+    pub max_bandwidth: u64,
 }
 
 /// One client-facing port spliced to a service inside.
@@ -255,6 +258,13 @@ impl Config {
             )?,
             quic: t.quic.unwrap_or(true),
             websocket: t.websocket.unwrap_or(true),
+            max_bandwidth: t
+                .max_bandwidth
+                .as_deref()
+                .map(routy_tunnel::throttle::parse_rate)
+                .transpose()
+                .map_err(|e| format!("tunnel.max_bandwidth: {e}"))?
+                .unwrap_or(0),
         };
         let mut names = HashSet::new();
         let mut binds = HashSet::new();

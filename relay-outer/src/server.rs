@@ -48,6 +48,13 @@ pub struct OuterRelay {
     pub cdc: Option<Arc<Cdc>>,
 }
 
+/// Puts `tunnel.max_bandwidth` in force (streams already running follow).
+fn set_tunnel_bandwidth(cfg: &Config) {
+    for l in crate::listen::tunnel_bandwidth().iter() {
+        l.set_rate(cfg.tunnel.max_bandwidth);
+    }
+}
+
 fn settings(cfg: &Config, tls: rustls::ServerConfig) -> anyhow::Result<Settings> {
     let quic = if cfg.tunnel.quic {
         Some(
@@ -115,6 +122,7 @@ impl OuterRelay {
             Some(c) => Some(Cdc::start(c.clone(), drain.clone()).await?),
             None => None,
         };
+        set_tunnel_bandwidth(&cfg);
         let tunnel = Arc::new(TunnelServer::new(
             tunnel_settings,
             registry.clone(),
@@ -233,6 +241,7 @@ impl OuterRelay {
             ep.set_server_config(Some(q.clone()));
         }
         self.tunnel.update(new_settings);
+        set_tunnel_bandwidth(&new);
         self.registry
             .set_max_streams(new.tunnel.max_streams_per_session);
         let mut added = Vec::new();

@@ -103,6 +103,11 @@ struct Setup {
 }
 
 fn setup(service_limit: &str, endpoint_limit: &str) -> Setup {
+    setup_with(service_limit, endpoint_limit, "")
+}
+
+/// [`setup`] with relay-outer's `tunnel.max_bandwidth` (empty: none).
+fn setup_with(service_limit: &str, endpoint_limit: &str, tunnel_limit: &str) -> Setup {
     let iperf = Iperf::start();
     let pki = Pki::new(&["localhost", "127.0.0.1"]);
     pki.issue("site-a");
@@ -115,10 +120,15 @@ fn setup(service_limit: &str, endpoint_limit: &str) -> Setup {
     );
     l.extra = "    max_bandwidth: 10MiB/s\n".into();
     let s = ListenerSpec::new("svc", &format!("127.0.0.1:{svc}"), "site-a", "iperf-svc");
-    let outer = Relay::outer(
-        &outer_yaml(&pki, &format!("127.0.0.1:{tunnel_port}"), KA, &[l, s], ""),
-        None,
-    );
+    let mut oy = outer_yaml(&pki, &format!("127.0.0.1:{tunnel_port}"), KA, &[l, s], "");
+    if !tunnel_limit.is_empty() {
+        oy = oy.replacen(
+            "  keepalive:",
+            &format!("  max_bandwidth: {tunnel_limit}\n  keepalive:"),
+            1,
+        );
+    }
+    let outer = Relay::outer(&oy, None);
     let target = format!("127.0.0.1:{}", iperf.port);
     let mut iy = inner_yaml(
         &pki,
@@ -249,4 +259,52 @@ fn a_service_limit_and_an_endpoint_limit_on_relay_inner() {
     let s = setup("100MiB/s", "8MiB/s");
     let r = iperf(s.limited, &["-t", "4", "-O", "1", "-P", "2"]);
     assert_near(received(&r), 8.0, "two streams through an 8 MiB/s endpoint");
+    drop(s);
+
+    // relay-outer's tunnel.max_bandwidth covers every listener: below the listener's 10.
+    let s = setup_with("100MiB/s", "", "6MiB/s");
+    let r = iperf(s.limited, &["-t", "4", "-O", "1", "-R"]);
+    assert_near(
+        received(&r),
+        6.0,
+        "through a relay-outer limited to 6 MiB/s",
+    );
+    assert_eq!(
+        s.outer.metric(
+            "routy_bandwidth_limit_bytes_per_second",
+            &[("listener", "*"), ("direction", "to_client")]
+        ),
+        6.0 * MIB
+    );
+}
+
+#[test]
+#[cfg_attr(
+    routy_e2e_skip,
+    ignore = "end-to-end: needs root and ROUTY_E2E=1; run tests/run"
+)]
+fn cdc_shipping_counts_against_the_endpoint_limit() {
+    use routy_e2e::cdc::{CdcRig, RigOpts};
+    let rig = CdcRig::start(RigOpts {
+        setup_sql: "CREATE TABLE t (id int PRIMARY KEY, pad text);".into(),
+        tables: vec!["public.t".into()],
+        outer_entry_extra: "max_bandwidth: 512KiB/s".into(),
+        ..RigOpts::default()
+    });
+    rig.wait_streaming();
+    let started = std::time::Instant::now();
+    // About 2 MB of changes: at 512 KiB/s at least 3 s to ship.
+    rig.source
+        .psql("INSERT INTO t SELECT g, repeat(md5(g::text), 64) FROM generate_series(1, 1000) g");
+    rig.wait_in_sync(&["public.t"], Duration::from_secs(120));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(2500),
+        "2 MB shipped in {took:?} under a 512 KiB/s limit"
+    );
+    let waited = rig.inner().metric(
+        "routy_bandwidth_throttled_microseconds_total",
+        &[("direction", "to_client")],
+    );
+    assert!(waited > 1e6, "shipping waited {waited} µs");
 }

@@ -82,6 +82,14 @@ impl Limit {
         }
     }
 
+    /// Books `n` bytes about to be sent and waits until they may go (for a writer that
+    /// sends in batches, such as CDC shipping).
+    pub async fn pace(&self, n: usize) {
+        if let Some(at) = self.reserve(n) {
+            tokio::time::sleep_until(at).await;
+        }
+    }
+
     /// The rate in bytes per second (0: none).
     pub fn rate(&self) -> u64 {
         self.rate.load(Ordering::Relaxed)

@@ -175,7 +175,14 @@ impl Cdc {
     }
 
     /// Starts one shipper per source for a new endpoint.
-    pub fn attach(&self, key: &str, connections: Vec<SessionWatch>, drain: &Drain, stop: &Drain) {
+    pub fn attach(
+        &self,
+        key: &str,
+        connections: Vec<SessionWatch>,
+        drain: &Drain,
+        stop: &Drain,
+        bandwidth: Option<Arc<routy_tunnel::throttle::Limit>>,
+    ) {
         let session = any_live_session(connections, stop.clone());
         for s in &self.sources {
             let status = Arc::new(ShipStatus::new(key));
@@ -195,6 +202,7 @@ impl Cdc {
                 drain: drain.clone(),
                 stop: stop.clone(),
                 status,
+                bandwidth: bandwidth.clone(),
             };
             tokio::spawn(shipper.run());
         }

@@ -108,6 +108,8 @@ pub struct Shipper {
     pub stop: Drain,
     /// Status.
     pub status: Arc<ShipStatus>,
+    /// The endpoint's `max_bandwidth` toward relay-outer, which shipping counts against.
+    pub bandwidth: Option<Arc<routy_tunnel::throttle::Limit>>,
 }
 
 enum End {
@@ -390,6 +392,13 @@ impl Shipper {
                     first_seq: first,
                     records: batch,
                 };
+                if let Some(limit) = &self.bandwidth {
+                    tokio::select! {
+                        _ = limit.pace(bytes) => {}
+                        _ = self.stop.stopping() => return End::Stop,
+                        _ = self.drain.stopping() => return End::Stop,
+                    }
+                }
                 // Before the write: relay-outer may acknowledge before the write returns.
                 sent.store(next_seq - 1, Ordering::Release);
                 let write = routy_tunnel::ship::write(wr, &msg);

@@ -63,6 +63,19 @@ impl Slots {
     }
 }
 
+/// `tunnel.max_bandwidth`: the limits over every listener's clients, toward the service
+/// and toward the client (`listener="*"` in the metrics). Set at start and by reloads.
+pub fn tunnel_bandwidth() -> &'static Arc<[Arc<Limit>; 2]> {
+    static ALL: std::sync::OnceLock<Arc<[Arc<Limit>; 2]>> = std::sync::OnceLock::new();
+    ALL.get_or_init(|| {
+        let labels = [("listener", "*".to_string())];
+        Arc::new([
+            Arc::new(Limit::registered(0, &labels, "to_service")),
+            Arc::new(Limit::registered(0, &labels, "to_client")),
+        ])
+    })
+}
+
 /// A listener's settings and the state that goes with them; replaced whole on reload.
 pub struct Listener {
     /// Its settings.
@@ -333,9 +346,10 @@ impl Listener {
         };
         let mut stream = AwaitAnswer::new(stream, cfg.open_timeout, on_open);
         let [up, down] = &*self.bandwidth;
+        let [all_up, all_down] = &**tunnel_bandwidth();
         let result = splice(
-            Throttled::new(client, vec![up.clone()]),
-            Throttled::new(&mut stream, vec![down.clone()]),
+            Throttled::new(client, vec![up.clone(), all_up.clone()]),
+            Throttled::new(&mut stream, vec![down.clone(), all_down.clone()]),
             self.bytes.clone(),
         )
         .await;
