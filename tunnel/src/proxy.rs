@@ -504,7 +504,7 @@ pub fn parse_connect_answer(head: &[u8]) -> Result<ConnectAnswer, String> {
     let mut answer = shown;
     if code == 407 {
         if let Some(h) =
-            lines.find(|l| l.len() > 19 && l[..19].eq_ignore_ascii_case("proxy-authenticate:"))
+            lines.find(|l| l.get(..19).is_some_and(|p| p.eq_ignore_ascii_case("proxy-authenticate:")))
         {
             let h: String = h.chars().take(200).collect();
             answer.push_str(&format!(" ({h})"));
@@ -836,6 +836,13 @@ mod tests {
                 ..
             })
         ));
+        // Multi-byte characters where a header name would end never panic.
+        let odd = "HTTP/1.1 407 No\r\nProxy-Authenticaté: x\r\nProxy-Authentic\u{e9}\u{e9}\u{e9}: y\r\n\r\n";
+        assert!(matches!(
+            parse_connect_answer(odd.as_bytes()),
+            Ok(ConnectAnswer::Refused { reason: "auth", .. })
+        ));
+        assert!(parse_connect_answer(b"HTTP/1.1 407 \xff\xfe\xfd\r\n\xe2\x82\r\n\r\n").is_ok());
         for bad in [
             &b"SSH-2.0-OpenSSH\r\n\r\n"[..],
             b"HTTP/1.1 abc\r\n\r\n",
