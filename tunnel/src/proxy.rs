@@ -503,9 +503,10 @@ pub fn parse_connect_answer(head: &[u8]) -> Result<ConnectAnswer, String> {
     }
     let mut answer = shown;
     if code == 407 {
-        if let Some(h) =
-            lines.find(|l| l.get(..19).is_some_and(|p| p.eq_ignore_ascii_case("proxy-authenticate:")))
-        {
+        if let Some(h) = lines.find(|l| {
+            l.get(..19)
+                .is_some_and(|p| p.eq_ignore_ascii_case("proxy-authenticate:"))
+        }) {
             let h: String = h.chars().take(200).collect();
             answer.push_str(&format!(" ({h})"));
         }

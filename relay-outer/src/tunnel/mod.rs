@@ -31,6 +31,31 @@ use crate::cdc::{receiver, Cdc};
 use crate::config::TunnelConfig;
 use crate::tunnel::registry::{Registry, SessionEntry};
 
+/// The WebSocket upgrade of a new tunnel connection, before `deadline`; a failure is
+/// logged and counted, and gives `None`.
+async fn upgrade<S>(
+    deadline: tokio::time::Instant,
+    limit: Duration,
+    io: S,
+) -> Option<websocket::WsIo<websocket::Rewind<S>>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match tokio::time::timeout_at(deadline, websocket::accept(io)).await {
+        Ok(Ok(ws)) => Some(ws),
+        Ok(Err(e)) => {
+            handshake_failed("websocket");
+            warn!(reason = %e, "tunnel connection refused: WebSocket upgrade failed");
+            None
+        }
+        Err(_) => {
+            handshake_failed("tls_timeout");
+            warn!(timeout = ?limit, "tunnel connection refused: WebSocket upgrade timed out");
+            None
+        }
+    }
+}
+
 /// How long a refused peer gets to read our refusal before the connection is cut.
 const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 
@@ -203,23 +228,8 @@ impl TunnelServer {
         let peeked = tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await;
         let http = matches!(peeked, Ok(Ok(4))) && &first == b"GET ";
         if http && settings.websocket.is_some() {
-            let ws = match tokio::time::timeout_at(
-                deadline,
-                websocket::accept(net::ReadAhead::new(tcp)),
-            )
-            .await
-            {
-                Ok(Ok(ws)) => ws,
-                Ok(Err(e)) => {
-                    handshake_failed("websocket");
-                    warn!(reason = %e, "tunnel connection refused: WebSocket upgrade failed");
-                    return;
-                }
-                Err(_) => {
-                    handshake_failed("tls_timeout");
-                    warn!(timeout = ?limit, "tunnel connection refused: WebSocket upgrade timed out");
-                    return;
-                }
+            let Some(ws) = upgrade(deadline, limit, net::ReadAhead::new(tcp)).await else {
+                return;
             };
             return self
                 .tls_session(ws, peer, &settings, deadline, "websocket")
@@ -272,18 +282,8 @@ impl TunnelServer {
                     return;
                 }
             };
-            let ws = match tokio::time::timeout_at(deadline, websocket::accept(outer)).await {
-                Ok(Ok(ws)) => ws,
-                Ok(Err(e)) => {
-                    handshake_failed("websocket");
-                    warn!(reason = %e, "tunnel connection refused: WebSocket upgrade failed");
-                    return;
-                }
-                Err(_) => {
-                    handshake_failed("tls_timeout");
-                    warn!(timeout = ?limit, "tunnel connection refused: WebSocket upgrade timed out");
-                    return;
-                }
+            let Some(ws) = upgrade(deadline, limit, outer).await else {
+                return;
             };
             return self
                 .tls_session(ws, peer, &settings, deadline, "websocket")
