@@ -730,3 +730,36 @@ fn wait_line(r: &Relay, pred: impl Fn(&str) -> bool) -> String {
     }
     found.expect("found")
 }
+
+#[test]
+fn a_flood_of_garbage_is_counted_but_not_logged_line_by_line() {
+    let s = Setup::new();
+    let rt = fake::runtime();
+    let before = s.outer.count("TLS handshake failed");
+    // 60 connections of garbage: each fails the TLS handshake (reason "tls").
+    rt.block_on(async {
+        for _ in 0..60 {
+            let mut tcp = tokio::net::TcpStream::connect(s.tunnel_addr())
+                .await
+                .unwrap();
+            let _ = tcp
+                .write_all(&[0x16, 0x03, 0x01, 0x00, 0x01, 0xff, 0xff])
+                .await;
+            let _ = fake::read_until_end(&mut tcp, STEP).await;
+        }
+    });
+    s.outer.wait_metric(
+        "routy_handshake_failures_total",
+        &[("reason", "tls")],
+        LOG,
+        |v| v >= 60.0,
+    );
+    s.outer.wait_count("no longer logged one by one", 1, LOG);
+    let logged = s.outer.count("TLS handshake failed") - before;
+    assert!(
+        (1..=10).contains(&logged),
+        "{logged} refusals logged one by one out of 60 (at most 10 a window)"
+    );
+    s.assert_sql_works("after the flood");
+    assert_no_panics(&[&s.outer, &s.inner]);
+}

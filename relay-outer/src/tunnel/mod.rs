@@ -44,13 +44,11 @@ where
     match tokio::time::timeout_at(deadline, websocket::accept(io)).await {
         Ok(Ok(ws)) => Some(ws),
         Ok(Err(e)) => {
-            handshake_failed("websocket");
-            warn!(reason = %e, "tunnel connection refused: WebSocket upgrade failed");
+            refused!("websocket", reason = %e, "tunnel connection refused: WebSocket upgrade failed");
             None
         }
         Err(_) => {
-            handshake_failed("tls_timeout");
-            warn!(timeout = ?limit, "tunnel connection refused: WebSocket upgrade timed out");
+            refused!("tls_timeout", timeout = ?limit, "tunnel connection refused: WebSocket upgrade timed out");
             None
         }
     }
@@ -148,27 +146,26 @@ impl TunnelServer {
         let conn = match tokio::time::timeout(settings.cfg.handshake_timeout, incoming).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
-                handshake_failed("tls");
-                warn!(reason = %e, "tunnel connection refused: QUIC handshake failed");
+                refused!("tls", reason = %e, "tunnel connection refused: QUIC handshake failed");
                 return;
             }
             Err(_) => {
-                handshake_failed("tls_timeout");
-                warn!(timeout = ?settings.cfg.handshake_timeout, "tunnel connection refused: QUIC handshake timed out");
+                refused!("tls_timeout", timeout = ?settings.cfg.handshake_timeout, "tunnel connection refused: QUIC handshake timed out");
                 return;
             }
         };
         if quic::alpn(&conn).as_deref() != Some(tls::ALPN) {
-            handshake_failed("alpn");
-            warn!("tunnel connection refused: peer did not negotiate ALPN routy/1");
+            refused!(
+                "alpn",
+                "tunnel connection refused: peer did not negotiate ALPN routy/1"
+            );
             conn.close(session::QUIC_CLOSE_CODE, b"ALPN routy/1 required");
             return;
         }
         let tunnel_name = match quic::peer_identity(&conn) {
             Ok(t) => t,
             Err(e) => {
-                handshake_failed("identity");
-                warn!(reason = %e, "tunnel connection refused");
+                refused!("identity", reason = %e, "tunnel connection refused");
                 conn.close(session::QUIC_CLOSE_CODE, e.as_bytes());
                 return;
             }
@@ -242,13 +239,11 @@ impl TunnelServer {
         let start = match tokio::time::timeout_at(deadline, hello).await {
             Ok(Ok(start)) => start,
             Ok(Err(e)) => {
-                handshake_failed("tls");
-                warn!(reason = %e, "tunnel connection refused: TLS handshake failed");
+                refused!("tls", reason = %e, "tunnel connection refused: TLS handshake failed");
                 return;
             }
             Err(_) => {
-                handshake_failed("tls_timeout");
-                warn!(timeout = ?limit, "tunnel connection refused: TLS handshake timed out");
+                refused!("tls_timeout", timeout = ?limit, "tunnel connection refused: TLS handshake timed out");
                 return;
             }
         };
@@ -271,14 +266,12 @@ impl TunnelServer {
             {
                 Ok(Ok(s)) => s,
                 Ok(Err((e, tcp))) => {
-                    handshake_failed("tls");
-                    warn!(reason = %e, "tunnel connection refused: TLS handshake (WebSocket) failed");
+                    refused!("tls", reason = %e, "tunnel connection refused: TLS handshake (WebSocket) failed");
                     linger_close(tcp.into_inner()).await;
                     return;
                 }
                 Err(_) => {
-                    handshake_failed("tls_timeout");
-                    warn!(timeout = ?limit, "tunnel connection refused: TLS handshake timed out");
+                    refused!("tls_timeout", timeout = ?limit, "tunnel connection refused: TLS handshake timed out");
                     return;
                 }
             };
@@ -295,14 +288,12 @@ impl TunnelServer {
         let tls = match tokio::time::timeout_at(deadline, accept).await {
             Ok(Ok(s)) => s,
             Ok(Err((e, tcp))) => {
-                handshake_failed("tls");
-                warn!(reason = %e, "tunnel connection refused: TLS handshake failed");
+                refused!("tls", reason = %e, "tunnel connection refused: TLS handshake failed");
                 linger_close(tcp.into_inner()).await;
                 return;
             }
             Err(_) => {
-                handshake_failed("tls_timeout");
-                warn!(timeout = ?limit, "tunnel connection refused: TLS handshake timed out");
+                refused!("tls_timeout", timeout = ?limit, "tunnel connection refused: TLS handshake timed out");
                 return;
             }
         };
@@ -324,8 +315,7 @@ impl TunnelServer {
         let tls = match tokio::time::timeout_at(deadline, accept).await {
             Ok(Ok(s)) => s,
             Ok(Err((e, mut io))) => {
-                handshake_failed("tls");
-                warn!(reason = %e, transport = label, "tunnel connection refused: TLS handshake failed");
+                refused!("tls", reason = %e, transport = label, "tunnel connection refused: TLS handshake failed");
                 // Let the alert reach the peer.
                 let _ = tokio::time::timeout(
                     REFUSAL_LINGER,
@@ -335,8 +325,7 @@ impl TunnelServer {
                 return;
             }
             Err(_) => {
-                handshake_failed("tls_timeout");
-                warn!(timeout = ?settings.cfg.handshake_timeout, transport = label, "tunnel connection refused: TLS handshake timed out");
+                refused!("tls_timeout", timeout = ?settings.cfg.handshake_timeout, transport = label, "tunnel connection refused: TLS handshake timed out");
                 return;
             }
         };
@@ -356,8 +345,10 @@ impl TunnelServer {
     {
         let (_, conn) = tls.get_ref();
         if conn.alpn_protocol() != Some(tls::ALPN) {
-            handshake_failed("alpn");
-            warn!("tunnel connection refused: peer did not negotiate ALPN routy/1");
+            refused!(
+                "alpn",
+                "tunnel connection refused: peer did not negotiate ALPN routy/1"
+            );
             return;
         }
         let identity = match conn.peer_certificates().and_then(|c| c.first()) {
@@ -367,8 +358,7 @@ impl TunnelServer {
         let tunnel_name = match identity {
             Ok(t) => t,
             Err(e) => {
-                handshake_failed("identity");
-                warn!(reason = %e, "tunnel connection refused");
+                refused!("identity", reason = %e, "tunnel connection refused");
                 return;
             }
         };
@@ -399,14 +389,18 @@ impl TunnelServer {
         let mut ctrl = match first {
             Ok(Some(s)) => s,
             Ok(None) => {
-                handshake_failed("no_control_stream");
-                warn!("tunnel connection closed before opening its control stream");
+                refused!(
+                    "no_control_stream",
+                    "tunnel connection closed before opening its control stream"
+                );
                 handle.kill();
                 return;
             }
             Err(_) => {
-                handshake_failed("no_control_stream");
-                warn!("tunnel connection refused: no control stream within the handshake timeout");
+                refused!(
+                    "no_control_stream",
+                    "tunnel connection refused: no control stream within the handshake timeout"
+                );
                 handle.kill();
                 return;
             }
@@ -415,11 +409,10 @@ impl TunnelServer {
             match handshake::server_read_hello(&mut ctrl, settings.cfg.handshake_timeout).await {
                 Ok(h) => h,
                 Err(e) => {
-                    handshake_failed(match e {
+                    refused!(match e {
                         handshake::HandshakeError::VersionMismatch { .. } => "version_mismatch",
                         _ => "hello",
-                    });
-                    warn!(reason = %e, "tunnel handshake failed");
+                    }, reason = %e, "tunnel handshake failed");
                     // A version mismatch or protocol error was answered: let it reach the peer.
                     handle.close_after(&mut ctrl, REFUSAL_LINGER).await;
                     return;
@@ -431,16 +424,14 @@ impl TunnelServer {
             let msg = format!(
                 "tunnel {tunnel_name:?} is not configured on this relay-outer (no listener or CDC sink uses it)"
             );
-            handshake_failed("unknown_tunnel");
-            warn!(node = %hello.node, "tunnel connection refused: {msg}");
+            refused!("unknown_tunnel", node = %hello.node, "tunnel connection refused: {msg}");
             let _ = handshake::refuse(&mut ctrl, ErrorCode::UnknownTunnel, &msg).await;
             handle.close_after(&mut ctrl, REFUSAL_LINGER).await;
             return;
         }
         let id = self.registry.next_id();
         if let Err(e) = handshake::accept(&mut ctrl, &tunnel_name, id).await {
-            handshake_failed("hello");
-            warn!(reason = %e, "tunnel handshake failed");
+            refused!("hello", reason = %e, "tunnel handshake failed");
             handle.kill();
             return;
         }
@@ -561,6 +552,73 @@ async fn linger_close(mut tcp: TcpStream) {
     }
 }
 
-fn handshake_failed(reason: &'static str) {
+/// Counts a refused tunnel connection; whether to log it one by one (see
+/// [`RefusalLog`]).
+fn handshake_failed(reason: &'static str) -> bool {
     metrics::counter!(m::HANDSHAKE_FAILURES, "reason" => reason).increment(1);
+    REFUSALS.admit(reason, std::time::Instant::now())
+}
+
+/// Counts a refused tunnel connection and logs it with `warn!`, unless its reason has
+/// been logged [`REFUSALS_LOGGED`] times in the current [`REFUSAL_WINDOW`] already.
+macro_rules! refused {
+    ($reason:expr, $($arg:tt)+) => {
+        if handshake_failed($reason) {
+            warn!($($arg)+);
+        }
+    };
+}
+use refused;
+
+/// Refusals of one reason logged one by one in a window; the rest are counted.
+const REFUSALS_LOGGED: u32 = 10;
+/// The window of [`REFUSALS_LOGGED`].
+const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
+
+static REFUSALS: RefusalLog = RefusalLog {
+    windows: std::sync::Mutex::new(Vec::new()),
+};
+
+/// Rate limit on the log lines of refused tunnel connections (a scan or a flood of
+/// garbage would otherwise write a line per connection): per reason, the first
+/// [`REFUSALS_LOGGED`] of each [`REFUSAL_WINDOW`] are logged, and the first line of the
+/// next window that has any says how many were left out. `routy_handshake_failures_total`
+/// counts every one.
+struct RefusalLog {
+    /// Per reason: the window's start, lines logged in it, refusals left out.
+    windows: std::sync::Mutex<Vec<(&'static str, std::time::Instant, u32, u64)>>,
+}
+
+impl RefusalLog {
+    /// Whether a refusal for `reason` at `now` is logged; logs the count left out when a
+    /// new window starts after one that left some out.
+    fn admit(&self, reason: &'static str, now: std::time::Instant) -> bool {
+        let mut w = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        let i = match w.iter().position(|(r, ..)| *r == reason) {
+            Some(i) => i,
+            None => {
+                w.push((reason, now, 0, 0));
+                w.len() - 1
+            }
+        };
+        let (_, start, logged, left_out) = &mut w[i];
+        if now.duration_since(*start) >= REFUSAL_WINDOW {
+            if *left_out > 0 {
+                warn!(reason, left_out = *left_out, window = ?REFUSAL_WINDOW, limit = REFUSALS_LOGGED,
+                    "more tunnel connections were refused for this reason than are logged one by one");
+            }
+            (*start, *logged, *left_out) = (now, 0, 0);
+        }
+        if *logged < REFUSALS_LOGGED {
+            *logged += 1;
+            true
+        } else {
+            if *left_out == 0 {
+                warn!(reason, limit = REFUSALS_LOGGED, window = ?REFUSAL_WINDOW,
+                    "tunnel connections refused for this reason are no longer logged one by one in this window; they are counted");
+            }
+            *left_out += 1;
+            false
+        }
+    }
 }
