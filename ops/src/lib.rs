@@ -16,6 +16,8 @@ pub mod backoff;
 pub mod cli;
 pub mod config_file;
 pub mod drain;
+#[allow(unsafe_code)] // getrlimit and setrlimit (see the module)
+pub mod fdlimit;
 pub mod http;
 pub mod logging;
 #[allow(unsafe_code)] // one libc call: mallopt (see the module)

@@ -92,6 +92,7 @@ struct RawTunnel {
     quic: Option<bool>,
     websocket: Option<bool>,
     max_bandwidth: Option<String>,
+    backlog: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -112,6 +113,7 @@ struct RawListener {
     allow: Option<Vec<String>>,
     max_connections: Option<usize>,
     max_bandwidth: Option<String>,
+    backlog: Option<u32>,
     open_timeout: Option<Dur>,
 }
 
@@ -203,6 +205,8 @@ pub struct TunnelConfig {
     pub websocket: bool,
     /// Bytes per second in each direction over every listener's clients (0: none).
     pub max_bandwidth: u64,
+    /// Connections the kernel queues for accept at most.
+    pub backlog: u32,
 }
 
 /// One client-facing port spliced to a service inside.
@@ -222,6 +226,8 @@ pub struct ListenerConfig {
     pub max_connections: usize,
     /// Bytes per second in each direction, shared by the listener's clients (0: none).
     pub max_bandwidth: u64,
+    /// Connections the kernel queues for accept at most.
+    pub backlog: u32,
     /// Bound on relay-inner reaching the service.
     pub open_timeout: Duration,
 }
@@ -232,6 +238,15 @@ pub(crate) fn socket_addr(s: &str, field: &str) -> Result<SocketAddr, String> {
             "{field}: {s:?} is not an address with a port, like \"0.0.0.0:7443\" or \"[::]:7443\""
         )
     })
+}
+
+/// A listen backlog: 1 to 65535, [`routy_tunnel::net::DEFAULT_BACKLOG`] when absent.
+fn backlog(v: Option<u32>, field: &str) -> Result<u32, String> {
+    match v {
+        None => Ok(routy_tunnel::net::DEFAULT_BACKLOG),
+        Some(b) if (1..=65535).contains(&b) => Ok(b),
+        Some(b) => Err(format!("{field}: {b} is out of range 1-65535")),
+    }
 }
 
 impl Config {
@@ -265,6 +280,7 @@ impl Config {
                 .transpose()
                 .map_err(|e| format!("tunnel.max_bandwidth: {e}"))?
                 .unwrap_or(0),
+            backlog: backlog(t.backlog, "tunnel.backlog")?,
         };
         let mut names = HashSet::new();
         let mut binds = HashSet::new();
@@ -303,6 +319,7 @@ impl Config {
                 service: l.service,
                 allow,
                 max_connections,
+                backlog: backlog(l.backlog, &format!("{f}.backlog"))?,
                 max_bandwidth: l
                     .max_bandwidth
                     .as_deref()

@@ -340,6 +340,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     let tls = cfg.check_tls().map_err(anyhow::Error::msg)?;
     routy_ops::malloc::tune();
+    routy_ops::fdlimit::raise();
     routy_tunnel::lanes::init(cfg.threads, "relay-outer")
         .map_err(|e| anyhow::anyhow!("cannot start {} data-path threads: {e}", cfg.threads))?;
     cli::block_on(serve(path.to_owned(), cfg, tls))

@@ -19,7 +19,6 @@ use anyhow::Context;
 use routy_ops::config_file::restart_needed;
 use routy_ops::drain::Drain;
 use routy_ops::metrics as m;
-use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::cdc::Cdc;
@@ -90,8 +89,7 @@ impl OuterRelay {
     ) -> anyhow::Result<Arc<Self>> {
         let drain = Drain::new();
         let registry = Arc::new(Registry::default());
-        let tunnel_sock = TcpListener::bind(cfg.tunnel.listen)
-            .await
+        let tunnel_sock = routy_tunnel::net::listen(cfg.tunnel.listen, cfg.tunnel.backlog)
             .with_context(|| format!("tunnel.listen: cannot bind {}", cfg.tunnel.listen))?;
         let tunnel_addr = tunnel_sock.local_addr().unwrap_or(cfg.tunnel.listen);
         let tunnel_settings = settings(&cfg, tls)?;
@@ -112,8 +110,7 @@ impl OuterRelay {
         };
         let mut sockets = Vec::new();
         for l in &cfg.listeners {
-            let sock = TcpListener::bind(l.bind)
-                .await
+            let sock = routy_tunnel::net::listen(l.bind, l.backlog)
                 .with_context(|| format!("listener {}: cannot bind {}", l.name, l.bind))?;
             sockets.push((l.clone(), sock));
         }
@@ -231,8 +228,7 @@ impl OuterRelay {
             }
             // (A listener moved to an address another one frees in the same reload fails
             // here, before anything changed: do such a swap in two reloads.)
-            let sock = TcpListener::bind(l.bind)
-                .await
+            let sock = routy_tunnel::net::listen(l.bind, l.backlog)
                 .map_err(|e| format!("listener {}: cannot bind {}: {e}", l.name, l.bind))?;
             fresh.insert(l.name.clone(), sock);
         }

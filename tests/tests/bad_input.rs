@@ -763,3 +763,68 @@ fn a_flood_of_garbage_is_counted_but_not_logged_line_by_line() {
     s.assert_sql_works("after the flood");
     assert_no_panics(&[&s.outer, &s.inner]);
 }
+
+/// Raises this process's open-file limit to `n` (at most the hard limit).
+fn raise_nofile(n: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max.min(n);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+#[test]
+fn two_thousand_connections_at_once_are_all_accepted() {
+    let s = Setup::new();
+    raise_nofile(8192);
+    let rt = fake::runtime();
+    let addr = s.tunnel_addr();
+    let before = s
+        .outer
+        .metric("routy_handshake_failures_total", &[("reason", "tls")]);
+    // 2000 connections opened at once, each sending a byte that is not TLS: relay-outer
+    // must accept every one (its listen backlog queues the burst) and refuse it.
+    let connected = rt.block_on(async move {
+        let tasks: Vec<_> = (0..2000)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let mut tcp = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        tokio::net::TcpStream::connect(addr),
+                    )
+                    .await
+                    .ok()?
+                    .ok()?;
+                    tcp.write_all(b"\x00\x00\x00\x00\x00").await.ok()?;
+                    let _ = fake::read_until_end(&mut tcp, STEP).await;
+                    Some(())
+                })
+            })
+            .collect();
+        let mut n = 0;
+        for t in tasks {
+            if let Ok(Some(())) = t.await {
+                n += 1;
+            }
+        }
+        n
+    });
+    assert_eq!(
+        connected, 2000,
+        "connections that got through and were answered"
+    );
+    s.outer.wait_metric(
+        "routy_handshake_failures_total",
+        &[("reason", "tls")],
+        LOG,
+        |v| v - before >= 2000.0,
+    );
+    s.assert_sql_works("after 2000 connections at once");
+    assert_no_panics(&[&s.outer, &s.inner]);
+}

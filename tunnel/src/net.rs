@@ -195,6 +195,26 @@ macro_rules! delegate_async_write {
 
 delegate_async_write!(ReadAhead, inner);
 
+/// Default listen backlog of the tunnel port and the listeners: the kernel caps it at
+/// `net.core.somaxconn` (4096 on current kernels).
+pub const DEFAULT_BACKLOG: u32 = 4096;
+
+/// A TCP listener on `addr` with `backlog` connections queued for accept at most (the
+/// kernel caps it at `net.core.somaxconn`); `SO_REUSEADDR` as tokio's `bind` sets it.
+/// Call from inside a tokio runtime.
+pub fn listen(addr: std::net::SocketAddr, backlog: u32) -> io::Result<tokio::net::TcpListener> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    tokio::net::TcpListener::from_std(sock.into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
