@@ -876,6 +876,36 @@ mod tests {
         assert_eq!(redact("http://h:1"), "http://h:1");
     }
 
+    proptest::proptest! {
+        /// What a proxy answers, and what a config or the environment says, never makes
+        /// the parsers panic; a parsed URL shows no password.
+        #[test]
+        fn parsers_never_panic(
+            answer in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+            url in ".{0,80}",
+            list in ".{0,80}",
+            host in ".{0,40}",
+        ) {
+            let _ = parse_connect_answer(&answer);
+            let mut head = b"HTTP/1.1 407 x\r\n".to_vec();
+            head.extend_from_slice(&answer);
+            let _ = parse_connect_answer(&head);
+            if let Ok(p) = Proxy::parse(&url) {
+                if let Some((_, pass)) = &p.auth {
+                    if pass.len() > 3 {
+                        let shown = format!("{p} {p:?}");
+                        proptest::prop_assert!(!shown.contains(pass.as_str()), "{}", shown);
+                    }
+                }
+            }
+            let _ = redact(&url);
+            let _ = no_proxy_covers(&list, &host);
+            let env = |k: &str| (k == "HTTPS_PROXY").then(|| url.clone());
+            let _ = from_env(&host, &env);
+            let _ = socks_reply_meaning(answer.first().copied().unwrap_or(0));
+        }
+    }
+
     /// A scripted SOCKS5 server on loopback: what it reads is checked, what it writes is fixed.
     async fn socks_server(script: Vec<(Vec<u8>, Vec<u8>)>) -> u16 {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -252,6 +252,15 @@ mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
 
+    proptest::proptest! {
+        #[test]
+        fn any_rate_text_parses_or_says_why(s in ".{0,40}") {
+            if let Err(e) = parse_rate(&s) {
+                proptest::prop_assert!(!e.is_empty());
+            }
+        }
+    }
+
     #[test]
     fn rates_parse() {
         assert_eq!(parse_rate("20MiB/s").unwrap(), 20 << 20);
