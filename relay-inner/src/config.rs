@@ -316,7 +316,7 @@ pub struct WebSocketTarget {
     pub server_name: rustls::pki_types::ServerName<'static>,
 }
 
-/// `DEFAULT_WEBSOCKET_PATH` on relay-outer's tunnel address, over TLS.
+/// Path of the default WebSocket URL, `wss://ADDR/routy` (`ADDR`: `outer[].addr`).
 pub const DEFAULT_WEBSOCKET_PATH: &str = "/routy";
 
 /// Parses `ws://host[:port][/path]` or `wss://…`.

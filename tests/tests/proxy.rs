@@ -178,6 +178,23 @@ fn reload_inner(rig: &mut CdcRig, f: impl FnOnce(String) -> String) {
     );
 }
 
+/// A rig whose relay-inner goes through an HTTP proxy on a free port with credentials
+/// `user:password` from a file: (directory, the credentials file, the proxy's port, rig).
+fn http_proxy_rig(credentials: &str) -> (tempfile::TempDir, std::path::PathBuf, u16, CdcRig) {
+    let dir = routy_e2e::tempdir();
+    let creds = dir.path().join("proxy-credentials");
+    std::fs::write(&creds, format!("{credentials}\n")).unwrap();
+    let port = free_port();
+    let rig = rig(
+        &format!(
+            "proxy: \"http://{{out_ip}}:{port}\", proxy_credentials_file: {}",
+            creds.display()
+        ),
+        &[],
+    );
+    (dir, creds, port, rig)
+}
+
 fn proxy_failures(rig: &CdcRig, reason: &str) -> f64 {
     rig.inner()
         .metric("routy_proxy_failures_total", &[("reason", reason)])
@@ -190,17 +207,7 @@ fn proxy_failures(rig: &CdcRig, reason: &str) -> f64 {
 )]
 fn through_an_http_proxy_with_a_password_a_standby_and_cdc_pass_and_the_tunnel_heals() {
     require_root();
-    let dir = routy_e2e::tempdir();
-    let creds = dir.path().join("proxy-credentials");
-    std::fs::write(&creds, "alice:s3cret\n").unwrap();
-    let port = free_port();
-    let mut rig = rig(
-        &format!(
-            "proxy: \"http://{{out_ip}}:{port}\", proxy_credentials_file: {}",
-            creds.display()
-        ),
-        &[],
-    );
+    let (dir, _creds, port, mut rig) = http_proxy_rig("alice:s3cret");
     let tunnel = rig.tunnel_addr;
     let mut proxy = tinyproxy(
         pair(&rig),
@@ -293,17 +300,7 @@ fn through_an_http_proxy_with_a_password_a_standby_and_cdc_pass_and_the_tunnel_h
 )]
 fn a_wrong_proxy_password_is_refused_with_the_proxys_answer_until_fixed_by_reload() {
     require_root();
-    let dir = routy_e2e::tempdir();
-    let creds = dir.path().join("proxy-credentials");
-    std::fs::write(&creds, "alice:wrong\n").unwrap();
-    let port = free_port();
-    let mut rig = rig(
-        &format!(
-            "proxy: \"http://{{out_ip}}:{port}\", proxy_credentials_file: {}",
-            creds.display()
-        ),
-        &[],
-    );
+    let (dir, creds, port, mut rig) = http_proxy_rig("alice:wrong");
     let tunnel = rig.tunnel_addr;
     let _proxy = tinyproxy(
         pair(&rig),

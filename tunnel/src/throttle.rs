@@ -155,11 +155,6 @@ impl<T> Throttled<T> {
             sleep: None,
         }
     }
-
-    /// The wrapped stream.
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Throttled<T> {

@@ -173,23 +173,18 @@ where
                 }
             ))
         }
+        // tungstenite checks that the server agreed to the subprotocol asked for.
+        Ok(Err(tungstenite::Error::Protocol(
+            tungstenite::error::ProtocolError::SecWebSocketSubProtocolError(_),
+        ))) => Err(format!(
+            "WebSocket upgrade at {url}: the server did not agree to subprotocol \
+             {SUBPROTOCOL} (is it relay-outer's tunnel port?)"
+        )),
         Ok(Err(e)) => Err(format!("WebSocket upgrade at {url}: {e}")),
-        Ok(Ok((ws, resp))) => {
-            let proto = resp
-                .headers()
-                .get("Sec-WebSocket-Protocol")
-                .and_then(|v| v.to_str().ok());
-            if proto != Some(SUBPROTOCOL) {
-                return Err(format!(
-                    "WebSocket upgrade at {url}: the server did not agree to subprotocol \
-                     {SUBPROTOCOL} (is it relay-outer's tunnel port?)"
-                ));
-            }
-            Ok(WsIo {
-                ws,
-                pending: Bytes::new(),
-            })
-        }
+        Ok(Ok((ws, _))) => Ok(WsIo {
+            ws,
+            pending: Bytes::new(),
+        }),
     }
 }
 
@@ -351,6 +346,42 @@ mod tests {
         assert_eq!(back, data);
         c.shutdown().await.unwrap();
         assert_eq!(server.await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_server_that_is_not_relay_outer_is_named() {
+        // A WebSocket server that agrees to no subprotocol.
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let server =
+            tokio::spawn(async move { tokio_tungstenite::accept_async(b).await.map(|_| ()) });
+        let e = connect(a, "ws://x/", Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(
+            e.contains("did not agree to subprotocol routy-tunnel-1"),
+            "{e}"
+        );
+        let _ = server.await;
+        // One that never answers.
+        let (a, _b) = tokio::io::duplex(1024);
+        let e = connect(a, "ws://x/", Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(e.contains("no answer within"), "{e}");
+        // One that answers a plain HTTP error.
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut b = b;
+            let mut buf = [0u8; 1024];
+            let _ = b.read(&mut buf).await;
+            let _ = b
+                .write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 3\r\n\r\nno\n")
+                .await;
+        });
+        let e = connect(a, "ws://x/", Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(e.contains("refused: HTTP 403"), "{e}");
     }
 
     #[tokio::test]

@@ -179,10 +179,7 @@ impl WebhookSink {
                 password_file,
             }) => {
                 let pw = read_secret(password_file)?;
-                Some(format!(
-                    "Basic {}",
-                    base64(format!("{user}:{pw}").as_bytes())
-                ))
+                Some(routy_ops::http::basic_auth(user, &pw))
             }
         };
         let hmac = match &self.cfg.hmac_secret_file {
@@ -581,41 +578,16 @@ fn snippet(b: &[u8]) -> String {
     s.replace(['\n', '\r'], " ")
 }
 
-fn base64(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        out.push(T[(n >> 18) as usize & 63] as char);
-        out.push(T[(n >> 12) as usize & 63] as char);
-        out.push(if chunk.len() > 1 {
-            T[(n >> 6) as usize & 63] as char
-        } else {
-            '='
-        });
-        out.push(if chunk.len() > 2 {
-            T[n as usize & 63] as char
-        } else {
-            '='
-        });
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn base64_and_signature_match_known_values() {
-        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
-        assert_eq!(base64(b"a"), "YQ==");
-        assert_eq!(base64(b"ab"), "YWI=");
+        assert_eq!(
+            routy_ops::http::basic_auth("user", "pass"),
+            "Basic dXNlcjpwYXNz"
+        );
         // HMAC-SHA256("key", "The quick brown fox jumps over the lazy dog"), RFC 4231
         // style check with a known digest.
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"key");
