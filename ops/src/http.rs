@@ -2,25 +2,36 @@
 //! (HTTP/1.1) serving an axum [`Router`], optionally over TLS.
 //!
 //! Anything on the host (or, for the consumer API, the network) may connect, so the
-//! server is defensive: the number of open connections is bounded (more are answered 503
-//! and closed at once), a request head has a deadline and a size cap (hyper answers 431
-//! to a head too large and closes a connection whose head does not arrive in time), and
-//! nothing a client sends can panic the server or hold up another connection. Request
-//! deadlines for ordinary pages are a tower layer ([`with_deadline`]); streaming routes
+//! server is defensive: the number of open connections is bounded in all and per client
+//! address, and a new connection over a bound takes the place of the one that has waited
+//! longest for a request head ([`gate`]: slow clients cannot lock fresh ones out; only
+//! when every connection is mid-request is the new one answered 503 and closed); a
+//! request head has a deadline and a size cap (hyper answers 431 to a head too large and
+//! closes a connection whose head does not arrive in time); and nothing a client sends
+//! can panic the server or hold up another connection. Request deadlines for ordinary
+//! pages, body included, are a tower layer ([`with_deadline`]); streaming routes
 //! (Server-Sent Events) are left without one and end when the relay stops.
 
-use std::sync::Arc;
+pub mod gate;
+
 use std::time::Duration;
 
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::body::{Body, Bytes};
 use axum::http::StatusCode;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tower::ServiceExt;
 
 use crate::drain::Drain;
+use gate::{Admission, Busy, Gate, Slot, Ticket};
 
 /// Deadline for reading a request head, and for answering an ordinary request.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(5);
@@ -28,11 +39,24 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(5);
 /// Largest request head (request line and headers) accepted, in bytes.
 pub const MAX_HEAD_LEN: usize = 16 * 1024;
 
-/// Most admin connections served at once; more are answered 503 and closed.
+/// Most admin connections held at once (see [`gate`] for who keeps one when full).
 pub const MAX_CONNECTIONS: usize = 64;
+
+/// Most admin connections from one client address.
+pub const MAX_PER_CLIENT: usize = 32;
 
 /// Pause after a failed accept (say, out of file descriptors) before accepting again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How long a new connection may wait for its request head before it takes a place, when
+/// every place is taken (see [`wait_for_head`]).
+const LOBBY_WAIT: Duration = Duration::from_millis(100);
+
+/// How often the lobby looks again at a connection that sent part of a head.
+const LOBBY_STEP: Duration = Duration::from_millis(10);
+
+/// Connections waiting in the lobby at once; more take a place without waiting.
+const LOBBY_SEATS: usize = 1024;
 
 /// How long open connections get to finish their responses once the server stops.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -47,8 +71,12 @@ charset=utf-8\r\nContent-Length: 5\r\nConnection: close\r\n\r\nbusy\n";
 /// Bounds of one server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Connections served at once.
+    /// The server's name in metrics' `endpoint` label (`admin`, `consumers`).
+    pub endpoint: &'static str,
+    /// Connections held at once.
     pub max_connections: usize,
+    /// Connections held at once from one client address.
+    pub max_per_client: usize,
     /// Deadline for a request head.
     pub head_deadline: Duration,
     /// Largest request head, bytes (at least 8 KiB).
@@ -58,7 +86,9 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
+            endpoint: "admin",
             max_connections: MAX_CONNECTIONS,
+            max_per_client: MAX_PER_CLIENT,
             head_deadline: DEFAULT_DEADLINE,
             max_head_len: MAX_HEAD_LEN,
         }
@@ -123,7 +153,8 @@ pub async fn serve_tls(
     limits: Limits,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
-    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let gate = Gate::new(limits.max_connections, limits.max_per_client);
+    let lobby = Arc::new(Semaphore::new(LOBBY_SEATS));
     let stopping = stop.stopping();
     tokio::pin!(stopping);
     loop {
@@ -143,36 +174,111 @@ pub async fn serve_tls(
                 }
             }
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "too many HTTP connections, refusing one");
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(BUSY)).await;
-            });
-            continue;
-        };
-        let (app, stop, tls) = (app.clone(), stop.clone(), tls.clone());
+        let (app, stop, tls, gate, lobby) = (
+            app.clone(),
+            stop.clone(),
+            tls.clone(),
+            gate.clone(),
+            lobby.clone(),
+        );
         tokio::spawn(async move {
-            let _permit = permit;
             let _ = stream.set_nodelay(true);
-            match tls {
-                None => connection(stream, app, stop, limits).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(limits.head_deadline, acceptor.accept(stream)).await
-                    {
-                        Ok(Ok(s)) => connection(s, app, stop, limits).await,
-                        Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            // When every place is taken, a plain-HTTP client first waits briefly in the
+            // lobby, holding no place: one whose whole request head arrives there is
+            // admitted as mid-request, so a storm of slow clients cannot displace it
+            // before it is answered (see the gate). Through TLS nothing can be seen yet.
+            let head_arrived = tls.is_none()
+                && gate.is_full_for(peer.ip())
+                && match lobby.try_acquire() {
+                    Ok(_seat) => wait_for_head(&stream).await,
+                    Err(_) => false,
+                };
+            let mut ticket = match gate.admit(peer.ip(), head_arrived) {
+                Admission::In { ticket, made_room } => {
+                    if made_room {
+                        shed(limits.endpoint, "made_room");
+                    }
+                    ticket
+                }
+                Admission::Full => {
+                    tracing::debug!(%peer, "every HTTP connection is mid-request, refusing one");
+                    shed(limits.endpoint, "busy");
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(1), stream.write_all(BUSY)).await;
+                    return;
+                }
+            };
+            metrics::gauge!(crate::metrics::HTTP_CONNECTIONS, "endpoint" => limits.endpoint)
+                .set(gate.len() as f64);
+            let slot = ticket.slot();
+            let arrival = ticket.take_arrival();
+            let serve = async move {
+                match tls {
+                    None => connection(stream, app, stop, limits, slot, arrival).await,
+                    Some(acceptor) => {
+                        match tokio::time::timeout(limits.head_deadline, acceptor.accept(stream))
+                            .await
+                        {
+                            Ok(Ok(s)) => connection(s, app, stop, limits, slot, None).await,
+                            Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        }
                     }
                 }
+            };
+            tokio::select! {
+                () = serve => {}
+                () = ticket.closed() => {
+                    tracing::debug!(%peer, "closed a waiting HTTP connection to make room");
+                }
             }
+            close(ticket, limits.endpoint);
         });
     }
 }
 
+/// Whether a whole request head (up to its blank line) arrives in `stream` within
+/// [`LOBBY_WAIT`], looked at without reading it.
+async fn wait_for_head(stream: &tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(LOBBY_WAIT, async {
+        loop {
+            match stream.peek(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") => return true,
+                Ok(n) if n == buf.len() => return false,
+                // Part of a head: peeking again would return at once, so look again soon.
+                Ok(_) => tokio::time::sleep(LOBBY_STEP).await,
+            }
+        }
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// Frees a connection's place and updates the gauge.
+fn close(ticket: Ticket, endpoint: &'static str) {
+    let gate = ticket.slot().gate();
+    drop(ticket);
+    metrics::gauge!(crate::metrics::HTTP_CONNECTIONS, "endpoint" => endpoint)
+        .set(gate.len() as f64);
+}
+
+fn shed(endpoint: &'static str, reason: &'static str) {
+    metrics::counter!(crate::metrics::HTTP_SHED, "endpoint" => endpoint, "reason" => reason)
+        .increment(1);
+}
+
 /// One connection: HTTP/1.1 with keep-alive, until the client leaves or the server
 /// stops (then in-flight responses get [`STOP_GRACE`]).
-async fn connection<S>(stream: S, app: Router, stop: Drain, limits: Limits)
-where
+async fn connection<S>(
+    stream: S,
+    app: Router,
+    stop: Drain,
+    limits: Limits,
+    slot: Slot,
+    arrival: Option<Busy>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -180,7 +286,26 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(limits.head_deadline)
         .max_buf_size(limits.max_head_len.max(8192));
-    let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
+    let arrival = std::sync::Mutex::new(arrival);
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        // The connection counts as mid-request until its response body has been produced.
+        let busy = slot.busy();
+        drop(arrival.lock().map(|mut a| a.take()));
+        let app = app.clone();
+        async move {
+            let response = match app.oneshot(req).await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            };
+            Ok::<_, Infallible>(response.map(|body| {
+                Body::new(Tracked {
+                    body,
+                    busy: Some(busy),
+                })
+            }))
+        }
+    });
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => {
@@ -192,6 +317,37 @@ where
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(STOP_GRACE, conn).await;
         }
+    }
+}
+
+/// A response body that holds its connection's [`Busy`] mark until it has been
+/// produced (or dropped).
+struct Tracked {
+    body: Body,
+    busy: Option<Busy>,
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        let r = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            self.busy = None;
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -220,6 +376,14 @@ mod tests {
                 .route("/slow", slow)
                 .fallback(|| async { text(StatusCode::NOT_FOUND, "not found\n") }),
             Duration::from_millis(300),
+        )
+        // Outside the deadline: a request that stays in progress for 5 s.
+        .route(
+            "/hold",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                "held"
+            }),
         )
     }
 
@@ -328,22 +492,109 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn connections_over_the_cap_get_503_and_stop_ends_the_server() {
+    async fn a_new_client_takes_the_place_of_the_longest_waiting_and_503_only_when_all_work() {
         let limits = Limits {
             max_connections: 2,
             ..Limits::default()
         };
         let (addr, stop, h) = start(limits).await;
-        let _a = TcpStream::connect(addr).await.unwrap();
-        let _b = TcpStream::connect(addr).await.unwrap();
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let _silent2 = TcpStream::connect(addr).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
+        let ok = exchange(addr, b"GET /status HTTP/1.1\r\n\r\n").await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(1), silent.read_to_end(&mut buf))
+            .await
+            .expect("the longest-waiting connection was closed for the new one")
+            .unwrap();
+        // Both places mid-request: the next client is refused at once.
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /hold HTTP/1.1\r\n\r\n").await.unwrap();
+            held.push(s);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
         let busy = exchange(addr, b"GET /status HTTP/1.1\r\n\r\n").await;
         assert!(busy.starts_with("HTTP/1.1 503"), "{busy}");
+        for mut s in held {
+            let mut buf = [0u8; 64];
+            let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+                .await
+                .expect("the held request is answered")
+                .unwrap();
+            assert!(
+                String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+                "a request in progress is never closed for a new client"
+            );
+        }
         stop.stop();
         tokio::time::timeout(Duration::from_secs(10), h)
             .await
             .expect("the accept loop ends")
             .unwrap();
+    }
+
+    /// 200 slowloris clients, each reopened as soon as it is closed, against 64 places:
+    /// a fresh client polling every 100 ms is answered within 1 s every time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slow_clients_never_lock_out_a_fresh_one() {
+        let (addr, _stop, _h) = start(Limits::default()).await;
+        let until = tokio::time::Instant::now() + Duration::from_secs(4);
+        let mut loris = Vec::new();
+        for i in 0..200u32 {
+            loris.push(tokio::spawn(async move {
+                let mut reopened = 0u32;
+                while tokio::time::Instant::now() < until {
+                    let Ok(mut s) = TcpStream::connect(addr).await else {
+                        continue;
+                    };
+                    let _ = s.write_all(b"GET /status HTTP/1.1\r\nX-Slow: ").await;
+                    // A byte every 200 ms until closed or the time is up.
+                    while tokio::time::Instant::now() < until {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        if s.write_all(&[b'a' + (i % 26) as u8]).await.is_err() {
+                            break;
+                        }
+                        let mut b = [0u8; 1];
+                        if let Ok(Ok(0)) =
+                            tokio::time::timeout(Duration::from_millis(1), s.read(&mut b)).await
+                        {
+                            break;
+                        }
+                    }
+                    reopened += 1;
+                }
+                reopened
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut polls = 0;
+        let mut worst = Duration::ZERO;
+        while tokio::time::Instant::now() + Duration::from_millis(500) < until {
+            let t = std::time::Instant::now();
+            let r = tokio::time::timeout(
+                Duration::from_secs(1),
+                exchange(addr, b"GET /status HTTP/1.1\r\nConnection: close\r\n\r\n"),
+            )
+            .await
+            .expect("answered within 1 s");
+            assert!(r.starts_with("HTTP/1.1 200"), "poll {polls}: {r}");
+            worst = worst.max(t.elapsed());
+            polls += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut reopened = 0;
+        for l in loris {
+            reopened += l.await.unwrap();
+        }
+        assert!(polls >= 20, "{polls} polls");
+        assert!(
+            reopened > 200,
+            "slow clients were closed to make room ({reopened})"
+        );
+        eprintln!("{polls} polls, worst {worst:?}, slow clients reopened {reopened} times");
     }
 }
 

@@ -41,6 +41,12 @@ pub const PROXY_FAILURES: &str = "routy_proxy_failures_total";
 pub const BANDWIDTH_LIMIT: &str = "routy_bandwidth_limit_bytes_per_second";
 /// Counter: microseconds streams waited under a bandwidth limit, same labels.
 pub const BANDWIDTH_THROTTLED: &str = "routy_bandwidth_throttled_microseconds_total";
+/// Gauge: HTTP connections held, by `endpoint` (`admin`, `consumers`).
+pub const HTTP_CONNECTIONS: &str = "routy_http_connections";
+/// Counter: HTTP connections shed, by `endpoint` and `reason`: `made_room` (a connection
+/// waiting for a request head was closed so a new one could be served) or `busy` (a new
+/// connection was answered 503: every connection was mid-request).
+pub const HTTP_SHED: &str = "routy_http_connections_shed_total";
 /// Counter: configuration reloads, by `result`.
 pub const CONFIG_RELOADS: &str = "routy_config_reloads_total";
 
@@ -81,6 +87,14 @@ pub const ALL: &[(&str, &str)] = &[
     (
         BANDWIDTH_THROTTLED,
         "Microseconds streams waited under a bandwidth limit, by direction.",
+    ),
+    (
+        HTTP_CONNECTIONS,
+        "HTTP connections held by the admin or consumer endpoint.",
+    ),
+    (
+        HTTP_SHED,
+        "HTTP connections shed: made_room (a waiting one closed for a new one) or busy (503).",
     ),
     (CONFIG_RELOADS, "Configuration reloads, by result."),
 ];

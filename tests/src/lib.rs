@@ -21,6 +21,7 @@ mod net;
 mod pg;
 mod proc;
 pub mod relays;
+pub mod slow;
 mod sys;
 
 pub use net::{in_netns, netns_cmd, NetPair};

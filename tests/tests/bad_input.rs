@@ -828,3 +828,62 @@ fn two_thousand_connections_at_once_are_all_accepted() {
     s.assert_sql_works("after 2000 connections at once");
     assert_no_panics(&[&s.outer, &s.inner]);
 }
+
+/// The issue-17 slowloris case: 200 slow clients (each reopened as soon as it is closed)
+/// on each relay's admin endpoint, while a fresh client polls `/readyz` every 100 ms:
+/// every poll is answered 200 within 1 s, and the tunnel keeps serving.
+#[test]
+fn admin_endpoints_stay_ready_under_200_slow_clients() {
+    let s = Setup::new();
+    raise_nofile(8192);
+    let rt = fake::runtime();
+    for relay in [&s.outer, &s.inner] {
+        let addr = SocketAddr::from(([127, 0, 0, 1], relay.admin_port.expect("admin port")));
+        let (opened, polls) = rt.block_on(async move {
+            let until = tokio::time::Instant::now() + Duration::from_secs(8);
+            let loris = tokio::spawn(routy_e2e::slow::slowloris(
+                addr,
+                200,
+                Duration::from_millis(500),
+                until,
+            ));
+            // Let the slow clients take every place first.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let polls = routy_e2e::slow::poll(
+                addr,
+                "/readyz",
+                Duration::from_millis(100),
+                Duration::from_secs(1),
+                until,
+            )
+            .await;
+            (loris.await.unwrap(), polls)
+        });
+        eprintln!(
+            "{}: {} polls, worst {:?}, {} failures; slow clients opened {opened} connections",
+            relay.proc.name(),
+            polls.times.len(),
+            polls.worst(),
+            polls.failures.len()
+        );
+        assert!(
+            polls.failures.is_empty(),
+            "{}: /readyz polls failed under slow clients: {:?}",
+            relay.proc.name(),
+            polls.failures
+        );
+        assert!(polls.times.len() >= 40, "{} polls", polls.times.len());
+        assert!(
+            opened > 200,
+            "slow clients were closed to make room ({opened} opened)"
+        );
+        let made_room = relay.metric(
+            m::HTTP_SHED,
+            &[("endpoint", "admin"), ("reason", "made_room")],
+        );
+        assert!(made_room >= 1.0, "made_room counted: {made_room}");
+    }
+    s.assert_sql_works("after the slow clients");
+    s.assert_one_undisturbed_session();
+    assert_no_panics(&[&s.outer, &s.inner]);
+}

@@ -178,7 +178,9 @@ impl Consumers {
             })
             .with_state(me.clone());
         let limits = routy_ops::http::Limits {
+            endpoint: "consumers",
             max_connections: 1024,
+            max_per_client: 256,
             ..routy_ops::http::Limits::default()
         };
         tracing::info!(listen = %addr, tls = tls.is_some(), tokens = me.token_names().len(),
