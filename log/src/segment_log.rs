@@ -1237,7 +1237,12 @@ fn salvage_segment(
         lost.push(run);
     };
     let (mut offset, mut seq) = (0usize, first_seq);
+    // No record of this segment can be further ahead than one header per byte left.
+    let max_seq = first_seq.saturating_add(data.len() as u64 / HEADER_BYTES);
     let mut tail_damage = None;
+    // Valid records dropped (their seq was already taken, or impossible here): the
+    // segment is rewritten without them even when no run was lost.
+    let mut dropped = false;
     loop {
         let mut r = &data[offset..];
         let damage = match read_record(&mut r, max_len, seq).map_err(io_err(path))? {
@@ -1256,8 +1261,10 @@ fn salvage_segment(
             tail_damage = Some((offset, damage));
             break;
         };
-        if valid_seq < seq {
-            // A valid record with a seq already accounted for: drop it.
+        if valid_seq < seq || valid_seq > max_seq {
+            // A valid record with a seq already accounted for, or one no record of this
+            // segment can have (markers up to it would never end): drop it.
+            dropped = true;
             let mut r = &data[valid_offset as usize..];
             let len = match read_record(&mut r, max_len, valid_seq).map_err(io_err(path))? {
                 Read1::Record(_, p) => p.len(),
@@ -1293,7 +1300,7 @@ fn salvage_segment(
             add_run(&mut out, run);
         }
     }
-    if lost.is_empty() {
+    if lost.is_empty() && !dropped {
         return Ok(lost);
     }
     let with_suffix = |suffix: &str| {
@@ -1845,6 +1852,44 @@ mod tests {
         log.verify().unwrap();
         let seqs: Vec<u64> = read_all(&log, 1).into_iter().map(|(s, _)| s).collect();
         assert_eq!(seqs, (1..=8).collect::<Vec<_>>());
+    }
+
+    /// Found by fuzzing (fuzz/fuzz_targets/segment.rs): a record with a valid checksum
+    /// but seq 0 where seq 1 belongs, then garbage. Salvage dropped it but wrote nothing
+    /// back (no run was lost), so the log still refused to open.
+    #[test]
+    fn salvage_rewrites_a_segment_when_it_only_dropped_a_stale_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let segment = [
+            0x00, 0x00, 0x00, 0x00, 0x5d, 0xb5, 0x60, 0x2b, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+            0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00,
+            0x00, 0x00, 0x29, 0x00, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x02,
+            0x00, 0x00, 0x00, 0x00, 0x00, 0x2f, 0x00, 0x00, 0x00, 0x00,
+        ];
+        assert_eq!(&segment[..16], encode(0, b"").as_slice());
+        fs::write(segment_path(dir.path(), 1), segment).unwrap();
+        assert!(SegmentLog::open(dir.path(), opts(1 << 20)).is_err());
+        salvage(dir.path(), opts(1 << 20), lost_marker).unwrap();
+        let log = SegmentLog::open(dir.path(), opts(1 << 20)).unwrap();
+        assert_eq!(read_all(&log, 0), vec![]);
+    }
+
+    /// A record with a valid checksum whose seq is far ahead of what the segment can hold
+    /// is dropped, not taken as the end of a run of lost records: markers for 2^40 seqs
+    /// would never be written.
+    #[test]
+    fn salvage_drops_a_record_with_an_impossible_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut data = encode(1, b"one");
+        data.extend(encode(1 << 40, b"far"));
+        data.extend(encode(2, b"two"));
+        fs::write(segment_path(dir.path(), 1), data).unwrap();
+        salvage(dir.path(), opts(1 << 20), lost_marker).unwrap();
+        let log = SegmentLog::open(dir.path(), opts(1 << 20)).unwrap();
+        assert_eq!(
+            read_all(&log, 0),
+            vec![(1, b"one".to_vec()), (2, b"two".to_vec())]
+        );
     }
 
     #[test]
