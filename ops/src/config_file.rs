@@ -80,3 +80,37 @@ pub fn restart_needed<T: PartialEq + std::fmt::Display>(
         ))
     }
 }
+
+/// A key that takes one value or a list of them (`crl: a.pem` or `crl: [a.pem, b.pem]`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    /// A single value.
+    One(T),
+    /// A list.
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    /// The values as a list.
+    pub fn into_vec(self) -> Vec<T> {
+        match self {
+            OneOrMany::One(v) => vec![v],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+#[cfg(test)]
+mod one_or_many_tests {
+    use super::OneOrMany;
+
+    #[test]
+    fn one_value_or_a_list() {
+        let one: OneOrMany<String> = serde_saphyr::from_str("a.pem").unwrap();
+        assert_eq!(one.into_vec(), vec!["a.pem"]);
+        let many: OneOrMany<String> = serde_saphyr::from_str("[a.pem, b.pem]").unwrap();
+        assert_eq!(many.into_vec(), vec!["a.pem", "b.pem"]);
+        assert!(serde_saphyr::from_str::<OneOrMany<String>>("{x: 1}").is_err());
+    }
+}

@@ -47,6 +47,9 @@ pub const HTTP_CONNECTIONS: &str = "routy_http_connections";
 /// waiting for a request head was closed so a new one could be served) or `busy` (a new
 /// connection was answered 503: every connection was mid-request).
 pub const HTTP_SHED: &str = "routy_http_connections_shed_total";
+/// Gauge: a certificate's `notAfter` in seconds since the epoch, by `key` (the
+/// configuration key naming its file) and `subject`.
+pub const CERT_EXPIRY: &str = "routy_certificate_expiry_timestamp_seconds";
 /// Counter: configuration reloads, by `result`.
 pub const CONFIG_RELOADS: &str = "routy_config_reloads_total";
 
@@ -95,6 +98,10 @@ pub const ALL: &[(&str, &str)] = &[
     (
         HTTP_SHED,
         "HTTP connections shed: made_room (a waiting one closed for a new one) or busy (503).",
+    ),
+    (
+        CERT_EXPIRY,
+        "A certificate's notAfter as a Unix time, by configuration key and subject.",
     ),
     (CONFIG_RELOADS, "Configuration reloads, by result."),
 ];

@@ -118,6 +118,8 @@ struct RawTls {
     cert: PathBuf,
     key: PathBuf,
     ca: PathBuf,
+    crl: Option<routy_ops::config_file::OneOrMany<PathBuf>>,
+    max_intermediates: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -149,6 +151,9 @@ pub struct Config {
     pub key: PathBuf,
     /// CA (bundle) that signs relay-outer's certificate.
     pub ca: PathBuf,
+    /// Chain rules and revocation lists for relay-outer's certificate (`tls.crl`,
+    /// `tls.max_intermediates`).
+    pub trust: routy_tunnel::tls::Trust,
     /// Reconnect backoff.
     pub reconnect: Reconnect,
     /// Keepalive of every session.
@@ -649,6 +654,18 @@ impl Config {
             cert: resolve_path(base, &raw.tls.cert),
             key: resolve_path(base, &raw.tls.key),
             ca: resolve_path(base, &raw.tls.ca),
+            trust: routy_tunnel::tls::Trust {
+                max_intermediates: raw.tls.max_intermediates.unwrap_or(0),
+                crls: raw
+                    .tls
+                    .crl
+                    .clone()
+                    .map(|c| c.into_vec())
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|p| resolve_path(base, p))
+                    .collect(),
+            },
             reconnect,
             keepalive: KeepaliveSpec::resolve(raw.keepalive.as_ref(), "keepalive")?,
             services,
@@ -662,9 +679,14 @@ impl Config {
         })
     }
 
+    /// The certificate files whose expiry the relay watches, by configuration key.
+    pub fn cert_files(&self) -> Vec<(&'static str, PathBuf)> {
+        vec![("tls.cert", self.cert.clone()), ("tls.ca", self.ca.clone())]
+    }
+
     /// Loads the TLS material too, as `run` would; `check-config` uses this.
     pub fn check_tls(&self) -> Result<rustls::ClientConfig, String> {
-        routy_tunnel::tls::client_config(&self.cert, &self.key, &self.ca)
+        routy_tunnel::tls::client_config_with(&self.cert, &self.key, &self.ca, &self.trust)
             .map_err(|e| format!("tls: {e}"))
     }
 }

@@ -65,6 +65,7 @@ impl InnerRelay {
         cfg: Config,
         tls: rustls::ClientConfig,
     ) -> anyhow::Result<Arc<Self>> {
+        routy_tunnel::expiry::watch(cfg.cert_files());
         let drain = Drain::new();
         let cdc = match &cfg.cdc {
             Some(c) => {
@@ -153,6 +154,9 @@ impl InnerRelay {
     pub async fn reload(&self) -> Result<String, String> {
         let _one_at_a_time = self.reload_lock.lock().await;
         let res = self.try_reload();
+        if res.is_ok() {
+            routy_tunnel::expiry::watch(self.config().cert_files());
+        }
         let result = if res.is_ok() { "ok" } else { "error" };
         metrics::counter!(m::CONFIG_RELOADS, "result" => result).increment(1);
         res

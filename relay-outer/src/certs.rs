@@ -28,6 +28,11 @@ use x509_parser::x509::X509Name;
 
 /// File name of the CA certificate.
 pub const CA_CERT: &str = "ca.crt";
+/// File name of the CA's certificate revocation list (`certs revoke` writes it).
+pub const CRL_FILE: &str = "crl.pem";
+/// How long a list written by `certs revoke` says it is current (its `nextUpdate`;
+/// the relays use a list past it all the same, and warn).
+const CRL_VALIDITY: Duration = Duration::days(365);
 /// File name of the CA private key.
 pub const CA_KEY: &str = "ca.key";
 /// File name of relay-outer's server certificate.
@@ -92,6 +97,132 @@ pub enum CertError {
     /// rcgen failed to generate a key or certificate.
     #[error("cannot create {what}: {source}")]
     Generate { what: String, source: rcgen::Error },
+    /// A certificate to revoke cannot be read, or was not issued by this CA.
+    #[error("{}: {reason}", path.display())]
+    BadCert { path: PathBuf, reason: String },
+    /// The existing revocation list cannot be read.
+    #[error("{} is not a usable revocation list: {reason} (move it away to start a new one)", path.display())]
+    BadCrl { path: PathBuf, reason: String },
+}
+
+/// What [`revoke`] did.
+#[derive(Debug)]
+pub struct Revoked {
+    /// The revocation list written.
+    pub crl: PathBuf,
+    /// The revoked certificate's serial number, in hex.
+    pub serial: String,
+    /// It was already on the list (the list was written again all the same).
+    pub already: bool,
+    /// Certificates on the list now.
+    pub listed: usize,
+}
+
+/// Adds the certificate `cert` (by default `dir/<tunnel>.crt`) to the CA's revocation
+/// list `dir/crl.pem`, creating the list if needed, signed by the CA in `dir` with a
+/// higher CRL number. The relays refuse it once their `tls.crl` names the list and they
+/// reload (relay-outer also closes its live sessions).
+pub fn revoke(dir: &Path, cert: &Path) -> Result<Revoked, CertError> {
+    use x509_parser::prelude::FromDer;
+
+    let ca = load_ca(dir)?;
+    let bad_cert = |reason: String| CertError::BadCert {
+        path: cert.to_path_buf(),
+        reason,
+    };
+    let pem = fs::read(cert).map_err(|source| io_error("read", cert, source))?;
+    let der = CertificateDer::pem_slice_iter(&pem)
+        .next()
+        .ok_or_else(|| bad_cert("contains no PEM CERTIFICATE block".to_string()))?
+        .map_err(|e| bad_cert(format!("invalid PEM: {e}")))?;
+    let (_, parsed) =
+        parse_x509_certificate(&der).map_err(|e| bad_cert(format!("not valid X.509 DER: {e}")))?;
+    // The same name is not enough (every `certs init` CA is "Routy CA"): the authority
+    // key identifier must be this CA's key, where both say theirs.
+    let other_key = ca.other_key(parsed.extensions());
+    if parsed.issuer().as_raw() != ca.subject.as_slice() || other_key {
+        return Err(bad_cert(format!(
+            "issued by {}, not by the CA in {}",
+            if other_key {
+                "another CA of the same name".to_string()
+            } else {
+                parsed.issuer().to_string()
+            },
+            ca.cert_path.display()
+        )));
+    }
+    let serial = parsed.raw_serial().to_vec();
+
+    let crl_path = dir.join(CRL_FILE);
+    let now = OffsetDateTime::now_utc();
+    let mut entries: Vec<(Vec<u8>, OffsetDateTime)> = Vec::new();
+    let mut number: u64 = 0;
+    match fs::read(&crl_path) {
+        Ok(old) => {
+            let bad_crl = |reason: String| CertError::BadCrl {
+                path: crl_path.clone(),
+                reason,
+            };
+            let old_der = rustls_pki_types::CertificateRevocationListDer::pem_slice_iter(&old)
+                .next()
+                .ok_or_else(|| bad_crl("contains no X509 CRL block".to_string()))?
+                .map_err(|e| bad_crl(format!("invalid PEM: {e}")))?;
+            let (_, list) =
+                x509_parser::revocation_list::CertificateRevocationList::from_der(&old_der)
+                    .map_err(|e| bad_crl(e.to_string()))?;
+            if list.issuer().as_raw() != ca.subject.as_slice() || ca.other_key(list.extensions()) {
+                return Err(bad_crl(format!(
+                    "issued by {}, not by this CA",
+                    list.issuer()
+                )));
+            }
+            number = list
+                .crl_number()
+                .and_then(|n| u64::try_from(n).ok())
+                .unwrap_or(0);
+            for r in list.iter_revoked_certificates() {
+                let when = OffsetDateTime::from_unix_timestamp(r.revocation_date.timestamp())
+                    .unwrap_or(now);
+                entries.push((r.raw_serial().to_vec(), when));
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => return Err(io_error("read", &crl_path, source)),
+    }
+    let already = entries.iter().any(|(s, _)| *s == serial);
+    if !already {
+        entries.push((serial.clone(), now));
+    }
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: now - BACKDATE,
+        next_update: now + CRL_VALIDITY,
+        crl_number: SerialNumber::from(number.saturating_add(1)),
+        issuing_distribution_point: None,
+        revoked_certs: entries
+            .iter()
+            .map(|(s, when)| rcgen::RevokedCertParams {
+                serial_number: SerialNumber::from_slice(s),
+                revocation_time: *when,
+                reason_code: None,
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    let crl = params
+        .signed_by(&ca.issuer)
+        .map_err(|source| generate_error("the revocation list", source))?;
+    let crl_pem = crl
+        .pem()
+        .map_err(|source| generate_error("the revocation list", source))?;
+    write_atomic(&crl_path, crl_pem.as_bytes(), CERT_MODE)?;
+    sync_dir(dir)?;
+    Ok(Revoked {
+        crl: crl_path,
+        serial: serial.iter().map(|b| format!("{b:02x}")).collect(),
+        already,
+        listed: entries.len(),
+    })
 }
 
 /// Creates the CA (`ca.crt`, `ca.key`) and relay-outer's server certificate (`outer.crt`, `outer.key`) in `dir`.
@@ -332,10 +463,22 @@ struct LoadedCa {
     /// The DER encoding of the CA certificate's subject name, which every certificate it
     /// signs must carry as its issuer name.
     subject: Vec<u8>,
+    /// Its subject key identifier, which the certificates it signs name as their
+    /// authority key identifier.
+    key_id: Option<Vec<u8>>,
     cert_path: PathBuf,
 }
 
 impl LoadedCa {
+    /// Whether `exts` (of a certificate or list naming this CA as issuer) say another key
+    /// signed them: both sides name their key identifier and they differ.
+    fn other_key(&self, exts: &[x509_parser::extensions::X509Extension<'_>]) -> bool {
+        matches!(
+            (routy_tunnel::tls::authority_key_id(exts), &self.key_id),
+            (Some(a), Some(k)) if a != *k
+        )
+    }
+
     /// Checks that a certificate we just signed names this CA exactly as its issuer.
     fn check_issued(&self, der: &[u8]) -> Result<(), CertError> {
         match parse_x509_certificate(der) {
@@ -390,6 +533,7 @@ fn load_ca(dir: &Path) -> Result<LoadedCa, CertError> {
         return Ok(LoadedCa {
             issuer: Issuer::new(params, key),
             subject,
+            key_id: subject_key_id.map(<[u8]>::to_vec),
             cert_path,
         });
     }
@@ -982,5 +1126,80 @@ mod tests {
         assert!(parse_cert(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]).is_none());
         assert!(parse_cert(&[0x30, 0x85, 0, 0, 0, 0, 1]).is_none());
         assert!(parse_cert(&[0x1f, 0x01, 0x00]).is_none());
+    }
+
+    #[test]
+    fn revoke_lists_certificates_in_a_signed_list_that_grows() {
+        use rustls_pki_types::CertificateRevocationListDer;
+        let (_tmp, dir) = init_dir();
+        issue(&dir, "site-a", false).unwrap();
+        issue(&dir, "site-b", false).unwrap();
+        let a = dir.join("site-a.crt");
+        let b = dir.join("site-b.crt");
+        let r = revoke(&dir, &a).unwrap();
+        assert!(!r.already);
+        assert_eq!((r.listed, r.crl.clone()), (1, dir.join(CRL_FILE)));
+        assert_eq!(mode(&r.crl), CERT_MODE);
+        let verifier = |crl: &Path| {
+            let pem = fs::read(crl).unwrap();
+            let crls: Vec<CertificateRevocationListDer<'static>> =
+                CertificateRevocationListDer::pem_slice_iter(&pem)
+                    .map(|c| c.unwrap())
+                    .collect();
+            WebPkiClientVerifier::builder_with_provider(roots(&dir.join(CA_CERT)), provider())
+                .with_crls(crls)
+                .build()
+                .unwrap()
+        };
+        let check = |crl: &Path, cert: &Path| {
+            verifier(crl)
+                .verify_client_cert(&cert_der(cert), &[], UnixTime::now())
+                .map(|_| ())
+        };
+        let e = check(&r.crl, &a).unwrap_err();
+        assert!(e.to_string().to_lowercase().contains("revoked"), "{e}");
+        assert!(check(&r.crl, &b).is_ok());
+        // A second revocation keeps the first and numbers the list higher.
+        let r2 = revoke(&dir, &b).unwrap();
+        assert_eq!(r2.listed, 2);
+        assert!(check(&r2.crl, &a).is_err() && check(&r2.crl, &b).is_err());
+        let pem = fs::read(&r2.crl).unwrap();
+        let der = CertificateRevocationListDer::pem_slice_iter(&pem)
+            .next()
+            .unwrap()
+            .unwrap();
+        let (_, list) = x509_parser::parse_x509_crl(&der).unwrap();
+        assert_eq!(list.crl_number().map(|n| n.to_string()), Some("2".into()));
+        // Again: nothing new, still both.
+        let r3 = revoke(&dir, &a).unwrap();
+        assert!(r3.already);
+        assert_eq!(r3.listed, 2);
+    }
+
+    #[test]
+    fn revoke_refuses_foreign_certificates_and_broken_lists() {
+        let (_tmp, dir) = init_dir();
+        let (_tmp2, other) = init_dir();
+        issue(&other, "site-x", false).unwrap();
+        let e = revoke(&dir, &other.join("site-x.crt"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not by the CA"), "{e}");
+        let e = revoke(&dir, &dir.join("nope.crt")).unwrap_err().to_string();
+        assert!(e.contains("cannot read"), "{e}");
+        issue(&dir, "site-a", false).unwrap();
+        fs::write(dir.join(CRL_FILE), "junk\n").unwrap();
+        let e = revoke(&dir, &dir.join("site-a.crt"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a usable revocation list"), "{e}");
+        // Another CA's list is not extended.
+        issue(&other, "site-y", false).unwrap();
+        let theirs = revoke(&other, &other.join("site-y.crt")).unwrap();
+        fs::copy(&theirs.crl, dir.join(CRL_FILE)).unwrap();
+        let e = revoke(&dir, &dir.join("site-a.crt"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not by this CA"), "{e}");
     }
 }

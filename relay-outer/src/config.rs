@@ -101,6 +101,8 @@ struct RawTls {
     cert: PathBuf,
     key: PathBuf,
     client_ca: PathBuf,
+    crl: Option<routy_ops::config_file::OneOrMany<PathBuf>>,
+    max_intermediates: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -193,6 +195,9 @@ pub struct TunnelConfig {
     pub key: PathBuf,
     /// CA (bundle) that signs inner relays' client certificates.
     pub client_ca: PathBuf,
+    /// Chain rules and revocation lists for client certificates (`tls.crl`,
+    /// `tls.max_intermediates`).
+    pub trust: routy_tunnel::tls::Trust,
     /// Keepalive of every session.
     pub keepalive: routy_tunnel::control::Keepalive,
     /// Bound on TLS handshake plus Hello.
@@ -263,6 +268,18 @@ impl Config {
             cert: resolve(base, &t.tls.cert),
             key: resolve(base, &t.tls.key),
             client_ca: resolve(base, &t.tls.client_ca),
+            trust: routy_tunnel::tls::Trust {
+                max_intermediates: t.tls.max_intermediates.unwrap_or(0),
+                crls: t
+                    .tls
+                    .crl
+                    .clone()
+                    .map(|c| c.into_vec())
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|p| resolve(base, p))
+                    .collect(),
+            },
             keepalive: KeepaliveSpec::resolve(t.keepalive.as_ref(), "tunnel.keepalive")?,
             handshake_timeout: t
                 .handshake_timeout
@@ -341,12 +358,21 @@ impl Config {
         })
     }
 
+    /// The certificate files whose expiry the relay watches, by configuration key.
+    pub fn cert_files(&self) -> Vec<(&'static str, PathBuf)> {
+        vec![
+            ("tunnel.tls.cert", self.tunnel.cert.clone()),
+            ("tunnel.tls.client_ca", self.tunnel.client_ca.clone()),
+        ]
+    }
+
     /// Loads the TLS material too, as `run` would; `check-config` uses this.
     pub fn check_tls(&self) -> Result<rustls::ServerConfig, String> {
-        routy_tunnel::tls::server_config(
+        routy_tunnel::tls::server_config_with(
             &self.tunnel.cert,
             &self.tunnel.key,
             &self.tunnel.client_ca,
+            &self.tunnel.trust,
         )
         .map_err(|e| format!("tunnel.tls: {e}"))
     }

@@ -172,6 +172,20 @@ enum CertsCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Revoke a client certificate: add it to the CA's revocation list DIR/crl.pem.
+    /// relay-outer refuses it (and closes its sessions) once `tunnel.tls.crl` names that
+    /// list and it reloads.
+    Revoke {
+        /// Directory holding ca.crt and ca.key (and crl.pem, created if missing).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Tunnel name: revokes DIR/<tunnel>.crt.
+        #[arg(long, required_unless_present = "cert", conflicts_with = "cert")]
+        tunnel: Option<String>,
+        /// The certificate file to revoke, instead of a tunnel's.
+        #[arg(long)]
+        cert: Option<PathBuf>,
+    },
     /// Re-issue relay-outer's server certificate from the existing CA.
     RenewOuter {
         /// Directory holding ca.crt and ca.key.
@@ -209,6 +223,31 @@ fn certs_cmd(cmd: CertsCmd) -> anyhow::Result<()> {
         } => print_written(certs::init(&dir, &server_names, force)?),
         CertsCmd::Issue { dir, tunnel, force } => {
             print_written(certs::issue(&dir, &tunnel, force)?)
+        }
+        CertsCmd::Revoke { dir, tunnel, cert } => {
+            let cert = match (cert, tunnel) {
+                (Some(c), _) => c,
+                (None, Some(t)) => {
+                    certs::validate_tunnel_name(&t).map_err(anyhow::Error::msg)?;
+                    dir.join(format!("{t}.crt"))
+                }
+                (None, None) => anyhow::bail!("give --tunnel NAME or --cert FILE"),
+            };
+            let r = certs::revoke(&dir, &cert)?;
+            if r.already {
+                println!(
+                    "{} (serial {}) was already revoked",
+                    cert.display(),
+                    r.serial
+                );
+            } else {
+                println!("revoked {} (serial {})", cert.display(), r.serial);
+            }
+            println!(
+                "wrote {} ({} certificate(s) listed): name it in tunnel.tls.crl and reload relay-outer",
+                r.crl.display(),
+                r.listed
+            );
         }
         CertsCmd::RenewOuter { dir, server_names } => {
             print_written(certs::renew_outer(&dir, &server_names)?)

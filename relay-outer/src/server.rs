@@ -87,6 +87,7 @@ impl OuterRelay {
         cfg: Config,
         tls: rustls::ServerConfig,
     ) -> anyhow::Result<Arc<Self>> {
+        routy_tunnel::expiry::watch(cfg.cert_files());
         let drain = Drain::new();
         let registry = Arc::new(Registry::default());
         let tunnel_sock = routy_tunnel::net::listen(cfg.tunnel.listen, cfg.tunnel.backlog)
@@ -181,6 +182,9 @@ impl OuterRelay {
     pub async fn reload(&self) -> Result<String, String> {
         let _one_at_a_time = self.reload_lock.lock().await;
         let res = self.try_reload().await;
+        if res.is_ok() {
+            routy_tunnel::expiry::watch(self.config().cert_files());
+        }
         let result = if res.is_ok() { "ok" } else { "error" };
         metrics::counter!(m::CONFIG_RELOADS, "result" => result).increment(1);
         res
@@ -189,6 +193,10 @@ impl OuterRelay {
     async fn try_reload(&self) -> Result<String, String> {
         let new = Config::load(&self.path).map_err(|e| e.to_string())?;
         let tls = new.check_tls()?;
+        // Sessions whose client certificate the revocation lists now name are closed
+        // below: a revocation takes effect at the reload, not at the next reconnect.
+        let revoked = routy_tunnel::tls::revoked(&new.tunnel.trust.crls, &new.tunnel.client_ca)
+            .map_err(|e| format!("tunnel.tls.crl: {e}"))?;
         let old = self.config();
         restart_needed("tunnel.listen", &old.tunnel.listen, &new.tunnel.listen)?;
         restart_needed("tunnel.quic", &old.tunnel.quic, &new.tunnel.quic)?;
@@ -284,6 +292,9 @@ impl OuterRelay {
         for s in self.registry.all() {
             if !tunnels.contains(&s.tunnel) {
                 warn!(tunnel = %s.tunnel, session = s.id, "closing session: its tunnel is no longer configured");
+                s.handle.kill();
+            } else if s.cert.as_ref().is_some_and(|c| revoked.contains(c)) {
+                warn!(tunnel = %s.tunnel, session = s.id, "closing session: its certificate is revoked (tunnel.tls.crl)");
                 s.handle.kill();
             }
         }

@@ -1,6 +1,7 @@
 //! The tunnel runtime: everything that moves bytes between the relays.
 //!
-//! Read in this order: [`tls`] (identities and the mTLS configs), [`net`] (socket
+//! Read in this order: [`tls`] (identities, the mTLS configs, chain rules and revocation;
+//! [`expiry`] watches the certificates), [`net`] (socket
 //! options), [`codec`] and [`handshake`] (frames over a stream, with deadlines),
 //! [`control`] (the keepalive and control loop), [`wbuf`] and [`session`] (a TLS
 //! connection carrying yamux streams), [`quic`] (the same over QUIC), [`lanes`]
@@ -16,6 +17,7 @@
 pub mod cidr;
 pub mod codec;
 pub mod control;
+pub mod expiry;
 pub mod handshake;
 pub mod lanes;
 pub mod net;

@@ -212,17 +212,21 @@ pub fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
 
 /// The tunnel name of a connection's peer: its client certificate's Common Name.
 pub fn peer_identity(conn: &quinn::Connection) -> Result<String, String> {
-    let certs = conn
-        .peer_identity()
-        .and_then(|i| {
-            i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-                .ok()
-        })
-        .ok_or_else(|| "no client certificate".to_string())?;
-    match certs.first() {
-        Some(c) => crate::tls::identity(c),
+    match peer_certificate(conn) {
+        Some(c) => crate::tls::identity(&c),
         None => Err("no client certificate".to_string()),
     }
+}
+
+/// The peer's own certificate (the first of its chain), if it sent one.
+pub fn peer_certificate(
+    conn: &quinn::Connection,
+) -> Option<rustls::pki_types::CertificateDer<'static>> {
+    let certs = conn.peer_identity().and_then(|i| {
+        i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+            .ok()
+    })?;
+    certs.first().cloned()
 }
 
 #[cfg(test)]

@@ -547,9 +547,16 @@ impl Dialer {
 /// A TLS verdict of relay-outer on our certificate (a TLS alert over TCP; a CRYPTO_ERROR
 /// close over QUIC), with what the transport said.
 fn refused_by_tls(reason: &str) -> ConnectError {
+    if reason.contains("CertificateRevoked") {
+        return ConnectError::Refused(format!(
+            "relay-outer rejected the TLS session ({reason}): this relay's certificate is \
+             revoked (relay-outer's tunnel.tls.crl lists it); issue it a new one"
+        ));
+    }
     ConnectError::Refused(format!(
         "relay-outer rejected the TLS session ({reason}); check that this relay's certificate \
-         is signed by the CA relay-outer trusts (tunnel.tls.client_ca) and not expired"
+         is signed by the CA relay-outer trusts (tunnel.tls.client_ca), not expired and not \
+         revoked"
     ))
 }
 

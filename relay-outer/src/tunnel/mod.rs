@@ -170,8 +170,9 @@ impl TunnelServer {
                 return;
             }
         };
+        let cert = quic::peer_certificate(&conn).and_then(|c| tls::revocation_key(&c));
         let span = tracing::info_span!("session", tunnel = %tunnel_name);
-        self.session(session::quic(conn), peer, tunnel_name, &settings)
+        self.session(session::quic(conn), peer, tunnel_name, cert, &settings)
             .instrument(span)
             .await;
     }
@@ -362,11 +363,16 @@ impl TunnelServer {
                 return;
             }
         };
+        let cert = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(tls::revocation_key);
         let span = tracing::info_span!("session", tunnel = %tunnel_name);
         self.session(
             session::yamux_as(tls, Role::Server, label),
             peer,
             tunnel_name,
+            cert,
             settings,
         )
         .instrument(span)
@@ -380,6 +386,7 @@ impl TunnelServer {
         session: Session,
         peer: SocketAddr,
         tunnel_name: String,
+        cert: Option<(Vec<u8>, Vec<u8>)>,
         settings: &Settings,
     ) {
         let handle = session.handle.clone();
@@ -441,6 +448,7 @@ impl TunnelServer {
             peer,
             node: hello.node.clone(),
             services: hello.services.clone(),
+            cert,
             handle: handle.clone(),
             draining: Default::default(),
             since: Instant::now(),

@@ -23,6 +23,9 @@ pub struct SessionEntry {
     pub node: String,
     /// Services relay-inner said it exposes.
     pub services: Vec<String>,
+    /// The client certificate's (issuer, serial), to close the session when a reload's
+    /// revocation lists name it.
+    pub cert: Option<(Vec<u8>, Vec<u8>)>,
     /// Opens streams on the session.
     pub handle: SessionHandle,
     /// Set when relay-inner announced GoAway: no new streams.
@@ -165,6 +168,7 @@ mod tests {
             peer: "127.0.0.1:1".parse().unwrap(),
             node: "n".into(),
             services: vec![],
+            cert: None,
             handle: yamux(a, Role::Server).handle,
             draining: AtomicBool::new(false),
             since: Instant::now(),
