@@ -60,17 +60,52 @@ fn check() {
         for e in list {
             metrics::gauge!(m::CERT_EXPIRY, "key" => key, "subject" => e.subject.clone())
                 .set(e.not_after as f64);
-            let left = e.not_after - now;
-            let days = left as f64 / 86_400.0;
-            if left <= 0 {
-                tracing::error!(key, file = %file.display(), subject = %e.subject,
-                    days_ago = format!("{:.1}", -days),
-                    "certificate has expired: renew it (see certs/README.md)");
-            } else if left <= WARN_BEFORE.as_secs() as i64 {
-                tracing::warn!(key, file = %file.display(), subject = %e.subject,
-                    days_left = format!("{days:.1}"),
-                    "certificate expires soon: renew it (see certs/README.md)");
+            let days = (e.not_after - now) as f64 / 86_400.0;
+            match verdict(e.not_after, now) {
+                Verdict::Expired => tracing::error!(key, file = %file.display(),
+                    subject = %e.subject, days_ago = format!("{:.1}", -days),
+                    "certificate has expired: renew it (see certs/README.md)"),
+                Verdict::Soon => tracing::warn!(key, file = %file.display(),
+                    subject = %e.subject, days_left = format!("{days:.1}"),
+                    "certificate expires soon: renew it (see certs/README.md)"),
+                Verdict::Fine => {}
             }
         }
+    }
+}
+
+/// What a certificate's expiry calls for.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Fine,
+    /// Within [`WARN_BEFORE`].
+    Soon,
+    Expired,
+}
+
+fn verdict(not_after: i64, now: i64) -> Verdict {
+    let left = not_after - now;
+    if left <= 0 {
+        Verdict::Expired
+    } else if left <= WARN_BEFORE.as_secs() as i64 {
+        Verdict::Soon
+    } else {
+        Verdict::Fine
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warns_from_fourteen_days_before() {
+        let day = 86_400;
+        let now = 1_800_000_000;
+        assert_eq!(verdict(now + 15 * day, now), Verdict::Fine);
+        assert_eq!(verdict(now + 14 * day, now), Verdict::Soon);
+        assert_eq!(verdict(now + 1, now), Verdict::Soon);
+        assert_eq!(verdict(now, now), Verdict::Expired);
+        assert_eq!(verdict(now - day, now), Verdict::Expired);
     }
 }
