@@ -92,8 +92,17 @@ pub async fn tls_without_client_cert(
     pki: &Pki,
     name: &str,
 ) -> io::Result<TlsStream<TcpStream>> {
+    tls_without_client_cert_ca(addr, &pki.path("ca.crt"), name).await
+}
+
+/// [`tls_without_client_cert`] trusting the CA file `ca`.
+pub async fn tls_without_client_cert_ca(
+    addr: SocketAddr,
+    ca: &std::path::Path,
+    name: &str,
+) -> io::Result<TlsStream<TcpStream>> {
     let mut roots = rustls::RootCertStore::empty();
-    for c in tls::load_certs(&pki.path("ca.crt")).map_err(io::Error::other)? {
+    for c in tls::load_certs(ca).map_err(io::Error::other)? {
         roots.add(c).map_err(io::Error::other)?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
