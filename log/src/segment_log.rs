@@ -1244,6 +1244,13 @@ fn salvage_segment(
     // segment is rewritten without them even when no run was lost.
     let mut dropped = false;
     loop {
+        if end_seq.is_some_and(|end| seq > end) {
+            // A sealed segment ends where the next one starts: anything further holds
+            // seqs the next segment has (segments that overlap), and would make the
+            // reader fail at the next segment's first record.
+            dropped |= offset < data.len();
+            break;
+        }
         let mut r = &data[offset..];
         let damage = match read_record(&mut r, max_len, seq).map_err(io_err(path))? {
             Read1::Record(_, payload) => {
@@ -1276,7 +1283,7 @@ fn salvage_segment(
         if valid_seq > seq {
             let run = Lost {
                 first_seq: seq,
-                last_seq: valid_seq - 1,
+                last_seq: end_seq.map_or(valid_seq - 1, |end| end.min(valid_seq - 1)),
                 path: path.to_path_buf(),
                 offset: offset as u64,
                 damage,
@@ -1890,6 +1897,50 @@ mod tests {
             read_all(&log, 0),
             vec![(1, b"one".to_vec()), (2, b"two".to_vec())]
         );
+    }
+
+    /// Found by fuzzing (fuzz/fuzz_targets/segment.rs): segment 1 holds seqs 1 and 2 but
+    /// the next segment is named 2. Salvage kept seq 2 in both, so the salvaged log failed
+    /// to read at the second segment; the sealed one now ends where the next one starts.
+    #[test]
+    fn salvage_cuts_a_sealed_segment_that_overlaps_the_next_one() {
+        let hex = |s: &str| -> Vec<u8> {
+            (0..s.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+                .collect()
+        };
+        let first = hex(concat!(
+            "0102380100006435d5a101000000000000e658650000080000000a01400000060000007075626c",
+            "6963060000006f7264657273640300000002000000696414000000ffffffff06000000626967696e",
+            "74010100040000006e6f746519000000ffffffff040000007465787400020003000000646f63da0e",
+            "0000ffffffff050000006a736f6e6200030001e502000048d874b3160000004002cde2dcca020004",
+            "0140000003000000020100000031021400000074616209686572652c206c696e650a746865726500",
+            "05014000000101030000000201000000310000030000000201000000310206000000c3a920e29c93",
+            "0106014000000103000000020100000031000007010100000001400000080160d874b31600000003",
+            "0000006170700b0000007b2268656c6c6f223a317d0248d874b31600000078d874b3160000004002",
+            "cde2dcca020038000000f368d425020000000000000001000000000000000001000000080000d974",
+            "b3160000000f000000726f7574792e6865617274626561740a00000031373333323830303030fd00",
+            "00",
+        ));
+        let second = hex(concat!(
+            "0039f92aab0300000000000000010000000000000000050000000a01400000060000007075626c69",
+            "63060000006f7264657273640300000002000000696414000000ffffffff06000000626967696e74",
+            "010100040000006e6f746519000000ffffffff040000007465787400020003000000646f63da0e00",
+            "00ffffffff050000006a736f6e620003000901400000db74b316010000000000737478d80000",
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(segment_path(dir.path(), 1), &first).unwrap();
+        fs::write(segment_path(dir.path(), 2), &second).unwrap();
+        let opts = LogOptions {
+            segment_bytes: 4096,
+            max_record: 1024,
+        };
+        salvage(dir.path(), opts, lost_marker).unwrap();
+        let log = SegmentLog::open(dir.path(), opts).unwrap();
+        // Segment 1 keeps seq 1 (seq 2 is the next segment's), whose only record is torn.
+        let seqs: Vec<u64> = read_all(&log, 0).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(seqs, [1]);
     }
 
     #[test]
