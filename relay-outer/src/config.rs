@@ -93,6 +93,7 @@ struct RawTunnel {
     websocket: Option<bool>,
     max_bandwidth: Option<String>,
     backlog: Option<u32>,
+    failed_handshake_limit: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -212,6 +213,9 @@ pub struct TunnelConfig {
     pub max_bandwidth: u64,
     /// Connections the kernel queues for accept at most.
     pub backlog: u32,
+    /// Failed handshakes one address may make per 10 s before its connections are
+    /// closed at accept for the rest of that window (0: no limit).
+    pub failed_handshake_limit: u32,
 }
 
 /// One client-facing port spliced to a service inside.
@@ -244,6 +248,9 @@ pub(crate) fn socket_addr(s: &str, field: &str) -> Result<SocketAddr, String> {
         )
     })
 }
+
+/// Default of `tunnel.failed_handshake_limit`.
+pub const DEFAULT_FAILED_HANDSHAKE_LIMIT: u32 = 100;
 
 /// A listen backlog: 1 to 65535, [`routy_tunnel::net::DEFAULT_BACKLOG`] when absent.
 fn backlog(v: Option<u32>, field: &str) -> Result<u32, String> {
@@ -298,6 +305,9 @@ impl Config {
                 .map_err(|e| format!("tunnel.max_bandwidth: {e}"))?
                 .unwrap_or(0),
             backlog: backlog(t.backlog, "tunnel.backlog")?,
+            failed_handshake_limit: t
+                .failed_handshake_limit
+                .unwrap_or(DEFAULT_FAILED_HANDSHAKE_LIMIT),
         };
         let mut names = HashSet::new();
         let mut binds = HashSet::new();

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod calm;
 mod cdc;
 mod certs;
 mod config;

@@ -6,6 +6,7 @@
 //! unknown tunnel, a malformed frame) closes that connection with a logged reason and
 //! touches nothing else.
 
+mod penalty;
 pub mod registry;
 
 use std::collections::HashSet;
@@ -200,12 +201,21 @@ impl TunnelServer {
                     continue;
                 }
             };
+            let limit = self.settings().cfg.failed_handshake_limit;
+            if PENALTY.shut_out(peer.ip(), std::time::Instant::now(), limit) {
+                // Closed before any TLS: cheap, and the log stays quiet (rate-limited).
+                refused!("throttled", %peer, limit, window = ?penalty::WINDOW,
+                    "tunnel connection refused: this address failed too many handshakes \
+                     (tunnel.failed_handshake_limit); closed at accept for now");
+                drop(tcp);
+                continue;
+            }
             let me = self.clone();
             let span = tracing::info_span!("tunnel", %peer);
             lanes::spawn_connection(
                 async move {
                     match tcp.arrive() {
-                        Ok(tcp) => me.connection(tcp, peer).await,
+                        Ok(tcp) => PEER_IP.scope(peer.ip(), me.connection(tcp, peer)).await,
                         Err(e) => warn!(error = %e, "tunnel connection dropped: cannot register it on a lane"),
                     }
                 }
@@ -225,6 +235,23 @@ impl TunnelServer {
         let mut first = [0u8; 4];
         let peeked = tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await;
         let http = matches!(peeked, Ok(Ok(4))) && &first == b"GET ";
+        // Everything after the first bytes is boxed: a connection that sends nothing (a
+        // flood of idle connections) holds only this small future until its deadline,
+        // not the state of a handshake and session (tens of KiB each).
+        Box::pin(self.after_first_bytes(tcp, peer, settings, deadline, http)).await;
+    }
+
+    /// The rest of [`Self::connection`] once the first bytes arrived (or the deadline
+    /// passed): TLS, WebSocket or refusal, then the session.
+    async fn after_first_bytes(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        settings: Arc<Settings>,
+        deadline: tokio::time::Instant,
+        http: bool,
+    ) {
+        let limit = settings.cfg.handshake_timeout;
         if http && settings.websocket.is_some() {
             let Some(ws) = upgrade(deadline, limit, net::ReadAhead::new(tcp)).await else {
                 return;
@@ -560,10 +587,23 @@ async fn linger_close(mut tcp: TcpStream) {
     }
 }
 
-/// Counts a refused tunnel connection; whether to log it one by one (see
-/// [`RefusalLog`]).
+tokio::task_local! {
+    /// The address of the tunnel connection being handled, for [`handshake_failed`].
+    static PEER_IP: std::net::IpAddr;
+}
+
+/// Failed handshakes by address (see [`penalty`]).
+static PENALTY: std::sync::LazyLock<penalty::Penalty> =
+    std::sync::LazyLock::new(penalty::Penalty::default);
+
+/// Counts a refused tunnel connection (and, inside a TCP connection's handling, a failed
+/// handshake of its address); whether to log it one by one (see [`RefusalLog`]).
 fn handshake_failed(reason: &'static str) -> bool {
     metrics::counter!(m::HANDSHAKE_FAILURES, "reason" => reason).increment(1);
+    crate::calm::note();
+    if reason != "throttled" {
+        let _ = PEER_IP.try_with(|ip| PENALTY.failed(*ip, std::time::Instant::now()));
+    }
     REFUSALS.admit(reason, std::time::Instant::now())
 }
 

@@ -50,7 +50,20 @@ struct Row {
     tps: f64,
     outer_peak: u64,
     inner_peak: u64,
+    /// relay-outer's CPU use during pgbench, in cores.
+    outer_cpu: f64,
     note: String,
+}
+
+/// User plus system CPU time of a process so far, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the line: 11 and 12 after the name.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn main() {
@@ -345,23 +358,24 @@ fn main() {
     let sessions = outer.metric(m::SESSION_CONNECTS, &[]);
 
     let mut md = String::from(
-        "| phase | flood | pgbench latency (ms) | vs quiet | tps | relay-outer peak RSS (MB) | relay-inner peak RSS (MB) | what the flood did |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| phase | flood | pgbench latency (ms) | vs quiet | tps | relay-outer CPU (cores) | relay-outer peak RSS (MB) | relay-inner peak RSS (MB) | what the flood did |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for r in &rows {
         md.push_str(&format!(
-            "| {} | {} | {:.3} | {:.2}x | {:.0} | {} | {} | {} |\n",
+            "| {} | {} | {:.3} | {:.2}x | {:.0} | {:.2} | {} | {} | {} |\n",
             r.phase,
             r.load,
             r.latency_ms,
             r.latency_ms / base,
             r.tps,
+            r.outer_cpu,
             mb(r.outer_peak),
             mb(r.inner_peak),
             r.note
         ));
     }
     md.push_str(&format!(
-        "\nMemory at start: relay-outer {} MB, relay-inner {} MB; after the floods and 15 s idle: relay-outer {} MB, relay-inner {} MB. relay-outer counted {refused:.0} refused tunnel connections and {over:.0} listener clients over the limit; the real tunnel connected {sessions:.0} time(s) (1: never lost).\n",
+        "\nMemory at start: relay-outer {} MB, relay-inner {} MB; after the floods and 15 s idle: relay-outer {} MB, relay-inner {} MB. relay-outer counted {refused:.0} refused tunnel connections ({throttled:.0} of them closed at accept by `tunnel.failed_handshake_limit`) and {over:.0} listener clients over the limit; the real tunnel connected {sessions:.0} time(s) (1: never lost).\n",
         mb(mem0.0),
         mb(mem0.1),
         mb(idle.0),
@@ -423,6 +437,7 @@ where
         .spawn()
         .expect("spawn pgbench");
     let mut peak = (0u64, 0u64);
+    let (cpu0, t0) = (cpu_seconds(pids.0), Instant::now());
     let deadline = Instant::now() + Duration::from_secs(secs + 60);
     while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
         let (o, i) = (proc_memory(pids.0).0, proc_memory(pids.1).0);
@@ -430,6 +445,7 @@ where
         std::thread::sleep(Duration::from_millis(200));
     }
     let out = child.wait_with_output().expect("pgbench");
+    let outer_cpu = (cpu_seconds(pids.0) - cpu0) / t0.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     let note = rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(30), task)
@@ -453,6 +469,7 @@ where
         tps: field("tps ="),
         outer_peak: peak.0,
         inner_peak: peak.1,
+        outer_cpu,
         note,
     };
     if !out.status.success() || row.latency_ms.is_nan() {
@@ -462,9 +479,10 @@ where
         );
     }
     eprintln!(
-        "   latency {:.3} ms, tps {:.0}, peaks {} / {} MB; {}",
+        "   latency {:.3} ms, tps {:.0}, relay-outer {:.2} cores, peaks {} / {} MB; {}",
         row.latency_ms,
         row.tps,
+        row.outer_cpu,
         mb(row.outer_peak),
         mb(row.inner_peak),
         row.note
