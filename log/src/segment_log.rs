@@ -1240,15 +1240,15 @@ fn salvage_segment(
     // No record of this segment can be further ahead than one header per byte left.
     let max_seq = first_seq.saturating_add(data.len() as u64 / HEADER_BYTES);
     let mut tail_damage = None;
-    // Valid records dropped (their seq was already taken, or impossible here): the
-    // segment is rewritten without them even when no run was lost.
-    let mut dropped = false;
+    // Damaged bytes skipped or valid records dropped (their seq was already taken, or
+    // impossible here): the segment is rewritten even when no run was lost.
+    let mut changed = false;
     loop {
         if end_seq.is_some_and(|end| seq > end) {
             // A sealed segment ends where the next one starts: anything further holds
             // seqs the next segment has (segments that overlap), and would make the
             // reader fail at the next segment's first record.
-            dropped |= offset < data.len();
+            changed |= offset < data.len();
             break;
         }
         let mut r = &data[offset..];
@@ -1268,10 +1268,10 @@ fn salvage_segment(
             tail_damage = Some((offset, damage));
             break;
         };
+        changed = true;
         if valid_seq < seq || valid_seq > max_seq {
             // A valid record with a seq already accounted for, or one no record of this
             // segment can have (markers up to it would never end): drop it.
-            dropped = true;
             let mut r = &data[valid_offset as usize..];
             let len = match read_record(&mut r, max_len, valid_seq).map_err(io_err(path))? {
                 Read1::Record(_, p) => p.len(),
@@ -1307,7 +1307,7 @@ fn salvage_segment(
             add_run(&mut out, run);
         }
     }
-    if lost.is_empty() && !dropped {
+    if lost.is_empty() && !changed {
         return Ok(lost);
     }
     let with_suffix = |suffix: &str| {
@@ -1879,6 +1879,26 @@ mod tests {
         salvage(dir.path(), opts(1 << 20), lost_marker).unwrap();
         let log = SegmentLog::open(dir.path(), opts(1 << 20)).unwrap();
         assert_eq!(read_all(&log, 0), vec![]);
+    }
+
+    /// Found by fuzzing (fuzz/fuzz_targets/segment.rs; this is its input reduced): damaged
+    /// bytes followed by the very record the seq count expects. No seq was lost, so salvage
+    /// wrote nothing back, and the log still refused to open.
+    #[test]
+    fn salvage_rewrites_a_segment_when_it_only_skipped_damaged_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut data = encode(1, b"one");
+        data.extend(b"0000");
+        data.extend(encode(2, b"two"));
+        data.extend(encode(3, b"three"));
+        fs::write(segment_path(dir.path(), 1), data).unwrap();
+        assert!(SegmentLog::open(dir.path(), opts(1 << 20)).is_err());
+        assert!(salvage(dir.path(), opts(1 << 20), lost_marker)
+            .unwrap()
+            .is_empty());
+        let log = SegmentLog::open(dir.path(), opts(1 << 20)).unwrap();
+        let seqs: Vec<u64> = read_all(&log, 0).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(seqs, [1, 2, 3]);
     }
 
     /// A record with a valid checksum whose seq is far ahead of what the segment can hold
