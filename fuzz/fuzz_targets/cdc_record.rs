@@ -12,6 +12,9 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     assert_eq!(rows.is_ok(), expanded.is_ok());
     if let Ok(rec) = rows {
         assert_eq!(Record::decode_rows(&rec.encode()), Ok(rec.clone()));
-        assert_eq!(Record::expand_rows(rec.events).ok(), expanded.ok().map(|r| r.events));
+        assert_eq!(
+            Record::expand_rows(rec.events).ok(),
+            expanded.ok().map(|r| r.events)
+        );
     }
 });
