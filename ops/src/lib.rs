@@ -5,7 +5,7 @@
 //! - [`http`], [`metrics`]: the HTTP server (admin endpoint, consumer API) and every
 //!   metric's name.
 //! - [`sdnotify`], [`logging`], [`drain`]: systemd notification, log setup, graceful stop.
-//! - [`malloc`]: allocator tuning; [`backoff`]: retry delays with jitter.
+//! - [`malloc`]: allocator tuning, [`give_back`]: memory back after a burst; [`backoff`]: retry delays with jitter.
 //!
 //! See `docs/architecture.md`.
 #![deny(unsafe_code)]
@@ -18,6 +18,7 @@ pub mod config_file;
 pub mod drain;
 #[allow(unsafe_code)] // getrlimit and setrlimit (see the module)
 pub mod fdlimit;
+pub mod give_back;
 pub mod http;
 pub mod logging;
 #[allow(unsafe_code)] // one libc call: mallopt (see the module)

@@ -50,3 +50,19 @@ pub fn release_free() {
         }
     }
 }
+
+/// Bytes the allocator holds free in its arenas (`mallinfo2().fordblks`): memory that
+/// [`release_free`] could give back. `None` where the C library is not glibc.
+pub fn free_held() -> Option<usize> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's statistics (it takes each arena's
+        // lock) and returns them by value.
+        let info = unsafe { libc::mallinfo2() };
+        Some(info.fordblks)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        None
+    }
+}

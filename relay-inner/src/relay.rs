@@ -66,6 +66,7 @@ impl InnerRelay {
         tls: rustls::ClientConfig,
     ) -> anyhow::Result<Arc<Self>> {
         routy_tunnel::expiry::watch(cfg.cert_files());
+        routy_ops::give_back::spawn();
         let drain = Drain::new();
         let cdc = match &cfg.cdc {
             Some(c) => {

@@ -3,7 +3,6 @@
 #![forbid(unsafe_code)]
 
 mod admin;
-mod calm;
 mod cdc;
 mod certs;
 mod config;

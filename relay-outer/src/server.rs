@@ -88,7 +88,7 @@ impl OuterRelay {
         tls: rustls::ServerConfig,
     ) -> anyhow::Result<Arc<Self>> {
         routy_tunnel::expiry::watch(cfg.cert_files());
-        crate::calm::spawn();
+        routy_ops::give_back::spawn();
         let drain = Drain::new();
         let registry = Arc::new(Registry::default());
         let tunnel_sock = routy_tunnel::net::listen(cfg.tunnel.listen, cfg.tunnel.backlog)

@@ -499,7 +499,7 @@ fn read_crl_file(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static
 /// The certificates the revocation lists in `files` name, as (issuer, serial) pairs;
 /// [`revocation_key`] gives a certificate's pair. Used to close live sessions whose
 /// certificate a reload's lists revoke.
-pub fn revoked(files: &[PathBuf], ca: &Path) -> Result<HashSet<(Vec<u8>, Vec<u8>)>, TlsError> {
+pub fn revoked(files: &[PathBuf], ca: &Path) -> Result<HashSet<RevocationKey>, TlsError> {
     let mut out = HashSet::new();
     for crl in load_crls(files, ca)? {
         if let Ok((_, parsed)) = x509_parser::parse_x509_crl(crl.as_ref()) {
@@ -512,8 +512,11 @@ pub fn revoked(files: &[PathBuf], ca: &Path) -> Result<HashSet<(Vec<u8>, Vec<u8>
     Ok(out)
 }
 
+/// A certificate's issuer name (DER) and serial number, as revocation lists name it.
+pub type RevocationKey = (Vec<u8>, Vec<u8>);
+
 /// A certificate's (issuer, serial) pair, as [`revoked`] lists them.
-pub fn revocation_key(cert: &CertificateDer<'_>) -> Option<(Vec<u8>, Vec<u8>)> {
+pub fn revocation_key(cert: &CertificateDer<'_>) -> Option<RevocationKey> {
     let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
     Some((c.issuer().as_raw().to_vec(), c.raw_serial().to_vec()))
 }

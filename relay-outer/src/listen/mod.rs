@@ -221,7 +221,6 @@ impl Listener {
             ("reason", reason.to_string()),
         ];
         metrics::counter!(m::LISTENER_REFUSED, &labels).increment(1);
-        crate::calm::note();
     }
 
     fn labels(&self) -> [(&'static str, String); 3] {

@@ -600,7 +600,6 @@ static PENALTY: std::sync::LazyLock<penalty::Penalty> =
 /// handshake of its address); whether to log it one by one (see [`RefusalLog`]).
 fn handshake_failed(reason: &'static str) -> bool {
     metrics::counter!(m::HANDSHAKE_FAILURES, "reason" => reason).increment(1);
-    crate::calm::note();
     if reason != "throttled" {
         let _ = PEER_IP.try_with(|ip| PENALTY.failed(*ip, std::time::Instant::now()));
     }

@@ -50,8 +50,8 @@ struct Row {
     tps: f64,
     outer_peak: u64,
     inner_peak: u64,
-    /// relay-outer's CPU use during pgbench, in cores.
-    outer_cpu: f64,
+    /// relay-outer's, relay-inner's and the flood's CPU use during pgbench, in cores.
+    cpu: (f64, f64, f64),
     note: String,
 }
 
@@ -81,7 +81,21 @@ fn main() {
         }
     }
     routy_ops::fdlimit::raise();
-    let rt = fake::runtime();
+    // The floods come from this process, which shares the 2 cores with the relays,
+    // pgbench and PostgreSQL; a real attacker is elsewhere. Its threads run at nice 19
+    // so that it takes the CPU the rest leaves (its use is reported all the same).
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .on_thread_start(|| {
+            // SAFETY: setpriority on the calling thread (who = 0) only changes its nice value.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+            }
+        })
+        .build()
+        .expect("runtime");
     // The services behind relay-inner besides PostgreSQL: one that sends without end
     // (for slow readers) and one that reads and drops (for slow writers and the flood).
     let (source_port, sink_port) = rt.block_on(async {
@@ -354,21 +368,24 @@ fn main() {
     std::thread::sleep(Duration::from_secs(15));
     let idle = (proc_memory(pids.0).0, proc_memory(pids.1).0);
     let refused = outer.metric(m::HANDSHAKE_FAILURES, &[]);
+    let throttled = outer.metric(m::HANDSHAKE_FAILURES, &[("reason", "throttled")]);
     let over = outer.metric(m::LISTENER_REFUSED, &[("reason", "over_limit")]);
     let sessions = outer.metric(m::SESSION_CONNECTS, &[]);
 
     let mut md = String::from(
-        "| phase | flood | pgbench latency (ms) | vs quiet | tps | relay-outer CPU (cores) | relay-outer peak RSS (MB) | relay-inner peak RSS (MB) | what the flood did |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| phase | flood | pgbench latency (ms) | vs quiet | tps | CPU (cores): relay-outer / relay-inner / flood | relay-outer peak RSS (MB) | relay-inner peak RSS (MB) | what the flood did |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for r in &rows {
         md.push_str(&format!(
-            "| {} | {} | {:.3} | {:.2}x | {:.0} | {:.2} | {} | {} | {} |\n",
+            "| {} | {} | {:.3} | {:.2}x | {:.0} | {:.2} / {:.2} / {:.2} | {} | {} | {} |\n",
             r.phase,
             r.load,
             r.latency_ms,
             r.latency_ms / base,
             r.tps,
-            r.outer_cpu,
+            r.cpu.0,
+            r.cpu.1,
+            r.cpu.2,
             mb(r.outer_peak),
             mb(r.inner_peak),
             r.note
@@ -385,7 +402,7 @@ fn main() {
     if let Some(dir) = out {
         std::fs::create_dir_all(&dir).expect("create --out");
         let head = format!(
-            "# Floods\n\n`target/release/bench-flood --secs {secs}`, release build, {} cores; pgbench `SELECT 1` with 4 clients through the tunnel during each flood.\n\n",
+            "# Floods\n\n`target/release/bench-flood --secs {secs}`, release build, {} cores; pgbench `SELECT 1` with 4 clients through the tunnel during each flood; the floods come from the benchmark's own process at nice 19 on the same cores.\n\n",
             std::thread::available_parallelism().map_or(0, |n| n.get())
         );
         std::fs::write(dir.join("flood.md"), head + &md).expect("write flood.md");
@@ -437,7 +454,9 @@ where
         .spawn()
         .expect("spawn pgbench");
     let mut peak = (0u64, 0u64);
-    let (cpu0, t0) = (cpu_seconds(pids.0), Instant::now());
+    let me = std::process::id();
+    let cpu0 = (cpu_seconds(pids.0), cpu_seconds(pids.1), cpu_seconds(me));
+    let t0 = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(secs + 60);
     while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
         let (o, i) = (proc_memory(pids.0).0, proc_memory(pids.1).0);
@@ -445,7 +464,12 @@ where
         std::thread::sleep(Duration::from_millis(200));
     }
     let out = child.wait_with_output().expect("pgbench");
-    let outer_cpu = (cpu_seconds(pids.0) - cpu0) / t0.elapsed().as_secs_f64();
+    let el = t0.elapsed().as_secs_f64();
+    let cpu = (
+        (cpu_seconds(pids.0) - cpu0.0) / el,
+        (cpu_seconds(pids.1) - cpu0.1) / el,
+        (cpu_seconds(me) - cpu0.2) / el,
+    );
     stop.store(true, Ordering::Relaxed);
     let note = rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(30), task)
@@ -459,7 +483,7 @@ where
     let field = |name: &str| {
         text.lines()
             .find_map(|l| l.trim().strip_prefix(name))
-            .and_then(|v| v.trim().split_whitespace().next()?.parse::<f64>().ok())
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
             .unwrap_or(f64::NAN)
     };
     let row = Row {
@@ -469,7 +493,7 @@ where
         tps: field("tps ="),
         outer_peak: peak.0,
         inner_peak: peak.1,
-        outer_cpu,
+        cpu,
         note,
     };
     if !out.status.success() || row.latency_ms.is_nan() {
@@ -479,10 +503,12 @@ where
         );
     }
     eprintln!(
-        "   latency {:.3} ms, tps {:.0}, relay-outer {:.2} cores, peaks {} / {} MB; {}",
+        "   latency {:.3} ms, tps {:.0}, cores {:.2}/{:.2}/{:.2}, peaks {} / {} MB; {}",
         row.latency_ms,
         row.tps,
-        row.outer_cpu,
+        row.cpu.0,
+        row.cpu.1,
+        row.cpu.2,
         mb(row.outer_peak),
         mb(row.inner_peak),
         row.note
