@@ -654,18 +654,11 @@ impl Config {
             cert: resolve_path(base, &raw.tls.cert),
             key: resolve_path(base, &raw.tls.key),
             ca: resolve_path(base, &raw.tls.ca),
-            trust: routy_tunnel::tls::Trust {
-                max_intermediates: raw.tls.max_intermediates.unwrap_or(0),
-                crls: raw
-                    .tls
-                    .crl
-                    .clone()
-                    .map(|c| c.into_vec())
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|p| resolve_path(base, p))
-                    .collect(),
-            },
+            trust: routy_tunnel::tls::Trust::from_keys(
+                raw.tls.max_intermediates,
+                raw.tls.crl.as_ref(),
+                |p| resolve_path(base, p),
+            ),
             reconnect,
             keepalive: KeepaliveSpec::resolve(raw.keepalive.as_ref(), "keepalive")?,
             services,

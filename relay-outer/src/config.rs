@@ -275,18 +275,11 @@ impl Config {
             cert: resolve(base, &t.tls.cert),
             key: resolve(base, &t.tls.key),
             client_ca: resolve(base, &t.tls.client_ca),
-            trust: routy_tunnel::tls::Trust {
-                max_intermediates: t.tls.max_intermediates.unwrap_or(0),
-                crls: t
-                    .tls
-                    .crl
-                    .clone()
-                    .map(|c| c.into_vec())
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|p| resolve(base, p))
-                    .collect(),
-            },
+            trust: routy_tunnel::tls::Trust::from_keys(
+                t.tls.max_intermediates,
+                t.tls.crl.as_ref(),
+                |p| resolve(base, p),
+            ),
             keepalive: KeepaliveSpec::resolve(t.keepalive.as_ref(), "tunnel.keepalive")?,
             handshake_timeout: t
                 .handshake_timeout

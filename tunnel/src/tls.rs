@@ -209,6 +209,27 @@ pub struct Trust {
     pub crls: Vec<PathBuf>,
 }
 
+impl Trust {
+    /// From a config file's `max_intermediates` and `crl` keys, each CRL path resolved
+    /// by `resolve` (against the file's directory).
+    pub fn from_keys(
+        max_intermediates: Option<u32>,
+        crl: Option<&routy_ops::config_file::OneOrMany<PathBuf>>,
+        resolve: impl Fn(&Path) -> PathBuf,
+    ) -> Trust {
+        Trust {
+            max_intermediates: max_intermediates.unwrap_or(0),
+            crls: crl
+                .cloned()
+                .map(|c| c.into_vec())
+                .unwrap_or_default()
+                .iter()
+                .map(|p| resolve(p))
+                .collect(),
+        }
+    }
+}
+
 /// What the chain rules know of one trust anchor.
 #[derive(Debug, Clone)]
 struct Anchor {
@@ -603,8 +624,12 @@ mod tests {
     impl Pki {
         /// The CA's `pathlen` is `ca_path_len` (None: unconstrained).
         fn new(ca_path_len: Option<u8>) -> Pki {
+            Pki::with_ca(ca_params("Routy CA", ca_path_len))
+        }
+
+        /// A PKI whose CA is made from `p`.
+        fn with_ca(p: CertificateParams) -> Pki {
             let dir = tempfile::tempdir().unwrap();
-            let p = ca_params("Routy CA", ca_path_len);
             let k = KeyPair::generate().unwrap();
             std::fs::write(dir.path().join("ca.crt"), p.self_signed(&k).unwrap().pem()).unwrap();
             let ca = Issuer::new(p, k);
@@ -858,6 +883,24 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("cannot read"));
+    }
+
+    #[test]
+    fn a_cas_name_constraints_hold_for_the_certificates_it_signs() {
+        let mut p = ca_params("Routy CA", Some(0));
+        p.name_constraints = Some(rcgen::NameConstraints {
+            permitted_subtrees: vec![rcgen::GeneralSubtree::DnsName("example.com".into())],
+            excluded_subtrees: vec![],
+        });
+        let pki = Pki::with_ca(p);
+        pki.leaf("site-b", ExtendedKeyUsagePurpose::ClientAuth, false, 8);
+        // relay-outer's certificate names "outer", outside example.com.
+        let (_, client) = handshake(
+            pki.server(&Trust::default()).unwrap(),
+            pki.client("site-b", &Trust::default()),
+        );
+        let e = client.unwrap_err();
+        assert!(e.contains("NameConstraintViolation"), "{e}");
     }
 
     #[test]
