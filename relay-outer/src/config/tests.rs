@@ -537,3 +537,36 @@ fn cdc_mistakes_name_the_field() {
         assert!(err.contains(field), "{field}: {err}");
     }
 }
+
+#[test]
+fn certificate_rules_and_the_handshake_limit_load() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.tunnel.trust, routy_tunnel::tls::Trust::default());
+    assert_eq!(
+        c.tunnel.failed_handshake_limit,
+        DEFAULT_FAILED_HANDSHAKE_LIMIT
+    );
+    let one = parse(&GOOD.replace(
+        "client_ca: ca.crt }",
+        "client_ca: ca.crt, crl: crl.pem, max_intermediates: 1 }\n  failed_handshake_limit: 0",
+    ))
+    .unwrap();
+    assert_eq!(
+        one.tunnel.trust.crls,
+        vec![PathBuf::from("/etc/routy/crl.pem")]
+    );
+    assert_eq!(one.tunnel.trust.max_intermediates, 1);
+    assert_eq!(one.tunnel.failed_handshake_limit, 0);
+    let two = parse(&GOOD.replace(
+        "client_ca: ca.crt }",
+        "client_ca: ca.crt, crl: [a.pem, /x/b.pem] }",
+    ))
+    .unwrap();
+    assert_eq!(
+        two.tunnel.trust.crls,
+        vec![PathBuf::from("/etc/routy/a.pem"), PathBuf::from("/x/b.pem")]
+    );
+    let e = parse(&GOOD.replace("client_ca: ca.crt }", "client_ca: ca.crt, crls: a.pem }"))
+        .unwrap_err();
+    assert!(e.contains("crls"), "{e}");
+}
