@@ -896,3 +896,39 @@ fn admin_endpoints_stay_ready_under_200_slow_clients() {
     s.assert_one_undisturbed_session();
     assert_no_panics(&[&s.outer, &s.inner]);
 }
+
+/// A WebSocket upgrade whose request head never ends is closed at the handshake
+/// deadline, counted, and harms nothing.
+#[test]
+fn a_half_sent_websocket_upgrade_is_closed_at_the_handshake_deadline() {
+    let s = Setup::new();
+    let rt = fake::runtime();
+    let before = s
+        .outer
+        .metric(m::HANDSHAKE_FAILURES, &[("reason", "tls_timeout")]);
+    let addr = s.tunnel_addr();
+    let (ending, took) = rt.block_on(async move {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET /routy HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\n")
+            .await
+            .unwrap();
+        let t = std::time::Instant::now();
+        // The handshake timeout is 10 s by default.
+        let ending = fake::read_until_end(&mut tcp, Duration::from_secs(20)).await;
+        (ending, t.elapsed())
+    });
+    assert_ended("a half-sent upgrade", &ending, 0);
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(15),
+        "closed after {took:?}"
+    );
+    s.outer.wait_metric(
+        m::HANDSHAKE_FAILURES,
+        &[("reason", "tls_timeout")],
+        LOG,
+        |v| v > before,
+    );
+    s.outer.wait_count("WebSocket upgrade timed out", 1, LOG);
+    s.assert_sql_works("after a half-sent upgrade");
+    assert_no_panics(&[&s.outer, &s.inner]);
+}

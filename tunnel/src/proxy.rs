@@ -538,7 +538,17 @@ async fn socks5_connect(
         answer,
         reason,
     };
-    let io = |what: &'static str| move |e: std::io::Error| proto(format!("{what}: {e}"));
+    let io = |what: &'static str| {
+        move |e: std::io::Error| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                proto(format!(
+                    "{what}: the proxy closed the connection mid-answer"
+                ))
+            } else {
+                proto(format!("{what}: {e}"))
+            }
+        }
+    };
     // Greeting: no authentication, and username/password when we have credentials.
     let greeting: &[u8] = if proxy.auth.is_some() {
         &[5, 2, 0, 2]
@@ -951,6 +961,50 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.reason(), "protocol", "{e}");
+    }
+
+    /// A SOCKS5 server that accepts the greeting, reads the connect request, sends only
+    /// the start of its reply and then closes (`close`) or stalls.
+    async fn socks_server_cut_short(close: bool) -> u16 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut greeting = [0u8; 3];
+            s.read_exact(&mut greeting).await.unwrap();
+            s.write_all(&[5, 0]).await.unwrap();
+            let mut request = [0u8; 10];
+            s.read_exact(&mut request).await.unwrap();
+            s.write_all(&[5, 0, 0]).await.unwrap();
+            if !close {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn a_socks5_proxy_that_stops_mid_answer_is_named() {
+        for close in [true, false] {
+            let port = socks_server_cut_short(close).await;
+            let p = Proxy::parse(&format!("socks5://127.0.0.1:{port}")).unwrap();
+            let started = std::time::Instant::now();
+            let e = super::connect(&p, "10.0.0.1", 5432, Duration::from_millis(500))
+                .await
+                .unwrap_err();
+            assert_eq!(e.reason(), "protocol", "close={close}: {e}");
+            let said = e.to_string();
+            assert!(
+                said.contains(if close {
+                    "closed the connection mid-answer"
+                } else {
+                    "no answer within"
+                }),
+                "{said}"
+            );
+            assert!(started.elapsed() < Duration::from_secs(5), "close={close}");
+            eprintln!("close={close}: {e}");
+        }
     }
 
     #[tokio::test]
