@@ -31,7 +31,7 @@ use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
 use crate::drain::Drain;
-use gate::{Admission, Busy, Gate, Slot, Ticket};
+use gate::{Admission, Busy, Gate, Slot};
 
 /// Deadline for reading a request head, and for answering an ordinary request.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(5);
@@ -153,7 +153,11 @@ pub async fn serve_tls(
     limits: Limits,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
-    let gate = Gate::new(limits.max_connections, limits.max_per_client);
+    let gate = Gate::new(
+        limits.endpoint,
+        limits.max_connections,
+        limits.max_per_client,
+    );
     let lobby = Arc::new(Semaphore::new(LOBBY_SEATS));
     let stopping = stop.stopping();
     tokio::pin!(stopping);
@@ -208,18 +212,15 @@ pub async fn serve_tls(
                     return;
                 }
             };
-            metrics::gauge!(crate::metrics::HTTP_CONNECTIONS, "endpoint" => limits.endpoint)
-                .set(gate.len() as f64);
             let slot = ticket.slot();
-            let arrival = ticket.take_arrival();
             let serve = async move {
                 match tls {
-                    None => connection(stream, app, stop, limits, slot, arrival).await,
+                    None => connection(stream, app, stop, limits, slot).await,
                     Some(acceptor) => {
                         match tokio::time::timeout(limits.head_deadline, acceptor.accept(stream))
                             .await
                         {
-                            Ok(Ok(s)) => connection(s, app, stop, limits, slot, None).await,
+                            Ok(Ok(s)) => connection(s, app, stop, limits, slot).await,
                             Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
                             Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                         }
@@ -232,7 +233,6 @@ pub async fn serve_tls(
                     tracing::debug!(%peer, "closed a waiting HTTP connection to make room");
                 }
             }
-            close(ticket, limits.endpoint);
         });
     }
 }
@@ -256,14 +256,6 @@ async fn wait_for_head(stream: &tokio::net::TcpStream) -> bool {
     .unwrap_or(false)
 }
 
-/// Frees a connection's place and updates the gauge.
-fn close(ticket: Ticket, endpoint: &'static str) {
-    let gate = ticket.slot().gate();
-    drop(ticket);
-    metrics::gauge!(crate::metrics::HTTP_CONNECTIONS, "endpoint" => endpoint)
-        .set(gate.len() as f64);
-}
-
 fn shed(endpoint: &'static str, reason: &'static str) {
     metrics::counter!(crate::metrics::HTTP_SHED, "endpoint" => endpoint, "reason" => reason)
         .increment(1);
@@ -271,14 +263,8 @@ fn shed(endpoint: &'static str, reason: &'static str) {
 
 /// One connection: HTTP/1.1 with keep-alive, until the client leaves or the server
 /// stops (then in-flight responses get [`STOP_GRACE`]).
-async fn connection<S>(
-    stream: S,
-    app: Router,
-    stop: Drain,
-    limits: Limits,
-    slot: Slot,
-    arrival: Option<Busy>,
-) where
+async fn connection<S>(stream: S, app: Router, stop: Drain, limits: Limits, slot: Slot)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -286,11 +272,9 @@ async fn connection<S>(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.head_deadline)
         .max_buf_size(limits.max_head_len.max(8192));
-    let arrival = std::sync::Mutex::new(arrival);
     let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         // The connection counts as mid-request until its response body has been produced.
         let busy = slot.busy();
-        drop(arrival.lock().map(|mut a| a.take()));
         let app = app.clone();
         async move {
             let response = match app.oneshot(req).await {

@@ -137,13 +137,10 @@ pub fn revoke(dir: &Path, cert: &Path) -> Result<Revoked, CertError> {
         .map_err(|e| bad_cert(format!("invalid PEM: {e}")))?;
     let (_, parsed) =
         parse_x509_certificate(&der).map_err(|e| bad_cert(format!("not valid X.509 DER: {e}")))?;
-    // The same name is not enough (every `certs init` CA is "Routy CA"): the authority
-    // key identifier must be this CA's key, where both say theirs.
-    let other_key = ca.other_key(parsed.extensions());
-    if parsed.issuer().as_raw() != ca.subject.as_slice() || other_key {
+    if !ca.issued(parsed.issuer().as_raw(), parsed.extensions()) {
         return Err(bad_cert(format!(
             "issued by {}, not by the CA in {}",
-            if other_key {
+            if parsed.issuer().as_raw() == ca.subject.as_slice() {
                 "another CA of the same name".to_string()
             } else {
                 parsed.issuer().to_string()
@@ -170,7 +167,7 @@ pub fn revoke(dir: &Path, cert: &Path) -> Result<Revoked, CertError> {
             let (_, list) =
                 x509_parser::revocation_list::CertificateRevocationList::from_der(&old_der)
                     .map_err(|e| bad_crl(e.to_string()))?;
-            if list.issuer().as_raw() != ca.subject.as_slice() || ca.other_key(list.extensions()) {
+            if !ca.issued(list.issuer().as_raw(), list.extensions()) {
                 return Err(bad_crl(format!(
                     "issued by {}, not by this CA",
                     list.issuer()
@@ -470,13 +467,10 @@ struct LoadedCa {
 }
 
 impl LoadedCa {
-    /// Whether `exts` (of a certificate or list naming this CA as issuer) say another key
-    /// signed them: both sides name their key identifier and they differ.
-    fn other_key(&self, exts: &[x509_parser::extensions::X509Extension<'_>]) -> bool {
-        matches!(
-            (routy_tunnel::tls::authority_key_id(exts), &self.key_id),
-            (Some(a), Some(k)) if a != *k
-        )
+    /// Whether a certificate or list naming `issuer` with extensions `exts` is this CA's
+    /// (see [`routy_tunnel::tls::issued_by`]).
+    fn issued(&self, issuer: &[u8], exts: &[x509_parser::extensions::X509Extension<'_>]) -> bool {
+        routy_tunnel::tls::issued_by(issuer, exts, &self.subject, self.key_id.as_deref())
     }
 
     /// Checks that a certificate we just signed names this CA exactly as its issuer.

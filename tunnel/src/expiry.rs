@@ -18,16 +18,13 @@ pub const WARN_BEFORE: Duration = Duration::from_secs(14 * 86_400);
 const RECHECK: Duration = Duration::from_secs(12 * 3600);
 
 /// The files being watched: (configuration key, file).
-fn watched() -> &'static Mutex<Vec<(&'static str, PathBuf)>> {
-    static W: OnceLock<Mutex<Vec<(&'static str, PathBuf)>>> = OnceLock::new();
-    W.get_or_init(|| Mutex::new(Vec::new()))
-}
+static WATCHED: Mutex<Vec<(&'static str, PathBuf)>> = Mutex::new(Vec::new());
 
 /// Sets the expiry gauge of every certificate in `files` (configuration key, file) and
 /// logs a warning for each that expires within [`WARN_BEFORE`] (an error once expired);
 /// keeps checking them every 12 hours (needs a tokio runtime the first time).
 pub fn watch(files: Vec<(&'static str, PathBuf)>) {
-    *watched().lock().unwrap_or_else(|p| p.into_inner()) = files;
+    *WATCHED.lock().unwrap_or_else(|p| p.into_inner()) = files;
     check();
     static TIMER: OnceLock<()> = OnceLock::new();
     TIMER.get_or_init(|| {
@@ -45,7 +42,7 @@ pub fn watch(files: Vec<(&'static str, PathBuf)>) {
 }
 
 fn check() {
-    let files = watched().lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let files = WATCHED.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);

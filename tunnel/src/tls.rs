@@ -78,8 +78,13 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 }
 
 fn roots(ca: &Path) -> Result<RootCertStore, TlsError> {
+    roots_of(ca, load_certs(ca)?)
+}
+
+/// The trust store of the certificates read from the CA file `ca`.
+fn roots_of(ca: &Path, certs: Vec<CertificateDer<'static>>) -> Result<RootCertStore, TlsError> {
     let mut store = RootCertStore::empty();
-    for cert in load_certs(ca)? {
+    for cert in certs {
         store
             .add(cert)
             .map_err(|e| file_err(ca, format!("not a usable CA certificate: {e}")))?;
@@ -102,10 +107,8 @@ pub fn server_config_with(
 ) -> Result<ServerConfig, TlsError> {
     let chain = load_certs(cert)?;
     let key = load_key(key)?;
-    let roots = roots(client_ca)?;
-    let rules = ChainRules::new(client_ca, trust.max_intermediates)?;
-    let mut builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
-    let crls = load_crls(&trust.crls, client_ca)?;
+    let (roots, rules, crls) = trust_material(client_ca, trust)?;
+    let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider());
     if !crls.is_empty() {
         builder = builder
             .with_crls(crls)
@@ -175,9 +178,8 @@ pub fn client_config_with(
 ) -> Result<ClientConfig, TlsError> {
     let chain = load_certs(cert)?;
     let key = load_key(key)?;
-    let rules = ChainRules::new(ca, trust.max_intermediates)?;
-    let mut builder = WebPkiServerVerifier::builder_with_provider(Arc::new(roots(ca)?), provider());
-    let crls = load_crls(&trust.crls, ca)?;
+    let (roots, rules, crls) = trust_material(ca, trust)?;
+    let mut builder = WebPkiServerVerifier::builder_with_provider(roots, provider());
     if !crls.is_empty() {
         builder = builder
             .with_crls(crls)
@@ -230,10 +232,32 @@ impl Trust {
     }
 }
 
+/// What verifying a peer against the CA file `ca` under `trust` takes, the file read
+/// once: the trust store, the chain rules and the revocation lists.
+#[allow(clippy::type_complexity)]
+fn trust_material(
+    ca: &Path,
+    trust: &Trust,
+) -> Result<
+    (
+        Arc<RootCertStore>,
+        ChainRules,
+        Vec<CertificateRevocationListDer<'static>>,
+    ),
+    TlsError,
+> {
+    let certs = load_certs(ca)?;
+    let rules = ChainRules::of(ca, &certs, trust.max_intermediates)?;
+    let crls = crls_issued_by(&trust.crls, &rules.anchors, ca)?;
+    Ok((Arc::new(roots_of(ca, certs)?), rules, crls))
+}
+
 /// What the chain rules know of one trust anchor.
 #[derive(Debug, Clone)]
 struct Anchor {
     subject: Vec<u8>,
+    /// Its subject key identifier, if it has one.
+    key_id: Option<Vec<u8>>,
     name: String,
     /// `pathlen` of its basic constraints: intermediate CAs it allows below it.
     path_len: Option<u32>,
@@ -246,9 +270,14 @@ struct ChainRules {
 }
 
 impl ChainRules {
-    fn new(ca: &Path, max_intermediates: u32) -> Result<ChainRules, TlsError> {
+    /// The rules for the certificates `certs` read from the CA file `ca`.
+    fn of(
+        ca: &Path,
+        certs: &[CertificateDer<'_>],
+        max_intermediates: u32,
+    ) -> Result<ChainRules, TlsError> {
         let mut anchors = Vec::new();
-        for der in load_certs(ca)? {
+        for der in certs {
             let (_, c) = x509_parser::parse_x509_certificate(der.as_ref())
                 .map_err(|e| file_err(ca, format!("not a usable CA certificate: {e}")))?;
             let path_len = match c.basic_constraints() {
@@ -257,6 +286,7 @@ impl ChainRules {
             };
             anchors.push(Anchor {
                 subject: c.subject().as_raw().to_vec(),
+                key_id: subject_key_id(&c),
                 name: c.subject().to_string(),
                 path_len,
             });
@@ -447,27 +477,30 @@ pub fn load_crls(
     if files.is_empty() {
         return Ok(Vec::new());
     }
-    let cas: Vec<(Vec<u8>, Option<Vec<u8>>)> = load_certs(ca)?
-        .iter()
-        .filter_map(|c| x509_parser::parse_x509_certificate(c.as_ref()).ok())
-        .map(|(_, c)| (c.subject().as_raw().to_vec(), subject_key_id(&c)))
-        .collect();
+    let rules = ChainRules::of(ca, &load_certs(ca)?, 0)?;
+    crls_issued_by(files, &rules.anchors, ca)
+}
+
+/// [`load_crls`] against the anchors already read from the CA file `ca`.
+fn crls_issued_by(
+    files: &[PathBuf],
+    anchors: &[Anchor],
+    ca: &Path,
+) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
     let mut out = Vec::new();
     for path in files {
         for crl in read_crl_file(path)? {
             let (_, parsed) = x509_parser::parse_x509_crl(crl.as_ref())
                 .map_err(|e| file_err(path, format!("not a certificate revocation list: {e}")))?;
-            let aki = authority_key_id(parsed.extensions());
-            // The same name is not enough (every `certs init` CA is "Routy CA"): where
-            // both say their key identifier, it must be the same key.
-            let issued_by = |(subject, ski): &(Vec<u8>, Option<Vec<u8>>)| {
-                subject.as_slice() == parsed.issuer().as_raw()
-                    && match (&aki, ski) {
-                        (Some(a), Some(k)) => a == k,
-                        _ => true,
-                    }
-            };
-            if !cas.iter().any(issued_by) {
+            let ours = anchors.iter().any(|a| {
+                issued_by(
+                    parsed.issuer().as_raw(),
+                    parsed.extensions(),
+                    &a.subject,
+                    a.key_id.as_deref(),
+                )
+            });
+            if !ours {
                 return Err(file_err(
                     path,
                     format!(
@@ -483,8 +516,25 @@ pub fn load_crls(
     Ok(out)
 }
 
+/// Whether a certificate or revocation list naming `issuer` (DER) with extensions `exts`
+/// was issued by the CA whose subject is `ca_subject` and key identifier `ca_key_id`.
+/// The same name is not enough (every `relay-outer certs init` CA is "Routy CA"): where
+/// both say their key identifier, it must be the same key.
+pub fn issued_by(
+    issuer: &[u8],
+    exts: &[x509_parser::extensions::X509Extension<'_>],
+    ca_subject: &[u8],
+    ca_key_id: Option<&[u8]>,
+) -> bool {
+    issuer == ca_subject
+        && match (authority_key_id(exts), ca_key_id) {
+            (Some(a), Some(k)) => a == k,
+            _ => true,
+        }
+}
+
 /// The authority key identifier among `exts`, if any.
-pub fn authority_key_id(exts: &[x509_parser::extensions::X509Extension<'_>]) -> Option<Vec<u8>> {
+fn authority_key_id(exts: &[x509_parser::extensions::X509Extension<'_>]) -> Option<Vec<u8>> {
     exts.iter().find_map(|e| match e.parsed_extension() {
         x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(a) => {
             a.key_identifier.as_ref().map(|k| k.0.to_vec())
@@ -494,7 +544,7 @@ pub fn authority_key_id(exts: &[x509_parser::extensions::X509Extension<'_>]) -> 
 }
 
 /// A certificate's subject key identifier, if it has one.
-pub fn subject_key_id(cert: &x509_parser::certificate::X509Certificate<'_>) -> Option<Vec<u8>> {
+fn subject_key_id(cert: &x509_parser::certificate::X509Certificate<'_>) -> Option<Vec<u8>> {
     cert.extensions()
         .iter()
         .find_map(|e| match e.parsed_extension() {

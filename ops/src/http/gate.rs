@@ -28,6 +28,8 @@ use tokio::sync::oneshot;
 /// The connections of one server (see the module).
 #[derive(Debug)]
 pub struct Gate {
+    /// The server's `endpoint` label on the connections gauge.
+    endpoint: &'static str,
     max_total: usize,
     max_per_client: usize,
     table: Mutex<Table>,
@@ -46,6 +48,9 @@ struct Conn {
     client: IpAddr,
     /// Requests in progress (a response whose body is still being produced counts).
     busy: u32,
+    /// Its whole request head had arrived when it was admitted: it counts as
+    /// mid-request until its first request starts.
+    arrived: bool,
     /// When the connection last began waiting for a request head ([`Table::clock`]).
     waiting_since: u64,
     /// Fired to close the connection when another takes its place.
@@ -71,9 +76,7 @@ pub enum Admission {
 #[derive(Debug)]
 pub struct Ticket {
     slot: Slot,
-    closed: Option<oneshot::Receiver<()>>,
-    /// The mid-request mark of a connection admitted with its head already arrived.
-    arrival: Option<Busy>,
+    closed: oneshot::Receiver<()>,
 }
 
 /// A handle on one connection's place, to mark requests in progress.
@@ -91,9 +94,11 @@ pub struct Busy {
 
 impl Gate {
     /// A gate holding at most `max_total` connections and `max_per_client` from one
-    /// address (each at least 1).
-    pub fn new(max_total: usize, max_per_client: usize) -> Arc<Gate> {
+    /// address (each at least 1), counted in the gauge
+    /// `routy_http_connections{endpoint}`.
+    pub fn new(endpoint: &'static str, max_total: usize, max_per_client: usize) -> Arc<Gate> {
         Arc::new(Gate {
+            endpoint,
             max_total: max_total.max(1),
             max_per_client: max_per_client.clamp(1, max_total.max(1)),
             table: Mutex::new(Table::default()),
@@ -104,9 +109,14 @@ impl Gate {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn count(&self, t: &Table) {
+        metrics::gauge!(crate::metrics::HTTP_CONNECTIONS, "endpoint" => self.endpoint)
+            .set(t.conns.len() as f64);
+    }
+
     /// Admits a connection from `client`, closing the longest-waiting candidate if a cap
     /// would be exceeded. With `head_arrived` the connection counts as mid-request until
-    /// [`Ticket::take_arrival`]'s guard is dropped.
+    /// its first request starts ([`Slot::busy`]).
     pub fn admit(self: &Arc<Gate>, client: IpAddr, head_arrived: bool) -> Admission {
         let mut t = self.table();
         let from_client = t.per_client.get(&client).copied().unwrap_or(0);
@@ -117,7 +127,7 @@ impl Gate {
             let victim = t
                 .conns
                 .iter()
-                .filter(|(_, c)| c.busy == 0 && (!over_client || c.client == client))
+                .filter(|(_, c)| c.busy == 0 && !c.arrived && (!over_client || c.client == client))
                 .min_by_key(|(id, c)| (c.waiting_since, **id))
                 .map(|(id, _)| *id);
             let Some(victim) = victim else {
@@ -137,21 +147,21 @@ impl Gate {
             id,
             Conn {
                 client,
-                busy: u32::from(head_arrived),
+                busy: 0,
+                arrived: head_arrived,
                 waiting_since: id,
                 close: Some(tx),
             },
         );
         *t.per_client.entry(client).or_insert(0) += 1;
-        let slot = Slot {
-            gate: self.clone(),
-            id,
-        };
+        self.count(&t);
         Admission::In {
             ticket: Ticket {
-                arrival: head_arrived.then(|| Busy { slot: slot.clone() }),
-                slot,
-                closed: Some(rx),
+                slot: Slot {
+                    gate: self.clone(),
+                    id,
+                },
+                closed: rx,
             },
             made_room,
         }
@@ -164,14 +174,9 @@ impl Gate {
             || t.per_client.get(&client).copied().unwrap_or(0) >= self.max_per_client
     }
 
-    /// Connections held now.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.table().conns.len()
-    }
-
-    /// No connection held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -194,43 +199,31 @@ impl Ticket {
         self.slot.clone()
     }
 
-    /// The mark of a connection admitted with its head already arrived, to drop once its
-    /// first request has its own.
-    pub fn take_arrival(&mut self) -> Option<Busy> {
-        self.arrival.take()
-    }
-
     /// Resolves when another connection took this one's place (never, otherwise).
     pub async fn closed(&mut self) {
-        match self.closed.as_mut() {
-            Some(rx) => {
-                if rx.await.is_err() {
-                    // The sender is gone only with the table entry; never close for it.
-                    std::future::pending::<()>().await;
-                }
-            }
-            None => std::future::pending::<()>().await,
+        if (&mut self.closed).await.is_err() {
+            // The sender is gone only with the table entry; never close for it.
+            std::future::pending::<()>().await;
         }
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.arrival = None;
-        self.slot.gate.table().remove(self.slot.id);
+        let gate = &self.slot.gate;
+        let mut t = gate.table();
+        t.remove(self.slot.id);
+        gate.count(&t);
     }
 }
 
 impl Slot {
-    /// The gate this place belongs to.
-    pub fn gate(&self) -> Arc<Gate> {
-        self.gate.clone()
-    }
-
-    /// Marks a request in progress until the returned guard is dropped.
+    /// Marks a request in progress until the returned guard is dropped (it takes over
+    /// the mark of a connection admitted with its head arrived).
     pub fn busy(&self) -> Busy {
         if let Some(c) = self.gate.table().conns.get_mut(&self.id) {
             c.busy += 1;
+            c.arrived = false;
         }
         Busy { slot: self.clone() }
     }
@@ -269,7 +262,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_longest_waiting_makes_room_and_busy_ones_stay() {
-        let g = Gate::new(3, 3);
+        let g = Gate::new("test", 3, 3);
         let (mut a, _) = admit(&g, ip(1));
         let (b, _) = admit(&g, ip(2));
         let (c, _) = admit(&g, ip(3));
@@ -294,7 +287,7 @@ mod tests {
 
     #[test]
     fn a_client_over_its_cap_only_displaces_its_own() {
-        let g = Gate::new(10, 2);
+        let g = Gate::new("test", 10, 2);
         let (_other, _) = admit(&g, ip(9));
         let (_a1, _) = admit(&g, ip(1));
         let (_a2, _) = admit(&g, ip(1));
@@ -308,8 +301,8 @@ mod tests {
 
     #[test]
     fn a_connection_whose_head_had_arrived_is_not_displaced_before_its_request() {
-        let g = Gate::new(2, 2);
-        let mut ready = match g.admit(ip(1), true) {
+        let g = Gate::new("test", 2, 2);
+        let ready = match g.admit(ip(1), true) {
             Admission::In { ticket, .. } => ticket,
             Admission::Full => panic!("refused"),
         };
@@ -318,10 +311,8 @@ mod tests {
         assert!(made_room, "the slow one made room, not the ready one");
         assert!(matches!(g.admit(ip(1), false), Admission::In { .. }));
         assert!(g.table().conns.contains_key(&ready.slot().id));
-        // Its request starts (a mark of its own) and the arrival mark goes.
-        let request = ready.slot().busy();
-        drop(ready.take_arrival());
-        drop(request);
+        // Its request starts and ends: from then on it is an ordinary waiting connection.
+        drop(ready.slot().busy());
         let (_next, _) = admit(&g, ip(1));
         let (_next2, _) = admit(&g, ip(1));
         assert!(!g.table().conns.contains_key(&ready.slot().id));
@@ -329,12 +320,12 @@ mod tests {
 
     #[test]
     fn dropping_tickets_frees_places() {
-        let g = Gate::new(2, 2);
+        let g = Gate::new("test", 2, 2);
         let (a, _) = admit(&g, ip(1));
         let (b, _) = admit(&g, ip(1));
         drop(a);
         drop(b);
-        assert!(g.is_empty());
+        assert_eq!(g.len(), 0);
         assert!(g.table().per_client.is_empty());
     }
 }

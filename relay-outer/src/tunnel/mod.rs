@@ -201,7 +201,8 @@ impl TunnelServer {
                     continue;
                 }
             };
-            let limit = self.settings().cfg.failed_handshake_limit;
+            let settings = self.settings();
+            let limit = settings.cfg.failed_handshake_limit;
             if PENALTY.shut_out(peer.ip(), std::time::Instant::now(), limit) {
                 // Closed before any TLS: cheap, and the log stays quiet (rate-limited).
                 refused!("throttled", %peer, limit, window = ?penalty::WINDOW,
@@ -215,7 +216,11 @@ impl TunnelServer {
             lanes::spawn_connection(
                 async move {
                     match tcp.arrive() {
-                        Ok(tcp) => PEER_IP.scope(peer.ip(), me.connection(tcp, peer)).await,
+                        Ok(tcp) => {
+                            PEER_IP
+                                .scope(peer.ip(), me.connection(tcp, peer, settings))
+                                .await
+                        }
                         Err(e) => warn!(error = %e, "tunnel connection dropped: cannot register it on a lane"),
                     }
                 }
@@ -224,8 +229,12 @@ impl TunnelServer {
         }
     }
 
-    async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
-        let settings = self.settings();
+    async fn connection(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        settings: Arc<Settings>,
+    ) {
         let ka = settings.cfg.keepalive;
         net::tune_tunnel_socket(&tcp, ka);
         let limit = settings.cfg.handshake_timeout;
@@ -413,7 +422,7 @@ impl TunnelServer {
         session: Session,
         peer: SocketAddr,
         tunnel_name: String,
-        cert: Option<(Vec<u8>, Vec<u8>)>,
+        cert: Option<tls::RevocationKey>,
         settings: &Settings,
     ) {
         let handle = session.handle.clone();
@@ -600,10 +609,11 @@ static PENALTY: std::sync::LazyLock<penalty::Penalty> =
 /// handshake of its address); whether to log it one by one (see [`RefusalLog`]).
 fn handshake_failed(reason: &'static str) -> bool {
     metrics::counter!(m::HANDSHAKE_FAILURES, "reason" => reason).increment(1);
-    if reason != "throttled" {
-        let _ = PEER_IP.try_with(|ip| PENALTY.failed(*ip, std::time::Instant::now()));
-    }
-    REFUSALS.admit(reason, std::time::Instant::now())
+    let now = std::time::Instant::now();
+    // Outside a connection's handling (QUIC, or `throttled` at accept) there is no
+    // address to charge.
+    let _ = PEER_IP.try_with(|ip| PENALTY.failed(*ip, now));
+    REFUSALS.admit(reason, now)
 }
 
 /// Counts a refused tunnel connection and logs it with `warn!`, unless its reason has

@@ -25,7 +25,7 @@ pub struct SessionEntry {
     pub services: Vec<String>,
     /// The client certificate's (issuer, serial), to close the session when a reload's
     /// revocation lists name it.
-    pub cert: Option<(Vec<u8>, Vec<u8>)>,
+    pub cert: Option<routy_tunnel::tls::RevocationKey>,
     /// Opens streams on the session.
     pub handle: SessionHandle,
     /// Set when relay-inner announced GoAway: no new streams.
