@@ -1,6 +1,7 @@
 //! The operational pieces both relays share: how they are run, configured and watched.
 //!
 //! - [`cli`]: the common command-line skeleton (run, check-config, reload, signals).
+//! - [`console`]: the operator's web page.
 //! - [`config_file`], [`units`]: loading a YAML configuration, durations, sizes, paths.
 //! - [`http`], [`metrics`]: the HTTP server (admin endpoint, consumer API) and every
 //!   metric's name.
@@ -15,6 +16,7 @@ pub mod admin_client;
 pub mod backoff;
 pub mod cli;
 pub mod config_file;
+pub mod console;
 pub mod drain;
 #[allow(unsafe_code)] // getrlimit and setrlimit (see the module)
 pub mod fdlimit;

@@ -18,7 +18,7 @@ use crate::relay::InnerRelay;
 
 /// The admin endpoint's routes: `/metrics`, `/healthz`, `/readyz`, `/status`.
 pub fn router(relay: Arc<InnerRelay>, prom: PrometheusHandle) -> Router {
-    let r = Router::new()
+    let r = routy_ops::console::router()
         .route(
             "/metrics",
             get(move || async move { routy_ops::http::prometheus(prom.render()) }),

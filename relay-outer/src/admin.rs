@@ -21,7 +21,7 @@ use crate::server::OuterRelay;
 
 /// The admin endpoint's routes.
 pub fn router(relay: Arc<OuterRelay>, prom: PrometheusHandle) -> Router {
-    let r = Router::new()
+    let r = routy_ops::console::router()
         .route(
             "/metrics",
             get(move || async move { routy_ops::http::prometheus(prom.render()) }),
