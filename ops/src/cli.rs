@@ -53,21 +53,26 @@ where
 /// Prometheus histograms fresh, and tells systemd the relay is ready (and keeps its
 /// watchdog fed while the runtime is responsive).
 pub async fn start_admin(
-    listen: std::net::SocketAddr,
+    settings: &crate::admin::AdminSettings,
     app: axum::Router,
     prom: metrics_exporter_prometheus::PrometheusHandle,
     drain: crate::drain::Drain,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> Result<(), std::io::Error> {
+    let listen = settings.listen;
     let sock = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
         std::io::Error::new(e.kind(), format!("admin.listen: cannot bind {listen}: {e}"))
     })?;
     let addr = sock.local_addr().unwrap_or(listen);
-    tracing::info!(listen = %addr, "admin endpoint ready (/metrics /healthz /readyz /status)");
-    tokio::spawn(crate::http::serve(
+    let scheme = settings.scheme();
+    tracing::info!(listen = %addr, tokens = settings.tokens.len(), client_certificates = settings.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        "admin endpoint ready: console at {scheme}://{addr}/ (also /metrics /healthz /readyz /status)");
+    tokio::spawn(crate::http::serve_tls(
         sock,
         app,
         drain,
         crate::http::Limits::default(),
+        tls,
     ));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));

@@ -44,27 +44,6 @@ where
     validate(raw, base).map_err(|m| ConfigError::new(path, m))
 }
 
-/// The `admin:` block of either relay's config file.
-#[derive(Debug, Clone, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AdminSpec {
-    /// Address of the admin HTTP endpoint.
-    pub listen: String,
-}
-
-impl AdminSpec {
-    /// The admin address: the block's, or `default`; errors name `admin.listen`.
-    pub fn resolve(
-        spec: Option<&AdminSpec>,
-        default: &str,
-    ) -> Result<std::net::SocketAddr, String> {
-        let addr = spec.map_or(default, |a| a.listen.as_str());
-        addr.parse().map_err(|_| {
-            format!("admin.listen: {addr:?} is not an address with a port, like {default:?}")
-        })
-    }
-}
-
 /// A reload's check of a setting that takes effect only at start: the refusal, naming
 /// `key` and both values, when it changed.
 pub fn restart_needed<T: PartialEq + std::fmt::Display>(

@@ -215,12 +215,12 @@ pub async fn serve_tls(
             let slot = ticket.slot();
             let serve = async move {
                 match tls {
-                    None => connection(stream, app, stop, limits, slot).await,
+                    None => connection(stream, app, stop, limits, slot, peer).await,
                     Some(acceptor) => {
                         match tokio::time::timeout(limits.head_deadline, acceptor.accept(stream))
                             .await
                         {
-                            Ok(Ok(s)) => connection(s, app, stop, limits, slot).await,
+                            Ok(Ok(s)) => connection(s, app, stop, limits, slot, peer).await,
                             Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
                             Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                         }
@@ -263,7 +263,14 @@ fn shed(endpoint: &'static str, reason: &'static str) {
 
 /// One connection: HTTP/1.1 with keep-alive, until the client leaves or the server
 /// stops (then in-flight responses get [`STOP_GRACE`]).
-async fn connection<S>(stream: S, app: Router, stop: Drain, limits: Limits, slot: Slot)
+async fn connection<S>(
+    stream: S,
+    app: Router,
+    stop: Drain,
+    limits: Limits,
+    slot: Slot,
+    peer: std::net::SocketAddr,
+)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -272,7 +279,8 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(limits.head_deadline)
         .max_buf_size(limits.max_head_len.max(8192));
-    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(crate::admin::ClientAddr(peer));
         // The connection counts as mid-request until its response body has been produced.
         let busy = slot.busy();
         let app = app.clone();

@@ -1,6 +1,7 @@
 //! The operational pieces both relays share: how they are run, configured and watched.
 //!
 //! - [`cli`]: the common command-line skeleton (run, check-config, reload, signals).
+//! - [`admin`]: who may use the admin endpoint (tokens, roles, TLS, the audit line).
 //! - [`console`]: the operator's web page.
 //! - [`config_file`], [`units`]: loading a YAML configuration, durations, sizes, paths.
 //! - [`http`], [`metrics`]: the HTTP server (admin endpoint, consumer API) and every
@@ -12,6 +13,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod admin_client;
 pub mod backoff;
 pub mod cli;

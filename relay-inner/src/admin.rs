@@ -18,6 +18,7 @@ use crate::relay::InnerRelay;
 
 /// The admin endpoint's routes: `/metrics`, `/healthz`, `/readyz`, `/status`.
 pub fn router(relay: Arc<InnerRelay>, prom: PrometheusHandle) -> Router {
+    let access = relay.admin_access.clone();
     let r = routy_ops::console::router()
         .route(
             "/metrics",
@@ -52,7 +53,10 @@ pub fn router(relay: Arc<InnerRelay>, prom: PrometheusHandle) -> Router {
                 "not found: try /metrics, /healthz, /readyz, /status, POST /v1/cdc/sources/NAME/resync?table=T\n",
             )
         });
-    routy_ops::http::with_deadline(r, routy_ops::http::DEFAULT_DEADLINE)
+    access.guard(routy_ops::http::with_deadline(
+        r,
+        routy_ops::http::DEFAULT_DEADLINE,
+    ))
 }
 
 /// `POST /v1/cdc/sources/{name}/resync?table=schema.table`.

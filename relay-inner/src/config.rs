@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use routy_ops::config_file::{self, AdminSpec, ConfigError};
+use routy_ops::admin::{AdminSettings, AdminSpec};
+use routy_ops::config_file::{self, ConfigError};
 use routy_ops::units::{resolve_path, Dur, Size};
 use routy_tunnel::control::{Keepalive, KeepaliveSpec};
 pub use routy_tunnel::proxy::{Proxy, Source as ProxySource};
@@ -162,8 +163,8 @@ pub struct Config {
     pub services: BTreeMap<String, Service>,
     /// Time open streams get to finish on SIGTERM.
     pub shutdown_grace: Duration,
-    /// Address of the admin HTTP endpoint (/metrics, /healthz, /readyz, /status).
-    pub admin_listen: std::net::SocketAddr,
+    /// The admin endpoint (`admin:`): address, tokens, `public_metrics`, TLS.
+    pub admin: AdminSettings,
     /// Bound on connecting to relay-outer (TCP, TLS, Hello).
     pub dial_timeout: Duration,
     /// Streams relay-outer may open on one session at once.
@@ -498,7 +499,7 @@ impl Config {
     }
 
     fn validate(raw: RawConfig, base: &Path) -> Result<Config, String> {
-        let admin_listen = AdminSpec::resolve(raw.admin.as_ref(), DEFAULT_ADMIN_LISTEN)?;
+        let admin = AdminSettings::resolve(raw.admin.as_ref(), DEFAULT_ADMIN_LISTEN, base)?;
         if raw.outer.is_empty() {
             return Err("outer: list at least one relay-outer endpoint".into());
         }
@@ -663,7 +664,7 @@ impl Config {
             keepalive: KeepaliveSpec::resolve(raw.keepalive.as_ref(), "keepalive")?,
             services,
             shutdown_grace: raw.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
-            admin_listen,
+            admin,
             dial_timeout: raw.dial_timeout.map_or(DEFAULT_DIAL_TIMEOUT, |d| d.0),
             max_streams_per_session: routy_tunnel::session::streams_limit(
                 raw.max_streams_per_session,
@@ -674,7 +675,19 @@ impl Config {
 
     /// The certificate files whose expiry the relay watches, by configuration key.
     pub fn cert_files(&self) -> Vec<(&'static str, PathBuf)> {
-        vec![("tls.cert", self.cert.clone()), ("tls.ca", self.ca.clone())]
+        let mut files = vec![("tls.cert", self.cert.clone()), ("tls.ca", self.ca.clone())];
+        files.extend(self.admin.cert_files());
+        files
+    }
+
+    /// The admin endpoint's TLS acceptor (`admin.tls`), when configured.
+    pub fn admin_tls(&self) -> Result<Option<tokio_rustls::TlsAcceptor>, String> {
+        let Some(t) = &self.admin.tls else {
+            return Ok(None);
+        };
+        routy_tunnel::tls::https_server_config(&t.cert, &t.key, t.client_ca.as_deref())
+            .map(|c| Some(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(c))))
+            .map_err(|e| format!("admin.tls: {e}"))
     }
 
     /// Loads the TLS material too, as `run` would; `check-config` uses this.

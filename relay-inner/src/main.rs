@@ -125,7 +125,6 @@ fn resync(path: &Path, name: &str, table: &str) -> anyhow::Result<()> {
             src.tables
         );
     }
-    let addr = routy_ops::admin_client::local(cfg.admin_listen);
     let path = format!(
         "/v1/cdc/sources/{}/resync?table={}",
         routy_ops::admin_client::percent_encode(name),
@@ -135,7 +134,7 @@ fn resync(path: &Path, name: &str, table: &str) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let (status, body) = rt
-        .block_on(routy_ops::admin_client::request(addr, "POST", &path))
+        .block_on(routy_ops::admin_client::request(&cfg.admin, "POST", &path))
         .map_err(anyhow::Error::msg)?;
     let v: serde_json::Value = serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
     if !(200..300).contains(&status) {
@@ -189,6 +188,7 @@ fn drop_slot(path: &Path, name: &str) -> anyhow::Result<()> {
 fn check(path: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     cfg.check_tls().map_err(anyhow::Error::msg)?;
+    cfg.admin_tls().map_err(anyhow::Error::msg)?;
     println!(
         "{}: ok ({} relay-outer endpoint(s), {} service(s), {} cdc source(s))",
         path.display(),
@@ -211,11 +211,12 @@ fn run(path: &Path) -> anyhow::Result<()> {
 
 async fn serve(path: PathBuf, cfg: Config, tls: rustls::ClientConfig) -> anyhow::Result<()> {
     info!(node = %cfg.node, services = ?cfg.services.keys().collect::<Vec<_>>(), "relay-inner starting");
-    let admin_listen = cfg.admin_listen;
+    let admin = cfg.admin.clone();
+    let admin_tls = cfg.admin_tls().map_err(anyhow::Error::msg)?;
     let prom = routy_ops::metrics::install().map_err(anyhow::Error::msg)?;
     let relay = relay::InnerRelay::start(path, cfg, tls)?;
     let app = admin::router(relay.clone(), prom.clone());
-    start_admin(admin_listen, app, prom, relay.drain.clone()).await?;
+    start_admin(&admin, app, prom, relay.drain.clone(), admin_tls).await?;
     let r = relay.clone();
     routy_ops::cli::run_until_stopped(
         || {

@@ -42,6 +42,8 @@ pub struct InnerRelay {
     pub drain: Drain,
     /// When the relay started.
     pub started: Instant,
+    /// Who may use the admin endpoint (tokens follow reloads).
+    pub admin_access: Arc<routy_ops::admin::Access>,
 }
 
 fn key(e: &OuterEndpoint) -> String {
@@ -82,7 +84,9 @@ impl InnerRelay {
             drain.clone(),
         ));
         let endpoints = cfg.outer.clone();
+        let admin_access = routy_ops::admin::Access::new(&cfg.admin);
         let relay = Arc::new(InnerRelay {
+            admin_access,
             path,
             current: Arc::new(RwLock::new(
                 current(cfg, tls).map_err(|e| anyhow::anyhow!(e))?,
@@ -156,7 +160,9 @@ impl InnerRelay {
         let _one_at_a_time = self.reload_lock.lock().await;
         let res = self.try_reload();
         if res.is_ok() {
-            routy_tunnel::expiry::watch(self.config().cert_files());
+            let cfg = self.config();
+            routy_tunnel::expiry::watch(cfg.cert_files());
+            self.admin_access.update(&cfg.admin);
         }
         let result = if res.is_ok() { "ok" } else { "error" };
         metrics::counter!(m::CONFIG_RELOADS, "result" => result).increment(1);
@@ -168,7 +174,7 @@ impl InnerRelay {
         let tls = new.check_tls()?;
         let new_connections = new.connections;
         let old = self.config();
-        restart_needed("admin.listen", &old.admin_listen, &new.admin_listen)?;
+        old.admin.reloadable(&new.admin)?;
         restart_needed("threads", &old.threads, &new.threads)?;
         let cdc_reload = match (&old.cdc, &new.cdc, &self.cdc) {
             (a, b, _) if a == b => None,

@@ -21,6 +21,7 @@ use crate::server::OuterRelay;
 
 /// The admin endpoint's routes.
 pub fn router(relay: Arc<OuterRelay>, prom: PrometheusHandle) -> Router {
+    let access = relay.admin_access.clone();
     let r = routy_ops::console::router()
         .route(
             "/metrics",
@@ -79,7 +80,10 @@ pub fn router(relay: Arc<OuterRelay>, prom: PrometheusHandle) -> Router {
             "not found: try /metrics, /healthz, /readyz, /status, /v1/sinks\n",
         )
     });
-    routy_ops::http::with_deadline(r, routy_ops::http::DEFAULT_DEADLINE)
+    access.guard(routy_ops::http::with_deadline(
+        r,
+        routy_ops::http::DEFAULT_DEADLINE,
+    ))
 }
 
 fn manage_error(e: ManageError) -> Response {

@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use routy_ops::config_file::{self, AdminSpec, ConfigError};
+use routy_ops::admin::{AdminSettings, AdminSpec};
+use routy_ops::config_file::{self, ConfigError};
 use routy_ops::units::{resolve_path as resolve, Dur};
 use routy_tunnel::cidr::Cidr;
 use routy_tunnel::control::KeepaliveSpec;
@@ -129,8 +130,8 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// Time open streams get to finish on SIGTERM.
     pub shutdown_grace: Duration,
-    /// Address of the admin HTTP endpoint (/metrics, /healthz, /readyz, /status).
-    pub admin_listen: std::net::SocketAddr,
+    /// The admin endpoint (`admin:`): address, tokens, `public_metrics`, TLS.
+    pub admin: AdminSettings,
     /// Data-path threads: each TLS tunnel connection, and the streams spliced over it,
     /// runs on one (see `routy_tunnel::lanes`).
     pub threads: usize,
@@ -268,7 +269,7 @@ impl Config {
     }
 
     fn validate(raw: RawConfig, base: &Path) -> Result<Config, String> {
-        let admin_listen = AdminSpec::resolve(raw.admin.as_ref(), DEFAULT_ADMIN_LISTEN)?;
+        let admin = AdminSettings::resolve(raw.admin.as_ref(), DEFAULT_ADMIN_LISTEN, base)?;
         let t = raw.tunnel;
         let tunnel = TunnelConfig {
             listen: socket_addr(&t.listen, "tunnel.listen")?,
@@ -356,17 +357,29 @@ impl Config {
             tunnel,
             listeners,
             shutdown_grace: raw.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
-            admin_listen,
+            admin,
             cdc,
         })
     }
 
     /// The certificate files whose expiry the relay watches, by configuration key.
     pub fn cert_files(&self) -> Vec<(&'static str, PathBuf)> {
-        vec![
+        let mut files = vec![
             ("tunnel.tls.cert", self.tunnel.cert.clone()),
             ("tunnel.tls.client_ca", self.tunnel.client_ca.clone()),
-        ]
+        ];
+        files.extend(self.admin.cert_files());
+        files
+    }
+
+    /// The admin endpoint's TLS acceptor (`admin.tls`), when configured.
+    pub fn admin_tls(&self) -> Result<Option<tokio_rustls::TlsAcceptor>, String> {
+        let Some(t) = &self.admin.tls else {
+            return Ok(None);
+        };
+        routy_tunnel::tls::https_server_config(&t.cert, &t.key, t.client_ca.as_deref())
+            .map(|c| Some(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(c))))
+            .map_err(|e| format!("admin.tls: {e}"))
     }
 
     /// Loads the TLS material too, as `run` would; `check-config` uses this.

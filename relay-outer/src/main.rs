@@ -259,6 +259,7 @@ fn certs_cmd(cmd: CertsCmd) -> anyhow::Result<()> {
 fn check(path: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     cfg.check_tls().map_err(anyhow::Error::msg)?;
+    cfg.admin_tls().map_err(anyhow::Error::msg)?;
     let cdc = match &cfg.cdc {
         None => String::new(),
         Some(c) => {
@@ -386,12 +387,13 @@ fn run(path: &Path) -> anyhow::Result<()> {
 }
 
 async fn serve(path: PathBuf, cfg: Config, tls: rustls::ServerConfig) -> anyhow::Result<()> {
-    let admin_listen = cfg.admin_listen;
+    let admin = cfg.admin.clone();
+    let admin_tls = cfg.admin_tls().map_err(anyhow::Error::msg)?;
     let prom = routy_ops::metrics::install().map_err(anyhow::Error::msg)?;
     cdc::describe_metrics();
     let relay = server::OuterRelay::start(path, cfg, tls).await?;
     let app = admin::router(relay.clone(), prom.clone());
-    start_admin(admin_listen, app, prom, relay.drain.clone()).await?;
+    start_admin(&admin, app, prom, relay.drain.clone(), admin_tls).await?;
     let r = relay.clone();
     routy_ops::cli::run_until_stopped(
         || {

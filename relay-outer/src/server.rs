@@ -45,6 +45,8 @@ pub struct OuterRelay {
     pub started: Instant,
     /// CDC stores and sinks; `None` without a `cdc` section.
     pub cdc: Option<Arc<Cdc>>,
+    /// Who may use the admin endpoint (tokens follow reloads).
+    pub admin_access: Arc<routy_ops::admin::Access>,
 }
 
 /// Puts `tunnel.max_bandwidth` in force (streams already running follow).
@@ -143,7 +145,9 @@ impl OuterRelay {
             let listener = Listener::new(l.clone(), registry.clone(), drain.clone(), None);
             listeners.insert(l.name.clone(), Running::start(listener, sock));
         }
+        let admin_access = routy_ops::admin::Access::new(&cfg.admin);
         Ok(Arc::new(OuterRelay {
+            admin_access,
             path,
             tunnel,
             tunnel_addr,
@@ -184,7 +188,9 @@ impl OuterRelay {
         let _one_at_a_time = self.reload_lock.lock().await;
         let res = self.try_reload().await;
         if res.is_ok() {
-            routy_tunnel::expiry::watch(self.config().cert_files());
+            let cfg = self.config();
+            routy_tunnel::expiry::watch(cfg.cert_files());
+            self.admin_access.update(&cfg.admin);
         }
         let result = if res.is_ok() { "ok" } else { "error" };
         metrics::counter!(m::CONFIG_RELOADS, "result" => result).increment(1);
@@ -202,7 +208,7 @@ impl OuterRelay {
         restart_needed("tunnel.listen", &old.tunnel.listen, &new.tunnel.listen)?;
         restart_needed("tunnel.quic", &old.tunnel.quic, &new.tunnel.quic)?;
         let new_settings = settings(&new, tls).map_err(|e| format!("{e:#}"))?;
-        restart_needed("admin.listen", &old.admin_listen, &new.admin_listen)?;
+        old.admin.reloadable(&new.admin)?;
         restart_needed("threads", &old.threads, &new.threads)?;
         // Consumer tokens are read again; anything else in the cdc section needs a
         // restart.

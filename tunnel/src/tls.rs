@@ -150,6 +150,37 @@ pub fn websocket_server_config(cert: &Path, key: &Path) -> Result<ServerConfig, 
     Ok(cfg)
 }
 
+/// An HTTPS endpoint's server side (the admin endpoint, the consumer API): our
+/// certificate, TLS 1.2 or 1.3, ALPN `http/1.1`; with `client_ca`, clients must present
+/// a certificate that CA signed.
+pub fn https_server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<ServerConfig, TlsError> {
+    let chain = load_certs(cert)?;
+    let key = load_key(key)?;
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca)?.into(), provider())
+                .build()
+                .map_err(|e| {
+                    TlsError::Config(format!("client verifier from {}: {e}", ca.display()))
+                })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut cfg = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Config(format!("{} with its key: {e}", cert.display())))?;
+    cfg.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    Ok(cfg)
+}
+
 /// Client side of the outer TLS under a WebSocket (`wss://`): the server (relay-outer,
 /// or a load balancer in front of it) verified against `ca`, no client certificate,
 /// ALPN `http/1.1`.

@@ -143,15 +143,7 @@ impl Consumers {
         let tls = match &cfg.tls {
             None => None,
             Some((cert, key)) => {
-                let certs = routy_tunnel::tls::load_certs(cert)
-                    .map_err(|e| anyhow::anyhow!("cdc.consumers.tls.cert: {e}"))?;
-                let key = routy_tunnel::tls::load_key(key)
-                    .map_err(|e| anyhow::anyhow!("cdc.consumers.tls.key: {e}"))?;
-                let provider = Arc::new(rustls::crypto::ring::default_provider());
-                let sc = rustls::ServerConfig::builder_with_provider(provider)
-                    .with_safe_default_protocol_versions()?
-                    .with_no_client_auth()
-                    .with_single_cert(certs, key)
+                let sc = routy_tunnel::tls::https_server_config(cert, key, None)
                     .map_err(|e| anyhow::anyhow!("cdc.consumers.tls: {e}"))?;
                 Some(tokio_rustls::TlsAcceptor::from(Arc::new(sc)))
             }

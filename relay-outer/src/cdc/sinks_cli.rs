@@ -2,69 +2,36 @@
 //! endpoint (the address in the configuration's `admin.listen`).
 
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 
 use crate::cdc::sink::clickhouse::http::percent_encode as encode;
 use crate::config::Config;
 
-/// How long the relay gets to answer.
-const TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The admin endpoint's base URL for the relay configured in `config`.
-fn base(config: &Path) -> anyhow::Result<String> {
+/// One request to the admin endpoint of the relay configured in `config` (with its
+/// token and TLS): the JSON answer of a 2xx, or an error with the relay's reason.
+fn call(config: &Path, post: bool, path: &str) -> anyhow::Result<serde_json::Value> {
     let cfg = Config::load(config)?;
     if cfg.cdc.is_none() {
         bail!("{}: has no cdc section (no sinks)", config.display());
     }
-    let mut addr = cfg.admin_listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(if addr.is_ipv4() {
-            std::net::Ipv4Addr::LOCALHOST.into()
-        } else {
-            std::net::Ipv6Addr::LOCALHOST.into()
-        });
-    }
-    Ok(format!("http://{addr}"))
-}
-
-/// One request to the admin endpoint: the JSON answer of a 2xx, or an error with the
-/// relay's reason.
-fn call(config: &Path, post: bool, path: &str) -> anyhow::Result<serde_json::Value> {
-    let url = format!("{}{path}", base(config)?);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting a runtime")?;
-    rt.block_on(async {
-        let tls = crate::cdc::sink::webhook::client_tls(None).map_err(|e| anyhow!(e))?;
-        let client = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .timeout(TIMEOUT)
-            .no_proxy()
-            .build()
-            .context("HTTP client")?;
-        let req = if post {
-            client.post(&url)
-        } else {
-            client.get(&url)
-        };
-        let resp = req.send().await.map_err(|e| {
-            anyhow!(
-                "cannot reach relay-outer's admin endpoint at {url}: {} (is relay-outer running with this configuration?)",
-                routy_pg::tls::error_chain(&e)
-            )
-        })?;
-        let status = resp.status();
-        let body = resp.text().await.unwrap_or_default();
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
-        if !status.is_success() {
-            let why = v["error"].as_str().map(str::to_string).unwrap_or(body);
-            bail!("relay-outer refused ({status}): {why}");
-        }
-        Ok(v)
-    })
+    let method = if post { "POST" } else { "GET" };
+    let (status, body) = rt
+        .block_on(routy_ops::admin_client::request(&cfg.admin, method, path))
+        .map_err(|e| anyhow!("{e}"))?;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
+    if !(200..300).contains(&status) {
+        let why = v["error"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| body.trim().to_string());
+        bail!("relay-outer refused ({status}): {why}");
+    }
+    Ok(v)
 }
 
 /// `cdc sinks`: one line per sink, or the JSON with `json`.
