@@ -2,7 +2,7 @@
 //!
 //! - [`cli`]: the common command-line skeleton (run, check-config, reload, signals).
 //! - [`admin`]: who may use the admin endpoint (tokens, roles, TLS, the audit line).
-//! - [`console`]: the operator's web page.
+//! - [`console`]: the operator's web page; [`history`]: the last 15 minutes of its charts.
 //! - [`config_file`], [`units`]: loading a YAML configuration, durations, sizes, paths.
 //! - [`http`], [`metrics`]: the HTTP server (admin endpoint, consumer API) and every
 //!   metric's name.
@@ -23,6 +23,7 @@ pub mod drain;
 #[allow(unsafe_code)] // getrlimit and setrlimit (see the module)
 pub mod fdlimit;
 pub mod give_back;
+pub mod history;
 pub mod http;
 pub mod logging;
 #[allow(unsafe_code)] // one libc call: mallopt (see the module)

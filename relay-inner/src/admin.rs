@@ -1,5 +1,5 @@
-//! relay-inner's admin endpoint: `/metrics`, `/healthz`, `/readyz` and `/status`, read
-//! from the running relay (tunnel endpoints, services, CDC). It sits above the tunnel and
+//! relay-inner's admin endpoint: the console, `/metrics`, `/healthz`, `/readyz`,
+//! `/status` and `/v1/history`, read from the running relay (tunnel endpoints, services, CDC). It sits above the tunnel and
 //! CDC modules and is the only place that joins their views.
 
 use std::sync::Arc;
@@ -12,17 +12,78 @@ use axum::extract::{Path, Query};
 use axum::routing::{get, post};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
+use routy_ops::history::{Chart, History, Read};
 use routy_ops::http::{json, text};
 
 use crate::relay::InnerRelay;
 
-/// The admin endpoint's routes: `/metrics`, `/healthz`, `/readyz`, `/status`.
+/// The console's charts.
+const CHARTS: &[Chart] = &[
+    Chart {
+        id: "service_throughput",
+        title: "Throughput per service",
+        unit: "bytes/s",
+        metric: routy_ops::metrics::STREAM_BYTES,
+        by: "service",
+        read: Read::Rate,
+    },
+    Chart {
+        id: "retained_wal",
+        title: "Retained WAL per source",
+        unit: "bytes",
+        metric: relay_inner::cdc::source::RETAINED_WAL_BYTES,
+        by: "source",
+        read: Read::Gauge,
+    },
+    Chart {
+        id: "spool_bytes",
+        title: "Spool per source",
+        unit: "bytes",
+        metric: relay_inner::cdc::SPOOL_BYTES,
+        by: "source",
+        read: Read::Gauge,
+    },
+    Chart {
+        id: "unacked_records",
+        title: "Records not yet stored by relay-outer",
+        unit: "records",
+        metric: relay_inner::cdc::shipper::UNACKED_RECORDS,
+        by: "source",
+        read: Read::Gauge,
+    },
+];
+
+/// The admin endpoint's routes: the console (`/`), `/metrics`, `/healthz`, `/readyz`,
+/// `/status`, `/v1/history`, and the actions `/v1/cdc/sources/{name}/resync` and
+/// `/v1/reload`.
 pub fn router(relay: Arc<InnerRelay>, prom: PrometheusHandle) -> Router {
     let access = relay.admin_access.clone();
+    let history = History::new(CHARTS.to_vec(), Vec::new());
+    history.spawn(prom.clone(), Box::new(Vec::new));
+    let reload_relay = relay.clone();
     let r = routy_ops::console::router()
         .route(
             "/metrics",
             get(move || async move { routy_ops::http::prometheus(prom.render()) }),
+        )
+        .route(
+            "/v1/history",
+            get(move || async move { json(StatusCode::OK, &history.to_json()) }),
+        )
+        .route(
+            "/v1/reload",
+            post(move || async move {
+                match reload_relay.reload().await {
+                    Ok(summary) => json(
+                        StatusCode::OK,
+                        &serde_json::json!({ "reloaded": summary }),
+                    ),
+                    Err(e) => json(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        &serde_json::json!({ "error": e }),
+                    ),
+                }
+            }),
         )
         .route("/healthz", get(|| async { text(StatusCode::OK, "ok\n") }));
     let ready = relay.clone();
@@ -50,7 +111,7 @@ pub fn router(relay: Arc<InnerRelay>, prom: PrometheusHandle) -> Router {
         .fallback(|| async {
             text(
                 StatusCode::NOT_FOUND,
-                "not found: try /metrics, /healthz, /readyz, /status, POST /v1/cdc/sources/NAME/resync?table=T\n",
+                "not found: try /, /metrics, /healthz, /readyz, /status, /v1/history, POST /v1/reload, POST /v1/cdc/sources/NAME/resync?table=T\n",
             )
         });
     access.guard(routy_ops::http::with_deadline(

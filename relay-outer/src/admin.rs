@@ -1,8 +1,7 @@
-//! The admin endpoint: `/metrics`, `/healthz`, `/readyz`, `/status`, and the sink
-//! management API (`/v1/sinks`, `/v1/sinks/{name}/pause|resume|replay`).
-//!
-//! The endpoint listens on loopback by default: anyone who can reach it can pause or
-//! replay a sink (authentication comes with the console).
+//! The admin endpoint: the console (`/`), `/metrics`, `/healthz`, `/readyz`, `/status`,
+//! `/v1/history` (the console's charts), and the actions: sinks
+//! (`/v1/sinks/{name}/pause|resume|replay`), sessions (`/v1/sessions/{id}/drain`) and
+//! `/v1/reload`. Who may do what is [`routy_ops::admin`]'s (tokens and roles).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,19 +12,102 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
+use routy_ops::history::{Chart, History, Read};
 use routy_ops::http::{json, text};
 use serde_json::json;
 
 use crate::cdc::manage::ManageError;
 use crate::server::OuterRelay;
 
+/// The console's charts.
+const CHARTS: &[Chart] = &[
+    Chart {
+        id: "listener_throughput",
+        title: "Throughput per listener",
+        unit: "bytes/s",
+        metric: routy_ops::metrics::STREAM_BYTES,
+        by: "listener",
+        read: Read::Rate,
+    },
+    Chart {
+        id: "tunnel_throughput",
+        title: "Throughput per tunnel",
+        unit: "bytes/s",
+        metric: routy_ops::metrics::STREAM_BYTES,
+        by: "tunnel",
+        read: Read::Rate,
+    },
+    Chart {
+        id: "listener_clients",
+        title: "Clients per listener",
+        unit: "count",
+        metric: "",
+        by: "",
+        read: Read::Given,
+    },
+    Chart {
+        id: "sink_lag_seconds",
+        title: "CDC lag per sink",
+        unit: "seconds",
+        metric: "",
+        by: "",
+        read: Read::Given,
+    },
+    Chart {
+        id: "sink_lag_records",
+        title: "CDC records behind per sink",
+        unit: "records",
+        metric: crate::cdc::sink::LAG_RECORDS,
+        by: "sink",
+        read: Read::Gauge,
+    },
+    Chart {
+        id: "store_bytes",
+        title: "CDC store per source",
+        unit: "bytes",
+        metric: crate::cdc::STORE_BYTES,
+        by: "source",
+        read: Read::Gauge,
+    },
+];
+
+/// Values of the charts the metrics do not have.
+fn given(relay: &OuterRelay) -> Vec<(&'static str, String, f64)> {
+    let mut out: Vec<(&'static str, String, f64)> = relay
+        .listeners()
+        .values()
+        .map(|r| {
+            let l = r.current();
+            ("listener_clients", l.cfg.name.clone(), l.slots.in_use() as f64)
+        })
+        .collect();
+    if let Some(cdc) = &relay.cdc {
+        for s in cdc.sinks_json().as_array().into_iter().flatten() {
+            if let (Some(name), Some(lag)) = (s["name"].as_str(), s["lag_seconds"].as_f64()) {
+                out.push(("sink_lag_seconds", name.to_string(), lag));
+            }
+        }
+    }
+    out
+}
+
 /// The admin endpoint's routes.
 pub fn router(relay: Arc<OuterRelay>, prom: PrometheusHandle) -> Router {
     let access = relay.admin_access.clone();
+    let history = History::new(CHARTS.to_vec(), vec![routy_ops::metrics::LISTENER_REFUSED]);
+    {
+        let relay = relay.clone();
+        history.spawn(prom.clone(), Box::new(move || given(&relay)));
+    }
+    let h = history.clone();
     let r = routy_ops::console::router()
         .route(
             "/metrics",
             get(move || async move { routy_ops::http::prometheus(prom.render()) }),
+        )
+        .route(
+            "/v1/history",
+            get(move || async move { json(StatusCode::OK, &h.to_json()) }),
         )
         .route("/healthz", get(|| async { text(StatusCode::OK, "ok\n") }));
     let rr = relay.clone();
@@ -44,7 +126,17 @@ pub fn router(relay: Arc<OuterRelay>, prom: PrometheusHandle) -> Router {
     let rr = relay.clone();
     let r = r.route(
         "/status",
-        get(move || async move { json(StatusCode::OK, &status(&rr)) }),
+        get(move || async move { json(StatusCode::OK, &status(&rr, &history)) }),
+    );
+    let rr = relay.clone();
+    let r = r.route(
+        "/v1/reload",
+        post(move || async move { reload(&rr).await }),
+    );
+    let rr = relay.clone();
+    let r = r.route(
+        "/v1/sessions/{id}/drain",
+        post(move |Path(id): Path<String>| async move { drain(&rr, &id) }),
     );
     let rr = relay.clone();
     let r = r.route(
@@ -77,7 +169,7 @@ pub fn router(relay: Arc<OuterRelay>, prom: PrometheusHandle) -> Router {
     let r = r.fallback(|| async {
         text(
             StatusCode::NOT_FOUND,
-            "not found: try /metrics, /healthz, /readyz, /status, /v1/sinks\n",
+            "not found: try /, /metrics, /healthz, /readyz, /status, /v1/history, /v1/sinks\n",
         )
     });
     access.guard(routy_ops::http::with_deadline(
@@ -135,7 +227,61 @@ async fn replay(relay: &OuterRelay, name: &str, q: &HashMap<String, String>) -> 
     }
 }
 
-fn status(relay: &OuterRelay) -> serde_json::Value {
+/// `POST /v1/reload`: the same as SIGHUP.
+async fn reload(relay: &OuterRelay) -> Response {
+    match relay.reload().await {
+        Ok(summary) => json(StatusCode::OK, &json!({ "reloaded": summary })),
+        Err(e) => json(StatusCode::UNPROCESSABLE_ENTITY, &json!({ "error": e })),
+    }
+}
+
+/// `POST /v1/sessions/{id}/drain`: GoAway to that session's relay-inner, which dials a
+/// new one; the session closes once its client streams are done (at most
+/// `shutdown_grace`).
+fn drain(relay: &OuterRelay, id: &str) -> Response {
+    let Ok(id) = id.parse::<u64>() else {
+        return json(
+            StatusCode::BAD_REQUEST,
+            &json!({ "error": format!("{id:?} is not a session id (see /status sessions[].id)") }),
+        );
+    };
+    let Some(s) = relay.registry.find(id) else {
+        return json(
+            StatusCode::NOT_FOUND,
+            &json!({ "error": format!("no live session {id}") }),
+        );
+    };
+    let grace = relay.config().shutdown_grace;
+    if s.drain(grace) {
+        json(
+            StatusCode::ACCEPTED,
+            &json!({ "session": id, "tunnel": s.tunnel, "node": s.node, "draining": true,
+                     "open_streams": s.load.load(std::sync::atomic::Ordering::Relaxed),
+                     "grace_seconds": grace.as_secs_f64() }),
+        )
+    } else {
+        json(
+            StatusCode::CONFLICT,
+            &json!({ "error": format!("session {id} is draining already") }),
+        )
+    }
+}
+
+/// Clients `listener` refused, by reason (as of the last sample).
+fn refused(history: &History, listener: &str) -> serde_json::Value {
+    let mut by_reason = serde_json::Map::new();
+    for (labels, n) in history.last(routy_ops::metrics::LISTENER_REFUSED) {
+        let label = |k: &str| labels.iter().find(|(l, _)| l == k).map(|(_, v)| v.as_str());
+        if label("listener") == Some(listener) {
+            if let Some(reason) = label("reason") {
+                by_reason.insert(reason.to_string(), json!(n));
+            }
+        }
+    }
+    serde_json::Value::Object(by_reason)
+}
+
+fn status(relay: &OuterRelay, history: &History) -> serde_json::Value {
     let sessions: Vec<_> = relay
         .registry
         .all()
@@ -153,6 +299,7 @@ fn status(relay: &OuterRelay) -> serde_json::Value {
                 "rtt_seconds": s.rtt().map(|r| r.as_secs_f64()),
                 "open_streams": s.load.load(std::sync::atomic::Ordering::Relaxed),
                 "draining": s.draining.load(std::sync::atomic::Ordering::Relaxed),
+                "tunnel_bytes_per_second": history.latest("tunnel_throughput", &s.tunnel),
             })
         })
         .collect();
@@ -170,6 +317,8 @@ fn status(relay: &OuterRelay) -> serde_json::Value {
                 "connections": in_use,
                 "max_connections": l.cfg.max_connections,
                 "tunnel_up": relay.registry.all().iter().any(|s| s.tunnel == l.cfg.tunnel && s.usable()),
+                "bytes_per_second": history.latest("listener_throughput", &l.cfg.name),
+                "refused": refused(history, &l.cfg.name),
             })
         })
         .collect();

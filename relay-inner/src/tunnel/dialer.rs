@@ -66,7 +66,8 @@ struct Connected {
 enum Served {
     /// The session ended.
     Ended(ControlEnd),
-    /// A QUIC session took over from this TLS one, which drains in the background.
+    /// A new session took over from this one (QUIC from TLS, or after relay-outer's
+    /// GoAway), which drains in the background.
     Upgraded(Connected),
 }
 
@@ -141,8 +142,8 @@ impl Dialer {
                     metrics::gauge!(m::SESSION_TRANSPORT, &transport_label).decrement(1.0);
                     let end = match served {
                         Served::Upgraded(c) => {
-                            info!(tunnel = %tunnel, old_session = id, session = c.id,
-                                "moved to QUIC: the TLS session is draining and closes when its streams are done");
+                            info!(tunnel = %tunnel, old_session = id, session = c.id, transport = c.session.handle.transport(),
+                                "moved to a new session: the old one is draining and closes when its streams are done");
                             next = Some(c);
                             continue;
                         }
@@ -437,6 +438,21 @@ impl Dialer {
             }
         };
         tokio::pin!(upgrade);
+        // relay-outer's GoAway (an operator drained this session): dial a new session and
+        // hand over to it, as for QUIC; the old one drains.
+        let outer_goaway = tokio::sync::Notify::new();
+        let replacement = async {
+            outer_goaway.notified().await;
+            loop {
+                match tokio::time::timeout(cur.cfg.dial_timeout, self.dial(cur)).await {
+                    Ok(Ok(c)) => return c,
+                    Ok(Err(e)) => debug!(reason = %e, "no replacement session yet"),
+                    Err(_) => debug!("no replacement session yet: timed out"),
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        };
+        tokio::pin!(replacement);
         let end = loop {
             tokio::select! {
                 end = &mut ctl => break end.unwrap_or_else(|e| ControlEnd::Failed(e.to_string())),
@@ -456,9 +472,17 @@ impl Dialer {
                         rtt_hist.record(rtt.as_secs_f64());
                         debug!(?rtt, "keepalive");
                     }
-                    Some(ControlEvent::GoAway(reason)) => info!(%reason, "relay-outer is draining"),
+                    Some(ControlEvent::GoAway(reason)) => {
+                        info!(%reason, "relay-outer is draining this session: dialing a new one");
+                        outer_goaway.notify_one();
+                    }
                     None => {}
                 },
+                c = &mut replacement, if !goaway_sent => {
+                    info!(session = c.id, "a new session took over from the drained one");
+                    self.drain_old(handle, incoming, ctl, cmd_tx, max_streams, cur.cfg.shutdown_grace);
+                    return Served::Upgraded(c);
+                }
                 c = &mut upgrade, if try_quic && !goaway_sent => {
                     info!(session = c.id, "QUIC gets through now; moving off the TLS fallback");
                     let _ = cmd_tx

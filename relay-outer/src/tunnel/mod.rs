@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use relay_proto::frame::ErrorCode;
 use routy_ops::drain::Drain;
 use routy_ops::metrics as m;
-use routy_tunnel::control::{self, ControlEnd, ControlEvent};
+use routy_tunnel::control::{self, ControlCommand, ControlEnd, ControlEvent};
 use routy_tunnel::handshake;
 use routy_tunnel::lanes;
 use routy_tunnel::session::{self, Role, Session};
@@ -490,6 +490,8 @@ impl TunnelServer {
             since: Instant::now(),
             load: Default::default(),
             rtt_micros: Default::default(),
+            drain_asked: Default::default(),
+            drain_grace_ms: Default::default(),
         });
         let count = self.registry.add(entry.clone());
         let tunnel_label = [("tunnel", tunnel_name.clone())];
@@ -554,9 +556,11 @@ impl TunnelServer {
             }
         };
         tokio::spawn(events);
+        let drainer = tokio::spawn(drain_when_asked(entry.clone(), cmd_tx.clone()));
         let end = ctl
             .await
             .unwrap_or_else(|e| ControlEnd::Failed(format!("control task failed: {e}")));
+        drainer.abort();
         drop(cmd_tx);
         let left = self.registry.remove(&tunnel_name, id);
         let end = handle.end_reason(end).await;
@@ -576,6 +580,24 @@ impl TunnelServer {
         warn!(session = id, node = %entry.node, peer = %entry.peer, services = ?entry.services,
             uptime = ?entry.since.elapsed(), reason = %end, sessions_left = left, transport, "tunnel down");
     }
+}
+
+/// Waits for an operator's drain of `entry` ([`SessionEntry::drain`]): sends relay-inner
+/// GoAway, waits for the session's client streams to finish (at most the grace the drain
+/// gave), then ends the session.
+async fn drain_when_asked(entry: Arc<SessionEntry>, cmd_tx: mpsc::Sender<ControlCommand>) {
+    entry.drain_asked.notified().await;
+    let grace = Duration::from_millis(entry.drain_grace_ms.load(Ordering::Relaxed));
+    info!(session = entry.id, node = %entry.node, open_streams = entry.load.load(Ordering::Relaxed),
+        ?grace, "draining the session: GoAway sent, no new streams");
+    let _ = cmd_tx
+        .send(ControlCommand::GoAway("drained by an operator".into()))
+        .await;
+    let deadline = tokio::time::Instant::now() + grace;
+    while entry.load.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = cmd_tx.send(ControlCommand::Stop).await;
 }
 
 /// Closes a refused connection so that the TLS alert already sent reaches the peer:

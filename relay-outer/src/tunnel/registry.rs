@@ -36,6 +36,10 @@ pub struct SessionEntry {
     pub load: AtomicUsize,
     /// Last keepalive round trip, microseconds (0: none yet).
     pub rtt_micros: AtomicU64,
+    /// An operator asked to drain the session ([`SessionEntry::drain`]).
+    pub drain_asked: tokio::sync::Notify,
+    /// How long that drain waits for the session's client streams, milliseconds.
+    pub drain_grace_ms: AtomicU64,
 }
 
 /// Counts one client stream against its session's load until dropped.
@@ -62,6 +66,19 @@ impl SessionEntry {
             0 => None,
             us => Some(std::time::Duration::from_micros(us)),
         }
+    }
+
+    /// Drains the session: no new streams, GoAway to relay-inner (which dials a new
+    /// session), and the session closes once its client streams have finished, or after
+    /// `grace`. Returns false when it was draining already.
+    pub fn drain(&self, grace: std::time::Duration) -> bool {
+        if self.draining.swap(true, Ordering::Relaxed) {
+            return false;
+        }
+        let ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+        self.drain_grace_ms.store(ms, Ordering::Relaxed);
+        self.drain_asked.notify_one();
+        true
     }
 
     /// Whether new streams may go to this session.
@@ -152,6 +169,11 @@ impl Registry {
     pub fn all(&self) -> Vec<Arc<SessionEntry>> {
         self.lock().values().flatten().cloned().collect()
     }
+
+    /// The live session `id`.
+    pub fn find(&self, id: u64) -> Option<Arc<SessionEntry>> {
+        self.lock().values().flatten().find(|s| s.id == id).cloned()
+    }
 }
 
 #[cfg(test)]
@@ -174,6 +196,8 @@ mod tests {
             since: Instant::now(),
             load: AtomicUsize::new(0),
             rtt_micros: AtomicU64::new(0),
+            drain_asked: Default::default(),
+            drain_grace_ms: AtomicU64::new(0),
         });
         (e, b)
     }
