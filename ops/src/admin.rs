@@ -11,8 +11,9 @@
 //! - Without `tokens` the endpoint must listen on loopback (the default), where it is open
 //!   to the host as before; a non-loopback `listen` without tokens is a configuration
 //!   error.
-//! - Every action, allowed or refused, is logged at INFO (WARN when refused) with target
-//!   `routy::audit`: the token's name, the client's address, method, path and status.
+//! - Every action, allowed or refused, is logged at INFO (WARN when refused), its
+//!   message starting `audit:` (target `routy::audit`): the token's name, the client's
+//!   address, method, path and status.
 //!
 //! Bearer tokens in a header (not cookies or Basic auth) keep the console safe from
 //! cross-site requests: a browser never adds them to a request on its own.
@@ -439,8 +440,8 @@ async fn check(State(access): State<Arc<Access>>, req: Request, next: Next) -> R
         Ok(c) => c,
         Err(Refusal::Unauthorized(msg)) => {
             if !read_only {
-                tracing::warn!(target: "routy::audit", token = "-", %peer, %method, path = %target,
-                    status = 401, "admin action refused: {msg}");
+                tracing::warn!(target: "routy::audit", token = %"-", %peer, %method, path = %target,
+                    status = 401, "audit: admin action refused: {msg}");
             }
             return error(StatusCode::UNAUTHORIZED, msg);
         }
@@ -456,8 +457,8 @@ async fn check(State(access): State<Arc<Access>>, req: Request, next: Next) -> R
         role: Role::Read, ..
     } = caller
     {
-        tracing::warn!(target: "routy::audit", token = %name, role, %peer, %method, path = %target,
-            status = 403, "admin action refused: a read token");
+        tracing::warn!(target: "routy::audit", token = %name, role = %role, %peer, %method, path = %target,
+            status = 403, "audit: admin action refused: a read token");
         return error(
             StatusCode::FORBIDDEN,
             &format!("token {name} may only read: actions need a token with role admin"),
@@ -465,8 +466,8 @@ async fn check(State(access): State<Arc<Access>>, req: Request, next: Next) -> R
     }
     let response = next.run(req).await;
     let status = response.status().as_u16();
-    tracing::info!(target: "routy::audit", token = %name, role, %peer, %method, path = %target,
-        status, "admin action");
+    tracing::info!(target: "routy::audit", token = %name, role = %role, %peer, %method, path = %target,
+        status, "audit: admin action");
     response.into_response()
 }
 
@@ -597,11 +598,17 @@ mod tests {
         .unwrap();
         let access = Access::new(&settings);
         let app = app(&access);
-        let (read, admin) = (Some("read-token-0123456789"), Some("admin-token-0123456789"));
+        let (read, admin) = (
+            Some("read-token-0123456789"),
+            Some("admin-token-0123456789"),
+        );
         assert_eq!(call(&app, "GET", "/healthz", None).await, 200);
         assert_eq!(call(&app, "GET", "/", None).await, 200);
         assert_eq!(call(&app, "GET", "/status", None).await, 401);
-        assert_eq!(call(&app, "GET", "/status", Some("wrong-token-0123456789")).await, 401);
+        assert_eq!(
+            call(&app, "GET", "/status", Some("wrong-token-0123456789")).await,
+            401
+        );
         assert_eq!(call(&app, "GET", "/metrics", None).await, 401);
         assert_eq!(call(&app, "GET", "/status", read).await, 200);
         assert_eq!(call(&app, "POST", "/v1/reload", None).await, 401);

@@ -36,6 +36,8 @@ pub struct RigOpts {
     pub spool_max: String,
     /// Extra top-level YAML for relay-inner only (e.g. `connections: 2`).
     pub inner_extra: String,
+    /// Extra top-level YAML for relay-outer only (e.g. an `admin:` block).
+    pub outer_extra: String,
     /// Appended to the sink's DSN (e.g. ` sslmode=verify-full sslrootcert=...`).
     pub sink_dsn_extra: String,
     /// Write both DSNs (source and sink) in the URL form (`postgresql://user@host:port/db`);
@@ -82,6 +84,7 @@ impl Default for RigOpts {
             relay_extra: "shutdown_grace: 2s\n".into(),
             spool_max: "1GiB".into(),
             inner_extra: String::new(),
+            outer_extra: String::new(),
             spool_tmpfs: None,
             store_tmpfs: None,
             retention: "1h".into(),
@@ -259,8 +262,9 @@ impl CdcRig {
             )
         };
         let outer_extra = format!(
-            "{}cdc:\n  dir: {}\n  retention: {}\n{}  sinks:\n    - name: {SINK}\n      source: {SOURCE}\n      postgres: {{ dsn: \"{sink_dsn}\", create_tables: true }}\n      retry: {{ initial: 100ms, max: 1s }}\n{}",
+            "{}{}cdc:\n  dir: {}\n  retention: {}\n{}  sinks:\n    - name: {SINK}\n      source: {SOURCE}\n      postgres: {{ dsn: \"{sink_dsn}\", create_tables: true }}\n      retry: {{ initial: 100ms, max: 1s }}\n{}",
             opts.relay_extra,
+            opts.outer_extra,
             store_dir.display(),
             opts.retention,
             opts.outer_cdc_extra,

@@ -171,6 +171,8 @@ pub struct Relay {
     pub config: PathBuf,
     /// Port of its admin endpoint on 127.0.0.1, if the config names one.
     pub admin_port: Option<u16>,
+    /// The token [`Relay::admin_get`] sends, for an endpoint with `admin.tokens`.
+    pub admin_token: Option<String>,
     netns: Option<String>,
     _dir: tempfile::TempDir,
 }
@@ -230,6 +232,7 @@ impl Relay {
             proc: Proc::spawn(name, cmd),
             config,
             admin_port,
+            admin_token: None,
             netns: netns.map(str::to_owned),
             _dir: dir,
         }
@@ -308,7 +311,8 @@ impl Relay {
             .unwrap_or_else(|| panic!("{}: no admin endpoint configured", self.proc.name()));
         let get = {
             let path = path.to_owned();
-            move || http_get(port, &path)
+            let token = self.admin_token.clone();
+            move || http_get(port, &path, token.as_deref())
         };
         match &self.netns {
             Some(ns) => crate::in_netns(ns, get),
@@ -529,25 +533,45 @@ impl Tunnel {
 }
 
 /// One HTTP/1.0 GET to 127.0.0.1:`port`; the body of a 200 answer, or an error.
-fn http_get(port: u16, path: &str) -> Result<String, String> {
+fn http_get(port: u16, path: &str, token: Option<&str>) -> Result<String, String> {
+    match admin_request(port, "GET", path, token)? {
+        (200, body) => Ok(body),
+        (status, body) => Err(format!("answer {status}: {body}")),
+    }
+}
+
+/// One request to an admin endpoint on 127.0.0.1:`port` (with `Authorization: Bearer`
+/// when `token` is given): the status and the body.
+pub fn admin_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(u16, String), String> {
     use std::io::{Read, Write};
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let mut t = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .map_err(|e| format!("connect {addr}: {e}"))?;
     t.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
-    t.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
-        .map_err(|e| format!("send: {e}"))?;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    t.write_all(
+        format!("{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}Content-Length: 0\r\n\r\n")
+            .as_bytes(),
+    )
+    .map_err(|e| format!("send: {e}"))?;
     let mut raw = String::new();
     t.read_to_string(&mut raw)
         .map_err(|e| format!("read: {e}"))?;
     let (head, body) = raw
         .split_once("\r\n\r\n")
         .ok_or_else(|| format!("no end of headers in {raw:?}"))?;
-    match head.split_whitespace().nth(1) {
-        Some("200") => Ok(body.to_owned()),
-        _ => Err(format!("answer {head:?}: {body}")),
-    }
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status in {head:?}"))?;
+    Ok((status, body.to_owned()))
 }
 
 /// Sum of the samples of metric `name` in Prometheus text `text` whose labels include

@@ -44,6 +44,9 @@ fn setup(retention: &str, segment: &str) -> Setup {
         ..RigOpts::default()
     });
     rig.wait_shipping();
+    // Rows inserted before the slot exists would arrive in the initial copy, without
+    // their transactions' begin and commit.
+    rig.wait_streaming();
     Setup {
         rig,
         port,
