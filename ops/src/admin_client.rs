@@ -42,7 +42,10 @@ pub async fn request(
     path: &str,
 ) -> Result<(u16, String), String> {
     let addr = local(admin.listen);
-    let token = match admin.admin_token_file().or(admin.tokens.first().map(|t| t.file.as_path())) {
+    let token = match admin
+        .admin_token_file()
+        .or(admin.tokens.first().map(|t| t.file.as_path()))
+    {
         Some(f) => Some(crate::admin::read_secret(f).map_err(|e| format!("admin.tokens: {e}"))?),
         None => None,
     };

@@ -119,7 +119,10 @@ impl History {
                 continue;
             };
             if let Some(k) = self.keep.iter().find(|k| **k == name) {
-                let l = labels.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+                let l = labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .collect();
                 last.entry(k).or_default().push((l, value));
             }
             for (i, c) in self.charts.iter().enumerate() {
@@ -336,7 +339,10 @@ mod tests {
         assert_eq!(h.latest("throughput", "pg"), Some(10.0));
         let j = h.to_json();
         assert_eq!(j["step_seconds"], 5);
-        assert_eq!(j["charts"][1]["series"][0]["points"][0], json!([1000.0, 5.0]));
+        assert_eq!(
+            j["charts"][1]["series"][0]["points"][0],
+            json!([1000.0, 5.0])
+        );
         // Points older than the window go, and so does a series no longer seen.
         h.sample("", &[], 1015.0 + WINDOW.as_secs_f64() + 1.0);
         assert_eq!(h.latest("wal", "app"), None);
@@ -358,10 +364,7 @@ mod tests {
 
     #[test]
     fn lines_parse_or_are_skipped() {
-        assert_eq!(
-            parse_line("a_total 3"),
-            Some(("a_total", vec![], 3.0))
-        );
+        assert_eq!(parse_line("a_total 3"), Some(("a_total", vec![], 3.0)));
         assert_eq!(
             parse_line("a{x=\"1\",y=\"a\\\\b\"} 2.5 1700000000"),
             Some(("a", vec![("x", "1".into()), ("y", "a\\b".into())], 2.5))

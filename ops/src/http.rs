@@ -270,8 +270,7 @@ async fn connection<S>(
     limits: Limits,
     slot: Slot,
     peer: std::net::SocketAddr,
-)
-where
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -279,24 +278,25 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(limits.head_deadline)
         .max_buf_size(limits.max_head_len.max(8192));
-    let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        req.extensions_mut().insert(crate::admin::ClientAddr(peer));
-        // The connection counts as mid-request until its response body has been produced.
-        let busy = slot.busy();
-        let app = app.clone();
-        async move {
-            let response = match app.oneshot(req).await {
-                Ok(r) => r,
-                Err(never) => match never {},
-            };
-            Ok::<_, Infallible>(response.map(|body| {
-                Body::new(Tracked {
-                    body,
-                    busy: Some(busy),
-                })
-            }))
-        }
-    });
+    let service =
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(crate::admin::ClientAddr(peer));
+            // The connection counts as mid-request until its response body has been produced.
+            let busy = slot.busy();
+            let app = app.clone();
+            async move {
+                let response = match app.oneshot(req).await {
+                    Ok(r) => r,
+                    Err(never) => match never {},
+                };
+                Ok::<_, Infallible>(response.map(|body| {
+                    Body::new(Tracked {
+                        body,
+                        busy: Some(busy),
+                    })
+                }))
+            }
+        });
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     tokio::select! {

@@ -74,10 +74,9 @@ pub fn router(relay: Arc<InnerRelay>, prom: PrometheusHandle) -> Router {
             "/v1/reload",
             post(move || async move {
                 match reload_relay.reload().await {
-                    Ok(summary) => json(
-                        StatusCode::OK,
-                        &serde_json::json!({ "reloaded": summary }),
-                    ),
+                    Ok(summary) => {
+                        json(StatusCode::OK, &serde_json::json!({ "reloaded": summary }))
+                    }
                     Err(e) => json(
                         StatusCode::UNPROCESSABLE_ENTITY,
                         &serde_json::json!({ "error": e }),

@@ -78,7 +78,11 @@ fn given(relay: &OuterRelay) -> Vec<(&'static str, String, f64)> {
         .values()
         .map(|r| {
             let l = r.current();
-            ("listener_clients", l.cfg.name.clone(), l.slots.in_use() as f64)
+            (
+                "listener_clients",
+                l.cfg.name.clone(),
+                l.slots.in_use() as f64,
+            )
         })
         .collect();
     if let Some(cdc) = &relay.cdc {
@@ -129,10 +133,7 @@ pub fn router(relay: Arc<OuterRelay>, prom: PrometheusHandle) -> Router {
         get(move || async move { json(StatusCode::OK, &status(&rr, &history)) }),
     );
     let rr = relay.clone();
-    let r = r.route(
-        "/v1/reload",
-        post(move || async move { reload(&rr).await }),
-    );
+    let r = r.route("/v1/reload", post(move || async move { reload(&rr).await }));
     let rr = relay.clone();
     let r = r.route(
         "/v1/sessions/{id}/drain",

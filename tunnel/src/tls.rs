@@ -166,11 +166,12 @@ pub fn https_server_config(
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
-            let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca)?.into(), provider())
-                .build()
-                .map_err(|e| {
-                    TlsError::Config(format!("client verifier from {}: {e}", ca.display()))
-                })?;
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(roots(ca)?.into(), provider())
+                    .build()
+                    .map_err(|e| {
+                        TlsError::Config(format!("client verifier from {}: {e}", ca.display()))
+                    })?;
             builder.with_client_cert_verifier(verifier)
         }
     };
