@@ -464,6 +464,11 @@ Routy is running.
     curl -N -H "Authorization: Bearer $TOKEN" http://127.0.0.1:$CONSUMER_PORT/v1/sources/site-a/demo/events
   and see the sinks: $OUTER_BIN cdc sinks --config $WORK/relay-outer.yaml
 
+  The console, a live page of tunnels, listeners, CDC sources and sinks (open it in a
+  browser on this machine; the admin endpoints listen on loopback, so need no token):
+    http://127.0.0.1:$OUTER_ADMIN_PORT/     relay-outer
+    http://127.0.0.1:$INNER_ADMIN_PORT/     relay-inner
+
   Admin endpoints (/metrics /healthz /readyz /status):
     curl http://127.0.0.1:$OUTER_ADMIN_PORT/status     # relay-outer: sessions, listeners
     curl http://127.0.0.1:$INNER_ADMIN_PORT/status     # relay-inner: its relay-outer endpoints
