@@ -33,6 +33,10 @@ pub const STREAM_OPEN_LATENCY: &str = "routy_stream_open_seconds";
 /// Counter: clients refused by a listener, by `reason` (`no_session`, `not_allowed`,
 /// `over_limit`).
 pub const LISTENER_REFUSED: &str = "routy_listener_refused_total";
+/// Gauge: 1 while a session of a relay-outer listener's tunnel can take streams, 0 while
+/// none can (clients are refused `no_session`), by `listener` and `tunnel`; NaN once the
+/// listener is removed or moved to another tunnel (a series that matches no alert).
+pub const LISTENER_TUNNEL_UP: &str = "routy_listener_tunnel_up";
 /// Counter: relay-inner's tunnel connections that failed at its proxy, by `outer`, `proxy`
 /// and `reason` (`connect`, `auth`, `forbidden`, `refused`, `protocol`).
 pub const PROXY_FAILURES: &str = "routy_proxy_failures_total";
@@ -78,6 +82,10 @@ pub const ALL: &[(&str, &str)] = &[
     (
         LISTENER_REFUSED,
         "Clients refused by a listener, by reason.",
+    ),
+    (
+        LISTENER_TUNNEL_UP,
+        "1 while a session of the listener's tunnel can take streams, 0 while none can (NaN: listener removed or moved to another tunnel).",
     ),
     (
         PROXY_FAILURES,

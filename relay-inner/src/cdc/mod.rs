@@ -27,9 +27,11 @@ pub const METRICS: &[(&str, &str)] = &[
     (source::HEARTBEATS_TOTAL, "Heartbeat messages emitted on the source while its published tables were idle."),
     (source::stream::RESYNC_ROWS_TOTAL, "Rows copied by resyncs, by table."),
     (source::stream::RESYNC_CHUNKS_TOTAL, "Resync chunks done, by table."),
+    (source::STOPPED, "1 while the source has stopped on a fatal error (or was not started: its spool is corrupt) and waits for an operator."),
     (source::ERRORS_TOTAL, "Source failures, by reason (fatal; transient; receive_timeout: nothing heard from the source within receive_timeout)."),
     (spool::SPOOL_FULL_WAITS, "Times reading from the source paused because the spool was full."),
     (SPOOL_BYTES, "Bytes in the spool on disk."),
+    (spool::SPOOL_MAX_BYTES, "The spool's max_bytes: reading from the source pauses when the spool holds this much."),
     (shipper::BATCHES_SENT, "Batches sent to relay-outer."),
     (shipper::RECORDS_SENT, "Records sent to relay-outer (resends included)."),
     (shipper::ACKED_SEQ, "Highest seq relay-outer acknowledged as durable in its store."),
@@ -125,6 +127,7 @@ impl Cdc {
                         "CDC source not started: its spool is corrupt");
                     metrics::counter!(source::ERRORS_TOTAL, "source" => s.name.clone(), "reason" => "spool_corrupt")
                         .increment(1);
+                    metrics::gauge!(source::STOPPED, "source" => s.name.clone()).set(1.0);
                     refused.push((s.name.clone(), e.to_string()));
                     continue;
                 }

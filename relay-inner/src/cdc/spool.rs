@@ -153,7 +153,7 @@ impl Spool {
         };
         let synced = log.synced_seq();
         let (tx, _) = watch::channel(synced);
-        Ok(Arc::new(Spool {
+        let spool = Arc::new(Spool {
             dir: dir.to_path_buf(),
             max_bytes,
             state: Mutex::new(State {
@@ -168,7 +168,9 @@ impl Spool {
             full_logged: Mutex::new(None),
             full_episodes: AtomicU64::new(0),
             id,
-        }))
+        });
+        metrics::gauge!(SPOOL_MAX_BYTES, "source" => spool.name()).set(max_bytes as f64);
+        Ok(spool)
     }
 
     /// `relay-inner cdc salvage`: repairs a corrupt spool in `dir` (relay-inner stopped)
@@ -464,6 +466,9 @@ pub const FULL_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_sec
 
 /// Counter: times an append waited because the spool was full.
 pub const SPOOL_FULL_WAITS: &str = "routy_cdc_spool_full_waits_total";
+/// Gauge: the spool's `max_bytes`, by `source`, set when it opens: `routy_cdc_spool_bytes`
+/// over this is how full it is.
+pub const SPOOL_MAX_BYTES: &str = "routy_cdc_spool_max_bytes";
 
 /// The highest `Record.lsn` in the log, found by reading back from the newest segment.
 fn last_lsn(log: &SegmentLog) -> Result<u64, SpoolError> {
@@ -492,6 +497,25 @@ fn last_lsn(log: &SegmentLog) -> Result<u64, SpoolError> {
 mod tests {
     use super::*;
     use relay_proto::cdc::Event;
+
+    #[test]
+    fn opening_a_spool_exports_its_max_bytes() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let metrics = recorder.handle();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let dir = tempfile::tempdir().unwrap();
+        let orders = dir.path().join("orders");
+        std::fs::create_dir_all(&orders).unwrap();
+        let _spool = Spool::open(&orders, 3 << 20).unwrap();
+        assert!(
+            metrics
+                .render()
+                .lines()
+                .any(|l| l == "routy_cdc_spool_max_bytes{source=\"orders\"} 3145728"),
+            "{}",
+            metrics.render()
+        );
+    }
 
     fn rec(lsn: u64, bytes: usize) -> Record {
         Record {

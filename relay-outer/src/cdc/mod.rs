@@ -112,6 +112,8 @@ impl std::fmt::Debug for Source {
 
 impl Source {
     fn new(store: Arc<Store>) -> Self {
+        // Exported from the start, so that a store nothing ships to is seen (and alerted on).
+        metrics::gauge!(SHIP_CONNECTED, "source" => store.name.clone()).set(0.0);
         Source {
             name: store.name.clone(),
             store,
@@ -438,6 +440,26 @@ async fn retention_loop(src: Arc<Source>, retention: Duration, drain: Drain) {
 mod tests {
     use super::*;
     use relay_proto::cdc::{Event, Record};
+
+    #[test]
+    fn ship_connected_is_exported_from_the_start() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let metrics = recorder.handle();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let dir = tempfile::tempdir().unwrap();
+        let source = Source::new(Store::open(dir.path(), "t/s").unwrap());
+        let value = || {
+            let text = metrics.render();
+            text.lines()
+                .find_map(|l| l.strip_prefix("routy_cdc_ship_connected{source=\"t/s\"} "))
+                .map(str::to_owned)
+        };
+        assert_eq!(value().as_deref(), Some("0"));
+        let _watch = source.claim(7);
+        assert_eq!(value().as_deref(), Some("1"));
+        source.release(7);
+        assert_eq!(value().as_deref(), Some("0"));
+    }
 
     fn rec(i: u64) -> Vec<u8> {
         Record {

@@ -9,7 +9,7 @@ pub mod answer;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use relay_proto::frame::Frame;
@@ -29,6 +29,10 @@ use crate::tunnel::registry::{PickError, Registry};
 
 /// Bound on writing the Open frame into a fresh stream.
 const OPEN_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often a listener refreshes `routy_listener_tunnel_up` (sessions come and go, and
+/// start draining, in the tunnel's own tasks).
+const TUNNEL_UP_EVERY: Duration = Duration::from_secs(1);
 
 /// Clients connected through one listener, counted against a limit that may change.
 #[derive(Debug, Default)]
@@ -137,6 +141,9 @@ impl Listener {
 pub struct Running {
     current: RwLock<Arc<Listener>>,
     stop: Drain,
+    /// The tunnel whose `routy_listener_tunnel_up` series this listener sets; `None` once
+    /// stopped. Held while the gauge is set, so a stopped listener never sets it again.
+    published: Mutex<Option<String>>,
     /// The bound address.
     pub bind: SocketAddr,
 }
@@ -146,11 +153,14 @@ impl Running {
     pub fn start(listener: Listener, socket: TcpListener) -> Arc<Running> {
         let bind = socket.local_addr().unwrap_or(listener.cfg.bind);
         let global = listener.drain.clone();
+        let tunnel = listener.cfg.tunnel.clone();
         let running = Arc::new(Running {
             current: RwLock::new(Arc::new(listener)),
             stop: Drain::new(),
+            published: Mutex::new(Some(tunnel)),
             bind,
         });
+        running.publish_tunnel_up();
         // Accept on the first data-path thread: a tunnel's first session goes there too
         // (lanes::spawn_connection), so the clients of a one-session tunnel are never
         // handed to another thread. bench-tunnel, new connections/s against direct
@@ -188,18 +198,53 @@ impl Running {
     /// Puts new settings in force for the clients that arrive from now on.
     pub fn update(&self, listener: Listener) {
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(listener);
+        self.publish_tunnel_up();
     }
 
-    /// Stops accepting and closes the socket; streams already spliced go on.
+    /// Stops accepting and closes the socket; streams already spliced go on. Its
+    /// `routy_listener_tunnel_up` series becomes NaN (a listener started in its place sets
+    /// it again).
     pub fn stop(&self) {
+        let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tunnel) = published.take() {
+            tunnel_up_gauge(&self.current().cfg.name, &tunnel).set(f64::NAN);
+        }
+        drop(published);
         self.stop.stop();
     }
 
+    /// Sets `routy_listener_tunnel_up`: 1 while a session of the listener's tunnel can
+    /// take streams. After a reload moved the listener to another tunnel, the old
+    /// tunnel's series becomes NaN. Nothing once stopped.
+    fn publish_tunnel_up(&self) {
+        let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(tunnel) = published.as_mut() else {
+            return;
+        };
+        let l = self.current();
+        if *tunnel != l.cfg.tunnel {
+            tunnel_up_gauge(&l.cfg.name, tunnel).set(f64::NAN);
+            *tunnel = l.cfg.tunnel.clone();
+        }
+        let up = l
+            .registry
+            .all()
+            .iter()
+            .any(|s| s.tunnel == l.cfg.tunnel && s.usable());
+        tunnel_up_gauge(&l.cfg.name, &l.cfg.tunnel).set(if up { 1.0 } else { 0.0 });
+    }
+
     async fn serve(self: Arc<Self>, socket: TcpListener, global: Drain) {
+        let mut tick = tokio::time::interval(TUNNEL_UP_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let (client, addr) = tokio::select! {
                 _ = global.stopping() => return,
                 _ = self.stop.stopping() => return,
+                _ = tick.tick() => {
+                    self.publish_tunnel_up();
+                    continue;
+                }
                 r = socket.accept() => match r {
                     Ok(x) => x,
                     Err(e) => {
@@ -212,6 +257,14 @@ impl Running {
             self.current().admit(client, addr);
         }
     }
+}
+
+fn tunnel_up_gauge(listener: &str, tunnel: &str) -> metrics::Gauge {
+    let labels = [
+        ("listener", listener.to_string()),
+        ("tunnel", tunnel.to_string()),
+    ];
+    metrics::gauge!(m::LISTENER_TUNNEL_UP, &labels)
 }
 
 impl Listener {
@@ -383,6 +436,95 @@ impl Listener {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tunnel::registry::SessionEntry;
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+
+    fn config(name: &str, tunnel: &str) -> ListenerConfig {
+        ListenerConfig {
+            name: name.into(),
+            bind: "127.0.0.1:0".parse().unwrap(),
+            tunnel: tunnel.into(),
+            service: "svc".into(),
+            allow: vec![],
+            max_connections: 10,
+            max_bandwidth: 0,
+            backlog: 16,
+            open_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// The value of `routy_listener_tunnel_up{listener, tunnel}` in `text`.
+    fn tunnel_up(text: &str, listener: &str, tunnel: &str) -> Option<String> {
+        let series = format!(
+            "{}{{listener=\"{listener}\",tunnel=\"{tunnel}\"}} ",
+            m::LISTENER_TUNNEL_UP
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .map(str::to_owned)
+    }
+
+    #[tokio::test]
+    async fn tunnel_up_follows_the_sessions_a_reload_and_a_stop() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let metrics = recorder.handle();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let registry = Arc::new(Registry::default());
+        let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let drain = Drain::new();
+        let listener = Listener::new(config("l", "t"), registry.clone(), drain.clone(), None);
+        let running = Running::start(listener, socket);
+        let value = |tunnel: &str| tunnel_up(&metrics.render(), "l", tunnel);
+        assert_eq!(value("t").as_deref(), Some("0"), "no session yet");
+
+        let (io, _peer) = tokio::io::duplex(1024);
+        let session = Arc::new(SessionEntry {
+            id: registry.next_id(),
+            tunnel: "t".into(),
+            peer: "127.0.0.1:1".parse().unwrap(),
+            node: "n".into(),
+            services: vec![],
+            cert: None,
+            handle: routy_tunnel::session::yamux(io, routy_tunnel::session::Role::Server).handle,
+            draining: AtomicBool::new(false),
+            since: Instant::now(),
+            load: AtomicUsize::new(0),
+            rtt_micros: AtomicU64::new(0),
+            drain_asked: Default::default(),
+            drain_grace_ms: AtomicU64::new(0),
+        });
+        registry.add(session.clone());
+        running.publish_tunnel_up();
+        assert_eq!(value("t").as_deref(), Some("1"), "a live session");
+        session.draining.store(true, Ordering::Relaxed);
+        running.publish_tunnel_up();
+        assert_eq!(value("t").as_deref(), Some("0"), "only a draining session");
+        session.draining.store(false, Ordering::Relaxed);
+        // The accept loop refreshes it on its own.
+        let t0 = Instant::now();
+        while value("t").as_deref() != Some("1") {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "{}",
+                metrics.render()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        // A reload moves the listener to tunnel u: the old series no longer says down or
+        // up, the new one says down.
+        let moved = Listener::new(config("l", "u"), registry.clone(), drain.clone(), None);
+        running.update(moved);
+        assert_eq!(value("t").as_deref(), Some("NaN"));
+        assert_eq!(value("u").as_deref(), Some("0"));
+
+        // Removed: NaN, and the accept loop does not set it again.
+        running.stop();
+        assert_eq!(value("u").as_deref(), Some("NaN"));
+        running.publish_tunnel_up();
+        tokio::time::sleep(TUNNEL_UP_EVERY + Duration::from_millis(200)).await;
+        assert_eq!(value("u").as_deref(), Some("NaN"));
+    }
 
     #[test]
     fn slots_follow_a_changed_limit() {

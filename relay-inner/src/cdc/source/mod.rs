@@ -57,6 +57,9 @@ pub const SNAPSHOT_ROWS_TOTAL: &str = "routy_cdc_source_snapshot_rows_total";
 pub const HEARTBEATS_TOTAL: &str = "routy_cdc_source_heartbeats_total";
 /// Counter: session errors, by `reason` (fatal, transient, receive_timeout).
 pub const ERRORS_TOTAL: &str = "routy_cdc_source_errors_total";
+/// Gauge: 1 while the source has stopped on a fatal error (or was not started: its spool
+/// is corrupt) and waits for an operator, by `source`; 0 while it runs or reconnects.
+pub const STOPPED: &str = "routy_cdc_source_stopped";
 
 /// Records are cut near this size inside a large transaction or a table copy.
 pub const RECORD_TARGET_BYTES: usize = 256 * 1024;
@@ -351,9 +354,12 @@ pub async fn run_with_hooks(
     status: Arc<SourceStatus>,
     hooks: TestHooks,
 ) -> Result<(), SourceError> {
+    let stopped = metrics::gauge!(STOPPED, "source" => cfg.name.clone());
+    stopped.set(0.0);
     let rcfg = match parse_config(&cfg) {
         Ok(r) => r,
         Err(e) => {
+            stopped.set(1.0);
             status.set_phase("failed");
             status.set_error(Some(e.to_string()));
             return Err(e);
@@ -399,6 +405,7 @@ pub async fn run_with_hooks(
                     .increment(1);
                 ctx.status.set_error(Some(e.to_string()));
                 if e.is_fatal() {
+                    stopped.set(1.0);
                     ctx.status.set_phase("failed");
                     tracing::error!(source = %ctx.cfg.name, error = %e, "CDC source stopped");
                     return Err(e);
@@ -653,6 +660,41 @@ pub async fn drop_slot(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_source_that_stops_on_a_fatal_error_says_so_in_a_gauge() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let metrics = recorder.handle();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let cfg = SourceConfig {
+            name: "orders".into(),
+            dsn: "host=127.0.0.1 sslmode=bogus".into(),
+            slot: "routy_orders".into(),
+            publication: "routy_orders".into(),
+            tables: vec!["public.orders".into()],
+            filters: Default::default(),
+            mask_key_file: None,
+            snapshot: SnapshotMode::Never,
+            heartbeat: Duration::ZERO,
+            status_interval: Duration::from_secs(10),
+            receive_timeout: Duration::ZERO,
+            resync_chunk_rows: 10,
+            snapshot_parallelism: 1,
+            snapshot_chunk_rows: 10,
+        };
+        let status = Arc::new(SourceStatus::default());
+        let r = run(cfg, spool, Drain::new(), status.clone()).await;
+        assert!(r.is_err(), "{r:?}");
+        assert_eq!(status.phase(), "failed");
+        let text = metrics.render();
+        assert!(
+            text.lines()
+                .any(|l| l == "routy_cdc_source_stopped{source=\"orders\"} 1"),
+            "{text}"
+        );
+    }
 
     fn server(code: &str, message: &str) -> ReplicationError {
         ReplicationError::Server {

@@ -67,6 +67,9 @@ pub const LAST_COMMIT_TIME: &str = "routy_cdc_sink_last_commit_timestamp_seconds
 pub const UP: &str = "routy_cdc_sink_up";
 /// Gauge: 1 while the sink is paused, by `sink` and `kind`.
 pub const PAUSED: &str = "routy_cdc_sink_paused";
+/// Gauge: 1 while the sink has stopped on a batch or schema change the target refused
+/// and waits for an operator (`cdc resume` or `cdc replay`), by `sink` and `kind`.
+pub const STOPPED: &str = "routy_cdc_sink_stopped";
 /// Counter: changes committed, by `sink`, `kind` and `op` (`insert`, `update`, `delete`,
 /// `truncate`: tables truncated).
 pub const ROWS: &str = "routy_cdc_sink_rows_total";
@@ -101,6 +104,10 @@ pub const METRICS: &[(&str, &str)] = &[
         "1 while the sink is connected to its target and not failing.",
     ),
     (PAUSED, "1 while the sink is paused."),
+    (
+        STOPPED,
+        "1 while the sink has stopped on a batch or schema change the target refused and waits for an operator.",
+    ),
     (ROWS, "Changes committed to the target, by op."),
     (BATCHES, "Batches committed to the target."),
     (

@@ -16,7 +16,7 @@ use super::schema::{self, Known, SchemaChange};
 use super::{
     BatchInfo, Durability, Filter, Flow, Position, Sink, SinkError, SinkStatus, Split, State,
     APPLIED_SEQ, BATCHES, COMMIT_LATENCY, ERRORS, LAG_RECORDS, LAST_COMMIT_TIME, LOST_RECORDS,
-    OP_NAMES, PAUSED, ROWS, SPLITS, UP,
+    OP_NAMES, PAUSED, ROWS, SPLITS, STOPPED, UP,
 };
 use crate::cdc::store::Store;
 
@@ -108,6 +108,8 @@ pub async fn run<S: Sink>(mut sink: S, ctx: RunCtx) {
     }
     metrics::gauge!(UP, &labels).set(0.0);
     metrics::gauge!(PAUSED, &labels).set(0.0);
+    let stopped = metrics::gauge!(STOPPED, &labels);
+    stopped.set(0.0);
     let mut memo = Memo::default();
     match Known::load(ctx.schema_file.clone(), &ctx.name, &ctx.source) {
         Ok(k) => memo.known = k,
@@ -163,17 +165,20 @@ pub async fn run<S: Sink>(mut sink: S, ctx: RunCtx) {
                          fix the target or the data and `relay-outer cdc resume`, or move the sink on with \
                          `relay-outer cdc replay`", e.msg);
                     ctx.status.set_state(State::Stopped);
+                    stopped.set(1.0);
                     retry_rx.borrow_and_update();
-                    tokio::select! {
-                        _ = replay_rx.wait_for(Option::is_some) => continue,
-                        _ = retry_rx.changed() => {
-                            memo.accept = memo.schema_stop.take();
-                            memo.failed_careful = false;
-                            tracing::info!(sink = %ctx.name, accept = ?memo.accept, "resumed by an operator; trying again");
-                            continue;
-                        }
+                    let resumed = tokio::select! {
+                        _ = replay_rx.wait_for(Option::is_some) => false,
+                        _ = retry_rx.changed() => true,
                         _ = ctx.stop.stopping() => break,
+                    };
+                    stopped.set(0.0);
+                    if resumed {
+                        memo.accept = memo.schema_stop.take();
+                        memo.failed_careful = false;
+                        tracing::info!(sink = %ctx.name, accept = ?memo.accept, "resumed by an operator; trying again");
                     }
+                    continue;
                 }
                 ctx.status.set_state(State::Retrying);
                 let sleep = backoff.next_delay().max(e.retry_after.unwrap_or_default());
@@ -1014,6 +1019,107 @@ mod tests {
                 "B1.0 i4.0 C4.1 -> 5.0",
             ]
         );
+        stop.stop();
+        task.await.unwrap();
+    }
+
+    /// Refuses every batch for good while `refuse` is set.
+    struct Refuser {
+        refuse: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Sink for Refuser {
+        fn kind(&self) -> &'static str {
+            "refuser"
+        }
+        fn durability(&self) -> Durability {
+            Durability::AtLeastOnce
+        }
+        fn takes_rows(&self) -> bool {
+            false
+        }
+        fn limits(&self) -> BatchLimits {
+            BatchLimits {
+                max_records: usize::MAX,
+                max_events: usize::MAX,
+                max_bytes: usize::MAX,
+                max_delay: Duration::ZERO,
+                split: Split::Never,
+            }
+        }
+        async fn connect(&mut self) -> Result<Option<Position>, Flow> {
+            Ok(None)
+        }
+        async fn begin(&mut self, _from: Position) -> Result<(), Flow> {
+            Ok(())
+        }
+        async fn write(&mut self, _: Position, _: Event, _: &Relations) -> Result<(), Flow> {
+            Ok(())
+        }
+        async fn commit(&mut self, batch: &BatchInfo) -> Result<(), Flow> {
+            if self.refuse.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut e = SinkError::new("rejected", batch.last_seq, "refused");
+                e.rejected = true;
+                return Err(e.into());
+            }
+            Ok(())
+        }
+        async fn abort(&mut self) {}
+        async fn fail(&mut self, e: SinkError) -> SinkError {
+            e
+        }
+    }
+
+    /// `routy_cdc_sink_stopped` is 1 while a sink waits for an operator after a refused
+    /// batch, and 0 again once resumed.
+    #[tokio::test]
+    async fn a_sink_stopped_on_a_refused_batch_says_so_until_resumed() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let metrics = recorder.handle();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let stopped = || {
+            let text = metrics.render();
+            let series = "routy_cdc_sink_stopped{sink=\"rec\",kind=\"refuser\"} ";
+            text.lines()
+                .find_map(|l| l.strip_prefix(series))
+                .map(str::to_owned)
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut h = Harness::new();
+        let r = rel(1, "t", b'd', &[("id", "int", true)]);
+        let last = h
+            .push(vec![
+                super::super::testkit::txn(1, &[&r], vec![ins(1, &[Some("1")])]),
+                super::super::testkit::txn(2, &[], vec![ins(1, &[Some("2")])]),
+            ])
+            .await;
+        let refuse = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let stop = Drain::new();
+        let status = Arc::new(SinkStatus::new("refuser", Durability::AtLeastOnce));
+        let ctx = RunCtx {
+            name: "rec".into(),
+            source: "t/s".into(),
+            store: h.store.clone(),
+            filter: Filter::default(),
+            retry_initial: Duration::from_millis(10),
+            retry_max: Duration::from_millis(50),
+            positions: Some(PositionFile::new(dir.path(), "rec", "t/s")),
+            schema_file: None,
+            stop: stop.clone(),
+            status: status.clone(),
+        };
+        let task = tokio::spawn(run(
+            Refuser {
+                refuse: refuse.clone(),
+            },
+            ctx,
+        ));
+        super::super::testkit::wait_stopped(&status).await;
+        assert_eq!(stopped().as_deref(), Some("1"));
+        refuse.store(false, std::sync::atomic::Ordering::Relaxed);
+        status.request_retry();
+        super::super::testkit::wait_applied(&status, last).await;
+        assert_eq!(stopped().as_deref(), Some("0"));
         stop.stop();
         task.await.unwrap();
     }
