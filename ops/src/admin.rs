@@ -2,9 +2,10 @@
 //! (address, bearer tokens with a role, an open `/metrics`, TLS), and the layer that checks
 //! every request against it and writes the audit line of every action.
 //!
-//! - Open to anyone who reaches the port: `/healthz`, `/readyz` (probes), and the
-//!   console's page and assets (`/`, `/console/...`: static code, no data; the page reads
-//!   the data with the operator's token). `/metrics` too with `public_metrics: true`.
+//! - Open to anyone who reaches the port: `/healthz`, `/readyz` (probes), the console's
+//!   page and assets (`/`, `/console/...`: static code, no data; the page reads the data
+//!   with the operator's token) and `/v1/whoami` (whether tokens are required, and the
+//!   name and role of the token sent, if valid). `/metrics` too with `public_metrics`.
 //! - Everything else needs `Authorization: Bearer TOKEN` once `tokens` is set: a `read`
 //!   token may GET and HEAD; an action (any other method: they are all POST) needs an
 //!   `admin` token. Without a token: 401; a read token on an action: 403.
@@ -401,6 +402,31 @@ enum Refusal {
     Unauthorized(&'static str),
 }
 
+/// `GET /v1/whoami`: open to all, so the console learns whether it needs a token, and
+/// whether the one it has is good, without a refused request (which a browser reports
+/// as an error).
+pub const WHOAMI: &str = "/v1/whoami";
+
+/// The answer of [`WHOAMI`]: `tokens_required`, and the token's `name` and `role` (both
+/// `null` without a valid token; `role` is `admin` for anyone when no tokens are set).
+fn whoami(access: &Access, authorization: Option<&str>) -> Response {
+    let required = !access
+        .rules
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .tokens
+        .is_empty();
+    let (name, role) = match access.caller(authorization) {
+        Ok(Caller::Anyone) => (None, Some("admin")),
+        Ok(Caller::Token { name, role }) => (Some(name), Some(role.as_str())),
+        Err(_) => (None, None),
+    };
+    crate::http::json(
+        StatusCode::OK,
+        &serde_json::json!({ "tokens_required": required, "token": name, "role": role }),
+    )
+}
+
 /// Paths anyone may GET: probes and the console's static page.
 fn always_open(path: &str) -> bool {
     matches!(path, "/healthz" | "/readyz" | "/") || path.starts_with("/console/")
@@ -423,6 +449,13 @@ async fn check(State(access): State<Arc<Access>>, req: Request, next: Next) -> R
     let path = req.uri().path().to_string();
     if read_only && (always_open(&path) || (path == "/metrics" && access.public_metrics())) {
         return next.run(req).await;
+    }
+    if read_only && path == WHOAMI {
+        let auth = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        return whoami(&access, auth);
     }
     let peer = req
         .extensions()
@@ -611,6 +644,25 @@ mod tests {
         );
         assert_eq!(call(&app, "GET", "/metrics", None).await, 401);
         assert_eq!(call(&app, "GET", "/status", read).await, 200);
+        assert_eq!(call(&app, "GET", WHOAMI, None).await, 200);
+        let who = |token: Option<&'static str>| {
+            let app = app.clone();
+            async move {
+                let mut req = axum::http::Request::builder().uri(WHOAMI);
+                if let Some(t) = token {
+                    req = req.header("authorization", format!("Bearer {t}"));
+                }
+                let r = app.oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
+                let b = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+                serde_json::from_slice::<serde_json::Value>(&b).unwrap()
+            }
+        };
+        assert_eq!(
+            who(None).await,
+            serde_json::json!({"tokens_required": true, "token": null, "role": null})
+        );
+        assert_eq!(who(read).await["role"], "read");
+        assert_eq!(who(admin).await["token"], "ops");
         assert_eq!(call(&app, "POST", "/v1/reload", None).await, 401);
         assert_eq!(call(&app, "POST", "/v1/reload", read).await, 403);
         assert_eq!(call(&app, "POST", "/v1/reload", admin).await, 200);
