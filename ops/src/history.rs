@@ -224,9 +224,12 @@ impl History {
     }
 }
 
+/// A parsed sample: name, labels, value.
+type Sample<'a> = (&'a str, Vec<(&'a str, String)>, f64);
+
 /// `name{k="v",...} value [timestamp]` of a Prometheus text line; `None` for comments,
 /// blank lines and anything malformed.
-fn parse_line(line: &str) -> Option<(&str, Vec<(&str, String)>, f64)> {
+fn parse_line(line: &str) -> Option<Sample<'_>> {
     let line = line.trim();
     if line.is_empty() || line.starts_with('#') {
         return None;

@@ -127,6 +127,10 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .install_recorder()
         .map_err(|e| e.to_string())?;
     describe(ALL);
+    // Exported from the start at 0: an alert on a failed reload needs no first failure.
+    for result in ["ok", "error"] {
+        metrics::counter!(CONFIG_RELOADS, "result" => result).increment(0);
+    }
     Ok(handle)
 }
 

@@ -112,6 +112,8 @@ impl InnerRelay {
         let k = key(&endpoint);
         let mut statuses = Vec::with_capacity(n);
         let bandwidth = EndpointStatus::bandwidth_limits(&endpoint.addr, endpoint.max_bandwidth);
+        // Exported from the start at 0, so an endpoint never reached shows as down.
+        metrics::gauge!(m::SESSIONS_UP, "outer" => endpoint.addr.clone()).increment(0.0);
         for i in 0..n {
             let status = Arc::new(EndpointStatus::new(&endpoint.addr, bandwidth.clone()));
             status.set_connection(i, n);
