@@ -30,7 +30,9 @@
 //! - `#notice`: an action's outcome, class `ok` or `error` (`pending` while it runs), the
 //!   text naming the action, the HTTP status and the JSON answer (`error` when present).
 //! - Sign-in: `#token` (password input), `#sign-in` (submit button), `#sign-out` (link),
-//!   `#signin-panel` (shown when a token is needed).
+//!   `#signin-panel` (shown when a token is needed), `#who` (the token's name and role).
+//!   The page first asks the open `GET /v1/whoami`, so it shows the sign-in without a
+//!   refused request (a browser logs every 4xx answer as a console error).
 //! - relay-outer: `tr[data-session="ID"]` (`td.rtt`, `td.streams`, `td.bps`,
 //!   `td.draining`); `tr[data-listener="NAME"]` with `td.clients` (text `N / MAX`,
 //!   attribute `data-value="N"`), `td.tunnel-state` (text `up` or `down`), `td.bps`,
@@ -40,7 +42,8 @@
 //!   `td.position`.
 //! - relay-inner: `tr[data-endpoint="ADDR"]` (with `td.tunnel-state`),
 //!   `tr[data-service="NAME"]`, `tr[data-source="NAME"]` (with `td.phase`,
-//!   `td.last-error`), and per table `tr[data-table="schema.table"][data-table-source="NAME"]`.
+//!   `td.last-error`), and per table `tr[data-table="schema.table"][data-table-source="NAME"]`
+//!   (with `td.table-state`: `forwarded`, `initial copy`, `resync waiting|copying`).
 //! - Buttons: `button[data-action="pause|resume|replay"][data-sink="NAME"]` (a sink shows
 //!   `resume` when paused or stopped, `pause` otherwise),
 //!   `button[data-action="drain"][data-session="ID"]`,

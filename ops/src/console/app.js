@@ -7,7 +7,7 @@
   const TOKEN_KEY = 'routy-admin-token';
   const STATUS_EVERY_MS = 2000;
   const HISTORY_EVERY_MS = 5000;
-  const TIMEOUT_MS = 8000;
+  const TIMEOUT_MS = 6000;
   const DASH = '–';
   const SVG_NS = 'http://www.w3.org/2000/svg';
   const COLORS = ['#2563eb', '#d9480f', '#2b8a3e', '#9c36b5', '#c2255c', '#0b7285', '#e8a400', '#5c5f66'];
@@ -205,12 +205,12 @@
       h('div', { class: 'tile-label' }, label), h('div', { class: 'tile-value' }, value));
   }
 
-  /** A long error, two lines until clicked. */
-  function errorText(key, msg, cls) {
+  /** A long error, two lines until clicked; `old`: kept from before a recovery (grey). */
+  function errorText(key, msg, cls, old) {
     if (msg === null || msg === undefined || msg === '') return h('td', { class: cls }, DASH);
     const open = state.expanded.has(key);
     return h('td', { class: `${cls} err` },
-      h('span', { class: 'err-text' + (open ? ' open' : ''), 'data-expand': key, title: open ? null : String(msg) }, String(msg)));
+      h('span', { class: 'err-text' + (open ? ' open' : '') + (old ? ' old' : ''), 'data-expand': key, title: open ? null : String(msg) }, String(msg)));
   }
 
   /** Entries of a map or a list of objects with a name. */
@@ -271,11 +271,9 @@
       return h('tr', { 'data-session': id, 'data-key': 's' + id },
         td('num mono', id),
         td('strong', text(v.tunnel)),
-        td(null, text(v.node)),
-        td('mono', text(v.peer)),
-        td(null, text(v.transport)),
+        td(null, text(v.node), h('div', { class: 'muted small mono' }, text(v.peer))),
+        td(null, text(v.transport), h('div', { class: 'muted small' }, `thread ${v.thread === null || v.thread === undefined ? DASH : v.thread}`)),
         td('num rtt', rtt(v.rtt_seconds)),
-        td('num', v.thread === null || v.thread === undefined ? DASH : String(v.thread)),
         td('num streams', count(v.open_streams)),
         h('td', { class: 'num bps', title: isNum(v.bytes_per_second) ? null : 'the tunnel\'s, all its sessions' }, rate(bps)),
         td('num', duration(v.uptime_seconds)),
@@ -286,7 +284,7 @@
           { disabled: v.draining === true || v.id === null || v.id === undefined, title: 'Move this session\'s tunnel to a new session without cutting clients' })));
     });
     return card('tunnels', 'Tunnels', h('span', { class: 'muted small' }, plural(arr(st.sessions).length, 'session')),
-      table([['ID', 'num'], ['Tunnel'], ['Node'], ['Peer'], ['Transport'], ['RTT', 'num'], ['Thread', 'num'],
+      table([['ID', 'num'], ['Tunnel'], ['Node / peer'], ['Transport'], ['RTT', 'num'],
         ['Streams', 'num'], ['Bytes/s', 'num'], ['Age', 'num'], ['Services'], ['State'], ['', 'actions']],
       rows, 'No tunnel session: no relay-inner is connected.'));
   }
@@ -314,7 +312,7 @@
         td('tunnel-state', up ? badge(up, up) : DASH),
         h('td', { class: 'clients num', 'data-value': used === null ? null : used },
           `${used === null ? DASH : used} / ${max === null ? DASH : max}`,
-          s('svg', { class: 'meter' + (pct >= 90 ? ' hot' : ''), viewBox: '0 0 100 4', preserveAspectRatio: 'none', 'aria-hidden': 'true' },
+          max !== null && s('svg', { class: 'meter' + (pct >= 90 ? ' hot' : ''), viewBox: '0 0 100 4', preserveAspectRatio: 'none', 'aria-hidden': 'true' },
             s('rect', { class: 'track', width: 100, height: 4 }), s('rect', { class: 'fill', width: pct.toFixed(1), height: 4 }))),
         td('num bps', rate(v.bytes_per_second)),
         refusedCell(v.refused));
@@ -354,7 +352,7 @@
         h('td', { class: 'num lag-records' + (isNum(k.lag_records) && k.lag_records > 0 ? ' hl' : '') }, count(k.lag_records)),
         h('td', { class: 'num lag-seconds' + (isNum(lagS) && lagS > 60 ? ' hl' : '') }, isNum(lagS) ? duration(lagS) : DASH),
         td('state', stt ? badge(stt, SINK_STATE[stt] || 'muted') : DASH),
-        errorText('sinkerr' + name, k.last_error, 'last-error'),
+        errorText('sinkerr' + name, k.last_error, 'last-error', stt === 'running'),
         h('td', { class: 'actions' },
           blocked,
           canResume
@@ -423,8 +421,8 @@
         td('num rtt', sess ? rtt(sess.rtt_seconds) : DASH),
         td('num', sess ? duration(sess.uptime_seconds) : DASH),
         td('num', count(e.connects)),
-        td(null, proxy),
-        errorText(`eperr${i}`, err ? `${text(err.reason)} (${duration(err.seconds_ago)} ago)` : null, 'last-error'));
+        td('wrap', proxy),
+        errorText(`eperr${i}`, err ? `${text(err.reason)} (${duration(err.seconds_ago)} ago)` : null, 'last-error', e.up === true));
     });
     return card('endpoints', 'Relay-outer endpoints', h('span', { class: 'muted small' }, plural(arr(st.outer).length, 'endpoint')),
       table([['Address'], ['Session'], ['Transport'], ['Tunnel'], ['Session ID', 'num'], ['RTT', 'num'], ['Age', 'num'], ['Connects', 'num'], ['Proxy'], ['Last error']],
@@ -457,20 +455,20 @@
         const sh = obj(y);
         return h('div', { class: 'ship' },
           flag(sh.connected, 'up', 'down'), ' ',
-          h('span', { class: 'mono', title: sh.last_error ? `last error: ${sh.last_error}` : null }, text(sh.outer)),
-          h('span', { class: 'muted' }, ` acked ${count(sh.acked_seq)} / sent ${count(sh.sent_seq)}`));
+          h('span', { class: 'mono', title: sh.last_error ? `last error: ${sh.last_error}` : null }, text(sh.outer)), ' ',
+          h('span', { class: 'muted small nw' }, `acked ${count(sh.acked_seq)} / sent ${count(sh.sent_seq)}`));
       });
       const wal = isNum(src.retained_wal_bytes) ? bytes(src.retained_wal_bytes) : DASH;
       rows.push(h('tr', { 'data-source': name, 'data-key': 'src' + name, class: 'group' },
-        td('strong', name),
-        td('phase', src.phase ? badge(String(src.phase), PHASE[src.phase] || 'muted') : DASH),
-        td('mono', text(v.slot || src.slot), h('div', { class: 'muted small' }, text(v.publication))),
-        td('mono', text(src.confirmed_lsn)),
+        td(null, h('span', { class: 'strong' }, name),
+          h('div', { class: 'muted small' }, `slot ${text(v.slot || src.slot)} · publication ${text(v.publication)}`)),
+        td('phase', src.phase ? badge(String(src.phase), PHASE[src.phase] || 'muted') : DASH,
+          h('div', { class: 'muted small mono' }, `LSN ${text(src.confirmed_lsn)}`)),
         td('num', wal, src.wal_status ? h('div', { class: 'small ' + (src.wal_status === 'reserved' ? 'muted' : 'warn-text') }, String(src.wal_status)) : null),
         td('num', bytes(spool.bytes),
-          h('div', { class: 'muted small' }, `seq ${count(spool.first_seq)}–${count(spool.durable_seq)}, acked ${count(spool.acked_seq)}`)),
+          isNum(spool.first_seq) ? h('div', { class: 'muted small' }, `seq ${count(spool.first_seq)}–${count(spool.durable_seq)}, acked ${count(spool.acked_seq)}`) : null),
         td('shipping', ships.length ? ships : DASH),
-        errorText('inerr' + name, src.last_error, 'last-error'),
+        errorText('inerr' + name, src.last_error, 'last-error', src.phase === 'streaming'),
         td('actions', button('Resync table…', 'resync', { 'data-source': name }, { title: 'Copy one table again while streaming' }))));
       // One row per table: those the source forwards (when /status lists them), the
       // initial copy's, and every resync's.
@@ -485,7 +483,7 @@
       if (snap) Object.assign(at(snap.table), { what: badge('initial copy', 'info'), detail: `${count(snap.rows)} rows copied` });
       for (const r of arr(src.resync)) {
         const p = obj(r);
-        const detail = `${count(p.rows)} rows, ${count(p.chunks)} chunks` + (isNum(p.rereads) && p.rereads > 0 ? `, ${count(p.rereads)} chunks re-read` : '');
+        const detail = `${count(p.rows)} rows, ${count(p.chunks)} chunks` + (isNum(p.rereads) && p.rereads > 0 ? `, ${plural(p.rereads, 'chunk')} re-read` : '');
         Object.assign(at(p.table), { what: badge(`resync ${text(p.state)}`, p.state === 'copying' ? 'info' : 'muted'), detail, busy: true });
       }
       for (const [t, x] of tables) rows.push(tableRow(name, t, x));
@@ -494,18 +492,17 @@
       const v = obj(r);
       rows.push(h('tr', { 'data-source': text(v.name), 'data-key': 'ref' + text(v.name) },
         td('strong', text(v.name)), td('phase', badge('not started', 'down')),
-        h('td', { colspan: 5 }, ''), errorText('referr' + text(v.name), v.error, 'last-error'), td(null, '')));
+        h('td', { colspan: 3 }, ''), errorText('referr' + text(v.name), v.error, 'last-error'), td(null, '')));
     }
     return card('cdc', 'Change data capture', h('span', { class: 'muted small' }, plural(arr(cdc.sources).length, 'source')),
-      table([['Source'], ['Phase'], ['Slot'], ['Confirmed LSN'], ['Retained WAL', 'num'], ['Spool', 'num'], ['Shipping'], ['Last error'], ['', 'actions']],
+      table([['Source / table'], ['Phase'], ['Retained WAL', 'num'], ['Spool', 'num'], ['Shipping'], ['Last error'], ['', 'actions']],
         rows, 'No CDC source configured.'));
   }
 
   function tableRow(source, t, x) {
     return h('tr', { class: 'sub', 'data-table': t, 'data-table-source': source, 'data-key': `t${source}/${t}` },
-      td('indent muted', '↳'),
+      td('indent mono', t),
       td('table-state', x.what || badge('forwarded', 'muted')),
-      h('td', { class: 'mono', colspan: 2 }, t),
       h('td', { colspan: 4, class: 'muted' }, x.detail),
       td('actions', button('Resync', 'resync', { 'data-source': source, 'data-table': t },
         { disabled: x.busy, title: x.busy ? `A resync of ${t} is under way` : `Copy ${t} again` })));
@@ -529,7 +526,8 @@
       $('[data-action="reload"]').hidden = true;
       return;
     }
-    const role = st.role === 'relay-inner' ? 'relay-inner' : 'relay-outer';
+    const role = st.role === 'relay-inner' || st.role === 'relay-outer' ? st.role
+      : state.role || (Array.isArray(st.outer) ? 'relay-inner' : 'relay-outer');
     if (state.role !== role) {
       state.role = role;
       document.body.setAttribute('data-role', role);
@@ -541,13 +539,15 @@
   }
 
   // ---- charts ------------------------------------------------------------------------
-  const CHART = { w: 420, h: 150, l: 52, r: 8, t: 8, b: 20 };
+  const CHART = { w: 420, h: 150, l: 56, r: 8, t: 8, b: 20 };
+  const plots = new Map();
+  let hovered = null;
 
   function latestByName(id) {
     const out = new Map();
     const c = arr(obj(state.history).charts).find((x) => x && x.id === id);
     for (const ser of arr(c && c.series)) {
-      const pts = arr(ser && ser.points).filter((p) => Array.isArray(p) && isNum(p[1]));
+      const pts = arr(ser && ser.points).filter((p) => Array.isArray(p) && isNum(p[0]) && isNum(p[1]));
       if (pts.length) out.set(String(ser.name), pts[pts.length - 1][1]);
     }
     return out;
@@ -560,13 +560,38 @@
     return 10 * p;
   }
 
+  /** A round time at or above `v` seconds (its half is round too). */
+  function niceMaxSeconds(v) {
+    for (const m of [1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 10800, 21600, 43200, 86400]) {
+      if (v <= m) return m;
+    }
+    return Math.ceil(v / 86400) * 86400;
+  }
+
+  /** An axis label: short, the unit's name left to the caption. */
+  function tick(v, unit) {
+    const trim = (x) => String(+x.toFixed(2));
+    if (unit === 'bytes' || unit === 'bytes/s') {
+      const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
+      let i = 0;
+      while (v >= 1024 && i < units.length - 1) { v /= 1024; i += 1; }
+      return `${trim(v)} ${units[i]}`;
+    }
+    if (unit === 'seconds') {
+      if (v < 60) return `${trim(v)} s`;
+      if (v < 3600) return `${trim(v / 60)} min`;
+      return v < 86400 ? `${trim(v / 3600)} h` : `${trim(v / 86400)} d`;
+    }
+    return compact(v);
+  }
+
   function niceMaxBytes(v) {
     if (!(v > 0)) return 1024;
     const p = Math.pow(1024, Math.max(0, Math.floor(Math.log(v) / Math.log(1024))));
     return niceMax(v / p) * p;
   }
 
-  function chartCard(c, right, windowS) {
+  function chartCard(c, right, windowS, step) {
     const unit = typeof c.unit === 'string' ? c.unit : '';
     const series = arr(c.series).filter((x) => x && typeof x === 'object');
     const left = right - windowS;
@@ -575,6 +600,7 @@
       for (const p of arr(ser.points)) if (Array.isArray(p) && isNum(p[0]) && isNum(p[1]) && p[0] >= left) max = Math.max(max, p[1]);
     }
     const top = unit === 'bytes' || unit === 'bytes/s' ? niceMaxBytes(max)
+      : unit === 'seconds' ? niceMaxSeconds(max)
       : unit === 'count' || unit === 'records' ? Math.max(4, niceMax(max)) : niceMax(max);
     const { w, h: hh, l, r, t, b } = CHART;
     const pw = w - l - r;
@@ -586,7 +612,7 @@
       const v = (top * i) / 4;
       const yy = y(v).toFixed(1);
       grid.push(s('line', { x1: l, x2: w - r, y1: yy, y2: yy, class: i === 0 ? 'axis' : 'grid' }));
-      if (i % 2 === 0) grid.push(s('text', { x: l - 6, y: Number(yy) + 3.5, 'text-anchor': 'end', class: 'tick' }, inUnit(v, unit)));
+      if (i % 2 === 0) grid.push(s('text', { x: l - 6, y: Number(yy) + 3.5, 'text-anchor': 'end', class: 'tick' }, tick(v, unit)));
     }
     for (let m = 0; m <= windowS / 60; m += 5) {
       const xx = x(left + m * 60).toFixed(1);
@@ -607,25 +633,28 @@
       return d ? s('path', { d, stroke: color, class: 'line', 'data-key': 'p' + i }) : null;
     });
     const legend = series.slice(0, 32).map((ser, i) => {
-      const pts = arr(ser.points).filter((p) => Array.isArray(p) && isNum(p[1]));
+      const pts = arr(ser.points).filter((p) => Array.isArray(p) && isNum(p[0]) && isNum(p[1]));
       const last = pts.length ? pts[pts.length - 1][1] : null;
       return h('li', { 'data-series': text(ser.name) },
         s('svg', { class: 'swatch', viewBox: '0 0 10 10', 'aria-hidden': 'true' }, s('rect', { width: 10, height: 10, rx: 2, fill: COLORS[i % COLORS.length] })), h('span', { class: 'series-name' }, text(ser.name)),
         h('span', { class: 'series-value' }, inUnit(last, unit)));
     });
     const id = text(c.id);
+    plots.set(id, { series: series.slice(0, 32), unit, left, windowS, step });
     return h('figure', { class: 'chart', 'data-chart': id, 'data-key': 'c' + id },
-      h('figcaption', null, h('span', { class: 'chart-title' }, text(c.title)), h('span', { class: 'muted small' }, unit)),
+      h('figcaption', null, h('span', { class: 'chart-title' }, text(c.title)), h('span', { class: 'muted small unit' }, unit)),
       s('svg', { class: 'plot', viewBox: `0 0 ${w} ${hh}`, role: 'img', 'aria-label': text(c.title) }, grid, lines),
       legend.length ? h('ul', { class: 'legend' }, legend) : h('p', { class: 'muted small' }, 'no series yet'));
   }
 
   function renderCharts() {
+    plots.clear();
+    hovered = null;
     const panel = $('#charts-panel');
     panel.hidden = state.signingIn;
     update($('#charts-note'), state.historyNote || '');
     const hist = state.history;
-    const charts = arr(obj(hist).charts).filter((c) => c && typeof c === 'object');
+    const charts = arr(obj(hist).charts).filter((c) => c && typeof c === 'object' && Array.isArray(c.series));
     if (!charts.length) {
       update($('#charts'), h('p', { class: 'muted empty-charts' }, state.historyNote ? 'No history.' : 'No charts.'));
       return;
@@ -636,15 +665,48 @@
       for (const ser of arr(c.series)) for (const p of arr(ser && ser.points)) if (Array.isArray(p) && isNum(p[0])) right = Math.max(right, p[0]);
     }
     if (!right) right = Date.now() / 1000;
-    update($('#charts'), h('div', { class: 'chart-grid' }, charts.map((c) => chartCard(c, right, windowS))));
+    const step = isNum(hist.step_seconds) && hist.step_seconds > 0 ? hist.step_seconds : 5;
+    update($('#charts'), h('div', { class: 'chart-grid' }, charts.map((c) => chartCard(c, right, windowS, step))));
+  }
+
+  /** Under the pointer a chart shows a line at that time, and its legend the values then. */
+  function hover(ev) {
+    const svg = ev.target instanceof Element ? ev.target.closest('svg.plot') : null;
+    if (hovered && hovered !== svg) renderCharts();
+    const fig = svg && svg.closest('figure[data-chart]');
+    const p = fig && plots.get(fig.getAttribute('data-chart'));
+    if (!p) return;
+    const { w, h: hh, l, r, t, b } = CHART;
+    const box = svg.getBoundingClientRect();
+    const vx = ((ev.clientX - box.left) / box.width) * w;
+    if (vx < l || vx > w - r) return;
+    const ts = p.left + ((vx - l) / (w - l - r)) * p.windowS;
+    hovered = svg;
+    let line = svg.querySelector('line.cursor');
+    if (!line) {
+      line = s('line', { class: 'cursor', y1: t, y2: hh - b });
+      svg.append(line);
+    }
+    line.setAttribute('x1', vx.toFixed(1));
+    line.setAttribute('x2', vx.toFixed(1));
+    const cells = fig.querySelectorAll('.series-value');
+    p.series.forEach((ser, i) => {
+      let best = null;
+      for (const q of arr(ser.points)) {
+        if (Array.isArray(q) && isNum(q[0]) && (!best || Math.abs(q[0] - ts) < Math.abs(best[0] - ts))) best = q;
+      }
+      if (cells[i]) cells[i].textContent = inUnit(best && Math.abs(best[0] - ts) <= p.step ? best[1] : null, p.unit);
+    });
+    fig.querySelector('.unit').textContent = `${p.unit} at ${clock(new Date(ts * 1000))}`;
   }
 
   // ---- network -----------------------------------------------------------------------
   class NetError extends Error {}
 
-  async function api(method, path) {
+  /** One request with the stored token (or `candidate`); rejects only when no answer came. */
+  async function api(method, path, candidate) {
     const headers = { Accept: 'application/json' };
-    const tok = token.get();
+    const tok = candidate === undefined ? token.get() : candidate;
     if (tok) headers.Authorization = 'Bearer ' + tok;
     const ctl = new AbortController();
     const timer = setTimeout(() => ctl.abort(), TIMEOUT_MS);
@@ -671,21 +733,31 @@
     return (r.body || '').trim().slice(0, 300) || r.statusText || '';
   }
 
-  /** A poller: runs `fn` now and then every `every` ms; one run at a time. */
+  /**
+   * A poller: runs `fn` now and then every `every` ms (or as many ms as `fn` returns; it
+   * stops when `fn` returns false); one run at a time.
+   */
   function poller(fn, every) {
     let timer = 0;
     let running = false;
     let again = false;
+    let stopped = false;
     async function run() {
+      stopped = false;
       if (running) { again = true; return; }
       clearTimeout(timer);
       running = true;
-      let go = true;
-      try { go = (await fn()) !== false; } catch (_) { go = true; } finally { running = false; }
-      if (again) { again = false; run(); return; }
-      if (go) timer = setTimeout(run, every);
+      let next = every;
+      try { next = await fn(); } catch (e) { console.error(e); } finally { running = false; }
+      if (again && !stopped) { again = false; run(); return; }
+      if (next !== false && !stopped) timer = setTimeout(run, isNum(next) ? next : every);
     }
-    return { run };
+    function stop() {
+      stopped = true;
+      again = false;
+      clearTimeout(timer);
+    }
+    return { run, stop };
   }
 
   const statusPoll = poller(async () => {
@@ -725,6 +797,8 @@
     if (r.status === 404) {
       state.history = null;
       state.historyNote = 'no history on this relay';
+      renderCharts();
+      return 60000; // a relay without /v1/history: asked again now and then, quietly
     } else if (!r.ok || !r.json || typeof r.json !== 'object') {
       state.historyNote = `history: ${r.status} ${answerText(r)}`.trim();
     } else {
@@ -745,7 +819,35 @@
   }
 
   // ---- sign-in -----------------------------------------------------------------------
+  /**
+   * Asks the open /v1/whoami about the stored token (or `candidate`): true when it may
+   * read, false when a token is needed, null when the relay cannot tell (unreachable, or
+   * without /v1/whoami: then a 401 from the polls shows the sign-in).
+   */
+  async function whoami(candidate) {
+    let r;
+    try { r = await api('GET', 'v1/whoami', candidate); } catch (_) { return null; }
+    const w = r.json;
+    if (!r.ok || !w || typeof w !== 'object' || !('tokens_required' in w)) return null;
+    const ok = !(w.tokens_required === true && !w.role);
+    if (ok || candidate === undefined) {
+      update($('#who'), w.token ? [h('span', { class: 'muted' }, 'token '), String(w.token), ` (${text(w.role)})`] : '');
+    }
+    return ok;
+  }
+
+  /** Starts reading, or asks for a token first when the relay says one is needed. */
+  async function begin() {
+    statusPoll.stop();
+    historyPoll.stop();
+    if ((await whoami()) === false) { needToken(null); return; }
+    statusPoll.run();
+    historyPoll.run();
+  }
+
   function needToken(r) {
+    statusPoll.stop();
+    historyPoll.stop();
     const had = token.get() !== '';
     const first = !state.signingIn;
     state.signingIn = true;
@@ -767,8 +869,7 @@
     state.signingIn = false;
     $('#signin-panel').hidden = true;
     $('#sign-out').hidden = false;
-    statusPoll.run();
-    historyPoll.run();
+    begin();
     const p = state.pending;
     state.pending = null;
     if (p) p();
@@ -782,9 +883,9 @@
     $('#sign-out').hidden = true;
     render();
     renderCharts();
+    update($('#who'));
     notice('ok', 'Signed out: the token was removed from this tab.');
-    statusPoll.run();
-    historyPoll.run();
+    begin();
   }
 
   // ---- actions -----------------------------------------------------------------------
@@ -914,20 +1015,29 @@
         render();
       }
     });
+    document.addEventListener('mousemove', hover);
     $('#notice-close').addEventListener('click', () => { $('#notice').hidden = true; });
     $('#sign-out').addEventListener('click', (ev) => { ev.preventDefault(); signOut(); });
-    $('#signin-form').addEventListener('submit', (ev) => {
+    $('#signin-form').addEventListener('submit', async (ev) => {
       ev.preventDefault();
       const input = $('#token');
       const v = input.value.trim();
       if (!v) { input.focus(); return; }
+      const b = $('#sign-in');
+      b.disabled = true;
+      const ok = await whoami(v);
+      b.disabled = false;
+      if (ok === false) {
+        $('#signin-why').textContent = 'The relay does not know this token. Enter another one.';
+        input.select();
+        return;
+      }
       input.value = '';
       signedIn(v);
     });
     $('#sign-out').hidden = token.get() === '';
     renderCharts();
-    statusPoll.run();
-    historyPoll.run();
+    begin();
   }
 
   if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', start);
