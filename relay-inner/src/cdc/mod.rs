@@ -322,6 +322,7 @@ impl Cdc {
                     "name": s.cfg.name,
                     "slot": s.cfg.slot,
                     "publication": s.cfg.publication,
+                    "tables": s.current().tables,
                     "source": s.status.to_json(),
                     "spool": {
                         "dir": s.spool.dir(),
