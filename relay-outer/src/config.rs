@@ -374,12 +374,7 @@ impl Config {
 
     /// The admin endpoint's TLS acceptor (`admin.tls`), when configured.
     pub fn admin_tls(&self) -> Result<Option<tokio_rustls::TlsAcceptor>, String> {
-        let Some(t) = &self.admin.tls else {
-            return Ok(None);
-        };
-        routy_tunnel::tls::https_server_config(&t.cert, &t.key, t.client_ca.as_deref())
-            .map(|c| Some(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(c))))
-            .map_err(|e| format!("admin.tls: {e}"))
+        routy_tunnel::tls::admin_acceptor(&self.admin)
     }
 
     /// Loads the TLS material too, as `run` would; `check-config` uses this.

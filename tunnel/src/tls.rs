@@ -182,6 +182,18 @@ pub fn https_server_config(
     Ok(cfg)
 }
 
+/// The admin endpoint's TLS acceptor (`admin.tls`), when configured; errors name the key.
+pub fn admin_acceptor(
+    admin: &routy_ops::admin::AdminSettings,
+) -> Result<Option<tokio_rustls::TlsAcceptor>, String> {
+    let Some(t) = &admin.tls else {
+        return Ok(None);
+    };
+    https_server_config(&t.cert, &t.key, t.client_ca.as_deref())
+        .map(|c| Some(tokio_rustls::TlsAcceptor::from(Arc::new(c))))
+        .map_err(|e| format!("admin.tls: {e}"))
+}
+
 /// Client side of the outer TLS under a WebSocket (`wss://`): the server (relay-outer,
 /// or a load balancer in front of it) verified against `ca`, no client certificate,
 /// ALPN `http/1.1`.
