@@ -9,6 +9,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod browser;
 pub mod cdc;
 pub mod chaos;
 pub mod clickhouse;
