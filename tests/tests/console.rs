@@ -5,16 +5,14 @@
 //! token (401, a request from the page) and with a read token (403, the button) and works
 //! end to end with an admin token (the sink delivers again, the audit line names the
 //! token); relay-inner's page, without
-//! tokens on loopback, shows its endpoint and CDC source. `ROUTY_CONSOLE_SCREENSHOT=FILE`
+//! tokens on loopback, shows its endpoint and CDC source. The browser is
+//! [`routy_e2e::browser`]. `ROUTY_CONSOLE_SCREENSHOT=FILE`
 //! keeps a picture of relay-outer's page (the README's).
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use routy_e2e::browser::Browser;
 use routy_e2e::cdc::{CdcRig, RigOpts, SINK};
 use routy_e2e::{free_port, require_root, try_wait_until};
 use serde_json::{json, Value};
@@ -24,100 +22,36 @@ const READ: &str = "console-read-token-000000001";
 const ADMIN: &str = "console-admin-token-00000002";
 const SOON: Duration = Duration::from_secs(20);
 
-/// chromedriver and one browser session; both killed when dropped.
-struct Browser {
-    driver: Child,
-    port: u16,
-    session: String,
-    _profile: tempfile::TempDir,
+/// [`routy_e2e::browser::Browser`] driven from this synchronous test.
+struct Page {
+    rt: tokio::runtime::Runtime,
+    b: Option<Browser>,
 }
 
-/// The key under which WebDriver returns an element reference.
-const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
-
-impl Browser {
-    fn start() -> Browser {
-        let port = free_port();
-        let driver = Command::new("chromedriver")
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect(
-                "chromedriver (Debian package chromium-driver; tests/install-deps installs it)",
-            );
-        let profile = routy_e2e::tempdir();
-        let mut b = Browser {
-            driver,
-            port,
-            session: String::new(),
-            _profile: profile,
-        };
-        try_wait_until(SOON, "chromedriver ready", || {
-            b.call("GET", "/status", None)
-                .is_ok_and(|v| v["value"]["ready"] == true)
-        })
-        .unwrap();
-        let caps = json!({"capabilities": {"alwaysMatch": {
-            "browserName": "chrome",
-            "goog:chromeOptions": {
-                "binary": "/usr/bin/chromium",
-                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                         "--disable-dev-shm-usage", "--window-size=1280,1000",
-                         format!("--user-data-dir={}", b._profile.path().display())],
-            },
-            "goog:loggingPrefs": {"browser": "ALL"},
-        }}});
-        let v = b
-            .call("POST", "/session", Some(caps))
-            .expect("a browser session");
-        b.session = v["value"]["sessionId"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no session: {v}"))
-            .to_string();
-        b
+impl Page {
+    fn start() -> Page {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let b = rt.block_on(Browser::start()).expect("a browser");
+        Page { rt, b: Some(b) }
     }
 
-    /// One WebDriver command: the answer's JSON, or the error it names.
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
-        let text = read_answer(&mut s)?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| format!("{e}: {text}"))?;
-        if v["value"]["error"].is_string() {
-            return Err(format!(
-                "{}: {}",
-                v["value"]["error"], v["value"]["message"]
-            ));
-        }
-        Ok(v)
-    }
-
-    fn cmd(&self, method: &str, what: &str, body: Option<Value>) -> Value {
-        let path = format!("/session/{}{what}", self.session);
-        self.call(method, &path, body)
-            .unwrap_or_else(|e| panic!("{method} {what}: {e}"))["value"]
-            .take()
+    fn b(&self) -> &Browser {
+        self.b.as_ref().expect("browser")
     }
 
     fn goto(&self, url: &str) {
-        self.cmd("POST", "/url", Some(json!({ "url": url })));
+        self.rt.block_on(self.b().goto(url)).unwrap();
     }
 
     /// Runs `script` (a function body; `arguments` as usual) in the page.
     fn js(&self, script: &str, args: Value) -> Value {
-        self.cmd(
-            "POST",
-            "/execute/sync",
-            Some(json!({"script": script, "args": args})),
-        )
+        let args = args.as_array().cloned().unwrap_or_default();
+        self.rt
+            .block_on(self.b().execute(script, &args))
+            .unwrap_or_else(|e| panic!("{script}: {e}"))
     }
 
     /// Text of the first element matching `css` (`None` when there is none).
@@ -141,155 +75,50 @@ impl Browser {
     }
 
     fn click(&self, css: &str) {
-        let e = self.cmd(
-            "POST",
-            "/element",
-            Some(json!({"using": "css selector", "value": css})),
-        );
-        let id = e[ELEMENT].as_str().unwrap_or_else(|| panic!("{css}: {e}"));
-        self.cmd("POST", &format!("/element/{id}/click"), Some(json!({})));
+        self.rt
+            .block_on(async {
+                let el = self.b().find(css).await?;
+                self.b().click(&el).await
+            })
+            .unwrap_or_else(|e| panic!("click {css}: {e}"));
     }
 
     fn type_into(&self, css: &str, text: &str) {
-        let e = self.cmd(
-            "POST",
-            "/element",
-            Some(json!({"using": "css selector", "value": css})),
-        );
-        let id = e[ELEMENT].as_str().unwrap_or_else(|| panic!("{css}: {e}"));
-        self.cmd("POST", &format!("/element/{id}/clear"), Some(json!({})));
-        self.cmd(
-            "POST",
-            &format!("/element/{id}/value"),
-            Some(json!({ "text": text })),
-        );
+        self.rt
+            .block_on(async {
+                let el = self.b().find(css).await?;
+                self.b().type_into(&el, text).await
+            })
+            .unwrap_or_else(|e| panic!("type into {css}: {e}"));
     }
 
     /// The text of the open dialog (`confirm`, `prompt`), waiting for one to open.
     fn dialog(&self) -> String {
-        let mut text = String::new();
-        try_wait_until(SOON, "a dialog", || {
-            match self.call(
-                "GET",
-                &format!("/session/{}/alert/text", self.session),
-                None,
-            ) {
-                Ok(v) => {
-                    text = v["value"].as_str().unwrap_or_default().to_string();
-                    true
-                }
-                Err(_) => false,
-            }
-        })
-        .unwrap();
-        text
+        self.rt.block_on(self.b().alert_text()).expect("a dialog")
     }
 
     fn accept(&self) {
-        self.cmd("POST", "/alert/accept", Some(json!({})));
+        self.rt.block_on(self.b().accept_alert()).unwrap();
     }
 
     /// Browser console entries at level SEVERE or WARNING since the last call.
     fn console_problems(&self) -> Vec<String> {
-        let v = self.cmd("POST", "/se/log", Some(json!({"type": "browser"})));
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .filter(|e| e["level"] == "SEVERE" || e["level"] == "WARNING")
-            .map(|e| e["message"].as_str().unwrap_or_default().to_string())
-            .collect()
+        self.rt.block_on(self.b().console_errors()).unwrap()
     }
 
     fn screenshot(&self, path: &Path) {
-        let b64 = self.cmd("GET", "/screenshot", None);
-        let png = base64_decode(b64.as_str().expect("base64 PNG"));
+        self.rt.block_on(self.b().screenshot(path)).unwrap();
+        let png = std::fs::read(path).unwrap();
         assert!(png.starts_with(b"\x89PNG"), "a PNG");
-        std::fs::write(path, png).unwrap();
     }
 }
 
-impl Drop for Browser {
+impl Drop for Page {
     fn drop(&mut self) {
-        if !self.session.is_empty() {
-            let _ = self.call("DELETE", &format!("/session/{}", self.session), None);
-        }
-        // chromedriver and the browsers it started are in its process group.
-        unsafe {
-            libc::kill(-(self.driver.id() as i32), libc::SIGKILL);
-        }
-        let _ = self.driver.wait();
-    }
-}
-
-/// The body of one HTTP/1.1 answer: by `Content-Length`, chunked, or to the end
-/// (chromedriver keeps the connection open after answering).
-fn read_answer(s: &mut TcpStream) -> Result<String, String> {
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 16384];
-    loop {
-        let n = s.read(&mut buf).map_err(|e| e.to_string())?;
-        raw.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let head = head.to_ascii_lowercase();
-            let len = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse::<usize>().ok());
-            match len {
-                Some(len) if body.len() >= len => return Ok(body[..len].to_string()),
-                None if head.contains("transfer-encoding: chunked")
-                    && body.ends_with("0\r\n\r\n") =>
-                {
-                    return Ok(dechunk(body))
-                }
-                _ => {}
-            }
-        }
-        if n == 0 {
-            return text
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_string())
-                .ok_or_else(|| "no answer".to_string());
+        if let Some(b) = self.b.take() {
+            let _ = self.rt.block_on(b.quit());
         }
     }
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((len, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
-fn base64_decode(s: &str) -> Vec<u8> {
-    let val = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0);
-    for v in s.bytes().filter_map(val) {
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    out
 }
 
 /// Browser problems other than the refusals the test provoked (Chrome logs a failed
@@ -333,7 +162,7 @@ fn the_console_shows_the_relays_and_replays_a_sink_only_with_an_admin_token() {
     rig.wait_in_sync(&[TABLE], SOON);
 
     let started = Instant::now();
-    let b = Browser::start();
+    let b = Page::start();
     eprintln!("browser up in {:?}", started.elapsed());
     let page = format!("http://127.0.0.1:{admin_port}/");
     b.goto(&page);
@@ -352,14 +181,9 @@ fn the_console_shows_the_relays_and_replays_a_sink_only_with_an_admin_token() {
         "loading the page"
     );
     // The replay from this browser without a token: refused.
-    let status = b.cmd(
-        "POST",
-        "/execute/async",
-        Some(json!({
-            "script": "const done = arguments[arguments.length - 1]; \
-                       fetch(arguments[0], {method: 'POST'}).then(r => done(r.status), e => done(String(e)));",
-            "args": [format!("v1/sinks/{SINK}/replay")],
-        })),
+    let status = b.js(
+        "return fetch(arguments[0], {method: 'POST'}).then(r => r.status, e => String(e));",
+        json!([format!("v1/sinks/{SINK}/replay")]),
     );
     assert_eq!(status, 401);
     assert!(
@@ -398,7 +222,7 @@ fn the_console_shows_the_relays_and_replays_a_sink_only_with_an_admin_token() {
 
     // A client connects through the listener: the page follows.
     let clients = "tr[data-listener=\"pg\"] td.clients";
-    let value = |b: &Browser| {
+    let value = |b: &Page| {
         b.js(
             "const e = document.querySelector(arguments[0]); return e ? e.dataset.value : null;",
             json!([clients]),
