@@ -437,7 +437,6 @@ impl Listener {
 mod tests {
     use super::*;
     use crate::tunnel::registry::SessionEntry;
-    use std::sync::atomic::{AtomicBool, AtomicU64};
 
     fn config(name: &str, tunnel: &str) -> ListenerConfig {
         ListenerConfig {
@@ -478,21 +477,11 @@ mod tests {
         assert_eq!(value("t").as_deref(), Some("0"), "no session yet");
 
         let (io, _peer) = tokio::io::duplex(1024);
-        let session = Arc::new(SessionEntry {
-            id: registry.next_id(),
-            tunnel: "t".into(),
-            peer: "127.0.0.1:1".parse().unwrap(),
-            node: "n".into(),
-            services: vec![],
-            cert: None,
-            handle: routy_tunnel::session::yamux(io, routy_tunnel::session::Role::Server).handle,
-            draining: AtomicBool::new(false),
-            since: Instant::now(),
-            load: AtomicUsize::new(0),
-            rtt_micros: AtomicU64::new(0),
-            drain_asked: Default::default(),
-            drain_grace_ms: AtomicU64::new(0),
-        });
+        let session = Arc::new(SessionEntry::for_test(
+            registry.next_id(),
+            "t",
+            routy_tunnel::session::yamux(io, routy_tunnel::session::Role::Server).handle,
+        ));
         registry.add(session.clone());
         running.publish_tunnel_up();
         assert_eq!(value("t").as_deref(), Some("1"), "a live session");

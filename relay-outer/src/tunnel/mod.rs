@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use relay_proto::frame::ErrorCode;
 use routy_ops::drain::Drain;
@@ -30,7 +30,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::cdc::{receiver, Cdc};
 use crate::config::TunnelConfig;
-use crate::tunnel::registry::{Registry, SessionEntry};
+use crate::tunnel::registry::{Identity, Registry, SessionEntry};
 
 /// The WebSocket upgrade of a new tunnel connection, before `deadline`; a failure is
 /// logged and counted, and gives `None`.
@@ -478,21 +478,14 @@ impl TunnelServer {
             handle.kill();
             return;
         }
-        let entry = Arc::new(SessionEntry {
-            id,
+        let who = Identity {
             tunnel: tunnel_name.clone(),
             peer,
             node: hello.node.clone(),
             services: hello.services.clone(),
             cert,
-            handle: handle.clone(),
-            draining: Default::default(),
-            since: Instant::now(),
-            load: Default::default(),
-            rtt_micros: Default::default(),
-            drain_asked: Default::default(),
-            drain_grace_ms: Default::default(),
-        });
+        };
+        let entry = Arc::new(SessionEntry::new(id, who, handle.clone()));
         let count = self.registry.add(entry.clone());
         let tunnel_label = [("tunnel", tunnel_name.clone())];
         metrics::counter!(m::SESSION_CONNECTS, &tunnel_label).increment(1);

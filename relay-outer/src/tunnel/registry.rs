@@ -59,7 +59,54 @@ impl Drop for LoadGuard {
     }
 }
 
+/// Who a new session is: what the handshake established.
+#[derive(Debug)]
+pub struct Identity {
+    /// Tunnel name from the client certificate.
+    pub tunnel: String,
+    /// Address of relay-inner's connection.
+    pub peer: SocketAddr,
+    /// relay-inner's node name.
+    pub node: String,
+    /// Services relay-inner said it exposes.
+    pub services: Vec<String>,
+    /// The client certificate's revocation key.
+    pub cert: Option<routy_tunnel::tls::RevocationKey>,
+}
+
 impl SessionEntry {
+    /// A session `id` of `who` on `handle`, registered now, with no streams yet.
+    pub fn new(id: u64, who: Identity, handle: SessionHandle) -> SessionEntry {
+        SessionEntry {
+            id,
+            tunnel: who.tunnel,
+            peer: who.peer,
+            node: who.node,
+            services: who.services,
+            cert: who.cert,
+            handle,
+            draining: AtomicBool::new(false),
+            since: Instant::now(),
+            load: AtomicUsize::new(0),
+            rtt_micros: AtomicU64::new(0),
+            drain_asked: Default::default(),
+            drain_grace_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// A session of `tunnel` from nowhere in particular, for tests.
+    #[cfg(test)]
+    pub fn for_test(id: u64, tunnel: &str, handle: SessionHandle) -> SessionEntry {
+        let who = Identity {
+            tunnel: tunnel.into(),
+            peer: SocketAddr::from(([127, 0, 0, 1], 1)),
+            node: "n".into(),
+            services: vec![],
+            cert: None,
+        };
+        SessionEntry::new(id, who, handle)
+    }
+
     /// The last keepalive round trip, if one was measured.
     pub fn rtt(&self) -> Option<std::time::Duration> {
         match self.rtt_micros.load(Ordering::Relaxed) {
@@ -184,21 +231,11 @@ mod tests {
     /// A session entry; the returned peer end keeps its session alive.
     fn entry(reg: &Registry, tunnel: &str) -> (Arc<SessionEntry>, tokio::io::DuplexStream) {
         let (a, b) = tokio::io::duplex(1024);
-        let e = Arc::new(SessionEntry {
-            id: reg.next_id(),
-            tunnel: tunnel.into(),
-            peer: "127.0.0.1:1".parse().unwrap(),
-            node: "n".into(),
-            services: vec![],
-            cert: None,
-            handle: yamux(a, Role::Server).handle,
-            draining: AtomicBool::new(false),
-            since: Instant::now(),
-            load: AtomicUsize::new(0),
-            rtt_micros: AtomicU64::new(0),
-            drain_asked: Default::default(),
-            drain_grace_ms: AtomicU64::new(0),
-        });
+        let e = Arc::new(SessionEntry::for_test(
+            reg.next_id(),
+            tunnel,
+            yamux(a, Role::Server).handle,
+        ));
         (e, b)
     }
 
