@@ -332,3 +332,68 @@ fn drain_hands_the_session_over_and_the_running_query_finishes() {
         "outer log"
     );
 }
+
+/// The commands' client (`relay-outer cdc ...`, `relay-inner cdc resync`): the
+/// configuration's admin token, and over HTTPS exactly the configured certificate.
+#[test]
+fn the_commands_client_sends_the_token_and_pins_the_certificate() {
+    let pki = Pki::new(&["localhost", "127.0.0.1"]);
+    let port = free_port();
+    let admin = format!(
+        "{{ listen: \"127.0.0.1:{port}\", tokens: {}, tls: {{ cert: {}, key: {} }} }}",
+        tokens(pki.dir()),
+        pki.path("outer.crt").display(),
+        pki.path("outer.key").display(),
+    );
+    let outer = Relay::outer(&outer_with_admin(&pki, &admin), None);
+    outer
+        .proc
+        .wait_for_log("console at https://127.0.0.1", SOON);
+    use routy_ops::admin::{AdminSpec, Role, TlsSpec, TokenSpec};
+    let spec = AdminSpec {
+        listen: Some(format!("127.0.0.1:{port}")),
+        tokens: vec![TokenSpec {
+            name: "ops".into(),
+            token_file: pki.path("admin.token"),
+            role: Role::Admin,
+        }],
+        public_metrics: false,
+        tls: Some(TlsSpec {
+            cert: pki.path("outer.crt"),
+            key: pki.path("outer.key"),
+            client_ca: None,
+        }),
+    };
+    let settings =
+        routy_ops::admin::AdminSettings::resolve(Some(&spec), "127.0.0.1:1", pki.dir()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (status, body) = rt
+        .block_on(routy_ops::admin_client::request(
+            &settings,
+            "POST",
+            "/v1/reload",
+        ))
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        outer.proc.log().contains("token=ops"),
+        "the admin token was sent"
+    );
+    // Another certificate in the file: the client refuses to talk.
+    let other = Pki::new(&["localhost"]);
+    let mut pinned_wrong = settings.clone();
+    if let Some(t) = pinned_wrong.tls.as_mut() {
+        t.cert = other.path("outer.crt");
+    }
+    let err = rt
+        .block_on(routy_ops::admin_client::request(
+            &pinned_wrong,
+            "GET",
+            "/status",
+        ))
+        .unwrap_err();
+    assert!(err.contains("not the one in admin.tls.cert"), "{err}");
+}
