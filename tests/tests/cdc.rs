@@ -238,6 +238,8 @@ fn slot_advances_when_idle_and_while_relay_outer_is_away() {
         ..RigOpts::default()
     });
     rig.wait_shipping();
+    // The slot exists once the source streams (shipping can come up first).
+    rig.wait_streaming();
     // Idle published table, WAL written elsewhere: the heartbeat moves the slot.
     let start = rig.confirmed_flush();
     rig.source
