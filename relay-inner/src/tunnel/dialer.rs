@@ -142,8 +142,14 @@ impl Dialer {
                     metrics::gauge!(m::SESSION_TRANSPORT, &transport_label).decrement(1.0);
                     let end = match served {
                         Served::Upgraded(c) => {
+                            let how =
+                                if c.session.handle.transport() == "quic" && transport != "quic" {
+                                    "moved to QUIC"
+                                } else {
+                                    "moved to a new session"
+                                };
                             info!(tunnel = %tunnel, old_session = id, session = c.id, transport = c.session.handle.transport(),
-                                "moved to a new session: the old one is draining and closes when its streams are done");
+                                "{how}: the old session is draining and closes when its streams are done");
                             next = Some(c);
                             continue;
                         }
