@@ -164,12 +164,14 @@ impl History {
             if !v.is_finite() {
                 continue;
             }
-            let per_chart = st.series.keys().filter(|(c, _)| *c == i).count();
-            let known = st.series.contains_key(&(i, key.clone()));
-            if !known && per_chart >= MAX_SERIES {
+            let key = (i, key);
+            // A new series only while its chart has room (counted only then).
+            if !st.series.contains_key(&key)
+                && st.series.keys().filter(|(c, _)| *c == i).count() >= MAX_SERIES
+            {
                 continue;
             }
-            let s = st.series.entry((i, key)).or_default();
+            let s = st.series.entry(key).or_default();
             s.push_back((now, v));
             while s.len() > POINTS {
                 s.pop_front();
