@@ -1,31 +1,4 @@
-//! The tunnel handshake over the control stream: relay-outer reading relay-inner's Hello,
-//! and relay-inner reading relay-outer's answer (HelloAck or Error). The first byte picks
-//! the side; the rest is what the peer sent. Any bytes give a result or an error.
+//! The `handshake` target: its body, and what it checks, is `routy_fuzz_targets::handshake`
+//! (fuzz/targets/src/handshake.rs).
 #![no_main]
-use relay_proto::frame::Hello;
-use routy_fuzz::{block_on, peer, DEADLINE};
-use routy_tunnel::handshake;
-
-libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let Some((&side, sent)) = data.split_first() else {
-        return;
-    };
-    block_on(async {
-        let mut io = peer(sent);
-        if side & 1 == 0 {
-            if let Ok(hello) = handshake::server_read_hello(&mut io, DEADLINE).await {
-                assert_eq!(hello.protocol, handshake::PROTOCOL_VERSION);
-            }
-        } else {
-            let hello = Hello {
-                protocol: handshake::PROTOCOL_VERSION,
-                node: "fuzz".into(),
-                services: vec!["pg".into()],
-                features: vec![],
-            };
-            if let Ok(ack) = handshake::client(&mut io, hello, DEADLINE).await {
-                assert_eq!(ack.protocol, handshake::PROTOCOL_VERSION);
-            }
-        }
-    });
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| routy_fuzz_targets::handshake::run(data));

@@ -1,15 +1,4 @@
-//! Text positions that users and databases hand us: LSNs (`16/B374D848`, from the source
-//! database and from `--since`/config) and RFC 3339 times (`--since`, store positions).
+//! The `lsn_time` target: its body, and what it checks, is `routy_fuzz_targets::lsn_time`
+//! (fuzz/targets/src/lsn_time.rs).
 #![no_main]
-use relay_proto::cdc::parse_time;
-use relay_proto::lsn::{format_lsn, parse_lsn};
-
-libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
-    if let Ok(lsn) = parse_lsn(text) {
-        assert_eq!(parse_lsn(&format_lsn(lsn)), Ok(lsn));
-    }
-    let _ = parse_time(text);
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| routy_fuzz_targets::lsn_time::run(data));

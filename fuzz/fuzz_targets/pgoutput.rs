@@ -1,5 +1,4 @@
-//! pgoutput messages from the source database's walsender.
+//! The `pgoutput` target: its body, and what it checks, is `routy_fuzz_targets::pgoutput`
+//! (fuzz/targets/src/pgoutput.rs).
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let _ = relay_proto::pgoutput::decode(data);
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| routy_fuzz_targets::pgoutput::run(data));

@@ -1,15 +1,4 @@
-//! The head of an HTTP proxy's answer to `CONNECT` (`routy_tunnel::proxy`): any bytes give
-//! an open tunnel, a refusal with a short reason, or an error.
+//! The `proxy_answer` target: its body, and what it checks, is `routy_fuzz_targets::proxy_answer`
+//! (fuzz/targets/src/proxy_answer.rs).
 #![no_main]
-use routy_tunnel::proxy::{parse_connect_answer, socks_reply_meaning, ConnectAnswer};
-
-libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    if let Ok(ConnectAnswer::Refused { answer, reason }) = parse_connect_answer(data) {
-        // What goes into logs and metric labels stays short.
-        assert!(answer.chars().count() <= 200 + 3 + 200, "{answer:?}");
-        assert!(["auth", "forbidden", "refused"].contains(&reason));
-    }
-    if let Some(&code) = data.first() {
-        let _ = socks_reply_meaning(code);
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| routy_fuzz_targets::proxy_answer::run(data));

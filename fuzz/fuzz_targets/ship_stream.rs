@@ -1,19 +1,4 @@
-//! A CDC shipping stream as relay-outer's receiver and relay-inner's shipper read it
-//! (`routy_tunnel::ship::read`): length-prefixed messages one after another, until the
-//! end of the stream or the first error.
+//! The `ship_stream` target: its body, and what it checks, is `routy_fuzz_targets::ship_stream`
+//! (fuzz/targets/src/ship_stream.rs).
 #![no_main]
-use routy_fuzz::{block_on, peer};
-
-libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    block_on(async {
-        let mut io = peer(data);
-        // Every message takes at least its 4-byte length: the loop ends.
-        while let Ok(Some(msg)) = routy_tunnel::ship::read(&mut io).await {
-            // What was read writes again, and reads back the same.
-            let again = msg.encode().expect("a decoded message encodes");
-            let mut back = peer(&again);
-            let read = routy_tunnel::ship::read(&mut back).await;
-            assert_eq!(read.ok().flatten().as_ref(), Some(&msg));
-        }
-    });
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| routy_fuzz_targets::ship_stream::run(data));
