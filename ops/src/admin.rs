@@ -504,6 +504,43 @@ async fn check(State(access): State<Arc<Access>>, req: Request, next: Next) -> R
     response.into_response()
 }
 
+/// How long `POST /v1/reload` waits for the reload before it answers 202: well inside the
+/// admin endpoint's request deadline ([`crate::http::DEFAULT_DEADLINE`]).
+pub const RELOAD_ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(4);
+
+/// `POST /v1/reload` on either relay: runs `reload` (the relay's own, the same as SIGHUP)
+/// as a task of its own, so it always runs to its end: a client that goes away, or the
+/// request deadline, never cancels a reload half applied. Answers 200 `{"reloaded":
+/// summary}`, 422 `{"error": why}` (the old configuration stays), or, when the reload is
+/// still running after [`RELOAD_ANSWER_WITHIN`], 202 `{"reloading": true, ..}`: its outcome
+/// is then in the log and in `routy_config_reloads_total`.
+pub async fn reload_answer<F>(reload: F) -> Response
+where
+    F: std::future::Future<Output = Result<String, String>> + Send + 'static,
+{
+    let task = tokio::spawn(reload);
+    match tokio::time::timeout(RELOAD_ANSWER_WITHIN, task).await {
+        Ok(Ok(Ok(summary))) => {
+            crate::http::json(StatusCode::OK, &serde_json::json!({ "reloaded": summary }))
+        }
+        Ok(Ok(Err(why))) => error(StatusCode::UNPROCESSABLE_ENTITY, &why),
+        Ok(Err(e)) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("the reload failed: {e}"),
+        ),
+        Err(_) => crate::http::json(
+            StatusCode::ACCEPTED,
+            &serde_json::json!({
+                "reloading": true,
+                "note": format!(
+                    "still running after {} s; it goes on: its outcome is in the log and in routy_config_reloads_total",
+                    RELOAD_ANSWER_WITHIN.as_secs()
+                ),
+            }),
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -692,5 +729,59 @@ mod tests {
         settings.tokens.clear();
         access.update(&settings);
         assert_eq!(call(&app, "POST", "/v1/reload", None).await, 200);
+    }
+
+    async fn answer(r: Response) -> (u16, serde_json::Value) {
+        let status = r.status().as_u16();
+        let body = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_is_answered_when_done_and_never_cancelled_when_slow() {
+        let (status, body) =
+            answer(reload_answer(async { Ok("2 changes".to_string()) }).await).await;
+        assert_eq!(
+            (status, &body["reloaded"]),
+            (200, &serde_json::json!("2 changes"))
+        );
+        let (status, body) = answer(reload_answer(async { Err("x: bad".to_string()) }).await).await;
+        assert_eq!(
+            (status, &body["error"]),
+            (422, &serde_json::json!("x: bad"))
+        );
+        // A slow reload: 202 at the deadline, and it still runs to its end afterwards,
+        // even though the request that started it is over.
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d = done.clone();
+        let slow = async move {
+            tokio::time::sleep(RELOAD_ANSWER_WITHIN * 3).await;
+            d.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok("late".to_string())
+        };
+        let (status, body) = answer(reload_answer(slow).await).await;
+        assert_eq!(status, 202, "{body}");
+        assert_eq!(body["reloading"], true);
+        assert!(!done.load(std::sync::atomic::Ordering::SeqCst));
+        tokio::time::sleep(RELOAD_ANSWER_WITHIN * 3).await;
+        assert!(
+            done.load(std::sync::atomic::Ordering::SeqCst),
+            "the reload ran to its end"
+        );
+        // Dropping the request's future (a client gone, the deadline) does not cancel it.
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d = done.clone();
+        let request = tokio::spawn(reload_answer(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            d.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok(String::new())
+        }));
+        tokio::task::yield_now().await;
+        request.abort();
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        assert!(
+            done.load(std::sync::atomic::Ordering::SeqCst),
+            "the reload ran to its end"
+        );
     }
 }

@@ -73,15 +73,8 @@ pub fn router(relay: Arc<InnerRelay>, prom: PrometheusHandle) -> Router {
         .route(
             "/v1/reload",
             post(move || async move {
-                match reload_relay.reload().await {
-                    Ok(summary) => {
-                        json(StatusCode::OK, &serde_json::json!({ "reloaded": summary }))
-                    }
-                    Err(e) => json(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        &serde_json::json!({ "error": e }),
-                    ),
-                }
+                let relay = reload_relay.clone();
+                routy_ops::admin::reload_answer(async move { relay.reload().await }).await
             }),
         )
         .route("/healthz", get(|| async { text(StatusCode::OK, "ok\n") }));

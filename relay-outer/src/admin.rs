@@ -133,7 +133,13 @@ pub fn router(relay: Arc<OuterRelay>, prom: PrometheusHandle) -> Router {
         get(move || async move { json(StatusCode::OK, &status(&rr, &history)) }),
     );
     let rr = relay.clone();
-    let r = r.route("/v1/reload", post(move || async move { reload(&rr).await }));
+    let r = r.route(
+        "/v1/reload",
+        post(move || async move {
+            let relay = rr.clone();
+            routy_ops::admin::reload_answer(async move { relay.reload().await }).await
+        }),
+    );
     let rr = relay.clone();
     let r = r.route(
         "/v1/sessions/{id}/drain",
@@ -225,14 +231,6 @@ async fn replay(relay: &OuterRelay, name: &str, q: &HashMap<String, String>) -> 
             &crate::cdc::manage::replay_json(name, to),
         ),
         Err(e) => manage_error(e),
-    }
-}
-
-/// `POST /v1/reload`: the same as SIGHUP.
-async fn reload(relay: &OuterRelay) -> Response {
-    match relay.reload().await {
-        Ok(summary) => json(StatusCode::OK, &json!({ "reloaded": summary })),
-        Err(e) => json(StatusCode::UNPROCESSABLE_ENTITY, &json!({ "error": e })),
     }
 }
 
