@@ -33,6 +33,8 @@ pub enum Read {
     Gauge,
     /// Not from the metrics page: values the relay gives ([`Extra`]).
     Given,
+    /// Given by the relay too, but a running total: charted as its rate per second.
+    GivenRate,
 }
 
 /// One chart.
@@ -44,7 +46,7 @@ pub struct Chart {
     pub title: &'static str,
     /// `bytes/s`, `bytes`, `seconds`, `records`, `count`.
     pub unit: &'static str,
-    /// The metric (unused with [`Read::Given`]).
+    /// The metric (unused with [`Read::Given`] and [`Read::GivenRate`]).
     pub metric: &'static str,
     /// The label whose values name the series (others are summed over).
     pub by: &'static str,
@@ -126,7 +128,7 @@ impl History {
                 last.entry(k).or_default().push((l, value));
             }
             for (i, c) in self.charts.iter().enumerate() {
-                if c.read == Read::Given || c.metric != name {
+                if matches!(c.read, Read::Given | Read::GivenRate) || c.metric != name {
                     continue;
                 }
                 let key = labels
@@ -139,10 +141,14 @@ impl History {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.last = last;
         let mut points: Vec<((usize, String), f64)> = Vec::new();
-        for ((i, key), v) in sums {
+        let given = extra.iter().filter_map(|(id, key, v)| {
+            let i = self.charts.iter().position(|c| c.id == *id)?;
+            Some(((i, key.clone()), *v))
+        });
+        for ((i, key), v) in sums.into_iter().chain(given) {
             match self.charts[i].read {
-                Read::Gauge => points.push(((i, key), v)),
-                Read::Rate => {
+                Read::Gauge | Read::Given => points.push(((i, key), v)),
+                Read::Rate | Read::GivenRate => {
                     let prev = st.previous.insert((i, key.clone()), (v, now));
                     if let Some((pv, pt)) = prev {
                         // A counter that went down was reset (a reload re-registered it):
@@ -152,12 +158,6 @@ impl History {
                         }
                     }
                 }
-                Read::Given => {}
-            }
-        }
-        for (id, key, v) in extra {
-            if let Some(i) = self.charts.iter().position(|c| c.id == *id) {
-                points.push(((i, key.clone()), *v));
             }
         }
         for ((i, key), v) in points {
@@ -306,6 +306,14 @@ mod tests {
                 by: "",
                 read: Read::Given,
             },
+            Chart {
+                id: "session",
+                title: "Throughput per session",
+                unit: "bytes/s",
+                metric: "",
+                by: "",
+                read: Read::GivenRate,
+            },
         ]
     }
 
@@ -332,13 +340,30 @@ mod tests {
         // No rate after one sample.
         assert_eq!(h.latest("throughput", "pg"), None);
         assert_eq!(h.latest("wal", "app"), Some(5.0));
-        h.sample(&page(600, 1500, 9), &[("lag", "sink1".into(), 2.5)], 1005.0);
+        h.sample(
+            &page(600, 1500, 9),
+            &[
+                ("lag", "sink1".into(), 2.5),
+                ("session", "a #1".into(), 50.0),
+            ],
+            1005.0,
+        );
+        assert_eq!(
+            h.latest("session", "a #1"),
+            None,
+            "a total: no rate from one"
+        );
         assert_eq!(h.latest("throughput", "pg"), Some(200.0));
         assert_eq!(h.latest("throughput", "we\"ird"), Some(0.0));
         assert_eq!(h.latest("wal", "app"), Some(9.0));
         assert_eq!(h.latest("lag", "sink1"), Some(2.5));
         // A reset counter gives no rate for that step, then rates again.
-        h.sample(&page(10, 10, 9), &[], 1010.0);
+        h.sample(
+            &page(10, 10, 9),
+            &[("session", "a #1".into(), 550.0)],
+            1010.0,
+        );
+        assert_eq!(h.latest("session", "a #1"), Some(100.0));
         assert_eq!(h.latest("throughput", "pg"), Some(200.0));
         h.sample(&page(60, 10, 9), &[], 1015.0);
         assert_eq!(h.latest("throughput", "pg"), Some(10.0));

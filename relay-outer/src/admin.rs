@@ -38,6 +38,14 @@ const CHARTS: &[Chart] = &[
         read: Read::Rate,
     },
     Chart {
+        id: "session_throughput",
+        title: "Throughput per session",
+        unit: "bytes/s",
+        metric: "",
+        by: "",
+        read: Read::GivenRate,
+    },
+    Chart {
         id: "listener_clients",
         title: "Clients per listener",
         unit: "count",
@@ -71,6 +79,11 @@ const CHARTS: &[Chart] = &[
     },
 ];
 
+/// A session's series in the throughput chart: its tunnel and id.
+fn session_series(s: &crate::tunnel::registry::SessionEntry) -> String {
+    format!("{} #{}", s.tunnel, s.id)
+}
+
 /// Values of the charts the metrics do not have.
 fn given(relay: &OuterRelay) -> Vec<(&'static str, String, f64)> {
     let mut out: Vec<(&'static str, String, f64)> = relay
@@ -85,6 +98,13 @@ fn given(relay: &OuterRelay) -> Vec<(&'static str, String, f64)> {
             )
         })
         .collect();
+    for s in relay.registry.all().iter() {
+        out.push((
+            "session_throughput",
+            session_series(s),
+            s.bytes.load(std::sync::atomic::Ordering::Relaxed) as f64,
+        ));
+    }
     if let Some(cdc) = &relay.cdc {
         for s in cdc.sinks_json().as_array().into_iter().flatten() {
             if let (Some(name), Some(lag)) = (s["name"].as_str(), s["lag_seconds"].as_f64()) {
@@ -298,6 +318,7 @@ fn status(relay: &OuterRelay, history: &History) -> serde_json::Value {
                 "rtt_seconds": s.rtt().map(|r| r.as_secs_f64()),
                 "open_streams": s.load.load(std::sync::atomic::Ordering::Relaxed),
                 "draining": s.draining.load(std::sync::atomic::Ordering::Relaxed),
+                "bytes_per_second": history.latest("session_throughput", &session_series(s)),
                 "tunnel_bytes_per_second": history.latest("tunnel_throughput", &s.tunnel),
             })
         })

@@ -9,10 +9,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use routy_e2e::free_port;
 use routy_e2e::relays::{
     admin_request, check_config, outer_yaml, ListenerSpec, Pki, Relay, Tunnel,
 };
+use routy_e2e::{free_port, try_wait_until};
 
 const KA: (&str, &str) = ("500ms", "3s");
 const SOON: Duration = Duration::from_secs(30);
@@ -277,6 +277,25 @@ fn drain_hands_the_session_over_and_the_running_query_finishes() {
     let t = Tunnel::start(KA, "");
     assert_eq!(t.sql("SELECT 1").unwrap(), "1");
     let old: u64 = t.outer.status()["sessions"][0]["id"].as_u64().unwrap();
+    // A client receiving rows for a few seconds: /status gives the session's own bytes/s
+    // (sampled every 5 s), beside its tunnel's.
+    let port = t.listen_port;
+    let rows = std::thread::spawn(move || {
+        routy_e2e::psql_at(
+            "127.0.0.1",
+            port,
+            "SELECT pg_sleep(0.01), repeat('x', 4000) FROM generate_series(1, 900)",
+        )
+    });
+    let seen = try_wait_until(Duration::from_secs(20), "the session's bytes/s", || {
+        let s = &t.outer.status()["sessions"][0];
+        s["bytes_per_second"].as_f64().is_some_and(|b| b > 0.0)
+            && s["tunnel_bytes_per_second"]
+                .as_f64()
+                .is_some_and(|b| b > 0.0)
+    });
+    assert!(rows.join().unwrap().is_ok());
+    seen.unwrap();
     // A client in the middle of a query through the tunnel.
     let port = t.listen_port;
     let running =

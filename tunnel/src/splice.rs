@@ -38,6 +38,9 @@ pub struct ByteCounters {
     pub to_service: metrics::Counter,
     /// Bytes from the service back toward the client.
     pub to_client: metrics::Counter,
+    /// Where both directions are also added up, if anywhere (relay-outer: the tunnel
+    /// session that carries the stream, for its bytes per second in `/status`).
+    pub also: Option<Arc<AtomicU64>>,
 }
 
 impl ByteCounters {
@@ -54,6 +57,7 @@ impl ByteCounters {
         ByteCounters {
             to_service: with("to_service"),
             to_client: with("to_client"),
+            also: None,
         }
     }
 }
@@ -400,6 +404,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
                 &self.counter.to_client
             };
             c.increment(n);
+            if let Some(also) = &self.counter.also {
+                also.fetch_add(n, Ordering::Relaxed);
+            }
         }
         r
     }
@@ -433,9 +440,11 @@ mod tests {
         let (client_app, client_end) = tokio::io::duplex(4096);
         let (service_end, service_app) = tokio::io::duplex(4096);
         let to_client = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let both = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counters = Arc::new(ByteCounters {
             to_service: metrics::Counter::noop(),
             to_client: metrics::Counter::from_arc(to_client.clone()),
+            also: Some(both.clone()),
         });
         let c2 = counters.clone();
         let task = tokio::spawn(async move { splice(client_end, service_end, c2).await });
@@ -469,6 +478,7 @@ mod tests {
             to_client.load(std::sync::atomic::Ordering::Relaxed),
             100_000
         );
+        assert_eq!(both.load(std::sync::atomic::Ordering::Relaxed), 100_007);
     }
 
     /// Deterministic bytes for stream `i`, direction `d`.
@@ -495,6 +505,7 @@ mod tests {
             let counters = Arc::new(ByteCounters {
                 to_service: metrics::Counter::noop(),
                 to_client: metrics::Counter::noop(),
+                also: None,
             });
             let spliced = tokio::spawn(splice(client_end, service_end, counters));
             tasks.push(tokio::spawn(async move {
@@ -558,6 +569,7 @@ mod tests {
         let counters = Arc::new(ByteCounters {
             to_service: metrics::Counter::noop(),
             to_client: metrics::Counter::noop(),
+            also: None,
         });
         let task = tokio::spawn(splice(client_end, service_end, counters));
         // The service goes away; the next write toward it fails.

@@ -18,6 +18,7 @@ fn noop_counters() -> Arc<ByteCounters> {
     Arc::new(ByteCounters {
         to_service: metrics::Counter::noop(),
         to_client: metrics::Counter::noop(),
+        also: None,
     })
 }
 

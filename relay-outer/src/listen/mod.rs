@@ -400,10 +400,15 @@ impl Listener {
         let mut stream = AwaitAnswer::new(stream, cfg.open_timeout, on_open);
         let [up, down] = &*self.bandwidth;
         let [all_up, all_down] = &**tunnel_bandwidth();
+        // The listener's counters, and the session's total beside them.
+        let bytes = Arc::new(ByteCounters {
+            also: Some(session.bytes.clone()),
+            ..ByteCounters::clone(&self.bytes)
+        });
         let result = splice(
             Throttled::new(client, vec![up.clone(), all_up.clone()]),
             Throttled::new(&mut stream, vec![down.clone(), all_down.clone()]),
-            self.bytes.clone(),
+            bytes,
         )
         .await;
         if let Some(refusal) = stream.refusal() {

@@ -40,6 +40,8 @@ pub struct SessionEntry {
     pub drain_asked: tokio::sync::Notify,
     /// How long that drain waits for the session's client streams, milliseconds.
     pub drain_grace_ms: AtomicU64,
+    /// Bytes its client streams moved, both directions (for its bytes/s in `/status`).
+    pub bytes: Arc<AtomicU64>,
 }
 
 /// Counts one client stream against its session's load until dropped.
@@ -91,6 +93,7 @@ impl SessionEntry {
             rtt_micros: AtomicU64::new(0),
             drain_asked: Default::default(),
             drain_grace_ms: AtomicU64::new(0),
+            bytes: Arc::new(AtomicU64::new(0)),
         }
     }
 
