@@ -750,6 +750,12 @@ mod tests {
             (status, &body["error"]),
             (422, &serde_json::json!("x: bad"))
         );
+        // A reload that panicked: 500, the relay goes on.
+        let (status, body) = answer(reload_answer(async { panic!("a bug") }).await).await;
+        assert_eq!(status, 500, "{body}");
+        assert!(body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("the reload failed")));
         // A slow reload: 202 at the deadline, and it still runs to its end afterwards,
         // even though the request that started it is over.
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));

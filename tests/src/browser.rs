@@ -25,7 +25,7 @@
 //! Every request to chromedriver has a deadline ([`COMMAND_TIMEOUT`]), page loads and
 //! scripts too (the session's timeouts), and every wait takes one.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -166,13 +166,13 @@ impl Browser {
     /// Starts chromedriver and a headless chromium session (within [`START_TIMEOUT`]).
     pub async fn start() -> Result<Browser> {
         let started = Instant::now();
-        let driver_bin = find_program("chromedriver").ok_or_else(|| {
+        let driver_bin = crate::which("chromedriver").ok_or_else(|| {
             Error::new(
                 "start",
                 "chromedriver not found in PATH: run tests/install-deps (Debian package chromium-driver)",
             )
         })?;
-        if find_program("chromium").is_none() {
+        if crate::which("chromium").is_none() {
             return Err(Error::new(
                 "start",
                 "chromium not found in PATH: run tests/install-deps (Debian package chromium)",
@@ -808,15 +808,6 @@ fn command_name(path: &str) -> String {
     } else {
         s.to_string()
     }
-}
-
-/// The program `name` in `PATH` (or /usr/bin), if it is there.
-fn find_program(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/bin")])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -46,6 +46,29 @@ fn outer_with_admin(pki: &Pki, admin: &str) -> String {
     )
 }
 
+/// relay-outer with its admin endpoint on HTTPS (the PKI's `outer.crt`), the tokens of
+/// [`tokens`], and with `client_ca` client certificates of the PKI's CA required; started,
+/// with the endpoint's port.
+fn outer_over_https(pki: &Pki, client_ca: bool) -> (Relay, u16) {
+    let port = free_port();
+    let ca = if client_ca {
+        format!(", client_ca: {}", pki.path("ca.crt").display())
+    } else {
+        String::new()
+    };
+    let admin = format!(
+        "{{ listen: \"127.0.0.1:{port}\", tokens: {}, tls: {{ cert: {}, key: {}{ca} }} }}",
+        tokens(pki.dir()),
+        pki.path("outer.crt").display(),
+        pki.path("outer.key").display(),
+    );
+    let outer = Relay::outer(&outer_with_admin(pki, &admin), None);
+    outer
+        .proc
+        .wait_for_log("console at https://127.0.0.1", SOON);
+    (outer, port)
+}
+
 #[test]
 fn tokens_roles_audit_and_an_open_metrics_page_by_reload() {
     let pki = Pki::new(&["localhost", "127.0.0.1"]);
@@ -220,18 +243,7 @@ fn tls_get(
 fn https_with_client_certificates() {
     let pki = Pki::new(&["localhost", "127.0.0.1"]);
     pki.issue("site-a");
-    let port = free_port();
-    let admin = format!(
-        "{{ listen: \"127.0.0.1:{port}\", tokens: {}, tls: {{ cert: {}, key: {}, client_ca: {} }} }}",
-        tokens(pki.dir()),
-        pki.path("outer.crt").display(),
-        pki.path("outer.key").display(),
-        pki.path("ca.crt").display(),
-    );
-    let outer = Relay::outer(&outer_with_admin(&pki, &admin), None);
-    outer
-        .proc
-        .wait_for_log("console at https://127.0.0.1", SOON);
+    let (_outer, port) = outer_over_https(&pki, true);
     let ok = tls_get(
         port,
         &pki,
@@ -357,17 +369,7 @@ fn drain_hands_the_session_over_and_the_running_query_finishes() {
 #[test]
 fn the_commands_client_sends_the_token_and_pins_the_certificate() {
     let pki = Pki::new(&["localhost", "127.0.0.1"]);
-    let port = free_port();
-    let admin = format!(
-        "{{ listen: \"127.0.0.1:{port}\", tokens: {}, tls: {{ cert: {}, key: {} }} }}",
-        tokens(pki.dir()),
-        pki.path("outer.crt").display(),
-        pki.path("outer.key").display(),
-    );
-    let outer = Relay::outer(&outer_with_admin(&pki, &admin), None);
-    outer
-        .proc
-        .wait_for_log("console at https://127.0.0.1", SOON);
+    let (outer, port) = outer_over_https(&pki, false);
     use routy_ops::admin::{AdminSpec, Role, TlsSpec, TokenSpec};
     let spec = AdminSpec {
         listen: Some(format!("127.0.0.1:{port}")),

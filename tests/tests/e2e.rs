@@ -63,3 +63,25 @@ mod tunnel;
 mod warehouse;
 #[path = "websocket.rs"]
 mod websocket;
+
+/// A suite file this binary does not name would never be compiled or run (the package
+/// has `autotests = false`): every `*.rs` here must be a module above.
+#[test]
+fn every_suite_file_is_a_module_of_this_binary() {
+    let me = include_str!("e2e.rs");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+    let mut missing = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("tests/tests lists") {
+        let name = entry.expect("tests/tests lists").file_name();
+        let Some(suite) = name.to_str().and_then(|n| n.strip_suffix(".rs")) else {
+            continue;
+        };
+        if suite != "e2e" && !me.contains(&format!("#[path = \"{suite}.rs\"]\nmod {suite};")) {
+            missing.push(suite.to_string());
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "suites not in tests/tests/e2e.rs (add `#[path = \"NAME.rs\"] mod NAME;`): {missing:?}"
+    );
+}

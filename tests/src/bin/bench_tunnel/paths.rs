@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use routy_e2e::relays::{inner_yaml, outer_yaml, ListenerSpec, Pki, READY};
-use routy_e2e::{bin, free_port, run_timeout, Proc};
+use routy_e2e::{bin, free_port, run_timeout, which, Proc};
 
 use super::load;
 
@@ -258,15 +258,6 @@ fn ensure_openssh() -> Result<(), String> {
     } else {
         Err("openssh-server/openssh-client could not be installed".into())
     }
-}
-
-/// An executable named `name` on PATH.
-pub fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(name))
-            .find(|f| f.is_file())
-    })
 }
 
 /// The OpenSSH version line (`ssh -V`).
