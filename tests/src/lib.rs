@@ -34,6 +34,7 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -88,10 +89,47 @@ pub fn which(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Returns a TCP port on 127.0.0.1 that was free just now and not handed out before by this process.
+/// Returns a port on 127.0.0.1 that was free just now (TCP and UDP) and not handed out
+/// before by this process.
+///
+/// It comes from below the kernel's ephemeral range (`ip_local_port_range`), never from
+/// it: a port from that range stays free only until some outgoing connection takes it as
+/// its source port, and with every suite in one process a test that opens thousands of
+/// connections (a flood, slow clients) would take the port another test is about to
+/// listen on (an iperf3 server re-binding its port between runs failed that way).
 pub fn free_port() -> u16 {
     static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
     let given = GIVEN.get_or_init(|| Mutex::new(HashSet::new()));
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u32, ephemeral_low.min(65_536));
+    let free = |port: u16| {
+        std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+    };
+    if high > low + 1000 {
+        // Start where another test process (tests/run runs one binary at a time, but a
+        // developer may run two) is unlikely to be.
+        let _ = NEXT.compare_exchange(
+            0,
+            std::process::id() * 7919,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        for _ in 0..(high - low) {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let port = (low + n % (high - low)) as u16;
+            let mut given = given.lock().unwrap_or_else(|e| e.into_inner());
+            if !given.contains(&port) && free(port) {
+                given.insert(port);
+                return port;
+            }
+        }
+    }
+    // No room below the ephemeral range: any port the kernel gives.
     for _ in 0..1000 {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         let port = listener.local_addr().expect("local_addr").port();
@@ -101,6 +139,14 @@ pub fn free_port() -> u16 {
         }
     }
     panic!("free_port: could not find a port not handed out before");
+}
+
+/// Held by the tests that load the machine or measure under load (bandwidth through
+/// iperf3, thousands of connections, slow clients): with every suite in one test binary,
+/// two of them never run at the same time (each still runs beside lighter tests).
+pub fn load_test() -> std::sync::MutexGuard<'static, ()> {
+    static LOAD: Mutex<()> = Mutex::new(());
+    LOAD.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Polls `f` every 50 ms until it returns true; panics mentioning `what` after `timeout`.
@@ -268,6 +314,26 @@ pub fn args_or_exit<A>(
         Err(e) => {
             eprint!("{name}: {e}\n\n{usage}");
             std::process::exit(2);
+        }
+    }
+}
+
+#[cfg(test)]
+mod free_port_tests {
+    #[test]
+    fn ports_are_below_the_ephemeral_range_free_and_never_handed_out_twice() {
+        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(32768);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let p = super::free_port();
+            assert!(seen.insert(p), "{p} handed out twice");
+            if low > 11_000 {
+                assert!((10_000..low).contains(&p), "{p} is not below {low}");
+            }
+            std::net::TcpListener::bind(("127.0.0.1", p)).expect("the port is free");
         }
     }
 }

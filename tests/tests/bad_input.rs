@@ -782,6 +782,7 @@ fn raise_nofile(n: u64) {
 #[test]
 fn two_thousand_connections_at_once_are_all_accepted_and_an_address_that_keeps_failing_is_throttled(
 ) {
+    let _load = routy_e2e::load_test();
     let s = Setup::new();
     raise_nofile(8192);
     let rt = fake::runtime();
@@ -843,6 +844,7 @@ fn two_thousand_connections_at_once_are_all_accepted_and_an_address_that_keeps_f
 /// every poll is answered 200 within 1 s, and the tunnel keeps serving.
 #[test]
 fn admin_endpoints_stay_ready_under_200_slow_clients() {
+    let _load = routy_e2e::load_test();
     let s = Setup::new();
     raise_nofile(8192);
     let rt = fake::runtime();
