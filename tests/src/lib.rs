@@ -96,7 +96,7 @@ pub fn which(name: &str) -> Option<PathBuf> {
 /// it: a port from that range stays free only until some outgoing connection takes it as
 /// its source port, and with every suite in one process a test that opens thousands of
 /// connections (a flood, slow clients) would take the port another test is about to
-/// listen on (an iperf3 server re-binding its port between runs failed that way).
+/// listen on.
 pub fn free_port() -> u16 {
     static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
     static NEXT: AtomicU32 = AtomicU32::new(0);
