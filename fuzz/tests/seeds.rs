@@ -348,6 +348,7 @@ fn segments() {
     let opts = LogOptions {
         segment_bytes: 400,
         max_record: 1024,
+        recycle_segments: 0,
     };
     let mut log = SegmentLog::open(dir.path(), opts).unwrap();
     for (_, r) in records() {

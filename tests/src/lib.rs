@@ -67,17 +67,23 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// CPU time (user + system) process `pid` has used, in seconds (0 if unknown).
 pub fn cpu_seconds(pid: u32) -> f64 {
+    let (user, system) = cpu_times(pid);
+    user + system
+}
+
+/// User and system CPU time process `pid` has used, in seconds (0 if unknown).
+pub fn cpu_times(pid: u32) -> (f64, f64) {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
+        return (0.0, 0.0);
     };
     // Fields after the command (which may hold spaces) in parentheses.
     let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-        return 0.0;
+        return (0.0, 0.0);
     };
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after ")".
-    (ticks(11) + ticks(12)) / 100.0
+    (ticks(11) / 100.0, ticks(12) / 100.0)
 }
 
 /// The program `name` on `PATH` (or in /usr/bin, for a `PATH` without it), if it is there.

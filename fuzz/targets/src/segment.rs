@@ -15,6 +15,7 @@ use routy_log::segment_log::{read_dir, salvage, LogOptions, SegmentLog};
 const OPTS: LogOptions = LogOptions {
     segment_bytes: 4096,
     max_record: 1024,
+    recycle_segments: 0,
 };
 
 fn segment(dir: &Path, first_seq: u64) -> PathBuf {

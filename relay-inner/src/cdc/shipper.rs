@@ -294,13 +294,12 @@ impl Shipper {
         sent: &AtomicU64,
     ) -> End {
         let mut synced = self.spool.subscribe();
+        // The pages read stay cached: the spool writes its next segments into the files
+        // of acknowledged ones (see `Spool`'s log options).
         let mut reader = match self.spool.reader(next) {
             Ok(r) => r,
             Err(e) => return spool_err(format!("spool read from {next}: {e}")),
         };
-        // What was shipped is read again only after a reconnect: leave the page cache to
-        // the database next to relay-inner.
-        reader.drop_behind();
         let mut next_seq = next;
         // Last time an acknowledgement arrived or nothing was in flight.
         let mut progress = tokio::time::Instant::now();

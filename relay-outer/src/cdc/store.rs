@@ -164,6 +164,9 @@ impl Store {
             LogOptions {
                 max_record: MAX_RECORD,
                 segment_bytes,
+                // Sinks read the store without its lock (`read_dir`), which a log that
+                // reuses segments does not allow; removals follow retention anyway.
+                recycle_segments: 0,
             },
         )?;
         if let Some(d) = &damage {
@@ -606,6 +609,7 @@ impl Store {
         let opts = LogOptions {
             max_record: MAX_RECORD,
             segment_bytes: segment_log::DEFAULT_SEGMENT_BYTES,
+            recycle_segments: 0,
         };
         let lost = segment_log::salvage(&dir, opts, |seq, lost| {
             Record::lost(

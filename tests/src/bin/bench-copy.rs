@@ -161,6 +161,8 @@ fn main() {
     // after the copy's last row (asked on one open connection: a count(*) every 50 ms
     // from a new psql each time took a good part of a core from the copy it measured).
     let t = Instant::now();
+    let pids = [&rig.inner, &rig.outer].map(|r| r.as_ref().map_or(0, |r| r.proc.pid()));
+    let cpu0 = pids.map(routy_e2e::cpu_times);
     let mut probe = Probe::open(rig.target.port());
     try_wait_until(Duration::from_secs(3600), "Routy copied the table", || {
         probe.query(
@@ -169,6 +171,12 @@ fn main() {
     })
     .unwrap();
     let routy = t.elapsed().as_secs_f64();
+    // The relays' CPU through the copy, user and system (the kernel's share: their
+    // writes into the page cache, sockets, fsyncs).
+    let cpu = [0, 1].map(|i| {
+        let (user, system) = routy_e2e::cpu_times(pids[i]);
+        (user - cpu0[i].0, system - cpu0[i].1)
+    });
     assert_eq!(
         rig.target.psql("SELECT count(*) FROM public.big"),
         a.rows.to_string(),
@@ -233,6 +241,11 @@ fn main() {
             routy
         ),
         row("pg_dump -t public.big | psql (direct)", dumped),
+    );
+    let table = format!(
+        "{table}\nCPU through Routy's copy: relay-inner {:.1} s user + {:.1} s system, \
+         relay-outer {:.1} s user + {:.1} s system\n",
+        cpu[0].0, cpu[0].1, cpu[1].0, cpu[1].1
     );
     print!("{table}");
     if let Some(f) = a.out {

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use routy_e2e::fake;
 use routy_e2e::relays::{outer_yaml, ListenerSpec, Pki, Relay, Tunnel, READY};
-use routy_e2e::{free_port, pg_bin, proc_memory, Pg, PgOpts};
+use routy_e2e::{cpu_seconds, free_port, pg_bin, proc_memory, Pg, PgOpts};
 use routy_ops::metrics as m;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -53,17 +53,6 @@ struct Row {
     /// relay-outer's, relay-inner's and the flood's CPU use during pgbench, in cores.
     cpu: (f64, f64, f64),
     note: String,
-}
-
-/// User plus system CPU time of a process so far, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of the line: 11 and 12 after the name.
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn main() {
