@@ -58,12 +58,7 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 /// one sector) and fsynced. Fails if the file does not exist yet with that length.
 pub fn write_small_even_when_full(path: &Path, contents: &[u8]) -> io::Result<()> {
     match write_atomic(path, contents) {
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
-            ) =>
-        {
+        Err(e) if is_no_space(&e) => {
             let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
             tmp_name.push(".tmp");
             let _ = std::fs::remove_file(path.with_file_name(tmp_name));
@@ -76,6 +71,14 @@ pub fn write_small_even_when_full(path: &Path, contents: &[u8]) -> io::Result<()
         }
         other => other,
     }
+}
+
+/// Whether an I/O error means the filesystem (or the user's quota) is full.
+pub fn is_no_space(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
 }
 
 /// Runs blocking file I/O from async code without stalling the other tasks of a

@@ -247,9 +247,6 @@ pub struct SegmentLog {
     sealed: VecDeque<Segment>,
     active: Segment,
     file: File,
-    /// Length of the active segment's file: more than `active.bytes` when it is a reused
-    /// file (its previous use's bytes follow the last record).
-    file_len: u64,
     /// Removed segments kept for reuse (`<segment>.free`), see [`LogOptions::recycle_segments`].
     free: Vec<PathBuf>,
     end: WriteEnd,
@@ -316,7 +313,6 @@ impl SegmentLog {
             dir,
             opts,
             sealed: segments,
-            file_len: active.bytes,
             active,
             file,
             free: Vec::new(),
@@ -353,10 +349,7 @@ impl SegmentLog {
             let undone = self.file.set_len(self.active.bytes).is_ok()
                 && self.file.seek(SeekFrom::Start(self.active.bytes)).is_ok();
             self.poisoned = !undone;
-            if undone {
-                self.file_len = self.active.bytes;
-            }
-            if is_no_space(&e) {
+            if crate::disk::is_no_space(&e) {
                 // Files kept for reuse take space the log needs now.
                 self.remove_free();
             }
@@ -366,7 +359,6 @@ impl SegmentLog {
             });
         }
         self.active.bytes += record_bytes;
-        self.file_len = self.file_len.max(self.active.bytes);
         self.last_seq = seq;
         self.publish_end();
         Ok(seq)
@@ -562,7 +554,6 @@ impl SegmentLog {
             bytes: 0,
         };
         self.file = file;
-        self.file_len = 0;
         self.last_seq = seq - 1;
         self.synced_seq = seq - 1;
         self.publish_end();
@@ -606,13 +597,18 @@ impl SegmentLog {
         // A failed fdatasync leaves the log in a state a retry cannot trust (see `sync`):
         // poison it, a reopen rescans.
         self.poisoned = true;
-        if self.file_len > self.active.bytes {
-            // A reused file: a sealed segment ends at its last record (readers take its
-            // end for final, and it is not scanned on open).
+        let len = self
+            .file
+            .metadata()
+            .map_err(io_err(&self.active.path))?
+            .len();
+        if len > self.active.bytes {
+            // A reused file, its previous use's bytes after the last record: a sealed
+            // segment ends at its last record (readers take its end for final, and it is
+            // not scanned on open).
             self.file
                 .set_len(self.active.bytes)
                 .map_err(io_err(&self.active.path))?;
-            self.file_len = self.active.bytes;
         }
         self.file.sync_data().map_err(io_err(&self.active.path))?;
         self.synced_seq = self.last_seq;
@@ -624,7 +620,7 @@ impl SegmentLog {
         let made = self
             .reuse_or_create(&path)
             .and_then(|made| sync_dir(&self.dir).map(|()| made));
-        let (file, file_len) = match made {
+        let file = match made {
             Ok(made) => made,
             Err(e) => {
                 match fs::remove_file(&path) {
@@ -647,23 +643,19 @@ impl SegmentLog {
         );
         self.sealed.push_back(sealed);
         self.file = file;
-        self.file_len = file_len;
         self.publish_end();
         Ok(())
     }
 
     /// The file for a new segment at `path`: a removed one kept for reuse (renamed, its
     /// bytes left as they are: the records written over them are told apart by their
-    /// seqs) or a new empty one; with its length.
-    fn reuse_or_create(&mut self, path: &Path) -> Result<(File, u64)> {
+    /// seqs) or a new empty one.
+    fn reuse_or_create(&mut self, path: &Path) -> Result<File> {
         while let Some(free) = self.free.pop() {
-            let reused = fs::rename(&free, path).and_then(|()| {
-                let file = OpenOptions::new().write(true).open(path)?;
-                let len = file.metadata()?.len();
-                Ok((file, len))
-            });
+            let reused =
+                fs::rename(&free, path).and_then(|()| OpenOptions::new().write(true).open(path));
             match reused {
-                Ok(made) => return Ok(made),
+                Ok(file) => return Ok(file),
                 Err(e) => {
                     tracing::debug!(file = %free.display(), error = %e, "a segment kept for reuse cannot be reused; removed");
                     let _ = fs::remove_file(&free);
@@ -671,8 +663,7 @@ impl SegmentLog {
                 }
             }
         }
-        let file = create_segment(path)?;
-        Ok((file, 0))
+        create_segment(path)
     }
 }
 
@@ -830,17 +821,16 @@ impl Reader {
     /// consumed): the caller moves on to the next one.
     fn file(&mut self) -> Result<Option<&mut BufReader<Bounded>>> {
         if self.file.is_none() {
-            let (mut file, max_len) = match open_for_read(&self.path, self.max_record) {
+            let (file, max_len) = match open_for_read(&self.path, self.max_record) {
                 Ok(f) => f,
                 Err(LogError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
                     return Ok(None)
                 }
                 Err(e) => return Err(e),
             };
+            let mut file = Bounded::new(file);
             file.seek(SeekFrom::Start(self.offset))
                 .map_err(io_err(&self.path))?;
-            let mut file = Bounded::new(file);
-            file.pos = self.offset;
             self.file = Some(BufReader::new(file));
             self.max_len = max_len;
         }
@@ -1578,12 +1568,6 @@ fn remove_free_files(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Whether an error means the filesystem is full.
-fn is_no_space(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::StorageFull
-        || matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
-}
-
 /// Whether the filesystem holding `dir` has at least `bytes` available to this process
 /// (false when that cannot be told).
 #[allow(unsafe_code)]
@@ -1846,7 +1830,9 @@ mod tests {
         assert_eq!(reader.by_ref().count(), 3);
         // The roll to seq 7, stopped after the rename.
         log.sync().unwrap();
-        let (_file, len) = log.reuse_or_create(&segment_path(dir.path(), 7)).unwrap();
+        let next = segment_path(dir.path(), 7);
+        let _file = log.reuse_or_create(&next).unwrap();
+        let len = fs::metadata(&next).unwrap().len();
         assert_eq!(len, 3 * 116, "the reused file, older records and all");
         assert!(reader.next().is_none(), "nothing to read yet");
         assert!(reader.next().is_none());
@@ -1858,8 +1844,10 @@ mod tests {
         assert!(has_room(dir.path(), 1));
         assert!(!has_room(dir.path(), u64::MAX));
         assert!(!has_room(&dir.path().join("missing"), 1));
-        assert!(is_no_space(&io::Error::from_raw_os_error(libc::ENOSPC)));
-        assert!(!is_no_space(&io::Error::from_raw_os_error(libc::EIO)));
+        let no_space = crate::disk::is_no_space;
+        assert!(no_space(&io::Error::from_raw_os_error(libc::ENOSPC)));
+        assert!(no_space(&io::Error::from_raw_os_error(libc::EDQUOT)));
+        assert!(!no_space(&io::Error::from_raw_os_error(libc::EIO)));
     }
 
     /// On a log that reuses segments, dropping read pages is left out (a reused segment

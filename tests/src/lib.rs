@@ -107,11 +107,7 @@ pub fn free_port() -> u16 {
     static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let given = GIVEN.get_or_init(|| Mutex::new(HashSet::new()));
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32768);
-    let (low, high) = (10_000u32, ephemeral_low.min(65_536));
+    let (low, high) = (10_000u32, ephemeral_low().min(65_536));
     let free = |port: u16| {
         std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
             && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
@@ -145,6 +141,17 @@ pub fn free_port() -> u16 {
         }
     }
     panic!("free_port: could not find a port not handed out before");
+}
+
+/// The first port of the kernel's ephemeral range (`ip_local_port_range`), read once.
+fn ephemeral_low() -> u32 {
+    static LOW: OnceLock<u32> = OnceLock::new();
+    *LOW.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(32768)
+    })
 }
 
 /// Held by the tests that load the machine or measure under load (bandwidth through
@@ -328,16 +335,16 @@ pub fn args_or_exit<A>(
 mod free_port_tests {
     #[test]
     fn ports_are_below_the_ephemeral_range_free_and_never_handed_out_twice() {
-        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse().ok())
-            .unwrap_or(32768);
+        let low = super::ephemeral_low();
         let mut seen = std::collections::HashSet::new();
         for _ in 0..200 {
             let p = super::free_port();
             assert!(seen.insert(p), "{p} handed out twice");
             if low > 11_000 {
-                assert!((10_000..low).contains(&p), "{p} is not below {low}");
+                assert!(
+                    (10_000..low).contains(&u32::from(p)),
+                    "{p} is not below {low}"
+                );
             }
             std::net::TcpListener::bind(("127.0.0.1", p)).expect("the port is free");
         }

@@ -17,7 +17,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use relay_proto::cdc::Record;
-use routy_log::disk::{blocking, write_atomic, write_small_even_when_full};
+use routy_log::disk::{blocking, is_no_space, write_atomic, write_small_even_when_full};
 use routy_log::segment_log::{self, LogOptions, Reader, SegmentLog};
 use tokio::sync::{watch, Notify};
 
@@ -457,14 +457,6 @@ impl Full {
             Full::Disk(_) => "no_space",
         }
     }
-}
-
-/// Whether an I/O error means the filesystem (or the user's quota) is full.
-fn is_no_space(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
-    )
 }
 
 /// How often an append that found no space on the spool's filesystem tries again.

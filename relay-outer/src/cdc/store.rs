@@ -497,10 +497,7 @@ impl Store {
             .iter()
             .try_for_each(|payload| self.append_one(&mut log, payload));
         if let Err(LogError::Io { source, .. }) = &appended {
-            if matches!(
-                source.kind(),
-                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
-            ) {
+            if routy_log::disk::is_no_space(source) {
                 // A full disk: seal what the active segment holds so that retention can
                 // remove it once the sinks consumed it (best effort).
                 if let Err(e) = log.seal() {

@@ -290,10 +290,7 @@ impl SnapshotState {
     pub fn save(&self) -> Result<(), SourceError> {
         let err = |what: &str, e: std::io::Error| {
             let msg = format!("{}: {what}: {e}", self.path.display());
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
-            ) {
+            if routy_log::disk::is_no_space(&e) {
                 // A full disk (the spool may have filled it) passes: try again later.
                 SourceError::Transient(msg)
             } else {
