@@ -713,6 +713,7 @@ impl<S: Sink> Session<'_, S> {
             }
         }
         self.accept_used |= accepted;
+        schema::keep_numbers(&old, &mut r);
         self.known.set(at.seq, r.clone());
         self.known_dirty = true;
         Ok(r)

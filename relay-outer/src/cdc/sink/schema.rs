@@ -7,7 +7,9 @@
 //! dropped column plus a new one; when the stream cannot tell (no attnums: records from
 //! an older relay-inner, or a later DDL had already changed the column when relay-inner
 //! read the catalog), the change is refused with an error that names it, and the sink
-//! stops until an operator has made the target match and resumes it.
+//! stops until an operator has made the target match and resumes it. A relation sent
+//! again unchanged but with a column unnumbered keeps the number the sink knew
+//! ([`keep_numbers`]).
 //!
 //! What the sink last committed is kept per sink in `cdc.dir/_sinks/NAME.schema.json`
 //! (written after the batch that changed it was committed). A relation older than the
@@ -209,6 +211,35 @@ pub fn diff(old: &Relation, new: &Relation) -> Result<Vec<Change>, String> {
         });
     }
     Ok(out)
+}
+
+/// Gives `new`'s unnumbered columns the numbers their namesakes have in `old` (the same
+/// table, as the sink knows it), as [`diff`] matched them by name.
+///
+/// pgoutput sends a table's relation again after any invalidation of it (an autovacuum
+/// on a busy table is enough, and every reconnect), as the table was at that point of
+/// the WAL; relay-inner numbers the columns from the catalog as it is when the relation
+/// arrives, and when later DDL has dropped a column and added another after it, it
+/// cannot tell which of the two the relation's column is and leaves it unnumbered.
+/// Known without its number, the column's next change would then be refused as
+/// ambiguous; the number the sink already had for it is the right one.
+pub fn keep_numbers(old: &Relation, new: &mut Relation) {
+    if old.id != new.id {
+        return;
+    }
+    for i in 0..new.columns.len() {
+        if new.columns[i].attnum != 0 {
+            continue;
+        }
+        let found = old.columns.iter().find(|o| {
+            o.attnum != 0
+                && o.name == new.columns[i].name
+                && !new.columns.iter().any(|c| c.attnum == o.attnum)
+        });
+        if let Some(o) = found {
+            new.columns[i].attnum = o.attnum;
+        }
+    }
 }
 
 /// Renames `rel`'s columns (a relation older than `known`, read again by a replay) to
@@ -550,6 +581,46 @@ mod tests {
         let mut more = strip(old.clone());
         more.columns.push(col("z", "text", 0, false));
         assert_eq!(diff(&strip(old.clone()), &more).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_resent_relation_keeps_the_numbers_the_sink_knew() {
+        let known = rel(vec![
+            col("id", "integer", 1, true),
+            col("d", "text", 6, false),
+            col("e", "text", 7, false),
+        ]);
+        // Sent again after e was dropped and f added (relay-inner could not number e).
+        let mut resent = rel(vec![
+            col("id", "integer", 1, true),
+            col("d", "text", 6, false),
+            col("e", "text", 0, false),
+        ]);
+        assert_eq!(diff(&known, &resent).unwrap(), Vec::new());
+        keep_numbers(&known, &mut resent);
+        assert_eq!(resent, known);
+        // Then the change itself is told: e dropped, f added.
+        let next = rel(vec![
+            col("id", "integer", 1, true),
+            col("d", "text", 6, false),
+            col("f", "text", 8, false),
+        ]);
+        let ch = diff(&resent, &next).unwrap();
+        assert_eq!(ch.len(), 2, "{ch:?}");
+        assert!(ch.contains(&Change::Drop("e".into())), "{ch:?}");
+        // A number already used in the relation is not given twice; another table's
+        // numbers are not taken.
+        let mut taken = rel(vec![
+            col("id", "integer", 1, true),
+            col("e", "text", 0, false),
+            col("x", "text", 7, false),
+        ]);
+        keep_numbers(&known, &mut taken);
+        assert_eq!(taken.columns[1].attnum, 0);
+        let mut other = rel(vec![col("e", "text", 0, false)]);
+        other.id = 78;
+        keep_numbers(&known, &mut other);
+        assert_eq!(other.columns[0].attnum, 0);
     }
 
     #[test]
