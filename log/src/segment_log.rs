@@ -1560,7 +1560,8 @@ fn remove_free_files(dir: &Path) -> Result<()> {
         let is_free = path
             .file_name()
             .and_then(|n| n.to_str())
-            .is_some_and(|n| n.ends_with(&format!("{SEGMENT_SUFFIX}{FREE_SUFFIX}")));
+            .and_then(|n| n.strip_suffix(FREE_SUFFIX))
+            .is_some_and(|n| n.ends_with(SEGMENT_SUFFIX));
         if is_free {
             fs::remove_file(&path).map_err(io_err(&path))?;
         }
